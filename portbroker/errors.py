@@ -1,0 +1,62 @@
+"""The one exception hierarchy of portbroker.
+
+Every error portbroker raises on purpose derives from :class:`PortBrokerError`.
+Protocol facts travel as attributes (``result_code``, ``method``,
+``retry_after``), never only inside the message string.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MalformedMessage",
+    "PortBrokerError",
+    "UnsupportedOpcode",
+    "UnsupportedVersion",
+]
+
+
+class PortBrokerError(Exception):
+    """Base class of every error portbroker raises on purpose."""
+
+
+class MalformedMessage(PortBrokerError):
+    """Bytes that are not a valid message of the protocol being decoded.
+
+    This is the only exception a decoder in :mod:`portbroker.wire` raises,
+    whatever bytes it is fed.
+
+    Attributes:
+        reason: what was wrong, in words fit for a log line.
+        result_code: for request decoders, the result code a server should
+            answer with (for example PCP MALFORMED_REQUEST or MALFORMED_OPTION),
+            or ``None`` when the message must be dropped without an answer.
+    """
+
+    def __init__(self, reason: str, *, result_code: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.result_code = result_code
+
+
+class UnsupportedVersion(MalformedMessage):
+    """A request carries a protocol version this codec does not speak.
+
+    A server answers it with UNSUPP_VERSION (PCP, RFC 6887 §9) or the 8-byte
+    "unsupported version" reply (NAT-PMP, RFC 6886 §3.5).
+    """
+
+    def __init__(self, version: int, *, result_code: int | None = None) -> None:
+        super().__init__(f"unsupported version {version}", result_code=result_code)
+        self.version = version
+
+
+class UnsupportedOpcode(MalformedMessage):
+    """A request carries an opcode this codec does not know.
+
+    A server answers it with UNSUPP_OPCODE (PCP, RFC 6887 §7.4) or result 5
+    (NAT-PMP, RFC 6886 §3.5).
+    """
+
+    def __init__(self, opcode: int, *, result_code: int | None = None) -> None:
+        super().__init__(f"unsupported opcode {opcode}", result_code=result_code)
+        self.opcode = opcode
