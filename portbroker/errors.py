@@ -8,7 +8,11 @@ Protocol facts travel as attributes (``result_code``, ``method``,
 from __future__ import annotations
 
 __all__ = [
+    "GatewayNotFound",
     "MalformedMessage",
+    "MappingError",
+    "MethodUnavailable",
+    "NoAnswer",
     "PortBrokerError",
     "UnsupportedOpcode",
     "UnsupportedVersion",
@@ -60,3 +64,53 @@ class UnsupportedOpcode(MalformedMessage):
     def __init__(self, opcode: int, *, result_code: int | None = None) -> None:
         super().__init__(f"unsupported opcode {opcode}", result_code=result_code)
         self.opcode = opcode
+
+
+class GatewayNotFound(PortBrokerError):
+    """No gateway was given and none could be found in the routing table."""
+
+
+class MethodUnavailable(PortBrokerError):
+    """The gateway does not speak this method (or did not answer it).
+
+    Attributes:
+        method: ``"pcp"``, ``"natpmp"`` or ``"upnp"``.
+        natpmp_hint: True when a PCP request was answered by a NAT-PMP server
+            (a version-0 reply): NAT-PMP is there even though PCP is not.
+    """
+
+    def __init__(self, method: str, reason: str, *, natpmp_hint: bool = False) -> None:
+        super().__init__(f"{method}: {reason}")
+        self.method = method
+        self.reason = reason
+        self.natpmp_hint = natpmp_hint
+
+
+class MappingError(PortBrokerError):
+    """The gateway refused a mapping request.
+
+    Attributes:
+        method: the method that failed.
+        result_code: the protocol's result or error code (PCP result code,
+            NAT-PMP result code, UPnP error code), or None.
+        retry_after: seconds before the same request may be sent again
+            (RFC 6887 §8.3), or None when retrying unchanged is pointless.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        reason: str,
+        *,
+        result_code: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(f"{method}: {reason}")
+        self.method = method
+        self.reason = reason
+        self.result_code = result_code
+        self.retry_after = retry_after
+
+
+class NoAnswer(PortBrokerError):
+    """A request went unanswered through its whole retransmission schedule."""

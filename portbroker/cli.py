@@ -1,0 +1,504 @@
+"""The ``portbroker`` command: probe, map, unmap.
+
+Exit status: 0 on success, 2 on a usage error, 1 on a failure, with a
+one-line reason on stderr naming the method and what went wrong.
+
+Heavy imports (trio, the broker; miniupnpc and zeroconf further down) happen
+only once a command runs, so ``portbroker --help`` is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from portbroker.broker import Broker, Mapping
+    from portbroker.lifecycle import MappingEvent
+    from portbroker.types import Lease, ProbeReport
+
+__all__ = ["main"]
+
+STATE_VERSION = 1
+ENV_STATE = "PORTBROKER_STATE"
+
+
+class UsageError(Exception):
+    """Bad command-line input (exit status 2)."""
+
+
+class Failure(Exception):
+    """The command could not do its job (exit status 1)."""
+
+
+def _port_spec(text: str) -> tuple[int, str]:
+    port_text, _, proto = text.partition("/")
+    proto = (proto or "tcp").lower()
+    if proto not in ("tcp", "udp"):
+        raise argparse.ArgumentTypeError(
+            f"protocol must be tcp or udp, not {proto!r} (in {text!r})"
+        )
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{port_text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1..65535, got {port}")
+    return port, proto
+
+
+def _positive_int(upper: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not 1 <= value <= upper:
+            raise argparse.ArgumentTypeError(f"must be 1..{upper}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 3600, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="portbroker",
+        description="Make this host reachable from outside its NAT: ask the gateway for a "
+        "port mapping with PCP, NAT-PMP or UPnP IGD, and keep it alive.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--gateway",
+        metavar="IP",
+        help="the gateway to ask (default: $PORTBROKER_GATEWAY, else the default route)",
+    )
+    common.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=2.0,
+        metavar="S",
+        help="how long any one probe may take (default 2 s)",
+    )
+    common.add_argument(
+        "--methods",
+        default="pcp,natpmp,upnp",
+        help="methods to use, most preferred first (default pcp,natpmp,upnp)",
+    )
+    common.add_argument("--json", action="store_true", help="print JSON")
+    common.add_argument(
+        "--state-file", metavar="PATH", help=f"where map records mappings for unmap (${ENV_STATE})"
+    )
+    common.add_argument(
+        "--server-port", type=_positive_int(65535), default=5351, help=argparse.SUPPRESS
+    )
+    common.add_argument(
+        "--ssdp-port", type=_positive_int(65535), default=1900, help=argparse.SUPPRESS
+    )
+    common.add_argument("--no-multicast", action="store_true", help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser(
+        "probe",
+        parents=[common],
+        help="ask every method at once and report what the gateway speaks",
+    )
+
+    map_cmd = sub.add_parser("map", parents=[common], help="create a mapping")
+    map_cmd.add_argument("spec", metavar="PORT[/tcp|/udp]", type=_port_spec)
+    map_cmd.add_argument("--external-port", type=_positive_int(65535), metavar="N")
+    map_cmd.add_argument(
+        "--exact", action="store_true", help="fail rather than take another external port"
+    )
+    map_cmd.add_argument(
+        "--lifetime", type=_positive_int(604800), default=7200, metavar="S", help="default 7200"
+    )
+    map_cmd.add_argument("--via", choices=("pcp", "natpmp", "upnp"), help="use only this method")
+    map_cmd.add_argument(
+        "--hold",
+        action="store_true",
+        help="keep it renewed (and restored) until Ctrl-C or SIGTERM, then delete it",
+    )
+
+    unmap = sub.add_parser("unmap", parents=[common], help="delete a mapping made by map")
+    unmap.add_argument("spec", metavar="PORT[/tcp|/udp]", type=_port_spec)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        methods = _methods(args.methods)
+        if args.command == "map" and args.exact and args.external_port is None:
+            raise UsageError("--exact needs --external-port")
+        if args.command == "map" and args.via and args.via not in methods:
+            methods = (args.via,)
+        import trio
+
+        return trio.run(_run, args, methods)
+    except UsageError as exc:
+        parser.error(str(exc))
+    except Failure as exc:
+        print(f"portbroker: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("portbroker: interrupted", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:
+        # Several things failed at once; say each in one line, no traceback.
+        for leaf in group.exceptions:
+            print(f"portbroker: {args.command} failed: {leaf!r}", file=sys.stderr)
+        return 1
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    methods = tuple(m.strip().lower() for m in text.split(",") if m.strip())
+    bad = [m for m in methods if m not in ("pcp", "natpmp", "upnp")]
+    if bad or not methods:
+        raise UsageError(f"--methods takes pcp, natpmp, upnp (comma-separated), not {text!r}")
+    if len(set(methods)) != len(methods):
+        raise UsageError(f"--methods names one twice: {text!r}")
+    return methods
+
+
+async def _run(args: argparse.Namespace, methods: tuple[str, ...]) -> int:
+    from portbroker.broker import open_broker
+    from portbroker.errors import PortBrokerError
+
+    try:
+        async with open_broker(
+            args.gateway,
+            methods,
+            args.timeout,
+            port=args.server_port,
+            upnp_port=args.ssdp_port,
+            ssdp_multicast=not args.no_multicast,
+            announce_port=5350 if args.command == "map" and args.hold else None,
+        ) as broker:
+            if args.command == "probe":
+                return _print_probe(await broker.probe(), as_json=args.json)
+            if args.command == "map":
+                return await _map(broker, args)
+            return await _unmap(broker, args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    except PortBrokerError as exc:
+        raise Failure(f"{args.command} failed: {exc}") from exc
+    except OSError as exc:
+        raise Failure(f"{args.command} failed: {exc.strerror or exc}") from exc
+
+
+# -- probe ----------------------------------------------------------------------
+
+
+def _print_probe(report: ProbeReport, *, as_json: bool) -> int:
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "gateway": str(report.gateway),
+                    "selected": report.selected,
+                    "methods": {
+                        o.method: {
+                            "available": o.available,
+                            "rtt_ms": None if o.rtt is None else round(o.rtt * 1000, 3),
+                            "external_address": None
+                            if o.external_address is None
+                            else str(o.external_address),
+                            "epoch": o.epoch,
+                            "error": o.error,
+                        }
+                        for o in report.outcomes
+                    },
+                }
+            )
+        )
+    else:
+        print(f"gateway {report.gateway}: {report.selected or 'no method works'}")
+        for o in report.outcomes:
+            if o.available:
+                details = [f"{o.rtt * 1000:.1f} ms" if o.rtt is not None else ""]
+                if o.external_address is not None:
+                    details.append(f"external {o.external_address}")
+                if o.epoch is not None:
+                    details.append(f"epoch {o.epoch}")
+                print(f"  {o.method:7} yes  {', '.join(d for d in details if d)}")
+            else:
+                print(f"  {o.method:7} no   {o.error}")
+    return 0 if report.selected else 1
+
+
+# -- map / unmap ---------------------------------------------------------------------
+
+
+def _lease_json(lease: Lease) -> dict[str, Any]:
+    return {
+        "method": lease.method,
+        "protocol": lease.protocol.value,
+        "internal_address": str(lease.internal_address),
+        "internal_port": lease.internal_port,
+        "external_address": str(lease.external_address),
+        "external_port": lease.external_port,
+        "lifetime": lease.lifetime,
+        "gateway": str(lease.gateway),
+        "permanent": lease.permanent,
+    }
+
+
+def _event_json(event: MappingEvent) -> dict[str, Any]:
+    out: dict[str, Any] = {"event": type(event).__name__}
+    lease = getattr(event, "lease", None)
+    if lease is not None:
+        out.update(_lease_json(lease))
+    for name in ("reason", "confirmed", "old_address", "old_port"):
+        if hasattr(event, name):
+            value = getattr(event, name)
+            out[name] = value if isinstance(value, bool | int | None) else str(value)
+    return out
+
+
+def _describe_lease(lease: Lease) -> str:
+    kind = "permanent" if lease.permanent else f"lifetime {lease.lifetime} s"
+    return (
+        f"{lease.internal_address}:{lease.internal_port}/{lease.protocol.value} -> "
+        f"{lease.external_address}:{lease.external_port} via {lease.method} ({kind})"
+    )
+
+
+async def _map(broker: Broker, args: argparse.Namespace) -> int:
+    port, proto = args.spec
+    mapping = await broker.map(
+        port,
+        proto,
+        lifetime=args.lifetime,
+        external_port=args.external_port,
+        exact=args.exact,
+        via=args.via,
+    )
+    lease = mapping.lease
+    assert lease is not None
+    if not args.hold:
+        store = StateFile.locate(args.state_file)
+        store.add(lease)
+        broker.detach(mapping)
+        if args.json:
+            print(json.dumps(_lease_json(lease)))
+        else:
+            print(_describe_lease(lease))
+        return 0
+    await _hold(mapping, as_json=args.json)
+    return 0
+
+
+async def _hold(mapping: Mapping, *, as_json: bool) -> None:
+    import signal
+
+    import trio
+
+    lease = mapping.lease
+    assert lease is not None
+    events = mapping.events()
+    if as_json:
+        print(json.dumps({"event": "Acquired", **_lease_json(lease)}), flush=True)
+    else:
+        print(f"mapped {_describe_lease(lease)}; holding until Ctrl-C", flush=True)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+            async def print_events() -> None:
+                async for event in events:
+                    if as_json:
+                        print(json.dumps(_event_json(event)), flush=True)
+                    else:
+                        print(f"{type(event).__name__}: {_event_json(event)}", flush=True)
+
+            nursery.start_soon(stop_on_signal)
+            nursery.start_soon(print_events)
+    await mapping.release()
+    async for event in events:  # the Released event
+        if as_json:
+            print(json.dumps(_event_json(event)), flush=True)
+        else:
+            print(f"{type(event).__name__}: {_event_json(event)}", flush=True)
+
+
+async def _unmap(broker: Broker, args: argparse.Namespace) -> int:
+    port, proto = args.spec
+    store = StateFile.locate(args.state_file)
+    lease = store.find(str(broker.gateway), port, proto)
+    if lease is None:
+        raise Failure(
+            f"unmap failed: no record of {port}/{proto} on {broker.gateway} in {store.path}; "
+            "only mappings made by `portbroker map` (without --hold) can be unmapped"
+        )
+    if lease.method not in broker.methods:
+        raise Failure(
+            f"unmap failed: {port}/{proto} was made with {lease.method}, not enabled here"
+        )
+    await broker.delete(lease)
+    store.remove(lease)
+    if args.json:
+        print(json.dumps({"deleted": _lease_json(lease)}))
+    else:
+        print(f"deleted {_describe_lease(lease)}")
+    return 0
+
+
+# -- the state file ----------------------------------------------------------------
+
+
+class StateFile:
+    """Mappings that ``map`` left in place, so that ``unmap`` can delete them.
+
+    JSON, written atomically (temp file, fsync, rename) under an flock. Holds
+    each PCP nonce: without it a PCP mapping cannot be deleted (RFC 6887 §15).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def locate(cls, explicit: str | None) -> StateFile:
+        if explicit:
+            return cls(Path(explicit))
+        if os.environ.get(ENV_STATE):
+            return cls(Path(os.environ[ENV_STATE]))
+        if os.geteuid() == 0:
+            return cls(Path("/var/lib/portbroker/cli-state.json"))
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return cls(Path(base) / "portbroker" / "cli-state.json")
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[list[dict[str, Any]]]:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(self.path.with_name(self.path.name + ".lock"), "a")  # noqa: SIM115
+        except OSError as exc:
+            raise Failure(f"cannot use the state file {self.path}: {exc.strerror or exc}") from exc
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            entries = self._read()
+            yield entries
+            self._write(entries)
+
+    def _read(self) -> list[dict[str, Any]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            # Keep the unreadable file for a human; start a fresh one.
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            with contextlib.suppress(OSError):
+                self.path.rename(aside)
+            print(
+                f"portbroker: state file {self.path} was unreadable ({exc}); moved to {aside}",
+                file=sys.stderr,
+            )
+            return []
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            return []
+        entries = data.get("mappings")
+        return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+    def _write(self, entries: list[dict[str, Any]]) -> None:
+        text = json.dumps({"version": STATE_VERSION, "mappings": entries}, indent=1)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    @staticmethod
+    def _same(entry: dict[str, Any], gateway: str, port: int, proto: str) -> bool:
+        return (
+            entry.get("gateway") == gateway
+            and entry.get("internal_port") == port
+            and entry.get("protocol") == proto
+        )
+
+    def add(self, lease: Lease) -> None:
+        with self._locked() as entries:
+            entries[:] = [
+                e
+                for e in entries
+                if not self._same(e, str(lease.gateway), lease.internal_port, lease.protocol.value)
+            ]
+            entries.append(
+                {
+                    **_lease_json(lease),
+                    "nonce": lease.nonce.hex() if lease.nonce else None,
+                    "epoch": lease.epoch,
+                    "expires_at_unix": time.time() + lease.lifetime,
+                }
+            )
+
+    def find(self, gateway: str, port: int, proto: str) -> Lease | None:
+        from portbroker.types import Lease, TransportProtocol
+
+        with self._locked() as entries:
+            for entry in entries:
+                if self._same(entry, gateway, port, proto):
+                    try:
+                        nonce = entry.get("nonce")
+                        return Lease(
+                            method=str(entry["method"]),
+                            protocol=TransportProtocol.parse(entry["protocol"]),
+                            internal_address=entry["internal_address"],
+                            internal_port=int(entry["internal_port"]),
+                            external_address=entry["external_address"],
+                            external_port=int(entry["external_port"]),
+                            lifetime=int(entry["lifetime"]),
+                            granted_at=0.0,
+                            gateway=entry["gateway"],
+                            epoch=entry.get("epoch"),
+                            nonce=bytes.fromhex(nonce) if nonce else None,
+                            permanent=bool(entry.get("permanent")),
+                        )
+                    except (KeyError, TypeError, ValueError) as exc:
+                        raise Failure(
+                            f"the record of {port}/{proto} in {self.path} is damaged: {exc}"
+                        ) from exc
+        return None
+
+    def remove(self, lease: Lease) -> None:
+        with self._locked() as entries:
+            entries[:] = [
+                e
+                for e in entries
+                if not self._same(e, str(lease.gateway), lease.internal_port, lease.protocol.value)
+            ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Which gateway to ask: an explicit address, PORTBROKER_GATEWAY, or the default route.
+
+RFC 6887 §8.1 and RFC 6886 §3.1: with nothing configured, the PCP server and
+the NAT-PMP gateway are the default router.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
+
+from portbroker.errors import GatewayNotFound
+from portbroker.types import IPAddress
+from portbroker.wire._fields import to_address
+
+__all__ = [
+    "ENV_GATEWAY",
+    "find_gateway",
+    "parse_ipv6_route",
+    "parse_macos_route",
+    "parse_proc_net_route",
+    "resolve_gateway",
+]
+
+ENV_GATEWAY = "PORTBROKER_GATEWAY"
+_RTF_GATEWAY = 0x2
+
+
+def parse_proc_net_route(text: str) -> IPv4Address | None:
+    """The IPv4 default gateway from Linux's /proc/net/route, lowest metric first."""
+    best: tuple[int, IPv4Address] | None = None
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        try:
+            destination, gateway, flags, metric = (
+                int(fields[1], 16),
+                int(fields[2], 16),
+                int(fields[3], 16),
+                int(fields[6]),
+            )
+        except ValueError:
+            continue
+        if destination != 0 or not flags & _RTF_GATEWAY or gateway == 0:
+            continue
+        # The kernel prints the address in host byte order (little-endian here).
+        address = IPv4Address(struct.pack("<I", gateway))
+        if best is None or metric < best[0]:
+            best = (metric, address)
+    return best[1] if best else None
+
+
+def parse_ipv6_route(text: str) -> IPv6Address | None:
+    """The IPv6 default router from Linux's /proc/net/ipv6_route."""
+    best: tuple[int, IPv6Address] | None = None
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 10:
+            continue
+        destination, prefix, next_hop, metric, flags = (
+            fields[0],
+            fields[1],
+            fields[4],
+            fields[5],
+            fields[8],
+        )
+        try:
+            if int(prefix, 16) != 0 or int(destination, 16) != 0:
+                continue
+            if not int(flags, 16) & _RTF_GATEWAY:
+                continue
+            address = IPv6Address(bytes.fromhex(next_hop))
+            rank = int(metric, 16)
+        except ValueError:
+            continue
+        if address.is_unspecified:
+            continue
+        if best is None or rank < best[0]:
+            best = (rank, address)
+    return best[1] if best else None
+
+
+def parse_macos_route(text: str) -> IPAddress | None:
+    """The ``gateway:`` line of macOS ``route -n get default``."""
+    for line in text.splitlines():
+        name, _, value = line.strip().partition(":")
+        if name == "gateway":
+            try:
+                return to_address(value.strip().split("%")[0])
+            except ValueError:
+                return None
+    return None
+
+
+def find_gateway() -> IPAddress:
+    """The default gateway of this host (IPv4 preferred).
+
+    Raises:
+        GatewayNotFound: no default route, or a platform we cannot read.
+    """
+    if sys.platform.startswith("linux"):
+        for path, parse in (
+            ("/proc/net/route", parse_proc_net_route),
+            ("/proc/net/ipv6_route", parse_ipv6_route),
+        ):
+            try:
+                found = parse(Path(path).read_text())
+            except OSError:
+                continue
+            if found is not None:
+                return found
+    elif sys.platform == "darwin":
+        try:
+            output = subprocess.run(
+                ["/sbin/route", "-n", "get", "default"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            ).stdout
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise GatewayNotFound(f"route -n get default failed: {exc}") from exc
+        found_mac = parse_macos_route(output)
+        if found_mac is not None:
+            return found_mac
+    else:
+        raise GatewayNotFound(
+            f"cannot read the default route on {sys.platform}; name the gateway explicitly"
+        )
+    raise GatewayNotFound("no default route; name the gateway explicitly (--gateway IP)")
+
+
+def resolve_gateway(explicit: str | IPAddress | None = None) -> IPAddress:
+    """The gateway to use: *explicit*, else $PORTBROKER_GATEWAY, else the default route.
+
+    Raises:
+        GatewayNotFound: nothing usable; ValueError for a malformed address.
+    """
+    if explicit is not None:
+        return _checked(explicit, "gateway")
+    env = os.environ.get(ENV_GATEWAY, "").strip()
+    if env:
+        return _checked(env, ENV_GATEWAY)
+    return find_gateway()
+
+
+def _checked(value: str | IPAddress, what: str) -> IPAddress:
+    try:
+        address = to_address(value)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{what}: {value!r} is not an IP address") from exc
+    if address.is_unspecified or address.is_multicast:
+        raise ValueError(f"{what}: {address} cannot be a gateway")
+    return address

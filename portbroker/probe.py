@@ -1,0 +1,167 @@
+"""Which method does the gateway speak? All of them are asked at once.
+
+Two shapes of the same race:
+
+- :func:`probe_all` asks every method and waits for every answer (bounded by
+  the probe timeout), for reports such as ``portbroker probe``;
+- :func:`create_by_preference` makes a mapping with the most preferred method
+  that works, deciding as early as the answers allow: the most preferred
+  method's own create request doubles as its probe (a PCP MAP answered is PCP
+  chosen; a closed port or a version-0 reply rules it out in one round trip),
+  while the others are probed beside it. Only the chosen method ever creates
+  a mapping, so no method leaves a stray one behind.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import attrs
+import trio
+
+from portbroker.errors import MappingError, MethodUnavailable, NoAnswer, PortBrokerError
+from portbroker.methods import Method
+from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome, ProbeReport
+
+__all__ = ["NoMethodAvailable", "create_by_preference", "probe_all"]
+
+
+class NoMethodAvailable(MethodUnavailable):
+    """No enabled method works with this gateway; ``outcomes`` says why for each."""
+
+    def __init__(self, outcomes: Sequence[ProbeOutcome]) -> None:
+        reasons = "; ".join(f"{o.method}: {o.error or 'unavailable'}" for o in outcomes)
+        super().__init__("all", reasons or "no method enabled")
+        self.outcomes = tuple(outcomes)
+
+
+async def _probe_one(method: Method, probe_timeout: float) -> ProbeOutcome:
+    with trio.move_on_after(probe_timeout):
+        try:
+            return await method.probe()
+        except MethodUnavailable as exc:
+            return ProbeOutcome(method.name, False, error=exc.reason)
+        except NoAnswer as exc:
+            return ProbeOutcome(method.name, False, error=str(exc))
+    return ProbeOutcome(method.name, False, error=f"no answer within {probe_timeout:g} s")
+
+
+async def probe_all(
+    gateway: IPAddress, methods: Sequence[Method], probe_timeout: float
+) -> ProbeReport:
+    """Probe every method concurrently; select the first available in order."""
+    outcomes: dict[str, ProbeOutcome] = {}
+
+    async def run(method: Method) -> None:
+        outcomes[method.name] = await _probe_one(method, probe_timeout)
+
+    async with trio.open_nursery() as nursery:
+        for method in methods:
+            nursery.start_soon(run, method)
+    ordered = tuple(outcomes[m.name] for m in methods)
+    selected = next((o.method for o in ordered if o.available), None)
+    return ProbeReport(gateway, selected, ordered)
+
+
+@attrs.define
+class _Slot:
+    done: trio.Event = attrs.Factory(trio.Event)
+    outcome: ProbeOutcome | None = None
+    lease: Lease | None = None
+    error: PortBrokerError | None = None
+
+
+async def create_by_preference(
+    gateway: IPAddress,
+    methods: Sequence[Method],
+    request: MappingRequest,
+    probe_timeout: float,
+    *,
+    known_unavailable: Mapping[str, str] | None = None,
+) -> tuple[Lease, ProbeReport]:
+    """Create *request* with the most preferred method that works.
+
+    *known_unavailable* names methods already ruled out (cached probe results)
+    and why; they are not asked again.
+
+    Raises:
+        MappingError: the chosen method refused the request.
+        NoMethodAvailable: none of the methods works with this gateway.
+    """
+    skipped = dict(known_unavailable or {})
+    candidates = [m for m in methods if m.name not in skipped]
+    if not candidates:
+        raise NoMethodAvailable(
+            [ProbeOutcome(m.name, False, error=skipped[m.name]) for m in methods]
+        )
+    first, *others = candidates
+    slots = {m.name: _Slot() for m in candidates}
+    started = trio.current_time()
+
+    async def create_first() -> None:
+        slot = slots[first.name]
+        with trio.move_on_after(probe_timeout) as scope:
+            try:
+                slot.lease = await first.create(request, None)
+                slot.outcome = ProbeOutcome(
+                    first.name,
+                    True,
+                    trio.current_time() - started,
+                    slot.lease.external_address,
+                    epoch=slot.lease.epoch,
+                )
+            except MappingError as exc:
+                # It answered: the method is there, the request was refused.
+                slot.error = exc
+                slot.outcome = ProbeOutcome(first.name, True, error=exc.reason)
+            except MethodUnavailable as exc:
+                slot.outcome = ProbeOutcome(first.name, False, error=exc.reason)
+            except NoAnswer as exc:
+                slot.outcome = ProbeOutcome(first.name, False, error=str(exc))
+        if scope.cancelled_caught:
+            slot.outcome = ProbeOutcome(
+                first.name, False, error=f"no answer within {probe_timeout:g} s"
+            )
+        slot.done.set()
+
+    async def probe(method: Method) -> None:
+        slot = slots[method.name]
+        slot.outcome = await _probe_one(method, probe_timeout)
+        slot.done.set()
+
+    chosen: Method | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(create_first)
+        for method in others:
+            nursery.start_soon(probe, method)
+        for method in candidates:
+            slot = slots[method.name]
+            await slot.done.wait()
+            assert slot.outcome is not None
+            if slot.outcome.available:
+                chosen = method
+                break
+        # Decided (or nothing works): the remaining probes have nothing to add.
+        nursery.cancel_scope.cancel()
+    outcomes = [
+        slots[m.name].outcome or ProbeOutcome(m.name, False, error="not asked") for m in candidates
+    ]
+    outcomes += [ProbeOutcome(name, False, error=why) for name, why in skipped.items()]
+    report = ProbeReport(gateway, chosen.name if chosen else None, tuple(outcomes))
+    if chosen is None:
+        raise NoMethodAvailable(outcomes)
+    first_slot = slots[first.name]
+    if chosen is first:
+        if first_slot.error is not None:
+            raise first_slot.error
+        assert first_slot.lease is not None
+        return first_slot.lease, report
+    # It answered its probe moments ago, so a create gets a few probe timeouts.
+    budget = max(4 * probe_timeout, 8.0) if math.isfinite(probe_timeout) else math.inf
+    try:
+        with trio.fail_after(budget):
+            lease = await chosen.create(request, None)
+    except trio.TooSlowError:
+        raise NoAnswer(f"{chosen.name}: no answer to the mapping request") from None
+    return lease, report

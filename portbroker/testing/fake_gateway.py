@@ -1,0 +1,520 @@
+"""FakeGateway: an in-process PCP + NAT-PMP server for tests.
+
+It keeps a real mapping table with RFC 6887's nonce rules (a MAP or delete
+for someone else's mapping with another nonce is NOT_AUTHORIZED), lifetimes
+and an epoch, and it has fault knobs: drop, duplicate, reorder and delay
+replies; force result codes; lose all state (epoch reset); change the external
+address and announce it; answer from a wrong source; behave as a NAT-PMP-only
+box (the 8-byte answer to PCP); refuse like a closed port.
+
+Two ways to reach it:
+
+- :meth:`FakeGateway.memory_link` — a :class:`~portbroker.transport.DatagramLink`
+  in memory, for tests under trio's MockClock (no real datagram in flight, so
+  autojump cannot fire retransmission timers early);
+- :meth:`FakeGateway.serve_udp` — a real UDP socket on 127.0.0.1, for tests of
+  the whole stack, the CLI included.
+
+Pass it to the broker with ``open_broker(gateway="127.0.0.1", port=gw.port)``
+(UDP) or ``open_broker(gateway=..., link_factory=gw.link_factory)`` (memory).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import socket
+from collections.abc import Awaitable, Callable
+from ipaddress import IPv4Address
+from typing import Final
+
+import attrs
+import trio
+
+from portbroker.errors import MalformedMessage
+from portbroker.types import IPAddress
+from portbroker.wire import natpmp, pcp
+from portbroker.wire._fields import to_address
+from portbroker.wire.pcp import ErrorClass, ResultCode
+
+__all__ = ["FakeGateway", "FakeMapping", "MemoryLink"]
+
+_TCP, _UDP = 6, 17
+_NATPMP_PROTOCOLS: Final = {natpmp.Opcode.MAP_UDP: _UDP, natpmp.Opcode.MAP_TCP: _TCP}
+
+
+@attrs.define
+class FakeMapping:
+    internal_address: IPAddress
+    protocol: int
+    internal_port: int
+    external_port: int
+    expires_at: float
+    nonce: bytes | None  # None for NAT-PMP mappings
+    via: str  # "pcp" | "natpmp"
+
+
+@attrs.define(eq=False)
+class MemoryLink:
+    """A client's in-memory conversation with a :class:`FakeGateway`."""
+
+    gateway: FakeGateway
+    _local: IPAddress
+    _queue: list[tuple[float, int, bytes, tuple[str, int]]] = attrs.Factory(list)
+    _seq: int = 0
+    _changed: trio.Event = attrs.Factory(trio.Event)
+    _refused: int = 0
+    closed: bool = False
+
+    @property
+    def local_address(self) -> IPAddress:
+        return self._local
+
+    @property
+    def remote(self) -> tuple[IPAddress, int]:
+        return (self.gateway.address, self.gateway.port)
+
+    async def send(self, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        if self.gateway.closed:
+            # A closed port answers ICMP port unreachable; the next receive
+            # on a connected socket raises ECONNREFUSED.
+            self._refused += 1
+            self._wake()
+            return
+        for reply in self.gateway.handle(data, (str(self._local), 40000)):
+            self.gateway.deliver(self, reply)
+
+    def put(self, data: bytes, source: tuple[str, int], delay: float = 0.0) -> None:
+        """Queue *data* for the client, arriving after *delay* seconds."""
+        self._seq += 1
+        heapq.heappush(self._queue, (trio.current_time() + delay, self._seq, data, source))
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def receive(self) -> tuple[bytes, tuple[str, int]]:
+        while True:
+            if self._refused:
+                self._refused -= 1
+                raise ConnectionRefusedError(111, "Connection refused (FakeGateway closed)")
+            now = trio.current_time()
+            if self._queue and self._queue[0][0] <= now:
+                _at, _seq, data, source = heapq.heappop(self._queue)
+                return data, source
+            changed = self._changed
+            with trio.move_on_at(self._queue[0][0] if self._queue else math.inf):
+                await changed.wait()
+
+    def close(self) -> None:
+        self.closed = True
+        self.gateway.links.discard(self)
+
+
+@attrs.define(eq=False)
+class FakeGateway:
+    """A PCP + NAT-PMP gateway in the test process. See the module docstring.
+
+    The clock is trio's, so it follows MockClock. Knobs may be changed at any
+    time; they apply to the next reply.
+    """
+
+    address: IPAddress = attrs.field(default=IPv4Address("127.0.0.1"), converter=to_address)
+    port: int = 5351
+    external_address: IPAddress = attrs.field(
+        default=IPv4Address("203.0.113.7"), converter=to_address
+    )
+    min_lifetime: int = 120  # RFC 6887 §15 recommends 120 s
+    max_lifetime: int = 86400
+    seed: int = 0
+
+    # -- fault knobs --
+    pcp_enabled: bool = True
+    natpmp_enabled: bool = True
+    natpmp_only: bool = False  # answer PCP with NAT-PMP's 8-byte "unsupported version"
+    closed: bool = False  # behave as a closed port (ICMP port unreachable)
+    drop_rate: float = 0.0  # fraction of replies lost
+    duplicate: bool = False  # every reply sent twice
+    reorder: bool = False  # replies take a random 0-0.5 s, so close ones swap
+    delay: float = 0.0  # seconds before a reply arrives
+    forced_result: int | None = None  # PCP result for every MAP
+    forced_lifetime: int | None = None  # lifetime sent with forced_result
+    forced_natpmp_result: int | None = None
+    wrong_source: bool = False  # replies come from another address
+
+    mappings: dict[tuple[str, int, int], FakeMapping] = attrs.Factory(dict)
+    requests: list[pcp.PcpRequest | natpmp.NatPmpRequest] = attrs.Factory(list)
+    request_times: list[float] = attrs.Factory(list)  # when each of ``requests`` arrived
+    links: set[MemoryLink] = attrs.Factory(set)
+    epoch_origin: float | None = None
+    _rng: random.Random = attrs.field(init=False)
+    _udp: trio.socket.SocketType | None = None
+    _udp_clients: set[tuple[str, int]] = attrs.Factory(set)
+
+    def __attrs_post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    # -- clock and epoch --
+
+    def _now(self) -> float:
+        now = trio.current_time()
+        if self.epoch_origin is None:
+            self.epoch_origin = now
+        return now
+
+    @property
+    def epoch(self) -> int:
+        now = self._now()
+        assert self.epoch_origin is not None
+        return int(now - self.epoch_origin)
+
+    def reset(self) -> None:
+        """Lose every mapping and restart the epoch: a gateway reboot."""
+        self.mappings.clear()
+        self.epoch_origin = trio.current_time()
+
+    async def change_external_address(self, address: IPAddress | str) -> None:
+        """New external address; the epoch restarts (RFC 6887 §8.5) and an ANNOUNCE goes out.
+
+        Mappings survive with their ports, as on a gateway that keeps its table
+        across a WAN reconnect.
+        """
+        self.external_address = to_address(address)
+        self.epoch_origin = trio.current_time()
+        await self.announce()
+
+    async def announce(self) -> None:
+        """Send an unsolicited ANNOUNCE (RFC 6887 §14.1) and a NAT-PMP address
+        announcement (RFC 6886 §3.2.1) to every client seen."""
+        messages = [
+            pcp.encode_response(
+                pcp.PcpResponse(pcp.Opcode.ANNOUNCE, ResultCode.SUCCESS, 0, self.epoch)
+            ),
+            natpmp.encode_response(
+                natpmp.ExternalAddressResponse(0, self.epoch, self.external_address)
+            ),
+        ]
+        for message in messages:
+            for link in list(self.links):
+                link.put(message, self._source())
+            if self._udp is not None:
+                for client in self._udp_clients:
+                    await self._udp.sendto(message, client)
+
+    # -- how replies travel --
+
+    def _source(self) -> tuple[str, int]:
+        if self.wrong_source:
+            return ("192.0.2.99", self.port)
+        return (str(self.address), self.port)
+
+    def memory_link(self, client_address: IPAddress | str = "192.168.1.100") -> MemoryLink:
+        link = MemoryLink(self, to_address(client_address))
+        self.links.add(link)
+        return link
+
+    def link_factory(
+        self, client_address: IPAddress | str = "192.168.1.100"
+    ) -> Callable[[IPAddress, int], Awaitable[MemoryLink]]:
+        """For ``open_broker(link_factory=...)``: every link is a memory link."""
+
+        async def factory(_address: IPAddress, _port: int) -> MemoryLink:
+            await trio.lowlevel.checkpoint()
+            return self.memory_link(client_address)
+
+        return factory
+
+    def deliver(self, link: MemoryLink, reply: bytes) -> None:
+        """Apply the fault knobs to one reply on its way to *link*."""
+        if self._rng.random() < self.drop_rate:
+            return
+        for _ in range(2 if self.duplicate else 1):
+            # Reordering as networks do it: each copy takes its own 0-0.5 s,
+            # so replies sent close together overtake each other.
+            jitter = self._rng.uniform(0.0, 0.5) if self.reorder else 0.0
+            link.put(reply, self._source(), self.delay + jitter)
+
+    async def serve_udp(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve on a real UDP socket at ``address:port`` (port 0 picks one)."""
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sock:
+            await sock.bind((str(self.address), self.port))
+            self.port = sock.getsockname()[1]
+            self._udp = sock
+            task_status.started()
+            try:
+                while True:
+                    data, client = await sock.recvfrom(2048)
+                    self._udp_clients.add((client[0], client[1]))
+                    if self.closed:
+                        continue
+                    for reply in self.handle(data, (client[0], client[1])):
+                        if self._rng.random() < self.drop_rate:
+                            continue
+                        for _ in range(2 if self.duplicate else 1):
+                            await sock.sendto(reply, client)
+            finally:
+                self._udp = None
+
+    # -- the server logic (sans-IO) --
+
+    def handle(self, data: bytes, source: tuple[str, int]) -> list[bytes]:
+        """Answer one datagram from *source*; an empty list means silence."""
+        if not data:
+            return []
+        if data[0] == natpmp.VERSION:
+            return self._handle_natpmp(data, source) if self.natpmp_enabled else []
+        if self.natpmp_only:
+            # RFC 6886 §3.5 (erratum 3618): 8 bytes, opcode 128 + op, result 1.
+            op = data[1] & 0x7F if len(data) > 1 else 0
+            return [bytes((0, 0x80 | op, 0, 1)) + self.epoch.to_bytes(4, "big")]
+        if not self.pcp_enabled:
+            return []
+        return self._handle_pcp(data, source)
+
+    def _expire(self) -> None:
+        now = self._now()
+        for key in [k for k, m in self.mappings.items() if m.expires_at <= now]:
+            del self.mappings[key]
+
+    def _grant_lifetime(self, requested: int) -> int:
+        return max(self.min_lifetime, min(requested, self.max_lifetime))
+
+    def _free_port(self, protocol: int, wanted: int, key: tuple[str, int, int]) -> int | None:
+        taken = {
+            m.external_port for k, m in self.mappings.items() if m.protocol == protocol and k != key
+        }
+        if wanted and wanted not in taken:
+            return wanted
+        for _ in range(1000):
+            port = self._rng.randrange(1024, 65536)
+            if port not in taken:
+                return port
+        return None
+
+    def _pcp_error(self, request: pcp.PcpRequest, code: ResultCode) -> bytes:
+        lifetime = self.forced_lifetime
+        if lifetime is None:
+            lifetime = 30 if code.error_class is ErrorClass.SHORT else 1800
+        return pcp.encode_response(
+            pcp.PcpResponse(
+                request.opcode, code, lifetime, self.epoch, request.data, request.options
+            )
+        )
+
+    def _handle_pcp(self, data: bytes, source: tuple[str, int]) -> list[bytes]:
+        try:
+            request = pcp.decode_request(data)
+        except MalformedMessage as exc:
+            if exc.result_code is None or len(data) < 2:
+                return []
+            op = getattr(exc, "opcode", data[1] & 0x7F)
+            return [
+                pcp.encode_response(
+                    pcp.PcpResponse(
+                        op,
+                        exc.result_code,
+                        1800,
+                        self.epoch,
+                        reserved=bytes(data[12:24]).ljust(12, b"\0"),
+                    )
+                )
+            ]
+        self.requests.append(request)
+        self.request_times.append(self._now())
+        if request.client_address != to_address(source[0]):
+            # RFC 6887 §8.2: another NAT rewrote the source.
+            return [self._pcp_error(request, ResultCode.ADDRESS_MISMATCH)]
+        if any(isinstance(o, pcp.UnknownOption) and o.code.is_mandatory for o in request.options):
+            return [self._pcp_error(request, ResultCode.UNSUPP_OPTION)]
+        if request.opcode == pcp.Opcode.ANNOUNCE:
+            return [
+                pcp.encode_response(
+                    pcp.PcpResponse(pcp.Opcode.ANNOUNCE, ResultCode.SUCCESS, 0, self.epoch)
+                )
+            ]
+        if request.opcode != pcp.Opcode.MAP:
+            return [self._pcp_error(request, ResultCode.UNSUPP_OPCODE)]
+        if self.forced_result is not None:
+            return [self._pcp_error(request, ResultCode(self.forced_result))]
+        return [self._pcp_map(request)]
+
+    def _pcp_map(self, request: pcp.PcpRequest) -> bytes:
+        data = request.data
+        assert isinstance(data, pcp.MapData)
+        internal = request.client_address
+        for option in request.options:
+            if isinstance(option, pcp.ThirdParty):
+                internal = option.internal_address
+        if data.protocol == 0 and data.internal_port != 0:
+            return self._pcp_error(request, ResultCode.MALFORMED_REQUEST)
+        if data.protocol not in (_TCP, _UDP):
+            return self._pcp_error(request, ResultCode.UNSUPP_PROTOCOL)
+        self._expire()
+        key = (str(internal), data.protocol, data.internal_port)
+        existing = self.mappings.get(key)
+        if existing is not None and existing.nonce != data.nonce:
+            # RFC 6887 §11.3: another client's mapping (or ours, forgotten).
+            return self._pcp_error(request, ResultCode.NOT_AUTHORIZED)
+        now = self._now()
+        if request.lifetime == 0:
+            self.mappings.pop(key, None)
+            return self._pcp_reply(request, data.external_port, data.external_address, 0)
+        prefer_failure = any(isinstance(o, pcp.PreferFailure) for o in request.options)
+        if existing is not None:
+            port: int | None = existing.external_port
+        else:
+            port = self._free_port(data.protocol, data.external_port or data.internal_port, key)
+        if port is None:
+            return self._pcp_error(request, ResultCode.NO_RESOURCES)
+        if prefer_failure and data.external_port and port != data.external_port:
+            return self._pcp_error(request, ResultCode.CANNOT_PROVIDE_EXTERNAL)
+        lifetime = self._grant_lifetime(request.lifetime)
+        self.mappings[key] = FakeMapping(
+            internal, data.protocol, data.internal_port, port, now + lifetime, data.nonce, "pcp"
+        )
+        return self._pcp_reply(request, port, self.external_address, lifetime)
+
+    def _pcp_reply(
+        self, request: pcp.PcpRequest, port: int, address: IPAddress, lifetime: int
+    ) -> bytes:
+        data = request.data
+        assert isinstance(data, pcp.MapData)
+        return pcp.encode_response(
+            pcp.PcpResponse(
+                pcp.Opcode.MAP,
+                ResultCode.SUCCESS,
+                lifetime,
+                self.epoch,
+                pcp.MapData(data.nonce, data.protocol, data.internal_port, port, address),
+                request.options,
+            )
+        )
+
+    def _handle_natpmp(self, data: bytes, source: tuple[str, int]) -> list[bytes]:
+        try:
+            request = natpmp.decode_request(data)
+        except MalformedMessage as exc:
+            if exc.result_code is None:
+                return []
+            opcode = getattr(exc, "opcode", 0)
+            return [
+                natpmp.encode_response(natpmp.ShortResponse(opcode, exc.result_code, self.epoch))
+            ]
+        self.requests.append(request)
+        self.request_times.append(self._now())
+        if isinstance(request, natpmp.ExternalAddressRequest):
+            return [
+                natpmp.encode_response(
+                    natpmp.ExternalAddressResponse(0, self.epoch, self.external_address)
+                )
+            ]
+        protocol = _NATPMP_PROTOCOLS[request.opcode]
+        if self.forced_natpmp_result is not None:
+            return [
+                natpmp.encode_response(
+                    natpmp.MapResponse(
+                        request.opcode,
+                        self.forced_natpmp_result,
+                        self.epoch,
+                        request.internal_port,
+                        0,
+                        0,
+                    )
+                )
+            ]
+        self._expire()
+        key = (source[0], protocol, request.internal_port)
+        if request.lifetime == 0:
+            if request.internal_port == 0:
+                for k in [k for k in self.mappings if k[0] == source[0] and k[1] == protocol]:
+                    del self.mappings[k]
+            else:
+                self.mappings.pop(key, None)
+            return [
+                natpmp.encode_response(
+                    natpmp.MapResponse(request.opcode, 0, self.epoch, request.internal_port, 0, 0)
+                )
+            ]
+        existing = self.mappings.get(key)
+        port = (
+            existing.external_port
+            if existing is not None
+            else self._free_port(protocol, request.suggested_external_port, key)
+        )
+        if port is None:
+            return [
+                natpmp.encode_response(
+                    natpmp.MapResponse(request.opcode, 4, self.epoch, request.internal_port, 0, 0)
+                )
+            ]
+        lifetime = min(request.lifetime, self.max_lifetime)
+        self.mappings[key] = FakeMapping(
+            to_address(source[0]),
+            protocol,
+            request.internal_port,
+            port,
+            self._now() + lifetime,
+            existing.nonce if existing else None,
+            "natpmp",
+        )
+        return [
+            natpmp.encode_response(
+                natpmp.MapResponse(
+                    request.opcode, 0, self.epoch, request.internal_port, port, lifetime
+                )
+            )
+        ]
+
+    # -- assertions helpers --
+
+    def mapping_for(self, protocol: str, internal_port: int) -> FakeMapping | None:
+        """The live mapping of *internal_port*/*protocol* ("tcp"/"udp"), if any."""
+        number = _TCP if protocol == "tcp" else _UDP
+        self._expire()
+        for mapping in self.mappings.values():
+            if mapping.protocol == number and mapping.internal_port == internal_port:
+                return mapping
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m portbroker.testing.fake_gateway``: serve on UDP until killed.
+
+    Prints ``port <n>`` once listening, for tests that drive the CLI.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A FakeGateway on a real UDP socket.")
+    parser.add_argument("--address", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--external-address", default="203.0.113.7")
+    parser.add_argument("--natpmp-only", action="store_true")
+    parser.add_argument("--no-pcp", action="store_true")
+    parser.add_argument("--no-natpmp", action="store_true")
+    args = parser.parse_args(argv)
+    gateway = FakeGateway(
+        address=args.address,
+        port=args.port,
+        external_address=args.external_address,
+        natpmp_only=args.natpmp_only,
+        pcp_enabled=not args.no_pcp,
+        natpmp_enabled=not args.no_natpmp,
+    )
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.serve_udp)
+            print(f"port {gateway.port}", flush=True)
+
+    trio.run(run)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,423 @@
+"""The broker against FakeGateway in memory, under trio's MockClock.
+
+Hours of renewals run in milliseconds; every fault knob of FakeGateway gets a
+test. No real socket is involved (see design.md on MockClock and autojump).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from ipaddress import IPv4Address
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from portbroker.broker import Broker, Mapping, open_broker
+from portbroker.errors import MappingError, MethodUnavailable
+from portbroker.lifecycle import (
+    Acquired,
+    ExternalAddressChanged,
+    Lost,
+    MappingEvent,
+    Released,
+    Renewed,
+    Restored,
+    State,
+)
+from portbroker.probe import NoMethodAvailable
+from portbroker.testing.fake_gateway import FakeGateway
+from portbroker.wire import pcp
+
+HOUR = 3600.0
+
+
+@asynccontextmanager
+async def broker_for(
+    gateway: FakeGateway, methods: tuple[str, ...] = ("pcp", "natpmp"), **kwargs: Any
+) -> AsyncIterator[Broker]:
+    async with open_broker(
+        "127.0.0.1",
+        methods,
+        link_factory=gateway.link_factory(),
+        announce_port=None,
+        seed=7,
+        **kwargs,
+    ) as broker:
+        yield broker
+
+
+class Recorder:
+    """Collects a mapping's events with the (mock) time they arrived."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, MappingEvent]] = []
+
+    async def run(self, mapping: Mapping, *, task_status: trio.TaskStatus[None]) -> None:
+        stream = mapping.events()
+        task_status.started()
+        async for event in stream:
+            self.events.append((trio.current_time(), event))
+
+    def of(self, kind: type[Any]) -> list[Any]:
+        return [e for _, e in self.events if isinstance(e, kind)]
+
+
+async def wait_for(predicate: Callable[[], bool], limit: float = HOUR) -> None:
+    with trio.fail_after(limit):
+        while not predicate():  # noqa: ASYNC110 - MockClock makes polling free
+            await trio.sleep(0.5)
+
+
+async def test_map_pcp_and_release(autojump_clock: trio.testing.MockClock) -> None:
+    gateway = FakeGateway()
+    async with broker_for(gateway) as broker:
+        mapping = await broker.map(8080, "tcp", lifetime=3600)
+        assert (mapping.method, mapping.state) == ("pcp", State.ACTIVE)
+        assert mapping.external_address == IPv4Address("203.0.113.7")
+        assert mapping.external_port == 8080
+        live = gateway.mapping_for("tcp", 8080)
+        assert live is not None
+        assert mapping.lease is not None
+        assert live.nonce == mapping.lease.nonce
+        events = mapping.events()
+        await mapping.release()
+        assert gateway.mapping_for("tcp", 8080) is None
+        assert [e async for e in events] == [Released(confirmed=True)]
+        assert mapping.state is State.RELEASED
+
+
+async def test_leaving_the_broker_releases_what_it_holds(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway()
+    async with broker_for(gateway) as broker:
+        for port in (1001, 1002, 1003):
+            await broker.map(port, "udp")
+        assert len(gateway.mappings) == 3
+    assert gateway.mappings == {}
+
+
+async def test_open_mapping_releases_even_when_the_body_fails(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway()
+    async with broker_for(gateway) as broker:
+        with pytest.raises(RuntimeError, match="app crashed"):
+            async with broker.open_mapping(9000, "tcp"):
+                raise RuntimeError("app crashed")
+        assert gateway.mapping_for("tcp", 9000) is None
+
+
+async def test_ten_hours_of_renewals_keep_one_nonce(autojump_clock: trio.testing.MockClock) -> None:
+    gateway = FakeGateway()
+    recorder = Recorder()
+    async with broker_for(gateway) as broker, trio.open_nursery() as nursery:
+        mapping = await broker.map(8080, "tcp", lifetime=600)
+        await nursery.start(recorder.run, mapping)
+        await trio.sleep(10 * HOUR)
+        renewals = recorder.of(Renewed)
+        # One renewal every 1/2..5/8 of 600 s.
+        assert 10 * HOUR / (0.625 * 600) - 2 <= len(renewals) <= 10 * HOUR / (0.5 * 600) + 1
+        assert {e.lease.nonce for e in renewals} == {mapping.lease.nonce if mapping.lease else None}
+        assert not recorder.of(Lost)
+        nursery.cancel_scope.cancel()
+
+
+async def test_renewals_fall_in_the_rfc_window(autojump_clock: trio.testing.MockClock) -> None:
+    gateway = FakeGateway()
+    recorder = Recorder()
+    async with broker_for(gateway) as broker, trio.open_nursery() as nursery:
+        mapping = await broker.map(8080, "tcp", lifetime=1000)
+        await nursery.start(recorder.run, mapping)
+        await trio.sleep(5 * HOUR)
+        grants = [mapping.lease] if mapping.lease else []
+        leases = [e.lease for e in recorder.of(Renewed)]
+        for before, after in itertools.pairwise(leases):
+            elapsed = after.granted_at - before.granted_at
+            # RFC 6887 §11.2.1: first renewal uniformly in [1/2, 5/8] of the lifetime.
+            assert 500 <= elapsed <= 625 + 1, elapsed
+        assert grants
+        nursery.cancel_scope.cancel()
+
+
+async def test_silent_gateway_renewals_spread_over_the_windows_then_lost(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway()
+    recorder = Recorder()
+    async with broker_for(gateway, methods=("pcp",)) as broker, trio.open_nursery() as nursery:
+        mapping = await broker.map(8080, "tcp", lifetime=1000)
+        assert mapping.lease is not None
+        granted, nonce = mapping.lease.granted_at, mapping.lease.nonce
+        await nursery.start(recorder.run, mapping)
+        sent_before = len(gateway.requests)
+        gateway.drop_rate = 1.0
+        await wait_for(lambda: bool(recorder.of(Lost)))
+        lost_at = next(t for t, e in recorder.events if isinstance(e, Lost))
+        assert lost_at == pytest.approx(granted + 1000, abs=1)
+        times = [t for t in gateway.request_times[sent_before:] if t < lost_at]
+        # Renewal attempts start in the windows [1/2,5/8], [3/4,3/4+1/16], [7/8,...]
+        starts = [times[0]] + [b for a, b in itertools.pairwise(times) if b - a > 100]
+        assert granted + 500 <= starts[0] <= granted + 625
+        assert granted + 750 <= starts[1] <= granted + 750 + 62.5 + 1
+        assert all(b - a >= 4 for a, b in itertools.pairwise(starts))
+        assert max(times) < granted + 1000  # nothing in the last moment before expiry
+        # The gateway comes back: the mapping is restored with its nonce.
+        gateway.drop_rate = 0.0
+        await wait_for(lambda: mapping.state is State.ACTIVE)
+        restored = recorder.of(Restored)
+        assert restored
+        assert restored[0].lease.nonce == nonce
+        nursery.cancel_scope.cancel()
+
+
+async def test_epoch_reset_recreates_every_mapping_with_its_nonce(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway()
+    recorders = [Recorder() for _ in range(3)]
+    async with broker_for(gateway) as broker, trio.open_nursery() as nursery:
+        mappings = [await broker.map(7000 + i, "udp", lifetime=7200) for i in range(3)]
+        for recorder, mapping in zip(recorders, mappings, strict=True):
+            await nursery.start(recorder.run, mapping)
+        nonces = {m.lease.nonce for m in mappings if m.lease}
+        await trio.sleep(100)
+        gateway.reset()  # a reboot: table empty, epoch from 0
+        assert gateway.mappings == {}
+        await gateway.announce()  # RFC 6887 §14.1: the rebooted server announces
+        await trio.sleep(6)  # the random 0-5 s delay, and the round trips
+        assert {m.nonce for m in gateway.mappings.values()} == nonces
+        for recorder in recorders:
+            assert len(recorder.of(Lost)) == 1
+            assert len(recorder.of(Restored)) == 1
+        # Seen through PCP's ANNOUNCE (and NAT-PMP's, which has no mapping here).
+        assert broker.state_losses >= 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_announce_with_a_consistent_epoch_changes_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway()
+    async with broker_for(gateway) as broker:
+        await broker.map(7000, "udp")
+        await trio.sleep(50)
+        await gateway.announce()
+        await trio.sleep(10)
+        assert broker.state_losses == 0
+
+
+async def test_external_address_change_is_an_event(autojump_clock: trio.testing.MockClock) -> None:
+    gateway = FakeGateway()
+    recorder = Recorder()
+    async with broker_for(gateway) as broker, trio.open_nursery() as nursery:
+        mapping = await broker.map(7000, "udp")
+        await nursery.start(recorder.run, mapping)
+        await trio.sleep(30)
+        await gateway.change_external_address("198.51.100.9")
+        await wait_for(lambda: bool(recorder.of(ExternalAddressChanged)), 30)
+        change = recorder.of(ExternalAddressChanged)[0]
+        assert change.old_address == IPv4Address("203.0.113.7")
+        assert change.lease.external_address == IPv4Address("198.51.100.9")
+        assert mapping.external_address == IPv4Address("198.51.100.9")
+        nursery.cancel_scope.cancel()
+
+
+async def test_thirty_percent_loss(autojump_clock: trio.testing.MockClock) -> None:
+    gateway = FakeGateway(drop_rate=0.3, seed=3)
+    async with broker_for(gateway) as broker:
+        mappings = [await broker.map(6000 + i, "tcp", lifetime=600) for i in range(20)]
+        await trio.sleep(6 * HOUR)
+        assert all(m.state in (State.ACTIVE, State.RENEWING) for m in mappings)
+        assert all(gateway.mapping_for("tcp", 6000 + i) for i in range(20))
+
+
+async def test_duplicated_and_reordered_replies(autojump_clock: trio.testing.MockClock) -> None:
+    gateway = FakeGateway(duplicate=True, reorder=True)
+    async with broker_for(gateway) as broker:
+        mappings = [await broker.map(6100 + i, "udp", lifetime=600) for i in range(5)]
+        await trio.sleep(2 * HOUR)
+        assert all(m.state is State.ACTIVE for m in mappings)
+        assert broker.transport is not None
+        # Every reply came twice, and none of the copies confused anything.
+        assert broker.transport.stats.received >= 2 * len(gateway.requests) - 2
+        assert broker.state_losses == 0
+
+
+async def test_spoofed_sources_are_ignored(autojump_clock: trio.testing.MockClock) -> None:
+    gateway = FakeGateway(wrong_source=True)
+    async with broker_for(gateway, probe_timeout=1.0) as broker:
+        with pytest.raises(NoMethodAvailable):
+            await broker.map(7000, "tcp")
+        assert broker.transport is not None
+        assert broker.transport.stats.foreign > 0
+        assert broker.transport.stats.received == 0
+        gateway.wrong_source = False
+        mapping = await broker.map(7000, "tcp")
+        assert mapping.method == "pcp"
+
+
+async def test_natpmp_only_gateway_is_found_through_the_version_zero_reply(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway(natpmp_only=True)
+    async with broker_for(gateway) as broker:
+        mapping = await broker.map(7000, "tcp", lifetime=600)
+        assert mapping.method == "natpmp"
+        assert mapping.external_address == IPv4Address("203.0.113.7")
+        pcp_requests = [r for r in gateway.requests if isinstance(r, pcp.PcpRequest)]
+        assert pcp_requests == []  # refused at the version byte: no PCP state
+        await trio.sleep(2 * HOUR)
+        assert mapping.state is State.ACTIVE
+
+
+async def test_closed_port_fails_every_method_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway(closed=True)
+    async with broker_for(gateway, probe_timeout=30) as broker:
+        started = trio.current_time()
+        with pytest.raises(NoMethodAvailable) as info:
+            await broker.map(7000, "tcp")
+        # ICMP port unreachable decides, not the 30 s probe timeout.
+        assert trio.current_time() - started < 1
+        assert "ICMP" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("code", "lifetime", "retry_after"),
+    [
+        (pcp.ResultCode.NO_RESOURCES, 30, 30.0),  # short class: as the server says
+        (pcp.ResultCode.NETWORK_FAILURE, 0, 5.0),  # short, lifetime 0: clamped
+        (pcp.ResultCode.NOT_AUTHORIZED, 0, 60.0),  # long, miniupnpd's 0: clamped
+        (pcp.ResultCode.NOT_AUTHORIZED, 1800, 1800.0),  # long, as the RFC suggests
+        (pcp.ResultCode.UNSUPP_PROTOCOL, 0, 60.0),
+    ],
+)
+async def test_result_codes_by_class(
+    autojump_clock: trio.testing.MockClock,
+    code: pcp.ResultCode,
+    lifetime: int,
+    retry_after: float,
+) -> None:
+    gateway = FakeGateway(forced_result=code, forced_lifetime=lifetime)
+    async with broker_for(gateway) as broker:
+        with pytest.raises(MappingError) as info:
+            await broker.map(7000, "tcp")
+        assert info.value.method == "pcp"
+        assert info.value.result_code == code
+        assert info.value.retry_after == retry_after
+
+
+async def test_address_mismatch_rules_pcp_out_and_natpmp_takes_over(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway(forced_result=pcp.ResultCode.ADDRESS_MISMATCH)
+    async with broker_for(gateway) as broker:
+        mapping = await broker.map(7000, "tcp")
+        assert mapping.method == "natpmp"
+
+
+async def test_exact_port_taken_fails_with_prefer_failure(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway()
+    async with broker_for(gateway) as broker:
+        await broker.map(7000, "tcp", external_port=7000)
+        other_link = gateway.memory_link("192.168.1.101")
+        async with open_broker(
+            "127.0.0.1",
+            ("pcp",),
+            link_factory=lambda _a, _p: _async(other_link),
+            announce_port=None,
+        ) as second:
+            with pytest.raises(MappingError) as info:
+                await second.map(7001, "tcp", external_port=7000, exact=True)
+            assert info.value.result_code == pcp.ResultCode.CANNOT_PROVIDE_EXTERNAL
+            sent = [r for r in gateway.requests if isinstance(r, pcp.PcpRequest)][-1]
+            assert pcp.PreferFailure() in sent.options
+            relaxed = await second.map(7001, "tcp", external_port=7000)
+            assert relaxed.external_port != 7000
+    assert gateway.mappings == {}
+
+
+async def _async(value: Any) -> Any:
+    await trio.lowlevel.checkpoint()
+    return value
+
+
+async def test_via_forces_one_method(autojump_clock: trio.testing.MockClock) -> None:
+    gateway = FakeGateway()
+    async with broker_for(gateway) as broker:
+        mapping = await broker.map(7000, "udp", via="natpmp")
+        assert mapping.method == "natpmp"
+        with pytest.raises(ValueError, match="not enabled"):
+            await broker.map(7001, "udp", via="upnp")
+
+
+async def test_cached_choice_is_dropped_when_the_method_stops_working(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway()
+    async with broker_for(gateway, probe_timeout=1.0) as broker:
+        await broker.map(7000, "udp")
+        assert broker.selected_method == "pcp"
+        gateway.natpmp_only = True  # firmware "downgrade"
+        mapping = await broker.map(7001, "udp")
+        assert mapping.method == "natpmp"
+        assert broker.selected_method == "natpmp"
+
+
+async def test_lost_mapping_moves_to_the_next_method(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway()
+    recorder = Recorder()
+    async with broker_for(gateway, probe_timeout=1.0) as broker, trio.open_nursery() as nursery:
+        mapping = await broker.map(7000, "udp", lifetime=600)
+        await nursery.start(recorder.run, mapping)
+        gateway.pcp_enabled = False  # PCP goes silent; NAT-PMP still answers
+        await wait_for(lambda: bool(recorder.of(Restored)))
+        assert mapping.method == "natpmp"
+        nursery.cancel_scope.cancel()
+
+
+async def test_bad_arguments_are_value_errors(autojump_clock: trio.testing.MockClock) -> None:
+    gateway = FakeGateway()
+    async with broker_for(gateway) as broker:
+        with pytest.raises(ValueError, match=r"1\.\.65535"):
+            await broker.map(0, "tcp")
+        with pytest.raises(ValueError, match="tcp' or 'udp"):
+            await broker.map(80, "sctp")
+        with pytest.raises(ValueError, match="lifetime"):
+            await broker.map(80, "tcp", lifetime=0)
+    with pytest.raises(ValueError, match="methods"):
+        async with open_broker("127.0.0.1", ("pcp", "smoke-signals")):
+            pass
+    with pytest.raises(ValueError, match="not an IP address"):
+        async with open_broker("gateway.example"):
+            pass
+
+
+async def test_events_stream_reports_acquired_first(autojump_clock: trio.testing.MockClock) -> None:
+    gateway = FakeGateway()
+    async with broker_for(gateway) as broker:
+        stream = broker.events()
+        mapping = await broker.map(7000, "tcp")
+        first = await stream.receive()
+        assert first.mapping is mapping
+        assert isinstance(first.event, Acquired)
+
+
+async def test_method_unavailable_carries_the_method(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway(natpmp_only=True)
+    async with broker_for(gateway, methods=("pcp",)) as broker:
+        with pytest.raises(MethodUnavailable) as info:
+            await broker.map(7000, "tcp")
+        assert "NAT-PMP" in str(info.value)
