@@ -282,6 +282,14 @@ class UpnpMethod:
             raise MethodUnavailable(
                 self.name, f"no usable IGD at {reply.location}: {exc.message}"
             ) from exc
+        if urlsplit(str(control_url)).path in ("", "/"):
+            # miniupnpc found no urn:schemas-upnp-org WANIPConnection or
+            # WANPPPConnection service (seen: Huawei HG531's urn:dslforum-org
+            # types, which miniupnpc does not read).
+            raise MethodUnavailable(
+                self.name,
+                f"no WANIPConnection or WANPPPConnection service in {reply.location}",
+            )
         self._check_control_url(str(control_url))
         lan = to_address(upnp.lanaddr or "0.0.0.0")
         self._igd = _Igd(reply.location, str(control_url), reply.boot_id, upnp, lan)
