@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
@@ -15,6 +16,15 @@ LAB_DIR = Path(__file__).parent / "lab"
 
 _skipped_lab_tests: list[str] = []
 _ran_lab_tests: list[str] = []
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt("SIGTERM")
+
+
+# A run stopped with SIGTERM (a CI timeout, `timeout`) still tears its labs
+# down: namespaces, miniupnpd and the blackhole route are removed in finally.
+signal.signal(signal.SIGTERM, _interrupt)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
