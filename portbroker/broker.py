@@ -332,7 +332,7 @@ class Broker:
             except (MethodUnavailable, NoAnswer) as exc:
                 # The chosen method stopped working: forget the decision and race again.
                 logger.info("method %s failed (%s); probing again", selected, exc)
-                self._forget(selected, str(exc))
+                self._forget(selected, getattr(exc, "reason", str(exc)))
         methods = list(self._methods.values())
         lease, report = await create_by_preference(
             self.gateway,
@@ -468,7 +468,7 @@ class Broker:
                         previous if mapping.recovery_failures == 0 else None,
                     )
                 except (MethodUnavailable, NoAnswer) as exc:
-                    self._forget(method.name, str(exc))
+                    self._forget(method.name, getattr(exc, "reason", str(exc)))
                     lease = await self._create(mapping.request, None)
             else:
                 lease = await self._create(mapping.request, None)

@@ -52,6 +52,11 @@ __all__ = [
 
 Response = pcp.PcpResponse | natpmp.NatPmpResponse
 MAX_DATAGRAM: Final = 2048
+# After an ICMP refusal, further requests within this time fail without being
+# sent: PCP and NAT-PMP share the port, so one refusal answers both, and
+# gateways rate-limit ICMP errors (Linux: one per second per peer after a
+# burst), so every unneeded probe makes the next answer slower.
+REFUSAL_MEMORY: Final = 1.0
 _UNREACHABLE: Final = frozenset(
     {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}
 )
@@ -237,6 +242,7 @@ class Transport:
         self.observer = observer
         self.stats = TransportStats()
         self._waiters: dict[tuple[Hashable, ...], set[_Waiter]] = {}
+        self._refused_at: float | None = None
         self._remote_text = (str(link.remote[0]), link.remote[1])
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -265,6 +271,7 @@ class Transport:
             self.stats.malformed += 1
             return
         self.stats.received += 1
+        self._refused_at = None
         exact, prefix = _response_keys(response)
         waiters: set[_Waiter] = set()
         if exact is not None:
@@ -289,6 +296,7 @@ class Transport:
             return False
 
     def _fail_all(self, error: BaseException) -> None:
+        self._refused_at = trio.current_time()
         for group in self._waiters.values():
             for waiter in group:
                 if waiter.response is None and waiter.error is None:
@@ -308,6 +316,10 @@ class Transport:
             ConnectionRefusedError: the server's port is closed (ICMP).
             NoAnswer: the schedule ran out.
         """
+        if self._refused_at is not None and trio.current_time() - self._refused_at < REFUSAL_MEMORY:
+            raise ConnectionRefusedError(
+                errno.ECONNREFUSED, "refused (ICMP port unreachable) a moment ago"
+            )
         waiter = _Waiter(key)
         self._waiters.setdefault(key, set()).add(waiter)
         try:
@@ -315,7 +327,16 @@ class Transport:
                 if not math.isfinite(wait) or wait <= 0:
                     raise ValueError(f"bad retransmission interval {wait!r}")
                 self.stats.sent += 1
-                await self.link.send(payload)
+                try:
+                    await self.link.send(payload)
+                except OSError as exc:
+                    if exc.errno not in _UNREACHABLE:
+                        raise
+                    # The socket's pending ICMP error (from any earlier
+                    # datagram) surfaces on send and is cleared by it: every
+                    # waiter must hear of it, not only this one.
+                    self.stats.refused += 1
+                    self._fail_all(exc)
                 with trio.move_on_after(wait):
                     await waiter.event.wait()
                 if waiter.error is not None:

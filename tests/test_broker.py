@@ -421,3 +421,15 @@ async def test_method_unavailable_carries_the_method(
         with pytest.raises(MethodUnavailable) as info:
             await broker.map(7000, "tcp")
         assert "NAT-PMP" in str(info.value)
+
+
+async def test_a_thousand_mappings_share_one_socket(autojump_clock: trio.testing.MockClock) -> None:
+    gateway = FakeGateway(max_lifetime=3600)
+    async with broker_for(gateway) as broker:
+        mappings = [await broker.map(10000 + i, "udp", lifetime=3600) for i in range(1000)]
+        await trio.sleep(4 * HOUR)
+        assert all(m.state is State.ACTIVE for m in mappings)
+        assert len(gateway.mappings) == 1000
+        assert len(gateway.links) == 1  # one link (socket) carried everything
+        assert broker.transport is not None
+        assert broker.transport.stats.malformed == 0

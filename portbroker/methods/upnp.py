@@ -371,7 +371,12 @@ class UpnpMethod:
                 self.name, exc.message, result_code=exc.code, retry_after=None
             ) from exc
         external = self.last_external_address or await self.external_address()
-        granted = await self._granted_lease(igd, request, port, lease_seconds)
+        if lease_seconds > 0:
+            granted = lease_seconds  # AddPortMapping took our finite lease as sent
+        else:
+            # A permanent lease, or AddAnyPortMapping's 0 (a week on IGD v2):
+            # read back what the gateway holds.
+            granted = await self._granted_lease(igd, request, port, lease_seconds)
         return Lease(
             method=self.name,
             protocol=request.protocol,

@@ -479,32 +479,30 @@ def open_lab(variant: Variant = Variant.FULL, *, workdir: Path | None = None) ->
 
 
 def _demo(variant: Variant, internal_port: int) -> int:
-    from portbroker.wire import pcp
+    """Build the lab, ``portbroker map`` from the lan side, connect in from the wan side."""
+    import json
+    import tempfile
 
-    with open_lab(variant) as lab:
+    with open_lab(variant) as lab, tempfile.TemporaryDirectory() as state_dir:
         print(f"lab up: lan {lab.lan_ns}, gateway {lab.gw_ns} (miniupnpd pid {lab.miniupnpd_pid})")
+        state = str(Path(state_dir) / "state.json")
+        portbroker = [sys.executable, "-m", "portbroker.cli"]
+        common = ["--gateway", str(GATEWAY_ADDRESS), "--state-file", state]
         listener = lab.socket(lab.lan_ns, kind=socket.SOCK_STREAM)
-        udp = lab.socket(lab.lan_ns)
-        with listener, udp:
+        with listener:
             listener.bind((str(LAN_ADDRESS), internal_port))
             listener.listen()
-            udp.connect((str(GATEWAY_ADDRESS), pcp.SERVER_PORT))
-            nonce = secrets.token_bytes(12)
-            request = pcp.PcpRequest(
-                pcp.Opcode.MAP,
-                600,
-                LAN_ADDRESS,
-                pcp.MapData(nonce, socket.IPPROTO_TCP, internal_port, internal_port),
+            argv = [*portbroker, "map", f"{internal_port}/tcp", "--json", *common]
+            print("$ " + " ".join(["ip netns exec", lab.lan_ns, "portbroker", *argv[3:]]))
+            done = subprocess.run(
+                lab.exec_argv(lab.lan_ns, argv), capture_output=True, text=True, check=False
             )
-            response = exchange(udp, pcp.encode_request(request), pcp.decode_response)
-            if response.result_code != pcp.ResultCode.SUCCESS or response.data is None:
-                print(f"PCP MAP failed: {response.result_code.name}", file=sys.stderr)
+            if done.returncode != 0:
+                print(done.stderr.strip(), file=sys.stderr)
                 return 1
-            external = (str(response.data.external_address), response.data.external_port)
-            print(
-                f"PCP MAP {LAN_ADDRESS}:{internal_port}/tcp -> {external[0]}:{external[1]}"
-                f" (lifetime {response.lifetime} s, epoch {response.epoch})"
-            )
+            print(done.stdout.strip())
+            mapped = json.loads(done.stdout)
+            external = (mapped["external_address"], mapped["external_port"])
             outside = lab.socket(lab.wan_ns, kind=socket.SOCK_STREAM)
             with outside:
                 outside.settimeout(5)
@@ -513,13 +511,22 @@ def _demo(variant: Variant, internal_port: int) -> int:
                 with inside:
                     inside.sendall(b"hello from inside\n")
                     greeting = outside.recv(100)
-            print(f"connection from {peer[0]}:{peer[1]} arrived at {LAN_ADDRESS}:{internal_port}")
-            print(f"external endpoint {external[0]}:{external[1]}: inbound connection OK")
-            delete = attrs.evolve(request, lifetime=0)
-            deleted = exchange(udp, pcp.encode_request(delete), pcp.decode_response)
-            print(f"mapping deleted: {deleted.result_code.name}, lifetime {deleted.lifetime}")
+            print(
+                f"connection from {peer[0]}:{peer[1]} (wan side) arrived at {LAN_ADDRESS}:{internal_port}"
+            )
             if greeting != b"hello from inside\n":
                 print("the connection carried the wrong bytes", file=sys.stderr)
+                return 1
+            print(
+                f"external endpoint {external[0]}:{external[1]} via {mapped['method']}: inbound connection OK"
+            )
+            argv = [*portbroker, "unmap", f"{internal_port}/tcp", *common]
+            print("$ " + " ".join(["ip netns exec", lab.lan_ns, "portbroker", *argv[3:]]))
+            done = subprocess.run(
+                lab.exec_argv(lab.lan_ns, argv), capture_output=True, text=True, check=False
+            )
+            print((done.stdout or done.stderr).strip())
+            if done.returncode != 0:
                 return 1
     print("lab torn down")
     return 0
@@ -558,16 +565,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="portbroker-lab",
         description="Build a NAT gateway (miniupnpd + nftables) in network namespaces, "
-        "map a TCP port with PCP, connect in from the wan side, tear down. Needs root.",
+        "run `portbroker map` on the lan side, connect in from the wan side, unmap, "
+        "tear down. Needs root.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="map a port with PCP and prove an inbound connection")
+    demo = sub.add_parser(
+        "demo", help="`portbroker map` a port in the lab and prove an inbound connection"
+    )
     demo.add_argument("--port", type=int, default=8080, help="internal TCP port (default 8080)")
+    demo.add_argument(
+        "--variant",
+        choices=[v.value for v in Variant if v is not Variant.NONE],
+        default=Variant.FULL.value,
+        help="which services the gateway runs (default full: PCP, NAT-PMP, UPnP)",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.port <= 65535:
         parser.error(f"--port must be 1..65535, got {args.port}")
     try:
-        return _demo(Variant.FULL, args.port)
+        return _demo(Variant(args.variant), args.port)
     except (LabError, OSError) as exc:
         print(f"portbroker-lab: {exc}", file=sys.stderr)
         return 1

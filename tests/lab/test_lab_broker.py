@@ -189,3 +189,18 @@ def test_api_upnp_mapping_is_restored_at_renewal_after_a_restart(tmp_path: Path)
         assert "vanished" in lost["detail"]
         next_event(process, "Restored")
         assert connect_from_wan(lab, listener, mapped["external_port"]) == b"inside says hello"
+
+
+def test_readme_demo_shows_an_inbound_connection() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "portbroker.testing.lab", "demo", "--port", "21007"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "portbroker map 21007/tcp" in done.stdout
+    assert "via pcp: inbound connection OK" in done.stdout
+    assert "deleted 192.168.77.2:21007/tcp" in done.stdout
+    assert "lab torn down" in done.stdout
