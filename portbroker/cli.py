@@ -92,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
         help="the gateway to ask (default: $PORTBROKER_GATEWAY, else the default route)",
     )
     common.add_argument(
+        "--pcp-server",
+        metavar="IP",
+        help="a PCP server other than the gateway (RFC 7488); NAT-PMP and UPnP still ask the gateway",
+    )
+    common.add_argument(
         "--timeout",
         type=_seconds,
         default=2.0,
@@ -189,6 +194,7 @@ async def _run(args: argparse.Namespace, methods: tuple[str, ...]) -> int:
             args.gateway,
             methods,
             args.timeout,
+            pcp_server=args.pcp_server,
             port=args.server_port,
             upnp_port=args.ssdp_port,
             ssdp_multicast=not args.no_multicast,

@@ -40,7 +40,9 @@ class NatPmpMethod:
                 natpmp.encode_request(request), natpmp_key(request), natpmp_schedule()
             )
         except ConnectionRefusedError as exc:
-            raise MethodUnavailable(self.name, "port 5351 closed (ICMP port unreachable)") from exc
+            raise MethodUnavailable(
+                self.name, f"port {self.transport.link.remote[1]} closed (ICMP port unreachable)"
+            ) from exc
         if isinstance(response, pcp.PcpResponse):
             raise MethodUnavailable(self.name, "the gateway answered with PCP")
         if response.result_code in (ResultCode.UNSUPPORTED_VERSION, ResultCode.UNSUPPORTED_OPCODE):

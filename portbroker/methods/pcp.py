@@ -78,7 +78,9 @@ class PcpMethod:
                 pcp.encode_request(request), pcp_key(request), self._schedule()
             )
         except ConnectionRefusedError as exc:
-            raise MethodUnavailable(self.name, "port 5351 closed (ICMP port unreachable)") from exc
+            raise MethodUnavailable(
+                self.name, f"port {self.transport.link.remote[1]} closed (ICMP port unreachable)"
+            ) from exc
         assert isinstance(response, pcp.PcpResponse)
         if response.is_natpmp:
             raise MethodUnavailable(
