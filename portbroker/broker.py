@@ -269,7 +269,24 @@ class Broker:
             raise ValueError(
                 f"method {via!r} is not enabled here; enabled: {', '.join(self._methods)}"
             )
-        lease = await self._create(request, via)
+        return self._start(request, await self._create(request, via))
+
+    async def adopt(self, request: MappingRequest, lease: Lease) -> Mapping:
+        """Take over a mapping made earlier (by a previous run, say) and keep it alive.
+
+        It is renewed at once with its lease as the previous one, so PCP keeps
+        the same nonce and the gateway the same mapping.
+
+        Raises:
+            ValueError: the lease's method is not enabled here.
+            MappingError, MethodUnavailable, NoAnswer: the renewal failed.
+        """
+        method = self._methods.get(lease.method)
+        if method is None:
+            raise ValueError(f"method {lease.method!r} is not enabled here")
+        return self._start(request, await self._create_with(method, request, lease))
+
+    def _start(self, request: MappingRequest, lease: Lease) -> Mapping:
         mapping = Mapping(self, request, MappingLifecycle(self._rng, self.recovery_delay))
         self._mappings.add(mapping)
         mapping._publish(mapping.lifecycle.fire(Trigger.GRANTED, trio.current_time(), lease=lease))

@@ -1,0 +1,321 @@
+"""The daemon in-process: a real Unix socket, FakeGateway in memory behind it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from portbroker.client import DaemonRequestError, open_client
+from portbroker.daemon.server import Daemon, DaemonConfig, DaemonError, serve
+from portbroker.testing import FakeGateway
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    # Unix socket paths are limited to ~108 bytes: pytest's tmp_path can be longer.
+    path = Path(tempfile.mkdtemp(prefix="pbd-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def config_for(directory: Path, gateway: FakeGateway, **changes: Any) -> DaemonConfig:
+    options = {
+        "gateway": "127.0.0.1",
+        "methods": ("pcp", "natpmp"),
+        "socket_path": directory / "pb.sock",
+        "state_path": directory / "state.json",
+        "grace": 0.3,
+        "broker_options": {
+            "link_factory": gateway.link_factory(),
+            "announce_port": None,
+            "seed": 1,
+        },
+    }
+    options.update(changes)
+    return DaemonConfig(**options)
+
+
+@asynccontextmanager
+async def running(directory: Path, gateway: FakeGateway, **changes: Any) -> AsyncIterator[Daemon]:
+    async with serve(config_for(directory, gateway, **changes)) as daemon:
+        yield daemon
+
+
+async def raw_lines(path: Path, payload: bytes, count: int) -> list[dict[str, Any]]:
+    """Send raw bytes, read *count* reply lines."""
+    stream = await trio.open_unix_socket(str(path))
+    async with stream:
+        await stream.send_all(payload)
+        buffer = b""
+        with trio.fail_after(10):
+            while buffer.count(b"\n") < count:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                buffer += chunk
+    return [json.loads(line) for line in buffer.splitlines()[:count]]
+
+
+async def test_hello_map_list_unmap(short_dir: Path) -> None:
+    gateway = FakeGateway()
+    async with running(short_dir, gateway) as daemon, open_client(short_dir / "pb.sock") as client:
+        hello = await client.hello()
+        assert hello["version"] == 1
+        assert hello["uid"] == os.getuid()
+        assert hello["pid"] == os.getpid()
+        mapping = await client.map(8080, "tcp", lifetime=600)
+        assert (mapping["method"], mapping["external_port"], mapping["holders"]) == ("pcp", 8080, 1)
+        assert gateway.mapping_for("tcp", 8080) is not None
+        listed = await client.list()
+        assert [m["id"] for m in listed] == ["8080/tcp"]
+        assert await client.unmap(8080, "tcp") == "8080/tcp"
+        assert gateway.mapping_for("tcp", 8080) is None
+        assert daemon.shared == {}
+        with pytest.raises(DaemonRequestError) as info:
+            await client.unmap(8080, "tcp")
+        assert info.value.code == "not_found"
+
+
+async def test_socket_is_private_and_a_second_daemon_refuses(short_dir: Path) -> None:
+    gateway = FakeGateway()
+    async with running(short_dir, gateway):
+        assert (short_dir / "pb.sock").stat().st_mode & 0o777 == 0o600
+        with pytest.raises(DaemonError, match="already listening"):
+            async with running(short_dir, gateway):
+                pass
+    assert not (short_dir / "pb.sock").exists()
+
+
+async def test_a_stale_socket_is_taken_over(short_dir: Path) -> None:
+    import socket
+
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(short_dir / "pb.sock"))
+    stale.close()  # a crashed daemon's leftover
+    async with running(short_dir, FakeGateway()), open_client(short_dir / "pb.sock") as client:
+        assert (await client.hello())["version"] == 1
+
+
+async def test_two_apps_share_one_gateway_mapping(short_dir: Path) -> None:
+    gateway = FakeGateway()
+    async with running(short_dir, gateway) as daemon:
+        async with (
+            open_client(short_dir / "pb.sock") as first,
+            open_client(short_dir / "pb.sock") as second,
+        ):
+            a = await first.map(9000, "udp")
+            b = await second.map(9000, "udp")
+            assert a["external_port"] == b["external_port"]
+            assert b["holders"] == 2
+            pcp_maps = [r for r in gateway.requests if getattr(r, "lifetime", 0)]
+            assert len(pcp_maps) == 1  # one gateway request for both
+            await first.unmap(9000, "udp")
+            assert gateway.mapping_for("udp", 9000) is not None  # the second still holds it
+            await second.unmap(9000, "udp")
+            assert gateway.mapping_for("udp", 9000) is None
+        assert daemon.shared == {}
+
+
+async def test_conflicting_external_port_is_refused(short_dir: Path) -> None:
+    async with running(short_dir, FakeGateway()), open_client(short_dir / "pb.sock") as client:
+        await client.map(9000, "tcp", external_port=9500)
+        with pytest.raises(DaemonRequestError) as info:
+            await client.map(9001, "tcp", external_port=9500)
+        assert info.value.code == "conflict"
+        assert "9500/tcp already maps to 9000/tcp" in info.value.message
+
+
+async def test_disconnect_releases_after_the_grace_period(short_dir: Path) -> None:
+    gateway = FakeGateway()
+    async with running(short_dir, gateway, grace=0.3):
+        async with open_client(short_dir / "pb.sock") as client:
+            await client.map(7000, "tcp")
+        assert gateway.mapping_for("tcp", 7000) is not None  # still in grace
+        await trio.sleep(0.6)
+        assert gateway.mapping_for("tcp", 7000) is None
+
+
+async def test_reconnecting_within_the_grace_period_keeps_the_mapping(short_dir: Path) -> None:
+    gateway = FakeGateway()
+    async with running(short_dir, gateway, grace=0.5) as daemon:
+        async with open_client(short_dir / "pb.sock") as client:
+            first = await client.map(7001, "tcp")
+        async with open_client(short_dir / "pb.sock") as client:
+            again = await client.map(7001, "tcp")
+            assert again["holders"] == 1  # the old hold, reclaimed
+            assert again["external_port"] == first["external_port"]
+            await trio.sleep(0.8)
+            assert gateway.mapping_for("tcp", 7001) is not None
+            assert daemon.shared[("tcp", 7001)].holds[0].client is not None
+
+
+async def test_persist_outlives_the_connection(short_dir: Path) -> None:
+    gateway = FakeGateway()
+    async with running(short_dir, gateway, grace=0.1):
+        async with open_client(short_dir / "pb.sock") as client:
+            await client.map(7002, "udp", persist=True)
+        await trio.sleep(0.3)
+        assert gateway.mapping_for("udp", 7002) is not None
+        async with open_client(short_dir / "pb.sock") as client:
+            await client.unmap(7002, "udp")
+        assert gateway.mapping_for("udp", 7002) is None
+
+
+async def test_restart_adopts_persisted_mappings_with_their_nonce(short_dir: Path) -> None:
+    gateway = FakeGateway()
+    async with running(short_dir, gateway), open_client(short_dir / "pb.sock") as client:
+        await client.map(7003, "tcp", persist=True)
+        await client.map(7004, "tcp")  # connection-bound: gone with the daemon
+    live = gateway.mapping_for("tcp", 7003)
+    assert live is not None
+    nonce = live.nonce
+    assert gateway.mapping_for("tcp", 7004) is None
+    state = json.loads((short_dir / "state.json").read_text())
+    assert [r["internal_port"] for r in state["mappings"]] == [7003]
+    before = len(gateway.requests)
+    async with running(short_dir, gateway) as daemon:
+        assert ("tcp", 7003) in daemon.shared
+        renewal = gateway.requests[before]
+        assert renewal.data.nonce == nonce
+        async with open_client(short_dir / "pb.sock") as client:
+            assert [m["id"] for m in await client.list()] == ["7003/tcp"]
+
+
+async def test_corrupt_state_file_is_set_aside(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (short_dir / "state.json").write_text('{"version": 1, "mappings": [')
+    async with running(short_dir, FakeGateway()), open_client(short_dir / "pb.sock") as client:
+        assert await client.list() == []
+    assert list(short_dir.glob("state.json.corrupt-*"))
+    assert "set aside" in caplog.text
+
+
+async def test_too_many_mappings(short_dir: Path) -> None:
+    async with (
+        running(short_dir, FakeGateway(), max_mappings=2),
+        open_client(short_dir / "pb.sock") as client,
+    ):
+        await client.map(1, "udp")
+        await client.map(2, "udp")
+        with pytest.raises(DaemonRequestError) as info:
+            await client.map(3, "udp")
+        assert info.value.code == "too_many_mappings"
+
+
+BAD_LINES = [
+    (b"not json\n", "bad_json"),
+    (b"[1, 2]\n", "bad_request"),
+    (b'{"id": 1}\n', "bad_request"),
+    (b'{"id": 2, "op": "fly"}\n', "unknown_op"),
+    (b'{"id": 3, "op": "map"}\n', "bad_request"),
+    (b'{"id": 4, "op": "map", "port": "80"}\n', "bad_request"),
+    (b'{"id": 5, "op": "map", "port": 70000}\n', "bad_request"),
+    (b'{"id": 6, "op": "map", "port": 80, "protocol": "sctp"}\n', "bad_request"),
+    (b'{"id": 7, "op": "map", "port": 80, "lifetime": 0}\n', "bad_request"),
+    (b'{"id": 8, "op": "map", "port": 80, "exact": true}\n', "bad_request"),
+    (b'{"id": 9, "op": "map", "port": true}\n', "bad_request"),
+    (b'{"id": 10, "op": "unmap", "mapping": "x/y"}\n', "bad_request"),
+    (b'{"id": 11, "op": "hello", "versions": [99]}\n', "unsupported_version"),
+    (b'{"id": 12, "op": "map", "port": 80, "via": "carrier-pigeon"}\n', "bad_request"),
+    (b"\xff\xfe\n", "bad_json"),
+]
+
+
+async def test_malformed_lines_get_errors_and_the_connection_stays_usable(short_dir: Path) -> None:
+    async with running(short_dir, FakeGateway()):
+        payload = b"".join(line for line, _ in BAD_LINES) + b'{"id": "last", "op": "list"}\n'
+        replies = await raw_lines(short_dir / "pb.sock", payload, len(BAD_LINES) + 1)
+        codes = sorted(r["error"]["code"] for r in replies if not r["ok"])
+        assert codes == sorted(code for _, code in BAD_LINES)
+        assert any(r["ok"] and r["id"] == "last" for r in replies)
+        for reply in replies:
+            if not reply["ok"]:
+                assert reply["error"]["message"]
+
+
+async def test_an_overlong_line_is_refused_and_skipped(short_dir: Path) -> None:
+    async with running(short_dir, FakeGateway()):
+        payload = b'{"op": "list", "pad": "' + b"x" * 70000 + b'"}\n{"id": 2, "op": "list"}\n'
+        replies = await raw_lines(short_dir / "pb.sock", payload, 2)
+        assert replies[0]["error"]["code"] == "line_too_long"
+        assert replies[1] == {"id": 2, "ok": True, "mappings": []}
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False)
+        | st.text(max_size=20),
+        lambda inner: (
+            st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+        ),
+        max_leaves=12,
+    ),
+    st.sampled_from(["map", "unmap", "list", "probe", "hello", "watch", "x"]),
+)
+def test_arbitrary_json_never_breaks_the_daemon(value: Any, op: str) -> None:
+    async def main() -> None:
+        directory = Path(tempfile.mkdtemp(prefix="pbh-"))
+        try:
+            async with running(directory, FakeGateway()) as daemon:
+                request: dict[str, Any] = {"id": 1, "op": op}
+                if isinstance(value, dict):
+                    request.update({k: v for k, v in value.items() if k not in ("id", "op")})
+                else:
+                    request["port"] = value
+                line = json.dumps(request).encode() + b"\n" + b'{"id": 2, "op": "list"}\n'
+                replies = await raw_lines(directory / "pb.sock", line, 2)
+                assert {r["id"] for r in replies} == {1, 2}
+                for reply in replies:
+                    assert reply["ok"] or reply["error"]["code"]
+                for entry in list(daemon.shared.values()):
+                    await entry.mapping.release()
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    trio.run(main)
+
+
+async def test_two_hundred_concurrent_clients(short_dir: Path) -> None:
+    gateway = FakeGateway()
+    async with running(short_dir, gateway, max_mappings=1000) as daemon:
+        seen_events: list[int] = []
+
+        async def app(n: int) -> None:
+            async with open_client(short_dir / "pb.sock") as client:
+                port = 20000 + n
+                mapping = await client.map(port, "udp", lifetime=600)
+                assert mapping["internal_port"] == port
+                listed = {m["internal_port"] for m in await client.list()}
+                assert port in listed
+                if n % 10 == 0:
+                    watching = (await client.request("watch"))["watching"]
+                    assert watching == ("all" if os.getuid() == 0 else "own")
+                assert await client.unmap(port, "udp") == f"{port}/udp"
+                seen_events.append(n)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(200):
+                nursery.start_soon(app, n)
+        assert len(seen_events) == 200
+        assert daemon.shared == {}
+        assert gateway.mappings == {}
