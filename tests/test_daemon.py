@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from portbroker.client import DaemonRequestError, open_client
 from portbroker.daemon.server import Daemon, DaemonConfig, DaemonError, serve
 from portbroker.testing import FakeGateway
+from portbroker.wire import pcp
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def short_dir() -> Iterator[Path]:
 
 
 def config_for(directory: Path, gateway: FakeGateway, **changes: Any) -> DaemonConfig:
-    options = {
+    options: dict[str, Any] = {
         "gateway": "127.0.0.1",
         "methods": ("pcp", "natpmp"),
         "socket_path": directory / "pb.sock",
@@ -189,6 +190,8 @@ async def test_restart_adopts_persisted_mappings_with_their_nonce(short_dir: Pat
     async with running(short_dir, gateway) as daemon:
         assert ("tcp", 7003) in daemon.shared
         renewal = gateway.requests[before]
+        assert isinstance(renewal, pcp.PcpRequest)
+        assert renewal.data is not None
         assert renewal.data.nonce == nonce
         async with open_client(short_dir / "pb.sock") as client:
             assert [m["id"] for m in await client.list()] == ["7003/tcp"]
