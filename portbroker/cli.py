@@ -119,6 +119,20 @@ def _parser() -> argparse.ArgumentParser:
         "--ssdp-port", type=_positive_int(65535), default=1900, help=argparse.SUPPRESS
     )
     common.add_argument("--no-multicast", action="store_true", help=argparse.SUPPRESS)
+    via_daemon = argparse.ArgumentParser(add_help=False)
+    via_daemon.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="the daemon's socket ($PORTBROKER_SOCKET, else the default)",
+    )
+    via_daemon.add_argument(
+        "--no-daemon",
+        action="store_true",
+        help="talk to the gateway directly even if a daemon runs",
+    )
+    daemon_only = argparse.ArgumentParser(add_help=False)
+    daemon_only.add_argument("--socket", metavar="PATH", help="the daemon's socket")
+    daemon_only.add_argument("--json", action="store_true", help="print JSON, one object a line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser(
@@ -127,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
         help="ask every method at once and report what the gateway speaks",
     )
 
-    map_cmd = sub.add_parser("map", parents=[common], help="create a mapping")
+    map_cmd = sub.add_parser("map", parents=[common, via_daemon], help="create a mapping")
     map_cmd.add_argument("spec", metavar="PORT[/tcp|/udp]", type=_port_spec)
     map_cmd.add_argument("--external-port", type=_positive_int(65535), metavar="N")
     map_cmd.add_argument(
@@ -142,9 +156,64 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep it renewed (and restored) until Ctrl-C or SIGTERM, then delete it",
     )
+    map_cmd.add_argument(
+        "--persist",
+        action="store_true",
+        help="through the daemon: keep it after --hold ends, until an explicit unmap",
+    )
 
-    unmap = sub.add_parser("unmap", parents=[common], help="delete a mapping made by map")
+    unmap = sub.add_parser(
+        "unmap", parents=[common, via_daemon], help="delete a mapping made by map"
+    )
     unmap.add_argument("spec", metavar="PORT[/tcp|/udp]", type=_port_spec)
+
+    sub.add_parser(
+        "list", parents=[daemon_only], help="the daemon's mappings (yours; all for root)"
+    )
+    sub.add_parser("watch", parents=[daemon_only], help="print the daemon's mapping events")
+
+    daemon = sub.add_parser("daemon", help="run the broker that every app on this host shares")
+    daemon.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="default: $PORTBROKER_SOCKET, else "
+        "/run/portbroker/portbroker.sock (root) or $XDG_RUNTIME_DIR/portbroker.sock",
+    )
+    daemon.add_argument(
+        "--state",
+        metavar="PATH",
+        help="state file (default /var/lib/portbroker/"
+        "daemon-state.json for root, else under $XDG_STATE_HOME)",
+    )
+    daemon.add_argument("--gateway", metavar="IP")
+    daemon.add_argument("--methods", default="pcp,natpmp,upnp")
+    daemon.add_argument(
+        "--group", metavar="NAME", help="socket mode 0660 for this group (default 0600)"
+    )
+    daemon.add_argument(
+        "--grace",
+        type=_seconds,
+        default=10.0,
+        metavar="S",
+        help="how long a mapping outlives its app's connection (default 10 s)",
+    )
+    daemon.add_argument(
+        "--max-mappings",
+        type=_positive_int(100000),
+        default=64,
+        metavar="N",
+        help="mappings one user may hold (default 64)",
+    )
+    daemon.add_argument("--timeout", type=_seconds, default=2.0, metavar="S", help="probe timeout")
+    daemon.add_argument(
+        "--server-port", type=_positive_int(65535), default=5351, help=argparse.SUPPRESS
+    )
+    daemon.add_argument(
+        "--ssdp-port", type=_positive_int(65535), default=1900, help=argparse.SUPPRESS
+    )
+    daemon.add_argument("--no-multicast", action="store_true", help=argparse.SUPPRESS)
+    daemon.add_argument("--no-announcements", action="store_true", help=argparse.SUPPRESS)
+    daemon.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     return parser
 
 
@@ -152,6 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "daemon":
+            return _daemon(args)
+        if args.command in ("list", "watch"):
+            import trio
+
+            return trio.run(_daemon_client, args)
         methods = _methods(args.methods)
         if args.command == "map" and args.exact and args.external_port is None:
             raise UsageError("--exact needs --external-port")
@@ -159,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             methods = (args.via,)
         import trio
 
+        if args.command in ("map", "unmap") and _use_daemon(args):
+            return trio.run(_daemon_client, args)
         return trio.run(_run, args, methods)
     except UsageError as exc:
         parser.error(str(exc))
@@ -211,6 +288,146 @@ async def _run(args: argparse.Namespace, methods: tuple[str, ...]) -> int:
         raise Failure(f"{args.command} failed: {exc}") from exc
     except OSError as exc:
         raise Failure(f"{args.command} failed: {exc.strerror or exc}") from exc
+
+
+# -- the daemon ---------------------------------------------------------------------
+
+
+def _use_daemon(args: argparse.Namespace) -> bool:
+    """Go through a running daemon unless told not to (or given a gateway to ask)."""
+    if args.no_daemon or args.gateway is not None:
+        return False
+    from portbroker.client import socket_path
+
+    return _daemon_listening(socket_path(args.socket))
+
+
+def _daemon_listening(path: Path) -> bool:
+    import socket as socket_module
+
+    if not path.is_socket():
+        return False
+    probe = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    import logging
+
+    import trio
+
+    from portbroker.daemon.server import DaemonConfig, DaemonError, run_daemon
+    from portbroker.errors import PortBrokerError
+
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    from portbroker.client import socket_path
+
+    options: dict[str, Any] = {
+        "port": args.server_port,
+        "upnp_port": args.ssdp_port,
+        "ssdp_multicast": not args.no_multicast,
+    }
+    if args.no_announcements:
+        options["announce_port"] = None
+    config = DaemonConfig(
+        socket_path=socket_path(args.socket),
+        state_path=args.state or DaemonConfig().state_path,
+        gateway=args.gateway,
+        methods=_methods(args.methods),
+        group=args.group,
+        grace=args.grace,
+        max_mappings=args.max_mappings,
+        probe_timeout=args.timeout,
+        broker_options=options,
+    )
+    try:
+        trio.run(run_daemon, config)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    except (DaemonError, PortBrokerError) as exc:
+        raise Failure(f"daemon: {exc}") from exc
+    except OSError as exc:
+        raise Failure(f"daemon: {exc.strerror or exc}") from exc
+    return 0
+
+
+async def _daemon_client(args: argparse.Namespace) -> int:
+    from portbroker.client import DaemonNotRunning, DaemonRequestError, open_client
+
+    try:
+        async with open_client(args.socket) as client:
+            if args.command == "list":
+                mappings = await client.list()
+                for mapping in mappings:
+                    if args.json:
+                        print(json.dumps(mapping))
+                    else:
+                        print(_describe_daemon_mapping(mapping))
+                return 0
+            if args.command == "watch":
+                async for event in client.watch():
+                    if args.json:
+                        print(json.dumps(event), flush=True)
+                    else:
+                        print(
+                            f"{event['event']}: {_describe_daemon_mapping(event['mapping'])}",
+                            flush=True,
+                        )
+                return 0
+            port, proto = args.spec
+            if args.command == "unmap":
+                unmapped = await client.unmap(port, proto)
+                print(json.dumps({"unmapped": unmapped}) if args.json else f"unmapped {unmapped}")
+                return 0
+            mapping = await client.map(
+                port,
+                proto,
+                lifetime=args.lifetime,
+                external_port=args.external_port,
+                exact=args.exact,
+                # Without --hold the command ends at once, so the mapping must
+                # outlive it; with --hold it ends with the command unless --persist.
+                persist=args.persist or not args.hold,
+                via=args.via,
+            )
+            print(
+                json.dumps(mapping) if args.json else _describe_daemon_mapping(mapping), flush=True
+            )
+            if args.hold:
+                import signal
+
+                import trio
+
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        break
+            return 0
+    except DaemonNotRunning as exc:
+        raise Failure(f"{args.command} failed: {exc}; start one with `portbroker daemon`") from exc
+    except DaemonRequestError as exc:
+        raise Failure(f"{args.command} failed: {exc.code}: {exc.message}") from exc
+
+
+def _describe_daemon_mapping(mapping: dict[str, Any]) -> str:
+    where = (
+        f"{mapping.get('external_address')}:{mapping.get('external_port')} via {mapping.get('method')}"
+        if mapping.get("external_port")
+        else mapping.get("state", "?")
+    )
+    flags = " persist" if mapping.get("persist") else ""
+    return (
+        f"{mapping['id']} -> {where} (uid {mapping.get('owner_uid')}, "
+        f"{mapping.get('holders')} holder(s){flags})"
+    )
 
 
 # -- probe ----------------------------------------------------------------------

@@ -6,9 +6,29 @@
   description.
 - :mod:`portbroker.testing.lab` — a real NAT gateway (miniupnpd + nftables) in
   network namespaces, for Linux as root.
+
+Names are imported on first use, so ``python -m portbroker.testing.fake_gateway``
+runs its module cleanly.
 """
 
-from portbroker.testing.fake_gateway import FakeGateway, MemoryLink
-from portbroker.testing.fake_igd import FakeIgd
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from portbroker.testing.fake_gateway import FakeGateway, MemoryLink
+    from portbroker.testing.fake_igd import FakeIgd
 
 __all__ = ["FakeGateway", "FakeIgd", "MemoryLink"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("FakeGateway", "MemoryLink"):
+        from portbroker.testing import fake_gateway
+
+        return getattr(fake_gateway, name)
+    if name == "FakeIgd":
+        from portbroker.testing import fake_igd
+
+        return fake_igd.FakeIgd
+    raise AttributeError(f"module 'portbroker.testing' has no attribute {name!r}")

@@ -1,0 +1,224 @@
+"""The daemon as a process: SIGKILL and restart, and clients of two other users."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from portbroker.client import open_client
+from portbroker.testing import FakeGateway
+from portbroker.wire import pcp
+
+PYTHON = sys.executable
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="pbp-"))
+    path.chmod(0o755)  # other users' clients must reach the socket inside
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def start_daemon(directory: Path, server_port: int, *extra: str) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [
+            PYTHON,
+            "-m",
+            "portbroker.cli",
+            "daemon",
+            "--socket",
+            str(directory / "pb.sock"),
+            "--state",
+            str(directory / "state.json"),
+            "--gateway",
+            "127.0.0.1",
+            "--server-port",
+            str(server_port),
+            "--methods",
+            "pcp,natpmp",
+            "--no-announcements",
+            "--grace",
+            "1",
+            "-q",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 20
+    while not _accepting(directory / "pb.sock"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            assert process.stderr is not None
+            raise AssertionError(f"daemon did not start: {process.stderr.read().decode()}")
+        time.sleep(0.05)
+    return process
+
+
+def _accepting(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=10)
+    if process.stderr is not None:
+        process.stderr.close()
+
+
+HOLDER = """
+import sys, time
+from portbroker.client import BlockingClient
+with BlockingClient(sys.argv[1]) as client:
+    client.map(int(sys.argv[2]), "tcp")
+    print("mapped", flush=True)
+    time.sleep(600)
+"""
+
+
+async def test_sigkill_and_restart_keeps_persisted_and_drops_orphans(short_dir: Path) -> None:
+    gateway = FakeGateway(port=0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gateway.serve_udp)
+        daemon = start_daemon(short_dir, gateway.port)
+        holder = None
+        try:
+            async with open_client(short_dir / "pb.sock") as client:
+                await client.map(7100, "tcp", persist=True)
+            live = gateway.mapping_for("tcp", 7100)
+            assert live is not None
+            nonce = live.nonce
+            # A connection-bound mapping whose app will die with the daemon.
+            holder = subprocess.Popen(
+                [PYTHON, "-c", HOLDER, str(short_dir / "pb.sock"), "7101"],
+                stdout=subprocess.PIPE,
+                cwd=ROOT,
+            )
+            assert holder.stdout is not None
+            assert (await trio.to_thread.run_sync(holder.stdout.readline)).strip() == b"mapped"
+            assert gateway.mapping_for("tcp", 7101) is not None
+
+            daemon.send_signal(signal.SIGKILL)
+            daemon.wait()
+            holder.kill()
+            holder.wait()
+            stop(daemon)
+            assert (short_dir / "pb.sock").is_socket()  # left behind by the crash
+
+            before = len(gateway.requests)
+            daemon = start_daemon(short_dir, gateway.port)  # takes the stale socket over
+            async with open_client(short_dir / "pb.sock") as client:
+                listed = await client.list()
+            assert [m["id"] for m in listed] == ["7100/tcp"]
+            after = [r for r in gateway.requests[before:] if isinstance(r, pcp.PcpRequest)]
+            renewals = [r for r in after if r.data is not None and r.data.internal_port == 7100]
+            assert renewals
+            assert all(r.data is not None and r.data.nonce == nonce for r in renewals)
+            assert gateway.mapping_for("tcp", 7100) is not None
+            assert gateway.mapping_for("tcp", 7101) is None  # its app is gone: deleted
+        finally:
+            stop(daemon)
+            if holder is not None:
+                if holder.poll() is None:
+                    holder.kill()
+                holder.wait()
+                if holder.stdout is not None:
+                    holder.stdout.close()
+            nursery.cancel_scope.cancel()
+
+
+USER_CLIENT = """
+import json, sys
+from portbroker.client import BlockingClient, DaemonRequestError
+out = {}
+with BlockingClient(sys.argv[1]) as client:
+    out["hello_uid"] = client.hello()["uid"]
+    if sys.argv[2] == "map":
+        out["mapped"] = client.map(int(sys.argv[3]), "tcp", persist=True)["id"]
+    out["list"] = [m["id"] for m in client.list()]
+    for op in ("unmap", "map"):
+        if sys.argv[2] == "steal":
+            try:
+                getattr(client, op)(int(sys.argv[3]), "tcp")
+                out[op] = "ok"
+            except DaemonRequestError as exc:
+                out[op] = exc.code
+print(json.dumps(out))
+"""
+
+
+def as_user(uid: int, *args: str) -> dict[str, object]:
+    setpriv = shutil.which("setpriv")
+    assert setpriv is not None, "setpriv (util-linux) is needed to run a client as another user"
+    done = subprocess.run(
+        [
+            setpriv,
+            f"--reuid={uid}",
+            "--regid=65534",
+            "--clear-groups",
+            PYTHON,
+            "-c",
+            USER_CLIENT,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "HOME": "/nonexistent"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run clients as other users")
+def test_two_users_neither_see_nor_unmap_each_other(short_dir: Path) -> None:
+    gateway_process = subprocess.Popen(
+        [PYTHON, "-m", "portbroker.testing.fake_gateway", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    daemon = None
+    try:
+        assert gateway_process.stdout is not None
+        port = int(gateway_process.stdout.readline().split()[1])
+        daemon = start_daemon(short_dir, port, "--group", "nogroup")
+        assert (short_dir / "pb.sock").stat().st_mode & 0o777 == 0o660
+        alice = as_user(65534, str(short_dir / "pb.sock"), "map", "7200")
+        assert alice == {"hello_uid": 65534, "mapped": "7200/tcp", "list": ["7200/tcp"]}
+        bob = as_user(65533, str(short_dir / "pb.sock"), "steal", "7200")
+        assert bob == {"hello_uid": 65533, "list": [], "unmap": "not_found", "map": "conflict"}
+        alice_again = as_user(65534, str(short_dir / "pb.sock"), "look", "0")
+        assert alice_again["list"] == ["7200/tcp"]
+    finally:
+        if daemon is not None:
+            stop(daemon)
+        gateway_process.terminate()
+        gateway_process.wait(timeout=10)
+        if gateway_process.stdout is not None:
+            gateway_process.stdout.close()
