@@ -322,3 +322,26 @@ async def test_two_hundred_concurrent_clients(short_dir: Path) -> None:
         assert len(seen_events) == 200
         assert daemon.shared == {}
         assert gateway.mappings == {}
+
+
+async def test_a_client_that_never_reads_is_cut_off(short_dir: Path) -> None:
+    async with running(short_dir, FakeGateway()):
+        greedy = await trio.open_unix_socket(str(short_dir / "pb.sock"))
+        request = b'{"op": "hello", "versions": [1]}\n' * 500
+        cut_off = False
+        with trio.fail_after(30):
+            try:
+                for _ in range(400):  # 200,000 requests, never reading a reply
+                    await greedy.send_all(request)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                cut_off = True
+        if not cut_off:
+            # Everything was written; the daemon must have closed its end.
+            with trio.fail_after(30):
+                while await greedy.receive_some(1 << 20):
+                    pass
+            cut_off = True
+        await greedy.aclose()
+        assert cut_off
+        async with open_client(short_dir / "pb.sock") as client:
+            assert (await client.hello())["version"] == 1

@@ -27,6 +27,7 @@ from typing import Any, Final
 
 import attrs
 import trio
+import trio.lowlevel
 
 from portbroker import __version__
 from portbroker._util import collapse_single
@@ -168,16 +169,92 @@ class Daemon:
         self.clients: set[Client] = set()
         self.store = StateStore(config.state_path)
         self._pending: dict[tuple[str, int], trio.Event] = {}
+        self._dirty = trio.Event()
+        self._changes = 0  # generation of the in-memory state
+        self._written = 0  # generation the state file holds
+        self._wrote = trio.Event()
+        self._by_mapping: dict[int, Shared] = {}  # id(Mapping) -> entry, for events
+        self._held: dict[int, set[tuple[str, int]]] = {}  # uid -> keys it holds
+        # Each entry's state-file record, recomputed only when the entry
+        # changes: a write with 10,000 mappings must not redo them all.
+        self._record_cache: dict[tuple[str, int], dict[str, Any]] = {}
 
     # -- bookkeeping ------------------------------------------------------------
+
+    def _index(self, entry: Shared) -> None:
+        """Keep the per-uid and per-mapping indexes true after *entry* changed."""
+        holders = {h.uid for h in entry.holds} if self.shared.get(entry.key) is entry else set()
+        for uid, keys in list(self._held.items()):
+            if uid not in holders:
+                keys.discard(entry.key)
+                if not keys:
+                    del self._held[uid]
+        for uid in holders:
+            self._held.setdefault(uid, set()).add(entry.key)
+        if holders:
+            self._by_mapping[id(entry.mapping)] = entry
+        else:
+            self._by_mapping.pop(id(entry.mapping), None)
 
     def _visible(self, uid: int, entry: Shared) -> bool:
         return uid == 0 or entry.owner_uid == uid
 
-    def _save(self, *, exiting: bool = False) -> None:
-        """Write every live mapping (on exit: the persisted ones) to the state file."""
+    def _save(self, entry: Shared | None = None) -> None:
+        """Note a change (to *entry*); :meth:`writer` writes it out (bursts coalesce)."""
+        if entry is not None:
+            self._index(entry)
+            self._record_cache.pop(entry.key, None)
+        self._changes += 1
+        self._dirty.set()
+
+    async def synced(self) -> None:
+        """Return once the state file holds every change made so far.
+
+        map and unmap reply only after this, so a change an app was told of
+        survives a crash right after.
+        """
+        target = self._changes
+        while self._written < target:
+            await self._wrote.wait()
+
+    async def writer(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Write the state file after every change.
+
+        Changes that arrive while a write is under way are written by the next
+        one, so a burst of requests costs a few writes, not one fsync each;
+        :meth:`synced` lets a reply wait for the write that covers it.
+        """
+        task_status.started()
+        while True:
+            await self._dirty.wait()
+            self._dirty = trio.Event()
+            generation = self._changes
+            records = self._records()
+            try:
+                await trio.to_thread.run_sync(self.store.save, records)
+            except OSError as exc:
+                logger.error("cannot write the state file %s: %s", self.store.path, exc)
+            self._written = generation
+            self._wrote.set()
+            self._wrote = trio.Event()
+
+    def _write(self, *, exiting: bool = False) -> None:
+        """Write the state file now (on exit: only the persisted mappings)."""
+        try:
+            self.store.save(self._records(exiting=exiting))
+        except OSError as exc:
+            logger.error("cannot write the state file %s: %s", self.store.path, exc)
+
+    def _records(self, *, exiting: bool = False) -> list[dict[str, Any]]:
         records = []
         for entry in self.shared.values():
+            if not exiting:
+                cached = self._record_cache.get(entry.key)
+                if cached is not None:
+                    records.append(cached)
+                    continue
             lease = entry.mapping.lease
             holds = [h for h in entry.holds if h.persist] if exiting else entry.holds
             if lease is None or not holds:
@@ -190,15 +267,14 @@ class Daemon:
                 holds=[{"uid": h.uid, "pid": h.pid, "persist": h.persist} for h in holds],
                 lifetime_requested=entry.mapping.request.lifetime,
             )
+            if not exiting:
+                self._record_cache[entry.key] = record
             records.append(record)
-        try:
-            self.store.save(records)
-        except OSError as exc:
-            logger.error("cannot write the state file %s: %s", self.store.path, exc)
+        return records
 
     async def _drop(self, entry: Shared) -> None:
         self.shared.pop(entry.key, None)
-        self._save()
+        self._save(entry)
         await entry.mapping.release()
 
     # -- restore after a restart ----------------------------------------------------
@@ -245,6 +321,7 @@ class Daemon:
                 continue
             entry = Shared(key[0], key[1], owner, mapping, alive)
             self.shared[key] = entry
+            self._index(entry)
             logger.info("%s: adopted from the state file (%d hold(s))", entry.id, len(alive))
             if any(h.grace_until is not None for h in alive):
                 self._nursery.start_soon(self._expire_graced, entry)
@@ -275,9 +352,13 @@ class Daemon:
         if request.op == "probe":
             return _report_json(await self.broker.probe())
         if request.op == "map":
-            return {"mapping": (await self._map(client, request)).describe()}
+            entry = await self._map(client, request)
+            await self.synced()
+            return {"mapping": entry.describe()}
         if request.op == "unmap":
-            return {"unmapped": await self._unmap(client, request)}
+            unmapped = await self._unmap(client, request)
+            await self.synced()
+            return {"unmapped": unmapped}
         if request.op == "list":
             return {
                 "mappings": [
@@ -312,7 +393,7 @@ class Daemon:
         entry = self.shared.get(key)
         if entry is not None:
             return self._join(client, entry, external_port, persist)
-        held = sum(1 for e in self.shared.values() if any(h.uid == client.uid for h in e.holds))
+        held = len(self._held.get(client.uid, ()))
         if held >= self.config.max_mappings:
             raise ProtocolError(
                 ErrorCode.TOO_MANY_MAPPINGS,
@@ -353,7 +434,7 @@ class Daemon:
         entry = Shared(protocol, port, client.uid, mapping)
         entry.holds.append(Hold(client.uid, client.pid, persist, None if persist else client))
         self.shared[key] = entry
-        self._save()
+        self._save(entry)
         return entry
 
     def _join(
@@ -374,10 +455,10 @@ class Daemon:
             if hold.client is None and not hold.persist and hold.uid == client.uid:
                 hold.client, hold.grace_until, hold.pid = client, None, client.pid
                 hold.persist = persist
-                self._save()
+                self._save(entry)
                 return entry
         entry.holds.append(Hold(client.uid, client.pid, persist, None if persist else client))
-        self._save()
+        self._save(entry)
         return entry
 
     async def _unmap(self, client: Client, request: Request) -> str:
@@ -414,7 +495,7 @@ class Daemon:
                 )
             entry.holds = remaining
         if entry.holds:
-            self._save()
+            self._save(entry)
         else:
             await self._drop(entry)
         return entry.id
@@ -446,7 +527,7 @@ class Daemon:
         entry.holds = [h for h in entry.holds if h.grace_until is None or h.grace_until > now]
         if entry.holds:
             if len(entry.holds) != before:
-                self._save()
+                self._save(entry)
             if any(h.grace_until is not None for h in entry.holds):
                 self._nursery.start_soon(self._expire_graced, entry)
         elif self.shared.get(entry.key) is entry:
@@ -456,11 +537,11 @@ class Daemon:
     async def events(self) -> None:
         """Broker events -> watching clients, and the state file kept current."""
         async for item in self.broker.events():
-            entry = next((e for e in self.shared.values() if e.mapping is item.mapping), None)
-            if entry is None:
+            entry = self._by_mapping.get(id(item.mapping))
+            if entry is None or entry.mapping is not item.mapping:
                 continue
             if not isinstance(item.event, Released):
-                self._save()
+                self._save(entry)
             line = proto.encode(
                 {
                     "event": type(item.event).__name__,
@@ -682,6 +763,7 @@ async def serve(config: DaemonConfig) -> AsyncIterator[Daemon]:
             ):
                 daemon = Daemon(config, broker, nursery)
                 nursery.start_soon(daemon.events)
+                await nursery.start(daemon.writer)
                 await daemon.restore()
                 nursery.start_soon(trio.serve_listeners, daemon.serve_client, [listener])
                 logger.info(
@@ -699,7 +781,7 @@ async def serve(config: DaemonConfig) -> AsyncIterator[Daemon]:
                     for entry in list(daemon.shared.values()):
                         if any(h.persist for h in entry.holds):
                             broker.detach(entry.mapping)
-                    daemon._save(exiting=True)
+                    daemon._write(exiting=True)
     finally:
         with contextlib.suppress(OSError):
             if config.socket_path.is_socket():

@@ -112,7 +112,7 @@ class StateStore:
 
     def save(self, records: list[dict[str, Any]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"version": STATE_VERSION, "mappings": records}, indent=1)
+        text = json.dumps({"version": STATE_VERSION, "mappings": records}, separators=(",", ":"))
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
         try:
             with os.fdopen(fd, "w") as handle:

@@ -153,6 +153,8 @@ class FakeGateway:
     _rng: random.Random = attrs.field(init=False)
     _udp: trio.socket.SocketType | None = None
     _udp_clients: set[tuple[str, int]] = attrs.Factory(set)
+    _taken: dict[int, dict[int, tuple[str, int, int]]] = attrs.Factory(dict)
+    _next_expiry: float = math.inf
 
     def __attrs_post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -174,6 +176,7 @@ class FakeGateway:
     def reset(self) -> None:
         """Lose every mapping and restart the epoch: a gateway reboot."""
         self.mappings.clear()
+        self._taken.clear()
         self.epoch_origin = trio.current_time()
 
     async def change_external_address(self, address: IPAddress | str) -> None:
@@ -277,23 +280,43 @@ class FakeGateway:
             return []
         return self._handle_pcp(data, source)
 
+    def _store(self, key: tuple[str, int, int], mapping: FakeMapping) -> None:
+        self._forget(key)
+        self.mappings[key] = mapping
+        self._taken.setdefault(mapping.protocol, {})[mapping.external_port] = key
+        self._next_expiry = min(self._next_expiry, mapping.expires_at)
+
+    def _forget(self, key: tuple[str, int, int]) -> None:
+        mapping = self.mappings.pop(key, None)
+        if mapping is not None:
+            ports = self._taken.get(mapping.protocol, {})
+            if ports.get(mapping.external_port) == key:
+                del ports[mapping.external_port]
+
     def _expire(self) -> None:
+        # Scan only when something can have expired: thousands of mappings
+        # must not make every request O(n).
         now = self._now()
+        if now < self._next_expiry:
+            return
         for key in [k for k, m in self.mappings.items() if m.expires_at <= now]:
-            del self.mappings[key]
+            self._forget(key)
+        self._next_expiry = min((m.expires_at for m in self.mappings.values()), default=math.inf)
 
     def _grant_lifetime(self, requested: int) -> int:
         return max(self.min_lifetime, min(requested, self.max_lifetime))
 
     def _free_port(self, protocol: int, wanted: int, key: tuple[str, int, int]) -> int | None:
-        taken = {
-            m.external_port for k, m in self.mappings.items() if m.protocol == protocol and k != key
-        }
-        if wanted and wanted not in taken:
+        taken = self._taken.get(protocol, {})
+
+        def free(port: int) -> bool:
+            return taken.get(port, key) == key
+
+        if wanted and free(wanted):
             return wanted
         for _ in range(1000):
             port = self._rng.randrange(1024, 65536)
-            if port not in taken:
+            if free(port):
                 return port
         return None
 
@@ -363,7 +386,7 @@ class FakeGateway:
             return self._pcp_error(request, ResultCode.NOT_AUTHORIZED)
         now = self._now()
         if request.lifetime == 0:
-            self.mappings.pop(key, None)
+            self._forget(key)
             return self._pcp_reply(request, data.external_port, data.external_address, 0)
         prefer_failure = any(isinstance(o, pcp.PreferFailure) for o in request.options)
         if existing is not None:
@@ -375,8 +398,11 @@ class FakeGateway:
         if prefer_failure and data.external_port and port != data.external_port:
             return self._pcp_error(request, ResultCode.CANNOT_PROVIDE_EXTERNAL)
         lifetime = self._grant_lifetime(request.lifetime)
-        self.mappings[key] = FakeMapping(
-            internal, data.protocol, data.internal_port, port, now + lifetime, data.nonce, "pcp"
+        self._store(
+            key,
+            FakeMapping(
+                internal, data.protocol, data.internal_port, port, now + lifetime, data.nonce, "pcp"
+            ),
         )
         return self._pcp_reply(request, port, self.external_address, lifetime)
 
@@ -433,9 +459,9 @@ class FakeGateway:
         if request.lifetime == 0:
             if request.internal_port == 0:
                 for k in [k for k in self.mappings if k[0] == source[0] and k[1] == protocol]:
-                    del self.mappings[k]
+                    self._forget(k)
             else:
-                self.mappings.pop(key, None)
+                self._forget(key)
             return [
                 natpmp.encode_response(
                     natpmp.MapResponse(request.opcode, 0, self.epoch, request.internal_port, 0, 0)
@@ -454,14 +480,17 @@ class FakeGateway:
                 )
             ]
         lifetime = min(request.lifetime, self.max_lifetime)
-        self.mappings[key] = FakeMapping(
-            to_address(source[0]),
-            protocol,
-            request.internal_port,
-            port,
-            self._now() + lifetime,
-            existing.nonce if existing else None,
-            "natpmp",
+        self._store(
+            key,
+            FakeMapping(
+                to_address(source[0]),
+                protocol,
+                request.internal_port,
+                port,
+                self._now() + lifetime,
+                existing.nonce if existing else None,
+                "natpmp",
+            ),
         )
         return [
             natpmp.encode_response(
