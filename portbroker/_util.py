@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
-__all__ = ["collapse_single"]
+__all__ = ["atomic_write_json", "collapse_single"]
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -35,3 +40,30 @@ def collapse_single() -> Iterator[None]:
         if len(leaves) == 1:
             raise leaves[0] from None
         raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write *data* as JSON to *path* atomically: temp file, fsync, rename, fsync the directory.
+
+    A crash leaves the old file or the new one, never half of either.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, separators=(",", ":"))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    # The rename itself is durable only once the directory is synced.
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -15,7 +15,6 @@ import fcntl
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -435,26 +434,9 @@ def _describe_daemon_mapping(mapping: dict[str, Any]) -> str:
 
 def _print_probe(report: ProbeReport, *, as_json: bool) -> int:
     if as_json:
-        print(
-            json.dumps(
-                {
-                    "gateway": str(report.gateway),
-                    "selected": report.selected,
-                    "methods": {
-                        o.method: {
-                            "available": o.available,
-                            "rtt_ms": None if o.rtt is None else round(o.rtt * 1000, 3),
-                            "external_address": None
-                            if o.external_address is None
-                            else str(o.external_address),
-                            "epoch": o.epoch,
-                            "error": o.error,
-                        }
-                        for o in report.outcomes
-                    },
-                }
-            )
-        )
+        from portbroker.probe import report_json
+
+        print(json.dumps(report_json(report)))
     else:
         print(f"gateway {report.gateway}: {report.selected or 'no method works'}")
         for o in report.outcomes:
@@ -649,18 +631,9 @@ class StateFile:
         return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
     def _write(self, entries: list[dict[str, Any]]) -> None:
-        text = json.dumps({"version": STATE_VERSION, "mappings": entries}, indent=1)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        from portbroker._util import atomic_write_json
+
+        atomic_write_json(self.path, {"version": STATE_VERSION, "mappings": entries})
 
     @staticmethod
     def _same(entry: dict[str, Any], gateway: str, port: int, proto: str) -> bool:

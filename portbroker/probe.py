@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attrs
 import trio
@@ -24,7 +25,7 @@ from portbroker.errors import MappingError, MethodUnavailable, NoAnswer, PortBro
 from portbroker.methods import Method
 from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome, ProbeReport
 
-__all__ = ["HEAD_START", "NoMethodAvailable", "create_by_preference", "probe_all"]
+__all__ = ["HEAD_START", "NoMethodAvailable", "create_by_preference", "probe_all", "report_json"]
 
 # Seconds the most preferred method's own request runs alone (see create_by_preference).
 HEAD_START = 0.02
@@ -176,3 +177,21 @@ async def create_by_preference(
     except trio.TooSlowError:
         raise NoAnswer(f"{chosen.name}: no answer to the mapping request") from None
     return lease, report
+
+
+def report_json(report: ProbeReport) -> dict[str, Any]:
+    """A probe report as the CLI's ``probe --json`` and the daemon's ``probe`` print it."""
+    return {
+        "gateway": str(report.gateway),
+        "selected": report.selected,
+        "methods": {
+            o.method: {
+                "available": o.available,
+                "rtt_ms": None if o.rtt is None else round(o.rtt * 1000, 3),
+                "external_address": None if o.external_address is None else str(o.external_address),
+                "epoch": o.epoch,
+                "error": o.error,
+            }
+            for o in report.outcomes
+        },
+    }

@@ -37,8 +37,8 @@ from portbroker.daemon.protocol import ErrorCode, ProtocolError, Request
 from portbroker.daemon.state import StateStore, lease_from_record, lease_record
 from portbroker.errors import MappingError, MethodUnavailable, NoAnswer, PortBrokerError
 from portbroker.lifecycle import Released, State
-from portbroker.probe import NoMethodAvailable
-from portbroker.types import MappingRequest, ProbeReport
+from portbroker.probe import NoMethodAvailable, report_json
+from portbroker.types import MappingRequest
 
 __all__ = ["DaemonConfig", "DaemonError", "default_socket_path", "run_daemon", "serve"]
 
@@ -350,7 +350,7 @@ class Daemon:
                 "gateway": str(self.broker.gateway),
             }
         if request.op == "probe":
-            return _report_json(await self.broker.probe())
+            return report_json(await self.broker.probe())
         if request.op == "map":
             entry = await self._map(client, request)
             await self.synced()
@@ -672,23 +672,6 @@ def _event_detail(event: Any) -> dict[str, Any]:
     return detail
 
 
-def _report_json(report: ProbeReport) -> dict[str, Any]:
-    return {
-        "gateway": str(report.gateway),
-        "selected": report.selected,
-        "methods": {
-            o.method: {
-                "available": o.available,
-                "rtt_ms": None if o.rtt is None else round(o.rtt * 1000, 3),
-                "external_address": None if o.external_address is None else str(o.external_address),
-                "epoch": o.epoch,
-                "error": o.error,
-            }
-            for o in report.outcomes
-        },
-    }
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -755,33 +738,33 @@ async def serve(config: DaemonConfig) -> AsyncIterator[Daemon]:
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     try:
         with collapse_single():
-            async with (
-                open_broker(
-                    config.gateway, config.methods, config.probe_timeout, **config.broker_options
-                ) as broker,
-                trio.open_nursery() as nursery,
-            ):
-                daemon = Daemon(config, broker, nursery)
-                nursery.start_soon(daemon.events)
-                await nursery.start(daemon.writer)
-                await daemon.restore()
-                nursery.start_soon(trio.serve_listeners, daemon.serve_client, [listener])
-                logger.info(
-                    "portbroker daemon %s listening on %s (gateway %s)",
-                    __version__,
-                    config.socket_path,
-                    broker.gateway,
-                )
-                try:
-                    yield daemon
-                finally:
-                    nursery.cancel_scope.cancel()
-                    # Connection-bound holds end with the daemon; persisted ones
-                    # stay on the gateway, recorded for the next start.
-                    for entry in list(daemon.shared.values()):
-                        if any(h.persist for h in entry.holds):
-                            broker.detach(entry.mapping)
-                    daemon._write(exiting=True)
+            async with open_broker(
+                config.gateway, config.methods, config.probe_timeout, **config.broker_options
+            ) as broker:
+                async with trio.open_nursery() as nursery:
+                    daemon = Daemon(config, broker, nursery)
+                    nursery.start_soon(daemon.events)
+                    await nursery.start(daemon.writer)
+                    await daemon.restore()
+                    nursery.start_soon(trio.serve_listeners, daemon.serve_client, [listener])
+                    logger.info(
+                        "portbroker daemon %s listening on %s (gateway %s)",
+                        __version__,
+                        config.socket_path,
+                        broker.gateway,
+                    )
+                    try:
+                        yield daemon
+                    finally:
+                        nursery.cancel_scope.cancel()
+                # The writer has stopped (and its last write finished), so this
+                # write is the last. Connection-bound holds end with the daemon
+                # (the broker deletes them on exit); persisted ones stay on the
+                # gateway, recorded for the next start.
+                for entry in list(daemon.shared.values()):
+                    if any(h.persist for h in entry.holds):
+                        broker.detach(entry.mapping)
+                daemon._write(exiting=True)
     finally:
         with contextlib.suppress(OSError):
             if config.socket_path.is_socket():

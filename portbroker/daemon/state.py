@@ -13,12 +13,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Final
 
+from portbroker._util import atomic_write_json
 from portbroker.types import Lease, TransportProtocol
 
 __all__ = ["STATE_VERSION", "StateStore", "lease_from_record", "lease_record"]
@@ -111,23 +110,4 @@ class StateStore:
         return records
 
     def save(self, records: list[dict[str, Any]]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"version": STATE_VERSION, "mappings": records}, separators=(",", ":"))
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        # The rename itself is durable only once the directory is synced.
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        atomic_write_json(self.path, {"version": STATE_VERSION, "mappings": records})
