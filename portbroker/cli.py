@@ -456,28 +456,19 @@ def _print_probe(report: ProbeReport, *, as_json: bool) -> int:
 
 
 def _lease_json(lease: Lease) -> dict[str, Any]:
-    return {
-        "method": lease.method,
-        "protocol": lease.protocol.value,
-        "internal_address": str(lease.internal_address),
-        "internal_port": lease.internal_port,
-        "external_address": str(lease.external_address),
-        "external_port": lease.external_port,
-        "lifetime": lease.lifetime,
-        "gateway": str(lease.gateway),
-        "permanent": lease.permanent,
-    }
+    from portbroker.types import lease_json
+
+    return lease_json(lease)
 
 
 def _event_json(event: MappingEvent) -> dict[str, Any]:
+    from portbroker.lifecycle import event_detail
+
     out: dict[str, Any] = {"event": type(event).__name__}
     lease = getattr(event, "lease", None)
     if lease is not None:
         out.update(_lease_json(lease))
-    for name in ("reason", "confirmed", "old_address", "old_port"):
-        if hasattr(event, name):
-            value = getattr(event, name)
-            out[name] = value if isinstance(value, bool | int | None) else str(value)
+    out.update(event_detail(event))
     return out
 
 
@@ -650,37 +641,18 @@ class StateFile:
                 for e in entries
                 if not self._same(e, str(lease.gateway), lease.internal_port, lease.protocol.value)
             ]
-            entries.append(
-                {
-                    **_lease_json(lease),
-                    "nonce": lease.nonce.hex() if lease.nonce else None,
-                    "epoch": lease.epoch,
-                    "expires_at_unix": time.time() + lease.lifetime,
-                }
-            )
+            from portbroker.daemon.state import lease_record
+
+            entries.append(lease_record(lease))
 
     def find(self, gateway: str, port: int, proto: str) -> Lease | None:
-        from portbroker.types import Lease, TransportProtocol
+        from portbroker.daemon.state import lease_from_record
 
         with self._locked() as entries:
             for entry in entries:
                 if self._same(entry, gateway, port, proto):
                     try:
-                        nonce = entry.get("nonce")
-                        return Lease(
-                            method=str(entry["method"]),
-                            protocol=TransportProtocol.parse(entry["protocol"]),
-                            internal_address=entry["internal_address"],
-                            internal_port=int(entry["internal_port"]),
-                            external_address=entry["external_address"],
-                            external_port=int(entry["external_port"]),
-                            lifetime=int(entry["lifetime"]),
-                            granted_at=0.0,
-                            gateway=entry["gateway"],
-                            epoch=entry.get("epoch"),
-                            nonce=bytes.fromhex(nonce) if nonce else None,
-                            permanent=bool(entry.get("permanent")),
-                        )
+                        return lease_from_record(entry)
                     except (KeyError, TypeError, ValueError) as exc:
                         raise Failure(
                             f"the record of {port}/{proto} in {self.path} is damaged: {exc}"

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import enum
 import random
-from typing import Final
+from typing import Any, Final
 
 import attrs
 
@@ -53,6 +53,7 @@ __all__ = [
     "Restored",
     "State",
     "Trigger",
+    "event_detail",
     "renewal_time",
 ]
 
@@ -159,6 +160,16 @@ class Failed:
 
 
 MappingEvent = Acquired | Renewed | ExternalAddressChanged | Lost | Restored | Released | Failed
+
+
+def event_detail(event: MappingEvent) -> dict[str, Any]:
+    """An event's fields other than its lease, as JSON values."""
+    detail: dict[str, Any] = {}
+    for name in ("reason", "confirmed", "old_address", "old_port"):
+        if hasattr(event, name):
+            value = getattr(event, name)
+            detail[name] = value if isinstance(value, bool | int | None) else str(value)
+    return detail
 
 
 def renewal_time(

@@ -7,7 +7,7 @@ here, at the edge, with a message that names the field.
 from __future__ import annotations
 
 import enum
-from typing import Final
+from typing import Any, Final
 
 import attrs
 
@@ -21,6 +21,7 @@ __all__ = [
     "ProbeOutcome",
     "ProbeReport",
     "TransportProtocol",
+    "lease_json",
 ]
 
 METHOD_NAMES: Final = ("pcp", "natpmp", "upnp")
@@ -148,3 +149,18 @@ class ProbeReport:
 
     def outcome(self, method: str) -> ProbeOutcome | None:
         return next((o for o in self.outcomes if o.method == method), None)
+
+
+def lease_json(lease: Lease) -> dict[str, Any]:
+    """A lease's public fields as JSON values (``map --json``, state files)."""
+    return {
+        "method": lease.method,
+        "protocol": lease.protocol.value,
+        "internal_address": str(lease.internal_address),
+        "internal_port": lease.internal_port,
+        "external_address": str(lease.external_address),
+        "external_port": lease.external_port,
+        "lifetime": lease.lifetime,
+        "gateway": str(lease.gateway),
+        "permanent": lease.permanent,
+    }

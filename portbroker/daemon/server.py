@@ -36,7 +36,7 @@ from portbroker.daemon import protocol as proto
 from portbroker.daemon.protocol import ErrorCode, ProtocolError, Request
 from portbroker.daemon.state import StateStore, lease_from_record, lease_record
 from portbroker.errors import MappingError, MethodUnavailable, NoAnswer, PortBrokerError
-from portbroker.lifecycle import Released, State
+from portbroker.lifecycle import Released, State, event_detail
 from portbroker.probe import NoMethodAvailable, report_json
 from portbroker.types import MappingRequest
 
@@ -546,7 +546,7 @@ class Daemon:
                 {
                     "event": type(item.event).__name__,
                     "mapping": entry.describe(),
-                    "detail": _event_detail(item.event),
+                    "detail": event_detail(item.event),
                 }
             )
             for client in list(self.clients):
@@ -661,15 +661,6 @@ class Daemon:
             )
         finally:
             limiter.release()
-
-
-def _event_detail(event: Any) -> dict[str, Any]:
-    detail: dict[str, Any] = {}
-    for name in ("reason", "confirmed", "old_address", "old_port"):
-        if hasattr(event, name):
-            value = getattr(event, name)
-            detail[name] = value if isinstance(value, bool | int | None) else str(value)
-    return detail
 
 
 def _pid_alive(pid: int) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from portbroker._util import atomic_write_json
-from portbroker.types import Lease, TransportProtocol
+from portbroker.types import Lease, TransportProtocol, lease_json
 
 __all__ = ["STATE_VERSION", "StateStore", "lease_from_record", "lease_record"]
 
@@ -27,20 +27,13 @@ STATE_VERSION: Final = 1
 
 
 def lease_record(lease: Lease) -> dict[str, Any]:
+    """:func:`lease_json` plus what renewing or deleting it later needs."""
     remaining = max(0.0, lease.expires_at - _monotonic_now())
     return {
-        "method": lease.method,
-        "protocol": lease.protocol.value,
-        "internal_address": str(lease.internal_address),
-        "internal_port": lease.internal_port,
-        "external_address": str(lease.external_address),
-        "external_port": lease.external_port,
-        "lifetime": lease.lifetime,
+        **lease_json(lease),
         "expires_at_unix": round(time.time() + remaining, 3),
-        "gateway": str(lease.gateway),
         "epoch": lease.epoch,
         "nonce": lease.nonce.hex() if lease.nonce else None,
-        "permanent": lease.permanent,
     }
 
 
