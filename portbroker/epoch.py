@@ -26,14 +26,20 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 
 import attrs
 
 from portbroker.wire._fields import uint
 
 __all__ = [
+    "BootIdSeen",
+    "EntryMissing",
     "EpochCheck",
     "EpochObservation",
+    "GatewaySignal",
+    "SignalSink",
+    "UptimeSeen",
     "check_natpmp_epoch",
     "check_pcp_epoch",
 ]
@@ -101,3 +107,50 @@ def check_natpmp_epoch(previous: EpochObservation | None, current: EpochObservat
     if current.server_epoch + 2 < expected:
         return EpochCheck.TOO_SLOW
     return EpochCheck.VALID
+
+
+# -- what methods report --------------------------------------------------------
+#
+# Methods do not decide that a gateway lost its state; they report what they
+# saw through a callback given at construction (a :data:`SignalSink`), and the
+# gateway's tracker decides. PCP and NAT-PMP epochs reach the tracker from the
+# transport's observer; UPnP has no epoch, so its method reports these.
+
+
+@attrs.frozen
+class BootIdSeen:
+    """A UPnP device's BOOTID.UPNP.ORG (UDA 2.0 §1.2.2), read from an SSDP reply.
+
+    A change means the device rebooted and forgot its port mappings.
+    """
+
+    boot_id: int
+    at: float
+
+
+@attrs.frozen
+class UptimeSeen:
+    """WANIPConnection GetStatusInfo's NewUptime, in seconds, read at *at*.
+
+    Uptime going down (by more than the clock allows) means the WAN connection
+    restarted, and IGDs drop their mappings with it.
+    """
+
+    uptime: int
+    at: float
+
+
+@attrs.frozen
+class EntryMissing:
+    """The gateway definitely said a mapping we hold is not there.
+
+    UPnP error 714 NoSuchEntryInArray from GetSpecificPortMappingEntry, never a
+    transport failure or a timeout (those prove nothing).
+    """
+
+    detail: str
+    at: float
+
+
+GatewaySignal = BootIdSeen | UptimeSeen | EntryMissing
+SignalSink = Callable[[GatewaySignal], None]

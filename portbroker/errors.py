@@ -7,15 +7,23 @@ Protocol facts travel as attributes (``result_code``, ``method``,
 
 from __future__ import annotations
 
+import errno
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
 __all__ = [
     "GatewayNotFound",
+    "LinkError",
     "MalformedMessage",
     "MappingError",
     "MethodUnavailable",
     "NoAnswer",
+    "NoMethodAvailable",
     "PortBrokerError",
     "UnsupportedOpcode",
     "UnsupportedVersion",
+    "UpnpError",
 ]
 
 
@@ -112,5 +120,76 @@ class MappingError(PortBrokerError):
         self.retry_after = retry_after
 
 
+class NoMethodAvailable(MethodUnavailable):
+    """No enabled method works with this gateway; ``outcomes`` says why for each.
+
+    ``outcomes`` is a sequence of :class:`portbroker.types.ProbeOutcome`.
+    """
+
+    def __init__(self, outcomes: Sequence[Any]) -> None:
+        reasons = "; ".join(f"{o.method}: {o.error or 'unavailable'}" for o in outcomes)
+        super().__init__("all", reasons or "no method enabled")
+        self.outcomes = tuple(outcomes)
+
+
 class NoAnswer(PortBrokerError):
-    """A request went unanswered through its whole retransmission schedule."""
+    """A request went unanswered through its whole retransmission schedule.
+
+    Attributes:
+        ignored: datagrams that did arrive but were rejected, counted by why
+            ("nonce mismatch", "wrong source", "wrong opcode", "malformed"...).
+            Empty when nothing came back at all. The message names them, so a
+            user reads "12 replies ignored: nonce mismatch", not "no answer".
+    """
+
+    def __init__(self, message: str, *, ignored: Mapping[str, int] | None = None) -> None:
+        self.ignored: dict[str, int] = dict(ignored or {})
+        if self.ignored:
+            total = sum(self.ignored.values())
+            why = ", ".join(f"{count} {reason}" for reason, count in self.ignored.items())
+            message = f"{message} ({total} repl{'y' if total == 1 else 'ies'} ignored: {why})"
+        super().__init__(message)
+
+
+class LinkError(PortBrokerError):
+    """The local network stack would not send or receive (not the gateway's answer).
+
+    EPERM from a host firewall, ENETUNREACH / EHOSTUNREACH with no route,
+    ENOBUFS, EADDRNOTAVAIL... The message says what failed in words, with the
+    errno's name, never a bare errno text.
+
+    Attributes:
+        errno: the OS error number.
+        target: what we tried to reach, as "address:port".
+    """
+
+    _HINTS: ClassVar[dict[int, str]] = {
+        errno.EPERM: "a host firewall may drop it",
+        errno.EACCES: "a host firewall may drop it",
+        errno.ENETUNREACH: "no route to that network",
+        errno.EHOSTUNREACH: "no route to that host",
+        errno.ENOBUFS: "the kernel is out of buffer space",
+        errno.EADDRNOTAVAIL: "no local address can reach it",
+        errno.ENETDOWN: "the network is down",
+    }
+
+    def __init__(self, action: str, target: str, error: OSError) -> None:
+        code = error.errno or 0
+        name = errno.errorcode.get(code, f"errno {code}")
+        text = os.strerror(code) if code else str(error)
+        hint = self._HINTS.get(code)
+        super().__init__(
+            f"cannot {action} {target}: {text} ({name})" + (f"; {hint}" if hint else "")
+        )
+        self.errno = code
+        self.target = target
+
+
+class UpnpError(PortBrokerError):
+    """A UPnP (miniupnpc) call failed; ``code`` is the UPnP error code when known."""
+
+    def __init__(self, action: str, message: str, code: int | None = None) -> None:
+        super().__init__(f"{action}: {message}")
+        self.action = action
+        self.message = message
+        self.code = code

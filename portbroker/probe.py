@@ -21,7 +21,13 @@ from typing import Any
 import attrs
 import trio
 
-from portbroker.errors import MappingError, MethodUnavailable, NoAnswer, PortBrokerError
+from portbroker.errors import (
+    MappingError,
+    MethodUnavailable,
+    NoAnswer,
+    NoMethodAvailable,
+    PortBrokerError,
+)
 from portbroker.methods import Method
 from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome, ProbeReport
 
@@ -29,15 +35,6 @@ __all__ = ["HEAD_START", "NoMethodAvailable", "create_by_preference", "probe_all
 
 # Seconds the most preferred method's own request runs alone (see create_by_preference).
 HEAD_START = 0.02
-
-
-class NoMethodAvailable(MethodUnavailable):
-    """No enabled method works with this gateway; ``outcomes`` says why for each."""
-
-    def __init__(self, outcomes: Sequence[ProbeOutcome]) -> None:
-        reasons = "; ".join(f"{o.method}: {o.error or 'unavailable'}" for o in outcomes)
-        super().__init__("all", reasons or "no method enabled")
-        self.outcomes = tuple(outcomes)
 
 
 async def _probe_one(method: Method, probe_timeout: float) -> ProbeOutcome:

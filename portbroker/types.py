@@ -14,7 +14,10 @@ import attrs
 from portbroker.wire._fields import IPAddress, to_address, uint
 
 __all__ = [
+    "DEFAULT_LIFETIME",
+    "MAX_LIFETIME",
     "METHOD_NAMES",
+    "MIN_LIFETIME",
     "IPAddress",
     "Lease",
     "MappingRequest",
@@ -76,6 +79,24 @@ def _optional_port(
         _port(_inst, attribute, value)  # type: ignore[arg-type]
 
 
+# Lifetimes, named once: the library, the CLI and the daemon accept the same
+# range. 7200 s is RFC 6886 §3.3's recommendation; a week is IGD v2's cap on
+# leases (protocols.md §4.5), and no gateway we know grants longer.
+DEFAULT_LIFETIME: Final = 7200
+MIN_LIFETIME: Final = 1
+MAX_LIFETIME: Final = 604800
+
+
+def _lifetime(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{attribute.name} must be an int, got {value!r}")
+    if not MIN_LIFETIME <= value <= MAX_LIFETIME:
+        raise ValueError(
+            f"{attribute.name} must be {MIN_LIFETIME}..{MAX_LIFETIME} seconds"
+            f" (0 would mean delete), got {value}"
+        )
+
+
 @attrs.frozen
 class MappingRequest:
     """What an app asks for: "make my *internal_port*/*protocol* reachable".
@@ -87,15 +108,13 @@ class MappingRequest:
 
     internal_port: int = attrs.field(validator=_port)
     protocol: TransportProtocol = attrs.field(converter=_to_protocol)
-    lifetime: int = attrs.field(default=7200, validator=uint(32))
+    lifetime: int = attrs.field(default=DEFAULT_LIFETIME, validator=_lifetime)
     external_port: int | None = attrs.field(default=None, validator=_optional_port)
     exact: bool = False
     internal_address: IPAddress | None = attrs.field(default=None, converter=_optional_address)
     description: str = "portbroker"
 
     def __attrs_post_init__(self) -> None:
-        if self.lifetime == 0:
-            raise ValueError("lifetime must be at least 1 second (0 means delete)")
         if self.exact and self.external_port is None:
             raise ValueError("exact=True needs an external_port")
 

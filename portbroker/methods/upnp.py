@@ -35,7 +35,13 @@ import attrs
 import trio
 
 from portbroker._util import collapse_single
-from portbroker.errors import MalformedMessage, MappingError, MethodUnavailable, NoAnswer
+from portbroker.errors import (
+    MalformedMessage,
+    MappingError,
+    MethodUnavailable,
+    NoAnswer,
+    UpnpError,
+)
 from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome, TransportProtocol
 from portbroker.wire import ssdp
 from portbroker.wire._fields import to_address
@@ -74,16 +80,6 @@ _NO_SUCH_ENTRY: Final = 714
 _INVALID_ACTION: Final = 401
 # IGD v2 caps leases at a week and reads 0 as "the maximum" (protocols.md §4.5).
 MAX_LEASE: Final = 604800
-
-
-class UpnpError(Exception):
-    """A miniupnpc call failed; ``code`` is the UPnP error code when known."""
-
-    def __init__(self, action: str, message: str) -> None:
-        super().__init__(f"{action}: {message}")
-        self.action = action
-        self.message = message
-        self.code = upnp_error_code(message)
 
 
 def upnp_error_code(message: str) -> int | None:
@@ -267,7 +263,7 @@ class UpnpMethod:
         try:
             return await trio.to_thread.run_sync(locked, abandon_on_cancel=True)
         except Exception as exc:
-            raise UpnpError(action, str(exc)) from exc
+            raise UpnpError(action, str(exc), upnp_error_code(str(exc))) from exc
 
     async def _ensure_igd(self) -> _Igd:
         if self._igd is not None:
@@ -437,7 +433,7 @@ class UpnpMethod:
                             raise
                 # IGD v1 (no AddAnyPortMapping): another port of our own choosing.
                 port = self._rng.randrange(1024, 65536)
-        raise UpnpError("AddPortMapping", "ConflictInMappingEntry")
+        raise UpnpError("AddPortMapping", "ConflictInMappingEntry", _CONFLICT)
 
     async def _granted_lease(
         self, igd: _Igd, request: MappingRequest, port: int, lease_sent: int
