@@ -602,7 +602,15 @@ class Broker:
 
     # -- state loss -------------------------------------------------------------
 
-    def _observe(self, server: IPAddress, response: Response, now: float, matched: bool) -> None:
+    def _observe(
+        self,
+        server: IPAddress,
+        response: Response,
+        now: float,
+        matched: bool,
+        *,
+        announcement: bool = False,
+    ) -> None:
         """Every PCP / NAT-PMP response from *server*: patience, then the tracker."""
         for scope, budget, started in self._patience.get(server, ()):
             scope.deadline = min(max(scope.deadline, now + budget), started + MAX_PATIENCE)
@@ -611,7 +619,9 @@ class Broker:
         else:
             family = "natpmp"
         tracker = self.tracker(server)
-        verdict = tracker.epoch(family, response.epoch, now, solicited=matched)
+        verdict = tracker.epoch(
+            family, response.epoch, now, solicited=matched, announcement=announcement
+        )
         # RFC 6886 §3.2.1: an announced address is a hint; confirm it first.
         if (
             verdict is None
@@ -726,7 +736,7 @@ class Broker:
     # -- unsolicited announcements ------------------------------------------------
 
     def _announced(self, server: IPAddress, response: Response, now: float) -> None:
-        self._observe(server, response, now, False)
+        self._observe(server, response, now, False, announcement=True)
 
 
 async def _listen(

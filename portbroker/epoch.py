@@ -227,8 +227,15 @@ class EpochTracker:
     def has_baseline(self, family: str) -> bool:
         return family in self._epochs
 
-    def epoch(self, family: str, epoch: int, now: float, *, solicited: bool) -> Verdict:
-        """A PCP (*family* "pcp") or NAT-PMP ("natpmp") response's epoch, seen at *now*."""
+    def epoch(
+        self, family: str, epoch: int, now: float, *, solicited: bool, announcement: bool = False
+    ) -> Verdict:
+        """A PCP (*family* "pcp") or NAT-PMP ("natpmp") response's epoch, seen at *now*.
+
+        *announcement* marks an unsolicited message sent to announce a
+        (re)start (to UDP 5350): with no baseline to compare it with, it is
+        still worth one look; a stray late reply is not.
+        """
         current = EpochObservation(epoch, now)
         previous = self._epochs.get(family)
         check = (check_pcp_epoch if family == "pcp" else check_natpmp_epoch)(previous, current)
@@ -241,7 +248,7 @@ class EpochTracker:
                     f" {previous.server_epoch + math.floor(now - previous.client_time)})",
                     family,
                 )
-            if previous is None:
+            if previous is None and announcement:
                 # Nothing to compare with: an announcement of a (re)start is
                 # worth one look at the mappings, never a verdict.
                 return self._confirm(now, f"unsolicited {family} epoch {epoch}", family)
