@@ -71,7 +71,6 @@ from portbroker.types import (
     ProbeReport,
     TransportProtocol,
 )
-from portbroker.wire import natpmp, pcp
 from portbroker.wire._fields import to_address
 
 __all__ = ["Broker", "BrokerEvent", "Mapping", "NoMethodAvailable", "open_broker"]
@@ -614,28 +613,9 @@ class Broker:
         """Every PCP / NAT-PMP response from *server*: patience, then the tracker."""
         for scope, budget, started in self._patience.get(server, ()):
             scope.deadline = min(max(scope.deadline, now + budget), started + MAX_PATIENCE)
-        if isinstance(response, pcp.PcpResponse):
-            family = "natpmp" if response.is_natpmp else "pcp"
-        else:
-            family = "natpmp"
-        tracker = self.tracker(server)
-        verdict = tracker.epoch(
-            family, response.epoch, now, solicited=matched, announcement=announcement
+        verdict = self.tracker(server).response(
+            response, now, solicited=matched, announcement=announcement
         )
-        # RFC 6886 §3.2.1: an announced address is a hint; confirm it first.
-        if (
-            verdict is None
-            and not matched
-            and isinstance(response, natpmp.ExternalAddressResponse)
-            and response.result_code == 0
-            and any(
-                m.lease is not None
-                and m.lease.method == "natpmp"
-                and m.lease.external_address != response.external_address
-                for m in self._mappings
-            )
-        ):
-            verdict = tracker.address_announced(response.external_address, now)
         self._on_verdict(server, verdict)
 
     def _signal(self, signal: GatewaySignal) -> None:

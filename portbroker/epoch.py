@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import attrs
 
+from portbroker.wire import natpmp, pcp
 from portbroker.wire._fields import uint
 
 __all__ = [
@@ -223,6 +224,7 @@ class EpochTracker:
     _boot_id: int | None = None
     _uptime: EpochObservation | None = None
     _last_confirm: float | None = None
+    _natpmp_address: object = None  # the last external address NAT-PMP told us, asked
 
     def has_baseline(self, family: str) -> bool:
         return family in self._epochs
@@ -261,9 +263,46 @@ class EpochTracker:
             )
         return None
 
-    def address_announced(self, address: object, now: float) -> Verdict:
-        """RFC 6886 §3.2.1: an unsolicited NAT-PMP external address announcement."""
+    def address_announced(
+        self, address: object, now: float, *, announcement: bool = True
+    ) -> Verdict:
+        """RFC 6886 §3.2.1: an unsolicited NAT-PMP external address.
+
+        Worth a confirmation when it differs from the address NAT-PMP last told
+        us; with none known, only when it came as an announcement (a stray
+        late reply to our own request is not news).
+        """
+        if address == self._natpmp_address or (self._natpmp_address is None and not announcement):
+            return None
         return self._confirm(now, f"announced external address {address}", "natpmp")
+
+    def response(
+        self,
+        response: pcp.PcpResponse | natpmp.NatPmpResponse,
+        now: float,
+        *,
+        solicited: bool,
+        announcement: bool = False,
+    ) -> Verdict:
+        """Any decoded PCP or NAT-PMP response: its epoch, and a NAT-PMP address in it."""
+        if isinstance(response, pcp.PcpResponse):
+            family = "natpmp" if response.is_natpmp else "pcp"
+        else:
+            family = "natpmp"
+        verdict = self.epoch(
+            family, response.epoch, now, solicited=solicited, announcement=announcement
+        )
+        if (
+            isinstance(response, natpmp.ExternalAddressResponse)
+            and response.result_code == natpmp.ResultCode.SUCCESS
+        ):
+            if solicited:
+                self._natpmp_address = response.external_address
+            elif verdict is None:
+                verdict = self.address_announced(
+                    response.external_address, now, announcement=announcement
+                )
+        return verdict
 
     def signal(self, signal: GatewaySignal) -> StateLoss | None:
         """What the UPnP method saw."""
