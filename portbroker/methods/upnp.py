@@ -452,10 +452,11 @@ class UpnpMethod:
         """GetStatusInfo's uptime, reported as a signal; a failure proves nothing."""
         igd.uptime_read = True
         try:
-            values = await self._soap(igd, "GetStatusInfo", ())
-            uptime = int(values["NewUptime"])
-        except (UpnpError, _Unanswered, KeyError, ValueError) as exc:
+            uptime = rules.uptime_of(await self._soap(igd, "GetStatusInfo", ()))
+        except (UpnpError, _Unanswered) as exc:
             logger.debug("%s: no uptime from GetStatusInfo (%s)", self.gateway, exc)
+            return
+        if uptime is None:
             return
         self._signal(UptimeSeen(uptime, trio.current_time()))
 

@@ -53,6 +53,7 @@ __all__ = [
     "remedy_for",
     "soap_envelope",
     "upnp_error_code",
+    "uptime_of",
 ]
 
 # Real root descriptions are a few KiB (the largest we have seen, a Huawei
@@ -295,6 +296,14 @@ def parse_port_mapping_entry(values: dict[str, str]) -> PortMappingEntry:
         raise ValueError("GetSpecificPortMappingEntry answer without NewInternalClient")
     lease_text = values.get("NewLeaseDuration", "") or "0"
     return PortMappingEntry(client, int(values.get("NewInternalPort", "0") or 0), int(lease_text))
+
+
+def uptime_of(values: dict[str, str]) -> int | None:
+    """GetStatusInfo's NewUptime (NewUpTime on some dslforum-typed routers), if readable."""
+    for name, value in values.items():
+        if name.lower() == "newuptime" and value.isdigit() and len(value) < 12:
+            return int(value)
+    return None
 
 
 # -- HTTP/1.x --------------------------------------------------------------------------
