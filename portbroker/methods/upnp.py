@@ -602,7 +602,7 @@ class UpnpMethod:
             if exc.code == rules.NO_SUCH_ENTRY:
                 self._signal(
                     EntryMissing(
-                        f"entry {label} is gone from the gateway (714 NoSuchEntryInArray)",
+                        f"entry {label} vanished from the gateway (714 NoSuchEntryInArray)",
                         trio.current_time(),
                     )
                 )
