@@ -162,7 +162,6 @@ class UpnpMethod:
         where = _target(*target)
         found: list[ssdp.SearchResponse] = []
         failures: list[PortBrokerError] = []
-        refused = trio.Event()
         done = trio.Event()
         # Not connected: a connected UDP socket drops replies from any port but
         # the one it sent to, and devices may answer from an ephemeral port.
@@ -178,7 +177,7 @@ class UpnpMethod:
             except OSError as exc:
                 raise MethodUnavailable(self.name, str(LinkError("send to", where, exc))) from None
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._receive, unicast, where, found, failures, refused, done)
+                nursery.start_soon(self._receive, unicast, where, found, failures, done)
                 if self.multicast:
                     nursery.start_soon(self._multicast_search, local, found, done)
                 try:
@@ -192,9 +191,8 @@ class UpnpMethod:
                                     target,
                                 )
                         except OSError as exc:
-                            if exc.errno == errno.ECONNREFUSED:
-                                refused.set()  # the ICMP error of an earlier search
-                            else:
+                            # ECONNREFUSED: the ICMP error of an earlier search.
+                            if exc.errno != errno.ECONNREFUSED:
                                 failures.append(
                                     MethodUnavailable(
                                         self.name, str(LinkError("send to", where, exc))
@@ -226,16 +224,14 @@ class UpnpMethod:
         where: str,
         found: list[ssdp.SearchResponse],
         failures: list[PortBrokerError],
-        refused: trio.Event,
         done: trio.Event,
     ) -> None:
         while True:
             try:
                 data, source = await sock.recvfrom(ssdp.MAX_MESSAGE_SIZE)
             except OSError as exc:
-                if exc.errno == errno.ECONNREFUSED:
-                    refused.set()  # ICMP port unreachable: no SSDP server there
-                else:
+                # ECONNREFUSED: ICMP port unreachable, no SSDP server there.
+                if exc.errno != errno.ECONNREFUSED:
                     failures.append(
                         MethodUnavailable(self.name, str(LinkError("receive from", where, exc)))
                     )
@@ -331,8 +327,9 @@ class UpnpMethod:
 
     def _socket_failure(self, action: str, verb: str, where: str, exc: OSError) -> PortBrokerError:
         if exc.errno in _REFUSALS:
-            text = errno.errorcode.get(exc.errno or 0, "error")
-            return _Unanswered(action, f"{where} refused or dropped the connection ({text})")
+            name = errno.errorcode.get(exc.errno or 0, "error")
+            what = "refused the connection" if exc.errno == errno.ECONNREFUSED else "dropped it"
+            return _Unanswered(action, f"{where} {what} ({name})")
         return MethodUnavailable(self.name, str(LinkError(verb, where, exc)))
 
     async def _soap(
