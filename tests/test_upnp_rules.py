@@ -243,6 +243,8 @@ def test_responses_are_framed_by_length_chunks_or_close() -> None:
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2;x=y\r\nlo\r\n0\r\n\r\n"
     )
     assert _read([chunked[:20], chunked[20:41], chunked[41:]], eof=False).body == b"hello"
+    one_by_one = [chunked[i : i + 1] for i in range(len(chunked))]
+    assert _read(one_by_one, eof=False).body == b"hello"
     assert _read([b"HTTP/1.0 500 Oops\nServer: x\n\nbody"]) == rules.HttpResponse(
         500, "Oops", {"server": "x"}, b"body"
     )

@@ -357,6 +357,8 @@ class HttpReader:
         self._buffer = bytearray()
         self._head: tuple[int, str, dict[str, str]] | None = None
         self._body_start = 0
+        self._chunk_at = 0  # where the next chunk-size line starts
+        self._chunks = bytearray()  # chunk data decoded so far
 
     def feed(self, data: bytes) -> HttpResponse | None:
         self._buffer += data
@@ -396,11 +398,14 @@ class HttpReader:
         return int(code), reason.strip(), headers
 
     def _complete(self, *, eof: bool) -> HttpResponse | None:
+        # Lengths are checked before anything is copied, and chunks are
+        # decoded where the last call stopped: no work grows with the square
+        # of the response (a peer may send it a byte per segment).
         assert self._head is not None
         status, reason, headers = self._head
-        raw = bytes(self._buffer[self._body_start :])
+        available = len(self._buffer) - self._body_start
         if "chunked" in headers.get("transfer-encoding", "").lower():
-            body = self._dechunk(raw)
+            body = self._dechunk()
             if body is None:
                 return None
         elif "content-length" in headers:
@@ -410,49 +415,53 @@ class HttpReader:
             length = int(length_text)
             if length > self.cap:
                 raise ResponseTooLarge(f"response of {length} bytes; the limit is {self.cap}")
-            if len(raw) < length:
+            if available < length:
                 return None
-            body = raw[:length]
+            body = bytes(self._buffer[self._body_start : self._body_start + length])
+        elif available > self.cap:
+            raise ResponseTooLarge(f"response larger than {self.cap // 1024} KiB")
         elif not eof:
-            if len(raw) > self.cap:
-                raise ResponseTooLarge(f"response larger than {self.cap // 1024} KiB")
             return None
         else:
-            body = raw
-        if len(body) > self.cap:
-            raise ResponseTooLarge(f"response larger than {self.cap // 1024} KiB")
+            body = bytes(self._buffer[self._body_start :])
         return HttpResponse(status, reason, headers, body)
 
-    def _dechunk(self, raw: bytes) -> bytes | None:
-        body = bytearray()
-        at = 0
+    def _dechunk(self) -> bytes | None:
+        """Decode the chunks received so far; the body once the last chunk arrived."""
+        raw = self._buffer
+        if self._chunk_at < self._body_start:
+            self._chunk_at = self._body_start
         while True:
+            at = self._chunk_at
             line_end = raw.find(b"\n", at)
             if line_end < 0:
+                if len(raw) - at > 1024:
+                    raise ValueError("chunk size line too long")
                 return None
-            size_text = raw[at:line_end].split(b";", 1)[0].strip()
+            size_text = bytes(raw[at:line_end]).split(b";", 1)[0].strip()
             try:
                 size = int(size_text, 16)
             except ValueError:
                 raise ValueError(f"unreadable chunk size {size_text[:20]!r}") from None
             if size == 0:
-                return bytes(body)  # trailers, if any, are not needed
-            if len(body) + size > self.cap:
+                return bytes(self._chunks)  # trailers, if any, are not needed
+            if len(self._chunks) + size > self.cap:
                 raise ResponseTooLarge(f"response larger than {self.cap // 1024} KiB")
             start = line_end + 1
-            if len(raw) < start + size:
+            end = start + size
+            if len(raw) < end + 1:
                 return None
-            body += raw[start : start + size]
-            at = start + size
-            # The CRLF after the chunk data.
-            if raw[at : at + 2] == b"\r\n":
-                at += 2
-            elif raw[at : at + 1] == b"\n":
-                at += 1
-            elif len(raw) - at < 2:
-                return None
+            # The line end after the chunk data.
+            if raw[end : end + 2] == b"\r\n":
+                after = end + 2
+            elif raw[end : end + 1] == b"\n":
+                after = end + 1
+            elif raw[end : end + 1] == b"\r":
+                return None  # its LF is still to come
             else:
                 raise ValueError("chunk data not followed by a line end")
+            self._chunks += raw[start:end]
+            self._chunk_at = after
 
 
 # -- AddPortMapping and its remedies ---------------------------------------------------
