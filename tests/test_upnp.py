@@ -596,11 +596,10 @@ async def test_an_ssdp_socket_failure_is_this_methods_failure(
         with trio.fail_after(GUARD):
             outcome = await method.probe()
         assert not outcome.available
-        assert (
-            outcome.error
-            == f"cannot send to 127.0.0.1:{igd.ssdp_port}: {os.strerror(code)} "
-            + (words if words.startswith("(") else words.split(" ", 3)[3])
-        )
+        assert outcome.error is not None
+        assert outcome.error.startswith(f"cannot send to 127.0.0.1:{igd.ssdp_port}: ")
+        assert outcome.error.endswith(words)
+        assert "Errno" not in outcome.error
         with trio.fail_after(GUARD), pytest.raises(MethodUnavailable) as info:
             await method.create(MappingRequest(8080, "tcp"), None)
         assert not isinstance(info.value, BaseExceptionGroup)
