@@ -186,7 +186,7 @@ class LinkError(PortBrokerError):
 
 
 class UpnpError(PortBrokerError):
-    """A UPnP (miniupnpc) call failed; ``code`` is the UPnP error code when known."""
+    """A UPnP action failed; ``code`` is the UPnP error code when known."""
 
     def __init__(self, action: str, message: str, code: int | None = None) -> None:
         super().__init__(f"{action}: {message}")
