@@ -408,7 +408,8 @@ class Transport:
 
         Those of its opcode if any waits (they learn "nonce mismatch" or
         "wrong internal port"); otherwise every request of its protocol
-        ("wrong opcode"). A MAP reply is not "ignored" by a waiting ANNOUNCE.
+        ("wrong opcode"): while MAP requests wait, a stray MAP reply is not
+        "ignored" by a waiting ANNOUNCE.
         """
         pending = list(self._pending())
         opcode = (
