@@ -326,12 +326,18 @@ class Transport:
         self._logged_errnos: set[int] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The receive loop; runs until cancelled, whatever the socket reports."""
+        """The receive loop; runs until cancelled (or the link is closed), whatever
+        the socket reports."""
         task_status.started()
         failures = 0
         while True:
             try:
                 data, source = await self.link.receive()
+            except trio.ClosedResourceError:
+                # Someone closed the link under us: nothing more will arrive.
+                closed = OSError(errno.EBADF, "the link was closed")
+                self._fail_all(LinkError("receive from", self._target, closed))
+                return
             except OSError as exc:
                 failures += 1
                 self._receive_failed(exc)

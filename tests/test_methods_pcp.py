@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
+import subprocess
+import sys
 from ipaddress import IPv4Address
 
 import pytest
@@ -16,10 +19,12 @@ import trio
 
 from portbroker.errors import MappingError, MethodUnavailable, NoMethodAvailable
 from portbroker.methods import pcp_rules
+from portbroker.methods.natpmp import NatPmpMethod
+from portbroker.methods.pcp import PcpMethod
 from portbroker.methods.rules import Scope, Undo, grant_problem, unusable_address
 from portbroker.probe import create_by_preference, probe_all
 from portbroker.testing.fake_gateway import FakeGateway
-from portbroker.transport import Transport
+from portbroker.transport import Transport, open_udp_link
 from portbroker.types import Lease, MappingRequest, TransportProtocol
 from portbroker.wire import pcp
 from portbroker.wire.pcp import ResultCode
@@ -390,3 +395,51 @@ def test_grant_problem() -> None:
     assert grant_problem(1, IPv4Address("0.0.0.0")) == (
         "granted an unusable (unspecified) external address 0.0.0.0"
     )
+
+
+# -- over real UDP on 127.0.0.1 -----------------------------------------------
+
+
+async def test_over_real_udp_a_port_zero_grant_hands_over_to_natpmp() -> None:
+    gateway = FakeGateway(port=0, grant_port_zero=True)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.serve_udp)
+            link = await open_udp_link(GATEWAY, gateway.port)
+            transport = Transport(link)
+            await nursery.start(transport.run)
+            pcp_method = PcpMethod(transport, GATEWAY)
+            natpmp_method = NatPmpMethod(transport, GATEWAY)
+            lease, _report = await create_by_preference(
+                GATEWAY, [pcp_method, natpmp_method], TCP_7000, 2.0
+            )
+            link.close()
+            nursery.cancel_scope.cancel()
+    assert lease.method == "natpmp"
+    assert [m.via for m in gateway.mappings.values()] == ["natpmp"]
+
+
+def test_the_fake_gateway_process_refuses_announce_on_request() -> None:
+    """``python -m portbroker.testing.fake_gateway --announce-unsupported``: a
+    small PCP server that serves MAP but not ANNOUNCE, for lab and CLI tests."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "portbroker.testing.fake_gateway", "--announce-unsupported"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("port ")
+        port = int(line.split()[1])
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            sock.connect(("127.0.0.1", port))
+            sock.send(pcp.encode_request(pcp_rules.announce_request(IPv4Address("127.0.0.1"))))
+            reply = pcp.decode_response(sock.recv(1100))
+        assert reply.result_code == ResultCode.UNSUPP_OPCODE
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()

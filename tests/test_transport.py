@@ -417,3 +417,34 @@ async def test_listen_announcements_returns_when_the_port_is_taken(
             # The nursery closed by itself: the listener returned.
     logged = [r for r in caplog.records if "cannot listen for announcements" in r.getMessage()]
     assert len(logged) == 1
+
+
+class _ClosingLink(RefusingLink):
+    """A link closed by another task while the receive loop waits on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sends = 5  # never refuse
+        self.closed = trio.Event()
+
+    async def receive(self) -> tuple[bytes, tuple[str, int]]:
+        await self.closed.wait()
+        raise trio.ClosedResourceError("another task closed this fd")
+
+
+async def test_a_link_closed_under_the_loop_ends_it_quietly(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    link = _ClosingLink()
+    transport = Transport(link)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(transport.run)
+        nursery.start_soon(_close_soon, link)
+        with pytest.raises(LinkError, match=r"cannot receive from 192\.168\.1\.1:5351"):
+            await _ask_pcp(transport, [5.0])
+    # The nursery closed without an error: run() returned.
+
+
+async def _close_soon(link: _ClosingLink) -> None:
+    await trio.sleep(0.1)
+    link.closed.set()

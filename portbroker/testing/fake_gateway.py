@@ -168,7 +168,7 @@ class FakeGateway:
     forced_lifetime: int | None = None  # lifetime sent with forced_result
     forced_natpmp_result: int | None = None
     wrong_source: bool = False  # replies come from another address
-    source_port: int | None = None  # replies come from this port instead of ``port``
+    source_port: int | None = None  # (memory links) replies come from this port, not ``port``
     wrong_nonce: bool = False  # PCP MAP replies carry another nonce (RFC 6887 §11.4)
     natpmp_wrong_internal_port: bool = False  # NAT-PMP map replies name internal port + 1
     announce_unsupported: bool = False  # ANNOUNCE gets UNSUPP_OPCODE; MAP still works
@@ -577,6 +577,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--natpmp-only", action="store_true")
     parser.add_argument("--no-pcp", action="store_true")
     parser.add_argument("--no-natpmp", action="store_true")
+    parser.add_argument(
+        "--announce-unsupported",
+        action="store_true",
+        help="answer ANNOUNCE with UNSUPP_OPCODE (MAP still works)",
+    )
+    parser.add_argument(
+        "--grant-port-zero", action="store_true", help="PCP MAP succeeds with external port 0"
+    )
+    parser.add_argument(
+        "--natpmp-grant-port-zero",
+        action="store_true",
+        help="NAT-PMP map succeeds with external port 0",
+    )
+    parser.add_argument(
+        "--pcp-result", type=int, default=None, help="answer every PCP MAP with this result code"
+    )
     args = parser.parse_args(argv)
     gateway = FakeGateway(
         address=args.address,
@@ -585,6 +601,10 @@ def main(argv: list[str] | None = None) -> int:
         natpmp_only=args.natpmp_only,
         pcp_enabled=not args.no_pcp,
         natpmp_enabled=not args.no_natpmp,
+        announce_unsupported=args.announce_unsupported,
+        grant_port_zero=args.grant_port_zero,
+        natpmp_grant_port_zero=args.natpmp_grant_port_zero,
+        forced_result=args.pcp_result,
     )
 
     async def run() -> None:
