@@ -448,3 +448,41 @@ async def test_a_link_closed_under_the_loop_ends_it_quietly(
 async def _close_soon(link: _ClosingLink) -> None:
     await trio.sleep(0.1)
     link.closed.set()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this host")
+async def test_listen_announcements_over_ipv6() -> None:
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as free:
+        free.bind(("::1", 0))
+        listen_port = free.getsockname()[1]
+    delivered: list[Response] = []
+    got = trio.Event()
+
+    def deliver(response: Response, _now: float) -> None:
+        delivered.append(response)
+        got.set()
+
+    announce = pcp.encode_response(
+        pcp.PcpResponse(pcp.Opcode.ANNOUNCE, pcp.ResultCode.SUCCESS, 0, 7)
+    )
+    with trio.socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as server:
+        await server.bind(("::1", 0))
+        server_port = server.getsockname()[1]
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    listen_announcements, IPv6Address("::1"), listen_port, server_port, deliver
+                )
+                await server.sendto(announce, ("::1", listen_port))
+                await got.wait()
+                nursery.cancel_scope.cancel()
+    assert delivered[0].epoch == 7
