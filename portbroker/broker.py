@@ -61,7 +61,7 @@ from portbroker.lifecycle import (
 )
 from portbroker.methods import LinkFactory, Method, MethodSet, open_methods
 from portbroker.probe import create_by_preference, probe_all
-from portbroker.transport import Response, Transport, decode_datagram
+from portbroker.transport import Response, Transport, listen_announcements
 from portbroker.types import (
     DEFAULT_LIFETIME,
     METHOD_NAMES,
@@ -71,7 +71,6 @@ from portbroker.types import (
     ProbeReport,
     TransportProtocol,
 )
-from portbroker.wire._fields import to_address
 
 __all__ = ["Broker", "BrokerEvent", "Mapping", "NoMethodAvailable", "open_broker"]
 
@@ -719,59 +718,6 @@ class Broker:
         self._observe(server, response, now, False, announcement=True)
 
 
-async def _listen(
-    broker: Broker,
-    port: int,
-    server_port: int,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Take PCP ANNOUNCE and NAT-PMP address announcements on UDP *port* (5350)."""
-    await _legacy_listen(broker, port, server_port, task_status=task_status)
-
-
-async def _legacy_listen(
-    broker: Broker,
-    port: int,
-    server_port: int,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    import errno
-    import socket
-
-    family = socket.AF_INET6 if broker.gateway.version == 6 else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_DGRAM)
-    with sock:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if hasattr(socket, "SO_REUSEPORT"):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            await sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
-        except OSError as exc:
-            logger.warning("cannot listen for announcements on UDP %d: %s", port, exc)
-            task_status.started()
-            return
-        task_status.started()
-        while True:
-            try:
-                data, source = await sock.recvfrom(2048)
-            except OSError as exc:
-                if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH):
-                    continue
-                raise
-            try:
-                if (to_address(source[0].split("%")[0]), source[1]) != (
-                    broker.gateway,
-                    server_port,
-                ):
-                    continue
-                response = decode_datagram(data)
-            except (ValueError, PortBrokerError):
-                continue
-            broker._announced(broker.gateway, response, trio.current_time())
-
-
 @contextlib.asynccontextmanager
 async def open_broker(
     gateway: str | IPAddress | None = None,
@@ -823,7 +769,7 @@ async def open_broker(
     if not probe_timeout > 0:
         raise ValueError(f"probe_timeout must be positive, got {probe_timeout}")
     gateway_address = resolve_gateway(gateway)
-    server = to_address(pcp_server) if pcp_server is not None else gateway_address
+    server = resolve_gateway(pcp_server) if pcp_server is not None else gateway_address
     rng = random.Random(seed)
     broker: Broker | None = None
 
@@ -861,7 +807,15 @@ async def open_broker(
             )
             await nursery.start(broker._scheduler)
             if announce_port is not None and method_set.transports:
-                await nursery.start(_listen, broker, announce_port, port)
+                announcing = gateway_address
+
+                def deliver(response: Response, now: float) -> None:
+                    assert broker is not None
+                    broker._announced(announcing, response, now)
+
+                await nursery.start(
+                    listen_announcements, gateway_address, announce_port, port, deliver
+                )
             try:
                 yield broker
             finally:

@@ -146,7 +146,10 @@ class NoAnswer(PortBrokerError):
         self.ignored: dict[str, int] = dict(ignored or {})
         if self.ignored:
             total = sum(self.ignored.values())
-            why = ", ".join(f"{count} {reason}" for reason, count in self.ignored.items())
+            if len(self.ignored) == 1:
+                why = next(iter(self.ignored))
+            else:
+                why = ", ".join(f"{count} {reason}" for reason, count in self.ignored.items())
             message = f"{message} ({total} repl{'y' if total == 1 else 'ies'} ignored: {why})"
         super().__init__(message)
 

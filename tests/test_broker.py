@@ -329,8 +329,8 @@ async def test_closed_port_fails_every_method_at_once(
     [
         (pcp.ResultCode.NO_RESOURCES, 30, 30.0),  # short class: as the server says
         (pcp.ResultCode.NETWORK_FAILURE, 0, 5.0),  # short, lifetime 0: clamped
-        (pcp.ResultCode.NOT_AUTHORIZED, 0, 60.0),  # long, miniupnpd's 0: clamped
-        (pcp.ResultCode.NOT_AUTHORIZED, 1800, 1800.0),  # long, as the RFC suggests
+        (pcp.ResultCode.EXCESSIVE_REMOTE_PEERS, 0, 60.0),  # long, miniupnpd's 0: clamped
+        (pcp.ResultCode.EXCESSIVE_REMOTE_PEERS, 1800, 1800.0),  # long, as the RFC suggests
         (pcp.ResultCode.UNSUPP_PROTOCOL, 0, 60.0),
     ],
 )

@@ -104,3 +104,15 @@ def test_the_codecs_import_nothing_above_them(module: str) -> None:
         if not n.startswith("portbroker.wire") and n != "portbroker.errors"
     }
     assert above == set()
+
+
+def test_the_broker_knows_no_protocol() -> None:
+    """Protocol details live in methods/ and wire/; the broker executes actions."""
+    names = internal(imports(MODULES["portbroker.broker"], everywhere=True))
+    protocol = {
+        n
+        for n in names
+        if n.startswith("portbroker.wire")
+        or n in ("portbroker.methods.pcp", "portbroker.methods.natpmp", "portbroker.methods.upnp")
+    }
+    assert protocol == set()
