@@ -303,40 +303,24 @@ def _explain(command: str, exc: BaseException) -> str:
     return f"{command} failed: internal error {type(exc).__name__}: {exc} (a bug in portbroker)"
 
 
-_OS_HINTS = {
-    errno.EPERM: "a host firewall may drop it, or it needs privileges",
-    errno.EACCES: "a host firewall may drop it, or it needs privileges",
-    errno.EADDRINUSE: "another program uses that port",
-    errno.ENETUNREACH: "no route to that network",
-    errno.EHOSTUNREACH: "no route to that host",
-    errno.ENETDOWN: "the network is down",
-}
-
-
 def os_error_words(exc: OSError) -> str:
     """An OSError as a sentence: what could not be used, why, and the errno's name.
 
     ``"cannot use the network: Operation not permitted (EPERM); a host
-    firewall may drop it, or it needs privileges"`` rather than
-    ``"[Errno 1] Operation not permitted"``.
+    firewall may drop it"`` rather than ``"[Errno 1] Operation not permitted"``.
+    A socket error is phrased (and hinted at) by :class:`LinkError`, as the
+    daemon's replies are.
     """
+    from portbroker.errors import LinkError
+
     code = exc.errno if isinstance(exc.errno, int) else None
     name = errno.errorcode.get(code) if code is not None else None
-    text = (
-        exc.strerror
-        or (os.strerror(code) if code is not None and name else "")
-        or str(exc)
-        or type(exc).__name__
-    )
-    if exc.filename is not None:
-        where, hint = str(exc.filename), None
-    else:
-        where, hint = "the network", _OS_HINTS.get(code) if code is not None else None
-    return (
-        f"cannot use {where}: {text}"
-        + (f" ({name})" if name else "")
-        + (f"; {hint}" if hint else "")
-    )
+    if exc.filename is None and name is not None:
+        return str(LinkError("use", "the network", exc))
+    # No errno to name (a getaddrinfo error, a bare OSError): its own words.
+    where = "the network" if exc.filename is None else str(exc.filename)
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return f"cannot use {where}: {text}" + (f" ({name})" if name else "")
 
 
 def _methods(text: str) -> tuple[str, ...]:
