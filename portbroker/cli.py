@@ -272,7 +272,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "daemon":
         return _daemon(args)
+    import logging
+
     import trio
+
+    # The library's warnings (a failed delete, a gateway that lost state) are
+    # the user's to read too: say whose they are, without logging's "WARNING:root".
+    logging.basicConfig(level=logging.WARNING, format="portbroker: %(message)s")
 
     if args.command in ("list", "watch"):
         return trio.run(_daemon_client, args)
