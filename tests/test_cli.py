@@ -1,6 +1,9 @@
-"""The `portbroker` command against a FakeGateway on 127.0.0.1 (its own process).
+"""The `portbroker` command against a FakeGateway on 127.0.0.1.
 
-Every call pins --gateway 127.0.0.1: no test relies on default-route discovery.
+The gateway runs in its own process, or in a thread of the test process when
+the test counts what it received (renewals, deletes). A few tests call
+``main()`` in-process to inject failures. Every call pins --gateway 127.0.0.1:
+no test relies on default-route discovery.
 """
 
 from __future__ import annotations
