@@ -483,3 +483,31 @@ async def test_a_local_socket_error_fails_one_request_not_the_daemon(short_dir: 
             assert "Errno" not in info.value.message
         async with open_client(short_dir / "pb.sock") as client:
             assert (await client.hello())["version"] == 1
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("boom"),
+        ExceptionGroup("two at once", [RuntimeError("boom"), OSError(errno.ENOBUFS, "x")]),
+    ],
+    ids=["bug", "group"],
+)
+async def test_a_bug_in_one_request_fails_it_not_the_daemon(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    from portbroker.broker import Broker
+
+    async def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(Broker, "map", broken)
+    async with running(short_dir, FakeGateway()):
+        async with open_client(short_dir / "pb.sock") as client:
+            with pytest.raises(DaemonRequestError) as info:
+                await client.map(7300, "tcp")
+            assert info.value.code == "internal"
+            assert "RuntimeError: boom" in info.value.message
+            assert "Group" not in info.value.message
+        async with open_client(short_dir / "pb.sock") as client:
+            assert (await client.hello())["version"] == 1
