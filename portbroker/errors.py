@@ -177,13 +177,18 @@ class LinkError(PortBrokerError):
     }
 
     def __init__(self, action: str, target: str, error: OSError) -> None:
-        code = error.errno or 0
-        name = errno.errorcode.get(code, f"errno {code}")
-        text = os.strerror(code) if code else str(error)
+        code = error.errno if isinstance(error.errno, int) and error.errno > 0 else 0
+        if code:
+            text = os.strerror(code)
+            name = errno.errorcode.get(code)
+            if name is not None:
+                text = f"{text} ({name})"
+        else:
+            # No OS errno (a getaddrinfo failure's negative code, or none at
+            # all): its own words, never "errno 0" or "Unknown error -2".
+            text = error.strerror or str(error) or type(error).__name__
         hint = self._HINTS.get(code)
-        super().__init__(
-            f"cannot {action} {target}: {text} ({name})" + (f"; {hint}" if hint else "")
-        )
+        super().__init__(f"cannot {action} {target}: {text}" + (f"; {hint}" if hint else ""))
         self.errno = code
         self.target = target
 
