@@ -1,0 +1,335 @@
+"""Adversarial tests: strange gateways, bad networks, hostile hosts on the link.
+
+Each test names a fault found by attacking portbroker (issue 7's hardening
+review). A test marked ``xfail(strict=True)`` documents a fault that is still
+there: it fails today, and turns the suite red (XPASS) once the fault is fixed,
+so that whoever fixes it drops the mark.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from portbroker.broker import Broker, Mapping, open_broker
+from portbroker.lifecycle import Failed, Lost, MappingEvent, Restored, State
+from portbroker.testing.fake_gateway import FakeGateway
+from portbroker.wire import pcp
+
+HOUR = 3600.0
+
+
+@asynccontextmanager
+async def broker_for(
+    gateway: FakeGateway, methods: tuple[str, ...] = ("pcp", "natpmp"), **kwargs: Any
+) -> AsyncIterator[Broker]:
+    async with open_broker(
+        "127.0.0.1",
+        methods,
+        link_factory=gateway.link_factory(),
+        announce_port=None,
+        seed=7,
+        **kwargs,
+    ) as broker:
+        yield broker
+
+
+class Recorder:
+    """A mapping's events with the (mock) time each arrived."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, MappingEvent]] = []
+
+    async def run(self, mapping: Mapping, *, task_status: trio.TaskStatus[None]) -> None:
+        stream = mapping.events()
+        task_status.started()
+        async for event in stream:
+            self.events.append((trio.current_time(), event))
+
+    def of(self, kind: type[Any]) -> list[Any]:
+        return [e for _, e in self.events if isinstance(e, kind)]
+
+    def first(self, kind: type[Any]) -> tuple[float, Any]:
+        return next((t, e) for t, e in self.events if isinstance(e, kind))
+
+
+async def wait_for(predicate: Callable[[], bool], limit: float = HOUR) -> None:
+    with trio.fail_after(limit):
+        while not predicate():  # noqa: ASYNC110 - MockClock makes polling free
+            await trio.sleep(0.5)
+
+
+# -- recovery --------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="lifecycle: UNAVAILABLE re-creations retry at once, and with every method "
+    "ruled out for 30 s NoMethodAvailable is instant, so 20 attempts burn in 0 s",
+)
+async def test_a_gateway_restarting_for_ten_seconds_does_not_fail_the_mapping(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A miniupnpd restart: its port is closed (ICMP port unreachable) for a few
+    seconds, then it is back with an empty table (epoch 0).
+
+    The mapping must be restored once the gateway is back; a port closed for
+    10 s must not use up MAX_RECOVERY_ATTEMPTS (documented as "about 75 minutes").
+    """
+    gateway = FakeGateway()
+    recorder = Recorder()
+    async with broker_for(gateway) as broker, trio.open_nursery() as nursery:
+        mapping = await broker.map(7000, "udp", lifetime=600)
+        await nursery.start(recorder.run, mapping)
+        await trio.sleep(100)
+        gateway.reset()
+        gateway.closed = True  # the daemon is restarting
+        await wait_for(lambda: bool(recorder.of(Lost)), 2 * HOUR)
+        await trio.sleep(10)
+        gateway.closed = False  # back, empty table
+        await wait_for(lambda: mapping.state in (State.ACTIVE, State.FAILED), 2 * HOUR)
+        failed = recorder.of(Failed)
+        assert not failed, f"{failed[0].reason} (at {recorder.first(Failed)[0]:.1f} s)"
+        assert recorder.of(Restored)
+        nursery.cancel_scope.cancel()
+
+
+@attrs.define(eq=False)
+class SwitchableGateway(FakeGateway):
+    """Silent, then answering every MAP with one error code, then normal."""
+
+    mode: str = "normal"  # "silent" | "error" | "normal"
+    error: int = int(pcp.ResultCode.NETWORK_FAILURE)
+
+    def handle(self, data: bytes, source: tuple[str, int]) -> list[bytes]:
+        if self.mode == "silent":
+            return []
+        self.forced_result = self.error if self.mode == "error" else None
+        return super().handle(data, source)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="broker._execute classifies a re-creation's error against the dead lease's "
+    "expiry: a 'retry in 30 s' (short-lifetime error) after expiry is REFUSED -> Failed",
+)
+async def test_network_failure_after_an_outage_is_retried_not_final(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The WAN link is down for longer than the lease: the gateway answers every
+    MAP with NETWORK_FAILURE (a short-lifetime error, "retry after Lifetime",
+    RFC 6887 §7.4), so the renewals fail until the lease lapses; then the link
+    comes back.
+
+    The re-creation must keep trying (rule 7: backoff, retry_after if longer),
+    not end in Failed because the *old* lease had already expired.
+    """
+    gateway = SwitchableGateway()
+    recorder = Recorder()
+    async with broker_for(gateway, methods=("pcp",)) as broker, trio.open_nursery() as nursery:
+        mapping = await broker.map(7001, "udp", lifetime=600)
+        await nursery.start(recorder.run, mapping)
+        gateway.mode = "error"  # the ISP is down
+        await wait_for(lambda: bool(recorder.of(Lost)), 2 * HOUR)
+        await trio.sleep(120)
+        gateway.mode = "normal"
+        await wait_for(lambda: mapping.state in (State.ACTIVE, State.FAILED), 2 * HOUR)
+        failed = recorder.of(Failed)
+        assert not failed, failed[0].reason
+        assert recorder.of(Restored)
+        nursery.cancel_scope.cancel()
+
+
+# -- renewal timing ----------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class DeafToOneGateway(FakeGateway):
+    """Serves everyone, but after its first grant never answers *deaf_port* again
+    (its replies are lost on one path; the server stays alive for others)."""
+
+    deaf_port: int = 0
+    granted: bool = False
+
+    def handle(self, data: bytes, source: tuple[str, int]) -> list[bytes]:
+        replies = super().handle(data, source)
+        request = self.requests[-1] if self.requests else None
+        if (
+            isinstance(request, pcp.PcpRequest)
+            and request.data is not None
+            and request.data.internal_port == self.deaf_port
+        ):
+            if self.granted:
+                return []
+            self.granted = True
+        return replies
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Broker._patiently pushes a renewal's deadline past the lease's expiry while the "
+    "server answers other mappings (up to MAX_PATIENCE), holding back the Lost event",
+)
+async def test_a_renewal_in_flight_never_holds_back_lost_past_expiry(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Rule 2: a renewal may take max(4 s, remaining / 4) and "never past the
+    expiry (a renewal in flight must not hold back the Lost event)".
+
+    Mapping A's renewals go unanswered while mapping B, with a short lifetime,
+    keeps the server talking: A must be Lost when its lease runs out.
+    """
+    gateway = DeafToOneGateway(deaf_port=7100, min_lifetime=8)
+    recorder = Recorder()
+    async with broker_for(gateway, methods=("pcp",)) as broker, trio.open_nursery() as nursery:
+        a = await broker.map(7100, "udp", lifetime=120)
+        await broker.map(7101, "udp", lifetime=8)  # renews every 4-5 s
+        assert a.lease is not None
+        expires_at = a.lease.expires_at
+        await nursery.start(recorder.run, a)
+        await wait_for(lambda: bool(recorder.of(Lost)), HOUR)
+        lost_at, lost = recorder.first(Lost)
+        print(f"lease expired at {expires_at:.1f} s; Lost at {lost_at:.1f} s ({lost.reason})")
+        assert lost_at <= expires_at + 1
+        nursery.cancel_scope.cancel()
+
+
+# -- UPnP's HTTP and XML -----------------------------------------------------------
+
+
+class _Hung(Exception):
+    pass
+
+
+def _with_alarm(seconds: float, call: Callable[[], Any]) -> Any:
+    """Run *call*, interrupting it with _Hung if it has not returned in *seconds*."""
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise _Hung
+
+    assert threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return call()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="upnp_rules.HttpReader._dechunk: int(size, 16) accepts '-6', and a negative "
+    "size steps back onto the same chunk-size line: an endless loop that never yields",
+)
+def test_a_negative_chunk_size_is_malformed_not_an_endless_loop() -> None:
+    """RFC 9112 §7.1: chunk-size is 1*HEXDIG. A gateway answering ``-6`` as the
+    first chunk size must get "unreadable", not hang the event loop for ever
+    (no checkpoint in the loop, so no trio deadline can end it)."""
+    from portbroker.methods.upnp_rules import HttpReader
+
+    reader = HttpReader(64 * 1024)
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with pytest.raises(ValueError, match="chunk size"):
+        _with_alarm(5.0, lambda: reader.feed(head + b"-6\r\n"))
+
+
+def _unclosed(tag: str, size: int) -> bytes:
+    return (f"<{tag}>" * (size // (len(tag) + 2))).encode()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="upnp_rules' tag regexes (<tag ...>(.*?)</tag>) rescan to the end of the text "
+    "from every unclosed open tag: O(n^2), seconds of CPU per 64 KiB reply, no checkpoint",
+)
+@pytest.mark.parametrize("part", ["description", "soap response", "soap fault"])
+def test_a_64k_reply_of_unclosed_tags_parses_in_linear_time(part: str) -> None:
+    """A hostile gateway's description or SOAP reply, within the 64 KiB caps, made
+    of open tags that never close. Parsing runs on the event loop: seconds of
+    CPU there stall every other mapping's renewal and every deadline.
+
+    Measured as CPU time with a 20x margin over a linear parser (about 0.05 s
+    on this machine where the quadratic one takes 3-4 s): there is no
+    behavioural clock for a computation that never yields.
+    """
+    import time
+
+    from portbroker.methods import upnp_rules as rules
+
+    cap = rules.MAX_DESCRIPTION
+    calls: dict[str, Callable[[], Any]] = {
+        "description": lambda: rules.find_wan_service(
+            _unclosed("service", cap).decode(), "http://127.0.0.1:1/"
+        ),
+        "soap response": lambda: rules.parse_soap_response(
+            "GetExternalIPAddress",
+            b"<u:GetExternalIPAddressResponse>" + _unclosed("NewX", rules.MAX_SOAP_RESPONSE - 40),
+        ),
+        "soap fault": lambda: rules.parse_soap_fault(
+            b"<s:Fault>" + _unclosed("errorCode", rules.MAX_SOAP_RESPONSE - 20)
+        ),
+    }
+    started = time.process_time()
+    with suppress(ValueError):
+        calls[part]()
+    spent = time.process_time() - started
+    print(f"{part}: {spent:.2f} s of CPU")
+    assert spent < 1.0
+
+
+# -- spoofed announcements -----------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="EpochTracker answers Confirm(families=()) when no PCP/NAT-PMP baseline exists, "
+    "and Broker._confirm then fires RECHECK on every mapping: one spoofed ANNOUNCE per 2 s "
+    "renews every UPnP mapping, 2 s apart",
+)
+async def test_spoofed_announces_cost_a_bounded_number_of_requests_on_a_upnp_gateway() -> None:
+    """The commonest home router: UPnP only (PCP / NAT-PMP port closed), with the
+    default methods, so the broker listens on UDP 5350. Anyone on the link can
+    send an ANNOUNCE "from" gateway:5351 to 224.0.0.1:5350 (RFC 6887 §14.1.1);
+    docs/architecture.md: "a flood of spoofed epoch-0 ANNOUNCEs costs at most one
+    request per 2 s". Here each one re-renews every mapping (3 SOAP actions each),
+    and a mapping renewed 2 s ago is renewed again (RFC 6887 §11.2.1: 4 s apart).
+    """
+    from portbroker.epoch import CONFIRM_INTERVAL
+    from portbroker.testing.fake_igd import FakeIgd
+    from tests.realdata import realdata
+
+    igd = FakeIgd(realdata("miniupnpd-2.3.1-live", "rootDesc.xml").read_text())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(igd.serve)
+        async with open_broker(
+            "127.0.0.1",
+            port=1,  # nothing listens: ICMP port unreachable for PCP and NAT-PMP
+            upnp_port=igd.ssdp_port,
+            ssdp_multicast=False,
+            announce_port=None,  # the listener's part is played below
+        ) as broker:
+            mappings = [await broker.map(8100 + i, "tcp") for i in range(5)]
+            assert {m.method for m in mappings} == {"upnp"}
+            before = len(igd.actions)
+            spoofed = pcp.decode_response(
+                pcp.encode_response(pcp.PcpResponse(pcp.Opcode.ANNOUNCE, 0, 0, 0))
+            )
+            flood = 4
+            for _ in range(flood):
+                # What listen_announcements delivers for a datagram from
+                # 127.0.0.1:<port> to UDP 5350: it checks nothing more.
+                broker._announced(broker.gateway, spoofed, trio.current_time())
+                await trio.sleep(CONFIRM_INTERVAL + 0.2)
+            cost = len(igd.actions) - before
+            print(f"{flood} spoofed ANNOUNCEs cost {cost} SOAP actions for 5 mappings")
+            assert cost <= flood + 1
+        nursery.cancel_scope.cancel()
