@@ -20,8 +20,8 @@ import trio
 import trio.testing
 
 from portbroker.broker import Broker, Mapping, open_broker
-from portbroker.lifecycle import Failed, Lost, MappingEvent, Restored, State
-from portbroker.testing.fake_gateway import FakeGateway
+from portbroker.lifecycle import Failed, Lost, MappingEvent, Released, Restored, State
+from portbroker.testing.fake_gateway import FakeGateway, MemoryLink
 from portbroker.wire import pcp
 
 HOUR = 3600.0
@@ -333,3 +333,122 @@ async def test_spoofed_announces_cost_a_bounded_number_of_requests_on_a_upnp_gat
             print(f"{flood} spoofed ANNOUNCEs cost {cost} SOAP actions for 5 mappings")
             assert cost <= flood + 1
         nursery.cancel_scope.cancel()
+
+
+# -- odd but legal lifetimes ---------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="MappingLifecycle._schedule_renewal renews a lease too short for the 4 s gap "
+    "at half-life, whatever that is: a 1 s grant means a renewal every 0.5 s, for ever",
+)
+@pytest.mark.parametrize("method", ["pcp", "natpmp"])
+async def test_a_one_second_grant_does_not_make_renewals_closer_than_4_s(
+    autojump_clock: trio.testing.MockClock, method: str
+) -> None:
+    """RFC 6887 §15 lets a server grant any lifetime; a broken or hostile one
+    grants 1 s. Rule 1 (docs/architecture.md "Numbers"): attempts at least 4 s
+    apart. Here one mapping costs the gateway two requests a second, endlessly."""
+    gateway = FakeGateway(min_lifetime=1, max_lifetime=1)
+    async with broker_for(gateway, methods=(method,)) as broker:
+        await broker.map(7300, "udp", lifetime=3600)
+        before = len(gateway.requests)
+        await trio.sleep(600)
+        sent = len(gateway.requests) - before
+        print(f"a 1 s lease: {sent} requests in 600 s")
+        assert sent <= 600 / 4 + 1
+
+
+# -- stale replies -------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class EchoingGateway(FakeGateway):
+    """A bad network: every grant arrives twice, the copy *echo_delay* later; and
+    the first delete request is lost on its way to the gateway."""
+
+    echo_delay: float = 2.0
+    lost_deletes: int = 0
+
+    def handle(self, data: bytes, source: tuple[str, int]) -> list[bytes]:
+        is_delete = (data[:1] == b"\x02" and data[4:8] == bytes(4)) or (
+            data[:1] == b"\x00" and data[1:2] in (b"\x01", b"\x02") and data[8:12] == bytes(4)
+        )
+        if is_delete and self.lost_deletes == 0:
+            self.lost_deletes += 1
+            return []
+        return super().handle(data, source)
+
+    def deliver(self, link: MemoryLink, reply: bytes) -> None:
+        link.put(reply, self._source())
+        link.put(reply, self._source(), self.echo_delay)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="PcpMethod.delete / NatPmpMethod.delete accept any SUCCESS that matches the "
+    "request's key, and a late copy of the grant matches it: the lifetime is not checked",
+)
+@pytest.mark.parametrize("method", ["pcp", "natpmp"])
+async def test_a_late_copy_of_the_grant_is_not_taken_for_the_deletes_answer(
+    autojump_clock: trio.testing.MockClock, method: str
+) -> None:
+    """RFC 6887 §15 / RFC 6886 §3.4: a delete's answer carries lifetime 0. A
+    duplicated grant that arrives while the delete waits has the same nonce
+    (PCP) or internal port (NAT-PMP) and lifetime > 0: it is not the answer.
+    Taking it stops the retransmission, reports Released(confirmed=True), and
+    leaves the mapping on the gateway."""
+    gateway = EchoingGateway()
+    async with broker_for(gateway, methods=(method,)) as broker:
+        mapping = await broker.map(7400, "udp", lifetime=3600)
+        events = mapping.events()
+        # The grant's late copy arrives 0.1 s after the delete is sent: before
+        # NAT-PMP's first retransmission (250 ms) and PCP's (3 s).
+        await trio.sleep(gateway.echo_delay - 0.1)
+        await mapping.release()
+        released = [e async for e in events]
+        live = gateway.mapping_for("udp", 7400)
+        assert live is None or released != [Released(confirmed=True)], (
+            f"{released} but the gateway still holds {live}"
+        )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="transport._response_keys hands a MAP error reply without opcode data to every "
+    "waiting MAP request (no nonce to check) and reports it as solicited, so its epoch is a fact",
+)
+async def test_one_forged_header_only_reply_does_not_fail_every_request(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """RFC 6887 §11.4: the nonce is what stops an off-path host from answering
+    our MAP requests. A 24-byte MAP "error" (no MAP data, so no nonce) from the
+    gateway's address and port, here NO_RESOURCES with epoch 0, must not answer
+    all of them, nor be taken as a solicited epoch (state loss of the box)."""
+    gateway = FakeGateway(delay=1.0)
+    async with broker_for(gateway, methods=("pcp",)) as broker:
+        await broker.map(7500, "udp")  # a baseline epoch
+        await trio.sleep(600)
+        forged = pcp.encode_response(
+            pcp.PcpResponse(pcp.Opcode.MAP, pcp.ResultCode.NO_RESOURCES, 30, 0)
+        )
+        assert len(forged) == 24
+        (link,) = gateway.links
+        outcomes: dict[int, str] = {}
+
+        async def one(port: int) -> None:
+            try:
+                mapping = await broker.map(port, "udp")
+                outcomes[port] = f"mapped via {mapping.method}"
+            except Exception as exc:  # noqa: BLE001 - what each caller saw
+                outcomes[port] = f"{type(exc).__name__}: {exc}"
+
+        async with trio.open_nursery() as nursery:
+            for port in (7501, 7502, 7503):
+                nursery.start_soon(one, port)
+            await trio.sleep(0.5)  # the requests are out, the answers 0.5 s away
+            link.put(forged, gateway._source())
+        print(outcomes, "state losses:", broker.state_losses)
+        assert set(outcomes.values()) == {"mapped via pcp"}
+        assert broker.state_losses == 0
