@@ -20,6 +20,7 @@ import trio
 import trio.testing
 
 from portbroker.broker import Broker, Mapping, open_broker
+from portbroker.errors import PortBrokerError
 from portbroker.lifecycle import Failed, Lost, MappingEvent, Released, Restored, State
 from portbroker.testing.fake_gateway import FakeGateway, MemoryLink
 from portbroker.wire import pcp
@@ -553,3 +554,56 @@ def test_a_line_break_in_the_service_type_is_a_one_line_refusal(tmp_path: Any) -
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert "internal error" not in done.stderr
+
+
+# -- the API under cancellation and reuse ----------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Broker.map: a create cancelled after its request went out is forgotten; the "
+    "grant that follows creates a mapping no Mapping holds, which leaving the broker keeps",
+)
+async def test_a_cancelled_map_leaves_nothing_on_the_gateway(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An app gives map() 0.5 s (``move_on_after``) on a gateway that answers in
+    1 s. The MAP reached the gateway, so a mapping exists there (2 h, the
+    default lifetime; for UPnP with permanent-only leases, for ever). Nothing
+    portbroker holds names it: leaving the broker "releases everything it
+    holds", and this is left. Method docstring: "a request that reached the
+    gateway may still have created a mapping, which the broker deletes when it
+    can name it" -- PCP can (the nonce is remembered per internal port)."""
+    gateway = FakeGateway(delay=1.0)
+    async with broker_for(gateway, methods=("pcp",)) as broker:
+        with trio.move_on_after(0.5):
+            await broker.map(7600, "udp")
+        await trio.sleep(5)
+    assert gateway.mapping_for("udp", 7600) is None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Broker.map accepts a second map() of the same internal port and protocol: two "
+    "Mappings share one gateway mapping, and releasing one silently kills the other",
+)
+@pytest.mark.parametrize("method", ["pcp", "natpmp"])
+async def test_releasing_one_of_two_maps_of_a_port_does_not_kill_the_other(
+    autojump_clock: trio.testing.MockClock, method: str
+) -> None:
+    """Two parts of an app (or a retry after a timeout) map 8080/udp. The gateway
+    knows one mapping (PCP: one nonce per internal port; NAT-PMP: keyed by the
+    internal port). Releasing the first deletes it; the second stays ACTIVE and
+    says nothing for half a lifetime. Either refuse the second map() or count
+    holders, as the daemon does."""
+    gateway = FakeGateway()
+    async with broker_for(gateway, methods=(method,)) as broker:
+        first = await broker.map(7700, "udp", lifetime=3600)
+        try:
+            second = await broker.map(7700, "udp", lifetime=3600)
+        except (ValueError, PortBrokerError):
+            return  # refused: fine
+        await first.release()
+        await trio.sleep(60)
+        alive = gateway.mapping_for("udp", 7700) is not None
+        assert alive or second.state is not State.ACTIVE
