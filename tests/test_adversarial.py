@@ -607,3 +607,51 @@ async def test_releasing_one_of_two_maps_of_a_port_does_not_kill_the_other(
         await trio.sleep(60)
         alive = gateway.mapping_for("udp", 7700) is not None
         assert alive or second.state is not State.ACTIVE
+
+
+# -- UPnP signals ---------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="EpochTracker.signal(UptimeSeen) applies NAT-PMP's 7/8 rule to NewUptime: an "
+    "IGD whose uptime does not advance is 'rebooted' at every renewal, for the whole box",
+)
+async def test_an_igd_whose_uptime_never_advances_is_not_rebooting_at_every_renewal() -> None:
+    """Some IGDs answer GetStatusInfo with a NewUptime that does not count (0, or
+    a constant). That is no news about the mappings: GetSpecificPortMappingEntry
+    still finds ours. Each renewal must not be a state loss of the box (which
+    re-creates every mapping on the gateway, PCP and NAT-PMP ones included)."""
+    from portbroker.testing.fake_igd import FakeIgd
+    from tests.realdata import realdata
+
+    @attrs.define(eq=False)
+    class FrozenUptimeIgd(FakeIgd):
+        def _soap(self, service: str, action: str, args: dict[str, str]) -> Any:
+            answer = super()._soap(service, action, args)
+            if action == "GetStatusInfo" and isinstance(answer, dict):
+                answer["NewUptime"] = "0"
+            return answer
+
+    igd = FrozenUptimeIgd(realdata("miniupnpd-2.3.1-live", "rootDesc.xml").read_text())
+    recorder = Recorder()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(igd.serve)
+        async with open_broker(
+            "127.0.0.1",
+            ("upnp",),
+            upnp_port=igd.ssdp_port,
+            ssdp_multicast=False,
+            announce_port=None,
+        ) as broker:
+            mapping = await broker.map(8200, "tcp", lifetime=8)
+            await nursery.start(recorder.run, mapping)
+            await trio.sleep(9)  # a renewal (4-5 s in), and a few seconds more
+            adds = [a for a, _ in igd.actions if a == "AddPortMapping"]
+            assert len(adds) >= 2, igd.actions
+            print(
+                "state losses:", broker.state_losses, [type(e).__name__ for _, e in recorder.events]
+            )
+            assert broker.state_losses == 0
+            assert not recorder.of(Lost)
+        nursery.cancel_scope.cancel()
