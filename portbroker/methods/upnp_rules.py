@@ -339,6 +339,9 @@ class HttpResponse:
     body: bytes
 
 
+_CHUNK_SIZE: Final = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
 class ResponseTooLarge(ValueError):
     """The response would pass the reader's cap."""
 
@@ -439,10 +442,12 @@ class HttpReader:
                     raise ValueError("chunk size line too long")
                 return None
             size_text = bytes(raw[at:line_end]).split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise ValueError(f"unreadable chunk size {size_text[:20]!r}") from None
+            # RFC 9112 §7.1: chunk-size = 1*HEXDIG. int(x, 16) also takes "-6",
+            # "+6", "0x6" and "6_0"; a negative size would step back onto this
+            # very line and loop for ever without a checkpoint.
+            if _CHUNK_SIZE.fullmatch(size_text) is None:
+                raise ValueError(f"unreadable chunk size {size_text[:20]!r}")
+            size = int(size_text, 16)
             if size == 0:
                 return bytes(self._chunks)  # trailers, if any, are not needed
             if len(self._chunks) + size > self.cap:
