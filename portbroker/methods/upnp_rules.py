@@ -160,10 +160,10 @@ class WanService:
     control_url: str
 
 
-_WAN_TYPES: Final = (
-    "urn:schemas-upnp-org:service:WANIPConnection:",
-    "urn:schemas-upnp-org:service:WANPPPConnection:",
-)
+# A whole service type, version included: it goes into the SOAPAction header,
+# so a description's "...:1&#13;&#10;X-Injected: 1" (CR LF once unescaped) must
+# not pass as WANIPConnection:1 (UDA 1.1 §2.3: urn:...:service:type:v).
+_WAN_TYPE: Final = re.compile(r"urn:schemas-upnp-org:service:WAN(?:IP|PPP)Connection:[0-9]{1,3}")
 _NS = r"(?:[\w.-]+:)?"  # an optional namespace prefix on a tag name
 
 
@@ -206,7 +206,7 @@ def find_wan_service(description: str, location: str) -> WanService | None:
         block = match.group(1)
         service_type = _text(_SERVICE_TYPE, block)
         control = _text(_CONTROL_URL, block)
-        if service_type and control and service_type.startswith(_WAN_TYPES):
+        if service_type and control and _WAN_TYPE.fullmatch(service_type):
             return WanService(service_type, _resolve(base, control))
     return None
 
