@@ -539,7 +539,10 @@ class Broker:
                 Trigger.GRANTED, trio.current_time(), token=action.token, lease=granted
             )
         except Exception as exc:
-            current = lifecycle.lease
+            # A renewal's "retry after" beyond its lease cannot save the lease
+            # (REFUSED); a re-creation has no lease to save, so any retry_after
+            # is "not now" (lifecycle rule 7), even once the old lease expired.
+            current = lifecycle.lease if isinstance(action, Renew) else None
             expires_in = current.expires_at - trio.current_time() if current else None
             failure = classify(exc, expires_in=expires_in)
             if failure.kind is FailureKind.INTERNAL:

@@ -71,11 +71,6 @@ async def wait_for(predicate: Callable[[], bool], limit: float = HOUR) -> None:
 # -- recovery --------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lifecycle: UNAVAILABLE re-creations retry at once, and with every method "
-    "ruled out for 30 s NoMethodAvailable is instant, so 20 attempts burn in 0 s",
-)
 async def test_a_gateway_restarting_for_ten_seconds_does_not_fail_the_mapping(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -84,6 +79,9 @@ async def test_a_gateway_restarting_for_ten_seconds_does_not_fail_the_mapping(
 
     The mapping must be restored once the gateway is back; a port closed for
     10 s must not use up MAX_RECOVERY_ATTEMPTS (documented as "about 75 minutes").
+    It did, in no time: every UNAVAILABLE re-creation was retried at once, and
+    with every method ruled out for 30 s (UNAVAILABLE_TTL) each retry failed
+    instantly with NoMethodAvailable. Fixed in lifecycle rule 6.
     """
     gateway = FakeGateway()
     recorder = Recorder()
@@ -103,6 +101,52 @@ async def test_a_gateway_restarting_for_ten_seconds_does_not_fail_the_mapping(
         nursery.cancel_scope.cancel()
 
 
+def test_an_unavailable_recreation_afresh_waits_the_backoff() -> None:
+    """Rule 6/7 in numbers: the previous method unavailable -> afresh at once;
+    afresh unavailable too -> the backoff, not at once (20 attempts in 0 s)."""
+    import random
+
+    from portbroker.lifecycle import (
+        RECOVERY_BACKOFF,
+        Failure,
+        FailureKind,
+        MappingLifecycle,
+        Recreate,
+        Sleep,
+        Trigger,
+    )
+    from portbroker.types import Lease, TransportProtocol
+
+    machine = MappingLifecycle(random.Random(1), recovery_delay=0.0)
+    granted = Lease(
+        "pcp",
+        TransportProtocol.UDP,
+        "192.168.1.100",
+        7000,
+        "203.0.113.7",
+        7000,
+        600,
+        0.0,
+        "192.168.1.1",
+    )
+    step = machine.fire(Trigger.GRANTED, 0.0, token=0, lease=granted)
+    step = machine.fire(Trigger.STATE_LOST, 10.0, reason="reboot")
+    unavailable = Failure(FailureKind.UNAVAILABLE, "port closed")
+    assert isinstance(step.action, Sleep)
+    step = machine.fire(Trigger.TIMER, 10.0, token=step.action.token)
+    assert isinstance(step.action, Recreate)
+    assert step.action.previous == granted
+    step = machine.fire(Trigger.FAILED, 10.0, token=step.action.token, failure=unavailable)
+    assert isinstance(step.action, Sleep)
+    assert step.action.until == 10.0  # afresh, at once
+    step = machine.fire(Trigger.TIMER, 10.0, token=step.action.token)
+    assert isinstance(step.action, Recreate)
+    assert step.action.previous is None
+    step = machine.fire(Trigger.FAILED, 10.0, token=step.action.token, failure=unavailable)
+    assert isinstance(step.action, Sleep)
+    assert step.action.until == 10.0 + RECOVERY_BACKOFF[1]
+
+
 @attrs.define(eq=False)
 class SwitchableGateway(FakeGateway):
     """Silent, then answering every MAP with one error code, then normal."""
@@ -117,11 +161,6 @@ class SwitchableGateway(FakeGateway):
         return super().handle(data, source)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker._execute classifies a re-creation's error against the dead lease's "
-    "expiry: a 'retry in 30 s' (short-lifetime error) after expiry is REFUSED -> Failed",
-)
 async def test_network_failure_after_an_outage_is_retried_not_final(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -131,7 +170,9 @@ async def test_network_failure_after_an_outage_is_retried_not_final(
     comes back.
 
     The re-creation must keep trying (rule 7: backoff, retry_after if longer),
-    not end in Failed because the *old* lease had already expired.
+    not end in Failed because the *old* lease had already expired. It did:
+    Broker._execute classified a re-creation's error against the dead lease's
+    expiry, so "retry in 30 s" was REFUSED. Fixed there.
     """
     gateway = SwitchableGateway()
     recorder = Recorder()

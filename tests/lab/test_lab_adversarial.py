@@ -7,23 +7,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pytest
-
 from portbroker.testing.lab import Variant, open_lab
 from tests.lab.helpers import connect_from_wan, listen_in_lan
 from tests.lab.test_lab_broker import agent, next_event
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lifecycle: an UNAVAILABLE re-creation is retried at once, and with every method "
-    "ruled out for 30 s the retries fail instantly: 20 attempts in a moment, then Failed",
-)
 def test_a_gateway_off_for_40_s_gets_its_mapping_back(tmp_path: Path) -> None:
     """The router is switched off for 40 s (miniupnpd stopped: its ports answer
     ICMP port unreachable), then comes back with an empty table. The UPnP
     mapping (20 s lease) is Lost at renewal, and must be Restored once the
     gateway is back: MAX_RECOVERY_ATTEMPTS is documented as "about 75 minutes".
+    It was Failed within a second of the Lost ("gave up after 20 failed
+    re-creations"); fixed in lifecycle rule 6 (tests/test_adversarial.py).
     """
     port = 21101
     with (
@@ -41,6 +36,5 @@ def test_a_gateway_off_for_40_s_gets_its_mapping_back(tmp_path: Path) -> None:
         lab.restart_miniupnpd()  # back, empty table
         outcome = next_event(process, "Restored", "Failed", timeout=120)
         print(outcome, f"{time.monotonic() - stopped:.1f} s after the stop")
-        print(lab.log_text()[-2000:])
         assert outcome["event"] == "Restored", outcome["detail"]
         assert connect_from_wan(lab, listener, port) == b"inside says hello"
