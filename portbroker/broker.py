@@ -229,6 +229,7 @@ class Broker:
         self._report: ProbeReport | None = None
         self._deciding: _Decision | None = None
         self._trackers: dict[IPAddress, EpochTracker] = {}
+        # server -> {(scope, budget, latest deadline)} of the requests waiting on it
         self._patience: dict[IPAddress, set[tuple[trio.CancelScope, float, float]]] = {}
         self._confirming = False
         self._subscribers: list[trio.MemorySendChannel[BrokerEvent]] = []
@@ -459,18 +460,23 @@ class Broker:
         except trio.TooSlowError:
             raise NoAnswer(f"{method.name}: no answer within {budget:g} s") from None
 
-    async def _patiently(self, method: Method, budget: float, call: Awaitable[T]) -> T:
+    async def _patiently(
+        self, method: Method, budget: float, call: Awaitable[T], *, until: float = math.inf
+    ) -> T:
         """Await *call* within *budget*, extended while the method's server answers others.
 
         A deadline that every response from the same server pushes back by
-        *budget* (bounded by :data:`MAX_PATIENCE`): a slow server working
-        through a queue is alive; only silence for a whole budget is NoAnswer.
+        *budget* (bounded by :data:`MAX_PATIENCE`, and never past *until*: a
+        renewal must not outlive its lease, lifecycle rule 2): a slow server
+        working through a queue is alive; only silence for a whole budget is
+        NoAnswer.
         """
         transport = self._method_set.transport_of(method.name)
         server = transport.link.remote[0] if transport is not None else None
         started = trio.current_time()
+        latest = min(started + MAX_PATIENCE, max(until, started + budget))
         with trio.CancelScope(deadline=started + budget) as scope:
-            entry = (scope, budget, started)
+            entry = (scope, budget, latest)
             if server is not None:
                 self._patience.setdefault(server, set()).add(entry)
             try:
@@ -518,13 +524,18 @@ class Broker:
                 method = self._methods.get(lease.method)
                 if method is None:
                     raise MethodUnavailable(lease.method, "not enabled on this broker")
+                began = trio.current_time()
                 try:
                     granted = await self._patiently(
-                        method, action.budget, method.create(mapping.request, lease)
+                        method,
+                        action.budget,
+                        method.create(mapping.request, lease),
+                        until=lease.expires_at,
                     )
                 except trio.TooSlowError:
+                    waited = trio.current_time() - began
                     raise NoAnswer(
-                        f"{lease.method}: renewal not answered within {action.budget:.1f} s"
+                        f"{lease.method}: renewal not answered within {waited:.1f} s"
                     ) from None
             else:
                 assert isinstance(action, Recreate)
@@ -613,8 +624,8 @@ class Broker:
         announcement: bool = False,
     ) -> None:
         """Every PCP / NAT-PMP response from *server*: patience, then the tracker."""
-        for scope, budget, started in self._patience.get(server, ()):
-            scope.deadline = min(max(scope.deadline, now + budget), started + MAX_PATIENCE)
+        for scope, budget, latest in self._patience.get(server, ()):
+            scope.deadline = min(max(scope.deadline, now + budget), latest)
         verdict = self.tracker(server).response(
             response, now, solicited=matched, announcement=announcement
         )
