@@ -480,9 +480,11 @@ class MappingLifecycle:
             lease.granted_at, lease.lifetime, 0, self.rng, not_before=now + MIN_RENEWAL_GAP
         )
         if when is None:
-            # A lifetime too short for the 4 s gap: renew at half-life rather
-            # than let it lapse.
-            when = max(now, lease.granted_at + lease.lifetime / 2)
+            # A lifetime too short for the 4 s gap (a server granting 1 s):
+            # renewals stay 4 s apart (RFC 6887 §11.2.1 "MUST"), even if the
+            # lease lapses in between; at half-life they cost the gateway two
+            # requests a second, for ever.
+            when = max(now + MIN_RENEWAL_GAP, lease.granted_at + lease.lifetime / 2)
         return self._sleep(when)
 
     def _lost(self, now: float, reason: str) -> Step:
