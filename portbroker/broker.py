@@ -47,6 +47,7 @@ from portbroker.errors import (
 )
 from portbroker.gateway import resolve_gateway
 from portbroker.lifecycle import (
+    MIN_RENEWAL_GAP,
     Delete,
     FailureKind,
     MappingEvent,
@@ -662,11 +663,23 @@ class Broker:
                         logger.info("gateway %s: confirming with %s failed: %s", box, family, exc)
                 if not confirm.families:
                     # No epoch to compare with (only UPnP mappings, say): look
-                    # at the mappings themselves. Bounded by the tracker's rate.
+                    # at one mapping, the least recently renewed, and not one
+                    # renewed under 4 s ago (RFC 6887 §11.2.1). A restart lost
+                    # them all, so one missing entry tells (EntryMissing); and
+                    # a spoofed hint costs one renewal per CONFIRM_INTERVAL,
+                    # not one per mapping.
                     now = trio.current_time()
-                    for mapping in list(self._mappings):
-                        if mapping.lease is not None and mapping.lease.gateway == box:
-                            self._apply(mapping, mapping.lifecycle.fire(Trigger.RECHECK, now))
+                    due = [
+                        (mapping.lease.granted_at, index, mapping)
+                        for index, mapping in enumerate(self._mappings)
+                        if mapping.state is State.ACTIVE
+                        and mapping.lease is not None
+                        and mapping.lease.gateway == box
+                        and now - mapping.lease.granted_at >= MIN_RENEWAL_GAP
+                    ]
+                    if due:
+                        _granted, _index, mapping = min(due)
+                        self._apply(mapping, mapping.lifecycle.fire(Trigger.RECHECK, now))
         except Exception:
             logger.exception("gateway %s: confirming a hint failed", box)
         finally:

@@ -184,7 +184,8 @@ class Confirm:
 
     *families* are the protocols whose solicited answer can settle it (those
     with an epoch to compare against), most telling first; empty when none
-    has one yet, in which case the broker re-checks the mappings themselves.
+    has one yet, in which case the broker re-checks a mapping itself (the least
+    recently renewed one: a restart lost them all).
     """
 
     reason: str
