@@ -688,3 +688,78 @@ async def test_an_igd_whose_uptime_never_advances_is_not_rebooting_at_every_rene
             assert broker.state_losses == 0
             assert not recorder.of(Lost)
         nursery.cancel_scope.cancel()
+
+
+# -- UPnP grants that grant nothing ---------------------------------------------------
+
+
+def _any_port_reply(port: str) -> bytes:
+    from portbroker.testing.fake_igd import _http
+
+    envelope = (
+        '<?xml version="1.0"?>\r\n<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/">'
+        "<s:Body><u:AddAnyPortMappingResponse "
+        'xmlns:u="urn:schemas-upnp-org:service:WANIPConnection:2">'
+        f"<NewReservedPort>{port}</NewReservedPort></u:AddAnyPortMappingResponse>"
+        "</s:Body></s:Envelope>"
+    )
+    return _http("200 OK", envelope.encode())
+
+
+@asynccontextmanager
+async def _igd_broker(igd: Any) -> AsyncIterator[Broker]:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(igd.serve)
+        async with open_broker(
+            "127.0.0.1",
+            ("upnp",),
+            upnp_port=igd.ssdp_port,
+            ssdp_multicast=False,
+            announce_port=None,
+        ) as broker:
+            yield broker
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("reserved", ["99999", "-5", "0"])
+async def test_an_unusable_reserved_port_is_not_a_lease(
+    reserved: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """AddAnyPortMapping (IGD v2, after a 718) answers NewReservedPort 99999, -5
+    or 0. The first two were an "internal error" (Lease's validator raised
+    ValueError, logged with a traceback), and 0 became a lease on port 0,
+    which docs/result-codes.md calls a useless grant. Fixed: an unusable
+    NewReservedPort is "no usable answer" and another port is tried."""
+    from collections import deque
+
+    from portbroker.testing.fake_igd import FakeIgd
+    from tests.realdata import realdata
+
+    igd = FakeIgd(
+        realdata("miniupnpd-2.3.1-live", "rootDesc.xml").read_text(), conflict_ports={8080}
+    )
+    igd.scripted["AddAnyPortMapping"] = deque([_any_port_reply(reserved)])
+    async with _igd_broker(igd) as broker:
+        mapping = await broker.map(8080, "tcp")
+        assert 1 <= mapping.external_port <= 65535
+        assert mapping.external_port != 8080
+        assert (mapping.external_port, "TCP") in igd.entries
+    assert "internal error" not in caplog.text
+
+
+@pytest.mark.parametrize("address", ["169.254.3.4", "255.255.255.255", "224.0.0.1"])
+async def test_an_unusable_upnp_external_address_rules_upnp_out(address: str) -> None:
+    """docs/result-codes.md "Useless grants": link-local, multicast and reserved
+    external addresses reach nothing; PCP and NAT-PMP refuse them. UPnP's
+    GetExternalIPAddress took anything but 0.0.0.0 and loopback. Fixed: the
+    same rule (methods/rules.unusable_address)."""
+    from portbroker.errors import NoMethodAvailable
+    from portbroker.testing.fake_igd import FakeIgd
+    from tests.realdata import realdata
+
+    igd = FakeIgd(
+        realdata("miniupnpd-2.3.1-live", "rootDesc.xml").read_text(), external_address=address
+    )
+    async with _igd_broker(igd) as broker:
+        with pytest.raises(NoMethodAvailable, match="no usable external address"):
+            await broker.map(8090, "tcp")
