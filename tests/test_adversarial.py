@@ -763,3 +763,40 @@ async def test_an_unusable_upnp_external_address_rules_upnp_out(address: str) ->
     async with _igd_broker(igd) as broker:
         with pytest.raises(NoMethodAvailable, match="no usable external address"):
             await broker.map(8090, "tcp")
+
+
+def _entry_reply(lease: str) -> bytes:
+    from portbroker.testing.fake_igd import _http
+
+    envelope = (
+        '<?xml version="1.0"?>\r\n<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/">'
+        "<s:Body><u:GetSpecificPortMappingEntryResponse "
+        'xmlns:u="urn:schemas-upnp-org:service:WANIPConnection:2">'
+        "<NewInternalPort>8080</NewInternalPort><NewInternalClient>127.0.0.1</NewInternalClient>"
+        f"<NewEnabled>1</NewEnabled><NewLeaseDuration>{lease}</NewLeaseDuration>"
+        "</u:GetSpecificPortMappingEntryResponse></s:Body></s:Envelope>"
+    )
+    return _http("200 OK", envelope.encode())
+
+
+@pytest.mark.parametrize("remaining", ["99999999999", "4294967295"])
+async def test_a_huge_remaining_lease_is_a_week_at_most(
+    remaining: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A permanent-only IGD (725) reads back the entry's remaining lease as
+    99999999999 s: past a Lease's 32 bits, it was an "internal error" (the
+    validator's ValueError, with a traceback); 2**32 - 1 meant no renewal for
+    136 years. Fixed: granted_lifetime caps it at IGD v2's week (MAX_LEASE)."""
+    from collections import deque
+
+    from portbroker.methods.upnp_rules import MAX_LEASE
+    from portbroker.testing.fake_igd import FakeIgd
+    from tests.realdata import realdata
+
+    igd = FakeIgd(realdata("miniupnpd-2.3.1-live", "rootDesc.xml").read_text(), permanent_only=True)
+    igd.scripted["GetSpecificPortMappingEntry"] = deque([_entry_reply(remaining)])
+    async with _igd_broker(igd) as broker:
+        mapping = await broker.map(8080, "tcp")
+        assert mapping.lease is not None
+        assert 0 < mapping.lease.lifetime <= MAX_LEASE
+    assert "internal error" not in caplog.text

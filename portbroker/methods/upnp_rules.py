@@ -537,7 +537,9 @@ def granted_lifetime(lease_remaining: int | None, lease_sent: int, requested: in
     if lease_sent > 0:
         return lease_sent
     if lease_remaining is not None and lease_remaining > 0:
-        return lease_remaining
+        # At most IGD v2's week: a gateway reporting 99999999999 s (past a
+        # Lease's 32 bits) or 2**32 - 1 still gets renewed within a week.
+        return min(lease_remaining, MAX_LEASE)
     return requested
 
 
