@@ -800,3 +800,38 @@ async def test_a_huge_remaining_lease_is_a_week_at_most(
         assert mapping.lease is not None
         assert 0 < mapping.lease.lifetime <= MAX_LEASE
     assert "internal error" not in caplog.text
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="EpochTracker.signal(BootIdSeen) takes a changed BOOTID.UPNP.ORG from any SSDP "
+    "reply as a fact: a box-wide state loss with every entry still in place",
+)
+async def test_a_changed_boot_id_with_the_entries_still_there_is_not_a_state_loss() -> None:
+    """BOOTID.UPNP.ORG comes in an unauthenticated UDP reply, and a multicast
+    M-SEARCH shows every host on the link where to send a forged one; UDA 1.1
+    §1.2.2 also bumps it when a device merely rejoins the network. Here the
+    entries are all still on the gateway: re-creating every mapping of the box
+    (PCP and NAT-PMP ones too) and telling each app Lost is a false reboot.
+    A BOOTID change is a hint: one GetSpecificPortMappingEntry (714 or not)
+    would settle it, as a PCP ANNOUNCE is settled by a solicited answer."""
+    from portbroker.testing.fake_igd import FakeIgd
+    from tests.realdata import realdata
+
+    igd = FakeIgd(realdata("miniupnpd-2.3.1-live", "rootDesc.xml").read_text(), boot_id=5)
+    recorder = Recorder()
+    async with _igd_broker(igd) as broker, trio.open_nursery() as nursery:
+        mapping = await broker.map(8300, "tcp")
+        await nursery.start(recorder.run, mapping)
+        igd.boot_id = 6  # a forged reply (or a rejoin): the table is untouched
+        from portbroker.methods.upnp import UpnpMethod
+
+        method = broker._methods["upnp"]
+        assert isinstance(method, UpnpMethod)
+        method.forget_igd()  # as after any unanswered exchange
+        await broker.probe()
+        await trio.sleep(0.5)
+        assert (8300, "TCP") in igd.entries
+        assert broker.state_losses == 0
+        assert not recorder.of(Lost)
+        nursery.cancel_scope.cancel()
