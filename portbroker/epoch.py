@@ -317,6 +317,12 @@ class EpochTracker:
             return None
         if isinstance(signal, UptimeSeen):
             current = EpochObservation(max(0, min(signal.uptime, 2**32 - 1)), signal.at)
+            if self._uptime is not None and current.server_epoch == self._uptime.server_epoch:
+                # An uptime that did not move at all is a counter that does not
+                # count (some IGDs answer 0, or a constant), not a restart: a
+                # restarted one counts again from 0. No news; keep the baseline
+                # (a real restart still shows as a missing entry, 714).
+                return None
             previous_uptime, self._uptime = self._uptime, current
             if check_natpmp_epoch(previous_uptime, current).state_lost:
                 assert previous_uptime is not None

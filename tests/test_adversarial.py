@@ -645,16 +645,13 @@ async def test_releasing_one_of_two_maps_of_a_port_does_not_kill_the_other(
 # -- UPnP signals ---------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EpochTracker.signal(UptimeSeen) applies NAT-PMP's 7/8 rule to NewUptime: an "
-    "IGD whose uptime does not advance is 'rebooted' at every renewal, for the whole box",
-)
 async def test_an_igd_whose_uptime_never_advances_is_not_rebooting_at_every_renewal() -> None:
     """Some IGDs answer GetStatusInfo with a NewUptime that does not count (0, or
     a constant). That is no news about the mappings: GetSpecificPortMappingEntry
     still finds ours. Each renewal must not be a state loss of the box (which
-    re-creates every mapping on the gateway, PCP and NAT-PMP ones included)."""
+    re-creates every mapping on the gateway, PCP and NAT-PMP ones included).
+    It was: the tracker applied NAT-PMP's 7/8 rule to a frozen counter. Fixed:
+    an uptime that did not move at all is no news."""
     from portbroker.testing.fake_igd import FakeIgd
     from tests.realdata import realdata
 
@@ -835,3 +832,15 @@ async def test_a_changed_boot_id_with_the_entries_still_there_is_not_a_state_los
         assert broker.state_losses == 0
         assert not recorder.of(Lost)
         nursery.cancel_scope.cancel()
+
+
+def test_the_tracker_ignores_a_frozen_uptime_but_not_a_restarted_one() -> None:
+    from portbroker.epoch import EpochTracker, StateLoss, UptimeSeen
+
+    tracker = EpochTracker()
+    assert tracker.signal(UptimeSeen(0, 0.0)) is None
+    assert tracker.signal(UptimeSeen(0, 600.0)) is None  # frozen: no news
+    assert tracker.signal(UptimeSeen(0, 1200.0)) is None
+    tracker = EpochTracker()
+    assert tracker.signal(UptimeSeen(5000, 0.0)) is None
+    assert isinstance(tracker.signal(UptimeSeen(30, 600.0)), StateLoss)  # counted again from 0
