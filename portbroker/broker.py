@@ -199,7 +199,7 @@ class _Decision:
     """One probe race that concurrent callers wait for."""
 
     event: trio.Event = attrs.Factory(trio.Event)
-    failed: NoMethodAvailable | None = None
+    failed: NoMethodAvailable | NoAnswer | None = None
 
 
 class Broker:
@@ -424,8 +424,15 @@ class Broker:
             # fail as it failed.
             decision = self._deciding
             await decision.event.wait()
-            if decision.failed is not None:
+            if isinstance(decision.failed, NoMethodAvailable):
                 raise NoMethodAvailable(decision.failed.outcomes)
+            if isinstance(decision.failed, NoAnswer):
+                # The method the race chose answered its probe, then not the
+                # request: the waiters share that too, or each would run its
+                # own race in turn and the last of 50 would wait 50 budgets.
+                shared = NoAnswer(str(decision.failed))  # the message names the ignored
+                shared.ignored = dict(decision.failed.ignored)
+                raise shared
         decision = self._deciding = _Decision()
         try:
             lease, report = await create_by_preference(
@@ -435,7 +442,7 @@ class Broker:
                 self.probe_timeout,
                 known_unavailable=self._known_unavailable(),
             )
-        except NoMethodAvailable as exc:
+        except (NoMethodAvailable, NoAnswer) as exc:
             decision.failed = exc
             raise
         except MappingError as exc:

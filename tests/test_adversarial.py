@@ -844,3 +844,43 @@ def test_the_tracker_ignores_a_frozen_uptime_but_not_a_restarted_one() -> None:
     tracker = EpochTracker()
     assert tracker.signal(UptimeSeen(5000, 0.0)) is None
     assert isinstance(tracker.signal(UptimeSeen(30, 600.0)), StateLoss)  # counted again from 0
+
+
+# -- many callers, one silent method -------------------------------------------------
+
+
+@attrs.define(eq=False)
+class NoMapGateway(FakeGateway):
+    """NAT-PMP answers its external-address probe, never a map request; PCP is silent."""
+
+    def handle(self, data: bytes, source: tuple[str, int]) -> list[bytes]:
+        if data[:1] == b"\x00" and data[1:2] in (b"\x01", b"\x02"):
+            return []
+        return super().handle(data, source)
+
+
+async def test_concurrent_maps_on_a_method_silent_after_its_probe_all_end_within_one_race(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """20 map() calls on a cold broker share one race (docs/architecture.md).
+    When the method it chose answered its probe and then not the request
+    (NoAnswer), the waiters each started their own race in turn: the k-th
+    caller failed after k races, the 20th after 200 s, past the documented
+    120 s bound of one create. Fixed: the waiters share the NoAnswer too."""
+    from portbroker.errors import NoAnswer
+
+    gateway = NoMapGateway(pcp_enabled=False)
+    async with broker_for(gateway) as broker:
+        started = trio.current_time()
+        ended: list[float] = []
+
+        async def one(port: int) -> None:
+            with pytest.raises(NoAnswer):
+                await broker.map(port, "udp")
+            ended.append(trio.current_time() - started)
+
+        async with trio.open_nursery() as nursery:
+            for port in range(9000, 9020):
+                nursery.start_soon(one, port)
+        print(f"first caller failed after {min(ended):.0f} s, the last after {max(ended):.0f} s")
+        assert max(ended) <= 120
