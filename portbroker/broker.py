@@ -572,7 +572,11 @@ class Broker:
                 )
             else:
                 logger.info("%s: %s", mapping._label(), failure.reason)
-            if failure.kind is FailureKind.UNAVAILABLE and isinstance(exc, MethodUnavailable):
+            if (
+                failure.kind is FailureKind.UNAVAILABLE
+                and isinstance(exc, MethodUnavailable)
+                and not isinstance(exc, NoMethodAvailable)  # "all" is no method to rule out
+            ):
                 self._forget(exc.method, exc.reason)
             step = self._fire_safely(mapping, Trigger.FAILED, token=action.token, failure=failure)
         self._apply(mapping, step)

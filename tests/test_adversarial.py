@@ -884,3 +884,27 @@ async def test_concurrent_maps_on_a_method_silent_after_its_probe_all_end_within
                 nursery.start_soon(one, port)
         print(f"first caller failed after {min(ended):.0f} s, the last after {max(ended):.0f} s")
         assert max(ended) <= 120
+
+
+async def test_no_method_available_is_not_ruled_out_as_a_method_named_all(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A re-creation that found no method (NoMethodAvailable, method "all") was
+    ruled out like a method: "all" then showed in the next map()'s outcomes
+    as a pseudo-method, its reason nested inside the new one ("all: all: pcp:
+    ..."). Fixed: only real methods are ruled out."""
+    from portbroker.errors import NoMethodAvailable
+
+    gateway = FakeGateway()
+    recorder = Recorder()
+    async with broker_for(gateway) as broker, trio.open_nursery() as nursery:
+        mapping = await broker.map(7800, "udp", lifetime=600)
+        await nursery.start(recorder.run, mapping)
+        gateway.closed = True
+        await wait_for(lambda: bool(recorder.of(Lost)), HOUR)
+        await trio.sleep(6)  # the 0-5 s delay, then the first re-creations: NoMethodAvailable
+        with pytest.raises(NoMethodAvailable) as info:
+            await broker.map(7801, "udp")
+        assert {o.method for o in info.value.outcomes} <= {"pcp", "natpmp"}
+        assert "all:" not in str(info.value).removeprefix("all: ")
+        nursery.cancel_scope.cancel()
