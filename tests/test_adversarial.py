@@ -794,11 +794,6 @@ async def test_a_huge_remaining_lease_is_a_week_at_most(
     assert "internal error" not in caplog.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EpochTracker.signal(BootIdSeen) takes a changed BOOTID.UPNP.ORG from any SSDP "
-    "reply as a fact: a box-wide state loss with every entry still in place",
-)
 async def test_a_changed_boot_id_with_the_entries_still_there_is_not_a_state_loss() -> None:
     """BOOTID.UPNP.ORG comes in an unauthenticated UDP reply, and a multicast
     M-SEARCH shows every host on the link where to send a forged one; UDA 1.1
@@ -826,6 +821,34 @@ async def test_a_changed_boot_id_with_the_entries_still_there_is_not_a_state_los
         assert (8300, "TCP") in igd.entries
         assert broker.state_losses == 0
         assert not recorder.of(Lost)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_changed_boot_id_of_a_real_reboot_is_confirmed_and_restores() -> None:
+    """The other half: a BOOTID change is confirmed by one mapping's check, and
+    when the table really is gone (714) the mapping is Lost and Restored."""
+    from portbroker.testing.fake_igd import FakeIgd
+    from tests.realdata import realdata
+
+    igd = FakeIgd(realdata("miniupnpd-2.3.1-live", "rootDesc.xml").read_text(), boot_id=5)
+    recorder = Recorder()
+    async with _igd_broker(igd) as broker, trio.open_nursery() as nursery:
+        mapping = await broker.map(8301, "tcp")
+        await nursery.start(recorder.run, mapping)
+        await trio.sleep(4.1)  # renewals stay 4 s apart (RFC 6887 §11.2.1)
+        igd.reboot()  # the table is gone, BOOTID bumped
+        from portbroker.methods.upnp import UpnpMethod
+
+        method = broker._methods["upnp"]
+        assert isinstance(method, UpnpMethod)
+        method.forget_igd()
+        await broker.probe()  # a search sees the new BOOTID: a hint
+        with trio.fail_after(20):
+            while not recorder.of(Restored):  # noqa: ASYNC110 - the recorder has no event
+                await trio.sleep(0.05)
+        assert len(recorder.of(Lost)) == 1
+        assert (8301, "TCP") in igd.entries
+        assert broker.state_losses == 1
         nursery.cancel_scope.cancel()
 
 
