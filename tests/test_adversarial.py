@@ -19,47 +19,12 @@ import pytest
 import trio
 import trio.testing
 
-from portbroker.broker import Broker, Mapping, open_broker
+from portbroker.broker import Broker, open_broker
 from portbroker.errors import AlreadyMapped
-from portbroker.lifecycle import Failed, Lost, MappingEvent, Released, Restored, State
+from portbroker.lifecycle import Failed, Lost, Released, Restored, State
 from portbroker.testing.fake_gateway import FakeGateway, MemoryLink
 from portbroker.wire import pcp
-
-HOUR = 3600.0
-
-
-@asynccontextmanager
-async def broker_for(
-    gateway: FakeGateway, methods: tuple[str, ...] = ("pcp", "natpmp"), **kwargs: Any
-) -> AsyncIterator[Broker]:
-    async with open_broker(
-        "127.0.0.1",
-        methods,
-        link_factory=gateway.link_factory(),
-        announce_port=None,
-        seed=7,
-        **kwargs,
-    ) as broker:
-        yield broker
-
-
-class Recorder:
-    """A mapping's events with the (mock) time each arrived."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[float, MappingEvent]] = []
-
-    async def run(self, mapping: Mapping, *, task_status: trio.TaskStatus[None]) -> None:
-        stream = mapping.events()
-        task_status.started()
-        async for event in stream:
-            self.events.append((trio.current_time(), event))
-
-    def of(self, kind: type[Any]) -> list[Any]:
-        return [e for _, e in self.events if isinstance(e, kind)]
-
-    def first(self, kind: type[Any]) -> tuple[float, Any]:
-        return next((t, e) for t, e in self.events if isinstance(e, kind))
+from tests.broker_harness import HOUR, Recorder, broker_for
 
 
 async def wait_for(predicate: Callable[[], bool], limit: float = HOUR) -> None:

@@ -7,8 +7,6 @@ test. No real socket is involved (see design.md on MockClock and autojump).
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -17,14 +15,13 @@ import pytest
 import trio
 import trio.testing
 
-from portbroker.broker import Broker, Mapping, open_broker
+from portbroker.broker import Mapping, open_broker
 from portbroker.epoch import CONFIRM_INTERVAL
 from portbroker.errors import MappingError, MethodUnavailable
 from portbroker.lifecycle import (
     Acquired,
     ExternalAddressChanged,
     Lost,
-    MappingEvent,
     Released,
     Renewed,
     Restored,
@@ -33,8 +30,7 @@ from portbroker.lifecycle import (
 from portbroker.probe import NoMethodAvailable
 from portbroker.testing.fake_gateway import FakeGateway, MemoryLink
 from portbroker.wire import natpmp, pcp
-
-HOUR = 3600.0
+from tests.broker_harness import HOUR, Recorder, broker_for, wait_for
 
 
 @attrs.define(eq=False)
@@ -64,43 +60,6 @@ class SerialGateway(FakeGateway):
         now = trio.current_time()
         self.busy_until = max(self.busy_until, now) + self.per_request
         link.put(reply, self._source(), self.busy_until - now)
-
-
-@asynccontextmanager
-async def broker_for(
-    gateway: FakeGateway, methods: tuple[str, ...] = ("pcp", "natpmp"), **kwargs: Any
-) -> AsyncIterator[Broker]:
-    async with open_broker(
-        "127.0.0.1",
-        methods,
-        link_factory=gateway.link_factory(),
-        announce_port=None,
-        seed=7,
-        **kwargs,
-    ) as broker:
-        yield broker
-
-
-class Recorder:
-    """Collects a mapping's events with the (mock) time they arrived."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[float, MappingEvent]] = []
-
-    async def run(self, mapping: Mapping, *, task_status: trio.TaskStatus[None]) -> None:
-        stream = mapping.events()
-        task_status.started()
-        async for event in stream:
-            self.events.append((trio.current_time(), event))
-
-    def of(self, kind: type[Any]) -> list[Any]:
-        return [e for _, e in self.events if isinstance(e, kind)]
-
-
-async def wait_for(predicate: Callable[[], bool], limit: float = HOUR) -> None:
-    with trio.fail_after(limit):
-        while not predicate():  # noqa: ASYNC110 - MockClock makes polling free
-            await trio.sleep(0.5)
 
 
 async def test_map_pcp_and_release(autojump_clock: trio.testing.MockClock) -> None:

@@ -17,10 +17,24 @@ import attrs
 import trio
 
 from portbroker.epoch import SignalSink
+from portbroker.errors import PortBrokerError
+from portbroker.methods import rules
 from portbroker.transport import DatagramLink, Response, Transport, open_udp_link
 from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome
 
-__all__ = ["LinkFactory", "Method", "MethodSet", "ResponseObserver", "open_methods"]
+__all__ = [
+    "UNDO_TIMEOUT",
+    "LinkFactory",
+    "Method",
+    "MethodSet",
+    "ResponseObserver",
+    "open_methods",
+    "undo_grant",
+]
+
+# How long deleting a useless grant may take (docs/result-codes.md, "Useless
+# grants"): shielded from the caller's deadline, so it must be short.
+UNDO_TIMEOUT = 4.0
 
 
 class Method(Protocol):
@@ -56,6 +70,23 @@ class Method(Protocol):
 
 
 LinkFactory = Callable[[IPAddress, int], Awaitable[DatagramLink]]
+
+
+async def undo_grant(
+    delete: Callable[[Lease], Awaitable[None]], undo: rules.Undo
+) -> PortBrokerError:
+    """Delete a granted mapping we cannot use (best effort, bounded); the error to raise."""
+    with trio.CancelScope(shield=True) as scope:
+        scope.deadline = trio.current_time() + UNDO_TIMEOUT
+        try:
+            await delete(undo.lease)
+        except PortBrokerError as exc:
+            return undo.error(f"could not delete it ({exc})")
+    if scope.cancelled_caught:
+        return undo.error(f"could not delete it (no answer within {UNDO_TIMEOUT:g} s)")
+    return undo.error("deleted it")
+
+
 # (server address, response, now, solicited): every PCP / NAT-PMP response.
 ResponseObserver = Callable[[IPAddress, Response, float, bool], None]
 

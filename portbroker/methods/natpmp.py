@@ -10,8 +10,8 @@ from typing import Final
 
 import trio
 
-from portbroker.errors import LinkError, MappingError, MethodUnavailable, PortBrokerError
-from portbroker.methods import natpmp_rules
+from portbroker.errors import LinkError, MappingError, MethodUnavailable
+from portbroker.methods import natpmp_rules, undo_grant
 from portbroker.methods.rules import Undo
 from portbroker.transport import Transport, natpmp_key, natpmp_schedule
 from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome, TransportProtocol
@@ -20,8 +20,6 @@ from portbroker.wire.natpmp import ResultCode
 
 __all__ = ["NatPmpMethod"]
 
-# How long the delete of a useless grant may take (see PcpMethod's UNDO_TIMEOUT).
-UNDO_TIMEOUT: Final = 4.0
 # Answers to a delete that still grant a lifetime (stale copies of a grant)
 # before the delete is declared refused.
 DELETE_ATTEMPTS: Final = 3
@@ -116,20 +114,8 @@ class NatPmpMethod:
             now=trio.current_time(),
         )
         if isinstance(result, Undo):
-            raise await self._undo(result)
+            raise await undo_grant(self.delete, result)
         return result
-
-    async def _undo(self, undo: Undo) -> PortBrokerError:
-        """Delete a granted mapping we cannot use (best effort, bounded); the error to raise."""
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + UNDO_TIMEOUT
-            try:
-                await self.delete(undo.lease)
-            except PortBrokerError as exc:
-                return undo.error(f"could not delete it ({exc})")
-        if scope.cancelled_caught:
-            return undo.error(f"could not delete it (no answer within {UNDO_TIMEOUT:g} s)")
-        return undo.error("deleted it")
 
     async def abandon(self, request: MappingRequest) -> None:
         """Delete what an interrupted create of *request* may have made.

@@ -14,8 +14,8 @@ from typing import Final
 
 import trio
 
-from portbroker.errors import LinkError, MappingError, MethodUnavailable, PortBrokerError
-from portbroker.methods import pcp_rules
+from portbroker.errors import LinkError, MappingError, MethodUnavailable
+from portbroker.methods import pcp_rules, undo_grant
 from portbroker.methods.pcp_rules import error_hold_off
 from portbroker.methods.rules import Undo
 from portbroker.transport import Transport, pcp_key, probe_schedule, rfc6887_schedule
@@ -25,10 +25,6 @@ from portbroker.wire.pcp import ResultCode
 
 __all__ = ["PcpMethod", "error_hold_off"]
 
-# How long the delete of a useless grant (port 0...) may take. Shielded, so a
-# caller's timeout does not leave the mapping behind; bounded, so a server
-# that stopped answering does not hold the caller.
-UNDO_TIMEOUT: Final = 4.0
 # Answers to a delete that still grant a lifetime (stale copies of a grant)
 # before the delete is declared refused.
 DELETE_ATTEMPTS: Final = 3
@@ -126,21 +122,9 @@ class PcpMethod:
             renewal=renewal,
         )
         if isinstance(result, Undo):
-            raise await self._undo(result)
+            raise await undo_grant(self.delete, result)
         self.last_external_address = result.external_address
         return result
-
-    async def _undo(self, undo: Undo) -> PortBrokerError:
-        """Delete a granted mapping we cannot use (best effort, bounded); the error to raise."""
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + UNDO_TIMEOUT
-            try:
-                await self.delete(undo.lease)
-            except PortBrokerError as exc:
-                return undo.error(f"could not delete it ({exc})")
-        if scope.cancelled_caught:
-            return undo.error(f"could not delete it (no answer within {UNDO_TIMEOUT:g} s)")
-        return undo.error("deleted it")
 
     async def delete(self, lease: Lease) -> None:
         """MAP with lifetime 0 and the mapping's nonce (RFC 6887 §15)."""
