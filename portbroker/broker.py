@@ -685,12 +685,13 @@ class Broker:
         matched: bool,
         *,
         announcement: bool = False,
+        asked_at: float | None = None,
     ) -> None:
         """Every PCP / NAT-PMP response from *server*: patience, then the tracker."""
         for scope, budget, latest in self._patience.get(server, ()):
             scope.deadline = min(max(scope.deadline, now + budget), latest)
         verdict = self.tracker(server).response(
-            response, now, solicited=matched, announcement=announcement
+            response, now, solicited=matched, announcement=announcement, asked_at=asked_at
         )
         self._on_verdict(server, verdict)
 
@@ -862,9 +863,11 @@ async def open_broker(
     rng = random.Random(seed)
     broker: Broker | None = None
 
-    def observe(address: IPAddress, response: Response, now: float, matched: bool) -> None:
+    def observe(
+        address: IPAddress, response: Response, now: float, matched: bool, asked_at: float
+    ) -> None:
         if broker is not None:
-            broker._observe(address, response, now, matched)
+            broker._observe(address, response, now, matched, asked_at=asked_at)
 
     def report(signal: GatewaySignal) -> None:
         if broker is not None:

@@ -195,6 +195,40 @@ class Confirm:
 Verdict = StateLoss | Confirm | None
 
 
+@attrs.frozen
+class _Stamp:
+    """A server epoch and the interval of our clock in which the server read it."""
+
+    epoch: int
+    earliest: float  # when the request was first sent
+    latest: float  # when its answer arrived
+
+
+def _interval_check(
+    family: str, previous: _Stamp | None, epoch: int, earliest: float, latest: float
+) -> EpochCheck:
+    """The RFC rule, failed only if no pair of moments in the two intervals passes it.
+
+    Too slow (or backwards) is judged on the least client time that can have
+    passed (the previous answer's arrival to this request's first send); too
+    fast on the most (the previous request's send to this answer's arrival).
+    """
+    if previous is None:
+        return EpochCheck.FIRST
+    check = check_pcp_epoch if family == "pcp" else check_natpmp_epoch
+    slow = check(
+        EpochObservation(previous.epoch, previous.latest), EpochObservation(epoch, earliest)
+    )
+    if slow in (EpochCheck.WENT_BACKWARDS, EpochCheck.TOO_SLOW):
+        return slow
+    fast = check(
+        EpochObservation(previous.epoch, previous.earliest), EpochObservation(epoch, latest)
+    )
+    if fast is EpochCheck.TOO_FAST:
+        return fast
+    return EpochCheck.VALID
+
+
 @attrs.define
 class EpochTracker:
     """Decides, for one gateway, when its mapping state was lost. Sans-IO.
@@ -223,7 +257,7 @@ class EpochTracker:
 
     incidents: int = 0
     last_incident: StateLoss | None = None
-    _epochs: dict[str, EpochObservation] = attrs.field(factory=dict)
+    _epochs: dict[str, _Stamp] = attrs.field(factory=dict)
     _boot_id: int | None = None
     _uptime: EpochObservation | None = None
     _last_confirm: float | None = None
@@ -233,24 +267,38 @@ class EpochTracker:
         return family in self._epochs
 
     def epoch(
-        self, family: str, epoch: int, now: float, *, solicited: bool, announcement: bool = False
+        self,
+        family: str,
+        epoch: int,
+        now: float,
+        *,
+        solicited: bool,
+        announcement: bool = False,
+        asked_at: float | None = None,
     ) -> Verdict:
         """A PCP (*family* "pcp") or NAT-PMP ("natpmp") response's epoch, seen at *now*.
+
+        *asked_at* is when the request it answers was first sent: the server
+        read its clock somewhere between then and *now*, and only a reading
+        that no moment of that interval explains is a loss. (miniupnpd works
+        through a burst of requests one after another, 100-250 ms each with
+        50 nftables rules, and stamps a whole batch with one epoch: by the
+        receive time alone its clock would seem to stand still for seconds.)
 
         *announcement* marks an unsolicited message sent to announce a
         (re)start (to UDP 5350): with no baseline to compare it with, it is
         still worth one look; a stray late reply is not.
         """
-        current = EpochObservation(epoch, now)
+        earliest = now if asked_at is None or not solicited else min(asked_at, now)
         previous = self._epochs.get(family)
-        check = (check_pcp_epoch if family == "pcp" else check_natpmp_epoch)(previous, current)
+        check = _interval_check(family, previous, epoch, earliest, now)
         if not solicited:
             if check.state_lost:
                 assert previous is not None
                 return self._confirm(
                     now,
                     f"unsolicited {family} epoch {epoch} (expected about"
-                    f" {previous.server_epoch + math.floor(now - previous.client_time)})",
+                    f" {previous.epoch + math.floor(now - previous.latest)})",
                     family,
                 )
             if previous is None and announcement:
@@ -258,11 +306,11 @@ class EpochTracker:
                 # worth one look at the mappings, never a verdict.
                 return self._confirm(now, f"unsolicited {family} epoch {epoch}", family)
             return None
-        self._epochs[family] = current
+        self._epochs[family] = _Stamp(epoch, earliest, now)
         if check.state_lost:
             assert previous is not None
             return self._incident(
-                f"{family} epoch {check.value} ({previous.server_epoch} -> {epoch})", now
+                f"{family} epoch {check.value} ({previous.epoch} -> {epoch})", now
             )
         return None
 
@@ -286,6 +334,7 @@ class EpochTracker:
         *,
         solicited: bool,
         announcement: bool = False,
+        asked_at: float | None = None,
     ) -> Verdict:
         """Any decoded PCP or NAT-PMP response: its epoch, and a NAT-PMP address in it."""
         if isinstance(response, pcp.PcpResponse):
@@ -293,7 +342,12 @@ class EpochTracker:
         else:
             family = "natpmp"
         verdict = self.epoch(
-            family, response.epoch, now, solicited=solicited, announcement=announcement
+            family,
+            response.epoch,
+            now,
+            solicited=solicited,
+            announcement=announcement,
+            asked_at=asked_at,
         )
         if (
             isinstance(response, natpmp.ExternalAddressResponse)

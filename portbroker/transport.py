@@ -339,13 +339,18 @@ class _Waiter:
     # Datagrams that arrived while this request waited and were rejected, by
     # why (NoAnswer.ignored).
     ignored: Counter[str] = attrs.Factory(Counter)
+    asked_at: float | None = None  # when the request was first sent
 
     @property
     def pending(self) -> bool:
         return self.response is None and self.error is None
 
 
-Observer = Callable[[Response, float, bool], None]
+# observer(response, now, matched, asked_at): *asked_at* is when the request
+# it answers was first sent (*now* for an unsolicited one). The server stamped
+# its epoch somewhere in between: a reply that waited in a busy server's queue
+# must not look like a clock that stood still (EpochTracker).
+Observer = Callable[[Response, float, bool, float], None]
 
 
 class Transport:
@@ -354,7 +359,7 @@ class Transport:
     Run :meth:`run` in a nursery (it is the receive loop), then call
     :meth:`request` from any number of tasks.
 
-    *observer* is called as ``observer(response, now, matched)`` for every
+    *observer* is called as ``observer(response, now, matched, asked_at)`` for every
     valid response from the server, before it is handed to its request.
 
     Socket errors never end :meth:`run`: ICMP port unreachable fails every
@@ -457,7 +462,9 @@ class Transport:
             # Solicited only when it named its request: a reply that answers
             # "every request of that opcode" is a hint, whoever sent it.
             named = exact is not None
-            self.observer(response, trio.current_time(), bool(waiters) and named)
+            now = trio.current_time()
+            asked = [w.asked_at for w in waiters if w.asked_at is not None]
+            self.observer(response, now, bool(waiters) and named, min(asked, default=now))
         if not waiters:
             self.stats.unmatched += 1
             self._count_rejected(response)
@@ -548,6 +555,8 @@ class Transport:
                 if not math.isfinite(wait) or wait <= 0:
                     raise ValueError(f"bad retransmission interval {wait!r}")
                 self.stats.sent += 1
+                if waiter.asked_at is None:
+                    waiter.asked_at = trio.current_time()
                 try:
                     await self.link.send(payload)
                 except OSError as exc:

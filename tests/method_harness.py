@@ -35,7 +35,7 @@ async def harness(gateway: FakeGateway | None = None) -> AsyncIterator[Harness]:
     link = gateway.memory_link()
     observed: list[tuple[Response, bool]] = []
     transport = Transport(
-        link, lambda response, _now, matched: observed.append((response, matched))
+        link, lambda response, _now, matched, _asked: observed.append((response, matched))
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(transport.run)

@@ -457,6 +457,42 @@ async def test_fifty_concurrent_maps_on_a_cold_slow_gateway_share_one_probe(
         assert len(natpmp_probes) <= 1  # one race's probe at most
         assert announces == []
         assert len(gateway.mappings) == 50
+        assert broker.state_losses == 0
+        assert all(m.state is State.ACTIVE for m in mappings)
+
+
+async def test_answers_that_waited_in_a_slow_servers_queue_are_no_state_loss(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Each answer carries the epoch of when its request arrived, and comes out
+    of the queue 3 s after the one before: by arrival time alone the server's
+    clock stood still (RFC 6887 §8.5 "too slow"), as the lab saw with
+    miniupnpd adding 50 nftables rules. The server read its clock between the
+    request's send and the answer: no loss, nothing Lost."""
+    gateway = SerialGateway(per_request=3.0)
+    recorders: list[Recorder] = []
+    async with (
+        broker_for(gateway, probe_timeout=10.0) as broker,
+        trio.open_nursery() as watchers,
+    ):
+        first = await broker.map(8999, "tcp", lifetime=3600)  # the baseline epoch
+        mappings = [first]
+
+        async def one(port: int) -> None:
+            mapping = await broker.map(port, "tcp", lifetime=3600)
+            recorder = Recorder()
+            recorders.append(recorder)
+            await watchers.start(recorder.run, mapping)
+            mappings.append(mapping)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(one, 9100 + i)
+        assert trio.current_time() > 60.0  # 20 answers, 3 s apart
+        assert broker.state_losses == 0
+        assert all(m.state is State.ACTIVE for m in mappings)
+        assert not any(r.of(Lost) for r in recorders)
+        watchers.cancel_scope.cancel()
 
 
 async def test_a_bug_in_one_renewal_is_that_mappings_event_only(

@@ -99,3 +99,32 @@ def test_upnp_signals() -> None:
     assert isinstance(loss, StateLoss)
     assert "714" in loss.reason
     assert tracker.incidents == 2
+
+
+def test_a_busy_server_stamping_a_burst_with_one_epoch_is_not_a_loss() -> None:
+    """miniupnpd answers a burst of 50 MAPs over ~10 s, each stamped with the
+    epoch it read when the burst began: judged by the arrival time alone, its
+    clock stood still (RFC 6887 §8.5: "too slow"). The server read its clock
+    between each request's send and its answer; only a reading no moment of
+    that interval explains is a loss."""
+    tracker = EpochTracker()
+    assert tracker.epoch("pcp", 100, 0.1, solicited=True, asked_at=0.0) is None
+    for i in range(50):
+        arrived = 0.2 * (i + 1)
+        assert tracker.epoch("pcp", 100, arrived, solicited=True, asked_at=0.001 * i) is None
+    assert tracker.incidents == 0
+    # By arrival time alone it would have been a loss.
+    naive = EpochTracker()
+    naive.epoch("pcp", 100, 0.1, solicited=True)
+    assert isinstance(naive.epoch("pcp", 100, 10.0, solicited=True), StateLoss)
+    # A request sent after the burst still sees a real restart.
+    assert isinstance(tracker.epoch("pcp", 2, 30.0, solicited=True, asked_at=29.9), StateLoss)
+
+
+def test_too_fast_is_judged_on_the_longest_interval() -> None:
+    tracker = EpochTracker()
+    tracker.epoch("pcp", 1000, 1.0, solicited=True, asked_at=0.0)
+    # Asked at 0, answered at 20: the server may have read its clock at 0 and
+    # at 20, so 20 s of epoch is fine; 40 s is not.
+    assert tracker.epoch("pcp", 1020, 20.0, solicited=True, asked_at=19.0) is None
+    assert isinstance(tracker.epoch("pcp", 1080, 21.0, solicited=True, asked_at=20.5), StateLoss)

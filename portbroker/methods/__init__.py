@@ -87,8 +87,9 @@ async def undo_grant(
     return undo.error("deleted it")
 
 
-# (server address, response, now, solicited): every PCP / NAT-PMP response.
-ResponseObserver = Callable[[IPAddress, Response, float, bool], None]
+# (server address, response, now, solicited, asked_at): every PCP / NAT-PMP
+# response (see transport.Observer).
+ResponseObserver = Callable[[IPAddress, Response, float, bool, float], None]
 
 
 @attrs.define
@@ -137,8 +138,10 @@ async def open_methods(
             async def transport_for(address: IPAddress) -> Transport:
                 if address not in transports:
 
-                    def observer(response: Response, now: float, matched: bool) -> None:
-                        observe(address, response, now, matched)
+                    def observer(
+                        response: Response, now: float, matched: bool, asked_at: float
+                    ) -> None:
+                        observe(address, response, now, matched, asked_at)
 
                     transport = Transport(await make_link(address, port), observer)
                     transports[address] = transport
