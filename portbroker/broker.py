@@ -1,51 +1,69 @@
-"""The Broker: methods, mappings, one renewal scheduler, and recovery.
+"""The Broker: executes what each mapping's lifecycle decides, on one gateway.
 
-A :class:`Broker` talks to one gateway. It owns
+A :class:`Broker` owns the I/O and the clock, and no rules (those live in
+:mod:`portbroker.lifecycle` for a mapping's life and :mod:`portbroker.epoch`
+for a gateway's state loss). It holds
 
-- one :class:`~portbroker.transport.Transport` (one connected UDP socket) that
-  carries PCP and NAT-PMP for every mapping, and whose observer runs the epoch
-  check on every response;
-- the methods (PCP, NAT-PMP, UPnP) and the cached probe decision;
-- the live :class:`Mapping` objects, each driven by a sans-IO
-  :class:`~portbroker.lifecycle.MappingLifecycle`;
-- one scheduler task over a heap of deadlines for all mappings (renewals,
-  re-creations), and the UDP 5350 listener for unsolicited announcements.
+- the methods and their transports, built by :func:`portbroker.methods.open_methods`;
+- the cached method decision: concurrent ``map()`` calls on a cold broker
+  share one probe (one :func:`~portbroker.probe.create_by_preference` race);
+- the live :class:`Mapping` objects, each driven by a
+  :class:`~portbroker.lifecycle.MappingLifecycle`: the broker fires triggers,
+  publishes the events and executes the one action each step returns
+  (sleep, renew, re-create, delete);
+- one scheduler task over a heap of every mapping's Sleep;
+- one :class:`~portbroker.epoch.EpochTracker` per gateway box, fed by every
+  PCP / NAT-PMP response, the announcement listener and the UPnP method's
+  signals; each incident it reports is one STATE_LOST for every mapping on
+  that box, whatever its method.
 
-Leaving :func:`open_broker` releases every mapping the broker still holds.
+Fault isolation: an operation runs in its own task and whatever it raises —
+an error of the method, a timeout, or a bug — becomes that mapping's
+``FAILED`` trigger; nothing a mapping does can cancel the broker or another
+mapping. Leaving :func:`open_broker` releases every mapping the broker holds.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import heapq
 import logging
 import math
 import random
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Final
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, Final, TypeVar
 
 import attrs
 import trio
 
 from portbroker._util import collapse_single
-from portbroker.epoch import EpochObservation, check_natpmp_epoch, check_pcp_epoch
-from portbroker.errors import MappingError, MethodUnavailable, NoAnswer, PortBrokerError
+from portbroker.epoch import Confirm, EpochTracker, GatewaySignal, StateLoss, Verdict
+from portbroker.errors import (
+    MappingError,
+    MethodUnavailable,
+    NoAnswer,
+    NoMethodAvailable,
+    PortBrokerError,
+)
 from portbroker.gateway import resolve_gateway
 from portbroker.lifecycle import (
+    Delete,
+    FailureKind,
     MappingEvent,
     MappingLifecycle,
-    Released,
+    Recreate,
+    Renew,
+    Sleep,
     State,
+    Step,
     Trigger,
+    classify,
 )
-from portbroker.methods import Method
-from portbroker.methods.natpmp import NatPmpMethod
-from portbroker.methods.pcp import PcpMethod
-from portbroker.probe import NoMethodAvailable, create_by_preference, probe_all
-from portbroker.transport import DatagramLink, Response, Transport, decode_datagram, open_udp_link
+from portbroker.methods import LinkFactory, Method, MethodSet, open_methods
+from portbroker.probe import create_by_preference, probe_all
+from portbroker.transport import Response, Transport, decode_datagram
 from portbroker.types import (
+    DEFAULT_LIFETIME,
     METHOD_NAMES,
     IPAddress,
     Lease,
@@ -59,13 +77,18 @@ from portbroker.wire._fields import to_address
 __all__ = ["Broker", "BrokerEvent", "Mapping", "NoMethodAvailable", "open_broker"]
 
 logger = logging.getLogger("portbroker")
+T = TypeVar("T")
 
 SERVER_PORT: Final = 5351
 ANNOUNCE_PORT: Final = 5350
 RELEASE_TIMEOUT: Final = 5.0  # how long a delete may take when releasing
-RECOVERY_BACKOFF: Final = (2.0, 5.0, 15.0, 30.0, 60.0)
-
-LinkFactory = Callable[[IPAddress, int], Awaitable[DatagramLink]]
+# A method ruled out (MethodUnavailable) is not asked again for this long; a
+# gateway that was restarting, or a firewall rule removed, gets another chance.
+UNAVAILABLE_TTL: Final = 30.0
+# A request to a server that keeps answering *other* requests is queued, not
+# lost (miniupnpd's nftables backend takes 100-250 ms per rule once it holds
+# 50): its deadline moves on with every answer, up to this bound.
+MAX_PATIENCE: Final = 120.0
 
 
 @attrs.frozen
@@ -83,9 +106,8 @@ class Mapping:
     broker: Broker
     request: MappingRequest
     lifecycle: MappingLifecycle
-    recovery_failures: int = 0
     _subscribers: list[trio.MemorySendChannel[MappingEvent]] = attrs.Factory(list)
-    _busy: bool = False
+    _released: trio.Event = attrs.Factory(trio.Event)
 
     @property
     def state(self) -> State:
@@ -125,7 +147,7 @@ class Mapping:
         return self.request.protocol
 
     def events(self) -> trio.MemoryReceiveChannel[MappingEvent]:
-        """A stream of this mapping's events from now on; it ends after Released."""
+        """A stream of this mapping's events from now on; it ends after Released or Failed."""
         send, receive = trio.open_memory_channel[MappingEvent](math.inf)
         if self.state in (State.RELEASED, State.FAILED):
             send.close()
@@ -173,6 +195,14 @@ def _describe(event: MappingEvent) -> str:
     return f"{name} {attrs.asdict(event)}"
 
 
+@attrs.define(eq=False)
+class _Decision:
+    """One probe race that concurrent callers wait for."""
+
+    event: trio.Event = attrs.Factory(trio.Event)
+    failed: NoMethodAvailable | None = None
+
+
 class Broker:
     """Port mappings on one gateway. Create with :func:`open_broker`."""
 
@@ -181,8 +211,7 @@ class Broker:
         *,
         gateway: IPAddress,
         nursery: trio.Nursery,
-        methods: dict[str, Method],
-        transport: Transport | None,
+        method_set: MethodSet,
         probe_timeout: float,
         recovery_delay: float,
         rng: random.Random,
@@ -190,19 +219,21 @@ class Broker:
         self.gateway = gateway
         self.probe_timeout = probe_timeout
         self.recovery_delay = recovery_delay
-        self.transport = transport
         self._nursery = nursery
-        self._methods = methods
+        self._method_set = method_set
+        self._methods: dict[str, Method] = method_set.methods
         self._rng = rng
         self._mappings: set[Mapping] = set()
-        self._heap: list[tuple[float, int, Mapping]] = []
+        self._heap: list[tuple[float, int, int, Mapping]] = []
         self._seq = 0
         self._wake = trio.Event()
-        self._unavailable: dict[str, str] = {}
+        self._unavailable: dict[str, tuple[str, float]] = {}  # method -> (why, since)
         self._report: ProbeReport | None = None
-        self._epochs: dict[str, EpochObservation] = {}
+        self._deciding: _Decision | None = None
+        self._trackers: dict[IPAddress, EpochTracker] = {}
+        self._patience: dict[IPAddress, set[tuple[trio.CancelScope, float, float]]] = {}
+        self._confirming = False
         self._subscribers: list[trio.MemorySendChannel[BrokerEvent]] = []
-        self.state_losses = 0
 
     # -- public ---------------------------------------------------------------
 
@@ -215,17 +246,31 @@ class Broker:
         return frozenset(self._mappings)
 
     @property
+    def transport(self) -> Transport | None:
+        """The first PCP / NAT-PMP transport (for statistics), if any."""
+        return next(iter(self._method_set.transports.values()), None)
+
+    @property
+    def state_losses(self) -> int:
+        """How many state-loss incidents the gateway's trackers reported."""
+        return sum(t.incidents for t in self._trackers.values())
+
+    @property
     def selected_method(self) -> str | None:
         """The method the last probe or creation chose, if still trusted."""
         return self._report.selected if self._report else None
 
+    def tracker(self, box: IPAddress | None = None) -> EpochTracker:
+        """The state-loss tracker of *box* (default: the gateway)."""
+        box = box or self.gateway
+        if box not in self._trackers:
+            self._trackers[box] = EpochTracker()
+        return self._trackers[box]
+
     async def probe(self) -> ProbeReport:
         """Ask every enabled method at once and report each (bounded by the probe timeout)."""
         report = await probe_all(self.gateway, list(self._methods.values()), self.probe_timeout)
-        self._report = report
-        self._unavailable = {
-            o.method: o.error or "unavailable" for o in report.outcomes if not o.available
-        }
+        self._report = report if report.selected is not None else None
         return report
 
     def events(self) -> trio.MemoryReceiveChannel[BrokerEvent]:
@@ -239,7 +284,7 @@ class Broker:
         internal_port: int,
         protocol: str | TransportProtocol = "tcp",
         *,
-        lifetime: int = 7200,
+        lifetime: int = DEFAULT_LIFETIME,
         external_port: int | None = None,
         exact: bool = False,
         via: str | None = None,
@@ -254,7 +299,9 @@ class Broker:
         Raises:
             ValueError: a bad port, protocol, lifetime or method name.
             MappingError: the gateway refused (``result_code`` says why).
-            MethodUnavailable: no enabled method works with this gateway.
+            MethodUnavailable: no enabled method works with this gateway
+                (:class:`NoMethodAvailable` says why for each).
+            NoAnswer: the chosen method's server stayed silent.
         """
         request = MappingRequest(
             internal_port,
@@ -287,10 +334,14 @@ class Broker:
         return self._start(request, await self._create_with(method, request, lease))
 
     def _start(self, request: MappingRequest, lease: Lease) -> Mapping:
-        mapping = Mapping(self, request, MappingLifecycle(self._rng, self.recovery_delay))
+        lifecycle = MappingLifecycle(
+            self._rng, self.recovery_delay, request_budget=self._request_budget()
+        )
+        mapping = Mapping(self, request, lifecycle)
         self._mappings.add(mapping)
-        mapping._publish(mapping.lifecycle.fire(Trigger.GRANTED, trio.current_time(), lease=lease))
-        self._schedule(mapping)
+        self._apply(
+            mapping, lifecycle.fire(Trigger.GRANTED, trio.current_time(), token=0, lease=lease)
+        )
         return mapping
 
     @contextlib.asynccontextmanager
@@ -312,12 +363,11 @@ class Broker:
 
         The mapping stays on the gateway until its lease runs out or someone
         deletes it with :meth:`delete` (the CLI's ``map`` without ``--hold``
-        records the lease in a state file for ``unmap``).
+        records the lease in a state file for ``unmap``). Its event stream
+        ends with ``Released(confirmed=False, detached=True)``.
         """
         lease = mapping._lease()
-        self._mappings.discard(mapping)
-        mapping.lifecycle.fire(Trigger.RELEASE, trio.current_time())
-        mapping._close_subscribers()
+        self._apply(mapping, mapping.lifecycle.fire(Trigger.DETACH, trio.current_time()))
         return lease
 
     async def delete(self, lease: Lease) -> None:
@@ -330,259 +380,336 @@ class Broker:
         method = self._methods.get(lease.method)
         if method is None:
             raise ValueError(f"method {lease.method!r} is not enabled here")
-        budget = max(4 * self.probe_timeout, 8.0)
+        budget = self._request_budget()
         try:
             with trio.fail_after(budget):
                 await method.delete(lease)
         except trio.TooSlowError:
             raise NoAnswer(f"{lease.method}: delete not answered within {budget:g} s") from None
+        except OSError as exc:  # a method that let one through: still that method's failure
+            raise MethodUnavailable(lease.method, f"delete failed: {exc}") from exc
 
     # -- creation ---------------------------------------------------------------
 
+    def _request_budget(self) -> float:
+        return max(4 * self.probe_timeout, 8.0)
+
+    def _known_unavailable(self) -> dict[str, str]:
+        now = trio.current_time()
+        for name, (_why, since) in list(self._unavailable.items()):
+            if now - since >= UNAVAILABLE_TTL:
+                del self._unavailable[name]
+        return {name: why for name, (why, _since) in self._unavailable.items()}
+
     async def _create(self, request: MappingRequest, via: str | None) -> Lease:
+        """Create with *via*, or the chosen method, or decide (one probe for all callers)."""
         if via is not None:
             return await self._create_with(self._methods[via], request)
-        selected = self.selected_method
-        if selected is not None:
-            try:
-                return await self._create_with(self._methods[selected], request)
-            except (MethodUnavailable, NoAnswer) as exc:
-                # The chosen method stopped working: forget the decision and race again.
-                logger.info("method %s failed (%s); probing again", selected, exc)
-                self._forget(selected, getattr(exc, "reason", str(exc)))
-        methods = list(self._methods.values())
-        lease, report = await create_by_preference(
-            self.gateway,
-            methods,
-            request,
-            self.probe_timeout,
-            known_unavailable=self._unavailable,
-        )
+        while True:
+            selected = self.selected_method
+            if selected is not None:
+                try:
+                    return await self._create_with(self._methods[selected], request)
+                except (MethodUnavailable, NoAnswer) as exc:
+                    # The chosen method stopped working: race again without it
+                    # for a while. (A server that answered others meanwhile
+                    # was patient-waited in _create_with: this is silence.)
+                    logger.info("method %s failed (%s); choosing again", selected, exc)
+                    self._forget(selected, getattr(exc, "reason", str(exc)))
+                    continue
+            if self._deciding is None:
+                break
+            # Another caller is deciding: share its probe (50 map() calls on a
+            # cold broker are one race, not 50), then use what it chose, or
+            # fail as it failed.
+            decision = self._deciding
+            await decision.event.wait()
+            if decision.failed is not None:
+                raise NoMethodAvailable(decision.failed.outcomes)
+        decision = self._deciding = _Decision()
+        try:
+            lease, report = await create_by_preference(
+                self.gateway,
+                list(self._methods.values()),
+                request,
+                self.probe_timeout,
+                known_unavailable=self._known_unavailable(),
+            )
+        except NoMethodAvailable as exc:
+            decision.failed = exc
+            raise
+        except MappingError as exc:
+            # The method answered (and refused this request): it is the choice.
+            self._report = ProbeReport(self.gateway, exc.method, ())
+            raise
+        finally:
+            self._deciding = None
+            decision.event.set()
         self._report = report
-        self._unavailable.update(
-            {o.method: o.error or "unavailable" for o in report.outcomes if not o.available}
-        )
+        now = trio.current_time()
+        for outcome in report.outcomes:
+            if not outcome.available:
+                self._unavailable.setdefault(outcome.method, (outcome.error or "unavailable", now))
         return lease
 
     async def _create_with(
         self, method: Method, request: MappingRequest, previous: Lease | None = None
     ) -> Lease:
-        budget = max(4 * self.probe_timeout, 8.0)
+        budget = self._request_budget()
         try:
-            with trio.fail_after(budget):
-                return await method.create(request, previous)
+            return await self._patiently(method, budget, method.create(request, previous))
         except trio.TooSlowError:
             raise NoAnswer(f"{method.name}: no answer within {budget:g} s") from None
 
+    async def _patiently(self, method: Method, budget: float, call: Awaitable[T]) -> T:
+        """Await *call* within *budget*, extended while the method's server answers others.
+
+        A deadline that every response from the same server pushes back by
+        *budget* (bounded by :data:`MAX_PATIENCE`): a slow server working
+        through a queue is alive; only silence for a whole budget is NoAnswer.
+        """
+        transport = self._method_set.transport_of(method.name)
+        server = transport.link.remote[0] if transport is not None else None
+        started = trio.current_time()
+        with trio.CancelScope(deadline=started + budget) as scope:
+            entry = (scope, budget, started)
+            if server is not None:
+                self._patience.setdefault(server, set()).add(entry)
+            try:
+                return await call
+            finally:
+                if server is not None:
+                    self._patience[server].discard(entry)
+        raise trio.TooSlowError
+
     def _forget(self, method: str, reason: str) -> None:
-        self._unavailable[method] = reason
+        self._unavailable[method] = (reason, trio.current_time())
         if self._report is not None and self._report.selected == method:
             self._report = None
 
-    # -- scheduling -------------------------------------------------------------
+    # -- executing steps ----------------------------------------------------------
 
-    def _schedule(self, mapping: Mapping) -> None:
-        deadline = mapping.lifecycle.deadline
-        if deadline is None or mapping not in self._mappings:
+    def _apply(self, mapping: Mapping, step: Step) -> None:
+        """Publish a step's events and start its action."""
+        mapping._publish(step.events)
+        action = step.action
+        if mapping.state in (State.RELEASED, State.FAILED) and mapping in self._mappings:
+            self._mappings.discard(mapping)
+            mapping._close_subscribers()
+            mapping._released.set()
+        if action is None:
             return
-        self._seq += 1
-        heapq.heappush(self._heap, (deadline, self._seq, mapping))
-        self._wake.set()
+        if isinstance(action, Sleep):
+            self._seq += 1
+            heapq.heappush(self._heap, (action.until, self._seq, action.token, mapping))
+            self._wake.set()
+        elif isinstance(action, Renew | Recreate) or (isinstance(action, Delete) and action.quiet):
+            self._nursery.start_soon(self._execute, mapping, action)
+        # A Delete that is not quiet comes from RELEASE; _release runs it
+        # in the releasing task (shielded), and Stop needs nothing.
+
+    async def _execute(self, mapping: Mapping, action: Renew | Recreate | Delete) -> None:
+        """Run one action's I/O and feed its outcome back. Never raises (but Cancelled)."""
+        lifecycle = mapping.lifecycle
+        try:
+            if isinstance(action, Delete):
+                await self._delete_quietly(action.lease)
+                return
+            if isinstance(action, Renew):
+                lease = action.lease
+                method = self._methods.get(lease.method)
+                if method is None:
+                    raise MethodUnavailable(lease.method, "not enabled on this broker")
+                try:
+                    granted = await self._patiently(
+                        method, action.budget, method.create(mapping.request, lease)
+                    )
+                except trio.TooSlowError:
+                    raise NoAnswer(
+                        f"{lease.method}: renewal not answered within {action.budget:.1f} s"
+                    ) from None
+            else:
+                assert isinstance(action, Recreate)
+                previous = action.previous
+                if previous is not None and previous.method in self._methods:
+                    granted = await self._create_with(
+                        self._methods[previous.method], mapping.request, previous
+                    )
+                else:
+                    granted = await self._create(mapping.request, None)
+            step = lifecycle.fire(
+                Trigger.GRANTED, trio.current_time(), token=action.token, lease=granted
+            )
+        except Exception as exc:
+            current = lifecycle.lease
+            expires_in = current.expires_at - trio.current_time() if current else None
+            failure = classify(exc, expires_in=expires_in)
+            if failure.kind is FailureKind.INTERNAL:
+                logger.error(
+                    "%s: unexpected error (a bug; the mapping carries on):",
+                    mapping._label(),
+                    exc_info=exc,
+                )
+            else:
+                logger.info("%s: %s", mapping._label(), failure.reason)
+            if failure.kind is FailureKind.UNAVAILABLE and isinstance(exc, MethodUnavailable):
+                self._forget(exc.method, exc.reason)
+            step = self._fire_safely(mapping, Trigger.FAILED, token=action.token, failure=failure)
+        self._apply(mapping, step)
+
+    def _fire_safely(self, mapping: Mapping, trigger: Trigger, **kwargs: Any) -> Step:
+        try:
+            return mapping.lifecycle.fire(trigger, trio.current_time(), **kwargs)
+        except PortBrokerError:
+            logger.exception("%s: lifecycle refused %s", mapping._label(), trigger.value)
+            return Step([], None)
+
+    async def _delete_quietly(self, lease: Lease) -> bool:
+        method = self._methods.get(lease.method)
+        if method is None:
+            return False
+        with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
+            try:
+                await method.delete(lease)
+                return True
+            except Exception as exc:  # noqa: BLE001 - a failed delete is reported, not raised
+                logger.warning(
+                    "delete of %s/%s failed: %s",
+                    lease.internal_port,
+                    lease.protocol.value,
+                    exc,
+                )
+        return False
+
+    # -- scheduling -------------------------------------------------------------
 
     async def _scheduler(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """The one task that wakes mappings when their deadline comes."""
+        """The one task that wakes mappings when their Sleep ends."""
         task_status.started()
         while True:
             now = trio.current_time()
             while self._heap and self._heap[0][0] <= now:
-                deadline, _seq, mapping = heapq.heappop(self._heap)
-                if mapping._busy or mapping.lifecycle.deadline != deadline:
-                    continue  # stale: rescheduled since, or already at work
-                if mapping not in self._mappings:
-                    continue
-                mapping._busy = True
-                self._nursery.start_soon(self._on_timer, mapping)
+                _until, _seq, token, mapping = heapq.heappop(self._heap)
+                if mapping not in self._mappings or mapping.lifecycle.token != token:
+                    continue  # superseded
+                self._apply(mapping, self._fire_safely(mapping, Trigger.TIMER, token=token))
             self._wake = trio.Event()
             wake = self._wake
             with trio.move_on_at(self._heap[0][0] if self._heap else math.inf):
                 await wake.wait()
 
-    async def _on_timer(self, mapping: Mapping) -> None:
-        try:
-            trigger = mapping.lifecycle.timer_trigger
-            if trigger is Trigger.RENEW_DUE:
-                await self._renew(mapping)
-            elif trigger is Trigger.EXPIRED:
-                mapping._publish(
-                    mapping.lifecycle.fire(
-                        Trigger.EXPIRED, trio.current_time(), reason="lease expired unrenewed"
-                    )
-                )
-            elif trigger is Trigger.RECREATE_DUE:
-                await self._recreate(mapping)
-        finally:
-            mapping._busy = False
-            self._schedule(mapping)
-
-    def _attempt_budget(self, lease: Lease) -> float:
-        # Long enough for a few retransmissions, never past the lease's expiry
-        # (a renewal in flight must not hold back the Lost event).
-        remaining = lease.expires_at - trio.current_time()
-        return max(0.1, min(60.0, max(4.0, remaining / 4), remaining))
-
-    async def _renew(self, mapping: Mapping) -> None:
-        lifecycle = mapping.lifecycle
-        lease = mapping._lease()
-        mapping._publish(lifecycle.fire(Trigger.RENEW_DUE, trio.current_time()))
-        method = self._methods.get(lease.method)
-        if method is None:
-            mapping._publish(
-                lifecycle.fire(Trigger.REFUSED, trio.current_time(), reason="method gone")
-            )
-            return
-        try:
-            with trio.fail_after(self._attempt_budget(lease)):
-                renewed = await method.create(mapping.request, lease)
-        except MappingError as exc:
-            if (
-                exc.retry_after is not None
-                and exc.retry_after < lease.expires_at - trio.current_time()
-            ):
-                logger.info("%s: renewal refused for now (%s)", mapping._label(), exc)
-                mapping._publish(lifecycle.fire(Trigger.RENEW_FAILED, trio.current_time()))
-            else:
-                mapping._publish(
-                    lifecycle.fire(Trigger.REFUSED, trio.current_time(), reason=str(exc))
-                )
-            return
-        except (MethodUnavailable, NoAnswer, trio.TooSlowError) as exc:
-            logger.info("%s: renewal got no answer (%s)", mapping._label(), exc or "timeout")
-            mapping._publish(lifecycle.fire(Trigger.RENEW_FAILED, trio.current_time()))
-            return
-        if mapping.state is State.RELEASED:
-            return
-        mapping._publish(lifecycle.fire(Trigger.GRANTED, trio.current_time(), lease=renewed))
-
-    async def _recreate(self, mapping: Mapping) -> None:
-        lifecycle = mapping.lifecycle
-        previous = lifecycle.lease
-        mapping._publish(lifecycle.fire(Trigger.RECREATE_DUE, trio.current_time()))
-        try:
-            method = self._methods.get(previous.method) if previous else None
-            if (
-                method is not None
-                and previous is not None
-                and previous.method not in self._unavailable
-            ):
-                # Same nonce, previous port and address suggested (RFC 6887 §8.5);
-                # after a refusal, start afresh.
-                try:
-                    lease = await self._create_with(
-                        method,
-                        mapping.request,
-                        previous if mapping.recovery_failures == 0 else None,
-                    )
-                except (MethodUnavailable, NoAnswer) as exc:
-                    self._forget(method.name, getattr(exc, "reason", str(exc)))
-                    lease = await self._create(mapping.request, None)
-            else:
-                lease = await self._create(mapping.request, None)
-        except (PortBrokerError, trio.TooSlowError) as exc:
-            mapping.recovery_failures += 1
-            backoff = RECOVERY_BACKOFF[min(mapping.recovery_failures, len(RECOVERY_BACKOFF)) - 1]
-            retry_after = getattr(exc, "retry_after", None) or 0.0
-            logger.warning(
-                "%s: re-creating failed (%s); next try in %.0f s",
-                mapping._label(),
-                exc,
-                max(backoff, retry_after),
-            )
-            mapping._publish(
-                lifecycle.fire(
-                    Trigger.RECREATE_FAILED, trio.current_time(), retry_in=max(backoff, retry_after)
-                )
-            )
-            return
-        if mapping.state is State.RELEASED:
-            # Released while we were re-creating: undo the new mapping.
-            with trio.move_on_after(RELEASE_TIMEOUT), contextlib.suppress(PortBrokerError):
-                await self._methods[lease.method].delete(lease)
-            return
-        mapping.recovery_failures = 0
-        mapping._publish(lifecycle.fire(Trigger.GRANTED, trio.current_time(), lease=lease))
-
     # -- state loss -------------------------------------------------------------
 
-    def observe(self, response: Response, now: float, matched: bool) -> None:
-        """The transport's observer: the epoch check on every response (RFC 6887 §8.5,
-        RFC 6886 §3.6), and the NAT-PMP address announcement."""
+    def _observe(self, server: IPAddress, response: Response, now: float, matched: bool) -> None:
+        """Every PCP / NAT-PMP response from *server*: patience, then the tracker."""
+        for scope, budget, started in self._patience.get(server, ()):
+            scope.deadline = min(max(scope.deadline, now + budget), started + MAX_PATIENCE)
         if isinstance(response, pcp.PcpResponse):
             family = "natpmp" if response.is_natpmp else "pcp"
         else:
             family = "natpmp"
-        current = EpochObservation(response.epoch, now)
-        previous = self._epochs.get(family)
-        self._epochs[family] = current
-        check = (check_pcp_epoch if family == "pcp" else check_natpmp_epoch)(previous, current)
-        if check.state_lost:
-            assert previous is not None
-            self.state_lost(
-                family,
-                f"{family} epoch {check.value} ({previous.server_epoch} -> {current.server_epoch})",
-            )
-            return
+        tracker = self.tracker(server)
+        verdict = tracker.epoch(family, response.epoch, now, solicited=matched)
+        # RFC 6886 §3.2.1: an announced address is a hint; confirm it first.
         if (
-            not matched
+            verdict is None
+            and not matched
             and isinstance(response, natpmp.ExternalAddressResponse)
             and response.result_code == 0
+            and any(
+                m.lease is not None
+                and m.lease.method == "natpmp"
+                and m.lease.external_address != response.external_address
+                for m in self._mappings
+            )
         ):
-            method = self._methods.get("natpmp")
-            if isinstance(method, NatPmpMethod) and method.last_external_address not in (
-                None,
-                response.external_address,
-            ):
-                # RFC 6886 §3.2.1: the gateway announced a new address.
-                method.last_external_address = response.external_address
-                self.state_lost("natpmp", f"external address is now {response.external_address}")
+            verdict = tracker.address_announced(response.external_address, now)
+        self._on_verdict(server, verdict)
 
-    def state_lost(self, method: str, reason: str) -> None:
-        """The gateway forgot *method*'s mappings: re-create each after a random delay."""
-        self.state_losses += 1
+    def _signal(self, signal: GatewaySignal) -> None:
+        """What the UPnP method saw (its SignalSink)."""
+        self._on_verdict(self.gateway, self.tracker(self.gateway).signal(signal))
+
+    def _on_verdict(self, box: IPAddress, verdict: Verdict) -> None:
+        if isinstance(verdict, StateLoss):
+            self._state_lost(box, verdict.reason)
+        elif isinstance(verdict, Confirm) and not self._confirming:
+            self._confirming = True
+            self._nursery.start_soon(self._confirm, box, verdict)
+
+    async def _confirm(self, box: IPAddress, confirm: Confirm) -> None:
+        """Settle a hint with one solicited request (its answer reaches the tracker)."""
+        try:
+            logger.info("gateway %s: %s; asking it", box, confirm.reason)
+            with trio.move_on_after(self._request_budget()):
+                for family in confirm.families:
+                    method = self._methods.get(family)
+                    if method is None:
+                        continue
+                    try:
+                        if family == "natpmp":
+                            address = await method.external_address()
+                            self._recheck_if_moved(address)
+                        else:
+                            await method.probe()
+                        return
+                    except PortBrokerError as exc:
+                        logger.info("gateway %s: confirming with %s failed: %s", box, family, exc)
+                if not confirm.families:
+                    # No epoch to compare with (only UPnP mappings, say): look
+                    # at the mappings themselves. Bounded by the tracker's rate.
+                    now = trio.current_time()
+                    for mapping in list(self._mappings):
+                        if mapping.lease is not None and mapping.lease.gateway == box:
+                            self._apply(mapping, mapping.lifecycle.fire(Trigger.RECHECK, now))
+        except Exception:
+            logger.exception("gateway %s: confirming a hint failed", box)
+        finally:
+            self._confirming = False
+
+    def _recheck_if_moved(self, address: IPAddress) -> None:
         now = trio.current_time()
-        affected = [m for m in self._mappings if m.lease is not None and m.lease.method == method]
+        for mapping in list(self._mappings):
+            lease = mapping.lease
+            if lease is not None and lease.method == "natpmp" and lease.external_address != address:
+                self._apply(mapping, mapping.lifecycle.fire(Trigger.RECHECK, now))
+
+    def _state_lost(self, box: IPAddress, reason: str) -> None:
+        """One incident: every mapping on *box* is lost and re-created, whatever its method."""
+        now = trio.current_time()
+        affected = [
+            m
+            for m in self._mappings
+            if m.lease is not None and (m.lease.gateway == box or box == self.gateway)
+        ]
         logger.warning(
-            "gateway %s lost state (%s): re-creating %d mapping(s)",
-            self.gateway,
-            reason,
-            len(affected),
+            "gateway %s lost state (%s): re-creating %d mapping(s)", box, reason, len(affected)
         )
         for mapping in affected:
-            mapping._publish(mapping.lifecycle.fire(Trigger.STATE_LOST, now, reason=reason))
-            self._schedule(mapping)
+            self._apply(mapping, mapping.lifecycle.fire(Trigger.STATE_LOST, now, reason=reason))
 
     # -- release ----------------------------------------------------------------
 
     async def _release(self, mapping: Mapping) -> None:
-        lifecycle = mapping.lifecycle
-        if lifecycle.state in (State.RELEASED, State.FAILED):
-            return
-        lease = lifecycle.lease
-        lifecycle.fire(Trigger.RELEASE, trio.current_time())
-        confirmed = False
-        if lease is not None:
-            method = self._methods.get(lease.method)
-            with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
-                try:
-                    if method is not None:
-                        await method.delete(lease)
-                        confirmed = True
-                except (PortBrokerError, OSError) as exc:
-                    logger.warning("%s: delete failed: %s", mapping._label(), exc)
-        self._mappings.discard(mapping)
-        mapping._publish([Released(confirmed)])
-        mapping._close_subscribers()
+        step = mapping.lifecycle.fire(Trigger.RELEASE, trio.current_time())
+        action = step.action
+        if isinstance(action, Delete) and not action.quiet:
+            self._apply(mapping, step)
+            confirmed = await self._delete_quietly(action.lease)
+            self._apply(
+                mapping,
+                mapping.lifecycle.fire(
+                    Trigger.DELETED, trio.current_time(), token=action.token, confirmed=confirmed
+                ),
+            )
+        elif step.action is not None:
+            self._apply(mapping, step)
+        elif mapping.state is State.RELEASING:
+            # Another task is deleting it: return when it is done.
+            with trio.CancelScope(shield=True):
+                await mapping._released.wait()
 
     async def _release_all(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -598,59 +725,61 @@ class Broker:
 
     # -- unsolicited announcements ------------------------------------------------
 
-    async def listen_announcements(
-        self,
-        port: int,
-        server_port: int,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Take PCP ANNOUNCE and NAT-PMP address announcements on UDP *port*.
+    def _announced(self, server: IPAddress, response: Response, now: float) -> None:
+        self._observe(server, response, now, False)
 
-        RFC 6887 §14.1 / RFC 6886 §3.2.1: they arrive multicast to 224.0.0.1
-        (or ff02::1) and unicast; several processes may listen, hence
-        SO_REUSEADDR/SO_REUSEPORT. Only datagrams from the gateway's server
-        port count. If the port cannot be bound the broker goes on without it
-        (the epoch check on every response still catches a reboot).
-        """
-        family = socket.AF_INET6 if self.gateway.version == 6 else socket.AF_INET
-        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
-        with sock:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if hasattr(socket, "SO_REUSEPORT"):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                await sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
-            except OSError as exc:
-                logger.warning("cannot listen for announcements on UDP %d: %s", port, exc)
-                task_status.started()
-                return
-            if family == socket.AF_INET:
-                with contextlib.suppress(OSError):
-                    # 224.0.0.1 is joined on every interface anyway; be explicit.
-                    sock.setsockopt(
-                        socket.IPPROTO_IP,
-                        socket.IP_ADD_MEMBERSHIP,
-                        socket.inet_aton("224.0.0.1") + socket.inet_aton("0.0.0.0"),
-                    )
+
+async def _listen(
+    broker: Broker,
+    port: int,
+    server_port: int,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Take PCP ANNOUNCE and NAT-PMP address announcements on UDP *port* (5350)."""
+    await _legacy_listen(broker, port, server_port, task_status=task_status)
+
+
+async def _legacy_listen(
+    broker: Broker,
+    port: int,
+    server_port: int,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if broker.gateway.version == 6 else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+    with sock:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if hasattr(socket, "SO_REUSEPORT"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            await sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+        except OSError as exc:
+            logger.warning("cannot listen for announcements on UDP %d: %s", port, exc)
             task_status.started()
-            while True:
-                try:
-                    data, source = await sock.recvfrom(2048)
-                except OSError as exc:
-                    if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH):
-                        continue
-                    raise
-                try:
-                    if (to_address(source[0].split("%")[0]), source[1]) != (
-                        self.gateway,
-                        server_port,
-                    ):
-                        continue
-                    response = decode_datagram(data)
-                except (ValueError, PortBrokerError):
+            return
+        task_status.started()
+        while True:
+            try:
+                data, source = await sock.recvfrom(2048)
+            except OSError as exc:
+                if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH):
                     continue
-                self.observe(response, trio.current_time(), False)
+                raise
+            try:
+                if (to_address(source[0].split("%")[0]), source[1]) != (
+                    broker.gateway,
+                    server_port,
+                ):
+                    continue
+                response = decode_datagram(data)
+            except (ValueError, PortBrokerError):
+                continue
+            broker._announced(broker.gateway, response, trio.current_time())
 
 
 @contextlib.asynccontextmanager
@@ -693,6 +822,8 @@ async def open_broker(
     Raises:
         GatewayNotFound: no gateway given and no default route.
         ValueError: an unknown method name or a malformed address.
+        MethodUnavailable: a PCP / NAT-PMP socket could not be opened
+            (no route to the gateway, say).
     """
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown or not methods:
@@ -704,57 +835,43 @@ async def open_broker(
     gateway_address = resolve_gateway(gateway)
     server = to_address(pcp_server) if pcp_server is not None else gateway_address
     rng = random.Random(seed)
-    make_link = link_factory or open_udp_link
+    broker: Broker | None = None
+
+    def observe(address: IPAddress, response: Response, now: float, matched: bool) -> None:
+        if broker is not None:
+            broker._observe(address, response, now, matched)
+
+    def report(signal: GatewaySignal) -> None:
+        if broker is not None:
+            broker._signal(signal)
 
     with collapse_single():
-        async with trio.open_nursery() as nursery:
-            transports: list[Transport] = []
-            broker_methods: dict[str, Method] = {}
-            broker: Broker | None = None
-
-            def observer(response: Response, now: float, matched: bool) -> None:
-                if broker is not None:
-                    broker.observe(response, now, matched)
-
-            async def transport_for(address: IPAddress) -> Transport:
-                for existing in transports:
-                    if existing.link.remote == (address, port):
-                        return existing
-                transport = Transport(await make_link(address, port), observer)
-                transports.append(transport)
-                await nursery.start(transport.run)
-                return transport
-
-            for name in methods:
-                if name == "pcp":
-                    broker_methods[name] = PcpMethod(await transport_for(server), server, rng=rng)
-                elif name == "natpmp":
-                    broker_methods[name] = NatPmpMethod(
-                        await transport_for(gateway_address), gateway_address
-                    )
-                else:
-                    from portbroker.methods.upnp import UpnpMethod
-
-                    broker_methods[name] = UpnpMethod(
-                        gateway_address, ssdp_port=upnp_port, multicast=ssdp_multicast, rng=rng
-                    )
+        async with (
+            open_methods(
+                methods,
+                gateway=gateway_address,
+                pcp_server=server,
+                port=port,
+                upnp_port=upnp_port,
+                ssdp_multicast=ssdp_multicast,
+                rng=rng,
+                observe=observe,
+                report=report,
+                link_factory=link_factory,
+            ) as method_set,
+            trio.open_nursery() as nursery,
+        ):
             broker = Broker(
                 gateway=gateway_address,
                 nursery=nursery,
-                methods=broker_methods,
-                transport=transports[0] if transports else None,
+                method_set=method_set,
                 probe_timeout=probe_timeout,
                 recovery_delay=recovery_delay,
                 rng=rng,
             )
-            upnp = broker_methods.get("upnp")
-            if upnp is not None:
-                # The UPnP analogue of a failed epoch check (entry gone, BOOTID or
-                # uptime moved) reaches the broker the same way.
-                upnp.on_state_lost = lambda reason: broker.state_lost("upnp", reason)  # type: ignore[attr-defined]
             await nursery.start(broker._scheduler)
-            if announce_port is not None and transports:
-                await nursery.start(broker.listen_announcements, announce_port, port)
+            if announce_port is not None and method_set.transports:
+                await nursery.start(_listen, broker, announce_port, port)
             try:
                 yield broker
             finally:
@@ -763,10 +880,3 @@ async def open_broker(
                 for channel in broker._subscribers:
                     channel.close()
                 nursery.cancel_scope.cancel()
-                for transport in transports:
-                    transport.link.close()
-                for method in broker_methods.values():
-                    close = getattr(method, "aclose", None)
-                    if close is not None:
-                        with trio.CancelScope(shield=True):
-                            await close()

@@ -1,4 +1,4 @@
-"""Did the gateway lose its mapping state? Epoch rules, as pure functions.
+"""Did the gateway lose its mapping state? Epoch rules and the per-gateway tracker.
 
 Every PCP and NAT-PMP response carries the server's epoch: seconds since its
 mapping state was created. It restarts from 0 when the state is lost (reboot,
@@ -33,12 +33,16 @@ import attrs
 from portbroker.wire._fields import uint
 
 __all__ = [
+    "CONFIRM_INTERVAL",
     "BootIdSeen",
+    "Confirm",
     "EntryMissing",
     "EpochCheck",
     "EpochObservation",
+    "EpochTracker",
     "GatewaySignal",
     "SignalSink",
+    "StateLoss",
     "UptimeSeen",
     "check_natpmp_epoch",
     "check_pcp_epoch",
@@ -154,3 +158,139 @@ class EntryMissing:
 
 GatewaySignal = BootIdSeen | UptimeSeen | EntryMissing
 SignalSink = Callable[[GatewaySignal], None]
+
+
+# -- the tracker ----------------------------------------------------------------
+
+# At most one confirmation request per this many seconds: an unsolicited
+# message is a hint, and a flood of spoofed ones (any on-link host can send
+# them, RFC 6887 §14.1.1 / RFC 6886 §3.2.1) must cost a bounded number of
+# requests to the gateway.
+CONFIRM_INTERVAL = 2.0
+
+
+@attrs.frozen
+class StateLoss:
+    """One incident: the gateway (the whole box) forgot its mappings."""
+
+    reason: str
+    at: float
+
+
+@attrs.frozen
+class Confirm:
+    """An unsolicited message hinted at a change: ask the gateway before believing it.
+
+    *families* are the protocols whose solicited answer can settle it (those
+    with an epoch to compare against), most telling first; empty when none
+    has one yet, in which case the broker re-checks the mappings themselves.
+    """
+
+    reason: str
+    families: tuple[str, ...]
+
+
+Verdict = StateLoss | Confirm | None
+
+
+@attrs.define
+class EpochTracker:
+    """Decides, for one gateway, when its mapping state was lost. Sans-IO.
+
+    Fed by every PCP and NAT-PMP response (:meth:`epoch`), NAT-PMP address
+    announcements (:meth:`address_announced`) and what the UPnP method saw
+    (:meth:`signal`). Its rules:
+
+    - **Facts and hints.** A solicited response (one that answers a request we
+      sent) is a fact: its epoch is checked (RFC 6887 §8.5, RFC 6886 §3.6) and
+      becomes the baseline. An unsolicited one (an ANNOUNCE, an address
+      announcement, a reply nobody waited for) is only a hint: if it would
+      mean a loss, the answer is :class:`Confirm` — at most one per
+      :data:`CONFIRM_INTERVAL` — and it never moves the baseline.
+    - **One box, one incident.** PCP, NAT-PMP and UPnP on one gateway share
+      its fate (miniupnpd restarts all three at once, and announces it only
+      with a PCP ANNOUNCE), so a loss seen by any of them is one
+      :class:`StateLoss` for every mapping on the gateway; afterwards every
+      baseline starts again from the next answer, so the other protocols'
+      first post-restart answers are not a second incident.
+    - **UPnP**: a BOOTID.UPNP.ORG that changes, an uptime that goes back by more
+      than the NAT-PMP rule allows, or an entry reported missing (714) is a loss.
+    """
+
+    incidents: int = 0
+    last_incident: StateLoss | None = None
+    _epochs: dict[str, EpochObservation] = attrs.field(factory=dict)
+    _boot_id: int | None = None
+    _uptime: EpochObservation | None = None
+    _last_confirm: float | None = None
+
+    def has_baseline(self, family: str) -> bool:
+        return family in self._epochs
+
+    def epoch(self, family: str, epoch: int, now: float, *, solicited: bool) -> Verdict:
+        """A PCP (*family* "pcp") or NAT-PMP ("natpmp") response's epoch, seen at *now*."""
+        current = EpochObservation(epoch, now)
+        previous = self._epochs.get(family)
+        check = (check_pcp_epoch if family == "pcp" else check_natpmp_epoch)(previous, current)
+        if not solicited:
+            if check.state_lost:
+                assert previous is not None
+                return self._confirm(
+                    now,
+                    f"unsolicited {family} epoch {epoch} (expected about"
+                    f" {previous.server_epoch + math.floor(now - previous.client_time)})",
+                    family,
+                )
+            if previous is None:
+                # Nothing to compare with: an announcement of a (re)start is
+                # worth one look at the mappings, never a verdict.
+                return self._confirm(now, f"unsolicited {family} epoch {epoch}", family)
+            return None
+        self._epochs[family] = current
+        if check.state_lost:
+            assert previous is not None
+            return self._incident(
+                f"{family} epoch {check.value} ({previous.server_epoch} -> {epoch})", now
+            )
+        return None
+
+    def address_announced(self, address: object, now: float) -> Verdict:
+        """RFC 6886 §3.2.1: an unsolicited NAT-PMP external address announcement."""
+        return self._confirm(now, f"announced external address {address}", "natpmp")
+
+    def signal(self, signal: GatewaySignal) -> StateLoss | None:
+        """What the UPnP method saw."""
+        if isinstance(signal, BootIdSeen):
+            previous_boot = self._boot_id
+            self._boot_id = signal.boot_id
+            if previous_boot is not None and previous_boot != signal.boot_id:
+                return self._incident(
+                    f"BOOTID.UPNP.ORG changed ({previous_boot} -> {signal.boot_id})", signal.at
+                )
+            return None
+        if isinstance(signal, UptimeSeen):
+            current = EpochObservation(max(0, min(signal.uptime, 2**32 - 1)), signal.at)
+            previous_uptime, self._uptime = self._uptime, current
+            if check_natpmp_epoch(previous_uptime, current).state_lost:
+                assert previous_uptime is not None
+                return self._incident(
+                    f"WAN uptime went down ({previous_uptime.server_epoch} s -> {signal.uptime} s)",
+                    signal.at,
+                )
+            return None
+        return self._incident(f"entry missing: {signal.detail}", signal.at)
+
+    def _confirm(self, now: float, reason: str, family: str) -> Confirm | None:
+        if self._last_confirm is not None and now - self._last_confirm < CONFIRM_INTERVAL:
+            return None
+        self._last_confirm = now
+        order = (family, *(f for f in ("pcp", "natpmp") if f != family))
+        return Confirm(reason, tuple(f for f in order if f in self._epochs))
+
+    def _incident(self, reason: str, now: float) -> StateLoss:
+        self.incidents += 1
+        self._epochs.clear()
+        self._boot_id = None
+        self._uptime = None
+        self.last_incident = StateLoss(reason, now)
+        return self.last_incident

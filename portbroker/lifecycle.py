@@ -1,32 +1,66 @@
-"""The life of one mapping, as a sans-IO state machine.
+"""The life of one mapping, as a sans-IO state machine that owns every rule.
 
-Rules (everything that changes a mapping's state lives in this file):
+The broker owns the clock and the network; this module owns every decision.
+The broker feeds a :class:`MappingLifecycle` a :class:`Trigger` with "now" (and
+the lease or the :class:`Failure` that an operation ended with), and
+:meth:`MappingLifecycle.fire` answers with a :class:`Step`: the events to
+publish and the **one next action** — sleep until a time, renew, re-create,
+delete, or stop. The broker executes actions and reports their outcome; it
+decides nothing (h11's rule: everything that changes state lives in the state
+module). Nothing here sleeps, sends or reads a clock, so every rule below is
+tested with plain numbers (``tests/test_lifecycle.py``).
 
-1. A mapping starts REQUESTING. The first grant makes it ACTIVE; a refusal
-   that retrying cannot fix makes it FAILED.
-2. An ACTIVE mapping is renewed on the RFC 6887 §11.2.1 schedule, whatever the
-   method: the first renewal at a uniformly random point between 1/2 and 5/8 of
-   the granted lifetime; after a failure, in [3/4, 3/4 + 1/16], then
-   [7/8, 7/8 + 1/32], each window half as far from expiry and half as wide;
-   attempts at least 4 s apart; none at or after expiry.
-3. A renewal that succeeds returns the mapping to ACTIVE with the new lease. One
-   that fails leaves it RENEWING until the next window; when no window is left
-   before expiry the mapping is LOST.
-4. A mapping is also LOST the moment its gateway is known to have lost state
-   (an epoch check failed, BOOTID changed, the entry vanished). A LOST mapping
-   is re-created (REQUESTING) after a random delay that spreads the burst of
-   re-creations from every host on the link (RFC 6887 §14.1, RFC 6886 §3.7:
-   0-5 s).
-5. Release is possible from every state but RELEASED and FAILED, and ends in
-   RELEASED whether or not the gateway confirmed the delete (a failed delete is
-   reported, and the lease runs out on its own).
+Rules:
 
-Theory of operation: the broker owns the clock and the network. It feeds this
-machine triggers (``GRANTED`` with the lease, ``REFUSED``, ``RENEW_FAILED``,
-``STATE_LOST``, ``RELEASE``...) together with "now", and the machine answers
-with the new state, the events to publish, and when it next wants to be woken
-(:attr:`MappingLifecycle.deadline`). Nothing here sleeps, sends or reads a
-clock, so every rule is tested with plain numbers.
+1. **Renewal schedule** (RFC 6887 §11.2.1, used for every method): the first
+   renewal at a uniformly random point in [1/2, 5/8] of the granted lifetime;
+   after a failure in [3/4, 3/4 + 1/16], then [7/8, 7/8 + 1/32]..., each window
+   half as far from expiry and half as wide; attempts at least 4 s apart; none
+   at or after expiry. A "not now" refusal (``retry_after``, RFC 6887 §8.3)
+   moves the next attempt to at least ``retry_after`` later.
+2. **Attempt budget**: one renewal may take ``max(4 s, remaining / 4)``, at most
+   60 s and never past the expiry (a renewal in flight must not hold back the
+   ``Lost`` event). A re-creation gets :attr:`MappingLifecycle.request_budget`.
+3. **Refused vs retry** (:func:`classify`): a :class:`~portbroker.errors.MappingError`
+   whose ``retry_after`` falls before the lease expires is "not now" (RETRY);
+   one without, or beyond the expiry, is REFUSED. MethodUnavailable is
+   UNAVAILABLE, NoAnswer and timeouts SILENT, anything else INTERNAL (a bug,
+   logged by the broker with its traceback, and treated like silence).
+4. **Renewal failures**: SILENT, RETRY and INTERNAL keep the mapping RENEWING
+   until the next window; with no window left it is LOST at expiry. REFUSED and
+   UNAVAILABLE make it LOST at once.
+5. **State loss**: the gateway forgot its mappings (one incident from the
+   :class:`~portbroker.epoch.EpochTracker`): ACTIVE and RENEWING become LOST. A
+   LOST mapping is re-created after a random delay in [0, recovery_delay]
+   (RFC 6887 §14.1, RFC 6886 §3.7: 0-5 s) that spreads the burst from every
+   host on the link.
+6. **Nonce reuse on re-creation**: the first re-creation after a state loss or
+   an unanswered renewal asks the same method with the previous lease (PCP:
+   same nonce, previous address and port suggested, RFC 6887 §11.2.1, §8.5;
+   NAT-PMP and UPnP: the previous external port). Once that has failed, or
+   after a refusal, the broker chooses the method afresh (a PCP server that
+   answers again still gets the nonce it last saw for that internal port:
+   the PCP method remembers it); after UNAVAILABLE the next try is at once.
+7. **Recovery backoff and its bound**: failed re-creations are retried after
+   :data:`RECOVERY_BACKOFF` (2 s, 5 s, 15 s, 30 s, 60 s, 120 s, then every
+   300 s), or ``retry_after`` if longer. A re-creation REFUSED for good ends in
+   FAILED at once; :data:`MAX_RECOVERY_ATTEMPTS` (20, about 75 minutes) failed
+   re-creations in a row end in FAILED too, with ``Failed(reason)``.
+8. **Release** deletes the lease (RELEASING) and ends in RELEASED with
+   ``Released(confirmed)`` whether or not the gateway confirmed (a lease that
+   was not deleted runs out on its own). **Detach** stops managing without
+   deleting and ends in RELEASED with ``Released(confirmed=False,
+   detached=True)``. RELEASED and FAILED are final: the event streams end.
+9. **Late triggers** (the documented exceptions to "a pair not in the table
+   raises"): an operation's outcome or a timer that carries a token other than
+   the current one was superseded (a state loss or a release overtook it) and is
+   ignored — except a grant that arrives after RELEASE or FAILED, whose lease is
+   deleted quietly (:class:`Delete` with ``quiet=True``) so that nothing we
+   created is left behind. Also ignored: STATE_LOST while a re-creation is in
+   flight or already pending (REQUESTING, LOST) or after the end (RELEASING,
+   RELEASED, FAILED); RELEASE and DETACH after the end; RECHECK outside ACTIVE.
+   Every other (state, trigger) pair outside :data:`TRANSITIONS` raises
+   :class:`LifecycleError`.
 """
 
 from __future__ import annotations
@@ -37,76 +71,113 @@ from typing import Any, Final
 
 import attrs
 
+from portbroker.errors import MappingError, MethodUnavailable, NoAnswer, PortBrokerError
 from portbroker.types import IPAddress, Lease
 
 __all__ = [
+    "MAX_RECOVERY_ATTEMPTS",
     "MIN_RENEWAL_GAP",
+    "RECOVERY_BACKOFF",
     "TRANSITIONS",
     "Acquired",
+    "Action",
+    "Delete",
     "ExternalAddressChanged",
     "Failed",
+    "Failure",
+    "FailureKind",
+    "LifecycleError",
     "Lost",
     "MappingEvent",
     "MappingLifecycle",
+    "Recreate",
     "Released",
+    "Renew",
     "Renewed",
     "Restored",
+    "Sleep",
     "State",
+    "Step",
+    "Stop",
     "Trigger",
+    "classify",
     "event_detail",
     "renewal_time",
 ]
 
 MIN_RENEWAL_GAP: Final = 4.0  # RFC 6887 §11.2.1: renewals at least 4 s apart
+RECOVERY_BACKOFF: Final = (2.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0)
+MAX_RECOVERY_ATTEMPTS: Final = 20
+MAX_RENEWAL_BUDGET: Final = 60.0
+
+
+class LifecycleError(PortBrokerError):
+    """A trigger the current state has no rule for: a bug in the caller (h11's LocalProtocolError)."""
 
 
 class State(enum.Enum):
-    REQUESTING = "requesting"
+    REQUESTING = "requesting"  # a create or re-create is in flight
     ACTIVE = "active"
-    RENEWING = "renewing"
-    LOST = "lost"
+    RENEWING = "renewing"  # a renewal is in flight, or the next attempt is pending
+    LOST = "lost"  # waiting to re-create
+    RELEASING = "releasing"  # the delete is in flight
     RELEASED = "released"
     FAILED = "failed"
 
 
 class Trigger(enum.Enum):
-    GRANTED = "granted"  # the gateway granted (create, renew or re-create)
-    REFUSED = "refused"  # the gateway refused, and retrying will not help
-    RENEW_DUE = "renew-due"  # a renewal window opened
-    RENEW_FAILED = "renew-failed"  # a renewal got no grant (error or silence)
-    EXPIRED = "expired"  # no renewal window left before expiry
-    STATE_LOST = "state-lost"  # the gateway forgot its mappings
-    RECREATE_DUE = "recreate-due"  # the random recovery delay is over
-    RECREATE_FAILED = "recreate-failed"  # re-creating a lost mapping did not work (yet)
-    RELEASE = "release"  # the app is done
+    GRANTED = "granted"  # an operation got a lease (create, renew, re-create)
+    FAILED = "failed"  # an operation failed; the Failure says how
+    TIMER = "timer"  # the current Sleep ended
+    STATE_LOST = "state-lost"  # the gateway forgot its mappings (one incident)
+    RECHECK = "recheck"  # the lease may be stale (external address announced): renew now
+    RELEASE = "release"  # the app is done: delete it
+    DETACH = "detach"  # stop managing it, leave it on the gateway
+    DELETED = "deleted"  # the delete finished (``confirmed`` says whether it worked)
 
 
-# (state, trigger) -> new state. Pairs not listed are ignored: a trigger that
-# arrives late (a grant after release, a renewal timer after loss) changes
-# nothing.
-TRANSITIONS: Final[dict[tuple[State, Trigger], State]] = {
+# (state, trigger) -> new state, for the triggers of the current token. What a
+# handler may refine (a failure's kind picks between two of these) is noted.
+TRANSITIONS: Final[dict[tuple[State, Trigger], State | tuple[State, ...]]] = {
     (State.REQUESTING, Trigger.GRANTED): State.ACTIVE,
-    (State.REQUESTING, Trigger.REFUSED): State.FAILED,
-    (State.REQUESTING, Trigger.STATE_LOST): State.REQUESTING,
-    (State.REQUESTING, Trigger.RELEASE): State.RELEASED,
-    (State.REQUESTING, Trigger.RECREATE_FAILED): State.LOST,
-    (State.ACTIVE, Trigger.RENEW_DUE): State.RENEWING,
-    (State.ACTIVE, Trigger.GRANTED): State.ACTIVE,
+    (State.REQUESTING, Trigger.FAILED): (State.LOST, State.FAILED),
+    (State.REQUESTING, Trigger.RELEASE): State.RELEASING,
+    (State.REQUESTING, Trigger.DETACH): State.RELEASED,
+    (State.ACTIVE, Trigger.TIMER): State.RENEWING,
+    (State.ACTIVE, Trigger.RECHECK): State.RENEWING,
     (State.ACTIVE, Trigger.STATE_LOST): State.LOST,
-    (State.ACTIVE, Trigger.EXPIRED): State.LOST,
-    (State.ACTIVE, Trigger.RELEASE): State.RELEASED,
+    (State.ACTIVE, Trigger.RELEASE): State.RELEASING,
+    (State.ACTIVE, Trigger.DETACH): State.RELEASED,
     (State.RENEWING, Trigger.GRANTED): State.ACTIVE,
-    (State.RENEWING, Trigger.RENEW_FAILED): State.RENEWING,
-    (State.RENEWING, Trigger.RENEW_DUE): State.RENEWING,
-    (State.RENEWING, Trigger.REFUSED): State.LOST,
-    (State.RENEWING, Trigger.EXPIRED): State.LOST,
+    (State.RENEWING, Trigger.FAILED): (State.RENEWING, State.LOST),
+    (State.RENEWING, Trigger.TIMER): (State.RENEWING, State.LOST),
     (State.RENEWING, Trigger.STATE_LOST): State.LOST,
-    (State.RENEWING, Trigger.RELEASE): State.RELEASED,
-    (State.LOST, Trigger.RECREATE_DUE): State.REQUESTING,
-    (State.LOST, Trigger.GRANTED): State.ACTIVE,
-    (State.LOST, Trigger.STATE_LOST): State.LOST,
-    (State.LOST, Trigger.RELEASE): State.RELEASED,
+    (State.RENEWING, Trigger.RELEASE): State.RELEASING,
+    (State.RENEWING, Trigger.DETACH): State.RELEASED,
+    (State.LOST, Trigger.TIMER): State.REQUESTING,
+    (State.LOST, Trigger.RELEASE): (State.RELEASING, State.RELEASED),
+    (State.LOST, Trigger.DETACH): State.RELEASED,
+    (State.RELEASING, Trigger.DELETED): State.RELEASED,
 }
+
+# Pairs that are ignored on purpose (rule 9), whatever the token.
+_IGNORED: Final = frozenset(
+    {
+        (State.REQUESTING, Trigger.STATE_LOST),
+        (State.LOST, Trigger.STATE_LOST),
+        (State.RELEASING, Trigger.STATE_LOST),
+        (State.RELEASED, Trigger.STATE_LOST),
+        (State.FAILED, Trigger.STATE_LOST),
+        (State.RELEASING, Trigger.RELEASE),
+        (State.RELEASED, Trigger.RELEASE),
+        (State.FAILED, Trigger.RELEASE),
+        (State.RELEASING, Trigger.DETACH),
+        (State.RELEASED, Trigger.DETACH),
+        (State.FAILED, Trigger.DETACH),
+        *((s, Trigger.RECHECK) for s in State if s is not State.ACTIVE),
+    }
+)
+_OUTCOMES: Final = frozenset({Trigger.GRANTED, Trigger.FAILED, Trigger.DELETED, Trigger.TIMER})
 
 
 # -- events -------------------------------------------------------------------
@@ -149,12 +220,15 @@ class Restored:
 
 @attrs.frozen
 class Released:
+    """The end of a mapping the app released (or detached): the last event."""
+
     confirmed: bool  # the gateway acknowledged the delete
+    detached: bool = False  # left on the gateway on purpose (Broker.detach)
 
 
 @attrs.frozen
 class Failed:
-    """The mapping could not be created; ``reason`` says why."""
+    """The mapping could not be kept; ``reason`` says why. The last event."""
 
     reason: str
 
@@ -165,11 +239,115 @@ MappingEvent = Acquired | Renewed | ExternalAddressChanged | Lost | Restored | R
 def event_detail(event: MappingEvent) -> dict[str, Any]:
     """An event's fields other than its lease, as JSON values."""
     detail: dict[str, Any] = {}
-    for name in ("reason", "confirmed", "old_address", "old_port"):
+    for name in ("reason", "confirmed", "detached", "old_address", "old_port"):
         if hasattr(event, name):
             value = getattr(event, name)
+            if name == "detached" and not value:
+                continue  # only said when true: a plain release reads as before
             detail[name] = value if isinstance(value, bool | int | None) else str(value)
     return detail
+
+
+# -- failures -------------------------------------------------------------------
+
+
+class FailureKind(enum.Enum):
+    REFUSED = "refused"  # the gateway said no; the same request will get no again
+    RETRY = "retry"  # the gateway said "not now" (retry_after)
+    UNAVAILABLE = "unavailable"  # this method is no use with this gateway now
+    SILENT = "silent"  # no answer within the budget
+    INTERNAL = "internal"  # an unexpected exception: a bug, treated like silence
+
+
+@attrs.frozen
+class Failure:
+    """How an operation failed, in the terms the rules need."""
+
+    kind: FailureKind
+    reason: str
+    retry_after: float | None = None
+
+
+def classify(error: BaseException, *, expires_in: float | None = None) -> Failure:
+    """Rule 3: what an exception from a method means for the mapping.
+
+    *expires_in* is how long the current lease has left (None when there is
+    none): a ``retry_after`` beyond it cannot save this lease, so it is a
+    refusal.
+    """
+    if isinstance(error, MappingError):
+        retry = error.retry_after
+        if retry is not None and (expires_in is None or retry < expires_in):
+            return Failure(FailureKind.RETRY, str(error), retry)
+        return Failure(FailureKind.REFUSED, str(error), retry)
+    if isinstance(error, MethodUnavailable):
+        return Failure(FailureKind.UNAVAILABLE, str(error))
+    if isinstance(error, NoAnswer):
+        return Failure(FailureKind.SILENT, str(error))
+    if isinstance(error, PortBrokerError):
+        return Failure(FailureKind.SILENT, str(error))
+    return Failure(FailureKind.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+
+
+# -- actions --------------------------------------------------------------------
+
+
+@attrs.frozen
+class Sleep:
+    """Fire TIMER (with this token) at *until*."""
+
+    until: float
+    token: int
+
+
+@attrs.frozen
+class Renew:
+    """Send a renewal of *lease* now (create with the lease as the previous one)."""
+
+    lease: Lease
+    budget: float
+    token: int
+
+
+@attrs.frozen
+class Recreate:
+    """Create the mapping again now.
+
+    With *previous*, ask *previous.method* with it (same nonce and port);
+    without, let the broker choose the method afresh.
+    """
+
+    previous: Lease | None
+    budget: float
+    token: int
+
+
+@attrs.frozen
+class Delete:
+    """Delete *lease* now. Report DELETED unless *quiet* (an orphan's cleanup)."""
+
+    lease: Lease
+    token: int
+    quiet: bool = False
+
+
+@attrs.frozen
+class Stop:
+    """Nothing more to do: the mapping ended (RELEASED or FAILED)."""
+
+
+Action = Sleep | Renew | Recreate | Delete | Stop
+
+
+@attrs.frozen
+class Step:
+    """What :meth:`MappingLifecycle.fire` answers: publish *events*, then do *action*.
+
+    *action* is None when the trigger changed nothing (a late trigger).
+    """
+
+    events: list[MappingEvent]
+    action: Action | None
 
 
 def renewal_time(
@@ -196,95 +374,138 @@ def renewal_time(
     return when
 
 
+def renewal_budget(lease: Lease, now: float) -> float:
+    """Rule 2: how long one renewal attempt may take."""
+    remaining = lease.expires_at - now
+    return max(0.1, min(MAX_RENEWAL_BUDGET, max(4.0, remaining / 4), remaining))
+
+
 @attrs.define
 class MappingLifecycle:
-    """One mapping's state, lease and next deadline. Drive it with :meth:`fire`."""
+    """One mapping's state, lease and rules. Drive it with :meth:`fire`.
+
+    It starts REQUESTING with token 0: the broker's first create is that
+    operation, and its GRANTED (token 0) makes the mapping ACTIVE.
+    """
 
     rng: random.Random = attrs.field(factory=random.Random)
     recovery_delay: float = 5.0
+    request_budget: float = 8.0
     state: State = State.REQUESTING
     lease: Lease | None = None
-    deadline: float | None = None  # when the broker should act on :attr:`timer_trigger`
+    token: int = 0
     renew_attempt: int = 0
     last_attempt_at: float | None = None
+    recovery_failures: int = 0
+    last_failure: Failure | None = None
     ever_granted: bool = False
-
-    @property
-    def timer_trigger(self) -> Trigger | None:
-        """What the broker fires when :attr:`deadline` comes."""
-        if self.state in (State.ACTIVE, State.RENEWING):
-            return Trigger.EXPIRED if self.expired else Trigger.RENEW_DUE
-        if self.state is State.LOST:
-            return Trigger.RECREATE_DUE
-        return None
-
-    @property
-    def expired(self) -> bool:
-        """True when the renewal schedule has run out and the deadline is the expiry."""
-        return (
-            self.lease is not None
-            and self.deadline is not None
-            and self.deadline >= self.lease.expires_at
-        )
+    detached: bool = False
+    deadline: float | None = None  # the current Sleep's end, for inspection
+    sleeping: bool = False  # the current token is a Sleep's (else an operation's)
 
     def fire(
         self,
         trigger: Trigger,
         now: float,
         *,
+        token: int | None = None,
         lease: Lease | None = None,
+        failure: Failure | None = None,
         reason: str = "",
-        retry_in: float = 30.0,
-    ) -> list[MappingEvent]:
-        """Apply *trigger* at time *now*; return the events to publish.
+        confirmed: bool = False,
+    ) -> Step:
+        """Apply *trigger* at time *now*.
 
-        *lease* goes with GRANTED; *reason* with REFUSED, STATE_LOST and
-        EXPIRED; *retry_in* with RECREATE_FAILED (seconds until the next try).
+        Outcome triggers (GRANTED, FAILED, DELETED, TIMER) carry the *token* of
+        the action they answer; GRANTED carries the *lease*, FAILED the
+        *failure*, STATE_LOST the *reason*, DELETED *confirmed*.
+
+        Raises:
+            LifecycleError: a (state, trigger) pair with no rule (rule 9).
         """
-        new_state = TRANSITIONS.get((self.state, trigger))
-        if new_state is None:
-            return []
-        old_state, self.state = self.state, new_state
-        if trigger is Trigger.GRANTED:
-            assert lease is not None, "GRANTED needs the lease"
-            return self._granted(old_state, lease, now)
-        if trigger is Trigger.RENEW_DUE:
-            self.last_attempt_at = now
-            self.deadline = None  # the broker reports the outcome
-        elif trigger is Trigger.RENEW_FAILED:
-            self._schedule_retry(now)
-        elif trigger is Trigger.RECREATE_DUE:
-            self.deadline = None
-        elif trigger is Trigger.RECREATE_FAILED:
-            self.deadline = now + retry_in
-        elif new_state is State.FAILED:
-            self.deadline = None
-            return [Failed(reason or "refused")]
-        elif new_state is State.LOST:
-            if old_state is State.LOST:
-                return []  # already recovering; keep the pending deadline
-            self.deadline = now + self.rng.uniform(0.0, self.recovery_delay)
-            return [Lost(reason or trigger.value)]
-        elif new_state is State.RELEASED:
-            self.deadline = None
-        return []
+        if trigger in _OUTCOMES:
+            if token is None:
+                raise LifecycleError(f"{trigger.value} needs the token of its action")
+            if token != self.token:
+                return self._late(trigger, lease)
+            if (trigger is Trigger.TIMER) != self.sleeping:
+                # A timer while an operation is in flight, or an operation's
+                # outcome while sleeping: the token names the other kind.
+                raise LifecycleError(f"no rule for {trigger.value} in state {self.state.value}")
+        if (self.state, trigger) in _IGNORED:
+            return Step([], None)
+        if (self.state, trigger) not in TRANSITIONS:
+            raise LifecycleError(f"no rule for {trigger.value} in state {self.state.value}")
+        handler = getattr(self, f"_on_{trigger.name.lower()}")
+        step: Step = handler(now, lease=lease, failure=failure, reason=reason, confirmed=confirmed)
+        return step
 
-    def _granted(self, old_state: State, lease: Lease, now: float) -> list[MappingEvent]:
-        previous, self.lease = self.lease, lease
-        self.renew_attempt = 0
-        self.last_attempt_at = None
-        self.deadline = renewal_time(
+    # -- helpers --------------------------------------------------------------
+
+    def _next_token(self) -> int:
+        self.token += 1
+        return self.token
+
+    def _sleep(self, until: float) -> Sleep:
+        self.deadline = until
+        self.sleeping = True
+        return Sleep(until, self._next_token())
+
+    def _busy(self) -> int:
+        self.deadline = None
+        self.sleeping = False
+        return self._next_token()
+
+    def _late(self, trigger: Trigger, lease: Lease | None) -> Step:
+        # Rule 9: a superseded outcome. Only a grant after the end needs work:
+        # it may have created a mapping nobody holds.
+        if (
+            trigger is Trigger.GRANTED
+            and lease is not None
+            and not self.detached
+            and self.state in (State.RELEASING, State.RELEASED, State.FAILED)
+        ):
+            return Step([], Delete(lease, self.token, quiet=True))
+        return Step([], None)
+
+    def _schedule_renewal(self, now: float) -> Sleep:
+        assert self.lease is not None
+        lease = self.lease
+        when = renewal_time(
             lease.granted_at, lease.lifetime, 0, self.rng, not_before=now + MIN_RENEWAL_GAP
         )
-        if self.deadline is None:
+        if when is None:
             # A lifetime too short for the 4 s gap: renew at half-life rather
             # than let it lapse.
-            self.deadline = lease.granted_at + lease.lifetime / 2
+            when = max(now, lease.granted_at + lease.lifetime / 2)
+        return self._sleep(when)
+
+    def _lost(self, now: float, reason: str) -> Step:
+        self.state = State.LOST
+        self.recovery_failures = 0
+        return Step([Lost(reason)], self._sleep(now + self.rng.uniform(0.0, self.recovery_delay)))
+
+    def _final(self, state: State, events: list[MappingEvent]) -> Step:
+        self.state = state
+        self._busy()
+        return Step(events, Stop())
+
+    # -- handlers, one per trigger ----------------------------------------------
+
+    def _on_granted(self, now: float, *, lease: Lease | None, **_: Any) -> Step:
+        if lease is None:
+            raise LifecycleError("GRANTED needs the lease")
+        old_state, previous = self.state, self.lease
+        self.state, self.lease = State.ACTIVE, lease
+        self.renew_attempt = 0
+        self.last_attempt_at = None
+        self.recovery_failures = 0
+        self.last_failure = None
         events: list[MappingEvent] = []
         if not self.ever_granted:
             self.ever_granted = True
             events.append(Acquired(lease))
-        elif old_state in (State.LOST, State.REQUESTING):
+        elif old_state is State.REQUESTING:
             events.append(Restored(lease))
         else:
             events.append(Renewed(lease))
@@ -295,19 +516,92 @@ class MappingLifecycle:
             events.append(
                 ExternalAddressChanged(previous.external_address, previous.external_port, lease)
             )
-        return events
+        return Step(events, self._schedule_renewal(now))
 
-    def _schedule_retry(self, now: float) -> None:
+    def _on_timer(self, now: float, **_: Any) -> Step:
+        if self.state is State.ACTIVE:
+            return self._start_renewal(now)
+        if self.state is State.RENEWING:
+            assert self.lease is not None
+            if now >= self.lease.expires_at:
+                why = self.last_failure.reason if self.last_failure else "no answer"
+                return self._lost(now, f"lease expired unrenewed ({why})")
+            return self._start_renewal(now)
+        # LOST: the recovery delay is over (rule 6).
+        self.state = State.REQUESTING
+        failure = self.last_failure
+        reuse = self.lease is not None and (
+            failure is None or (failure.kind is FailureKind.SILENT and self.recovery_failures == 0)
+        )
+        return Step([], Recreate(self.lease if reuse else None, self.request_budget, self._busy()))
+
+    def _start_renewal(self, now: float) -> Step:
+        assert self.lease is not None
+        self.state = State.RENEWING
+        self.last_attempt_at = now
+        return Step([], Renew(self.lease, renewal_budget(self.lease, now), self._busy()))
+
+    def _on_recheck(self, now: float, **_: Any) -> Step:
+        return self._start_renewal(now)
+
+    def _on_failed(self, now: float, *, failure: Failure | None, **_: Any) -> Step:
+        if failure is None:
+            raise LifecycleError("FAILED needs the failure")
+        self.last_failure = failure
+        if self.state is State.RENEWING:
+            if failure.kind in (FailureKind.REFUSED, FailureKind.UNAVAILABLE):
+                return self._lost(now, f"renewal refused: {failure.reason}")
+            return self._retry_renewal(now, failure)
+        # REQUESTING: a re-creation failed (rule 7).
+        if failure.kind is FailureKind.REFUSED:
+            return self._final(State.FAILED, [Failed(f"re-creation refused: {failure.reason}")])
+        self.recovery_failures += 1
+        if self.recovery_failures >= MAX_RECOVERY_ATTEMPTS:
+            return self._final(
+                State.FAILED,
+                [
+                    Failed(
+                        f"gave up after {self.recovery_failures} failed re-creations:"
+                        f" {failure.reason}"
+                    )
+                ],
+            )
+        self.state = State.LOST
+        if failure.kind is FailureKind.UNAVAILABLE:
+            # The previous method is gone: choose afresh, at once.
+            return Step([], self._sleep(now))
+        index = min(self.recovery_failures, len(RECOVERY_BACKOFF)) - 1
+        return Step([], self._sleep(now + max(RECOVERY_BACKOFF[index], failure.retry_after or 0.0)))
+
+    def _retry_renewal(self, now: float, failure: Failure) -> Step:
         assert self.lease is not None
         self.renew_attempt += 1
         not_before = max((self.last_attempt_at or now) + MIN_RENEWAL_GAP, now)
-        self.deadline = renewal_time(
+        if failure.retry_after is not None:
+            not_before = max(not_before, now + failure.retry_after)
+        when = renewal_time(
             self.lease.granted_at,
             self.lease.lifetime,
             self.renew_attempt,
             self.rng,
             not_before=not_before,
         )
-        if self.deadline is None:
-            # No window left before expiry: wake at expiry to declare it LOST.
-            self.deadline = self.lease.expires_at
+        # No window left before expiry: wake at expiry to declare it LOST.
+        return Step([], self._sleep(when if when is not None else self.lease.expires_at))
+
+    def _on_state_lost(self, now: float, *, reason: str, **_: Any) -> Step:
+        self.last_failure = None
+        return self._lost(now, reason or "the gateway lost its mappings")
+
+    def _on_release(self, now: float, **_: Any) -> Step:
+        if self.lease is None:
+            return self._final(State.RELEASED, [Released(False)])
+        self.state = State.RELEASING
+        return Step([], Delete(self.lease, self._busy()))
+
+    def _on_detach(self, now: float, **_: Any) -> Step:
+        self.detached = True
+        return self._final(State.RELEASED, [Released(False, detached=True)])
+
+    def _on_deleted(self, now: float, *, confirmed: bool, **_: Any) -> Step:
+        return self._final(State.RELEASED, [Released(confirmed)])

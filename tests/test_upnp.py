@@ -288,9 +288,13 @@ async def test_renewal_notices_a_vanished_entry_and_restores_it() -> None:
     igd = FakeIgd(MINIUPNPD_V2)
     async with trio.open_nursery() as nursery:
         await nursery.start(igd.serve)
-        method = UpnpMethod(IPv4Address("127.0.0.1"), ssdp_port=igd.ssdp_port, multicast=False)
         losses: list[str] = []
-        method.on_state_lost = losses.append
+        method = UpnpMethod(
+            IPv4Address("127.0.0.1"),
+            ssdp_port=igd.ssdp_port,
+            multicast=False,
+            report=lambda signal: losses.append(getattr(signal, "detail", "")),
+        )
         request = MappingRequest(8080, "tcp", 3600)
         lease = await method.create(request, None)
         igd.reboot()

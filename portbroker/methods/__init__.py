@@ -2,32 +2,41 @@
 
 Only this package knows protocol details. Everything above it speaks
 :class:`~portbroker.types.MappingRequest`, :class:`~portbroker.types.Lease`
-and :class:`~portbroker.types.ProbeOutcome`.
+and :class:`~portbroker.types.ProbeOutcome`. :func:`open_methods` is the one
+place that builds methods and the transports they share.
 """
 
 from __future__ import annotations
 
+import contextlib
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
 
+import attrs
+import trio
+
+from portbroker.epoch import SignalSink
+from portbroker.transport import DatagramLink, Response, Transport, open_udp_link
 from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome
 
-__all__ = ["Method"]
+__all__ = ["LinkFactory", "Method", "MethodSet", "ResponseObserver", "open_methods"]
 
 
 class Method(Protocol):
-    """What every backend provides (design.md, "The Method protocol").
+    """What every backend provides (docs/architecture.md, "Methods").
 
     ``create`` with a *previous* lease is a renewal or a re-creation: PCP
     reuses the nonce and suggests the assigned address and port; NAT-PMP asks
     for the same external port; UPnP adds the same entry again.
 
     Errors: :class:`~portbroker.errors.MethodUnavailable` when the gateway does
-    not speak the method (closed port, version-0 reply, no IGD),
-    :class:`~portbroker.errors.MappingError` when it refused the request,
-    :class:`~portbroker.errors.NoAnswer` when it stayed silent. All are
-    cancellation-safe: cancelling a call leaves no waiter behind (a request
-    that reached the gateway may still have created a mapping, which the
-    broker deletes when it can name it).
+    not speak the method or will not serve this client (closed port, version-0
+    reply, no IGD, a local socket failure), :class:`~portbroker.errors.MappingError`
+    when it refused this request, :class:`~portbroker.errors.NoAnswer` when it
+    stayed silent. All are cancellation-safe: cancelling a call leaves no
+    waiter behind (a request that reached the gateway may still have created a
+    mapping, which the broker deletes when it can name it).
     """
 
     name: str
@@ -39,3 +48,90 @@ class Method(Protocol):
     async def delete(self, lease: Lease) -> None: ...
 
     async def external_address(self) -> IPAddress: ...
+
+
+LinkFactory = Callable[[IPAddress, int], Awaitable[DatagramLink]]
+# (server address, response, now, solicited): every PCP / NAT-PMP response.
+ResponseObserver = Callable[[IPAddress, Response, float, bool], None]
+
+
+@attrs.define
+class MethodSet:
+    """The methods of one broker, most preferred first, and the transports under them."""
+
+    methods: dict[str, Method]
+    transports: dict[IPAddress, Transport]
+
+    def transport_of(self, method: str) -> Transport | None:
+        """The transport *method* sends on (None for UPnP, which has its own sockets)."""
+        found = self.methods.get(method)
+        transport = getattr(found, "transport", None)
+        return transport if isinstance(transport, Transport) else None
+
+
+@contextlib.asynccontextmanager
+async def open_methods(
+    names: Sequence[str],
+    *,
+    gateway: IPAddress,
+    pcp_server: IPAddress,
+    port: int,
+    upnp_port: int,
+    ssdp_multicast: bool,
+    rng: random.Random,
+    observe: ResponseObserver,
+    report: SignalSink,
+    link_factory: LinkFactory | None = None,
+) -> AsyncIterator[MethodSet]:
+    """Build the methods named in *names* and run their transports until exit.
+
+    PCP and NAT-PMP share one transport per server address (one connected UDP
+    socket to port 5351); every response on it is shown to *observe*. UPnP
+    reports what it sees (BOOTID, uptime, missing entries) to *report*.
+    """
+    from portbroker.methods.natpmp import NatPmpMethod
+    from portbroker.methods.pcp import PcpMethod
+
+    make_link = link_factory or open_udp_link
+    transports: dict[IPAddress, Transport] = {}
+    methods: dict[str, Method] = {}
+    async with trio.open_nursery() as nursery:
+        try:
+
+            async def transport_for(address: IPAddress) -> Transport:
+                if address not in transports:
+
+                    def observer(response: Response, now: float, matched: bool) -> None:
+                        observe(address, response, now, matched)
+
+                    transport = Transport(await make_link(address, port), observer)
+                    transports[address] = transport
+                    await nursery.start(transport.run)
+                return transports[address]
+
+            for name in names:
+                if name == "pcp":
+                    methods[name] = PcpMethod(await transport_for(pcp_server), pcp_server, rng=rng)
+                elif name == "natpmp":
+                    methods[name] = NatPmpMethod(await transport_for(gateway), gateway)
+                else:
+                    # miniupnpc is imported only when UPnP is asked for.
+                    from portbroker.methods.upnp import UpnpMethod
+
+                    methods[name] = UpnpMethod(
+                        gateway,
+                        ssdp_port=upnp_port,
+                        multicast=ssdp_multicast,
+                        rng=rng,
+                        report=report,
+                    )
+            yield MethodSet(methods, transports)
+        finally:
+            nursery.cancel_scope.cancel()
+            for transport in transports.values():
+                transport.link.close()
+            for method in methods.values():
+                close = getattr(method, "aclose", None)
+                if close is not None:
+                    with trio.CancelScope(shield=True):
+                        await close()

@@ -35,6 +35,7 @@ import attrs
 import trio
 
 from portbroker._util import collapse_single
+from portbroker.epoch import EntryMissing, SignalSink
 from portbroker.errors import (
     MalformedMessage,
     MappingError,
@@ -117,8 +118,10 @@ class UpnpMethod:
         multicast: bool = True,
         rng: random.Random | None = None,
         description: str = "portbroker",
+        report: SignalSink | None = None,
     ) -> None:
         self.gateway = gateway
+        self.report = report
         self.ssdp_port = ssdp_port
         # Multicast searches go to the whole link; loopback has no link to search.
         self.multicast = (
@@ -131,7 +134,6 @@ class UpnpMethod:
         self.last_uptime: int | None = None
         self.last_boot_id: int | None = None
         self.last_external_address: IPAddress | None = None
-        self.on_state_lost: Callable[[str], None] | None = None
 
     # -- SSDP -----------------------------------------------------------------
 
@@ -301,8 +303,9 @@ class UpnpMethod:
         self._igd = None
 
     def _lost(self, reason: str) -> None:
-        if self.on_state_lost is not None:
-            self.on_state_lost(reason)
+        # Interim: every UPnP loss is reported as one signal to the tracker.
+        if self.report is not None:
+            self.report(EntryMissing(reason, trio.current_time()))
 
     async def external_address(self) -> IPAddress:
         igd = await self._ensure_igd()
