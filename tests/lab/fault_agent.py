@@ -16,7 +16,9 @@ releases everything and prints ``Done``.
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import signal
 import sys
 from typing import Any
 
@@ -95,4 +97,6 @@ async def main(config: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
+    # A test that waits in vain sends SIGUSR1: every thread's stack goes to stderr.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     trio.run(main, json.loads(sys.argv[1]))

@@ -9,10 +9,13 @@ them.
 from __future__ import annotations
 
 import json
+import os
 import re
 import select
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -51,25 +54,44 @@ def stop(process: subprocess.Popen[Any], timeout: float = 30) -> None:
 class Agent:
     """A ``fault_agent.py`` broker in the lan namespace, read line by line."""
 
-    def __init__(self, process: subprocess.Popen[str]) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], stderr: Path) -> None:
         self.process = process
+        self.stderr = stderr  # a file, not a pipe: a chatty agent never blocks on it
         self.seen: list[dict[str, Any]] = []
+        self._buffer = b""
+
+    def stderr_text(self) -> str:
+        return self.stderr.read_text(errors="replace")
 
     def next(self, timeout: float) -> dict[str, Any] | None:
         """The next event line, or None when *timeout* passes first."""
         assert self.process.stdout is not None
-        ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, timeout))
-        if not ready:
-            return None
-        text = self.process.stdout.readline()
-        if not text:
-            assert self.process.stderr is not None
-            raise AssertionError(
-                f"the agent ended early; its stderr:\n{self.process.stderr.read()}"
-            )
+        # Our own buffer over the raw pipe: select() cannot see lines that a
+        # buffered reader already pulled in.
+        fd = self.process.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                self.process.wait()
+                raise AssertionError(f"the agent ended early; its stderr:\n{self.stderr_text()}")
+            self._buffer += chunk
+        text, _, self._buffer = self._buffer.partition(b"\n")
         event: dict[str, Any] = json.loads(text)
         self.seen.append(event)
         return event
+
+    def stacks(self) -> str:
+        """The agent's thread stacks (faulthandler on SIGUSR1), for a test that waited in vain."""
+        if self.process.poll() is not None:
+            return "(the agent has ended)"
+        before = len(self.stderr_text())
+        os.kill(self.process.pid, signal.SIGUSR1)
+        time.sleep(0.5)
+        return self.stderr_text()[before:]
 
     def until(self, kind: str, timeout: float) -> dict[str, Any]:
         """Read events up to and including the first of *kind*; fail (never hang) after *timeout*."""
@@ -100,6 +122,7 @@ class Agent:
         except AssertionError:
             if self.process.poll() is not None:
                 raise
+            print(f"the agent after {timeout:g} s without AllDone:\n{self.stacks()}")
             return None
 
     def results(self) -> dict[int, dict[str, Any]]:
@@ -108,21 +131,26 @@ class Agent:
 
 
 @contextmanager
-def run_agent(lab: Lab, maps: Sequence[dict[str, Any]], **broker: Any) -> Iterator[Agent]:
+def run_agent(
+    lab: Lab, maps: Sequence[dict[str, Any]], *, probe_first: bool = False, **broker: Any
+) -> Iterator[Agent]:
+    """A broker (``open_broker(**broker)``) making *maps* at once, in the lan namespace."""
     options = {"gateway": str(GATEWAY_ADDRESS), "probe_timeout": 2.0, **broker}
-    config = json.dumps({"broker": options, "maps": list(maps)})
-    process = subprocess.Popen(
-        lab.exec_argv(lab.lan_ns, [sys.executable, str(AGENT), config]),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
-    try:
-        yield Agent(process)
-    finally:
-        stop(process)
+    config = json.dumps({"broker": options, "maps": list(maps), "probe_first": probe_first})
+    with tempfile.TemporaryDirectory(prefix="pb-agent-") as directory:
+        stderr = Path(directory) / "stderr"
+        with stderr.open("wb") as handle:
+            process = subprocess.Popen(
+                lab.exec_argv(lab.lan_ns, [sys.executable, str(AGENT), config]),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=handle,
+                cwd=REPO,
+            )
+        try:
+            yield Agent(process, stderr)
+        finally:
+            stop(process)
 
 
 @contextmanager
@@ -167,13 +195,17 @@ def cli(
 
 # -- nftables ------------------------------------------------------------------
 
-_DNAT = re.compile(r"dnat ip to 192\.168\.77\.2:(\d+)")
+_DNAT = re.compile(r"th dport (\d+) dnat ip to 192\.168\.77\.2:(\d+)")
+
+
+def dnat_pairs(lab: Lab) -> list[tuple[int, int]]:
+    """The gateway's DNAT rules as (external port, internal port), as miniupnpd writes them."""
+    return [(int(m.group(1)), int(m.group(2))) for m in _DNAT.finditer(lab.nft_rules())]
 
 
 def dnat_rules(lab: Lab) -> Counter[int]:
     """How many DNAT rules the gateway holds for each internal port."""
-    text = lab.nft_rules()
-    return Counter(int(m.group(1)) for m in _DNAT.finditer(text))
+    return Counter(internal for _external, internal in dnat_pairs(lab))
 
 
 def counter(lab: Lab, netns: str, table: str, name: str) -> int:
