@@ -228,7 +228,9 @@ def test_gateway_restart_with_50_mappings_brings_every_one_back(
     via = {24301: "natpmp", 24302: "natpmp", 24303: "natpmp"}
     via |= {24304: "upnp", 24305: "upnp", 24306: "upnp"}
     maps = [{"port": p, "lifetime": 600, "via": via.get(p)} for p in ports]
-    with run_agent(lab, maps) as agent:
+    # A warm broker (probed first), so that this case is about the restart
+    # alone, not about 50 maps on a cold broker (the case above).
+    with run_agent(lab, maps, probe_first=True) as agent:
         assert agent.wait_all(timeout=60) is not None, "the 50 maps did not finish within 60 s"
         results = agent.results()
         assert failures(results) == {}
@@ -239,18 +241,15 @@ def test_gateway_restart_with_50_mappings_brings_every_one_back(
         time.sleep(3.5)
         restarted = time.monotonic()
         lab.restart_miniupnpd()
-        restored = agent.collect("Restored", set(ports), timeout=75)
-        last = max((e["t"] for e in restored.values()), default=float("nan"))
-        restart_t = next(
-            (e["t"] for e in agent.seen if e["event"] == "Lost"), float("nan")
-        )  # the agent's clock at the first Lost
+        restored = agent.collect("Restored", set(ports), timeout=40)
+        # Read as they come, so the test's clock at the last one is the figure.
+        to_last = time.monotonic() - restarted
         missing = sorted(set(ports) - set(restored))
         by_method = {m: sum(1 for p in missing if results[p]["method"] == m) for m in via.values()}
         figure(
-            f"FAULT restart-50: {len(restored)}/50 restored, last "
-            f"{last - restart_t:.2f} s after the first Lost "
-            f"({time.monotonic() - restarted:.1f} s after the restart at most); "
-            f"not restored: {missing[:8]}{'...' if len(missing) > 8 else ''} "
+            f"FAULT restart-50: {len(restored)}/50 restored"
+            + (f", the last {to_last:.2f} s after the restart" if not missing else " within 40 s")
+            + f"; not restored: {missing[:8]}{'...' if len(missing) > 8 else ''} "
             f"(natpmp {by_method.get('natpmp', 0)}, upnp {by_method.get('upnp', 0)})"
         )
         assert missing == []
