@@ -14,21 +14,31 @@ internal unless documented (``portbroker.wire``, ``portbroker.testing``).
 """
 
 from portbroker.broker import Broker, BrokerEvent, Mapping, open_broker
-from portbroker.epoch import EpochCheck, EpochObservation, check_natpmp_epoch, check_pcp_epoch
+from portbroker.epoch import (
+    EpochCheck,
+    EpochObservation,
+    EpochTracker,
+    check_natpmp_epoch,
+    check_pcp_epoch,
+)
 from portbroker.errors import (
     GatewayNotFound,
+    LinkError,
     MalformedMessage,
     MappingError,
     MethodUnavailable,
     NoAnswer,
+    NoMethodAvailable,
     PortBrokerError,
     UnsupportedOpcode,
     UnsupportedVersion,
+    UpnpError,
 )
 from portbroker.lifecycle import (
     Acquired,
     ExternalAddressChanged,
     Failed,
+    LifecycleError,
     Lost,
     MappingEvent,
     Released,
@@ -36,9 +46,11 @@ from portbroker.lifecycle import (
     Restored,
     State,
 )
-from portbroker.probe import NoMethodAvailable
 from portbroker.types import (
+    DEFAULT_LIFETIME,
+    MAX_LIFETIME,
     METHOD_NAMES,
+    MIN_LIFETIME,
     Lease,
     MappingRequest,
     ProbeOutcome,
@@ -49,16 +61,22 @@ from portbroker.types import (
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "DEFAULT_LIFETIME",
+    "MAX_LIFETIME",
     "METHOD_NAMES",
+    "MIN_LIFETIME",
     "Acquired",
     "Broker",
     "BrokerEvent",
     "EpochCheck",
     "EpochObservation",
+    "EpochTracker",
     "ExternalAddressChanged",
     "Failed",
     "GatewayNotFound",
     "Lease",
+    "LifecycleError",
+    "LinkError",
     "Lost",
     "MalformedMessage",
     "Mapping",
@@ -78,6 +96,7 @@ __all__ = [
     "TransportProtocol",
     "UnsupportedOpcode",
     "UnsupportedVersion",
+    "UpnpError",
     "__version__",
     "check_natpmp_epoch",
     "check_pcp_epoch",

@@ -61,7 +61,7 @@ from portbroker.lifecycle import (
 )
 from portbroker.methods import LinkFactory, Method, MethodSet, open_methods
 from portbroker.probe import create_by_preference, probe_all
-from portbroker.transport import Response, Transport, decode_datagram
+from portbroker.transport import Response, Transport, listen_announcements
 from portbroker.types import (
     DEFAULT_LIFETIME,
     METHOD_NAMES,
@@ -71,8 +71,6 @@ from portbroker.types import (
     ProbeReport,
     TransportProtocol,
 )
-from portbroker.wire import natpmp, pcp
-from portbroker.wire._fields import to_address
 
 __all__ = ["Broker", "BrokerEvent", "Mapping", "NoMethodAvailable", "open_broker"]
 
@@ -602,30 +600,21 @@ class Broker:
 
     # -- state loss -------------------------------------------------------------
 
-    def _observe(self, server: IPAddress, response: Response, now: float, matched: bool) -> None:
+    def _observe(
+        self,
+        server: IPAddress,
+        response: Response,
+        now: float,
+        matched: bool,
+        *,
+        announcement: bool = False,
+    ) -> None:
         """Every PCP / NAT-PMP response from *server*: patience, then the tracker."""
         for scope, budget, started in self._patience.get(server, ()):
             scope.deadline = min(max(scope.deadline, now + budget), started + MAX_PATIENCE)
-        if isinstance(response, pcp.PcpResponse):
-            family = "natpmp" if response.is_natpmp else "pcp"
-        else:
-            family = "natpmp"
-        tracker = self.tracker(server)
-        verdict = tracker.epoch(family, response.epoch, now, solicited=matched)
-        # RFC 6886 §3.2.1: an announced address is a hint; confirm it first.
-        if (
-            verdict is None
-            and not matched
-            and isinstance(response, natpmp.ExternalAddressResponse)
-            and response.result_code == 0
-            and any(
-                m.lease is not None
-                and m.lease.method == "natpmp"
-                and m.lease.external_address != response.external_address
-                for m in self._mappings
-            )
-        ):
-            verdict = tracker.address_announced(response.external_address, now)
+        verdict = self.tracker(server).response(
+            response, now, solicited=matched, announcement=announcement
+        )
         self._on_verdict(server, verdict)
 
     def _signal(self, signal: GatewaySignal) -> None:
@@ -726,60 +715,7 @@ class Broker:
     # -- unsolicited announcements ------------------------------------------------
 
     def _announced(self, server: IPAddress, response: Response, now: float) -> None:
-        self._observe(server, response, now, False)
-
-
-async def _listen(
-    broker: Broker,
-    port: int,
-    server_port: int,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Take PCP ANNOUNCE and NAT-PMP address announcements on UDP *port* (5350)."""
-    await _legacy_listen(broker, port, server_port, task_status=task_status)
-
-
-async def _legacy_listen(
-    broker: Broker,
-    port: int,
-    server_port: int,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    import errno
-    import socket
-
-    family = socket.AF_INET6 if broker.gateway.version == 6 else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_DGRAM)
-    with sock:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if hasattr(socket, "SO_REUSEPORT"):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            await sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
-        except OSError as exc:
-            logger.warning("cannot listen for announcements on UDP %d: %s", port, exc)
-            task_status.started()
-            return
-        task_status.started()
-        while True:
-            try:
-                data, source = await sock.recvfrom(2048)
-            except OSError as exc:
-                if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH):
-                    continue
-                raise
-            try:
-                if (to_address(source[0].split("%")[0]), source[1]) != (
-                    broker.gateway,
-                    server_port,
-                ):
-                    continue
-                response = decode_datagram(data)
-            except (ValueError, PortBrokerError):
-                continue
-            broker._announced(broker.gateway, response, trio.current_time())
+        self._observe(server, response, now, False, announcement=True)
 
 
 @contextlib.asynccontextmanager
@@ -833,7 +769,7 @@ async def open_broker(
     if not probe_timeout > 0:
         raise ValueError(f"probe_timeout must be positive, got {probe_timeout}")
     gateway_address = resolve_gateway(gateway)
-    server = to_address(pcp_server) if pcp_server is not None else gateway_address
+    server = resolve_gateway(pcp_server) if pcp_server is not None else gateway_address
     rng = random.Random(seed)
     broker: Broker | None = None
 
@@ -871,7 +807,15 @@ async def open_broker(
             )
             await nursery.start(broker._scheduler)
             if announce_port is not None and method_set.transports:
-                await nursery.start(_listen, broker, announce_port, port)
+                announcing = gateway_address
+
+                def deliver(response: Response, now: float) -> None:
+                    assert broker is not None
+                    broker._announced(announcing, response, now)
+
+                await nursery.start(
+                    listen_announcements, gateway_address, announce_port, port, deliver
+                )
             try:
                 yield broker
             finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -19,6 +20,11 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+# Importing portbroker.cli imports the portbroker package (and trio) anyway, so
+# the lifetime range costs nothing here; it is named once, in types.
+from portbroker.errors import PortBrokerError
+from portbroker.types import DEFAULT_LIFETIME, MAX_LIFETIME, MIN_LIFETIME
 
 if TYPE_CHECKING:
     from portbroker.broker import Broker, Mapping
@@ -66,6 +72,21 @@ def _positive_int(upper: int) -> Any:
         return value
 
     return parse
+
+
+def _lifetime(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number of seconds ({MIN_LIFETIME}..{MAX_LIFETIME})"
+        ) from None
+    if not MIN_LIFETIME <= value <= MAX_LIFETIME:
+        raise argparse.ArgumentTypeError(
+            f"must be {MIN_LIFETIME}..{MAX_LIFETIME} seconds, got {value}"
+            + (" (to delete a mapping, use unmap)" if value == 0 else "")
+        )
+    return value
 
 
 def _seconds(text: str) -> float:
@@ -147,13 +168,17 @@ def _parser() -> argparse.ArgumentParser:
         "--exact", action="store_true", help="fail rather than take another external port"
     )
     map_cmd.add_argument(
-        "--lifetime", type=_positive_int(604800), default=7200, metavar="S", help="default 7200"
+        "--lifetime",
+        type=_lifetime,
+        default=DEFAULT_LIFETIME,
+        metavar="S",
+        help=f"seconds to ask for, {MIN_LIFETIME}..{MAX_LIFETIME} (default {DEFAULT_LIFETIME})",
     )
     map_cmd.add_argument("--via", choices=("pcp", "natpmp", "upnp"), help="use only this method")
     map_cmd.add_argument(
         "--hold",
         action="store_true",
-        help="keep it renewed (and restored) until Ctrl-C or SIGTERM, then delete it",
+        help="keep it renewed (and restored) until Ctrl-C, SIGTERM or SIGHUP, then delete it",
     )
     map_cmd.add_argument(
         "--persist",
@@ -220,35 +245,88 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "daemon":
-            return _daemon(args)
-        if args.command in ("list", "watch"):
-            import trio
+        return _dispatch(args)
+    except BaseException as exc:
+        # Whatever went wrong, the user reads one line, never a traceback or
+        # an ExceptionGroup: trio nurseries group errors that happen together.
+        leaves = _leaves(exc)
+        usage = [leaf for leaf in leaves if isinstance(leaf, UsageError | ValueError)]
+        if usage:
+            parser.error(str(usage[0]))
+        if any(isinstance(leaf, SystemExit) for leaf in leaves):
+            raise
+        if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+            print("portbroker: interrupted", file=sys.stderr)
+            return 1
+        lines = list(
+            dict.fromkeys(
+                _explain(args.command, leaf)
+                for leaf in leaves
+                if not isinstance(leaf, KeyboardInterrupt)
+            )
+        )
+        print(f"portbroker: {'; '.join(lines)}", file=sys.stderr)
+        return 1
 
-            return trio.run(_daemon_client, args)
-        methods = _methods(args.methods)
-        if args.command == "map" and args.exact and args.external_port is None:
-            raise UsageError("--exact needs --external-port")
-        if args.command == "map" and args.via and args.via not in methods:
-            methods = (args.via,)
-        import trio
 
-        if args.command in ("map", "unmap") and _use_daemon(args):
-            return trio.run(_daemon_client, args)
-        return trio.run(_run, args, methods)
-    except UsageError as exc:
-        parser.error(str(exc))
-    except Failure as exc:
-        print(f"portbroker: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("portbroker: interrupted", file=sys.stderr)
-        return 1
-    except BaseExceptionGroup as group:
-        # Several things failed at once; say each in one line, no traceback.
-        for leaf in group.exceptions:
-            print(f"portbroker: {args.command} failed: {leaf!r}", file=sys.stderr)
-        return 1
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "daemon":
+        return _daemon(args)
+    import logging
+
+    import trio
+
+    # The library's warnings (a failed delete, a gateway that lost state) are
+    # the user's to read too: say whose they are, without logging's "WARNING:root".
+    logging.basicConfig(level=logging.WARNING, format="portbroker: %(message)s")
+
+    if args.command in ("list", "watch"):
+        return trio.run(_daemon_client, args)
+    methods = _methods(args.methods)
+    if args.command == "map" and args.exact and args.external_port is None:
+        raise UsageError("--exact needs --external-port")
+    if args.command == "map" and args.via and args.via not in methods:
+        methods = (args.via,)
+    if args.command in ("map", "unmap") and _use_daemon(args):
+        return trio.run(_daemon_client, args)
+    return trio.run(_run, args, methods)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _explain(command: str, exc: BaseException) -> str:
+    """One line for one failure, in words (the errors module's rule for users)."""
+    if isinstance(exc, Failure):
+        return str(exc)
+    if isinstance(exc, PortBrokerError):
+        return f"{command} failed: {exc}"
+    if isinstance(exc, OSError):
+        return f"{command} failed: {os_error_words(exc)}"
+    return f"{command} failed: internal error {type(exc).__name__}: {exc} (a bug in portbroker)"
+
+
+def os_error_words(exc: OSError) -> str:
+    """An OSError as a sentence: what could not be used, why, and the errno's name.
+
+    ``"cannot use the network: Operation not permitted (EPERM); a host
+    firewall may drop it"`` rather than ``"[Errno 1] Operation not permitted"``.
+    A socket error is phrased (and hinted at) by :class:`LinkError`, as the
+    daemon's replies are.
+    """
+    from portbroker.errors import LinkError
+
+    code = exc.errno if isinstance(exc.errno, int) else None
+    name = errno.errorcode.get(code) if code is not None else None
+    if exc.filename is None and name is not None:
+        return str(LinkError("use", "the network", exc))
+    # No errno to name (a getaddrinfo error, a bare OSError): its own words.
+    where = "the network" if exc.filename is None else str(exc.filename)
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return f"cannot use {where}: {text}" + (f" ({name})" if name else "")
 
 
 def _methods(text: str) -> tuple[str, ...]:
@@ -263,7 +341,6 @@ def _methods(text: str) -> tuple[str, ...]:
 
 async def _run(args: argparse.Namespace, methods: tuple[str, ...]) -> int:
     from portbroker.broker import open_broker
-    from portbroker.errors import PortBrokerError
 
     try:
         async with open_broker(
@@ -286,7 +363,7 @@ async def _run(args: argparse.Namespace, methods: tuple[str, ...]) -> int:
     except PortBrokerError as exc:
         raise Failure(f"{args.command} failed: {exc}") from exc
     except OSError as exc:
-        raise Failure(f"{args.command} failed: {exc.strerror or exc}") from exc
+        raise Failure(f"{args.command} failed: {os_error_words(exc)}") from exc
 
 
 # -- the daemon ---------------------------------------------------------------------
@@ -322,7 +399,6 @@ def _daemon(args: argparse.Namespace) -> int:
     import trio
 
     from portbroker.daemon.server import DaemonConfig, DaemonError, run_daemon
-    from portbroker.errors import PortBrokerError
 
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
@@ -355,7 +431,7 @@ def _daemon(args: argparse.Namespace) -> int:
     except (DaemonError, PortBrokerError) as exc:
         raise Failure(f"daemon: {exc}") from exc
     except OSError as exc:
-        raise Failure(f"daemon: {exc.strerror or exc}") from exc
+        raise Failure(f"daemon: {os_error_words(exc)}") from exc
     return 0
 
 
@@ -387,33 +463,49 @@ async def _daemon_client(args: argparse.Namespace) -> int:
                 unmapped = await client.unmap(port, proto)
                 print(json.dumps({"unmapped": unmapped}) if args.json else f"unmapped {unmapped}")
                 return 0
-            mapping = await client.map(
-                port,
-                proto,
-                lifetime=args.lifetime,
-                external_port=args.external_port,
-                exact=args.exact,
-                # Without --hold the command ends at once, so the mapping must
-                # outlive it; with --hold it ends with the command unless --persist.
-                persist=args.persist or not args.hold,
-                via=args.via,
-            )
-            print(
-                json.dumps(mapping) if args.json else _describe_daemon_mapping(mapping), flush=True
-            )
-            if args.hold:
-                import signal
+            if not args.hold:
+                mapping = await _daemon_map(client, args)
+                print(
+                    json.dumps(mapping) if args.json else _describe_daemon_mapping(mapping),
+                    flush=True,
+                )
+                return 0
+            import trio
 
-                import trio
-
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for _ in signals:
-                        break
+            # As in _hold, the handlers go in first, so that a signal right
+            # after the line is printed ends the hold instead of killing us.
+            # A signal during the request waits for its answer rather than
+            # cancelling it: the daemon then has the hold, and releases it
+            # after its grace period once we are gone.
+            with trio.open_signal_receiver(*_hold_signals()) as signals:
+                mapping = await _daemon_map(client, args)
+                print(
+                    json.dumps(mapping) if args.json else _describe_daemon_mapping(mapping),
+                    flush=True,
+                )
+                async for _ in signals:
+                    break
             return 0
     except DaemonNotRunning as exc:
         raise Failure(f"{args.command} failed: {exc}; start one with `portbroker daemon`") from exc
     except DaemonRequestError as exc:
         raise Failure(f"{args.command} failed: {exc.code}: {exc.message}") from exc
+
+
+async def _daemon_map(client: Any, args: argparse.Namespace) -> dict[str, Any]:
+    port, proto = args.spec
+    mapping: dict[str, Any] = await client.map(
+        port,
+        proto,
+        lifetime=args.lifetime,
+        external_port=args.external_port,
+        exact=args.exact,
+        # Without --hold the command ends at once, so the mapping must
+        # outlive it; with --hold it ends with the command unless --persist.
+        persist=args.persist or not args.hold,
+        via=args.via,
+    )
+    return mapping
 
 
 def _describe_daemon_mapping(mapping: dict[str, Any]) -> str:
@@ -481,6 +573,8 @@ def _describe_lease(lease: Lease) -> str:
 
 
 async def _map(broker: Broker, args: argparse.Namespace) -> int:
+    if args.hold:
+        return await _hold(broker, args)
     port, proto = args.spec
     mapping = await broker.map(
         port,
@@ -492,54 +586,88 @@ async def _map(broker: Broker, args: argparse.Namespace) -> int:
     )
     lease = mapping.lease
     assert lease is not None
-    if not args.hold:
-        store = StateFile.locate(args.state_file)
-        store.add(lease)
-        broker.detach(mapping)
-        if args.json:
-            print(json.dumps(_lease_json(lease)))
-        else:
-            print(_describe_lease(lease))
-        return 0
-    await _hold(mapping, as_json=args.json)
+    store = StateFile.locate(args.state_file)
+    store.add(lease)
+    broker.detach(mapping)
+    if args.json:
+        print(json.dumps(_lease_json(lease)))
+    else:
+        print(_describe_lease(lease))
     return 0
 
 
-async def _hold(mapping: Mapping, *, as_json: bool) -> None:
+def _hold_signals() -> tuple[int, ...]:
     import signal
 
+    return (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+async def _cancel_on_signal(signals: Any, scope: Any) -> None:
+    async for _ in signals:
+        scope.cancel()
+        return
+
+
+def _print_event(event: MappingEvent, *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(_event_json(event)), flush=True)
+    else:
+        print(f"{type(event).__name__}: {_event_json(event)}", flush=True)
+
+
+async def _hold(broker: Broker, args: argparse.Namespace) -> int:
+    """map --hold: keep the mapping until a signal, then delete it.
+
+    The signal handlers are installed before the gateway is even asked: a
+    SIGTERM (SIGINT, SIGHUP) that arrives the instant the mapping is printed,
+    or while it is being made, must still delete it. Before a handler is in
+    place, SIGTERM's default action kills the process and leaves the mapping
+    on the gateway until its lifetime runs out.
+    """
     import trio
 
-    lease = mapping.lease
-    assert lease is not None
-    events = mapping.events()
-    if as_json:
-        print(json.dumps({"event": "Acquired", **_lease_json(lease)}), flush=True)
-    else:
-        print(f"mapped {_describe_lease(lease)}; holding until Ctrl-C", flush=True)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    from portbroker._util import collapse_single
+    from portbroker.lifecycle import Failed
+
+    port, proto = args.spec
+    mapping: Mapping | None = None
+    failed: Failed | None = None
+    with trio.open_signal_receiver(*_hold_signals()) as signals, collapse_single():
         async with trio.open_nursery() as nursery:
-
-            async def stop_on_signal() -> None:
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
-                    return
-
-            async def print_events() -> None:
-                async for event in events:
-                    if as_json:
-                        print(json.dumps(_event_json(event)), flush=True)
-                    else:
-                        print(f"{type(event).__name__}: {_event_json(event)}", flush=True)
-
-            nursery.start_soon(stop_on_signal)
-            nursery.start_soon(print_events)
-    await mapping.release()
-    async for event in events:  # the Released event
-        if as_json:
-            print(json.dumps(_event_json(event)), flush=True)
-        else:
-            print(f"{type(event).__name__}: {_event_json(event)}", flush=True)
+            nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
+            mapping = await broker.map(
+                port,
+                proto,
+                lifetime=args.lifetime,
+                external_port=args.external_port,
+                exact=args.exact,
+                via=args.via,
+            )
+            events = mapping.events()
+            lease = mapping.lease
+            assert lease is not None
+            if args.json:
+                print(json.dumps({"event": "Acquired", **_lease_json(lease)}), flush=True)
+            else:
+                print(f"mapped {_describe_lease(lease)}; holding until Ctrl-C", flush=True)
+            async for event in events:
+                _print_event(event, as_json=args.json)
+                if isinstance(event, Failed):
+                    failed = event
+            # The stream ended on its own: the mapping failed for good.
+            nursery.cancel_scope.cancel()
+        if mapping is None:
+            # Signalled before the gateway answered: the broker's exit deletes
+            # whatever it was granted meanwhile.
+            raise Failure("map interrupted before the mapping was made")
+        if failed is not None:
+            raise Failure(f"map failed: the mapping could not be kept: {failed.reason}")
+        # Still inside the signal receiver: a second SIGTERM during the delete
+        # does not kill us half-way (the delete has its own time limit).
+        await mapping.release()
+        async for event in events:  # the Released event
+            _print_event(event, as_json=args.json)
+    return 0
 
 
 async def _unmap(broker: Broker, args: argparse.Namespace) -> int:

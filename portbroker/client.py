@@ -28,6 +28,7 @@ from typing import Any
 import trio
 
 from portbroker.errors import PortBrokerError
+from portbroker.types import DEFAULT_LIFETIME
 
 __all__ = [
     "ENV_SOCKET",
@@ -161,7 +162,7 @@ class Client:
         port: int,
         protocol: str = "tcp",
         *,
-        lifetime: int = 7200,
+        lifetime: int = DEFAULT_LIFETIME,
         external_port: int | None = None,
         exact: bool = False,
         persist: bool = False,
@@ -248,7 +249,7 @@ class BlockingClient:
         port: int,
         protocol: str = "tcp",
         *,
-        lifetime: int = 7200,
+        lifetime: int = DEFAULT_LIFETIME,
         external_port: int | None = None,
         exact: bool = False,
         persist: bool = False,

@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import attrs
 
+from portbroker.wire import natpmp, pcp
 from portbroker.wire._fields import uint
 
 __all__ = [
@@ -223,12 +224,20 @@ class EpochTracker:
     _boot_id: int | None = None
     _uptime: EpochObservation | None = None
     _last_confirm: float | None = None
+    _natpmp_address: object = None  # the last external address NAT-PMP told us, asked
 
     def has_baseline(self, family: str) -> bool:
         return family in self._epochs
 
-    def epoch(self, family: str, epoch: int, now: float, *, solicited: bool) -> Verdict:
-        """A PCP (*family* "pcp") or NAT-PMP ("natpmp") response's epoch, seen at *now*."""
+    def epoch(
+        self, family: str, epoch: int, now: float, *, solicited: bool, announcement: bool = False
+    ) -> Verdict:
+        """A PCP (*family* "pcp") or NAT-PMP ("natpmp") response's epoch, seen at *now*.
+
+        *announcement* marks an unsolicited message sent to announce a
+        (re)start (to UDP 5350): with no baseline to compare it with, it is
+        still worth one look; a stray late reply is not.
+        """
         current = EpochObservation(epoch, now)
         previous = self._epochs.get(family)
         check = (check_pcp_epoch if family == "pcp" else check_natpmp_epoch)(previous, current)
@@ -241,7 +250,7 @@ class EpochTracker:
                     f" {previous.server_epoch + math.floor(now - previous.client_time)})",
                     family,
                 )
-            if previous is None:
+            if previous is None and announcement:
                 # Nothing to compare with: an announcement of a (re)start is
                 # worth one look at the mappings, never a verdict.
                 return self._confirm(now, f"unsolicited {family} epoch {epoch}", family)
@@ -254,9 +263,46 @@ class EpochTracker:
             )
         return None
 
-    def address_announced(self, address: object, now: float) -> Verdict:
-        """RFC 6886 §3.2.1: an unsolicited NAT-PMP external address announcement."""
+    def address_announced(
+        self, address: object, now: float, *, announcement: bool = True
+    ) -> Verdict:
+        """RFC 6886 §3.2.1: an unsolicited NAT-PMP external address.
+
+        Worth a confirmation when it differs from the address NAT-PMP last told
+        us; with none known, only when it came as an announcement (a stray
+        late reply to our own request is not news).
+        """
+        if address == self._natpmp_address or (self._natpmp_address is None and not announcement):
+            return None
         return self._confirm(now, f"announced external address {address}", "natpmp")
+
+    def response(
+        self,
+        response: pcp.PcpResponse | natpmp.NatPmpResponse,
+        now: float,
+        *,
+        solicited: bool,
+        announcement: bool = False,
+    ) -> Verdict:
+        """Any decoded PCP or NAT-PMP response: its epoch, and a NAT-PMP address in it."""
+        if isinstance(response, pcp.PcpResponse):
+            family = "natpmp" if response.is_natpmp else "pcp"
+        else:
+            family = "natpmp"
+        verdict = self.epoch(
+            family, response.epoch, now, solicited=solicited, announcement=announcement
+        )
+        if (
+            isinstance(response, natpmp.ExternalAddressResponse)
+            and response.result_code == natpmp.ResultCode.SUCCESS
+        ):
+            if solicited:
+                self._natpmp_address = response.external_address
+            elif verdict is None:
+                verdict = self.address_announced(
+                    response.external_address, now, announcement=announcement
+                )
+        return verdict
 
     def signal(self, signal: GatewaySignal) -> StateLoss | None:
         """What the UPnP method saw."""

@@ -146,7 +146,10 @@ class NoAnswer(PortBrokerError):
         self.ignored: dict[str, int] = dict(ignored or {})
         if self.ignored:
             total = sum(self.ignored.values())
-            why = ", ".join(f"{count} {reason}" for reason, count in self.ignored.items())
+            if len(self.ignored) == 1:
+                why = next(iter(self.ignored))
+            else:
+                why = ", ".join(f"{count} {reason}" for reason, count in self.ignored.items())
             message = f"{message} ({total} repl{'y' if total == 1 else 'ies'} ignored: {why})"
         super().__init__(message)
 
@@ -174,19 +177,24 @@ class LinkError(PortBrokerError):
     }
 
     def __init__(self, action: str, target: str, error: OSError) -> None:
-        code = error.errno or 0
-        name = errno.errorcode.get(code, f"errno {code}")
-        text = os.strerror(code) if code else str(error)
+        code = error.errno if isinstance(error.errno, int) and error.errno > 0 else 0
+        if code:
+            text = os.strerror(code)
+            name = errno.errorcode.get(code)
+            if name is not None:
+                text = f"{text} ({name})"
+        else:
+            # No OS errno (a getaddrinfo failure's negative code, or none at
+            # all): its own words, never "errno 0" or "Unknown error -2".
+            text = error.strerror or str(error) or type(error).__name__
         hint = self._HINTS.get(code)
-        super().__init__(
-            f"cannot {action} {target}: {text} ({name})" + (f"; {hint}" if hint else "")
-        )
+        super().__init__(f"cannot {action} {target}: {text}" + (f"; {hint}" if hint else ""))
         self.errno = code
         self.target = target
 
 
 class UpnpError(PortBrokerError):
-    """A UPnP (miniupnpc) call failed; ``code`` is the UPnP error code when known."""
+    """A UPnP action failed; ``code`` is the UPnP error code when known."""
 
     def __init__(self, action: str, message: str, code: int | None = None) -> None:
         super().__init__(f"{action}: {message}")

@@ -25,10 +25,11 @@ Rules:
    whose ``retry_after`` falls before the lease expires is "not now" (RETRY);
    one without, or beyond the expiry, is REFUSED. MethodUnavailable is
    UNAVAILABLE, NoAnswer and timeouts SILENT, anything else INTERNAL (a bug,
-   logged by the broker with its traceback, and treated like silence).
-4. **Renewal failures**: SILENT, RETRY and INTERNAL keep the mapping RENEWING
-   until the next window; with no window left it is LOST at expiry. REFUSED and
-   UNAVAILABLE make it LOST at once.
+   logged by the broker with its traceback).
+4. **Renewal failures**: SILENT and RETRY keep the mapping RENEWING until the
+   next window; with no window left it is LOST at expiry. REFUSED,
+   UNAVAILABLE and INTERNAL make it LOST at once (the app hears of it in a
+   ``Lost`` event, and the re-creation starts afresh).
 5. **State loss**: the gateway forgot its mappings (one incident from the
    :class:`~portbroker.epoch.EpochTracker`): ACTIVE and RENEWING become LOST. A
    LOST mapping is re-created after a random delay in [0, recovery_delay]
@@ -551,6 +552,9 @@ class MappingLifecycle:
         if self.state is State.RENEWING:
             if failure.kind in (FailureKind.REFUSED, FailureKind.UNAVAILABLE):
                 return self._lost(now, f"renewal refused: {failure.reason}")
+            if failure.kind is FailureKind.INTERNAL:
+                # We cannot know what the gateway holds: say so now, re-create.
+                return self._lost(now, f"renewal failed: {failure.reason}")
             return self._retry_renewal(now, failure)
         # REQUESTING: a re-creation failed (rule 7).
         if failure.kind is FailureKind.REFUSED:

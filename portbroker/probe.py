@@ -14,6 +14,7 @@ Two shapes of the same race:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -22,6 +23,7 @@ import attrs
 import trio
 
 from portbroker.errors import (
+    LinkError,
     MappingError,
     MethodUnavailable,
     NoAnswer,
@@ -36,26 +38,46 @@ __all__ = ["HEAD_START", "NoMethodAvailable", "create_by_preference", "probe_all
 # Seconds the most preferred method's own request runs alone (see create_by_preference).
 HEAD_START = 0.02
 
+logger = logging.getLogger("portbroker")
 
-async def _probe_one(method: Method, probe_timeout: float) -> ProbeOutcome:
+
+def _failure(method: Method, gateway: IPAddress, exc: Exception) -> str:
+    """One method's failure in words: what its outcome's ``error`` says.
+
+    Whatever a method raises is that method's failure, never the caller's: a
+    socket error becomes a :class:`LinkError` sentence, and anything else not
+    a :class:`PortBrokerError` is a bug, logged here once with its traceback.
+    """
+    if isinstance(exc, MethodUnavailable):
+        return exc.reason
+    if isinstance(exc, PortBrokerError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return str(LinkError("reach", str(gateway), exc))
+    logger.error("internal error in method %s (gateway %s)", method.name, gateway, exc_info=exc)
+    return f"internal error: {type(exc).__name__}: {exc}"
+
+
+async def _probe_one(method: Method, probe_timeout: float, gateway: IPAddress) -> ProbeOutcome:
     with trio.move_on_after(probe_timeout):
         try:
             return await method.probe()
-        except MethodUnavailable as exc:
-            return ProbeOutcome(method.name, False, error=exc.reason)
-        except NoAnswer as exc:
-            return ProbeOutcome(method.name, False, error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - a method's failure, bug or not, is its outcome
+            return ProbeOutcome(method.name, False, error=_failure(method, gateway, exc))
     return ProbeOutcome(method.name, False, error=f"no answer within {probe_timeout:g} s")
 
 
 async def probe_all(
     gateway: IPAddress, methods: Sequence[Method], probe_timeout: float
 ) -> ProbeReport:
-    """Probe every method concurrently; select the first available in order."""
+    """Probe every method concurrently; select the first available in order.
+
+    Never raises for a method's failure: each one is that method's outcome.
+    """
     outcomes: dict[str, ProbeOutcome] = {}
 
     async def run(method: Method) -> None:
-        outcomes[method.name] = await _probe_one(method, probe_timeout)
+        outcomes[method.name] = await _probe_one(method, probe_timeout, gateway)
 
     async with trio.open_nursery() as nursery:
         for method in methods:
@@ -70,7 +92,7 @@ class _Slot:
     done: trio.Event = attrs.Factory(trio.Event)
     outcome: ProbeOutcome | None = None
     lease: Lease | None = None
-    error: PortBrokerError | None = None
+    error: MappingError | None = None
 
 
 async def create_by_preference(
@@ -84,11 +106,16 @@ async def create_by_preference(
     """Create *request* with the most preferred method that works.
 
     *known_unavailable* names methods already ruled out (cached probe results)
-    and why; they are not asked again.
+    and why; they are not asked again. A method that answered its probe but
+    then fails the create with MethodUnavailable (a useless grant, a result
+    code that refuses this client: docs/result-codes.md) is ruled out too, and
+    the next one is tried. Any other exception from a method is that method's
+    outcome ("internal error: ..."), never the caller's ExceptionGroup.
 
     Raises:
         MappingError: the chosen method refused the request.
         NoMethodAvailable: none of the methods works with this gateway.
+        NoAnswer: the chosen method answered its probe but not the request.
     """
     skipped = dict(known_unavailable or {})
     candidates = [m for m in methods if m.name not in skipped]
@@ -116,10 +143,8 @@ async def create_by_preference(
                 # It answered: the method is there, the request was refused.
                 slot.error = exc
                 slot.outcome = ProbeOutcome(first.name, True, error=exc.reason)
-            except MethodUnavailable as exc:
-                slot.outcome = ProbeOutcome(first.name, False, error=exc.reason)
-            except NoAnswer as exc:
-                slot.outcome = ProbeOutcome(first.name, False, error=str(exc))
+            except Exception as exc:  # noqa: BLE001 - see _failure
+                slot.outcome = ProbeOutcome(first.name, False, error=_failure(first, gateway, exc))
         if scope.cancelled_caught:
             slot.outcome = ProbeOutcome(
                 first.name, False, error=f"no answer within {probe_timeout:g} s"
@@ -137,7 +162,7 @@ async def create_by_preference(
         if slots[first.name].lease is not None:
             return
         slot = slots[method.name]
-        slot.outcome = await _probe_one(method, probe_timeout)
+        slot.outcome = await _probe_one(method, probe_timeout, gateway)
         slot.done.set()
 
     chosen: Method | None = None
@@ -154,26 +179,42 @@ async def create_by_preference(
                 break
         # Decided (or nothing works): the remaining probes have nothing to add.
         nursery.cancel_scope.cancel()
-    # Methods never asked (the decision came first) are left out, not failed.
-    outcomes = [o for m in candidates if (o := slots[m.name].outcome) is not None]
-    outcomes += [ProbeOutcome(name, False, error=why) for name, why in skipped.items()]
-    report = ProbeReport(gateway, chosen.name if chosen else None, tuple(outcomes))
-    if chosen is None:
-        raise NoMethodAvailable(outcomes)
+
+    def report(selected: Method | None) -> ProbeReport:
+        # Methods never asked (the decision came first) are left out, not failed.
+        outcomes = [o for m in candidates if (o := slots[m.name].outcome) is not None]
+        outcomes += [ProbeOutcome(name, False, error=why) for name, why in skipped.items()]
+        return ProbeReport(gateway, selected.name if selected else None, tuple(outcomes))
+
     first_slot = slots[first.name]
     if chosen is first:
         if first_slot.error is not None:
             raise first_slot.error
         assert first_slot.lease is not None
-        return first_slot.lease, report
+        return first_slot.lease, report(first)
     # It answered its probe moments ago, so a create gets a few probe timeouts.
     budget = max(4 * probe_timeout, 8.0) if math.isfinite(probe_timeout) else math.inf
-    try:
-        with trio.fail_after(budget):
-            lease = await chosen.create(request, None)
-    except trio.TooSlowError:
-        raise NoAnswer(f"{chosen.name}: no answer to the mapping request") from None
-    return lease, report
+    for method in others:
+        slot = slots[method.name]
+        if slot.outcome is None:
+            # Cut short when another method was chosen; that one failed since.
+            slot.outcome = await _probe_one(method, probe_timeout, gateway)
+        if not slot.outcome.available:
+            continue
+        try:
+            with trio.fail_after(budget):
+                lease = await method.create(request, None)
+        except trio.TooSlowError:
+            raise NoAnswer(f"{method.name}: no answer to the mapping request") from None
+        except (MappingError, NoAnswer):
+            # Refused, or silent after answering its probe (the request may
+            # have created the mapping: another method must not duplicate it).
+            raise
+        except Exception as exc:  # noqa: BLE001 - see _failure
+            slot.outcome = ProbeOutcome(method.name, False, error=_failure(method, gateway, exc))
+            continue
+        return lease, report(method)
+    raise NoMethodAvailable(report(None).outcomes)
 
 
 def report_json(report: ProbeReport) -> dict[str, Any]:

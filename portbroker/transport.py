@@ -23,9 +23,12 @@ can run hours of retransmissions without a real datagram in flight.
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import random
 import socket
+import struct
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from ipaddress import IPv6Address, ip_address
 from typing import Final, Protocol
@@ -33,7 +36,7 @@ from typing import Final, Protocol
 import attrs
 import trio
 
-from portbroker.errors import MalformedMessage, NoAnswer
+from portbroker.errors import LinkError, MalformedMessage, NoAnswer, PortBrokerError
 from portbroker.types import IPAddress
 from portbroker.wire import natpmp, pcp
 from portbroker.wire._fields import to_address
@@ -44,6 +47,7 @@ __all__ = [
     "Transport",
     "TransportStats",
     "UdpLink",
+    "listen_announcements",
     "natpmp_schedule",
     "open_udp_link",
     "probe_schedule",
@@ -57,9 +61,25 @@ MAX_DATAGRAM: Final = 2048
 # gateways rate-limit ICMP errors (Linux: one per second per peer after a
 # burst), so every unneeded probe makes the next answer slower.
 REFUSAL_MEMORY: Final = 1.0
-_UNREACHABLE: Final = frozenset(
-    {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}
-)
+# Errors a connected UDP socket reports for an ICMP error about an earlier
+# datagram (Linux sets them as the socket's pending error): they concern every
+# request on the socket, not only the one whose send or receive surfaced them.
+_SOCKET_WIDE: Final = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN})
+# A receive that keeps failing (a closed or broken socket) must not spin the
+# loop: after the first error in a row, wait this long, doubling up to a second.
+_RECEIVE_RETRY: Final = 0.01
+_RECEIVE_RETRY_MAX: Final = 1.0
+# When the caller's deadline is about to end a request that did get replies,
+# all rejected, give up this much earlier with a NoAnswer that says what was
+# ignored (the caller's own timeout could only say "no answer").
+_REPORT_MARGIN: Final = 0.001
+
+logger = logging.getLogger("portbroker")
+
+
+def _target(remote: tuple[IPAddress, int]) -> str:
+    address, port = remote
+    return f"[{address}]:{port}" if isinstance(address, IPv6Address) else f"{address}:{port}"
 
 
 class DatagramLink(Protocol):
@@ -116,11 +136,22 @@ async def open_udp_link(address: IPAddress, port: int) -> UdpLink:
 
     Connecting sends nothing; it picks our source address by routing, which
     is what PCP's Client IP Address field must carry.
+
+    Raises:
+        LinkError: the local stack cannot reach *address* at all (no route:
+            ENETUNREACH; no IPv6: EAFNOSUPPORT; ...).
     """
     family = socket.AF_INET6 if isinstance(address, IPv6Address) else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+    target = _target((address, port))
+    try:
+        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise LinkError("open a socket for", target, exc) from exc
     try:
         await sock.connect((str(address), port))
+    except OSError as exc:
+        sock.close()
+        raise LinkError("connect to", target, exc) from exc
     except BaseException:
         sock.close()
         raise
@@ -206,6 +237,34 @@ def decode_datagram(data: bytes) -> Response:
     return pcp.decode_response(data)
 
 
+def _mismatch(response: Response, key: tuple[Hashable, ...]) -> str | None:
+    """Why *response* does not answer the request waiting under *key*.
+
+    None when it is not a rejected reply for that request at all: an
+    announcement (RFC 6887 §14.1, RFC 6886 §3.2.1: unsolicited by design) or a
+    message of the other protocol, which belongs to another conversation on
+    the shared port.
+    """
+    if isinstance(response, pcp.PcpResponse):
+        if key[0] != "pcp":
+            return None
+        if response.opcode == pcp.Opcode.ANNOUNCE and response.result_code == 0:
+            return None
+        if int(response.opcode) != key[1]:
+            return "wrong opcode"
+        data = response.data
+        if data is None or len(key) < 5:
+            return "wrong opcode"  # cannot happen: such replies match by opcode
+        if (data.protocol, data.internal_port) != key[3:5]:
+            return "other mapping"
+        return "nonce mismatch"  # RFC 6887 §11.4: the nonce tells requests apart
+    if key[0] != "natpmp" or isinstance(response, natpmp.ExternalAddressResponse):
+        return None
+    if int(response.opcode) != key[1]:
+        return "wrong opcode"
+    return "wrong internal port"
+
+
 @attrs.define
 class TransportStats:
     sent: int = 0
@@ -214,6 +273,7 @@ class TransportStats:
     malformed: int = 0
     unmatched: int = 0  # valid, but no request was waiting for it
     refused: int = 0  # ICMP port unreachable
+    link_errors: int = 0  # other socket errors (EPERM, ENOBUFS, ...)
 
 
 @attrs.define(eq=False)
@@ -222,6 +282,13 @@ class _Waiter:
     event: trio.Event = attrs.Factory(trio.Event)
     response: Response | None = None
     error: BaseException | None = None
+    # Datagrams that arrived while this request waited and were rejected, by
+    # why (NoAnswer.ignored).
+    ignored: Counter[str] = attrs.Factory(Counter)
+
+    @property
+    def pending(self) -> bool:
+        return self.response is None and self.error is None
 
 
 Observer = Callable[[Response, float, bool], None]
@@ -235,6 +302,18 @@ class Transport:
 
     *observer* is called as ``observer(response, now, matched)`` for every
     valid response from the server, before it is handed to its request.
+
+    Socket errors never end :meth:`run`: ICMP port unreachable fails every
+    waiting request with ``ConnectionRefusedError`` (the fast "closed" path);
+    any other error (EPERM from a host firewall, ENETUNREACH, ENOBUFS, ...)
+    fails the request(s) it concerns with :class:`~portbroker.errors.LinkError`.
+
+    Rejected datagrams (wrong source, malformed, wrong nonce, opcode or
+    internal port) are counted against the requests waiting when they arrive,
+    so a request that ends unanswered says what came back instead
+    (:class:`~portbroker.errors.NoAnswer` ``ignored``). A reply that another
+    waiting request takes is not "ignored" by anyone; announcements and the
+    other protocol's messages are not counted either (see :func:`_mismatch`).
     """
 
     def __init__(self, link: DatagramLink, observer: Observer | None = None) -> None:
@@ -243,32 +322,72 @@ class Transport:
         self.stats = TransportStats()
         self._waiters: dict[tuple[Hashable, ...], set[_Waiter]] = {}
         self._refused_at: float | None = None
-        self._remote_text = (str(link.remote[0]), link.remote[1])
+        self._target = _target(link.remote)
+        self._logged_errnos: set[int] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The receive loop; runs until cancelled."""
+        """The receive loop; runs until cancelled (or the link is closed), whatever
+        the socket reports."""
         task_status.started()
+        failures = 0
         while True:
             try:
                 data, source = await self.link.receive()
+            except trio.ClosedResourceError:
+                # Someone closed the link under us: nothing more will arrive.
+                closed = OSError(errno.EBADF, "the link was closed")
+                self._fail_all(LinkError("receive from", self._target, closed))
+                return
             except OSError as exc:
-                if exc.errno not in _UNREACHABLE:
-                    raise
-                # ICMP unreachable: nobody serves this port (or host). Everyone
-                # waiting learns it now; later sends may still succeed.
-                self.stats.refused += 1
-                self._fail_all(exc)
+                failures += 1
+                self._receive_failed(exc)
+                if failures > 1:
+                    await trio.sleep(min(_RECEIVE_RETRY * 2 ** (failures - 2), _RECEIVE_RETRY_MAX))
                 continue
+            failures = 0
             self._deliver(data, source)
 
+    def _receive_failed(self, exc: OSError) -> None:
+        if exc.errno == errno.ECONNREFUSED:
+            # ICMP port unreachable: nobody serves this port. Everyone waiting
+            # learns it now; later sends may still succeed.
+            self.stats.refused += 1
+            self._refused_at = trio.current_time()
+            self._fail_all(exc)
+            return
+        # Anything else the socket reports (ICMP host unreachable, ENOBUFS...)
+        # is about the socket, so about every request on it.
+        self.stats.link_errors += 1
+        self._log_once(exc, "receive from")
+        self._fail_all(LinkError("receive from", self._target, exc))
+
+    def _log_once(self, exc: OSError, action: str) -> None:
+        code = exc.errno or 0
+        if code not in self._logged_errnos:
+            self._logged_errnos.add(code)
+            logger.warning("%s", LinkError(action, self._target, exc))
+
+    def _pending(self) -> Iterator[_Waiter]:
+        for group in self._waiters.values():
+            for waiter in group:
+                if waiter.pending:
+                    yield waiter
+
+    def _ignore_all(self, reason: str) -> None:
+        for waiter in self._pending():
+            waiter.ignored[reason] += 1
+
     def _deliver(self, data: bytes, source: tuple[str, int]) -> None:
-        if not self._from_server(source):
+        why = self._foreign(source)
+        if why is not None:
             self.stats.foreign += 1
+            self._ignore_all(why)
             return
         try:
             response = decode_datagram(data)
         except MalformedMessage:
             self.stats.malformed += 1
+            self._ignore_all("malformed")
             return
         self.stats.received += 1
         self._refused_at = None
@@ -284,24 +403,66 @@ class Transport:
             self.observer(response, trio.current_time(), bool(waiters))
         if not waiters:
             self.stats.unmatched += 1
+            self._count_rejected(response)
         for waiter in waiters:
-            if waiter.response is None and waiter.error is None:
+            if waiter.pending:
                 waiter.response = response
                 waiter.event.set()
 
-    def _from_server(self, source: tuple[str, int]) -> bool:
+    def _count_rejected(self, response: Response) -> None:
+        """Count a reply no request took against the requests it was likely meant for.
+
+        Those of its opcode if any waits (they learn "nonce mismatch" or
+        "wrong internal port"); otherwise every request of its protocol
+        ("wrong opcode"): while MAP requests wait, a stray MAP reply is not
+        "ignored" by a waiting ANNOUNCE.
+        """
+        pending = list(self._pending())
+        opcode = (
+            "pcp" if isinstance(response, pcp.PcpResponse) else "natpmp",
+            int(response.opcode),
+        )
+        same_opcode = [w for w in pending if w.key[:2] == opcode]
+        for waiter in same_opcode or pending:
+            reason = _mismatch(response, waiter.key)
+            if reason is not None:
+                waiter.ignored[reason] += 1
+
+    def _foreign(self, source: tuple[str, int]) -> str | None:
+        """None if *source* is the server; else why not (RFC 6887 §8.3, RFC 6886 §3.1)."""
         try:
-            return (to_address(ip_address(source[0].split("%")[0])), source[1]) == self.link.remote
+            address = to_address(ip_address(source[0].split("%")[0]))
         except ValueError:
-            return False
+            return "wrong source address"
+        if address != self.link.remote[0]:
+            return "wrong source address"
+        if source[1] != self.link.remote[1]:
+            return "wrong source port"
+        return None
 
     def _fail_all(self, error: BaseException) -> None:
-        self._refused_at = trio.current_time()
-        for group in self._waiters.values():
-            for waiter in group:
-                if waiter.response is None and waiter.error is None:
-                    waiter.error = error
-                    waiter.event.set()
+        for waiter in self._pending():
+            waiter.error = error
+            waiter.event.set()
+
+    def _send_failed(self, exc: OSError) -> BaseException:
+        """The error this request gets for a failed send; others may get it too."""
+        if exc.errno == errno.ECONNREFUSED:
+            # The socket's pending ICMP port unreachable (from any earlier
+            # datagram) surfaces on send and is cleared by it: every waiter
+            # must hear of it, not only this one.
+            self.stats.refused += 1
+            self._refused_at = trio.current_time()
+            self._fail_all(exc)
+            return exc
+        self.stats.link_errors += 1
+        self._log_once(exc, "send to")
+        error = LinkError("send to", self._target, exc)
+        if exc.errno in _SOCKET_WIDE:
+            self._fail_all(error)
+        # EPERM (a netfilter DROP in OUTPUT), ENOBUFS, EADDRNOTAVAIL...: this
+        # send failed; the others find out on their own next send.
+        return error
 
     async def request(
         self, payload: bytes, key: tuple[Hashable, ...], schedule: Iterable[float]
@@ -310,11 +471,14 @@ class Transport:
 
         Each value of *schedule* is how long to wait after a send before
         sending again; when it runs out, :class:`NoAnswer`. Bound endless
-        schedules with a cancel scope.
+        schedules with a cancel scope: if replies did arrive but were all
+        rejected, the request ends a moment before that scope's deadline with
+        a NoAnswer naming them, so the caller learns more than "timed out".
 
         Raises:
             ConnectionRefusedError: the server's port is closed (ICMP).
-            NoAnswer: the schedule ran out.
+            LinkError: the local network stack would not send or receive.
+            NoAnswer: the schedule ran out (``ignored`` counts rejected replies).
         """
         if self._refused_at is not None and trio.current_time() - self._refused_at < REFUSAL_MEMORY:
             raise ConnectionRefusedError(
@@ -322,6 +486,7 @@ class Transport:
             )
         waiter = _Waiter(key)
         self._waiters.setdefault(key, set()).add(waiter)
+        report_at = trio.current_effective_deadline() - _REPORT_MARGIN
         try:
             for wait in schedule:
                 if not math.isfinite(wait) or wait <= 0:
@@ -330,22 +495,124 @@ class Transport:
                 try:
                     await self.link.send(payload)
                 except OSError as exc:
-                    if exc.errno not in _UNREACHABLE:
+                    error = self._send_failed(exc)
+                    if waiter.response is not None:
+                        return waiter.response
+                    if error is exc:
                         raise
-                    # The socket's pending ICMP error (from any earlier
-                    # datagram) surfaces on send and is cleared by it: every
-                    # waiter must hear of it, not only this one.
-                    self.stats.refused += 1
-                    self._fail_all(exc)
-                with trio.move_on_after(wait):
-                    await waiter.event.wait()
-                if waiter.error is not None:
-                    raise waiter.error
-                if waiter.response is not None:
-                    return waiter.response
-            raise NoAnswer(f"no answer from {self._remote_text[0]}:{self._remote_text[1]}")
+                    raise error from exc
+                resend_at = trio.current_time() + wait
+                while True:
+                    with trio.move_on_at(min(resend_at, report_at)):
+                        await waiter.event.wait()
+                    if waiter.error is not None:
+                        raise waiter.error
+                    if waiter.response is not None:
+                        return waiter.response
+                    if trio.current_time() >= resend_at:
+                        break
+                    # The caller's deadline is a moment away.
+                    if waiter.ignored:
+                        raise self._no_answer(waiter)
+                    report_at = math.inf  # nothing to add to the caller's timeout
+            raise self._no_answer(waiter)
         finally:
             group = self._waiters[key]
             group.discard(waiter)
             if not group:
                 del self._waiters[key]
+
+    def _no_answer(self, waiter: _Waiter) -> NoAnswer:
+        return NoAnswer(f"no answer from {self._target}", ignored=dict(waiter.ignored))
+
+
+# -- announcements ------------------------------------------------------------
+
+
+async def listen_announcements(
+    gateway: IPAddress,
+    port: int,
+    server_port: int,
+    deliver: Callable[[Response, float], None],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Take PCP ANNOUNCE and NAT-PMP address announcements on UDP *port*.
+
+    RFC 6887 §14.1 / RFC 6886 §3.2.1: they arrive multicast to 224.0.0.1 (or
+    ff02::1) and unicast; several processes may listen, hence
+    SO_REUSEADDR/SO_REUSEPORT. Only datagrams from exactly
+    (*gateway*, *server_port*) that decode are handed to
+    ``deliver(response, now)``; the rest are dropped. What they mean is the
+    caller's business: an announcement is a hint to ask the gateway, never a
+    fact (anyone on the link can send one).
+
+    If the port cannot be bound, that is logged once and this returns (after
+    ``task_status.started()``): the epoch check on every solicited response
+    still catches a reboot. No socket error escapes.
+    """
+    family = socket.AF_INET6 if isinstance(gateway, IPv6Address) else socket.AF_INET
+    try:
+        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+    except OSError as exc:
+        logger.warning("cannot listen for announcements on UDP %d: %s", port, exc)
+        task_status.started()
+        return
+    with sock:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if hasattr(socket, "SO_REUSEPORT"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            await sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+        except OSError as exc:
+            logger.warning("cannot listen for announcements on UDP %d: %s", port, exc)
+            task_status.started()
+            return
+        _join_all_nodes(sock, family)
+        task_status.started()
+        logged: set[int] = set()
+        failures = 0
+        while True:
+            try:
+                data, source = await sock.recvfrom(MAX_DATAGRAM)
+            except OSError as exc:
+                # An unconnected socket can still carry a pending ICMP error;
+                # a broken one keeps failing: log once per errno, slow down.
+                failures += 1
+                if exc.errno not in logged:
+                    logged.add(exc.errno or 0)
+                    logger.warning("announcement listener on UDP %d: %s", port, exc)
+                await trio.sleep(min(_RECEIVE_RETRY * 2 ** (failures - 1), _RECEIVE_RETRY_MAX))
+                continue
+            failures = 0
+            try:
+                address = to_address(ip_address(str(source[0]).split("%")[0]))
+                if (address, source[1]) != (gateway, server_port):
+                    continue
+                response = decode_datagram(data)
+            except (ValueError, PortBrokerError):
+                continue
+            deliver(response, trio.current_time())
+
+
+def _join_all_nodes(sock: trio.socket.SocketType, family: int) -> None:
+    """Join the all-nodes group the announcements go to (RFC 6887 §14.1).
+
+    The kernel has every interface in 224.0.0.1 / ff02::1 already, so a
+    failure here (no multicast route, no IPv6) costs nothing: logged at debug.
+    """
+    try:
+        if family == socket.AF_INET:
+            sock.setsockopt(
+                socket.IPPROTO_IP,
+                socket.IP_ADD_MEMBERSHIP,
+                pcp.ANNOUNCE_MULTICAST_V4.packed + socket.inet_aton("0.0.0.0"),
+            )
+        else:
+            sock.setsockopt(
+                socket.IPPROTO_IPV6,
+                socket.IPV6_JOIN_GROUP,
+                pcp.ANNOUNCE_MULTICAST_V6.packed + struct.pack("@I", 0),
+            )
+    except OSError as exc:
+        logger.debug("joining the announcement group: %s", exc)

@@ -1,4 +1,5 @@
-"""Loaders for ../shared/realdata (captures from real gateways and clients)."""
+"""Loaders for tests/data (captures from real gateways and clients; origins and
+licences in tests/data/README.md)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,15 @@ from pathlib import Path
 
 import attrs
 
-ROOT = Path(__file__).resolve().parents[1]
-REALDATA = ROOT.parent / "shared" / "realdata"
+REALDATA = Path(__file__).resolve().parent / "data"
 
 
 def realdata(*parts: str) -> Path:
     path = REALDATA.joinpath(*parts)
     if not path.exists():
         raise FileNotFoundError(
-            f"{path} is missing: the tests read real captures from ../shared/realdata "
-            "beside the project root"
+            f"{path} is missing: the tests read real captures from tests/data "
+            "(see tests/data/README.md)"
         )
     return path
 
@@ -42,7 +42,7 @@ def _hex_or_none(text: str) -> bytes | None:
 
 
 def load_exchanges() -> list[Exchange]:
-    """Every request/response pair in realdata/pcp_natpmp/*.txt."""
+    """Every request/response pair in tests/data/pcp_natpmp/*.txt."""
     out: list[Exchange] = []
     for path in sorted(realdata("pcp_natpmp").glob("*.txt")):
         source = path.name.split("_")[0]
@@ -73,7 +73,7 @@ def load_exchanges() -> list[Exchange]:
 
 
 def load_ndpi() -> list[tuple[str, bytes]]:
-    """(direction, payload) from realdata/ndpi: 'req' to port 5351, 'resp' from it."""
+    """(direction, payload) from tests/data/ndpi: 'req' to port 5351, 'resp' from it."""
     out: list[tuple[str, bytes]] = []
     for line in realdata("ndpi", "natpmp.pcap.payloads.txt").read_text().splitlines():
         parts = line.split()

@@ -12,11 +12,13 @@ from contextlib import asynccontextmanager
 from ipaddress import IPv4Address
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
 
 from portbroker.broker import Broker, Mapping, open_broker
+from portbroker.epoch import CONFIRM_INTERVAL
 from portbroker.errors import MappingError, MethodUnavailable
 from portbroker.lifecycle import (
     Acquired,
@@ -29,10 +31,39 @@ from portbroker.lifecycle import (
     State,
 )
 from portbroker.probe import NoMethodAvailable
-from portbroker.testing.fake_gateway import FakeGateway
-from portbroker.wire import pcp
+from portbroker.testing.fake_gateway import FakeGateway, MemoryLink
+from portbroker.wire import natpmp, pcp
 
 HOUR = 3600.0
+
+
+@attrs.define(eq=False)
+class CountingGateway(FakeGateway):
+    """Records the version byte of every datagram it receives, answered or not."""
+
+    versions: list[int] = attrs.Factory(list)
+
+    def handle(self, data: bytes, source: tuple[str, int]) -> list[bytes]:
+        if data:
+            self.versions.append(data[0])
+        return super().handle(data, source)
+
+
+@attrs.define(eq=False)
+class SerialGateway(FakeGateway):
+    """Answers one request at a time, *per_request* seconds each, like miniupnpd.
+
+    miniupnpd is single-threaded, and its nftables backend takes 100-250 ms per
+    rule once it holds 50: replies come out of a queue.
+    """
+
+    per_request: float = 0.2
+    busy_until: float = 0.0
+
+    def deliver(self, link: MemoryLink, reply: bytes) -> None:
+        now = trio.current_time()
+        self.busy_until = max(self.busy_until, now) + self.per_request
+        link.put(reply, self._source(), self.busy_until - now)
 
 
 @asynccontextmanager
@@ -194,8 +225,8 @@ async def test_epoch_reset_recreates_every_mapping_with_its_nonce(
         for recorder in recorders:
             assert len(recorder.of(Lost)) == 1
             assert len(recorder.of(Restored)) == 1
-        # Seen through PCP's ANNOUNCE (and NAT-PMP's, which has no mapping here).
-        assert broker.state_losses >= 1
+        # Seen through PCP's ANNOUNCE and NAT-PMP's: one box, one incident.
+        assert broker.state_losses == 1
         nursery.cancel_scope.cancel()
 
 
@@ -264,15 +295,20 @@ async def test_spoofed_sources_are_ignored(autojump_clock: trio.testing.MockCloc
 async def test_natpmp_only_gateway_is_found_through_the_version_zero_reply(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    gateway = FakeGateway(natpmp_only=True)
+    gateway = CountingGateway(natpmp_only=True)
     async with broker_for(gateway) as broker:
         mapping = await broker.map(7000, "tcp", lifetime=600)
         assert mapping.method == "natpmp"
         assert mapping.external_address == IPv4Address("203.0.113.7")
-        pcp_requests = [r for r in gateway.requests if isinstance(r, pcp.PcpRequest)]
-        assert pcp_requests == []  # refused at the version byte: no PCP state
+        # One PCP datagram (the MAP that doubles as the probe), answered at the
+        # version byte; NAT-PMP did the rest.
+        assert gateway.versions.count(pcp.VERSION) == 1
+        assert gateway.versions.count(0) >= 2  # external address + map
         await trio.sleep(2 * HOUR)
         assert mapping.state is State.ACTIVE
+        # Hours of renewals never went back to PCP.
+        assert gateway.versions.count(pcp.VERSION) == 1
+        assert gateway.versions.count(0) >= 2 + 12
 
 
 async def test_closed_port_fails_every_method_at_once(
@@ -293,8 +329,8 @@ async def test_closed_port_fails_every_method_at_once(
     [
         (pcp.ResultCode.NO_RESOURCES, 30, 30.0),  # short class: as the server says
         (pcp.ResultCode.NETWORK_FAILURE, 0, 5.0),  # short, lifetime 0: clamped
-        (pcp.ResultCode.NOT_AUTHORIZED, 0, 60.0),  # long, miniupnpd's 0: clamped
-        (pcp.ResultCode.NOT_AUTHORIZED, 1800, 1800.0),  # long, as the RFC suggests
+        (pcp.ResultCode.EXCESSIVE_REMOTE_PEERS, 0, 60.0),  # long, miniupnpd's 0: clamped
+        (pcp.ResultCode.EXCESSIVE_REMOTE_PEERS, 1800, 1800.0),  # long, as the RFC suggests
         (pcp.ResultCode.UNSUPP_PROTOCOL, 0, 60.0),
     ],
 )
@@ -433,3 +469,155 @@ async def test_a_thousand_mappings_share_one_socket(autojump_clock: trio.testing
         assert len(gateway.links) == 1  # one link (socket) carried everything
         assert broker.transport is not None
         assert broker.transport.stats.malformed == 0
+
+
+async def test_fifty_concurrent_maps_on_a_cold_slow_gateway_share_one_probe(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 7 item 3: one probe for all, and a slow but alive server is not dead."""
+    gateway = SerialGateway(per_request=0.2)
+    async with broker_for(gateway) as broker:
+        mappings: list[Mapping] = []
+
+        async def one(port: int) -> None:
+            mappings.append(await broker.map(port, "tcp", lifetime=3600))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(50):
+                nursery.start_soon(one, 9000 + i)
+        assert len(mappings) == 50
+        assert {m.method for m in mappings} == {"pcp"}
+        # The last answer came after 50 x 0.2 s, beyond the 8 s request budget.
+        assert trio.current_time() > 9.0
+        natpmp_probes = [r for r in gateway.requests if not isinstance(r, pcp.PcpRequest)]
+        announces = [
+            r
+            for r in gateway.requests
+            if isinstance(r, pcp.PcpRequest) and r.opcode == pcp.Opcode.ANNOUNCE
+        ]
+        assert len(natpmp_probes) <= 1  # one race's probe at most
+        assert announces == []
+        assert len(gateway.mappings) == 50
+
+
+async def test_a_bug_in_one_renewal_is_that_mappings_event_only(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 7 item 2: an exception in one renewal never cancels the broker or others."""
+    gateway = FakeGateway()
+    sick, healthy = Recorder(), Recorder()
+    async with broker_for(gateway) as broker, trio.open_nursery() as nursery:
+        a = await broker.map(7100, "udp", lifetime=600)
+        b = await broker.map(7101, "udp", lifetime=600)
+        await nursery.start(sick.run, a)
+        await nursery.start(healthy.run, b)
+        method = broker._methods["pcp"]
+        real_create = method.create
+
+        async def create(request: Any, previous: Any) -> Any:
+            if request.internal_port == 7100 and previous is not None:
+                raise RuntimeError("boom")
+            return await real_create(request, previous)
+
+        method.create = create  # type: ignore[method-assign]
+        await trio.sleep(2 * HOUR)
+        lost = sick.of(Lost)
+        assert lost
+        assert "internal error: RuntimeError: boom" in lost[0].reason
+        assert len(healthy.of(Renewed)) >= 10
+        assert b.state is State.ACTIVE
+        # The broker still works.
+        c = await broker.map(7102, "udp")
+        assert c.state is State.ACTIVE
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_restart_recreates_every_mapping_whatever_its_method(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 7 item 12: one box lost its state; all its mappings are re-created."""
+    gateway = FakeGateway()
+    recorders = [Recorder(), Recorder()]
+    async with broker_for(gateway) as broker, trio.open_nursery() as nursery:
+        by_pcp = await broker.map(7200, "udp", lifetime=7200)
+        by_natpmp = await broker.map(7201, "udp", lifetime=7200, via="natpmp")
+        for recorder, mapping in zip(recorders, (by_pcp, by_natpmp), strict=True):
+            await nursery.start(recorder.run, mapping)
+        await trio.sleep(100)
+        gateway.reset()
+        await gateway.announce()
+        await trio.sleep(10)  # the 0-5 s spread and the round trips, not half a lifetime
+        assert sorted((m.via, m.internal_port) for m in gateway.mappings.values()) == [
+            ("natpmp", 7201),
+            ("pcp", 7200),
+        ]
+        for recorder in recorders:
+            assert len(recorder.of(Lost)) == 1
+            assert len(recorder.of(Restored)) == 1
+        assert broker.state_losses == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_spoofed_address_announcement_is_confirmed_not_believed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 7 item 13: an unsolicited message is a hint to ask, never a fact."""
+    gateway = FakeGateway()
+    recorder = Recorder()
+    async with broker_for(gateway) as broker, trio.open_nursery() as nursery:
+        mapping = await broker.map(7300, "udp", via="natpmp")
+        await nursery.start(recorder.run, mapping)
+        await trio.sleep(30)
+        before = len(gateway.requests)
+        (link,) = gateway.links
+        spoof = natpmp.encode_response(
+            natpmp.ExternalAddressResponse(0, gateway.epoch, IPv4Address("6.6.6.6"))
+        )
+        link.put(spoof, gateway._source())
+        await trio.sleep(10)
+        assert mapping.external_address == IPv4Address("203.0.113.7")
+        assert recorder.of(ExternalAddressChanged) == []
+        assert recorder.of(Lost) == []
+        asked = gateway.requests[before:]
+        assert len(asked) == 1  # one external address request settled it
+        assert isinstance(asked[0], natpmp.ExternalAddressRequest)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_flood_of_spoofed_announces_costs_a_bounded_number_of_requests(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway()
+    async with broker_for(gateway) as broker:
+        mapping = await broker.map(7400, "udp")
+        await trio.sleep(30)
+        before = len(gateway.requests)
+        (link,) = gateway.links
+        reset = pcp.encode_response(pcp.PcpResponse(pcp.Opcode.ANNOUNCE, 0, 0, 0))
+        for _ in range(1000):  # 100 a second for 10 s
+            link.put(reset, gateway._source())
+            await trio.sleep(0.01)
+        await trio.sleep(5)
+        extra = len(gateway.requests) - before
+        print(f"1000 spoofed ANNOUNCEs in 10 s cost {extra} requests")
+        assert extra <= 10 / CONFIRM_INTERVAL + 2
+        assert broker.state_losses == 0
+        assert mapping.state is State.ACTIVE
+        assert mapping.external_address == IPv4Address("203.0.113.7")
+
+
+async def test_a_real_address_change_announced_by_natpmp_is_confirmed_and_reported(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway()
+    recorder = Recorder()
+    async with broker_for(gateway) as broker, trio.open_nursery() as nursery:
+        mapping = await broker.map(7500, "udp", via="natpmp")
+        await nursery.start(recorder.run, mapping)
+        await trio.sleep(30)
+        # The WAN address moves, the table survives, NAT-PMP announces it
+        # (and PCP's epoch restarts, RFC 6887 §8.5).
+        await gateway.change_external_address("198.51.100.9")
+        await wait_for(lambda: bool(recorder.of(ExternalAddressChanged)), 30)
+        assert mapping.external_address == IPv4Address("198.51.100.9")
+        nursery.cancel_scope.cancel()

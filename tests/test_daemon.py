@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
+import trio.lowlevel
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from portbroker.client import DaemonRequestError, open_client
 from portbroker.daemon.server import Daemon, DaemonConfig, DaemonError, serve
 from portbroker.testing import FakeGateway
+from portbroker.types import DEFAULT_LIFETIME, MAX_LIFETIME, MIN_LIFETIME
 from portbroker.wire import pcp
 
 
@@ -139,37 +143,84 @@ async def test_conflicting_external_port_is_refused(short_dir: Path) -> None:
         assert "9500/tcp already maps to 9000/tcp" in info.value.message
 
 
-async def test_disconnect_releases_after_the_grace_period(short_dir: Path) -> None:
+# The grace-period tests run under MockClock: they check when things happen in
+# the daemon's own time, not how long the machine took.
+GRACE = 10.0
+
+
+@pytest.fixture
+def mock_time(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> trio.testing.MockClock:
+    """MockClock, with the state writer's worker thread run inline.
+
+    While a write runs in a thread every task waits, so autojump would move
+    the clock on to the next deadline (a renewal an hour away, past every
+    grace period) in the middle of a request. Inline, a write takes no time.
+    """
+
+    async def inline(fn: Any, *args: Any, **_options: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+    return autojump_clock
+
+
+async def app_gone(daemon: Daemon, key: tuple[str, int]) -> None:
+    """Wait until the daemon has seen the app's connection close."""
+    await trio.testing.wait_all_tasks_blocked()
+    holds = daemon.shared[key].holds
+    assert holds
+    assert all(h.client is None and h.grace_until is not None for h in holds)
+
+
+async def test_disconnect_releases_after_the_grace_period(
+    short_dir: Path, mock_time: trio.testing.MockClock
+) -> None:
     gateway = FakeGateway()
-    async with running(short_dir, gateway, grace=0.3):
+    async with running(short_dir, gateway, grace=GRACE) as daemon:
         async with open_client(short_dir / "pb.sock") as client:
             await client.map(7000, "tcp")
+        await app_gone(daemon, ("tcp", 7000))
+        await trio.sleep(GRACE * 0.9)
         assert gateway.mapping_for("tcp", 7000) is not None  # still in grace
-        await trio.sleep(0.6)
+        await trio.sleep(GRACE * 0.2)
         assert gateway.mapping_for("tcp", 7000) is None
+        assert daemon.shared == {}
 
 
-async def test_reconnecting_within_the_grace_period_keeps_the_mapping(short_dir: Path) -> None:
+async def test_reconnecting_within_the_grace_period_keeps_the_mapping(
+    short_dir: Path, mock_time: trio.testing.MockClock
+) -> None:
     gateway = FakeGateway()
-    async with running(short_dir, gateway, grace=0.5) as daemon:
+    async with running(short_dir, gateway, grace=GRACE) as daemon:
         async with open_client(short_dir / "pb.sock") as client:
             first = await client.map(7001, "tcp")
+        await app_gone(daemon, ("tcp", 7001))
+        await trio.sleep(GRACE / 2)  # the app restarts within the grace period
         async with open_client(short_dir / "pb.sock") as client:
             again = await client.map(7001, "tcp")
             assert again["holders"] == 1  # the old hold, reclaimed
             assert again["external_port"] == first["external_port"]
-            await trio.sleep(0.8)
+            await trio.sleep(GRACE * 2)  # well past the old grace deadline
             assert gateway.mapping_for("tcp", 7001) is not None
-            assert daemon.shared[("tcp", 7001)].holds[0].client is not None
+            (hold,) = daemon.shared[("tcp", 7001)].holds
+            assert hold.client is not None
+            assert hold.grace_until is None
 
 
-async def test_persist_outlives_the_connection(short_dir: Path) -> None:
+async def test_persist_outlives_the_connection(
+    short_dir: Path, mock_time: trio.testing.MockClock
+) -> None:
     gateway = FakeGateway()
-    async with running(short_dir, gateway, grace=0.1):
+    async with running(short_dir, gateway, grace=GRACE) as daemon:
         async with open_client(short_dir / "pb.sock") as client:
             await client.map(7002, "udp", persist=True)
-        await trio.sleep(0.3)
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(GRACE * 3)
         assert gateway.mapping_for("udp", 7002) is not None
+        assert ("udp", 7002) in daemon.shared
         async with open_client(short_dir / "pb.sock") as client:
             await client.unmap(7002, "udp")
         assert gateway.mapping_for("udp", 7002) is None
@@ -301,47 +352,163 @@ def test_arbitrary_json_never_breaks_the_daemon(value: Any, op: str) -> None:
 async def test_two_hundred_concurrent_clients(short_dir: Path) -> None:
     gateway = FakeGateway()
     async with running(short_dir, gateway, max_mappings=1000) as daemon:
-        seen_events: list[int] = []
+        finished: list[int] = []
+        watchers = [n for n in range(200) if n % 10 == 0]
+        seen_events: dict[int, list[str]] = {}
 
         async def app(n: int) -> None:
             async with open_client(short_dir / "pb.sock") as client:
                 port = 20000 + n
+                if n in watchers:
+                    # Watch first: the app must then hear of its own mapping.
+                    watching = (await client.request("watch"))["watching"]
+                    assert watching == ("all" if os.getuid() == 0 else "own")
                 mapping = await client.map(port, "udp", lifetime=600)
                 assert mapping["internal_port"] == port
                 listed = {m["internal_port"] for m in await client.list()}
                 assert port in listed
-                if n % 10 == 0:
-                    watching = (await client.request("watch"))["watching"]
-                    assert watching == ("all" if os.getuid() == 0 else "own")
+                if n in watchers:
+                    mine: list[str] = []
+                    with trio.fail_after(30):
+                        watch = cast(AsyncGenerator[dict[str, Any], None], client.watch())
+                        async with aclosing(watch) as events:
+                            async for event in events:
+                                if event["mapping"]["id"] == f"{port}/udp":
+                                    mine.append(event["event"])
+                                    break
+                    seen_events[n] = mine
                 assert await client.unmap(port, "udp") == f"{port}/udp"
-                seen_events.append(n)
+                finished.append(n)
 
         async with trio.open_nursery() as nursery:
             for n in range(200):
                 nursery.start_soon(app, n)
-        assert len(seen_events) == 200
+        assert sorted(finished) == list(range(200))
+        assert seen_events == {n: ["Acquired"] for n in watchers}
         assert daemon.shared == {}
         assert gateway.mappings == {}
 
 
-async def test_a_client_that_never_reads_is_cut_off(short_dir: Path) -> None:
+async def test_a_client_that_never_reads_is_cut_off(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    requests = 200_000
     async with running(short_dir, FakeGateway()):
         greedy = await trio.open_unix_socket(str(short_dir / "pb.sock"))
-        request = b'{"op": "hello", "versions": [1]}\n' * 500
-        cut_off = False
-        with trio.fail_after(30):
+        batch = b'{"op": "hello", "versions": [1]}\n' * 500
+        replies = 0
+        with trio.fail_after(60):
             try:
-                for _ in range(400):  # 200,000 requests, never reading a reply
-                    await greedy.send_all(request)
+                for _ in range(requests // 500):  # never reading a reply
+                    await greedy.send_all(batch)
+                # All sent: say so, so that a daemon that buffers every reply
+                # ends the connection instead of waiting for more.
+                await greedy.send_eof()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                cut_off = True
-        if not cut_off:
-            # Everything was written; the daemon must have closed its end.
-            with trio.fail_after(30):
-                while await greedy.receive_some(1 << 20):
-                    pass
-            cut_off = True
+                pass  # cut off while we were still sending
+            try:
+                while chunk := await greedy.receive_some(1 << 20):
+                    replies += chunk.count(b"\n")
+            except trio.BrokenResourceError:
+                pass  # reset by the daemon
         await greedy.aclose()
-        assert cut_off
+        # It was cut off: not every request was answered, and the daemon said why.
+        assert replies < requests
+        assert "does not read its replies: cut off" in caplog.text
+        async with open_client(short_dir / "pb.sock") as client:
+            assert (await client.hello())["version"] == 1
+
+
+def _requested_lifetimes(gateway: FakeGateway, port: int) -> list[int]:
+    return [
+        r.lifetime
+        for r in gateway.requests
+        if isinstance(r, pcp.PcpRequest)
+        and isinstance(r.data, pcp.MapData)
+        and r.data.internal_port == port
+    ]
+
+
+@pytest.mark.parametrize("lifetime", [MIN_LIFETIME, MAX_LIFETIME])
+async def test_lifetime_edges_are_accepted(short_dir: Path, lifetime: int) -> None:
+    gateway = FakeGateway()
+    async with running(short_dir, gateway), open_client(short_dir / "pb.sock") as client:
+        await client.map(7100, "udp", lifetime=lifetime)
+        assert _requested_lifetimes(gateway, 7100)[0] == lifetime
+
+
+async def test_lifetime_defaults_to_the_library_default(short_dir: Path) -> None:
+    gateway = FakeGateway()
+    async with running(short_dir, gateway), open_client(short_dir / "pb.sock") as client:
+        await client.request("map", port=7101, protocol="udp")  # no lifetime
+        assert _requested_lifetimes(gateway, 7101)[0] == DEFAULT_LIFETIME
+
+
+@pytest.mark.parametrize("lifetime", [0, MAX_LIFETIME + 1, -1])
+async def test_lifetime_out_of_range_names_the_range(short_dir: Path, lifetime: int) -> None:
+    gateway = FakeGateway()
+    async with running(short_dir, gateway), open_client(short_dir / "pb.sock") as client:
+        with pytest.raises(DaemonRequestError) as info:
+            await client.map(7102, "udp", lifetime=lifetime)
+        assert info.value.code == "bad_request"
+        assert f"{MIN_LIFETIME}..{MAX_LIFETIME}" in info.value.message
+        assert _requested_lifetimes(gateway, 7102) == []
+
+
+async def test_a_local_socket_error_fails_one_request_not_the_daemon(short_dir: Path) -> None:
+    # EPERM on send (a host firewall): the transport puts it in words and the
+    # methods report it as theirs, so it is "no method", not a crash.
+    gateway = FakeGateway()
+    memory = gateway.link_factory()
+
+    class Refusing:
+        def __init__(self, link: Any) -> None:
+            self._link = link
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._link, name)
+
+        async def send(self, data: bytes) -> None:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    async def refusing(address: Any, port: int) -> Any:
+        return Refusing(await memory(address, port))
+
+    options = {"link_factory": refusing, "announce_port": None, "seed": 1}
+    async with running(short_dir, gateway, broker_options=options):
+        async with open_client(short_dir / "pb.sock") as client:
+            with pytest.raises(DaemonRequestError) as info:
+                await client.map(7200, "tcp")
+            assert info.value.code == "no_method"
+            assert "(EPERM)" in info.value.message
+            assert "Errno" not in info.value.message
+        async with open_client(short_dir / "pb.sock") as client:
+            assert (await client.hello())["version"] == 1
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("boom"),
+        ExceptionGroup("two at once", [RuntimeError("boom"), OSError(errno.ENOBUFS, "x")]),
+    ],
+    ids=["bug", "group"],
+)
+async def test_a_bug_in_one_request_fails_it_not_the_daemon(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    from portbroker.broker import Broker
+
+    async def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(Broker, "map", broken)
+    async with running(short_dir, FakeGateway()):
+        async with open_client(short_dir / "pb.sock") as client:
+            with pytest.raises(DaemonRequestError) as info:
+                await client.map(7300, "tcp")
+            assert info.value.code == "internal"
+            assert "RuntimeError: boom" in info.value.message
+            assert "Group" not in info.value.message
         async with open_client(short_dir / "pb.sock") as client:
             assert (await client.hello())["version"] == 1

@@ -222,3 +222,74 @@ def test_two_users_neither_see_nor_unmap_each_other(short_dir: Path) -> None:
         gateway_process.wait(timeout=10)
         if gateway_process.stdout is not None:
             gateway_process.stdout.close()
+
+
+def test_hold_through_the_daemon_ends_cleanly_on_a_signal_right_after_the_line(
+    short_dir: Path,
+) -> None:
+    # Issue 7 item 11, through the daemon: the CLI's handlers are in place
+    # before it prints, so SIGTERM the instant the line appears ends the hold
+    # (exit 0), and the daemon lets the mapping go after its grace period.
+    gateway_process = subprocess.Popen(
+        [PYTHON, "-m", "portbroker.testing.fake_gateway", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    daemon = None
+    try:
+        assert gateway_process.stdout is not None
+        port = int(gateway_process.stdout.readline().split()[1])
+        daemon = start_daemon(short_dir, port)
+        # No --gateway (it would bypass the daemon); should the daemon not be
+        # found, PORTBROKER_GATEWAY still keeps the CLI on 127.0.0.1.
+        hold = subprocess.Popen(
+            [
+                PYTHON,
+                "-m",
+                "portbroker.cli",
+                "map",
+                "7300/tcp",
+                "--hold",
+                "--json",
+                "--socket",
+                str(short_dir / "pb.sock"),
+                "--server-port",
+                str(port),
+                "--no-multicast",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PORTBROKER_GATEWAY": "127.0.0.1"},
+        )
+        try:
+            assert hold.stdout is not None
+            assert hold.stderr is not None
+            line = hold.stdout.readline()
+            hold.send_signal(signal.SIGTERM)
+            assert json.loads(line)["id"] == "7300/tcp"
+            assert hold.wait(timeout=60) == 0, hold.stderr.read()
+        finally:
+            if hold.poll() is None:
+                hold.kill()
+            hold.wait()
+            for pipe in (hold.stdout, hold.stderr):
+                if pipe is not None:
+                    pipe.close()
+
+        async def released() -> None:
+            with trio.fail_after(60):  # a guard: the grace period is 1 s
+                while True:
+                    async with open_client(short_dir / "pb.sock") as client:
+                        if not await client.list():
+                            return
+                    await trio.sleep(0.1)
+
+        trio.run(released)
+    finally:
+        if daemon is not None:
+            stop(daemon)
+        gateway_process.terminate()
+        gateway_process.wait(timeout=10)
+        if gateway_process.stdout is not None:
+            gateway_process.stdout.close()

@@ -12,15 +12,21 @@ object: a decoder must never build a value the encoder cannot write.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import random
 from collections.abc import Callable, Iterator
 
 import pytest
+import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from portbroker.errors import MalformedMessage
+from portbroker.errors import LinkError, MalformedMessage, NoAnswer
+from portbroker.testing.fake_gateway import FakeGateway
+from portbroker.transport import Transport, natpmp_key, pcp_key
 from portbroker.wire import natpmp, pcp, ssdp
 from tests import strategies as s
 from tests.realdata import load_exchanges, load_ndpi, realdata, ssdp_replies
@@ -197,3 +203,53 @@ def test_structured_pcp_with_one_byte_changed(raw: bytes, data: st.DataObject) -
     feed(raw[:position] + bytes((value,)) + raw[position + 1 :])
     cut = data.draw(st.integers(0, len(raw)))
     feed(raw[:cut])
+
+
+# -- the transport fed arbitrary datagrams and socket errors ------------------
+
+
+def _transport_survives(datagrams: list[bytes], errnos: list[int]) -> None:
+    """A waiting request ends with a response, NoAnswer or LinkError, whatever
+    arrives; the receive loop lives on and answers the next request."""
+
+    async def main() -> None:
+        gateway = FakeGateway(pcp_enabled=False, natpmp_enabled=False)
+        link = gateway.memory_link()
+        transport = Transport(link, lambda *_: None)
+        announce = pcp.PcpRequest(pcp.Opcode.ANNOUNCE, 0, "192.168.1.100")
+        nat = natpmp.ExternalAddressRequest()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(transport.run)
+
+            async def ask(payload: bytes, key: tuple[object, ...]) -> None:
+                with contextlib.suppress(NoAnswer, LinkError, ConnectionRefusedError):
+                    await transport.request(payload, key, [0.25, 0.5])
+
+            async with trio.open_nursery() as asks:
+                asks.start_soon(ask, pcp.encode_request(announce), pcp_key(announce))
+                asks.start_soon(ask, natpmp.encode_request(nat), natpmp_key(nat))
+                await trio.sleep(0.01)
+                for data in datagrams:
+                    link.put(data, ("127.0.0.1", 5351))
+                for code in errnos:
+                    link.fail_receive(OSError(code, errno.errorcode.get(code, "?")))
+            gateway.natpmp_enabled = True
+            await trio.sleep(1.5)  # past the refusal memory
+            response = await transport.request(
+                natpmp.encode_request(nat), natpmp_key(nat), [0.25, 0.5]
+            )
+            assert isinstance(response, natpmp.ExternalAddressResponse)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.one_of(st.binary(max_size=64), st.sampled_from(seeds())), max_size=6),
+    st.lists(st.sampled_from([1, 9, 22, 99, 101, 105, 111, 113]), max_size=3),
+)
+def test_the_transport_survives_arbitrary_datagrams_and_socket_errors(
+    datagrams: list[bytes], errnos: list[int]
+) -> None:
+    _transport_survives(datagrams, errnos)

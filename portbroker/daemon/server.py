@@ -35,10 +35,16 @@ from portbroker.broker import Broker, Mapping, open_broker
 from portbroker.daemon import protocol as proto
 from portbroker.daemon.protocol import ErrorCode, ProtocolError, Request
 from portbroker.daemon.state import StateStore, lease_from_record, lease_record
-from portbroker.errors import MappingError, MethodUnavailable, NoAnswer, PortBrokerError
+from portbroker.errors import (
+    LinkError,
+    MappingError,
+    MethodUnavailable,
+    NoAnswer,
+    PortBrokerError,
+)
 from portbroker.lifecycle import Released, State, event_detail
 from portbroker.probe import NoMethodAvailable, report_json
-from portbroker.types import MappingRequest
+from portbroker.types import DEFAULT_LIFETIME, MAX_LIFETIME, MIN_LIFETIME, MappingRequest
 
 __all__ = ["DaemonConfig", "DaemonError", "default_socket_path", "run_daemon", "serve"]
 
@@ -306,7 +312,8 @@ class Daemon:
             request = MappingRequest(
                 lease.internal_port,
                 lease.protocol,
-                max(lifetime, 1),
+                # An old or hand-edited record may hold any number.
+                min(max(lifetime, MIN_LIFETIME), MAX_LIFETIME),
                 internal_address=lease.internal_address,
             )
             key = (lease.protocol.value, lease.internal_port)
@@ -372,10 +379,11 @@ class Daemon:
         port = request.port("port", required=True)
         assert port is not None
         protocol = request.protocol()
-        lifetime = request.get("lifetime", int, 7200)
-        if not 1 <= lifetime <= 604800:
+        lifetime = request.get("lifetime", int, DEFAULT_LIFETIME)
+        if not MIN_LIFETIME <= lifetime <= MAX_LIFETIME:
             raise ProtocolError(
-                ErrorCode.BAD_REQUEST, f"'lifetime' must be 1..604800, got {lifetime}"
+                ErrorCode.BAD_REQUEST,
+                f"'lifetime' must be {MIN_LIFETIME}..{MAX_LIFETIME} seconds, got {lifetime}",
             )
         external_port = request.port("external_port", required=False)
         exact = request.get("exact", bool, False)
@@ -651,16 +659,51 @@ class Daemon:
                     exc.extra.pop("id", request_id), exc.code, exc.message, **exc.extra
                 )
             )
-        except (PortBrokerError, ValueError) as exc:
-            client.send(
-                proto.error_reply(
-                    request_id,
-                    ErrorCode.BAD_REQUEST if isinstance(exc, ValueError) else ErrorCode.INTERNAL,
-                    str(exc),
-                )
-            )
+        except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the daemon
+            client.send(_failure_reply(request_id, exc))
         finally:
             limiter.release()
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _failure_reply(request_id: Any, exc: Exception) -> bytes:
+    """The error reply for a request that failed with *exc*, in words.
+
+    Whatever failed, this one request gets an error reply and the daemon goes
+    on serving every other app. trio nurseries may group the failures; each
+    leaf is told, the first one's code stands for them all.
+    """
+    replies: list[tuple[ErrorCode, str]] = []
+    for leaf in _leaves(exc):
+        if isinstance(leaf, ProtocolError):
+            replies.append((leaf.code, leaf.message))
+        elif isinstance(leaf, ValueError):
+            replies.append((ErrorCode.BAD_REQUEST, str(leaf)))
+        elif isinstance(leaf, PortBrokerError):
+            replies.append((ErrorCode.INTERNAL, str(leaf)))
+        elif isinstance(leaf, OSError):
+            # A local socket failure (EPERM from a host firewall...) that no
+            # layer below put in words.
+            known = isinstance(leaf.errno, int) and leaf.errno in errno.errorcode
+            replies.append(
+                (
+                    ErrorCode.INTERNAL,
+                    str(LinkError("use", "the network", leaf))
+                    if known
+                    else f"cannot use the network: {leaf.strerror or leaf}",
+                )
+            )
+        else:
+            logger.error("request %r failed: a bug", request_id, exc_info=leaf)
+            replies.append((ErrorCode.INTERNAL, f"internal error: {type(leaf).__name__}: {leaf}"))
+    return proto.error_reply(
+        request_id, replies[0][0], "; ".join(dict.fromkeys(m for _, m in replies))
+    )
 
 
 def _pid_alive(pid: int) -> bool:

@@ -115,7 +115,7 @@ async def open_methods(
                 elif name == "natpmp":
                     methods[name] = NatPmpMethod(await transport_for(gateway), gateway)
                 else:
-                    # miniupnpc is imported only when UPnP is asked for.
+                    # Imported only when UPnP is asked for (it is the largest method).
                     from portbroker.methods.upnp import UpnpMethod
 
                     methods[name] = UpnpMethod(

@@ -1,4 +1,9 @@
-"""PCP (RFC 6887) MAP over the shared transport."""
+"""PCP (RFC 6887) MAP over the shared transport: the I/O half.
+
+What to send and what an answer means live in
+:mod:`portbroker.methods.pcp_rules` (pure, with the result-code table);
+this class sends, waits, and turns transport failures into method failures.
+"""
 
 from __future__ import annotations
 
@@ -9,32 +14,21 @@ from typing import Final
 
 import trio
 
-from portbroker.errors import MappingError, MethodUnavailable
+from portbroker.errors import LinkError, MappingError, MethodUnavailable, PortBrokerError
+from portbroker.methods import pcp_rules
+from portbroker.methods.pcp_rules import error_hold_off
+from portbroker.methods.rules import Undo
 from portbroker.transport import Transport, pcp_key, probe_schedule, rfc6887_schedule
 from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome
 from portbroker.wire import pcp
-from portbroker.wire.pcp import ErrorClass, ResultCode
+from portbroker.wire.pcp import ResultCode
 
 __all__ = ["PcpMethod", "error_hold_off"]
 
-# RFC 6887 §7.4 suggests 30 s for short and 30 min for long errors, but
-# miniupnpd sends long errors (and CANNOT_PROVIDE_EXTERNAL) with lifetime 0,
-# which read literally means "retry at once": clamp to these minimums.
-_MIN_HOLD_OFF: Final = {ErrorClass.SHORT: 5.0, ErrorClass.LONG: 60.0, ErrorClass.DEPENDS: 30.0}
-
-# Results that say PCP itself is no use with this server, not this request.
-_UNUSABLE: Final = {
-    ResultCode.UNSUPP_VERSION: "the server does not speak PCP version 2",
-    ResultCode.UNSUPP_OPCODE: "the server does not support MAP",
-    # RFC 6887 §7.4: another NAT sits between us and the server.
-    ResultCode.ADDRESS_MISMATCH: "another NAT between this host and the PCP server",
-}
-
-
-def error_hold_off(response: pcp.PcpResponse) -> float:
-    """Seconds before the same request may be sent again (RFC 6887 §8.3)."""
-    floor = _MIN_HOLD_OFF.get(response.result_code.error_class, 60.0)
-    return max(float(response.lifetime), floor)
+# How long the delete of a useless grant (port 0...) may take. Shielded, so a
+# caller's timeout does not leave the mapping behind; bounded, so a server
+# that stopped answering does not hold the caller.
+UNDO_TIMEOUT: Final = 4.0
 
 
 class PcpMethod:
@@ -81,67 +75,26 @@ class PcpMethod:
             raise MethodUnavailable(
                 self.name, f"port {self.transport.link.remote[1]} closed (ICMP port unreachable)"
             ) from exc
+        except LinkError as exc:
+            # The local stack would not let it out (a host firewall, no
+            # route): this method cannot work from here; another may.
+            raise MethodUnavailable(self.name, str(exc)) from exc
         assert isinstance(response, pcp.PcpResponse)
-        if response.is_natpmp:
-            raise MethodUnavailable(
-                self.name, "the gateway answered as a NAT-PMP server (version 0)", natpmp_hint=True
-            )
+        problem = pcp_rules.reply_problem(response)
+        if problem is not None:
+            raise problem
         self.answered = True
-        if response.version != pcp.VERSION:
-            raise MethodUnavailable(self.name, f"the server speaks PCP version {response.version}")
         return response
 
     async def probe(self) -> ProbeOutcome:
         """A solicited ANNOUNCE (RFC 6887 §14.1): is PCP there, and its epoch."""
         started = trio.current_time()
         try:
-            response = await self._call(pcp.PcpRequest(pcp.Opcode.ANNOUNCE, 0, self.client_address))
+            response = await self._call(pcp_rules.announce_request(self.client_address))
         except MethodUnavailable as exc:
             return ProbeOutcome(self.name, False, error=exc.reason)
-        rtt = trio.current_time() - started
-        if response.result_code != ResultCode.SUCCESS:
-            # Some servers refuse ANNOUNCE but do MAP; the answer alone proves PCP.
-            usable = response.result_code not in _UNUSABLE
-            return ProbeOutcome(
-                self.name,
-                usable,
-                rtt,
-                epoch=response.epoch,
-                error=None if usable else _UNUSABLE[response.result_code],
-            )
-        return ProbeOutcome(self.name, True, rtt, self.last_external_address, epoch=response.epoch)
-
-    def _map_request(
-        self, request: MappingRequest, previous: Lease | None, *, exact: bool
-    ) -> pcp.PcpRequest:
-        if previous is not None and previous.nonce is not None:
-            # RFC 6887 §11.2.1 / §8.5: renew or re-create with the same nonce,
-            # suggesting what the server assigned before.
-            nonce = previous.nonce
-            suggested_port = previous.external_port
-            suggested_address = previous.external_address
-        else:
-            nonce = self._nonces.get(self._nonce_key(request)) or secrets.token_bytes(12)
-            suggested_port = request.external_port or 0
-            suggested_address = pcp.no_preference(self.client_address)
-        options: list[pcp.Option] = []
-        internal = request.internal_address
-        if internal is not None and internal != self.client_address:
-            options.append(pcp.ThirdParty(internal))
-        if exact:
-            options.append(pcp.PreferFailure())
-        return pcp.PcpRequest(
-            pcp.Opcode.MAP,
-            request.lifetime,
-            self.client_address,
-            pcp.MapData(
-                nonce,
-                request.protocol.number,
-                request.internal_port,
-                suggested_port,
-                suggested_address,
-            ),
-            options,
+        return pcp_rules.announce_outcome(
+            response, trio.current_time() - started, self.last_external_address
         )
 
     def _nonce_key(self, request: MappingRequest) -> tuple[int, IPAddress, int]:
@@ -150,89 +103,45 @@ class PcpMethod:
 
     async def create(self, request: MappingRequest, previous: Lease | None) -> Lease:
         exact = request.exact and previous is None
-        map_request = self._map_request(request, previous, exact=exact)
-        assert map_request.data is not None
-        self._nonces[self._nonce_key(request)] = map_request.data.nonce
-        response = await self._call(map_request)
+        renewal = previous is not None and previous.nonce is not None
+        nonce = self._nonces.get(self._nonce_key(request)) or secrets.token_bytes(12)
+        sent = pcp_rules.map_request(self.client_address, request, previous, nonce, exact=exact)
+        assert sent.data is not None
+        self._nonces[self._nonce_key(request)] = sent.data.nonce
+        response = await self._call(sent)
         if response.result_code == ResultCode.CANNOT_PROVIDE_EXTERNAL and not exact:
             # §11.3: never valid for a plain MAP; a server bug. Ask again with
-            # no suggestion (protocols.md §1.18), same nonce.
-            assert map_request.data is not None
-            retry_data = pcp.MapData(
-                map_request.data.nonce,
-                map_request.data.protocol,
-                map_request.data.internal_port,
-                0,
-                pcp.no_preference(self.client_address),
-            )
-            response = await self._call(
-                pcp.PcpRequest(
-                    pcp.Opcode.MAP,
-                    map_request.lifetime,
-                    map_request.client_address,
-                    retry_data,
-                    map_request.options,
-                )
-            )
-        return self._lease(request, map_request, response)
-
-    def _lease(
-        self, request: MappingRequest, sent: pcp.PcpRequest, response: pcp.PcpResponse
-    ) -> Lease:
-        code = response.result_code
-        if code in _UNUSABLE:
-            raise MethodUnavailable(self.name, _UNUSABLE[code])
-        if code != ResultCode.SUCCESS:
-            raise MappingError(
-                self.name,
-                f"{code.name} ({code.error_class.value} lifetime error)",
-                result_code=int(code),
-                retry_after=error_hold_off(response),
-            )
-        data = response.data
-        assert data is not None
-        assert sent.data is not None
-        if response.lifetime == 0:
-            raise MappingError(self.name, "SUCCESS with lifetime 0: the server deleted it")
-        if data.external_address.is_unspecified or data.external_address.is_loopback:
-            raise MappingError(
-                self.name, f"the server assigned an unusable address {data.external_address}"
-            )
-        self.last_external_address = data.external_address
-        return Lease(
-            method=self.name,
-            protocol=request.protocol,
-            internal_address=request.internal_address or sent.client_address,
-            internal_port=request.internal_port,
-            external_address=data.external_address,
-            external_port=data.external_port,
-            lifetime=response.lifetime,
-            granted_at=trio.current_time(),
-            gateway=self.server,
-            epoch=response.epoch,
-            nonce=sent.data.nonce,
+            # no suggestion, same nonce (pcp_rules.retry_without_suggestion).
+            sent = pcp_rules.retry_without_suggestion(sent)
+            response = await self._call(sent)
+        result = pcp_rules.interpret_map(
+            response,
+            request=request,
+            sent=sent,
+            server=self.server,
+            now=trio.current_time(),
+            renewal=renewal,
         )
+        if isinstance(result, Undo):
+            raise await self._undo(result)
+        self.last_external_address = result.external_address
+        return result
+
+    async def _undo(self, undo: Undo) -> PortBrokerError:
+        """Delete a granted mapping we cannot use (best effort, bounded); the error to raise."""
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + UNDO_TIMEOUT
+            try:
+                await self.delete(undo.lease)
+            except PortBrokerError as exc:
+                return undo.error(f"could not delete it ({exc})")
+        if scope.cancelled_caught:
+            return undo.error(f"could not delete it (no answer within {UNDO_TIMEOUT:g} s)")
+        return undo.error("deleted it")
 
     async def delete(self, lease: Lease) -> None:
         """MAP with lifetime 0 and the mapping's nonce (RFC 6887 §15)."""
-        assert lease.nonce is not None, "a PCP lease always has its nonce"
-        options: list[pcp.Option] = []
-        if lease.internal_address != self.client_address:
-            options.append(pcp.ThirdParty(lease.internal_address))
-        request = pcp.PcpRequest(
-            pcp.Opcode.MAP,
-            0,
-            self.client_address,
-            pcp.MapData(
-                lease.nonce,
-                lease.protocol.number,
-                lease.internal_port,
-                0,
-                pcp.no_preference(self.client_address),
-            ),
-            options,
-        )
-        response = await self._call(request)
+        response = await self._call(pcp_rules.delete_request(self.client_address, lease))
         if response.result_code != ResultCode.SUCCESS:
             raise MappingError(
                 self.name,

@@ -1,100 +1,100 @@
-"""UPnP IGD: our own SSDP in trio, miniupnpc for the description and SOAP.
+"""UPnP IGD: SSDP, the root description and SOAP, all in trio.
 
-miniupnpc's own discovery waits out its whole search window (about a second);
-ours sends a unicast M-SEARCH straight to the gateway (answered in one round
-trip plus the device's reply delay, or refused at once by ICMP when nothing
-listens on 1900) and, where allowed, a multicast one beside it, and takes the
-first reply from the gateway. ``UPnP.selectigd(location)`` then reads the
-description at that URL, and SOAP goes through the same ``miniupnpc.UPnP``
-object, one per gateway, called only from :meth:`UpnpMethod._call` in a worker
-thread under a lock (miniupnpc is blocking C and not thread-safe).
+Discovery sends a unicast M-SEARCH straight to the gateway (answered in one
+round trip plus the device's reply delay, or refused at once by ICMP when
+nothing listens on its SSDP port) and, where allowed, a multicast one beside
+it, and takes the first reply from the gateway's address, whatever port it
+came from (UDA 1.1 §1.3.3). The root description is then fetched over HTTP
+with a size cap and a deadline, and SOAP (UDA 1.1 §3.2) is posted the same
+way, one connection per action. Every exchange has a deadline, nothing runs
+in a thread, no lock is shared between requests, and nothing is written to
+stderr: what went wrong is raised as a portbroker error and logged once.
+
+The rules (which replies to believe, which service to use, SOAP bytes, error
+remedies, leases) are plain functions in :mod:`portbroker.methods.upnp_rules`.
 
 Safety: nothing is fetched from, or posted to, any host but the gateway. A
 LOCATION naming another host in a reply *from the gateway* is rewritten to the
-gateway (devices advertise stale or odd addresses, tailscale issue 5502); a
-reply from anyone else is ignored; a control URL that leads away from the
-gateway is refused.
+gateway; a reply from anyone else is ignored; a control URL that leads away
+from the gateway is refused.
 
-Error codes: miniupnpc's Python binding raises plain ``Exception`` with
-``strupnperror``'s text, so codes are recovered from that text (and codes it
-has no name for, 728-733 among them, all read "UnknownError").
+Signals, not decisions: the method reports what it sees through *report*
+(``BootIdSeen`` for each SSDP reply with BOOTID.UPNP.ORG, ``UptimeSeen`` for
+each GetStatusInfo uptime, ``EntryMissing`` when the gateway says our entry is
+not there); the gateway's epoch tracker decides whether state was lost.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import random
 import socket
-import threading
-from collections.abc import Callable, Iterator
-from ipaddress import IPv6Address, ip_address
-from typing import Any, Final, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+import sys
+from collections.abc import Iterator, Sequence
+from ipaddress import IPv6Address
+from typing import Final
+from urllib.parse import urlsplit
 
 import attrs
 import trio
 
 from portbroker._util import collapse_single
-from portbroker.epoch import EntryMissing, SignalSink
+from portbroker.epoch import BootIdSeen, EntryMissing, GatewaySignal, SignalSink, UptimeSeen
 from portbroker.errors import (
-    MalformedMessage,
+    LinkError,
     MappingError,
     MethodUnavailable,
     NoAnswer,
+    PortBrokerError,
     UpnpError,
 )
+from portbroker.methods import upnp_rules as rules
+from portbroker.methods.upnp_rules import MAX_LEASE, Remedy, upnp_error_code
 from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome, TransportProtocol
 from portbroker.wire import ssdp
 from portbroker.wire._fields import to_address
 
-__all__ = ["UpnpError", "UpnpMethod", "upnp_error_code"]
+__all__ = ["MAX_LEASE", "UpnpError", "UpnpMethod", "upnp_error_code"]
 
-T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
-# miniupnpc's strupnperror() texts, back to their codes (upnperrors.c).
-_ERROR_CODES: Final = {
-    "Invalid Action": 401,
-    "Invalid Args": 402,
-    "Action Failed": 501,
-    "Argument Value Invalid": 600,
-    "Argument Value Out of Range": 601,
-    "Optional Action Not Implemented": 602,
-    "Out of Memory": 603,
-    "Human Intervention Required": 604,
-    "String Argument Too Long": 605,
-    "Action not authorized": 606,
-    "SpecifiedArrayIndexInvalid": 713,
-    "NoSuchEntryInArray": 714,
-    "WildCardNotPermittedInSrcIP": 715,
-    "WildCardNotPermittedInExtPort": 716,
-    "ConflictInMappingEntry": 718,
-    "SamePortValuesRequired": 724,
-    "OnlyPermanentLeasesSupported": 725,
-    "RemoteHostOnlySupportsWildcard": 726,
-    "ExternalPortOnlySupportsWildcard": 727,
+# Seconds one HTTP exchange (connect, request, whole response) may take.
+# miniupnpd answers in milliseconds, 100-250 ms once nftables holds many rules.
+HTTP_TIMEOUT: Final = 5.0
+_USER_AGENT: Final = "portbroker UPnP/1.1"
+# Linux reports ICMP errors on an unconnected UDP socket only with these on.
+_RECVERR: Final = {
+    socket.AF_INET: (socket.IPPROTO_IP, getattr(socket, "IP_RECVERR", 11)),
+    socket.AF_INET6: (socket.IPPROTO_IPV6, getattr(socket, "IPV6_RECVERR", 25)),
 }
-_CONFLICT: Final = 718
-_PERMANENT_ONLY: Final = 725
-_INVALID_ARGS: Final = 402
-_SAME_PORT: Final = 724
-_NO_SUCH_ENTRY: Final = 714
-_INVALID_ACTION: Final = 401
-# IGD v2 caps leases at a week and reads 0 as "the maximum" (protocols.md §4.5).
-MAX_LEASE: Final = 604800
+# The gateway's own answers (not our stack's): its port is closed, or it
+# dropped the connection.
+_REFUSALS: Final = frozenset(
+    {errno.ECONNREFUSED, errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT}
+)
 
 
-def upnp_error_code(message: str) -> int | None:
-    """The UPnP error code behind a miniupnpc error text, if it has one."""
-    return _ERROR_CODES.get(message.strip())
+class _Unanswered(PortBrokerError):
+    """An HTTP or SOAP exchange got no UPnP answer (refused, cut, late, unreadable).
+
+    Proves nothing about the gateway's mappings. Internal: the public methods
+    turn it into MethodUnavailable (no IGD to use) or NoAnswer (a renewal).
+    """
+
+    def __init__(self, action: str, reason: str) -> None:
+        super().__init__(f"{action}: {reason}")
+        self.action = action
+        self.reason = reason
 
 
 @attrs.define
 class _Igd:
     location: str
-    control_url: str
+    service: rules.WanService
     boot_id: int | None
-    upnp: Any  # miniupnpc.UPnP (untyped C extension)
     lan_address: IPAddress
+    uptime_read: bool = False
 
 
 def _search_schedule() -> Iterator[float]:
@@ -103,6 +103,10 @@ def _search_schedule() -> Iterator[float]:
     while True:
         yield wait
         wait *= 2
+
+
+def _target(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class UpnpMethod:
@@ -119,21 +123,29 @@ class UpnpMethod:
         rng: random.Random | None = None,
         description: str = "portbroker",
         report: SignalSink | None = None,
+        http_timeout: float = HTTP_TIMEOUT,
     ) -> None:
         self.gateway = gateway
-        self.report = report
         self.ssdp_port = ssdp_port
         # Multicast searches go to the whole link; loopback has no link to search.
         self.multicast = (
             multicast and not gateway.is_loopback and not isinstance(gateway, IPv6Address)
         )
         self._rng = rng or random.Random()
+        self._report = report
+        self.http_timeout = http_timeout
         self._igd: _Igd | None = None
-        self._lock = threading.Lock()  # miniupnpc.UPnP is not thread-safe
+        self._discovery = trio.Lock()  # concurrent cold requests share one discovery
         self.permanent_only = False
-        self.last_uptime: int | None = None
-        self.last_boot_id: int | None = None
         self.last_external_address: IPAddress | None = None
+
+    def _signal(self, signal: GatewaySignal) -> None:
+        if self._report is not None:
+            self._report(signal)
+
+    async def aclose(self) -> None:
+        """Nothing to release: every exchange closes its own socket."""
+        self._igd = None
 
     # -- SSDP -----------------------------------------------------------------
 
@@ -141,32 +153,51 @@ class UpnpMethod:
         """Find the gateway's IGD: unicast M-SEARCH (and multicast, if allowed).
 
         Raises:
-            MethodUnavailable: the gateway refused the search (nothing on its SSDP port).
+            MethodUnavailable: the gateway refused the search (nothing on its
+                SSDP port), or the local stack would not send it (a LinkError's
+                words as the reason).
         """
         family = socket.AF_INET6 if isinstance(self.gateway, IPv6Address) else socket.AF_INET
-        unicast = trio.socket.socket(family, socket.SOCK_DGRAM)
+        target = (str(self.gateway), self.ssdp_port)
+        where = _target(*target)
         found: list[ssdp.SearchResponse] = []
+        failures: list[PortBrokerError] = []
         done = trio.Event()
+        # Not connected: a connected UDP socket drops replies from any port but
+        # the one it sent to, and devices may answer from an ephemeral port.
+        unicast = trio.socket.socket(family, socket.SOCK_DGRAM)
         with unicast, collapse_single():
-            await unicast.connect((str(self.gateway), self.ssdp_port))
-            local = unicast.getsockname()[0]
+            try:
+                local = self._local_address(family, target)
+                level, option = _RECVERR[family]
+                if sys.platform.startswith("linux"):
+                    # ICMP port unreachable then surfaces as ECONNREFUSED.
+                    unicast.setsockopt(level, option, 1)
+                await unicast.bind((local, 0))
+            except OSError as exc:
+                raise MethodUnavailable(self.name, str(LinkError("send to", where, exc))) from None
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._receive, unicast, found, done)
+                nursery.start_soon(self._receive, unicast, where, found, failures, done)
                 if self.multicast:
                     nursery.start_soon(self._multicast_search, local, found, done)
                 try:
                     for wait in _search_schedule():
                         try:
-                            for target in (ssdp.ST_IGD_V2, ssdp.ST_IGD_V1):
-                                await unicast.send(
+                            for st in (ssdp.ST_IGD_V2, ssdp.ST_IGD_V1):
+                                await unicast.sendto(
                                     ssdp.encode_msearch(
-                                        target, host=self.gateway, port=self.ssdp_port, mx=None
-                                    )
+                                        st, host=self.gateway, port=self.ssdp_port, mx=None
+                                    ),
+                                    target,
                                 )
                         except OSError as exc:
-                            if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH):
-                                raise
-                            # The ICMP error of an earlier search surfaces on send.
+                            # ECONNREFUSED: the ICMP error of an earlier search.
+                            if exc.errno != errno.ECONNREFUSED:
+                                failures.append(
+                                    MethodUnavailable(
+                                        self.name, str(LinkError("send to", where, exc))
+                                    )
+                                )
                             break
                         with trio.move_on_after(wait):
                             await done.wait()
@@ -174,144 +205,216 @@ class UpnpMethod:
                             break
                 finally:
                     nursery.cancel_scope.cancel()
-        if not found:
-            raise MethodUnavailable(
-                self.name, f"nothing listens on {self.gateway}:{self.ssdp_port}"
-            )
-        return found[0]
+        if found:
+            return found[0]
+        if failures:
+            raise failures[0]
+        raise MethodUnavailable(self.name, f"nothing listens on {where} (ICMP port unreachable)")
+
+    @staticmethod
+    def _local_address(family: int, target: tuple[str, int]) -> str:
+        # The address that faces the gateway; connecting a UDP socket sends nothing.
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(target)
+            return str(probe.getsockname()[0])
 
     async def _receive(
         self,
         sock: trio.socket.SocketType,
+        where: str,
         found: list[ssdp.SearchResponse],
+        failures: list[PortBrokerError],
         done: trio.Event,
     ) -> None:
         while True:
             try:
                 data, source = await sock.recvfrom(ssdp.MAX_MESSAGE_SIZE)
             except OSError as exc:
-                if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH):
-                    # ICMP port unreachable: no SSDP server on the gateway at all.
-                    done.set()
-                    return
-                raise
-            reply = self._accept(data, source[0])
-            if reply is not None:
-                found.append(reply)
+                # ECONNREFUSED: ICMP port unreachable, no SSDP server there.
+                if exc.errno != errno.ECONNREFUSED:
+                    failures.append(
+                        MethodUnavailable(self.name, str(LinkError("receive from", where, exc)))
+                    )
                 done.set()
                 return
+            if self._take(data, source[0], found):
+                done.set()
+                return
+
+    def _take(self, data: bytes, source: str, found: list[ssdp.SearchResponse]) -> bool:
+        reply = rules.accept_search_reply(data, source, self.gateway)
+        if reply is None:
+            return False
+        if reply.boot_id is not None:
+            self._signal(BootIdSeen(reply.boot_id, trio.current_time()))
+        found.append(reply)
+        return True
 
     async def _multicast_search(
         self, local: str, found: list[ssdp.SearchResponse], done: trio.Event
     ) -> None:
+        # Best effort beside the unicast search: its failure is not the method's.
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         with sock:
-            # UDA 1.1 §1.3.2: TTL 2, from the interface that faces the gateway.
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 2)
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(local))
-            await sock.bind((local, 0))
-            for target in (ssdp.ST_IGD_V2, ssdp.ST_IGD_V1):
-                await sock.sendto(
-                    ssdp.encode_msearch(target, mx=1), (str(ssdp.MULTICAST_V4), ssdp.PORT)
-                )
-            await self._receive(sock, found, done)
+            try:
+                # UDA 1.1 §1.3.2: TTL 2, from the interface that faces the gateway.
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 2)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(local))
+                await sock.bind((local, 0))
+                for st in (ssdp.ST_IGD_V2, ssdp.ST_IGD_V1):
+                    await sock.sendto(
+                        ssdp.encode_msearch(st, mx=1), (str(ssdp.MULTICAST_V4), ssdp.PORT)
+                    )
+                while True:
+                    data, source = await sock.recvfrom(ssdp.MAX_MESSAGE_SIZE)
+                    if self._take(data, source[0], found):
+                        done.set()
+                        return
+            except OSError as exc:
+                logger.debug("multicast SSDP search from %s failed: %s", local, exc)
 
-    def _accept(self, data: bytes, source: str) -> ssdp.SearchResponse | None:
-        try:
-            reply = ssdp.decode_response(data)
-            sender = to_address(source.split("%")[0])
-        except (MalformedMessage, ValueError):
-            return None
-        if sender != self.gateway:
-            return None  # another device on the link is not our gateway
-        location = self._location_at_gateway(reply.location)
-        if location is None:
-            return None
-        return attrs.evolve(reply, location=location)
+    # -- HTTP -----------------------------------------------------------------
 
-    def _location_at_gateway(self, location: str) -> str | None:
-        """*location* if it names the gateway; rewritten to the gateway if it names
-        another host; None if it is not an http URL we can use."""
-        try:
-            parts = urlsplit(location.strip())
-            port = parts.port or 80
-        except ValueError:
-            return None
-        if parts.scheme.lower() != "http" or not parts.hostname:
-            return None
-        host = f"[{self.gateway}]" if isinstance(self.gateway, IPv6Address) else str(self.gateway)
-        return urlunsplit(("http", f"{host}:{port}", parts.path or "/", parts.query, ""))
+    async def _exchange(
+        self, action: str, url: str, request: bytes, cap: int
+    ) -> tuple[rules.HttpResponse, IPAddress]:
+        """One HTTP request and its whole response, within ``http_timeout``.
 
-    def _check_control_url(self, url: str) -> None:
-        try:
-            host = urlsplit(url).hostname
-            address = to_address(ip_address(host or ""))
-        except ValueError:
-            address = None
-        if address != self.gateway:
-            raise MethodUnavailable(
-                self.name, f"the IGD's control URL {url!r} leads away from the gateway; refused"
+        Returns the response and our local address on the connection.
+
+        Raises:
+            _Unanswered: refused, cut off, late, too large or unreadable.
+            MethodUnavailable: the local stack would not connect (LinkError's words).
+        """
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port or 80
+        where = _target(host, port)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        with sock:
+            try:
+                with trio.fail_after(self.http_timeout):
+                    try:
+                        await sock.connect((host, port))
+                    except OSError as exc:
+                        raise self._socket_failure(action, "connect to", where, exc) from None
+                    local = to_address(sock.getsockname()[0].split("%")[0])
+                    stream = trio.SocketStream(sock)
+                    reader = rules.HttpReader(cap)
+                    try:
+                        await stream.send_all(request)
+                        while True:
+                            data = await stream.receive_some(16384)
+                            if not data:
+                                return reader.close(), local
+                            response = reader.feed(data)
+                            if response is not None:
+                                return response, local
+                    except (OSError, trio.BrokenResourceError) as exc:
+                        cause = exc if isinstance(exc, OSError) else exc.__cause__
+                        if isinstance(cause, OSError):
+                            raise self._socket_failure(action, "talk to", where, cause) from None
+                        raise _Unanswered(action, f"{where} dropped the connection") from None
+            except trio.TooSlowError:
+                raise _Unanswered(
+                    action, f"no complete answer from {where} within {self.http_timeout:g} s"
+                ) from None
+            except rules.ResponseTooLarge as exc:
+                raise _Unanswered(action, f"{where} sent too much: {exc}; refused") from None
+            except ValueError as exc:
+                raise _Unanswered(action, f"unreadable answer from {where}: {exc}") from None
+
+    def _socket_failure(self, action: str, verb: str, where: str, exc: OSError) -> PortBrokerError:
+        if exc.errno in _REFUSALS:
+            name = errno.errorcode.get(exc.errno or 0, "error")
+            what = "refused the connection" if exc.errno == errno.ECONNREFUSED else "dropped it"
+            return _Unanswered(action, f"{where} {what} ({name})")
+        return MethodUnavailable(self.name, str(LinkError(verb, where, exc)))
+
+    async def _soap(
+        self, igd: _Igd, action: str, args: Sequence[tuple[str, str]]
+    ) -> dict[str, str]:
+        """Post *action*; its out arguments, or UpnpError with the device's code.
+
+        Raises:
+            UpnpError: the device answered with a UPnP fault (``code`` set when given).
+            _Unanswered: no UPnP answer at all.
+        """
+        service = igd.service
+        body = rules.soap_envelope(service.service_type, action, args)
+        request = rules.http_request(
+            "POST",
+            service.control_url,
+            body=body,
+            headers=[
+                ("User-Agent", _USER_AGENT),
+                ("Content-Type", 'text/xml; charset="utf-8"'),
+                ("SOAPAction", f'"{service.service_type}#{action}"'),
+            ],
+        )
+        response, _ = await self._exchange(
+            action, service.control_url, request, rules.MAX_SOAP_RESPONSE
+        )
+        fault = rules.parse_soap_fault(response.body)
+        if fault is not None:
+            raise UpnpError(action, fault.description, fault.code)
+        if response.status != 200:
+            raise _Unanswered(
+                action, f"HTTP {response.status} {response.reason} without a UPnP error"
             )
-
-    # -- miniupnpc ------------------------------------------------------------
-
-    async def _call(self, action: str, fn: Callable[[], T]) -> T:
-        """Run one blocking miniupnpc call in a worker thread, one at a time."""
-
-        def locked() -> T:
-            with self._lock:
-                return fn()
-
         try:
-            return await trio.to_thread.run_sync(locked, abandon_on_cancel=True)
-        except Exception as exc:
-            raise UpnpError(action, str(exc), upnp_error_code(str(exc))) from exc
+            return rules.parse_soap_response(action, response.body)
+        except ValueError as exc:
+            raise _Unanswered(action, f"HTTP 200 but {exc}") from None
+
+    # -- the IGD --------------------------------------------------------------
 
     async def _ensure_igd(self) -> _Igd:
         if self._igd is not None:
             return self._igd
-        reply = await self.search()
-        import miniupnpc  # imported lazily: keeps `portbroker --help` quick
+        async with self._discovery:
+            if self._igd is None:
+                self._igd = await self._discover()
+            return self._igd
 
-        upnp = miniupnpc.UPnP()
+    async def _discover(self) -> _Igd:
+        reply = await self.search()
+        request = rules.http_request("GET", reply.location, headers=[("User-Agent", _USER_AGENT)])
         try:
-            control_url = await self._call("selectigd", lambda: upnp.selectigd(reply.location))
-        except UpnpError as exc:
+            response, lan = await self._exchange(
+                "description", reply.location, request, rules.MAX_DESCRIPTION
+            )
+        except _Unanswered as exc:
             raise MethodUnavailable(
-                self.name, f"no usable IGD at {reply.location}: {exc.message}"
-            ) from exc
-        if urlsplit(str(control_url)).path in ("", "/"):
-            # miniupnpc found no urn:schemas-upnp-org WANIPConnection or
-            # WANPPPConnection service (seen: Huawei HG531's urn:dslforum-org
-            # types, which miniupnpc does not read).
+                self.name, f"cannot read the IGD description at {reply.location}: {exc.reason}"
+            ) from None
+        if response.status != 200:
+            raise MethodUnavailable(
+                self.name,
+                f"the IGD description at {reply.location} answered HTTP {response.status}",
+            )
+        service = rules.find_wan_service(response.body.decode("utf-8", "replace"), reply.location)
+        if service is None:
+            # Also Huawei HG531's urn:dslforum-org types, which are not IGD's.
             raise MethodUnavailable(
                 self.name,
                 f"no WANIPConnection or WANPPPConnection service in {reply.location}",
             )
-        self._check_control_url(str(control_url))
-        lan = to_address(upnp.lanaddr or "0.0.0.0")
-        self._igd = _Igd(reply.location, str(control_url), reply.boot_id, upnp, lan)
-        previous_boot, self.last_boot_id = self.last_boot_id, reply.boot_id
-        if previous_boot is not None and reply.boot_id not in (None, previous_boot):
-            # UDA 1.1 §1.2.2: BOOTID goes up at every reboot. A hint only:
-            # miniupnpd may keep leases across restarts (protocols.md §4.6).
-            self._lost(f"BOOTID.UPNP.ORG changed {previous_boot} -> {reply.boot_id}")
-        return self._igd
+        problem = rules.control_url_problem(service.control_url, self.gateway)
+        if problem is not None:
+            raise MethodUnavailable(self.name, problem)
+        return _Igd(reply.location, service, reply.boot_id, lan)
 
     def forget_igd(self) -> None:
         """Search and read the description again next time (after failures)."""
         self._igd = None
 
-    def _lost(self, reason: str) -> None:
-        # Interim: every UPnP loss is reported as one signal to the tracker.
-        if self.report is not None:
-            self.report(EntryMissing(reason, trio.current_time()))
-
-    async def external_address(self) -> IPAddress:
-        igd = await self._ensure_igd()
-        text = await self._call("GetExternalIPAddress", igd.upnp.externalipaddress)
+    async def _external(self, igd: _Igd) -> IPAddress:
+        values = await self._soap(igd, "GetExternalIPAddress", ())
+        text = values.get("NewExternalIPAddress", "")
         try:
-            address = to_address(str(text))
+            address = to_address(text)
         except ValueError:
             address = None
         if address is None or address.is_unspecified or address.is_loopback:
@@ -321,173 +424,234 @@ class UpnpMethod:
         self.last_external_address = address
         return address
 
+    async def external_address(self) -> IPAddress:
+        try:
+            return await self._external(await self._ensure_igd())
+        except (_Unanswered, UpnpError) as exc:
+            self.forget_igd()
+            raise MethodUnavailable(self.name, str(exc)) from None
+
     async def probe(self) -> ProbeOutcome:
         started = trio.current_time()
         try:
             igd = await self._ensure_igd()
-            address = await self.external_address()
+            address = await self._external(igd)
         except MethodUnavailable as exc:
             return ProbeOutcome(self.name, False, error=exc.reason)
-        except (NoAnswer, UpnpError) as exc:
+        except (_Unanswered, UpnpError) as exc:
+            self.forget_igd()
             return ProbeOutcome(self.name, False, error=str(exc))
         return ProbeOutcome(
             self.name, True, trio.current_time() - started, address, epoch=igd.boot_id
         )
 
-    async def _add(
-        self, igd: _Igd, request: MappingRequest, external_port: int, client: str, lease: int
-    ) -> None:
-        proto = request.protocol.value.upper()
-        await self._call(
-            "AddPortMapping",
-            lambda: igd.upnp.addportmapping(
-                external_port, proto, client, request.internal_port, request.description, "", lease
-            ),
-        )
+    async def _read_uptime(self, igd: _Igd) -> None:
+        """GetStatusInfo's uptime, reported as a signal; a failure proves nothing."""
+        igd.uptime_read = True
+        try:
+            uptime = rules.uptime_of(await self._soap(igd, "GetStatusInfo", ()))
+        except (UpnpError, _Unanswered) as exc:
+            logger.debug("%s: no uptime from GetStatusInfo (%s)", self.gateway, exc)
+            return
+        if uptime is None:
+            return
+        self._signal(UptimeSeen(uptime, trio.current_time()))
+
+    # -- mappings -------------------------------------------------------------
 
     async def create(self, request: MappingRequest, previous: Lease | None) -> Lease:
         try:
-            igd = await self._ensure_igd()
-        except UpnpError as exc:
-            raise MethodUnavailable(self.name, str(exc)) from exc
-        client = str(request.internal_address or igd.lan_address)
+            return await self._create(request, previous)
+        except _Unanswered as exc:
+            # No UPnP answer: proves nothing about our entries. The next
+            # attempt searches again (the gateway may have moved its HTTP port).
+            self.forget_igd()
+            logger.debug("%s: %s", self.gateway, exc)
+            if previous is not None:
+                raise NoAnswer(f"{self.name}: {exc}") from None
+            raise MethodUnavailable(self.name, str(exc)) from None
+
+    async def _create(self, request: MappingRequest, previous: Lease | None) -> Lease:
+        igd = await self._ensure_igd()
+        client = request.internal_address or igd.lan_address
         if previous is not None:
             await self._check_still_there(igd, previous)
+            await self._read_uptime(igd)
             wanted = previous.external_port
         else:
+            if not igd.uptime_read:
+                await self._read_uptime(igd)  # the baseline the tracker compares with
             wanted = request.external_port or request.internal_port
         try:
-            port, lease_seconds = await self._add_with_fallbacks(
-                igd, request, wanted, client, exact=request.exact and previous is None
+            port, lease_sent = await self._add_with_fallbacks(
+                igd, request, wanted, str(client), exact=request.exact and previous is None
             )
         except UpnpError as exc:
-            if exc.message.startswith("Miniupnpc"):
-                # HTTP or parse failure, not a UPnP refusal: the gateway may
-                # have restarted its HTTP server on another port. Look again.
-                self.forget_igd()
-                raise MethodUnavailable(self.name, str(exc)) from exc
             raise MappingError(
                 self.name, exc.message, result_code=exc.code, retry_after=None
-            ) from exc
-        external = self.last_external_address or await self.external_address()
-        if lease_seconds > 0:
-            granted = lease_seconds  # AddPortMapping took our finite lease as sent
-        else:
+            ) from None
+        external = self.last_external_address or await self._external(igd)
+        remaining = None
+        if lease_sent == 0:
             # A permanent lease, or AddAnyPortMapping's 0 (a week on IGD v2):
             # read back what the gateway holds.
-            granted = await self._granted_lease(igd, request, port, lease_seconds)
-        return Lease(
-            method=self.name,
-            protocol=request.protocol,
-            internal_address=client,
-            internal_port=request.internal_port,
+            remaining = await self._remaining_lease(igd, request.protocol, port)
+        return rules.build_lease(
+            request,
+            client=client,
             external_address=external,
             external_port=port,
-            lifetime=granted,
-            granted_at=trio.current_time(),
+            lease_sent=lease_sent,
+            lifetime=rules.granted_lifetime(remaining, lease_sent, request.lifetime),
+            now=trio.current_time(),
             gateway=self.gateway,
             epoch=igd.boot_id,
-            permanent=lease_seconds == 0,
         )
 
     async def _add_with_fallbacks(
         self, igd: _Igd, request: MappingRequest, port: int, client: str, *, exact: bool
     ) -> tuple[int, int]:
-        """AddPortMapping, then the remedies of protocols.md §4.4. Returns (port, lease sent)."""
+        """AddPortMapping, then the remedies of :func:`upnp_rules.remedy_for`.
+
+        Returns (external port, lease sent).
+        """
         lease = 0 if self.permanent_only else min(request.lifetime, MAX_LEASE)
+        proto = request.protocol.value.upper()
         tried_any = False
         for _attempt in range(6):
             try:
-                await self._add(igd, request, port, client, lease)
+                await self._soap(igd, "AddPortMapping", _add_args(request, port, client, lease))
                 return port, lease
             except UpnpError as exc:
-                code = exc.code
-                if code in (_PERMANENT_ONLY, _INVALID_ARGS) and lease != 0:
-                    # 725, and 402 from routers that mean the same (tailscale
-                    # issue 15223): only permanent leases. We then own the delete.
-                    self.permanent_only = True
-                    lease = 0
-                    continue
-                if code == _SAME_PORT and port != request.internal_port and not exact:
-                    port = request.internal_port
-                    continue
-                if code != _CONFLICT or exact:
+                remedy = rules.remedy_for(
+                    exc.code,
+                    lease=lease,
+                    port=port,
+                    internal_port=request.internal_port,
+                    exact=exact,
+                    tried_any=tried_any,
+                )
+                if remedy is Remedy.GIVE_UP:
                     raise
-                if not tried_any:
-                    # IGD v2: let the gateway pick a free port.
-                    tried_any = True
-                    try:
-                        reserved = await self._call(
-                            "AddAnyPortMapping",
-                            lambda port=port: igd.upnp.addanyportmapping(  # type: ignore[misc]
-                                port,
-                                request.protocol.value.upper(),
-                                client,
-                                request.internal_port,
-                                request.description,
-                                "",
-                            ),
-                        )
-                        # miniupnpc's AddAnyPortMapping always sends lease 0,
-                        # which an IGD v2 gateway reads as its one-week maximum.
-                        return int(reserved), 0
-                    except UpnpError as any_exc:
-                        if any_exc.code not in (_INVALID_ACTION, None):
-                            raise
+                logger.debug(
+                    "%s: AddPortMapping %s/%s: %s; %s", self.gateway, port, proto, exc, remedy.value
+                )
+            if remedy is Remedy.PERMANENT_LEASE:
+                # Only permanent leases here: we then own the delete.
+                self.permanent_only = True
+                lease = 0
+            elif remedy is Remedy.INTERNAL_PORT:
+                port = request.internal_port
+            elif remedy is Remedy.ANY_PORT:
+                tried_any = True
+                try:
+                    values = await self._soap(
+                        igd, "AddAnyPortMapping", _add_args(request, port, client, 0)
+                    )
+                    # Lease 0, which an IGD v2 gateway reads as its one-week maximum.
+                    return int(values["NewReservedPort"]), 0
+                except UpnpError as any_exc:
+                    if any_exc.code not in (rules.INVALID_ACTION, 602, None):
+                        raise
+                except (KeyError, ValueError):
+                    pass  # no usable NewReservedPort: pick a port ourselves
+                port = self._rng.randrange(1024, 65536)
+            else:
                 # IGD v1 (no AddAnyPortMapping): another port of our own choosing.
                 port = self._rng.randrange(1024, 65536)
-        raise UpnpError("AddPortMapping", "ConflictInMappingEntry", _CONFLICT)
+        raise UpnpError("AddPortMapping", "ConflictInMappingEntry", rules.CONFLICT)
 
-    async def _granted_lease(
-        self, igd: _Igd, request: MappingRequest, port: int, lease_sent: int
-    ) -> int:
-        """The lease the gateway actually holds, read back with GetSpecificPortMappingEntry."""
-        proto = request.protocol.value.upper()
+    async def _get_entry(
+        self, igd: _Igd, protocol: TransportProtocol, port: int
+    ) -> rules.PortMappingEntry:
+        values = await self._soap(
+            igd,
+            "GetSpecificPortMappingEntry",
+            [
+                ("NewRemoteHost", ""),
+                ("NewExternalPort", str(port)),
+                ("NewProtocol", protocol.value.upper()),
+            ],
+        )
+        return rules.parse_port_mapping_entry(values)
+
+    async def _remaining_lease(
+        self, igd: _Igd, protocol: TransportProtocol, port: int
+    ) -> int | None:
         try:
-            entry = await self._call(
-                "GetSpecificPortMappingEntry", lambda: igd.upnp.getspecificportmapping(port, proto)
-            )
-        except UpnpError:
-            entry = None
-        remaining = int(entry[4]) if entry else 0
-        if remaining > 0:
-            return remaining
-        # Permanent (or unreadable): renew on our own schedule, which for UPnP
-        # means checking the entry is still there and adding it again.
-        return lease_sent if lease_sent > 0 else request.lifetime
+            return (await self._get_entry(igd, protocol, port)).lease_remaining
+        except (UpnpError, _Unanswered, ValueError) as exc:
+            logger.debug("%s: cannot read back the lease of %s: %s", self.gateway, port, exc)
+            return None
 
     async def _check_still_there(self, igd: _Igd, previous: Lease) -> None:
-        """At renewal: the UPnP analogue of the epoch check (protocols.md §4.6)."""
-        proto = previous.protocol.value.upper()
+        """At renewal: is our entry still on the gateway? Reports EntryMissing if
+        the gateway says it is not (WANIPConnection:2 §2.4.15, error 714).
+
+        Raises:
+            _Unanswered: no answer; the renewal fails and is retried.
+        """
+        protocol = TransportProtocol(previous.protocol)
+        label = f"{previous.external_port}/{protocol.value.upper()}"
         try:
-            entry = await self._call(
-                "GetSpecificPortMappingEntry",
-                lambda: igd.upnp.getspecificportmapping(previous.external_port, proto),
-            )
-        except UpnpError:
-            entry = None
-        if entry is None or str(entry[0]) != str(previous.internal_address):
-            self._lost(f"entry {previous.external_port}/{proto} vanished from the gateway")
-        try:
-            status = await self._call("GetStatusInfo", igd.upnp.statusinfo)
-            uptime = int(status[1])
-        except (UpnpError, TypeError, ValueError, IndexError):
+            entry = await self._get_entry(igd, protocol, previous.external_port)
+        except UpnpError as exc:
+            if exc.code == rules.NO_SUCH_ENTRY:
+                self._signal(
+                    EntryMissing(
+                        f"entry {label} vanished from the gateway (714 NoSuchEntryInArray)",
+                        trio.current_time(),
+                    )
+                )
+            else:
+                # 401/602 (not implemented), 606...: proves nothing either way.
+                logger.debug("%s: GetSpecificPortMappingEntry %s: %s", self.gateway, label, exc)
             return
-        if self.last_uptime is not None and uptime < self.last_uptime:
-            self._lost(f"WAN uptime went down ({self.last_uptime} -> {uptime} s)")
-        self.last_uptime = uptime
+        except ValueError as exc:
+            logger.debug("%s: GetSpecificPortMappingEntry %s: %s", self.gateway, label, exc)
+            return
+        if entry.internal_client != str(previous.internal_address):
+            self._signal(
+                EntryMissing(
+                    f"entry {label} now maps to {entry.internal_client}, "
+                    f"not {previous.internal_address}",
+                    trio.current_time(),
+                )
+            )
 
     async def delete(self, lease: Lease) -> None:
-        igd = await self._ensure_igd()
         proto = TransportProtocol(lease.protocol).value.upper()
         try:
-            await self._call(
+            igd = await self._ensure_igd()
+            await self._soap(
+                igd,
                 "DeletePortMapping",
-                lambda: igd.upnp.deleteportmapping(lease.external_port, proto, ""),
+                [
+                    ("NewRemoteHost", ""),
+                    ("NewExternalPort", str(lease.external_port)),
+                    ("NewProtocol", proto),
+                ],
             )
         except UpnpError as exc:
-            if exc.code == _NO_SUCH_ENTRY:
+            if exc.code == rules.NO_SUCH_ENTRY:
                 return  # already gone: the goal of a delete
             raise MappingError(
                 self.name, f"delete refused: {exc.message}", result_code=exc.code
-            ) from exc
+            ) from None
+        except _Unanswered as exc:
+            self.forget_igd()
+            raise NoAnswer(f"{self.name}: {exc}") from None
+
+
+def _add_args(request: MappingRequest, port: int, client: str, lease: int) -> list[tuple[str, str]]:
+    # The argument order of WANIPConnection:2 §2.4.16 (and of miniupnpc).
+    return [
+        ("NewRemoteHost", ""),
+        ("NewExternalPort", str(port)),
+        ("NewProtocol", request.protocol.value.upper()),
+        ("NewInternalPort", str(request.internal_port)),
+        ("NewInternalClient", client),
+        ("NewEnabled", "1"),
+        ("NewPortMappingDescription", request.description),
+        ("NewLeaseDuration", str(lease)),
+    ]

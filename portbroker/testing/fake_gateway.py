@@ -4,8 +4,10 @@ It keeps a real mapping table with RFC 6887's nonce rules (a MAP or delete
 for someone else's mapping with another nonce is NOT_AUTHORIZED), lifetimes
 and an epoch, and it has fault knobs: drop, duplicate, reorder and delay
 replies; force result codes; lose all state (epoch reset); change the external
-address and announce it; answer from a wrong source; behave as a NAT-PMP-only
-box (the 8-byte answer to PCP); refuse like a closed port.
+address and announce it; answer from a wrong source address or port, with a
+wrong nonce or internal port; grant port 0 or an unusable address; refuse
+ANNOUNCE but serve MAP; behave as a NAT-PMP-only box (the 8-byte answer to
+PCP); refuse like a closed port.
 
 Two ways to reach it:
 
@@ -66,6 +68,14 @@ class MemoryLink:
     _changed: trio.Event = attrs.Factory(trio.Event)
     _refused: int = 0
     closed: bool = False
+    # Local socket faults, as the kernel reports them: every send raises
+    # *send_error* (EPERM is what a netfilter DROP in OUTPUT gives); receives
+    # raise what :meth:`fail_receive` queued, or *receive_error* every time.
+    send_error: OSError | None = None
+    receive_error: OSError | None = None
+    _receive_errors: list[OSError] = attrs.Factory(list)
+    sends: int = 0
+    receives: int = 0
 
     @property
     def local_address(self) -> IPAddress:
@@ -75,8 +85,16 @@ class MemoryLink:
     def remote(self) -> tuple[IPAddress, int]:
         return (self.gateway.address, self.gateway.port)
 
+    def fail_receive(self, error: OSError) -> None:
+        """The next receive raises *error* (a pending socket error)."""
+        self._receive_errors.append(error)
+        self._wake()
+
     async def send(self, data: bytes) -> None:
         await trio.lowlevel.checkpoint()
+        self.sends += 1
+        if self.send_error is not None:
+            raise self.send_error
         if self.gateway.closed:
             # A closed port answers ICMP port unreachable; the next receive
             # on a connected socket raises ECONNREFUSED.
@@ -97,7 +115,13 @@ class MemoryLink:
         self._changed = trio.Event()
 
     async def receive(self) -> tuple[bytes, tuple[str, int]]:
+        self.receives += 1
+        await trio.lowlevel.checkpoint()
         while True:
+            if self.receive_error is not None:
+                raise self.receive_error
+            if self._receive_errors:
+                raise self._receive_errors.pop(0)
             if self._refused:
                 self._refused -= 1
                 raise ConnectionRefusedError(111, "Connection refused (FakeGateway closed)")
@@ -144,6 +168,16 @@ class FakeGateway:
     forced_lifetime: int | None = None  # lifetime sent with forced_result
     forced_natpmp_result: int | None = None
     wrong_source: bool = False  # replies come from another address
+    source_port: int | None = None  # (memory links) replies come from this port, not ``port``
+    wrong_nonce: bool = False  # PCP MAP replies carry another nonce (RFC 6887 §11.4)
+    natpmp_wrong_internal_port: bool = False  # NAT-PMP map replies name internal port + 1
+    announce_unsupported: bool = False  # ANNOUNCE gets UNSUPP_OPCODE; MAP still works
+    grant_port_zero: bool = False  # a PCP MAP succeeds with external port 0 (kept inside)
+    natpmp_grant_port_zero: bool = False  # the same for a NAT-PMP map
+    silent_deletes: bool = False  # PCP MAP requests with lifetime 0 go unanswered
+    granted_address: IPAddress | None = attrs.field(  # PCP MAP replies name this address
+        default=None, converter=attrs.converters.optional(to_address)
+    )
 
     mappings: dict[tuple[str, int, int], FakeMapping] = attrs.Factory(dict)
     requests: list[pcp.PcpRequest | natpmp.NatPmpRequest] = attrs.Factory(list)
@@ -210,9 +244,10 @@ class FakeGateway:
     # -- how replies travel --
 
     def _source(self) -> tuple[str, int]:
+        port = self.port if self.source_port is None else self.source_port
         if self.wrong_source:
-            return ("192.0.2.99", self.port)
-        return (str(self.address), self.port)
+            return ("192.0.2.99", port)
+        return (str(self.address), port)
 
     def memory_link(self, client_address: IPAddress | str = "192.168.1.100") -> MemoryLink:
         link = MemoryLink(self, to_address(client_address))
@@ -356,6 +391,9 @@ class FakeGateway:
         if any(isinstance(o, pcp.UnknownOption) and o.code.is_mandatory for o in request.options):
             return [self._pcp_error(request, ResultCode.UNSUPP_OPTION)]
         if request.opcode == pcp.Opcode.ANNOUNCE:
+            if self.announce_unsupported:
+                # Seen in the wild: a server that serves MAP but not ANNOUNCE.
+                return [self._pcp_error(request, ResultCode.UNSUPP_OPCODE)]
             return [
                 pcp.encode_response(
                     pcp.PcpResponse(pcp.Opcode.ANNOUNCE, ResultCode.SUCCESS, 0, self.epoch)
@@ -363,6 +401,8 @@ class FakeGateway:
             ]
         if request.opcode != pcp.Opcode.MAP:
             return [self._pcp_error(request, ResultCode.UNSUPP_OPCODE)]
+        if self.silent_deletes and request.lifetime == 0:
+            return []
         if self.forced_result is not None:
             return [self._pcp_error(request, ResultCode(self.forced_result))]
         return [self._pcp_map(request)]
@@ -404,20 +444,26 @@ class FakeGateway:
                 internal, data.protocol, data.internal_port, port, now + lifetime, data.nonce, "pcp"
             ),
         )
-        return self._pcp_reply(request, port, self.external_address, lifetime)
+        return self._pcp_reply(
+            request,
+            0 if self.grant_port_zero else port,
+            self.granted_address or self.external_address,
+            lifetime,
+        )
 
     def _pcp_reply(
         self, request: pcp.PcpRequest, port: int, address: IPAddress, lifetime: int
     ) -> bytes:
         data = request.data
         assert isinstance(data, pcp.MapData)
+        nonce = bytes(b ^ 0xFF for b in data.nonce) if self.wrong_nonce else data.nonce
         return pcp.encode_response(
             pcp.PcpResponse(
                 pcp.Opcode.MAP,
                 ResultCode.SUCCESS,
                 lifetime,
                 self.epoch,
-                pcp.MapData(data.nonce, data.protocol, data.internal_port, port, address),
+                pcp.MapData(nonce, data.protocol, data.internal_port, port, address),
                 request.options,
             )
         )
@@ -495,7 +541,12 @@ class FakeGateway:
         return [
             natpmp.encode_response(
                 natpmp.MapResponse(
-                    request.opcode, 0, self.epoch, request.internal_port, port, lifetime
+                    request.opcode,
+                    0,
+                    self.epoch,
+                    request.internal_port ^ (1 if self.natpmp_wrong_internal_port else 0),
+                    0 if self.natpmp_grant_port_zero else port,
+                    lifetime,
                 )
             )
         ]
@@ -526,6 +577,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--natpmp-only", action="store_true")
     parser.add_argument("--no-pcp", action="store_true")
     parser.add_argument("--no-natpmp", action="store_true")
+    parser.add_argument(
+        "--announce-unsupported",
+        action="store_true",
+        help="answer ANNOUNCE with UNSUPP_OPCODE (MAP still works)",
+    )
+    parser.add_argument(
+        "--grant-port-zero", action="store_true", help="PCP MAP succeeds with external port 0"
+    )
+    parser.add_argument(
+        "--natpmp-grant-port-zero",
+        action="store_true",
+        help="NAT-PMP map succeeds with external port 0",
+    )
+    parser.add_argument(
+        "--pcp-result", type=int, default=None, help="answer every PCP MAP with this result code"
+    )
     args = parser.parse_args(argv)
     gateway = FakeGateway(
         address=args.address,
@@ -534,6 +601,10 @@ def main(argv: list[str] | None = None) -> int:
         natpmp_only=args.natpmp_only,
         pcp_enabled=not args.no_pcp,
         natpmp_enabled=not args.no_natpmp,
+        announce_unsupported=args.announce_unsupported,
+        grant_port_zero=args.grant_port_zero,
+        natpmp_grant_port_zero=args.natpmp_grant_port_zero,
+        forced_result=args.pcp_result,
     )
 
     async def run() -> None:

@@ -3,10 +3,13 @@
 It answers unicast M-SEARCH on a UDP port, serves a root description (any
 real one: its URLBase and control URLs are pointed at this server, as they
 point at the device itself in the wild) and answers SOAP from a real mapping
-table. Knobs make it behave like the routers in ``../shared/realdata``:
-only permanent leases (725), 402 for any finite lease, no AddAnyPortMapping on
-v1 services, scripted raw replies (captured HTTP exchanges replayed byte for
-byte), a BOOTID that changes.
+table. Knobs make it behave like real routers (whose captures the tests
+replay): only permanent leases (725), 402 for any finite lease, no
+AddAnyPortMapping on v1 services, scripted raw replies (captured HTTP exchanges
+replayed byte for byte), a BOOTID that changes; and like broken or hostile
+ones: SSDP replies from an ephemeral port (UDA 1.1 §1.3.3 allows it), a
+LOCATION naming a closed port, a description dripped a byte at a time or
+without end, SOAP answers that never finish.
 
 Usage::
 
@@ -93,6 +96,12 @@ class FakeIgd:
     conflict_ports: set[int] = attrs.Factory(set)  # external ports "another client" holds
     scripted: dict[str, deque[bytes]] = attrs.Factory(dict)  # action -> raw HTTP replies
     silent_ssdp: bool = False
+    ssdp_from_ephemeral_port: bool = False  # reply from a fresh socket, not the one searched
+    location_port: int | None = None  # advertise this HTTP port in LOCATION (e.g. a closed one)
+    description_mode: str = "normal"  # "drip": a byte per drip_interval; "endless": no end
+    drip_interval: float = 1.0
+    drip_actions: set[str] = attrs.Factory(set)  # SOAP actions answered by a drip
+    body_bytes_sent: int = 0  # bytes of dripped or endless bodies sent so far
 
     entries: dict[tuple[int, str], IgdEntry] = attrs.Factory(dict)
     actions: list[tuple[str, dict[str, str]]] = attrs.Factory(list)
@@ -107,7 +116,8 @@ class FakeIgd:
 
     @property
     def location(self) -> str:
-        return f"{self.base}/rootDesc.xml"
+        port = self.http_port if self.location_port is None else self.location_port
+        return f"http://127.0.0.1:{port}/rootDesc.xml"
 
     def _prepare_description(self) -> str:
         text = self.description.replace("%s:%d", f"127.0.0.1:{self.http_port}")
@@ -157,7 +167,12 @@ class FakeIgd:
                 f"CONFIGID.UPNP.ORG: {self.config_id}\r\n"
                 "\r\n"
             )
-            await sock.sendto(reply.encode(), client)
+            if self.ssdp_from_ephemeral_port:
+                with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+                    await other.bind(("127.0.0.1", 0))
+                    await other.sendto(reply.encode(), client)
+            else:
+                await sock.sendto(reply.encode(), client)
 
     async def _handle_http(self, stream: trio.SocketStream) -> None:
         async with stream:
@@ -180,11 +195,40 @@ class FakeIgd:
                     if not chunk:
                         break
                     body += chunk
-                method, _, rest = lines[0].partition(" ")
-                path = rest.split(" ")[0]
-                await stream.send_all(
-                    self._respond(method, path, headers, body.decode("utf-8", "replace"))
-                )
+            if b"\r\n\r\n" not in request:
+                return
+            method, _, rest = lines[0].partition(" ")
+            path = rest.split(" ")[0]
+            text = body.decode("utf-8", "replace")
+            try:
+                if method == "GET" and self.description_mode != "normal":
+                    await self._send_endlessly(stream, self.description_mode == "drip")
+                    return
+                action = _ACTION.fullmatch(headers.get("soapaction", "").strip())
+                if action is not None and action.group(2) in self.drip_actions:
+                    self.actions.append((action.group(2), dict(_ARG.findall(text))))
+                    await self._send_endlessly(stream, True)
+                    return
+                await stream.send_all(self._respond(method, path, headers, text))
+            except trio.BrokenResourceError:
+                return  # the client hung up
+
+    async def _send_endlessly(self, stream: trio.SocketStream, drip: bool) -> None:
+        """A body that never completes: a byte per drip_interval, or all it can send."""
+        if drip:
+            # A plausible length, so that only the pace is wrong.
+            length = len(self._served.encode())
+            head = f"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: {length}\r\n\r\n"
+            await stream.send_all(head.encode())
+            while True:
+                await stream.send_all(b"<")
+                self.body_bytes_sent += 1
+                await trio.sleep(self.drip_interval)
+        await stream.send_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/xml\r\n\r\n<root>")
+        block = b"<x>" * 5461
+        while True:
+            await stream.send_all(block)
+            self.body_bytes_sent += len(block)
 
     def _respond(self, method: str, path: str, headers: dict[str, str], body: str) -> bytes:
         if method == "GET":

@@ -1,0 +1,387 @@
+"""PCP (RFC 6887) requests and what the answers mean: pure functions, no I/O.
+
+:class:`portbroker.methods.pcp.PcpMethod` only sends what these functions
+build and raises or returns what they decide. The result-code table
+(:data:`RESULT_RULES`) is the one place that says which codes move the broker
+on to the next method; ``docs/result-codes.md`` documents it row by row.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import attrs
+
+from portbroker.errors import MappingError, MethodUnavailable
+from portbroker.methods.rules import Scope, Undo, grant_problem
+from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome
+from portbroker.wire import pcp
+from portbroker.wire.pcp import ErrorClass, ResultCode
+
+__all__ = [
+    "NAME",
+    "RESULT_RULES",
+    "UNKNOWN_RULE",
+    "CodeRule",
+    "announce_outcome",
+    "announce_request",
+    "delete_request",
+    "error_hold_off",
+    "interpret_map",
+    "map_request",
+    "refusal",
+    "reply_problem",
+    "retry_without_suggestion",
+    "rule_for",
+]
+
+NAME: Final = "pcp"
+
+# RFC 6887 §7.4 suggests 30 s for short and 30 min for long errors, but
+# miniupnpd sends long errors (and CANNOT_PROVIDE_EXTERNAL) with lifetime 0,
+# which read literally means "retry at once": clamp to these minimums.
+_MIN_HOLD_OFF: Final = {ErrorClass.SHORT: 5.0, ErrorClass.LONG: 60.0, ErrorClass.DEPENDS: 30.0}
+
+
+@attrs.frozen
+class CodeRule:
+    """What portbroker does with one PCP result code (docs/result-codes.md).
+
+    Attributes:
+        create: scope of the refusal for a new mapping.
+        renewal: scope for a renewal or re-creation with the previous nonce.
+        announce_available: a solicited ANNOUNCE answered with this code still
+            proves a PCP server that may serve MAP (probe says available).
+        meaning: the reason the error carries, in words.
+        section: where RFC 6887 says so.
+    """
+
+    code: ResultCode
+    create: Scope
+    renewal: Scope
+    announce_available: bool
+    meaning: str
+    section: str
+
+
+_S, _R = Scope.SERVER, Scope.REQUEST
+
+RESULT_RULES: Final[tuple[CodeRule, ...]] = (
+    CodeRule(
+        ResultCode.UNSUPP_VERSION,
+        _S,
+        _S,
+        False,
+        "the server does not speak PCP version 2",
+        "§7.4, §9",
+    ),
+    # §11.3: also the answer to a MAP whose nonce differs from the existing
+    # mapping's for that internal address and port, with Lifetime = that
+    # mapping's remaining life. For a new mapping either reading (policy, or
+    # someone else holds the port) leaves PCP no use for this request while
+    # another method may still work; for a renewal with our own nonce it means
+    # the port is now held under another nonce (after a gateway restart) or
+    # policy changed: about this mapping, retry after Lifetime.
+    CodeRule(
+        ResultCode.NOT_AUTHORIZED,
+        _S,
+        _R,
+        False,
+        "the PCP server refuses this client (NOT_AUTHORIZED)",
+        "§7.4, §11.3",
+    ),
+    CodeRule(
+        ResultCode.MALFORMED_REQUEST,
+        _S,
+        _S,
+        True,
+        "the PCP server cannot parse our MAP request (MALFORMED_REQUEST)",
+        "§7.4",
+    ),
+    CodeRule(
+        ResultCode.UNSUPP_OPCODE,
+        _S,
+        _S,
+        True,
+        "the PCP server does not support MAP (UNSUPP_OPCODE)",
+        "§7.4",
+    ),
+    # We send only THIRD_PARTY and PREFER_FAILURE, both mandatory to process
+    # (§13.1, §13.2): without them this request cannot be made with PCP.
+    CodeRule(
+        ResultCode.UNSUPP_OPTION,
+        _S,
+        _S,
+        True,
+        "the PCP server does not support an option this request needs (UNSUPP_OPTION)",
+        "§7.4, §13",
+    ),
+    CodeRule(
+        ResultCode.MALFORMED_OPTION,
+        _S,
+        _S,
+        True,
+        "the PCP server rejects an option this request needs (MALFORMED_OPTION)",
+        "§7.4, §13",
+    ),
+    CodeRule(
+        ResultCode.NETWORK_FAILURE,
+        _R,
+        _R,
+        True,
+        "the gateway has a network failure, e.g. no external address yet (NETWORK_FAILURE)",
+        "§7.4",
+    ),
+    CodeRule(
+        ResultCode.NO_RESOURCES,
+        _R,
+        _R,
+        True,
+        "the gateway is out of resources (NO_RESOURCES)",
+        "§7.4",
+    ),
+    # We ask only for TCP and UDP. A server that lacks one still serves the
+    # other; moving on would make the broker treat PCP as unavailable for both.
+    CodeRule(
+        ResultCode.UNSUPP_PROTOCOL,
+        _R,
+        _R,
+        True,
+        "the PCP server does not map this transport protocol (UNSUPP_PROTOCOL)",
+        "§7.4",
+    ),
+    CodeRule(
+        ResultCode.USER_EX_QUOTA,
+        _R,
+        _R,
+        True,
+        "this client's mapping quota is used up (USER_EX_QUOTA)",
+        "§7.4",
+    ),
+    CodeRule(
+        ResultCode.CANNOT_PROVIDE_EXTERNAL,
+        _R,
+        _R,
+        True,
+        "the requested external port or address cannot be provided (CANNOT_PROVIDE_EXTERNAL)",
+        "§7.4, §11.3, §13.2",
+    ),
+    # §7.4, §8.2: another NAT between us and the server rewrote our address;
+    # nothing we send to this server will work.
+    CodeRule(
+        ResultCode.ADDRESS_MISMATCH,
+        _S,
+        _S,
+        False,
+        "another NAT sits between this host and the PCP server (ADDRESS_MISMATCH)",
+        "§7.4, §8.2",
+    ),
+    # Only for MAP with FILTER (§13.3), which portbroker never sends.
+    CodeRule(
+        ResultCode.EXCESSIVE_REMOTE_PEERS,
+        _R,
+        _R,
+        True,
+        "the PCP server answered EXCESSIVE_REMOTE_PEERS to a request without FILTER",
+        "§7.4, §13.3",
+    ),
+)
+
+# Codes without a rule (RFC 7652's, future ones): refused, long hold-off.
+UNKNOWN_RULE: Final = CodeRule(
+    ResultCode.SUCCESS, _R, _R, True, "the PCP server refused with an unknown result", "§7.4"
+)
+_BY_CODE: Final = {rule.code: rule for rule in RESULT_RULES}
+
+
+def rule_for(code: ResultCode) -> CodeRule:
+    """The table's row for *code* (an error code), :data:`UNKNOWN_RULE` if none."""
+    return _BY_CODE.get(code, UNKNOWN_RULE)
+
+
+def error_hold_off(response: pcp.PcpResponse) -> float:
+    """Seconds before the same request may be sent again (RFC 6887 §8.3)."""
+    floor = _MIN_HOLD_OFF.get(response.result_code.error_class, 60.0)
+    return max(float(response.lifetime), floor)
+
+
+def refusal(
+    response: pcp.PcpResponse, *, renewal: bool, what: str = "map"
+) -> MethodUnavailable | MappingError:
+    """The error for a non-SUCCESS answer to a MAP (new or renewal), per the table."""
+    code = response.result_code
+    rule = rule_for(code)
+    scope = rule.renewal if renewal else rule.create
+    if scope is Scope.SERVER:
+        return MethodUnavailable(NAME, rule.meaning)
+    meaning = rule.meaning if rule is not UNKNOWN_RULE else f"{rule.meaning} {code.name}"
+    return MappingError(
+        NAME,
+        f"{what} refused: {meaning}, a {code.error_class.value}-lifetime error",
+        result_code=int(code),
+        retry_after=error_hold_off(response),
+    )
+
+
+def reply_problem(response: pcp.PcpResponse) -> MethodUnavailable | None:
+    """A reply that shows no PCP v2 server answers here (RFC 6887 §9), or None."""
+    if response.is_natpmp:
+        return MethodUnavailable(
+            NAME, "the gateway answered as a NAT-PMP server (version 0)", natpmp_hint=True
+        )
+    if response.version != pcp.VERSION:
+        return MethodUnavailable(NAME, f"the server speaks PCP version {response.version}")
+    return None
+
+
+# -- requests -------------------------------------------------------------------
+
+
+def announce_request(client: IPAddress) -> pcp.PcpRequest:
+    """A solicited ANNOUNCE, lifetime 0 (RFC 6887 §14.1)."""
+    return pcp.PcpRequest(pcp.Opcode.ANNOUNCE, 0, client)
+
+
+def _options(client: IPAddress, internal: IPAddress | None, *, exact: bool) -> list[pcp.Option]:
+    options: list[pcp.Option] = []
+    if internal is not None and internal != client:
+        options.append(pcp.ThirdParty(internal))  # §13.1
+    if exact:
+        options.append(pcp.PreferFailure())  # §13.2
+    return options
+
+
+def map_request(
+    client: IPAddress,
+    request: MappingRequest,
+    previous: Lease | None,
+    nonce: bytes,
+    *,
+    exact: bool,
+) -> pcp.PcpRequest:
+    """The MAP for *request*; with *previous* (and its nonce) a renewal or re-creation.
+
+    A renewal suggests what the server assigned before, with the same nonce
+    (RFC 6887 §11.2.1, §8.5); *nonce* is used only without one.
+    """
+    if previous is not None and previous.nonce is not None:
+        nonce = previous.nonce
+        suggested_port = previous.external_port
+        suggested_address = previous.external_address
+    else:
+        suggested_port = request.external_port or 0
+        suggested_address = pcp.no_preference(client)
+    return pcp.PcpRequest(
+        pcp.Opcode.MAP,
+        request.lifetime,
+        client,
+        pcp.MapData(
+            nonce,
+            request.protocol.number,
+            request.internal_port,
+            suggested_port,
+            suggested_address,
+        ),
+        _options(client, request.internal_address, exact=exact),
+    )
+
+
+def retry_without_suggestion(sent: pcp.PcpRequest) -> pcp.PcpRequest:
+    """*sent* again with no suggested port or address, same nonce.
+
+    For CANNOT_PROVIDE_EXTERNAL to a plain MAP: §11.3 allows it only with
+    PREFER_FAILURE, so it is a server bug, and asking with no suggestion is
+    the way round it (§11.3 step "if the suggested ... cannot be provided").
+    """
+    assert sent.data is not None
+    data = sent.data
+    return attrs.evolve(
+        sent,
+        data=pcp.MapData(
+            data.nonce, data.protocol, data.internal_port, 0, pcp.no_preference(sent.client_address)
+        ),
+    )
+
+
+def delete_request(client: IPAddress, lease: Lease) -> pcp.PcpRequest:
+    """MAP with lifetime 0 and the mapping's nonce (RFC 6887 §15)."""
+    assert lease.nonce is not None, "a PCP lease always has its nonce"
+    return pcp.PcpRequest(
+        pcp.Opcode.MAP,
+        0,
+        client,
+        pcp.MapData(
+            lease.nonce,
+            lease.protocol.number,
+            lease.internal_port,
+            0,
+            pcp.no_preference(client),
+        ),
+        _options(client, lease.internal_address, exact=False),
+    )
+
+
+# -- answers --------------------------------------------------------------------
+
+
+def announce_outcome(
+    response: pcp.PcpResponse, rtt: float, external_address: IPAddress | None
+) -> ProbeOutcome:
+    """A probe's verdict on the answer to a solicited ANNOUNCE.
+
+    Any PCP v2 answer proves a server; only the codes that refuse the client
+    or the version outright (``announce_available`` False) make it
+    unavailable. Some servers answer ANNOUNCE with UNSUPP_OPCODE (or
+    MALFORMED_REQUEST, like creytiv repcpd for a non-zero lifetime) but serve
+    MAP, which is all portbroker needs.
+    """
+    code = response.result_code
+    if code == ResultCode.SUCCESS:
+        return ProbeOutcome(NAME, True, rtt, external_address, epoch=response.epoch)
+    rule = rule_for(code)
+    if rule.announce_available:
+        return ProbeOutcome(NAME, True, rtt, external_address, epoch=response.epoch)
+    return ProbeOutcome(NAME, False, rtt, epoch=response.epoch, error=rule.meaning)
+
+
+def interpret_map(
+    response: pcp.PcpResponse,
+    *,
+    request: MappingRequest,
+    sent: pcp.PcpRequest,
+    server: IPAddress,
+    now: float,
+    renewal: bool,
+) -> Lease | Undo:
+    """The lease a MAP answer grants, or what to undo; raises the table's error.
+
+    Raises:
+        MethodUnavailable: a code that says the server will not serve us.
+        MappingError: a code about this request, or SUCCESS with lifetime 0.
+    """
+    if response.result_code != ResultCode.SUCCESS:
+        raise refusal(response, renewal=renewal)
+    data = response.data
+    assert data is not None
+    assert sent.data is not None
+    if response.lifetime == 0:
+        raise MappingError(NAME, "SUCCESS with lifetime 0: the server deleted it")
+    lease = Lease(
+        method=NAME,
+        protocol=request.protocol,
+        internal_address=request.internal_address or sent.client_address,
+        internal_port=request.internal_port,
+        external_address=data.external_address,
+        external_port=data.external_port,
+        lifetime=response.lifetime,
+        granted_at=now,
+        gateway=server,
+        epoch=response.epoch,
+        nonce=sent.data.nonce,
+    )
+    problem = grant_problem(data.external_port, data.external_address)
+    if problem is not None:
+        # A mapping exists on the server that nobody can use: delete it and
+        # let the next method try (docs/result-codes.md, "Useless grants").
+        return Undo(lease, f"the PCP server {problem}")
+    return lease

@@ -1,0 +1,539 @@
+"""UPnP IGD rules as plain functions: no sockets, no clock, no threads.
+
+What :class:`portbroker.methods.upnp.UpnpMethod` decides, it decides here:
+
+- which SSDP search replies to believe and where their LOCATION may lead
+  (UDA 1.1 §1.3.3; ``docs/wire.md``);
+- which WAN connection service of a root description to use, and whether its
+  control URL stays on the gateway (UDA 1.1 §2.3, IGD:1/IGD:2 device templates);
+- the SOAP bytes of each action and what a reply or a fault says (UDA 1.1 §3.2);
+- an HTTP/1.x response reader with a size cap (RFC 9112 §6 message framing);
+- the remedies for AddPortMapping errors (WANIPConnection:2 §2.4.16) and the
+  lease a successful add yields.
+"""
+
+from __future__ import annotations
+
+import enum
+import html
+import re
+from collections.abc import Sequence
+from ipaddress import IPv6Address, ip_address
+from typing import Final
+from urllib.parse import urlsplit, urlunsplit
+
+import attrs
+
+from portbroker.errors import MalformedMessage
+from portbroker.types import IPAddress, Lease, MappingRequest
+from portbroker.wire import ssdp
+from portbroker.wire._fields import to_address
+
+__all__ = [
+    "MAX_DESCRIPTION",
+    "MAX_LEASE",
+    "MAX_SOAP_RESPONSE",
+    "HttpReader",
+    "HttpResponse",
+    "PortMappingEntry",
+    "Remedy",
+    "ResponseTooLarge",
+    "SoapFault",
+    "WanService",
+    "accept_search_reply",
+    "build_lease",
+    "control_url_problem",
+    "find_wan_service",
+    "granted_lifetime",
+    "http_request",
+    "location_at_gateway",
+    "parse_port_mapping_entry",
+    "parse_soap_fault",
+    "parse_soap_response",
+    "remedy_for",
+    "soap_envelope",
+    "upnp_error_code",
+    "uptime_of",
+]
+
+# Real root descriptions are a few KiB (the largest we have seen, a Huawei
+# HG531's, is 8 KiB); a body past this is not a description we will read.
+MAX_DESCRIPTION: Final = 64 * 1024
+# SOAP replies to the actions we send are under 1 KiB.
+MAX_SOAP_RESPONSE: Final = 64 * 1024
+# IGD v2 caps leases at a week and reads 0 as "the maximum" (WANIPConnection:2 §2.3.16).
+MAX_LEASE: Final = 604800
+
+CONFLICT: Final = 718
+PERMANENT_ONLY: Final = 725
+INVALID_ARGS: Final = 402
+SAME_PORT: Final = 724
+NO_SUCH_ENTRY: Final = 714
+INVALID_ACTION: Final = 401
+
+# UPnP error descriptions (UDA 1.1 §3.2.2, WANIPConnection:2 §2.5), back to
+# their codes, for texts that arrive without a code.
+_ERROR_CODES: Final = {
+    "Invalid Action": 401,
+    "Invalid Args": 402,
+    "Action Failed": 501,
+    "Argument Value Invalid": 600,
+    "Argument Value Out of Range": 601,
+    "Optional Action Not Implemented": 602,
+    "Out of Memory": 603,
+    "Human Intervention Required": 604,
+    "String Argument Too Long": 605,
+    "Action not authorized": 606,
+    "SpecifiedArrayIndexInvalid": 713,
+    "NoSuchEntryInArray": 714,
+    "WildCardNotPermittedInSrcIP": 715,
+    "WildCardNotPermittedInExtPort": 716,
+    "ConflictInMappingEntry": 718,
+    "SamePortValuesRequired": 724,
+    "OnlyPermanentLeasesSupported": 725,
+    "RemoteHostOnlySupportsWildcard": 726,
+    "ExternalPortOnlySupportsWildcard": 727,
+}
+
+
+def upnp_error_code(message: str) -> int | None:
+    """The UPnP error code behind an error description (or miniupnpc's text for it)."""
+    return _ERROR_CODES.get(message.strip())
+
+
+# -- SSDP replies and where they lead ---------------------------------------------
+
+
+def _host_for_url(gateway: IPAddress) -> str:
+    return f"[{gateway}]" if isinstance(gateway, IPv6Address) else str(gateway)
+
+
+def location_at_gateway(location: str, gateway: IPAddress) -> str | None:
+    """*location* with its host replaced by *gateway*; None if not a usable http URL.
+
+    Devices advertise stale or odd hosts in LOCATION (tailscale issue 5502); a
+    reply that came from the gateway is taken to describe the gateway, and
+    nothing is ever fetched from another host.
+    """
+    try:
+        parts = urlsplit(location.strip())
+        port = parts.port or 80
+    except ValueError:
+        return None
+    if parts.scheme.lower() != "http" or not parts.hostname:
+        return None
+    host = _host_for_url(gateway)
+    return urlunsplit(("http", f"{host}:{port}", parts.path or "/", parts.query, ""))
+
+
+def accept_search_reply(
+    data: bytes, source_address: str, gateway: IPAddress
+) -> ssdp.SearchResponse | None:
+    """The search reply in *data* if it came from *gateway*, LOCATION pointed at it.
+
+    Only the source *address* is checked: UDA 1.1 §1.3.3 has the device answer
+    to the requester's address and port, from whatever port it likes, and
+    devices do answer from ephemeral ports. Replies from other hosts, malformed
+    replies and unusable LOCATIONs yield None.
+    """
+    try:
+        reply = ssdp.decode_response(data)
+        sender = to_address(source_address.split("%")[0])
+    except (MalformedMessage, ValueError):
+        return None
+    if sender != gateway:
+        return None  # another device on the link is not our gateway
+    location = location_at_gateway(reply.location, gateway)
+    if location is None:
+        return None
+    return attrs.evolve(reply, location=location)
+
+
+# -- the root description ------------------------------------------------------------
+
+
+@attrs.frozen
+class WanService:
+    """The WAN connection service to send SOAP to."""
+
+    service_type: str
+    control_url: str
+
+
+_WAN_TYPES: Final = (
+    "urn:schemas-upnp-org:service:WANIPConnection:",
+    "urn:schemas-upnp-org:service:WANPPPConnection:",
+)
+_NS = r"(?:[\w.-]+:)?"  # an optional namespace prefix on a tag name
+
+
+def _tag(name: str) -> re.Pattern[str]:
+    return re.compile(rf"<{_NS}{name}(?:\s[^>]*)?>(.*?)</{_NS}{name}\s*>", re.DOTALL)
+
+
+_SERVICE: Final = _tag("service")
+_SERVICE_TYPE: Final = _tag("serviceType")
+_CONTROL_URL: Final = _tag("controlURL")
+_URL_BASE: Final = _tag("URLBase")
+
+
+def _text(pattern: re.Pattern[str], text: str) -> str | None:
+    match = pattern.search(text)
+    return html.unescape(match.group(1)).strip() if match else None
+
+
+def _resolve(base: str, url: str) -> str:
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", url):
+        return url
+    # As miniupnpc does (igd_desc_parse.c / miniupnpc.c url_cpy_or_cat): a
+    # relative control URL hangs off the base's host, not its path.
+    scheme, sep, rest = base.partition("://")
+    host = rest.split("/", 1)[0]
+    return f"{scheme}{sep}{host}{'' if url.startswith('/') else '/'}{url}"
+
+
+def find_wan_service(description: str, location: str) -> WanService | None:
+    """The first WANIPConnection or WANPPPConnection service, in document order.
+
+    That is the one miniupnpc picks (``UPNP_GetIGDFromUrl``). The control URL
+    is resolved against URLBase when present, else *location*. Parsing is
+    lenient, as device firmware is: tags are found by name whatever their
+    namespace prefix, and the rest of the document may be malformed. Services
+    of other vendors' types (Huawei's ``urn:dslforum-org``) are not used.
+    """
+    base = _text(_URL_BASE, description) or location
+    for match in _SERVICE.finditer(description):
+        block = match.group(1)
+        service_type = _text(_SERVICE_TYPE, block)
+        control = _text(_CONTROL_URL, block)
+        if service_type and control and service_type.startswith(_WAN_TYPES):
+            return WanService(service_type, _resolve(base, control))
+    return None
+
+
+def control_url_problem(url: str, gateway: IPAddress) -> str | None:
+    """Why SOAP must not go to *url* (None when it may): it leads away from the gateway."""
+    try:
+        parts = urlsplit(url)
+        address = to_address(ip_address(parts.hostname or ""))
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        address = None
+    if address != gateway or parts.scheme.lower() != "http":
+        return f"the IGD's control URL {url!r} leads away from the gateway; refused"
+    return None
+
+
+# -- SOAP ------------------------------------------------------------------------------
+
+
+def soap_envelope(service_type: str, action: str, args: Sequence[tuple[str, str]]) -> bytes:
+    """The SOAP body of *action* (UDA 1.1 §3.2.1), arguments in the order given.
+
+    The bytes miniupnpc sends (miniupnpd's capture in ``docs/wire.md``).
+    """
+    inner = "".join(f"<{name}>{html.escape(value, quote=False)}</{name}>" for name, value in args)
+    return (
+        '<?xml version="1.0"?>\r\n'
+        '<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
+        's:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>'
+        f'<u:{action} xmlns:u="{html.escape(service_type)}">{inner}</u:{action}>'
+        "</s:Body></s:Envelope>\r\n"
+    ).encode()
+
+
+@attrs.frozen
+class SoapFault:
+    """A UPnPError (UDA 1.1 §3.2.2): the device answered, and said no."""
+
+    code: int | None
+    description: str
+
+
+_ERROR_CODE: Final = _tag("errorCode")
+_ERROR_DESCRIPTION: Final = _tag("errorDescription")
+_OUT_ARG: Final = re.compile(rf"<{_NS}(New\w+)(?:\s[^>]*)?(?:/>|>(.*?)</{_NS}\1\s*>)", re.DOTALL)
+
+
+def parse_soap_fault(body: bytes) -> SoapFault | None:
+    """The UPnPError in *body*, or None if it holds none."""
+    text = body.decode("utf-8", "replace")
+    if not re.search(rf"<{_NS}Fault\b", text):
+        return None
+    code_text = _text(_ERROR_CODE, text)
+    description = _text(_ERROR_DESCRIPTION, text) or ""
+    code = int(code_text) if code_text and code_text.isdigit() and len(code_text) < 6 else None
+    if code is None:
+        code = upnp_error_code(description)
+    return SoapFault(code, description or "UPnPError")
+
+
+def parse_soap_response(action: str, body: bytes) -> dict[str, str]:
+    """The out arguments of *action*'s response (``New...`` elements), by name.
+
+    Raises:
+        ValueError: *body* is not a response to *action*.
+    """
+    text = body.decode("utf-8", "replace")
+    if not re.search(rf"<{_NS}{re.escape(action)}Response\b", text):
+        raise ValueError(f"not a {action} response")
+    return {name: html.unescape(value or "").strip() for name, value in _OUT_ARG.findall(text)}
+
+
+@attrs.frozen
+class PortMappingEntry:
+    """A GetSpecificPortMappingEntry answer (WANIPConnection:2 §2.4.15)."""
+
+    internal_client: str
+    internal_port: int
+    lease_remaining: int  # 0: permanent
+
+
+def parse_port_mapping_entry(values: dict[str, str]) -> PortMappingEntry:
+    """Raises ValueError if the answer lacks the client or has unreadable numbers."""
+    client = values.get("NewInternalClient", "")
+    if not client:
+        raise ValueError("GetSpecificPortMappingEntry answer without NewInternalClient")
+    lease_text = values.get("NewLeaseDuration", "") or "0"
+    return PortMappingEntry(client, int(values.get("NewInternalPort", "0") or 0), int(lease_text))
+
+
+def uptime_of(values: dict[str, str]) -> int | None:
+    """GetStatusInfo's NewUptime (NewUpTime on some dslforum-typed routers), if readable."""
+    for name, value in values.items():
+        if name.lower() == "newuptime" and value.isdigit() and len(value) < 12:
+            return int(value)
+    return None
+
+
+# -- HTTP/1.x --------------------------------------------------------------------------
+
+
+def http_request(
+    method: str, url: str, *, body: bytes = b"", headers: Sequence[tuple[str, str]] = ()
+) -> bytes:
+    """An HTTP/1.1 request for *url* with ``Connection: close`` (as miniupnpc sends)."""
+    parts = urlsplit(url)
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    host = parts.netloc
+    if parts.port == 80:
+        host = host.rsplit(":", 1)[0]
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    if method == "POST":
+        lines.append(f"Content-Length: {len(body)}")
+    lines.append("Connection: close")
+    for line in lines:
+        if "\r" in line or "\n" in line:
+            raise ValueError(f"no line breaks allowed in an HTTP header: {line!r}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+@attrs.frozen
+class HttpResponse:
+    status: int
+    reason: str
+    headers: dict[str, str]  # names lower-cased; the first of duplicates
+    body: bytes
+
+
+class ResponseTooLarge(ValueError):
+    """The response would pass the reader's cap."""
+
+
+class HttpReader:
+    """Reads one HTTP/1.x response fed in pieces, keeping at most *cap* bytes.
+
+    Framing per RFC 9112 §6.3: chunked, then Content-Length, else up to the
+    close. :meth:`feed` returns the response as soon as it is complete;
+    :meth:`close` when the peer closed. Raise :class:`ResponseTooLarge` or
+    ValueError (malformed).
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._buffer = bytearray()
+        self._head: tuple[int, str, dict[str, str]] | None = None
+        self._body_start = 0
+        self._chunk_at = 0  # where the next chunk-size line starts
+        self._chunks = bytearray()  # chunk data decoded so far
+
+    def feed(self, data: bytes) -> HttpResponse | None:
+        self._buffer += data
+        if len(self._buffer) > self.cap + 16 * 1024:  # room for the headers
+            raise ResponseTooLarge(f"response larger than {self.cap // 1024} KiB")
+        if self._head is None:
+            end = self._buffer.find(b"\r\n\r\n")
+            sep = 4
+            if end < 0:
+                end, sep = self._buffer.find(b"\n\n"), 2
+            if end < 0:
+                return None
+            self._head = self._parse_head(bytes(self._buffer[:end]))
+            self._body_start = end + sep
+        return self._complete(eof=False)
+
+    def close(self) -> HttpResponse:
+        if self._head is None:
+            raise ValueError("connection closed before the response headers ended")
+        response = self._complete(eof=True)
+        if response is None:
+            raise ValueError("connection closed in the middle of the response body")
+        return response
+
+    @staticmethod
+    def _parse_head(head: bytes) -> tuple[int, str, dict[str, str]]:
+        lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
+        version, _, rest = lines[0].strip().partition(" ")
+        code, _, reason = rest.strip().partition(" ")
+        if not version.upper().startswith("HTTP/1.") or not (code.isdigit() and len(code) == 3):
+            raise ValueError(f"not an HTTP/1.x response: {lines[0][:80]!r}")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers.setdefault(name.strip().lower(), value.strip())
+        return int(code), reason.strip(), headers
+
+    def _complete(self, *, eof: bool) -> HttpResponse | None:
+        # Lengths are checked before anything is copied, and chunks are
+        # decoded where the last call stopped: no work grows with the square
+        # of the response (a peer may send it a byte per segment).
+        assert self._head is not None
+        status, reason, headers = self._head
+        available = len(self._buffer) - self._body_start
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            body = self._dechunk()
+            if body is None:
+                return None
+        elif "content-length" in headers:
+            length_text = headers["content-length"]
+            if not length_text.isdigit():
+                raise ValueError(f"unreadable Content-Length {length_text[:20]!r}")
+            length = int(length_text)
+            if length > self.cap:
+                raise ResponseTooLarge(f"response of {length} bytes; the limit is {self.cap}")
+            if available < length:
+                return None
+            body = bytes(self._buffer[self._body_start : self._body_start + length])
+        elif available > self.cap:
+            raise ResponseTooLarge(f"response larger than {self.cap // 1024} KiB")
+        elif not eof:
+            return None
+        else:
+            body = bytes(self._buffer[self._body_start :])
+        return HttpResponse(status, reason, headers, body)
+
+    def _dechunk(self) -> bytes | None:
+        """Decode the chunks received so far; the body once the last chunk arrived."""
+        raw = self._buffer
+        if self._chunk_at < self._body_start:
+            self._chunk_at = self._body_start
+        while True:
+            at = self._chunk_at
+            line_end = raw.find(b"\n", at)
+            if line_end < 0:
+                if len(raw) - at > 1024:
+                    raise ValueError("chunk size line too long")
+                return None
+            size_text = bytes(raw[at:line_end]).split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise ValueError(f"unreadable chunk size {size_text[:20]!r}") from None
+            if size == 0:
+                return bytes(self._chunks)  # trailers, if any, are not needed
+            if len(self._chunks) + size > self.cap:
+                raise ResponseTooLarge(f"response larger than {self.cap // 1024} KiB")
+            start = line_end + 1
+            end = start + size
+            if len(raw) < end + 1:
+                return None
+            # The line end after the chunk data.
+            if raw[end : end + 2] == b"\r\n":
+                after = end + 2
+            elif raw[end : end + 1] == b"\n":
+                after = end + 1
+            elif raw[end : end + 1] == b"\r":
+                return None  # its LF is still to come
+            else:
+                raise ValueError("chunk data not followed by a line end")
+            self._chunks += raw[start:end]
+            self._chunk_at = after
+
+
+# -- AddPortMapping and its remedies ---------------------------------------------------
+
+
+class Remedy(enum.Enum):
+    """What to try after AddPortMapping failed with an error code."""
+
+    PERMANENT_LEASE = "permanent-lease"  # send lease 0; we then own the delete
+    INTERNAL_PORT = "internal-port"  # 724: external port = internal port
+    ANY_PORT = "any-port"  # 718 on IGD v2: AddAnyPortMapping
+    RANDOM_PORT = "random-port"  # 718 (v1, or AddAnyPortMapping refused): another port
+    GIVE_UP = "give-up"
+
+
+def remedy_for(
+    code: int | None,
+    *,
+    lease: int,
+    port: int,
+    internal_port: int,
+    exact: bool,
+    tried_any: bool,
+) -> Remedy:
+    """The next step after AddPortMapping failed with UPnP error *code*."""
+    if code in (PERMANENT_ONLY, INVALID_ARGS) and lease != 0:
+        # 725, and 402 from routers that mean the same (tailscale issue 15223).
+        return Remedy.PERMANENT_LEASE
+    if code == SAME_PORT and port != internal_port and not exact:
+        return Remedy.INTERNAL_PORT
+    if code != CONFLICT or exact:
+        return Remedy.GIVE_UP
+    return Remedy.RANDOM_PORT if tried_any else Remedy.ANY_PORT
+
+
+def granted_lifetime(lease_remaining: int | None, lease_sent: int, requested: int) -> int:
+    """The lifetime to record for a mapping added with lease *lease_sent*.
+
+    A finite lease sent is what the gateway took. For lease 0 (permanent, or
+    AddAnyPortMapping's 0 that IGD v2 reads as a week), the remaining lease the
+    gateway reports, if it reports one; else our own renewal period.
+    """
+    if lease_sent > 0:
+        return lease_sent
+    if lease_remaining is not None and lease_remaining > 0:
+        return lease_remaining
+    return requested
+
+
+def build_lease(
+    request: MappingRequest,
+    *,
+    client: IPAddress,
+    external_address: IPAddress,
+    external_port: int,
+    lease_sent: int,
+    lifetime: int,
+    now: float,
+    gateway: IPAddress,
+    epoch: int | None,
+) -> Lease:
+    """The :class:`~portbroker.types.Lease` of a successful add."""
+    return Lease(
+        method="upnp",
+        protocol=request.protocol,
+        internal_address=client,
+        internal_port=request.internal_port,
+        external_address=external_address,
+        external_port=external_port,
+        lifetime=lifetime,
+        granted_at=now,
+        gateway=gateway,
+        epoch=epoch,
+        permanent=lease_sent == 0,
+    )
