@@ -59,7 +59,27 @@ def failures(results: dict[int, dict[str, Any]]) -> dict[int, str]:
 # -- 1. loss ---------------------------------------------------------------------
 
 
-def test_60_percent_silent_loss_at_the_gateway(lab_factory: LabFactory, figure: Figure) -> None:
+@pytest.mark.parametrize(
+    "methods",
+    [
+        pytest.param(["pcp", "natpmp", "upnp"], id="any-method"),
+        # UPnP's renewals ride TCP, which retransmits for us: PCP alone must
+        # cope with the loss itself.
+        pytest.param(
+            ["pcp"],
+            id="pcp-only",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="a map gives up after the broker's 8 s request budget: 3 PCP "
+                "transmissions at RFC 6887 §8.1.1's IRT of 3 s, each through with "
+                "p = 0.4 x 0.4, so about 6 maps in 10 fail",
+            ),
+        ),
+    ],
+)
+def test_60_percent_silent_loss_at_the_gateway(
+    lab_factory: LabFactory, figure: Figure, methods: list[str]
+) -> None:
     lab = lab_factory(extra_config=SHORT_LIFETIMES)
     # No netem here: nftables drops 60 % of PCP/NAT-PMP and of SSDP, each way,
     # silently, so no method wins by being spared.
@@ -81,44 +101,42 @@ table inet pbfault {
 """,
     )
     ports = set(range(24001, 24011))
-    maps = [{"port": p, "lifetime": 20} for p in sorted(ports)]
-    with run_agent(lab, maps) as agent:
+    maps = [{"port": p, "lifetime": 16} for p in sorted(ports)]
+    with run_agent(lab, maps, methods=methods) as agent:
         done = agent.wait_all(timeout=60)
         results = agent.results()
-        # A 20 s lease renews from 10 s on; under 60 % loss a renewal needs
-        # its retransmissions (RFC 6887 §8.1.1), and one that fails for good
-        # must end in a re-creation, not in a dead mapping.
+        # A 16 s lease renews from 8 s on; under 60 % loss a renewal needs its
+        # retransmissions (RFC 6887 §8.1.1). Each renewal ends Renewed or, at
+        # expiry, Lost (then re-created): wait for every mapping's outcome.
         renewed: set[int] = set()
-        restored: set[int] = set()
-        if done is not None:
-            deadline = time.monotonic() + 30
-            while renewed | restored != ports and time.monotonic() < deadline:
+        lost: set[int] = set()
+        if done is not None and not failures(results):
+            deadline = time.monotonic() + 25
+            while renewed | lost != ports and time.monotonic() < deadline:
                 event = agent.next(deadline - time.monotonic())
                 if event is not None and event["event"] == "Renewed":
                     renewed.add(event["port"])
-                elif event is not None and event["event"] == "Restored":
-                    restored.add(event["port"])
+                elif event is not None and event["event"] == "Lost":
+                    lost.add(event["port"])
         last_event = {e["port"]: e["event"] for e in agent.seen if "port" in e}
         held = {
             p: e
             for p, e in mapped_ports(results).items()
             if last_event.get(p) not in ("Lost", "Failed")
         }
-        lost = {e["port"] for e in agent.seen if e["event"] == "Lost"}
-        methods = sorted(r.get("method") or "failed" for r in results.values())
+        failed = sorted(p for p, e in last_event.items() if e == "Failed")
+        used = sorted(r.get("method") or "failed" for r in results.values())
         figure(
-            f"FAULT 60%-loss: {len(mapped_ports(results))}/{len(ports)} mapped "
-            f"({', '.join(f'{m} x{methods.count(m)}' for m in sorted(set(methods)))}), "
-            f"last at {done or float('nan'):.2f} s; {len(renewed)}/{len(ports)} renewed, "
-            f"{len(lost)} lost, {len(restored)} restored; "
+            f"FAULT 60%-loss ({'+'.join(methods)}): {len(mapped_ports(results))}/{len(ports)} "
+            f"mapped ({', '.join(f'{m} x{used.count(m)}' for m in sorted(set(used)))}), "
+            f"last at {done or float('nan'):.2f} s; first renewal: {len(renewed)} renewed, "
+            f"{len(lost)} lost; "
             f"{counter(lab, lab.gw_ns, 'pbfault', 'dropped')} packets dropped"
         )
         assert done is not None, "the maps did not finish within 60 s"
         assert failures(results) == {}
         assert renewed, "no renewal got through"
-        assert renewed | restored == ports, (
-            f"neither renewed nor restored: {ports - renewed - restored}"
-        )
+        assert failed == [], "a lost mapping must be re-created, not given up"
         assert not prove_inbound(lab, held)
 
 
