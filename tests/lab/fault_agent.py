@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import logging
 import signal
 import sys
 from typing import Any
@@ -99,4 +100,8 @@ async def main(config: dict[str, Any]) -> None:
 if __name__ == "__main__":
     # A test that waits in vain sends SIGUSR1: every thread's stack goes to stderr.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # The broker's log goes to stderr (a file the test shows when it fails).
+    logging.basicConfig(
+        level=logging.INFO, format="%(relativeCreated)8.0f ms %(name)s %(levelname)s %(message)s"
+    )
     trio.run(main, json.loads(sys.argv[1]))

@@ -122,7 +122,11 @@ class Agent:
         except AssertionError:
             if self.process.poll() is not None:
                 raise
-            print(f"the agent after {timeout:g} s without AllDone:\n{self.stacks()}")
+            missing = [e for e in self.seen if e["event"] not in ("Mapped", "MapError")]
+            print(
+                f"the agent after {timeout:g} s without AllDone; other events: {missing}\n"
+                f"its stacks:\n{self.stacks()}\nits log (tail):\n{self.stderr_text()[-6000:]}"
+            )
             return None
 
     def results(self) -> dict[int, dict[str, Any]]:
