@@ -47,6 +47,7 @@ from portbroker.errors import (
 )
 from portbroker.gateway import resolve_gateway
 from portbroker.lifecycle import (
+    MIN_RENEWAL_GAP,
     Delete,
     FailureKind,
     MappingEvent,
@@ -198,7 +199,7 @@ class _Decision:
     """One probe race that concurrent callers wait for."""
 
     event: trio.Event = attrs.Factory(trio.Event)
-    failed: NoMethodAvailable | None = None
+    failed: NoMethodAvailable | NoAnswer | None = None
 
 
 class Broker:
@@ -229,6 +230,7 @@ class Broker:
         self._report: ProbeReport | None = None
         self._deciding: _Decision | None = None
         self._trackers: dict[IPAddress, EpochTracker] = {}
+        # server -> {(scope, budget, latest deadline)} of the requests waiting on it
         self._patience: dict[IPAddress, set[tuple[trio.CancelScope, float, float]]] = {}
         self._confirming = False
         self._subscribers: list[trio.MemorySendChannel[BrokerEvent]] = []
@@ -422,8 +424,15 @@ class Broker:
             # fail as it failed.
             decision = self._deciding
             await decision.event.wait()
-            if decision.failed is not None:
+            if isinstance(decision.failed, NoMethodAvailable):
                 raise NoMethodAvailable(decision.failed.outcomes)
+            if isinstance(decision.failed, NoAnswer):
+                # The method the race chose answered its probe, then not the
+                # request: the waiters share that too, or each would run its
+                # own race in turn and the last of 50 would wait 50 budgets.
+                shared = NoAnswer(str(decision.failed))  # the message names the ignored
+                shared.ignored = dict(decision.failed.ignored)
+                raise shared
         decision = self._deciding = _Decision()
         try:
             lease, report = await create_by_preference(
@@ -433,7 +442,7 @@ class Broker:
                 self.probe_timeout,
                 known_unavailable=self._known_unavailable(),
             )
-        except NoMethodAvailable as exc:
+        except (NoMethodAvailable, NoAnswer) as exc:
             decision.failed = exc
             raise
         except MappingError as exc:
@@ -459,18 +468,23 @@ class Broker:
         except trio.TooSlowError:
             raise NoAnswer(f"{method.name}: no answer within {budget:g} s") from None
 
-    async def _patiently(self, method: Method, budget: float, call: Awaitable[T]) -> T:
+    async def _patiently(
+        self, method: Method, budget: float, call: Awaitable[T], *, until: float = math.inf
+    ) -> T:
         """Await *call* within *budget*, extended while the method's server answers others.
 
         A deadline that every response from the same server pushes back by
-        *budget* (bounded by :data:`MAX_PATIENCE`): a slow server working
-        through a queue is alive; only silence for a whole budget is NoAnswer.
+        *budget* (bounded by :data:`MAX_PATIENCE`, and never past *until*: a
+        renewal must not outlive its lease, lifecycle rule 2): a slow server
+        working through a queue is alive; only silence for a whole budget is
+        NoAnswer.
         """
         transport = self._method_set.transport_of(method.name)
         server = transport.link.remote[0] if transport is not None else None
         started = trio.current_time()
+        latest = min(started + MAX_PATIENCE, max(until, started + budget))
         with trio.CancelScope(deadline=started + budget) as scope:
-            entry = (scope, budget, started)
+            entry = (scope, budget, latest)
             if server is not None:
                 self._patience.setdefault(server, set()).add(entry)
             try:
@@ -518,13 +532,18 @@ class Broker:
                 method = self._methods.get(lease.method)
                 if method is None:
                     raise MethodUnavailable(lease.method, "not enabled on this broker")
+                began = trio.current_time()
                 try:
                     granted = await self._patiently(
-                        method, action.budget, method.create(mapping.request, lease)
+                        method,
+                        action.budget,
+                        method.create(mapping.request, lease),
+                        until=lease.expires_at,
                     )
                 except trio.TooSlowError:
+                    waited = trio.current_time() - began
                     raise NoAnswer(
-                        f"{lease.method}: renewal not answered within {action.budget:.1f} s"
+                        f"{lease.method}: renewal not answered within {waited:.1f} s"
                     ) from None
             else:
                 assert isinstance(action, Recreate)
@@ -539,7 +558,10 @@ class Broker:
                 Trigger.GRANTED, trio.current_time(), token=action.token, lease=granted
             )
         except Exception as exc:
-            current = lifecycle.lease
+            # A renewal's "retry after" beyond its lease cannot save the lease
+            # (REFUSED); a re-creation has no lease to save, so any retry_after
+            # is "not now" (lifecycle rule 7), even once the old lease expired.
+            current = lifecycle.lease if isinstance(action, Renew) else None
             expires_in = current.expires_at - trio.current_time() if current else None
             failure = classify(exc, expires_in=expires_in)
             if failure.kind is FailureKind.INTERNAL:
@@ -550,7 +572,11 @@ class Broker:
                 )
             else:
                 logger.info("%s: %s", mapping._label(), failure.reason)
-            if failure.kind is FailureKind.UNAVAILABLE and isinstance(exc, MethodUnavailable):
+            if (
+                failure.kind is FailureKind.UNAVAILABLE
+                and isinstance(exc, MethodUnavailable)
+                and not isinstance(exc, NoMethodAvailable)  # "all" is no method to rule out
+            ):
                 self._forget(exc.method, exc.reason)
             step = self._fire_safely(mapping, Trigger.FAILED, token=action.token, failure=failure)
         self._apply(mapping, step)
@@ -610,8 +636,8 @@ class Broker:
         announcement: bool = False,
     ) -> None:
         """Every PCP / NAT-PMP response from *server*: patience, then the tracker."""
-        for scope, budget, started in self._patience.get(server, ()):
-            scope.deadline = min(max(scope.deadline, now + budget), started + MAX_PATIENCE)
+        for scope, budget, latest in self._patience.get(server, ()):
+            scope.deadline = min(max(scope.deadline, now + budget), latest)
         verdict = self.tracker(server).response(
             response, now, solicited=matched, announcement=announcement
         )
@@ -648,11 +674,23 @@ class Broker:
                         logger.info("gateway %s: confirming with %s failed: %s", box, family, exc)
                 if not confirm.families:
                     # No epoch to compare with (only UPnP mappings, say): look
-                    # at the mappings themselves. Bounded by the tracker's rate.
+                    # at one mapping, the least recently renewed, and not one
+                    # renewed under 4 s ago (RFC 6887 §11.2.1). A restart lost
+                    # them all, so one missing entry tells (EntryMissing); and
+                    # a spoofed hint costs one renewal per CONFIRM_INTERVAL,
+                    # not one per mapping.
                     now = trio.current_time()
-                    for mapping in list(self._mappings):
-                        if mapping.lease is not None and mapping.lease.gateway == box:
-                            self._apply(mapping, mapping.lifecycle.fire(Trigger.RECHECK, now))
+                    due = [
+                        (mapping.lease.granted_at, index, mapping)
+                        for index, mapping in enumerate(self._mappings)
+                        if mapping.state is State.ACTIVE
+                        and mapping.lease is not None
+                        and mapping.lease.gateway == box
+                        and now - mapping.lease.granted_at >= MIN_RENEWAL_GAP
+                    ]
+                    if due:
+                        _granted, _index, mapping = min(due)
+                        self._apply(mapping, mapping.lifecycle.fire(Trigger.RECHECK, now))
         except Exception:
             logger.exception("gateway %s: confirming a hint failed", box)
         finally:

@@ -184,7 +184,8 @@ class Confirm:
 
     *families* are the protocols whose solicited answer can settle it (those
     with an epoch to compare against), most telling first; empty when none
-    has one yet, in which case the broker re-checks the mappings themselves.
+    has one yet, in which case the broker re-checks a mapping itself (the least
+    recently renewed one: a restart lost them all).
     """
 
     reason: str
@@ -316,6 +317,12 @@ class EpochTracker:
             return None
         if isinstance(signal, UptimeSeen):
             current = EpochObservation(max(0, min(signal.uptime, 2**32 - 1)), signal.at)
+            if self._uptime is not None and current.server_epoch == self._uptime.server_epoch:
+                # An uptime that did not move at all is a counter that does not
+                # count (some IGDs answer 0, or a constant), not a restart: a
+                # restarted one counts again from 0. No news; keep the baseline
+                # (a real restart still shows as a missing entry, 714).
+                return None
             previous_uptime, self._uptime = self._uptime, current
             if check_natpmp_epoch(previous_uptime, current).state_lost:
                 assert previous_uptime is not None

@@ -41,7 +41,10 @@ Rules:
    NAT-PMP and UPnP: the previous external port). Once that has failed, or
    after a refusal, the broker chooses the method afresh (a PCP server that
    answers again still gets the nonce it last saw for that internal port:
-   the PCP method remembers it); after UNAVAILABLE the next try is at once.
+   the PCP method remembers it); after UNAVAILABLE of the previous method the
+   next try (afresh) is at once, but a try afresh that is UNAVAILABLE (no
+   method works now: a gateway restarting, switched off) waits the backoff
+   like any other failure, or the give-up bound would be spent in an instant.
 7. **Recovery backoff and its bound**: failed re-creations are retried after
    :data:`RECOVERY_BACKOFF` (2 s, 5 s, 15 s, 30 s, 60 s, 120 s, then every
    300 s), or ``retry_after`` if longer. A re-creation REFUSED for good ends in
@@ -401,6 +404,7 @@ class MappingLifecycle:
     last_failure: Failure | None = None
     ever_granted: bool = False
     detached: bool = False
+    recreating_previous: bool = False  # the re-creation in flight reuses the previous lease
     deadline: float | None = None  # the current Sleep's end, for inspection
     sleeping: bool = False  # the current token is a Sleep's (else an operation's)
 
@@ -476,9 +480,11 @@ class MappingLifecycle:
             lease.granted_at, lease.lifetime, 0, self.rng, not_before=now + MIN_RENEWAL_GAP
         )
         if when is None:
-            # A lifetime too short for the 4 s gap: renew at half-life rather
-            # than let it lapse.
-            when = max(now, lease.granted_at + lease.lifetime / 2)
+            # A lifetime too short for the 4 s gap (a server granting 1 s):
+            # renewals stay 4 s apart (RFC 6887 §11.2.1 "MUST"), even if the
+            # lease lapses in between; at half-life they cost the gateway two
+            # requests a second, for ever.
+            when = max(now + MIN_RENEWAL_GAP, lease.granted_at + lease.lifetime / 2)
         return self._sleep(when)
 
     def _lost(self, now: float, reason: str) -> Step:
@@ -534,6 +540,7 @@ class MappingLifecycle:
         reuse = self.lease is not None and (
             failure is None or (failure.kind is FailureKind.SILENT and self.recovery_failures == 0)
         )
+        self.recreating_previous = reuse
         return Step([], Recreate(self.lease if reuse else None, self.request_budget, self._busy()))
 
     def _start_renewal(self, now: float) -> Step:
@@ -571,8 +578,10 @@ class MappingLifecycle:
                 ],
             )
         self.state = State.LOST
-        if failure.kind is FailureKind.UNAVAILABLE:
-            # The previous method is gone: choose afresh, at once.
+        if failure.kind is FailureKind.UNAVAILABLE and self.recreating_previous:
+            # The previous method is gone: choose afresh, at once. (Once the
+            # choice afresh is unavailable too, at once would burn every
+            # attempt in a moment: the broker rules methods out for 30 s.)
             return Step([], self._sleep(now))
         index = min(self.recovery_failures, len(RECOVERY_BACKOFF)) - 1
         return Step([], self._sleep(now + max(RECOVERY_BACKOFF[index], failure.retry_after or 0.0)))

@@ -22,6 +22,9 @@ __all__ = ["NatPmpMethod"]
 
 # How long the delete of a useless grant may take (see PcpMethod's UNDO_TIMEOUT).
 UNDO_TIMEOUT: Final = 4.0
+# Answers to a delete that still grant a lifetime (stale copies of a grant)
+# before the delete is declared refused.
+DELETE_ATTEMPTS: Final = 3
 
 
 class NatPmpMethod:
@@ -120,10 +123,18 @@ class NatPmpMethod:
 
     async def delete(self, lease: Lease) -> None:
         """Map request with lifetime 0 and suggested port 0 (RFC 6886 §3.4)."""
-        response = await self._call(natpmp_rules.delete_request(lease))
-        if response.result_code != 0:
-            raise MappingError(
-                self.name,
-                f"delete refused: {response.result_code.name}",
-                result_code=int(response.result_code),
-            )
+        for _attempt in range(DELETE_ATTEMPTS):
+            response = await self._call(natpmp_rules.delete_request(lease))
+            if response.result_code != 0:
+                raise MappingError(
+                    self.name,
+                    f"delete refused: {response.result_code.name}",
+                    result_code=int(response.result_code),
+                )
+            if not isinstance(response, natpmp.MapResponse) or response.lifetime == 0:
+                break
+            # §3.4: a delete's answer has lifetime 0. NAT-PMP has no
+            # transaction ID, so a late copy of the grant (same opcode and
+            # internal port) matches too: not this delete's answer. Ask again.
+        else:
+            raise MappingError(self.name, "delete answered with a lifetime, not 0")

@@ -29,6 +29,9 @@ __all__ = ["PcpMethod", "error_hold_off"]
 # caller's timeout does not leave the mapping behind; bounded, so a server
 # that stopped answering does not hold the caller.
 UNDO_TIMEOUT: Final = 4.0
+# Answers to a delete that still grant a lifetime (stale copies of a grant)
+# before the delete is declared refused.
+DELETE_ATTEMPTS: Final = 3
 
 
 class PcpMethod:
@@ -141,12 +144,23 @@ class PcpMethod:
 
     async def delete(self, lease: Lease) -> None:
         """MAP with lifetime 0 and the mapping's nonce (RFC 6887 §15)."""
-        response = await self._call(pcp_rules.delete_request(self.client_address, lease))
-        if response.result_code != ResultCode.SUCCESS:
+        request = pcp_rules.delete_request(self.client_address, lease)
+        for _attempt in range(DELETE_ATTEMPTS):
+            response = await self._call(request)
+            if response.result_code != ResultCode.SUCCESS:
+                raise MappingError(
+                    self.name,
+                    f"delete refused: {response.result_code.name}",
+                    result_code=int(response.result_code),
+                )
+            if response.lifetime == 0:
+                break
+            # §15: a delete's answer has Lifetime 0. A SUCCESS with a lifetime
+            # is a late copy of an earlier grant (same nonce, so the same key):
+            # not this delete's answer, which may yet be lost. Ask again.
+        else:
             raise MappingError(
-                self.name,
-                f"delete refused: {response.result_code.name}",
-                result_code=int(response.result_code),
+                self.name, f"delete answered with lifetime {response.lifetime}, not 0"
             )
         key = (lease.protocol.number, lease.internal_address, lease.internal_port)
         if self._nonces.get(key) == lease.nonce:

@@ -50,6 +50,7 @@ from portbroker.errors import (
     UpnpError,
 )
 from portbroker.methods import upnp_rules as rules
+from portbroker.methods.rules import unusable_address
 from portbroker.methods.upnp_rules import MAX_LEASE, Remedy, upnp_error_code
 from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome, TransportProtocol
 from portbroker.wire import ssdp
@@ -417,9 +418,12 @@ class UpnpMethod:
             address = to_address(text)
         except ValueError:
             address = None
-        if address is None or address.is_unspecified or address.is_loopback:
+        # The same rule as PCP's and NAT-PMP's (docs/result-codes.md, "Useless
+        # grants"): link-local, multicast and reserved addresses reach nothing.
+        why = "unreadable" if address is None else unusable_address(address)
+        if address is None or why is not None:
             raise MethodUnavailable(
-                self.name, f"the gateway reports no usable external address ({text!r})"
+                self.name, f"the gateway reports no usable external address ({why}: {text!r})"
             )
         self.last_external_address = address
         return address
@@ -548,8 +552,13 @@ class UpnpMethod:
                     values = await self._soap(
                         igd, "AddAnyPortMapping", _add_args(request, port, client, 0)
                     )
+                    reserved = int(values["NewReservedPort"])
+                    if not 1 <= reserved <= 65535:
+                        # Port 0 reaches nothing (docs/result-codes.md, "Useless
+                        # grants"); 99999 or -5 is no port at all.
+                        raise ValueError(f"NewReservedPort {reserved}")
                     # Lease 0, which an IGD v2 gateway reads as its one-week maximum.
-                    return int(values["NewReservedPort"]), 0
+                    return reserved, 0
                 except UpnpError as any_exc:
                     if any_exc.code not in (rules.INVALID_ACTION, 602, None):
                         raise

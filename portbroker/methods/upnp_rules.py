@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import html
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from ipaddress import IPv6Address, ip_address
 from typing import Final
 from urllib.parse import urlsplit, urlunsplit
@@ -160,26 +160,51 @@ class WanService:
     control_url: str
 
 
-_WAN_TYPES: Final = (
-    "urn:schemas-upnp-org:service:WANIPConnection:",
-    "urn:schemas-upnp-org:service:WANPPPConnection:",
-)
+# A whole service type, version included: it goes into the SOAPAction header,
+# so a description's "...:1&#13;&#10;X-Injected: 1" (CR LF once unescaped) must
+# not pass as WANIPConnection:1 (UDA 1.1 §2.3: urn:...:service:type:v).
+_WAN_TYPE: Final = re.compile(r"urn:schemas-upnp-org:service:WAN(?:IP|PPP)Connection:[0-9]{1,3}")
 _NS = r"(?:[\w.-]+:)?"  # an optional namespace prefix on a tag name
+# Any start, end or empty-element tag. A tag that never ends stops at the next
+# "<" ([^<>]), so every "<" is looked at once: linear in the text.
+_ANY_TAG: Final = re.compile(r"<(/?)(?:[\w.-]+:)?([\w.-]+)(?:\s[^<>]*?)?(/?)>")
 
 
-def _tag(name: str) -> re.Pattern[str]:
-    return re.compile(rf"<{_NS}{name}(?:\s[^>]*)?>(.*?)</{_NS}{name}\s*>", re.DOTALL)
+def _elements(text: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, str]]:
+    """(name, content) of each element whose tag name (any prefix) is *wanted*.
+
+    In document order, as ``<name ...>(.*?)</name>`` would find them -- the
+    content runs to the first end tag of that name, and an element that is
+    never closed is skipped -- but in linear time: a lazy regex rescans to the
+    end of the text from every unclosed start tag, O(n^2), and a 64 KiB reply
+    of ``<service>`` repeated took seconds of CPU on the event loop.
+    """
+    tags = list(_ANY_TAG.finditer(text))
+    last_end: dict[str, int] = {}
+    for index, tag in enumerate(tags):
+        if tag.group(1):
+            last_end[tag.group(2)] = index
+    current: tuple[str, int] | None = None
+    for index, tag in enumerate(tags):
+        closing, name, empty = tag.group(1), tag.group(2), tag.group(3)
+        if current is not None:
+            if closing and name == current[0]:
+                yield name, text[current[1] : tag.start()]
+                current = None
+            continue
+        if closing or not wanted(name):
+            continue
+        if empty:
+            yield name, ""
+        elif last_end.get(name, -1) > index:
+            current = (name, tag.end())
 
 
-_SERVICE: Final = _tag("service")
-_SERVICE_TYPE: Final = _tag("serviceType")
-_CONTROL_URL: Final = _tag("controlURL")
-_URL_BASE: Final = _tag("URLBase")
-
-
-def _text(pattern: re.Pattern[str], text: str) -> str | None:
-    match = pattern.search(text)
-    return html.unescape(match.group(1)).strip() if match else None
+def _text(name: str, text: str) -> str | None:
+    """The content of the first *name* element in *text*, unescaped, or None."""
+    for _name, content in _elements(text, name.__eq__):
+        return html.unescape(content).strip()
+    return None
 
 
 def _resolve(base: str, url: str) -> str:
@@ -201,12 +226,11 @@ def find_wan_service(description: str, location: str) -> WanService | None:
     namespace prefix, and the rest of the document may be malformed. Services
     of other vendors' types (Huawei's ``urn:dslforum-org``) are not used.
     """
-    base = _text(_URL_BASE, description) or location
-    for match in _SERVICE.finditer(description):
-        block = match.group(1)
-        service_type = _text(_SERVICE_TYPE, block)
-        control = _text(_CONTROL_URL, block)
-        if service_type and control and service_type.startswith(_WAN_TYPES):
+    base = _text("URLBase", description) or location
+    for _name, block in _elements(description, "service".__eq__):
+        service_type = _text("serviceType", block)
+        control = _text("controlURL", block)
+        if service_type and control and _WAN_TYPE.fullmatch(service_type):
             return WanService(service_type, _resolve(base, control))
     return None
 
@@ -250,9 +274,7 @@ class SoapFault:
     description: str
 
 
-_ERROR_CODE: Final = _tag("errorCode")
-_ERROR_DESCRIPTION: Final = _tag("errorDescription")
-_OUT_ARG: Final = re.compile(rf"<{_NS}(New\w+)(?:\s[^>]*)?(?:/>|>(.*?)</{_NS}\1\s*>)", re.DOTALL)
+_OUT_ARG: Final = re.compile(r"New\w+")
 
 
 def parse_soap_fault(body: bytes) -> SoapFault | None:
@@ -260,8 +282,8 @@ def parse_soap_fault(body: bytes) -> SoapFault | None:
     text = body.decode("utf-8", "replace")
     if not re.search(rf"<{_NS}Fault\b", text):
         return None
-    code_text = _text(_ERROR_CODE, text)
-    description = _text(_ERROR_DESCRIPTION, text) or ""
+    code_text = _text("errorCode", text)
+    description = _text("errorDescription", text) or ""
     code = int(code_text) if code_text and code_text.isdigit() and len(code_text) < 6 else None
     if code is None:
         code = upnp_error_code(description)
@@ -277,7 +299,10 @@ def parse_soap_response(action: str, body: bytes) -> dict[str, str]:
     text = body.decode("utf-8", "replace")
     if not re.search(rf"<{_NS}{re.escape(action)}Response\b", text):
         raise ValueError(f"not a {action} response")
-    return {name: html.unescape(value or "").strip() for name, value in _OUT_ARG.findall(text)}
+    return {
+        name: html.unescape(value).strip()
+        for name, value in _elements(text, lambda name: _OUT_ARG.fullmatch(name) is not None)
+    }
 
 
 @attrs.frozen
@@ -337,6 +362,9 @@ class HttpResponse:
     reason: str
     headers: dict[str, str]  # names lower-cased; the first of duplicates
     body: bytes
+
+
+_CHUNK_SIZE: Final = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
 class ResponseTooLarge(ValueError):
@@ -439,10 +467,12 @@ class HttpReader:
                     raise ValueError("chunk size line too long")
                 return None
             size_text = bytes(raw[at:line_end]).split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise ValueError(f"unreadable chunk size {size_text[:20]!r}") from None
+            # RFC 9112 §7.1: chunk-size = 1*HEXDIG. int(x, 16) also takes "-6",
+            # "+6", "0x6" and "6_0"; a negative size would step back onto this
+            # very line and loop for ever without a checkpoint.
+            if _CHUNK_SIZE.fullmatch(size_text) is None:
+                raise ValueError(f"unreadable chunk size {size_text[:20]!r}")
+            size = int(size_text, 16)
             if size == 0:
                 return bytes(self._chunks)  # trailers, if any, are not needed
             if len(self._chunks) + size > self.cap:
@@ -507,7 +537,9 @@ def granted_lifetime(lease_remaining: int | None, lease_sent: int, requested: in
     if lease_sent > 0:
         return lease_sent
     if lease_remaining is not None and lease_remaining > 0:
-        return lease_remaining
+        # At most IGD v2's week: a gateway reporting 99999999999 s (past a
+        # Lease's 32 bits) or 2**32 - 1 still gets renewed within a week.
+        return min(lease_remaining, MAX_LEASE)
     return requested
 
 
