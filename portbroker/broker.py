@@ -30,7 +30,7 @@ import heapq
 import logging
 import math
 import random
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from typing import Any, Final, TypeVar
 
 import attrs
@@ -39,6 +39,7 @@ import trio
 from portbroker._util import collapse_single
 from portbroker.epoch import Confirm, EpochTracker, GatewaySignal, StateLoss, Verdict
 from portbroker.errors import (
+    AlreadyMapped,
     MappingError,
     MethodUnavailable,
     NoAnswer,
@@ -63,6 +64,7 @@ from portbroker.lifecycle import (
 from portbroker.methods import LinkFactory, Method, MethodSet, open_methods
 from portbroker.probe import create_by_preference, probe_all
 from portbroker.transport import Response, Transport, listen_announcements
+from portbroker.transport import budget as transport_budget
 from portbroker.types import (
     DEFAULT_LIFETIME,
     METHOD_NAMES,
@@ -194,6 +196,10 @@ def _describe(event: MappingEvent) -> str:
     return f"{name} {attrs.asdict(event)}"
 
 
+def _endpoint(request: MappingRequest) -> tuple[TransportProtocol, IPAddress | None, int]:
+    return (request.protocol, request.internal_address, request.internal_port)
+
+
 @attrs.define(eq=False)
 class _Decision:
     """One probe race that concurrent callers wait for."""
@@ -234,6 +240,7 @@ class Broker:
         self._patience: dict[IPAddress, set[tuple[trio.CancelScope, float, float]]] = {}
         self._confirming = False
         self._subscribers: list[trio.MemorySendChannel[BrokerEvent]] = []
+        self._claims: set[tuple[TransportProtocol, IPAddress | None, int]] = set()
 
     # -- public ---------------------------------------------------------------
 
@@ -316,7 +323,50 @@ class Broker:
             raise ValueError(
                 f"method {via!r} is not enabled here; enabled: {', '.join(self._methods)}"
             )
-        return self._start(request, await self._create(request, via))
+        with self._claim(request):
+            try:
+                lease = await self._create(request, via)
+            except BaseException as exc:
+                if not isinstance(exc, Exception):
+                    # Cancelled (or interrupted) after the request may have
+                    # reached the gateway: delete what it may have made, since
+                    # no Mapping will ever name it.
+                    await self._abandon(request)
+                raise
+            return self._start(request, lease)
+
+    @contextlib.contextmanager
+    def _claim(self, request: MappingRequest) -> Iterator[None]:
+        """One mapping per internal endpoint in this broker (errors.AlreadyMapped)."""
+        key = _endpoint(request)
+        for mapping in self._mappings:
+            if _endpoint(mapping.request) == key:
+                raise AlreadyMapped(
+                    f"{request.internal_port}/{request.protocol.value} is already mapped by"
+                    f" this broker ({mapping.state.value}); use that mapping or release it first"
+                )
+        if key in self._claims:
+            raise AlreadyMapped(
+                f"{request.internal_port}/{request.protocol.value} is being mapped by another"
+                " call on this broker"
+            )
+        self._claims.add(key)
+        try:
+            yield
+        finally:
+            self._claims.discard(key)
+
+    async def _abandon(self, request: MappingRequest) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for method in self._methods.values():
+                    nursery.start_soon(self._abandon_one, method, request)
+
+    async def _abandon_one(self, method: Method, request: MappingRequest) -> None:
+        try:
+            await method.abandon(request)
+        except Exception as exc:  # noqa: BLE001 - best effort: the lease lapses on its own
+            logger.info("%s: cleaning up after a cancelled map failed: %s", method.name, exc)
 
     async def adopt(self, request: MappingRequest, lease: Lease) -> Mapping:
         """Take over a mapping made earlier (by a previous run, say) and keep it alive.
@@ -331,7 +381,8 @@ class Broker:
         method = self._methods.get(lease.method)
         if method is None:
             raise ValueError(f"method {lease.method!r} is not enabled here")
-        return self._start(request, await self._create_with(method, request, lease))
+        with self._claim(request):
+            return self._start(request, await self._create_with(method, request, lease))
 
     def _start(self, request: MappingRequest, lease: Lease) -> Mapping:
         lifecycle = MappingLifecycle(
@@ -483,7 +534,7 @@ class Broker:
         server = transport.link.remote[0] if transport is not None else None
         started = trio.current_time()
         latest = min(started + MAX_PATIENCE, max(until, started + budget))
-        with trio.CancelScope(deadline=started + budget) as scope:
+        with trio.CancelScope(deadline=started + budget) as scope, transport_budget(scope):
             entry = (scope, budget, latest)
             if server is not None:
                 self._patience.setdefault(server, set()).add(entry)

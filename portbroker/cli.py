@@ -269,6 +269,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _one_line_handler() -> Any:
+    """A logging handler that writes each record in one line on stderr; an
+    attached exception as its type and message (its traceback only with
+    PORTBROKER_DEBUG set)."""
+    import logging
+
+    class OneLine(logging.Formatter):
+        def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+            if os.environ.get("PORTBROKER_DEBUG"):
+                return super().formatException(ei)
+            return f"({type(ei[1]).__name__}: {ei[1]}; PORTBROKER_DEBUG=1 shows the traceback)"
+
+        def format(self, record: logging.LogRecord) -> str:
+            text = super().format(record)
+            return text if os.environ.get("PORTBROKER_DEBUG") else text.replace("\n", " ")
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLine("portbroker: %(message)s"))
+    return handler
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "daemon":
         return _daemon(args)
@@ -277,8 +298,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     import trio
 
     # The library's warnings (a failed delete, a gateway that lost state) are
-    # the user's to read too: say whose they are, without logging's "WARNING:root".
-    logging.basicConfig(level=logging.WARNING, format="portbroker: %(message)s")
+    # the user's to read too: say whose they are, without logging's "WARNING:root",
+    # and one line each: an internal error's traceback only with PORTBROKER_DEBUG.
+    logging.basicConfig(level=logging.WARNING, handlers=[_one_line_handler()])
 
     if args.command in ("list", "watch"):
         return trio.run(_daemon_client, args)

@@ -215,8 +215,10 @@ class EpochTracker:
       :class:`StateLoss` for every mapping on the gateway; afterwards every
       baseline starts again from the next answer, so the other protocols'
       first post-restart answers are not a second incident.
-    - **UPnP**: a BOOTID.UPNP.ORG that changes, an uptime that goes back by more
-      than the NAT-PMP rule allows, or an entry reported missing (714) is a loss.
+    - **UPnP**: an uptime that goes back by more than the NAT-PMP rule allows,
+      or an entry reported missing (714), is a loss; an uptime that does not
+      move at all is a counter that does not count (no news); a BOOTID.UPNP.ORG
+      that changes is a hint, confirmed like an ANNOUNCE.
     """
 
     incidents: int = 0
@@ -305,14 +307,21 @@ class EpochTracker:
                 )
         return verdict
 
-    def signal(self, signal: GatewaySignal) -> StateLoss | None:
+    def signal(self, signal: GatewaySignal) -> Verdict:
         """What the UPnP method saw."""
         if isinstance(signal, BootIdSeen):
             previous_boot = self._boot_id
             self._boot_id = signal.boot_id
             if previous_boot is not None and previous_boot != signal.boot_id:
-                return self._incident(
-                    f"BOOTID.UPNP.ORG changed ({previous_boot} -> {signal.boot_id})", signal.at
+                # A hint, not a fact: it comes in an unauthenticated UDP reply
+                # (any host that sees our multicast M-SEARCH can forge one),
+                # and UDA 1.1 §1.2.2 bumps it when a device merely rejoins the
+                # network. One solicited answer settles it: an epoch, or one
+                # mapping's check (714 if the table is gone).
+                return self._confirm(
+                    signal.at,
+                    f"BOOTID.UPNP.ORG changed ({previous_boot} -> {signal.boot_id})",
+                    "upnp",
                 )
             return None
         if isinstance(signal, UptimeSeen):

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 __all__ = [
+    "AlreadyMapped",
     "GatewayNotFound",
     "LinkError",
     "MalformedMessage",
@@ -118,6 +119,16 @@ class MappingError(PortBrokerError):
         self.reason = reason
         self.result_code = result_code
         self.retry_after = retry_after
+
+
+class AlreadyMapped(PortBrokerError):
+    """This broker already holds (or is making) a mapping of that internal endpoint.
+
+    The gateway knows one mapping per internal address, port and protocol (PCP:
+    one nonce; NAT-PMP and UPnP: the port), so a second ``map()`` would share
+    it, and releasing one would silently end the other. Use the existing
+    :class:`~portbroker.broker.Mapping`, or release it first.
+    """
 
 
 class NoMethodAvailable(MethodUnavailable):

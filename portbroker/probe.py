@@ -31,6 +31,7 @@ from portbroker.errors import (
     PortBrokerError,
 )
 from portbroker.methods import Method
+from portbroker.transport import budget
 from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome, ProbeReport
 
 __all__ = ["HEAD_START", "NoMethodAvailable", "create_by_preference", "probe_all", "report_json"]
@@ -59,7 +60,7 @@ def _failure(method: Method, gateway: IPAddress, exc: Exception) -> str:
 
 
 async def _probe_one(method: Method, probe_timeout: float, gateway: IPAddress) -> ProbeOutcome:
-    with trio.move_on_after(probe_timeout):
+    with trio.move_on_after(probe_timeout) as scope, budget(scope):
         try:
             return await method.probe()
         except Exception as exc:  # noqa: BLE001 - a method's failure, bug or not, is its outcome
@@ -129,7 +130,7 @@ async def create_by_preference(
 
     async def create_first() -> None:
         slot = slots[first.name]
-        with trio.move_on_after(probe_timeout) as scope:
+        with trio.move_on_after(probe_timeout) as scope, budget(scope):
             try:
                 slot.lease = await first.create(request, None)
                 slot.outcome = ProbeOutcome(
@@ -193,7 +194,7 @@ async def create_by_preference(
         assert first_slot.lease is not None
         return first_slot.lease, report(first)
     # It answered its probe moments ago, so a create gets a few probe timeouts.
-    budget = max(4 * probe_timeout, 8.0) if math.isfinite(probe_timeout) else math.inf
+    create_budget = max(4 * probe_timeout, 8.0) if math.isfinite(probe_timeout) else math.inf
     for method in others:
         slot = slots[method.name]
         if slot.outcome is None:
@@ -202,7 +203,7 @@ async def create_by_preference(
         if not slot.outcome.available:
             continue
         try:
-            with trio.fail_after(budget):
+            with trio.fail_after(create_budget) as scope, budget(scope):
                 lease = await method.create(request, None)
         except trio.TooSlowError:
             raise NoAnswer(f"{method.name}: no answer to the mapping request") from None

@@ -22,6 +22,7 @@ can run hours of retransmissions without a real datagram in flight.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -30,6 +31,7 @@ import socket
 import struct
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Iterator
+from contextvars import ContextVar
 from ipaddress import IPv6Address, ip_address
 from typing import Final, Protocol
 
@@ -69,10 +71,45 @@ _SOCKET_WIDE: Final = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EH
 # loop: after the first error in a row, wait this long, doubling up to a second.
 _RECEIVE_RETRY: Final = 0.01
 _RECEIVE_RETRY_MAX: Final = 1.0
-# When the caller's deadline is about to end a request that did get replies,
-# all rejected, give up this much earlier with a NoAnswer that says what was
-# ignored (the caller's own timeout could only say "no answer").
+# When portbroker's own budget for a request (see budget()) is about to end a
+# request that did get replies, all rejected, give up this much earlier with a
+# NoAnswer that says what was ignored (a timeout could only say "no answer").
 _REPORT_MARGIN: Final = 0.001
+_BUDGET: ContextVar[trio.CancelScope | None] = ContextVar("portbroker_budget", default=None)
+
+
+@contextlib.contextmanager
+def budget(scope: trio.CancelScope) -> Iterator[None]:
+    """Mark *scope* as portbroker's own time budget for the requests made inside it.
+
+    Only such a budget is reported early as a NoAnswer that names the ignored
+    replies; a deadline of the caller's (an app's ``move_on_after``) is a plain
+    cancellation, as trio promises, and is never turned into an exception.
+    The scope's deadline is read live, so a budget that is extended (the
+    broker's patience with a slow server) is followed.
+    """
+    token = _BUDGET.set(scope)
+    try:
+        yield
+    finally:
+        _BUDGET.reset(token)
+
+
+def _settled(waiter: _Waiter) -> Response | None:
+    """The waiter's response, or its error raised, or None while it waits."""
+    if waiter.error is not None:
+        raise waiter.error
+    return waiter.response
+
+
+def _report_at() -> float:
+    scope = _BUDGET.get()
+    if scope is None:
+        return math.inf
+    if trio.current_effective_deadline() < scope.deadline:
+        return math.inf  # a tighter deadline of the caller's: its business
+    return scope.deadline - _REPORT_MARGIN
+
 
 logger = logging.getLogger("portbroker")
 
@@ -212,10 +249,17 @@ def _response_keys(response: Response) -> tuple[tuple[Hashable, ...] | None, tup
         prefix: tuple[Hashable, ...] = ("pcp", int(response.opcode))
         data = response.data
         if data is None:
-            # ANNOUNCE, or a reply that cannot name its request (version
-            # negotiation, a cut-short error): every request of that opcode.
-            exact = prefix if response.opcode == pcp.Opcode.ANNOUNCE else None
-            return exact, prefix
+            if response.opcode == pcp.Opcode.ANNOUNCE:
+                return prefix, prefix
+            if _names_no_request(response):
+                # Version negotiation (RFC 6887 §9) or a request the server
+                # could not parse: it cannot carry the nonce, so it answers
+                # every request of that opcode (as a hint, see _deliver).
+                return None, prefix
+            # Any other MAP/PEER answer must echo the nonce (§11.4 is what
+            # stops an off-path host from answering for the server): a
+            # header-only NO_RESOURCES, say, answers nobody.
+            return (*prefix, "no nonce"), (*prefix, "no nonce")
         return (*prefix, data.nonce, data.protocol, data.internal_port), prefix
     prefix = ("natpmp", int(response.opcode))
     if isinstance(response, natpmp.MapResponse):
@@ -223,6 +267,14 @@ def _response_keys(response: Response) -> tuple[tuple[Hashable, ...] | None, tup
     if isinstance(response, natpmp.ExternalAddressResponse):
         return prefix, prefix
     return None, prefix  # the 8-byte error form names only the opcode
+
+
+def _names_no_request(response: pcp.PcpResponse) -> bool:
+    """A header-only PCP reply that may legitimately answer any request of its opcode."""
+    return response.version != pcp.VERSION or response.result_code in (
+        pcp.ResultCode.UNSUPP_VERSION,
+        pcp.ResultCode.MALFORMED_REQUEST,
+    )
 
 
 def decode_datagram(data: bytes) -> Response:
@@ -253,8 +305,10 @@ def _mismatch(response: Response, key: tuple[Hashable, ...]) -> str | None:
         if int(response.opcode) != key[1]:
             return "wrong opcode"
         data = response.data
-        if data is None or len(key) < 5:
-            return "wrong opcode"  # cannot happen: such replies match by opcode
+        if data is None:
+            return "no nonce"  # a header-only answer that must have named its request
+        if len(key) < 5:
+            return "wrong opcode"
         if (data.protocol, data.internal_port) != key[3:5]:
             return "other mapping"
         return "nonce mismatch"  # RFC 6887 §11.4: the nonce tells requests apart
@@ -400,7 +454,10 @@ class Transport:
                 if key[: len(prefix)] == prefix:
                     waiters |= group
         if self.observer is not None:
-            self.observer(response, trio.current_time(), bool(waiters))
+            # Solicited only when it named its request: a reply that answers
+            # "every request of that opcode" is a hint, whoever sent it.
+            named = exact is not None
+            self.observer(response, trio.current_time(), bool(waiters) and named)
         if not waiters:
             self.stats.unmatched += 1
             self._count_rejected(response)
@@ -486,7 +543,6 @@ class Transport:
             )
         waiter = _Waiter(key)
         self._waiters.setdefault(key, set()).add(waiter)
-        report_at = trio.current_effective_deadline() - _REPORT_MARGIN
         try:
             for wait in schedule:
                 if not math.isfinite(wait) or wait <= 0:
@@ -503,18 +559,26 @@ class Transport:
                     raise error from exc
                 resend_at = trio.current_time() + wait
                 while True:
-                    with trio.move_on_at(min(resend_at, report_at)):
+                    with trio.move_on_at(min(resend_at, _report_at())):
                         await waiter.event.wait()
-                    if waiter.error is not None:
-                        raise waiter.error
-                    if waiter.response is not None:
-                        return waiter.response
-                    if trio.current_time() >= resend_at:
+                    settled = _settled(waiter)
+                    if settled is not None:
+                        return settled
+                    now = trio.current_time()
+                    if now >= resend_at:
                         break
-                    # The caller's deadline is a moment away.
+                    if now < _report_at():
+                        continue  # the budget was extended meanwhile
+                    # Our own budget is a moment away from its end.
                     if waiter.ignored:
                         raise self._no_answer(waiter)
-                    report_at = math.inf  # nothing to add to the caller's timeout
+                    # Nothing to add to a plain timeout: let it come.
+                    with trio.move_on_at(resend_at):
+                        await waiter.event.wait()
+                    settled = _settled(waiter)
+                    if settled is not None:
+                        return settled
+                    break
             raise self._no_answer(waiter)
         finally:
             group = self._waiters[key]

@@ -552,3 +552,26 @@ def test_corrupt_state_file_is_set_aside(fake_gateway: int, tmp_path: Path) -> N
     assert list(tmp_path.glob("state.json.corrupt-*"))
     assert json.loads(state.read_text())["mappings"][0]["internal_port"] == 6000
     assert os.access(state, os.R_OK)
+
+
+def test_library_log_lines_are_one_line_each(capsys: pytest.CaptureFixture[str]) -> None:
+    """An internal error logged with its exception reads as one line, not a traceback."""
+    import logging
+
+    from portbroker.cli import _one_line_handler
+
+    logger = logging.getLogger("portbroker.test-one-line")
+    handler = _one_line_handler()
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError as exc:
+            logger.error("renewal failed", exc_info=exc)
+    finally:
+        logger.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
+    assert err.startswith("portbroker: renewal failed (RuntimeError: boom;")

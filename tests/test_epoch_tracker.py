@@ -32,7 +32,7 @@ def test_one_box_one_incident_across_protocols() -> None:
     assert isinstance(tracker.epoch("pcp", 2, 500.0, solicited=True), StateLoss)
     # The other protocols' first answers after the restart start new baselines.
     assert tracker.epoch("natpmp", 3, 501.0, solicited=True) is None
-    assert tracker.signal(BootIdSeen(8, 502.0)) is None
+    assert tracker.signal(BootIdSeen(8, 502.0)) is None  # a new baseline, no hint
     assert tracker.incidents == 1
     # A second, real restart later is a second incident.
     assert isinstance(tracker.epoch("natpmp", 1, 900.0, solicited=True), StateLoss)
@@ -87,9 +87,9 @@ def test_upnp_signals() -> None:
     tracker = EpochTracker()
     assert tracker.signal(BootIdSeen(1, 0.0)) is None
     assert tracker.signal(BootIdSeen(1, 10.0)) is None
-    loss = tracker.signal(BootIdSeen(2, 20.0))
-    assert isinstance(loss, StateLoss)
-    assert "BOOTID" in loss.reason
+    hint = tracker.signal(BootIdSeen(2, 20.0))  # forgeable: a hint to confirm
+    assert isinstance(hint, Confirm)
+    assert "BOOTID" in hint.reason
     assert tracker.signal(UptimeSeen(1000, 100.0)) is None
     assert tracker.signal(UptimeSeen(1100, 200.0)) is None
     loss = tracker.signal(UptimeSeen(5, 300.0))
@@ -98,4 +98,4 @@ def test_upnp_signals() -> None:
     loss = tracker.signal(EntryMissing("8080/TCP: 714 NoSuchEntryInArray", 400.0))
     assert isinstance(loss, StateLoss)
     assert "714" in loss.reason
-    assert tracker.incidents == 3
+    assert tracker.incidents == 2

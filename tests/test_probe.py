@@ -60,6 +60,9 @@ class Stub:
     async def delete(self, lease: Lease) -> None:
         await trio.lowlevel.checkpoint()
 
+    async def abandon(self, request: MappingRequest) -> None:
+        await trio.lowlevel.checkpoint()
+
     async def external_address(self) -> IPAddress:
         await trio.lowlevel.checkpoint()
         return IPv4Address("203.0.113.7")

@@ -15,6 +15,7 @@ from portbroker.testing.fake_gateway import FakeGateway
 from portbroker.transport import (
     Response,
     Transport,
+    budget,
     listen_announcements,
     natpmp_key,
     open_udp_link,
@@ -329,20 +330,33 @@ async def test_replies_taken_by_others_and_announcements_are_not_ignored(
 async def test_a_caller_deadline_reads_as_no_answer_naming_what_was_ignored(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """PCP's schedules are endless (RFC 6887 §8.1.1): the caller's cancel scope
+    """PCP's schedules are endless (RFC 6887 §8.1.1): portbroker's own budget
     ends them, and must not swallow what the transport saw."""
     async with harness(FakeGateway(wrong_nonce=True)) as h:
         request = _map_request()
-        with trio.move_on_after(2.0) as scope, pytest.raises(NoAnswer) as info:
+        with trio.move_on_after(2.0) as scope, budget(scope), pytest.raises(NoAnswer) as info:
             await h.transport.request(
                 pcp.encode_request(request), pcp_key(request), probe_schedule()
             )
         assert not scope.cancelled_caught
         # Sends at 0, 0.25, 0.75, 1.75: four replies, all with a wrong nonce.
         assert info.value.ignored == {"nonce mismatch": 4}
-        # With nothing ignored, the caller's own timeout stays in charge.
-        h.gateway.pcp_enabled = False
+        # An app's own deadline is a plain cancellation, as trio promises: it
+        # is never turned into an exception, whatever was ignored.
         with trio.move_on_after(2.0) as scope:
+            await h.transport.request(
+                pcp.encode_request(request), pcp_key(request), probe_schedule()
+            )
+        assert scope.cancelled_caught
+        # A tighter app deadline inside portbroker's budget: the same.
+        with trio.move_on_after(10.0) as outer, budget(outer), trio.move_on_after(1.0) as inner:
+            await h.transport.request(
+                pcp.encode_request(request), pcp_key(request), probe_schedule()
+            )
+        assert inner.cancelled_caught
+        # With nothing ignored, the budget's own timeout stays in charge.
+        h.gateway.pcp_enabled = False
+        with trio.move_on_after(2.0) as scope, budget(scope):
             await h.transport.request(
                 pcp.encode_request(request), pcp_key(request), probe_schedule()
             )

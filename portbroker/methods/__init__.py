@@ -47,6 +47,11 @@ class Method(Protocol):
 
     async def delete(self, lease: Lease) -> None: ...
 
+    async def abandon(self, request: MappingRequest) -> None:
+        """Delete what a create of *request* that was cancelled mid-flight may
+        have made; nothing when it sent nothing. Bounded by the caller."""
+        ...
+
     async def external_address(self) -> IPAddress: ...
 
 

@@ -14,7 +14,7 @@ from portbroker.errors import LinkError, MappingError, MethodUnavailable, PortBr
 from portbroker.methods import natpmp_rules
 from portbroker.methods.rules import Undo
 from portbroker.transport import Transport, natpmp_key, natpmp_schedule
-from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome
+from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome, TransportProtocol
 from portbroker.wire import natpmp, pcp
 from portbroker.wire.natpmp import ResultCode
 
@@ -41,6 +41,8 @@ class NatPmpMethod:
     def __init__(self, transport: Transport, gateway: IPAddress) -> None:
         self.transport = transport
         self.gateway = gateway
+        # Map requests sent whose caller was cancelled before the answer.
+        self._unsettled: set[tuple[TransportProtocol, int]] = set()
         self.last_external_address: IPAddress | None = None
 
     async def _call(self, request: natpmp.NatPmpRequest) -> natpmp.NatPmpResponse:
@@ -95,7 +97,15 @@ class NatPmpMethod:
         # The address first when unknown: a gateway with no usable one is no
         # use for mapping, and asking before mapping leaves nothing to undo.
         external = self.last_external_address or await self.external_address()
-        response = await self._call(natpmp_rules.map_request(request, previous))
+        sent_key = (request.protocol, request.internal_port)
+        self._unsettled.add(sent_key)
+        try:
+            response = await self._call(natpmp_rules.map_request(request, previous))
+        except Exception:
+            self._unsettled.discard(sent_key)
+            raise
+        # Only a cancellation leaves it unsettled (see abandon).
+        self._unsettled.discard(sent_key)
         result = natpmp_rules.interpret_map(
             response,
             request=request,
@@ -120,6 +130,32 @@ class NatPmpMethod:
         if scope.cancelled_caught:
             return undo.error(f"could not delete it (no answer within {UNDO_TIMEOUT:g} s)")
         return undo.error("deleted it")
+
+    async def abandon(self, request: MappingRequest) -> None:
+        """Delete what an interrupted create of *request* may have made.
+
+        Only when a map request for that internal port went out and its caller
+        was cancelled before the answer: NAT-PMP knows mappings by internal
+        port, so a delete of the port (RFC 6886 §3.4) removes it.
+        """
+        key = (request.protocol, request.internal_port)
+        if key not in self._unsettled:
+            return
+        self._unsettled.discard(key)
+        own = self.transport.link.local_address
+        await self.delete(
+            Lease(
+                method=self.name,
+                protocol=request.protocol,
+                internal_address=own,
+                internal_port=request.internal_port,
+                external_address=own,
+                external_port=0,
+                lifetime=0,
+                granted_at=trio.current_time(),
+                gateway=self.gateway,
+            )
+        )
 
     async def delete(self, lease: Lease) -> None:
         """Map request with lifetime 0 and suggested port 0 (RFC 6886 §3.4)."""

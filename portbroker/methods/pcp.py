@@ -166,6 +166,33 @@ class PcpMethod:
         if self._nonces.get(key) == lease.nonce:
             del self._nonces[key]
 
+    async def abandon(self, request: MappingRequest) -> None:
+        """Delete what an interrupted create of *request* may have made.
+
+        The MAP may have reached the server before its caller was cancelled;
+        the nonce remembered for the internal endpoint names that mapping, so
+        a delete with it (RFC 6887 §15) removes it, and is harmless when
+        nothing was made.
+        """
+        key = self._nonce_key(request)
+        nonce = self._nonces.get(key)
+        if nonce is None:
+            return
+        await self.delete(
+            Lease(
+                method=self.name,
+                protocol=request.protocol,
+                internal_address=key[1],
+                internal_port=request.internal_port,
+                external_address=self.client_address,
+                external_port=0,
+                lifetime=0,
+                granted_at=trio.current_time(),
+                gateway=self.server,
+                nonce=nonce,
+            )
+        )
+
     async def external_address(self) -> IPAddress:
         """PCP reports the external address only in MAP replies: the last one seen."""
         if self.last_external_address is None:

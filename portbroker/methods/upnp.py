@@ -26,6 +26,7 @@ not there); the gateway's epoch tracker decides whether state was lost.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import random
@@ -139,6 +140,9 @@ class UpnpMethod:
         self._discovery = trio.Lock()  # concurrent cold requests share one discovery
         self.permanent_only = False
         self.last_external_address: IPAddress | None = None
+        # External ports an AddPortMapping went out for, per (protocol,
+        # internal port), whose caller was cancelled before the answer.
+        self._unsettled: dict[tuple[TransportProtocol, int], set[int]] = {}
 
     def _signal(self, signal: GatewaySignal) -> None:
         if self._report is not None:
@@ -464,9 +468,11 @@ class UpnpMethod:
     # -- mappings -------------------------------------------------------------
 
     async def create(self, request: MappingRequest, previous: Lease | None) -> Lease:
+        key = (request.protocol, request.internal_port)
         try:
-            return await self._create(request, previous)
+            lease = await self._create(request, previous)
         except _Unanswered as exc:
+            self._unsettled.pop(key, None)
             # No UPnP answer: proves nothing about our entries. The next
             # attempt searches again (the gateway may have moved its HTTP port).
             self.forget_igd()
@@ -474,6 +480,50 @@ class UpnpMethod:
             if previous is not None:
                 raise NoAnswer(f"{self.name}: {exc}") from None
             raise MethodUnavailable(self.name, str(exc)) from None
+        except Exception:
+            self._unsettled.pop(key, None)
+            raise
+        # Only a cancellation leaves the ports unsettled (see abandon).
+        self._unsettled.pop(key, None)
+        return lease
+
+    async def abandon(self, request: MappingRequest) -> None:
+        """Delete what an interrupted create of *request* may have made.
+
+        For each external port an AddPortMapping went out for, the entry is
+        read back first (GetSpecificPortMappingEntry) and deleted only if it
+        maps to our internal client and port: an entry someone else holds on
+        that port is left alone.
+        """
+        ports = self._unsettled.pop((request.protocol, request.internal_port), set())
+        if not ports:
+            return
+        igd = await self._ensure_igd()
+        client = request.internal_address or igd.lan_address
+        for port in sorted(ports):
+            try:
+                entry = await self._get_entry(igd, request.protocol, port)
+            except (UpnpError, _Unanswered, ValueError):
+                continue  # not there (714), or unreadable: nothing we can name
+            if (str(entry.internal_client), entry.internal_port) != (
+                str(client),
+                request.internal_port,
+            ):
+                continue
+            with contextlib.suppress(PortBrokerError):
+                await self.delete(
+                    Lease(
+                        method=self.name,
+                        protocol=request.protocol,
+                        internal_address=client,
+                        internal_port=request.internal_port,
+                        external_address=igd.lan_address,
+                        external_port=port,
+                        lifetime=0,
+                        granted_at=trio.current_time(),
+                        gateway=self.gateway,
+                    )
+                )
 
     async def _create(self, request: MappingRequest, previous: Lease | None) -> Lease:
         igd = await self._ensure_igd()
@@ -522,8 +572,10 @@ class UpnpMethod:
         lease = 0 if self.permanent_only else min(request.lifetime, MAX_LEASE)
         proto = request.protocol.value.upper()
         tried_any = False
+        unsettled = self._unsettled.setdefault((request.protocol, request.internal_port), set())
         for _attempt in range(6):
             try:
+                unsettled.add(port)
                 await self._soap(igd, "AddPortMapping", _add_args(request, port, client, lease))
                 return port, lease
             except UpnpError as exc:
