@@ -103,9 +103,14 @@ class Agent:
             if event["event"] == kind:
                 return event
 
-    def collect(self, kind: str, ports: set[int], timeout: float) -> dict[int, dict[str, Any]]:
-        """The first *kind* event for each of *ports* (those seen before *timeout*)."""
-        found = {e["port"]: e for e in self.seen if e["event"] == kind and e["port"] in ports}
+    def collect(
+        self, kind: str, ports: set[int], timeout: float, *, since: int = 0
+    ) -> dict[int, dict[str, Any]]:
+        """The first *kind* event for each of *ports* from ``seen[since:]`` on, within *timeout*."""
+        found: dict[int, dict[str, Any]] = {}
+        for e in self.seen[since:]:
+            if e["event"] == kind and e["port"] in ports:
+                found.setdefault(e["port"], e)
         deadline = time.monotonic() + timeout
         while set(found) != ports:
             event = self.next(deadline - time.monotonic())
