@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ LAB_DIR = Path(__file__).parent / "lab"
 
 _skipped_lab_tests: list[str] = []
 _ran_lab_tests: list[str] = []
+_figures: list[str] = []
+_factory_labs: dict[str, list[Lab]] = {}
 
 
 def _interrupt(_signum: int, _frame: object) -> None:
@@ -78,19 +81,68 @@ def fresh_lab(tmp_path: Path) -> Iterator[Lab]:
         yield lab
 
 
+@pytest.fixture
+def lab_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Lab]]:
+    """Build labs of this test's own (``lab_factory(Variant.FULL, extra_config=[...])``).
+
+    Each is torn down when the test ends, whatever happened.
+    """
+    _require_lab()
+    with contextlib.ExitStack() as stack:
+        count = 0
+
+        def build(variant: Variant = Variant.FULL, *, extra_config: Sequence[str] = ()) -> Lab:
+            nonlocal count
+            count += 1
+            workdir = tmp_path / f"lab{count}"
+            workdir.mkdir()
+            lab = stack.enter_context(open_lab(variant, workdir=workdir, extra_config=extra_config))
+            _factory_labs.setdefault(request.node.nodeid, []).append(lab)
+            return lab
+
+        try:
+            yield build
+        finally:
+            _factory_labs.pop(request.node.nodeid, None)
+
+
+@pytest.fixture
+def figure(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """Report a test's figure: printed (``-rA`` shows it) and listed in the run's summary.
+
+    The summary section ("figures") appears in every run's output, ``.ci/run``
+    included, whether the test passed or failed.
+    """
+
+    def report(text: str) -> None:
+        print(text)
+        _figures.append(f"{text}  [{request.node.nodeid}]")
+
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _figures:
+        terminalreporter.section("figures")
+        for text in _figures:
+            terminalreporter.write_line(text)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if item.get_closest_marker("lab") is not None:
-        if report.skipped:
+        # An xfail is reported as skipped, but it ran: only real skips count.
+        if report.skipped and not hasattr(report, "wasxfail"):
             _skipped_lab_tests.append(item.nodeid)
         elif report.when == "call":
             _ran_lab_tests.append(item.nodeid)
     if report.failed:
         # When a lab test fails, miniupnpd's log is the first thing to read.
-        for value in getattr(item, "funcargs", {}).values():
+        labs = [*getattr(item, "funcargs", {}).values(), *_factory_labs.get(item.nodeid, [])]
+        for value in labs:
             if isinstance(value, Lab):
                 report.sections.append(
                     (f"miniupnpd log ({value.variant.value}, {value.gw_ns})", value.log_text())

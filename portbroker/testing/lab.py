@@ -209,6 +209,7 @@ class Lab:
     _own_blackhole: bool = False
     _created_ns: list[str] = attrs.Factory(list)
     _log_handle: object | None = None
+    extra_config: tuple[str, ...] = ()
 
     def __attrs_post_init__(self) -> None:
         s = self.suffix
@@ -299,6 +300,7 @@ class Lab:
                     f"uuid={uuid.uuid4()}",
                     "allow 1024-65535 192.168.77.0/24 1024-65535",
                     "deny 0-65535 0.0.0.0/0 0-65535",
+                    *self.extra_config,
                     "",
                 ]
             )
@@ -409,6 +411,13 @@ class Lab:
         """The gateway's nftables ruleset as text (to see miniupnpd's rules)."""
         return _run(["ip", "netns", "exec", self.gw_ns, "nft", "list", "ruleset"])
 
+    def nft(self, netns: str, script: str) -> str:
+        """Run an nft script (``nft -f -``) in *netns*: how fault tests drop or count packets.
+
+        Whatever it adds dies with the namespace at teardown.
+        """
+        return _run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input_text=script)
+
     def socket(
         self, netns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_DGRAM
     ) -> socket.socket:
@@ -451,11 +460,18 @@ class Lab:
 
 
 @contextlib.contextmanager
-def open_lab(variant: Variant = Variant.FULL, *, workdir: Path | None = None) -> Iterator[Lab]:
+def open_lab(
+    variant: Variant = Variant.FULL,
+    *,
+    workdir: Path | None = None,
+    extra_config: Sequence[str] = (),
+) -> Iterator[Lab]:
     """Build a lab, yield it, and tear it down whatever happens.
 
     *workdir* receives miniupnpd's config and log (a fresh temporary
-    directory by default, removed afterwards).
+    directory by default, removed afterwards). *extra_config* lines are
+    appended to miniupnpd's config (``min_lifetime=10`` lets a test see PCP
+    renewals within seconds; miniupnpd's default floor is 120 s).
 
     Raises:
         LabError: the machine cannot host a lab (see
@@ -467,7 +483,7 @@ def open_lab(variant: Variant = Variant.FULL, *, workdir: Path | None = None) ->
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pb-lab-")))
-        lab = Lab(variant, secrets.token_hex(3), workdir)
+        lab = Lab(variant, secrets.token_hex(3), workdir, extra_config=tuple(extra_config))
         try:
             lab._build()
             yield lab
