@@ -90,6 +90,9 @@ UNAVAILABLE_TTL: Final = 30.0
 # lost (miniupnpd's nftables backend takes 100-250 ms per rule once it holds
 # 50): its deadline moves on with every answer, up to this bound.
 MAX_PATIENCE: Final = 120.0
+# A probe race decided by silence alone (every answer lost) is run again, up to
+# this many times in all: on a lossy link the next one may get through.
+MAX_RACES: Final = 3
 
 
 @attrs.frozen
@@ -486,13 +489,7 @@ class Broker:
                 raise shared
         decision = self._deciding = _Decision()
         try:
-            lease, report = await create_by_preference(
-                self.gateway,
-                list(self._methods.values()),
-                request,
-                self.probe_timeout,
-                known_unavailable=self._known_unavailable(),
-            )
+            lease, report = await self._race(request)
         except (NoMethodAvailable, NoAnswer) as exc:
             decision.failed = exc
             raise
@@ -509,6 +506,45 @@ class Broker:
             if not outcome.available:
                 self._unavailable.setdefault(outcome.method, (outcome.error or "unavailable", now))
         return lease
+
+    async def _race(self, request: MappingRequest) -> tuple[Lease, ProbeReport]:
+        """The probe race, run again when silence (not a refusal) decided it.
+
+        On a lossy link a race can lose every method's answers, or the chosen
+        method's answer to the request itself: up to :data:`MAX_RACES` races,
+        each without the methods already ruled out. A method that answered its
+        probe but not the request may have made the mapping anyway: it is
+        cleaned up (:meth:`Method.abandon`) before another method may try, so
+        nothing is duplicated. A definite answer (a refusal, an ICMP
+        unreachable) ends it at once.
+        """
+        for race in range(1, MAX_RACES + 1):
+            known = self._known_unavailable()
+            try:
+                return await create_by_preference(
+                    self.gateway,
+                    list(self._methods.values()),
+                    request,
+                    self.probe_timeout,
+                    known_unavailable=known,
+                )
+            except NoMethodAvailable as exc:
+                asked = [o for o in exc.outcomes if o.method not in known]
+                if race == MAX_RACES or not asked or not all(o.silent for o in asked):
+                    raise
+                logger.info("no method answered (%s); racing again", exc.reason)
+            except NoAnswer as exc:
+                if race == MAX_RACES or exc.method not in self._methods:
+                    raise
+                method = self._methods[exc.method]
+                await self._abandon_on(method, request)
+                self._forget(method.name, str(exc))
+                logger.info("%s; racing again without it", exc)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _abandon_on(self, method: Method, request: MappingRequest) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
+            await self._abandon_one(method, request)
 
     async def _create_with(
         self, method: Method, request: MappingRequest, previous: Lease | None = None

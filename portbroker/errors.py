@@ -153,7 +153,14 @@ class NoAnswer(PortBrokerError):
             user reads "12 replies ignored: nonce mismatch", not "no answer".
     """
 
-    def __init__(self, message: str, *, ignored: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        ignored: Mapping[str, int] | None = None,
+        method: str | None = None,
+    ) -> None:
+        self.method = method  # the method that got no answer, when known
         self.ignored: dict[str, int] = dict(ignored or {})
         if self.ignored:
             total = sum(self.ignored.values())

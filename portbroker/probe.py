@@ -64,8 +64,15 @@ async def _probe_one(method: Method, probe_timeout: float, gateway: IPAddress) -
         try:
             return await method.probe()
         except Exception as exc:  # noqa: BLE001 - a method's failure, bug or not, is its outcome
-            return ProbeOutcome(method.name, False, error=_failure(method, gateway, exc))
-    return ProbeOutcome(method.name, False, error=f"no answer within {probe_timeout:g} s")
+            return ProbeOutcome(
+                method.name,
+                False,
+                error=_failure(method, gateway, exc),
+                silent=isinstance(exc, NoAnswer),
+            )
+    return ProbeOutcome(
+        method.name, False, error=f"no answer within {probe_timeout:g} s", silent=True
+    )
 
 
 async def probe_all(
@@ -145,10 +152,15 @@ async def create_by_preference(
                 slot.error = exc
                 slot.outcome = ProbeOutcome(first.name, True, error=exc.reason)
             except Exception as exc:  # noqa: BLE001 - see _failure
-                slot.outcome = ProbeOutcome(first.name, False, error=_failure(first, gateway, exc))
+                slot.outcome = ProbeOutcome(
+                    first.name,
+                    False,
+                    error=_failure(first, gateway, exc),
+                    silent=isinstance(exc, NoAnswer),
+                )
         if scope.cancelled_caught:
             slot.outcome = ProbeOutcome(
-                first.name, False, error=f"no answer within {probe_timeout:g} s"
+                first.name, False, error=f"no answer within {probe_timeout:g} s", silent=True
             )
         slot.done.set()
 
@@ -206,11 +218,17 @@ async def create_by_preference(
             with trio.fail_after(create_budget) as scope, budget(scope):
                 lease = await method.create(request, None)
         except trio.TooSlowError:
-            raise NoAnswer(f"{method.name}: no answer to the mapping request") from None
-        except (MappingError, NoAnswer):
-            # Refused, or silent after answering its probe (the request may
-            # have created the mapping: another method must not duplicate it).
+            raise NoAnswer(
+                f"{method.name}: no answer to the mapping request", method=method.name
+            ) from None
+        except NoAnswer as exc:
+            # Silent after answering its probe. The request may have created
+            # the mapping: the caller cleans up (Method.abandon) before it
+            # lets another method try, so nothing is duplicated.
+            exc.method = method.name
             raise
+        except MappingError:
+            raise  # refused: about this request, another method would meet it too
         except Exception as exc:  # noqa: BLE001 - see _failure
             slot.outcome = ProbeOutcome(method.name, False, error=_failure(method, gateway, exc))
             continue

@@ -156,6 +156,9 @@ class ProbeOutcome:
     external_address: IPAddress | None = attrs.field(default=None, converter=_optional_address)
     epoch: int | None = None
     error: str | None = None
+    # Unavailable only because nothing came back in time (not a refusal): on a
+    # lossy link another try may well get through.
+    silent: bool = False
 
 
 @attrs.frozen

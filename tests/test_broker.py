@@ -616,3 +616,65 @@ async def test_a_real_address_change_announced_by_natpmp_is_confirmed_and_report
         await wait_for(lambda: bool(recorder.of(ExternalAddressChanged)), 30)
         assert mapping.external_address == IPv4Address("198.51.100.9")
         nursery.cancel_scope.cancel()
+
+
+@attrs.define(eq=False)
+class SilentUntil(FakeGateway):
+    """Drops every reply until *until* (mock time): a lossy spell."""
+
+    until: float = 0.0
+
+    def deliver(self, link: MemoryLink, reply: bytes) -> None:
+        if trio.current_time() >= self.until:
+            super().deliver(link, reply)
+
+
+async def test_a_race_lost_to_silence_is_run_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Every answer of the first probe race is lost (a lossy spell): map() races
+    again instead of failing, and a definite refusal would still end it at once."""
+    gateway = SilentUntil(until=3.0)
+    async with broker_for(gateway, probe_timeout=2.0) as broker:
+        mapping = await broker.map(7900, "udp")
+        assert mapping.method == "pcp"
+        assert trio.current_time() > 3.0
+    closed = FakeGateway(closed=True)
+    async with broker_for(closed) as broker:
+        started = trio.current_time()
+        with pytest.raises(NoMethodAvailable):
+            await broker.map(7901, "udp")
+        assert trio.current_time() - started < 1.0  # ICMP refusals: no second race
+
+
+@attrs.define(eq=False)
+class NatPmpMapsGoUnanswered(FakeGateway):
+    """NAT-PMP answers its probe but no map request; PCP is silent until switched on."""
+
+    natpmp_maps_seen: int = 0
+
+    def handle(self, data: bytes, source: tuple[str, int]) -> list[bytes]:
+        if data[:1] == b"\x00" and data[1:2] in (b"\x01", b"\x02"):
+            self.natpmp_maps_seen += 1
+            super().handle(data, source)  # it did map it; the answer is lost
+            return []
+        return super().handle(data, source)
+
+
+async def test_a_method_silent_after_its_probe_is_cleaned_up_and_the_next_one_used(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = NatPmpMapsGoUnanswered(pcp_enabled=False)
+    async with broker_for(gateway) as broker, trio.open_nursery() as nursery:
+
+        async def pcp_comes_back() -> None:
+            await trio.sleep(5)
+            gateway.pcp_enabled = True
+
+        nursery.start_soon(pcp_comes_back)
+        mapping = await broker.map(7902, "udp")
+        assert mapping.method == "pcp"
+        # NAT-PMP's own mapping (made, its answer lost) was deleted before PCP
+        # was let in: one mapping of 7902 on the gateway, PCP's.
+        assert [(m.via, m.internal_port) for m in gateway.mappings.values()] == [("pcp", 7902)]
+        assert gateway.natpmp_maps_seen >= 2  # the map, then the delete
