@@ -270,7 +270,7 @@ def test_gateway_restart_with_50_mappings_brings_every_one_back(
     with run_agent(lab, maps, probe_first=True) as agent:
         assert agent.wait_all(timeout=60) is not None, "the 50 maps did not finish within 60 s"
         results = agent.results()
-        assert failures(results) == {}
+        assert failures(results) == {}, f"the broker's log:\n{agent.stderr_text()[-6000:]}"
         assert {p: r["method"] for p, r in results.items() if p in via} == via
         assert dnat_rules(lab) == dict.fromkeys(ports, 1)
         # The epoch rule (RFC 6887 §8.5) cannot tell a restart within its 2 s
@@ -299,7 +299,10 @@ def test_gateway_restart_with_50_mappings_brings_every_one_back(
             f"{[(e['port'], e['detail']) for e in spurious[:3]]}\n"
             f"the broker's log:\n{agent.stderr_text()[-5000:]}"
         )
-        assert missing == []
+        assert missing == [], (
+            f"{[(e['port'], e['event'], e.get('detail')) for e in agent.seen[since:]][-20:]}\n"
+            f"the broker's log:\n{agent.stderr_text()[-6000:]}"
+        )
         final = {p: restored[p]["external_port"] for p in ports}
         assert_rules_match(lab, final)
         assert not prove_inbound(lab, final)
