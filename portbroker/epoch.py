@@ -256,15 +256,11 @@ class EpochTracker:
     """
 
     incidents: int = 0
-    last_incident: StateLoss | None = None
     _epochs: dict[str, _Stamp] = attrs.field(factory=dict)
     _boot_id: int | None = None
     _uptime: EpochObservation | None = None
     _last_confirm: float | None = None
     _natpmp_address: object = None  # the last external address NAT-PMP told us, asked
-
-    def has_baseline(self, family: str) -> bool:
-        return family in self._epochs
 
     def epoch(
         self,
@@ -408,5 +404,4 @@ class EpochTracker:
         self._epochs.clear()
         self._boot_id = None
         self._uptime = None
-        self.last_incident = StateLoss(reason, now)
-        return self.last_incident
+        return StateLoss(reason, now)

@@ -405,7 +405,6 @@ class MappingLifecycle:
     ever_granted: bool = False
     detached: bool = False
     recreating_previous: bool = False  # the re-creation in flight reuses the previous lease
-    deadline: float | None = None  # the current Sleep's end, for inspection
     sleeping: bool = False  # the current token is a Sleep's (else an operation's)
 
     def fire(
@@ -452,12 +451,10 @@ class MappingLifecycle:
         return self.token
 
     def _sleep(self, until: float) -> Sleep:
-        self.deadline = until
         self.sleeping = True
         return Sleep(until, self._next_token())
 
     def _busy(self) -> int:
-        self.deadline = None
         self.sleeping = False
         return self._next_token()
 
