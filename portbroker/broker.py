@@ -458,7 +458,18 @@ class Broker:
     async def _create(self, request: MappingRequest, via: str | None) -> Lease:
         """Create with *via*, or the chosen method, or decide (one probe for all callers)."""
         if via is not None:
-            return await self._create_with(self._methods[via], request)
+            # A forced method gets the same second chances as a race lost to
+            # silence alone (MAX_RACES): a request repeated is the same
+            # mapping (PCP: the same nonce; NAT-PMP, UPnP: the same port), and
+            # a gateway busy past a whole budget (the lab's miniupnpd adding
+            # 50 nftables rules went 8 s without a word) is not gone.
+            for attempt in range(1, MAX_RACES + 1):
+                try:
+                    return await self._create_with(self._methods[via], request)
+                except NoAnswer as exc:
+                    if attempt == MAX_RACES:
+                        raise
+                    logger.info("%s; asking again", exc)
         while True:
             selected = self.selected_method
             if selected is not None:

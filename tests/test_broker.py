@@ -678,3 +678,15 @@ async def test_a_method_silent_after_its_probe_is_cleaned_up_and_the_next_one_us
         # was let in: one mapping of 7902 on the gateway, PCP's.
         assert [(m.via, m.internal_port) for m in gateway.mappings.values()] == [("pcp", 7902)]
         assert gateway.natpmp_maps_seen >= 2  # the map, then the delete
+
+
+async def test_a_forced_method_silent_past_one_budget_is_asked_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A gateway busy for longer than a whole request budget (8 s) is asked
+    again, up to MAX_RACES times, for a forced method too."""
+    gateway = SilentUntil(until=10.0)
+    async with broker_for(gateway) as broker:
+        mapping = await broker.map(7903, "udp", via="natpmp")
+        assert mapping.method == "natpmp"
+        assert trio.current_time() > 10.0
