@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import math
 import random
@@ -76,6 +77,15 @@ _RECEIVE_RETRY_MAX: Final = 1.0
 # NoAnswer that says what was ignored (a timeout could only say "no answer").
 _REPORT_MARGIN: Final = 0.001
 _BUDGET: ContextVar[trio.CancelScope | None] = ContextVar("portbroker_budget", default=None)
+# A request that ended unanswered may still be answered: a busy server (the
+# lab's miniupnpd under load) works through its queue of our retransmissions
+# long after we gave up, and stamps each answer with its clock when it *starts*
+# on that datagram (miniupnpd natpmp.c writes the epoch before the nftables
+# calls). Such an answer reaches whichever request with the same key waits
+# then, so for this long the key's oldest unanswered send stays the earliest
+# moment an answer can have been stamped (seen in CI as a spurious
+# "natpmp epoch too-slow (0 -> 5)" on a healthy gateway).
+LATE_ANSWER_MEMORY: Final = 120.0
 
 
 @contextlib.contextmanager
@@ -380,6 +390,8 @@ class Transport:
         self.observer = observer
         self.stats = TransportStats()
         self._waiters: dict[tuple[Hashable, ...], set[_Waiter]] = {}
+        # key -> (first send of its oldest unanswered request, last send of any)
+        self._unanswered: dict[tuple[Hashable, ...], tuple[float, float]] = {}
         self._refused_at: float | None = None
         self._target = _target(link.remote)
         self._logged_errnos: set[int] = set()
@@ -464,6 +476,10 @@ class Transport:
             named = exact is not None
             now = trio.current_time()
             asked = [w.asked_at for w in waiters if w.asked_at is not None]
+            if asked and exact is not None:
+                earlier = self._unanswered.get(exact)
+                if earlier is not None and now - earlier[1] < LATE_ANSWER_MEMORY:
+                    asked.append(earlier[0])
             self.observer(response, now, bool(waiters) and named, min(asked, default=now))
         if not waiters:
             self.stats.unmatched += 1
@@ -594,6 +610,21 @@ class Transport:
             group.discard(waiter)
             if not group:
                 del self._waiters[key]
+            if waiter.response is None and waiter.asked_at is not None:
+                self._remember_unanswered(key, waiter.asked_at)
+
+    def _remember_unanswered(self, key: tuple[Hashable, ...], asked_at: float) -> None:
+        now = trio.current_time()
+        first, last = self._unanswered.pop(key, (asked_at, now))
+        if now - last >= LATE_ANSWER_MEMORY:
+            first = asked_at
+        # Re-inserted, so the dict stays ordered by last send: expired
+        # entries are at its front.
+        self._unanswered[key] = (min(first, asked_at), now)
+        for old, (_, last) in list(itertools.islice(self._unanswered.items(), 8)):
+            if now - last < LATE_ANSWER_MEMORY:
+                break
+            del self._unanswered[old]
 
     def _no_answer(self, waiter: _Waiter) -> NoAnswer:
         return NoAnswer(f"no answer from {self._target}", ignored=dict(waiter.ignored))

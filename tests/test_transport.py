@@ -10,6 +10,7 @@ from ipaddress import IPv4Address, IPv6Address
 import pytest
 import trio
 
+from portbroker import transport as transport_module
 from portbroker.errors import LinkError, NoAnswer
 from portbroker.testing.fake_gateway import FakeGateway
 from portbroker.transport import (
@@ -500,3 +501,82 @@ async def test_listen_announcements_over_ipv6() -> None:
                 await got.wait()
                 nursery.cancel_scope.cancel()
     assert delivered[0].epoch == 7
+
+
+# -- an answer stamped while an earlier request with the same key was asking ------
+
+
+class InjectedLink:
+    """A link that delivers whatever the test puts in ``inbox``."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[float, bytes]] = []
+        self.inbox_send, self.inbox = trio.open_memory_channel[bytes](16)
+
+    @property
+    def local_address(self) -> IPAddress:
+        return IPv4Address("192.168.1.100")
+
+    @property
+    def remote(self) -> tuple[IPAddress, int]:
+        return (IPv4Address("192.168.1.1"), 5351)
+
+    async def send(self, data: bytes) -> None:
+        self.sent.append((trio.current_time(), data))
+        await trio.lowlevel.checkpoint()
+
+    async def receive(self) -> tuple[bytes, tuple[str, int]]:
+        return await self.inbox.receive(), ("192.168.1.1", 5351)
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_late_answer_to_an_earlier_request_is_judged_from_its_first_send(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # miniupnpd stamps a NAT-PMP answer when it starts on a queued datagram,
+    # then may spend seconds in nftables; the answer to a request we gave up on
+    # reaches the next request with the same key. The epoch check must know the
+    # server may have read its clock as early as the first request's send
+    # (seen in CI: "natpmp epoch too-slow (0 -> 5)" on a healthy gateway).
+    link = InjectedLink()
+    seen: list[tuple[float, float]] = []
+
+    def observer(response: Response, now: float, matched: bool, asked_at: float) -> None:
+        seen.append((now, asked_at))
+
+    transport = Transport(link, observer)
+    request = natpmp.MapRequest(natpmp.Opcode.MAP_TCP, 24301, 24301, 600)
+    payload = natpmp.encode_request(request)
+    reply = natpmp.encode_response(
+        natpmp.MapResponse(natpmp.Opcode.MAP_TCP, 0, 5, 24301, 24301, 600)
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(transport.run)
+        start = trio.current_time()
+        with pytest.raises(NoAnswer):
+            await transport.request(payload, natpmp_key(request), [0.25, 0.5, 1.0])
+        await trio.sleep(10)  # a later request for the same mapping
+
+        async def answer_soon() -> None:
+            await trio.sleep(0.1)
+            await link.inbox_send.send(reply)
+
+        nursery.start_soon(answer_soon)
+        second = trio.current_time()
+        response = await transport.request(payload, natpmp_key(request), [0.25, 0.5, 1.0])
+        assert isinstance(response, natpmp.MapResponse)
+        # Answered during the second request, stamped perhaps during the first.
+        assert [(round(n, 6), a) for n, a in seen] == [(round(second + 0.1, 6), start)]
+        # An answer to a key nobody asked for lately keeps its own request's time.
+        await trio.sleep(transport_module.LATE_ANSWER_MEMORY + 1)
+        other = natpmp.MapRequest(natpmp.Opcode.MAP_TCP, 24302, 24302, 600)
+        nursery.start_soon(answer_soon)
+        third = trio.current_time()
+        reply = natpmp.encode_response(
+            natpmp.MapResponse(natpmp.Opcode.MAP_TCP, 0, 200, 24302, 24302, 600)
+        )
+        await transport.request(natpmp.encode_request(other), natpmp_key(other), [0.25, 0.5])
+        assert (round(seen[-1][0], 6), seen[-1][1]) == (round(third + 0.1, 6), third)
+        nursery.cancel_scope.cancel()
