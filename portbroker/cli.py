@@ -228,6 +228,32 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="mappings one user may hold (default 64)",
     )
+    daemon.add_argument(
+        "--max-connections",
+        type=_positive_int(100000),
+        default=64,
+        metavar="N",
+        help="connections one user may have open at once (default 64)",
+    )
+    daemon.add_argument(
+        "--idle-timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="S",
+        help="close connections that hold, watch and ask nothing for this long (default 60 s)",
+    )
+    daemon.add_argument(
+        "--allow-privileged-ports",
+        action="store_true",
+        help="let every user map internal ports below 1024 (default: root only)",
+    )
+    daemon.add_argument(
+        "--privileged-group",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="let members of this group map internal ports below 1024 (repeatable)",
+    )
     daemon.add_argument("--timeout", type=_seconds, default=2.0, metavar="S", help="probe timeout")
     daemon.add_argument(
         "--server-port", type=_positive_int(65535), default=5351, help=argparse.SUPPRESS
@@ -445,7 +471,14 @@ def _daemon(args: argparse.Namespace) -> int:
         max_mappings=args.max_mappings,
         probe_timeout=args.timeout,
         broker_options=options,
+        max_connections=args.max_connections,
+        idle_timeout=args.idle_timeout,
+        allow_privileged_ports=args.allow_privileged_ports,
+        privileged_groups=tuple(args.privileged_group),
     )
+    from portbroker.daemon.server import raise_fd_limit
+
+    raise_fd_limit()
     try:
         trio.run(run_daemon, config)
     except ValueError as exc:

@@ -19,6 +19,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from portbroker.broker import Mapping
 from portbroker.client import DaemonRequestError, open_client
 from portbroker.daemon.server import Daemon, DaemonConfig, DaemonError, serve
 from portbroker.testing import FakeGateway
@@ -172,7 +173,7 @@ async def app_gone(daemon: Daemon, key: tuple[str, int]) -> None:
     await trio.testing.wait_all_tasks_blocked()
     holds = daemon.shared[key].holds
     assert holds
-    assert all(h.client is None and h.grace_until is not None for h in holds)
+    assert all(h.conn is None and h.grace_until is not None for h in holds)
 
 
 async def test_disconnect_releases_after_the_grace_period(
@@ -206,7 +207,7 @@ async def test_reconnecting_within_the_grace_period_keeps_the_mapping(
             await trio.sleep(GRACE * 2)  # well past the old grace deadline
             assert gateway.mapping_for("tcp", 7001) is not None
             (hold,) = daemon.shared[("tcp", 7001)].holds
-            assert hold.client is not None
+            assert hold.conn is not None
             assert hold.grace_until is None
 
 
@@ -342,7 +343,8 @@ def test_arbitrary_json_never_breaks_the_daemon(value: Any, op: str) -> None:
                 for reply in replies:
                     assert reply["ok"] or reply["error"]["code"]
                 for entry in list(daemon.shared.values()):
-                    await entry.mapping.release()
+                    assert isinstance(entry.handle, Mapping)
+                    await entry.handle.release()
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 
@@ -351,7 +353,7 @@ def test_arbitrary_json_never_breaks_the_daemon(value: Any, op: str) -> None:
 
 async def test_two_hundred_concurrent_clients(short_dir: Path) -> None:
     gateway = FakeGateway()
-    async with running(short_dir, gateway, max_mappings=1000) as daemon:
+    async with running(short_dir, gateway, max_mappings=1000, max_connections=1000) as daemon:
         finished: list[int] = []
         watchers = [n for n in range(200) if n % 10 == 0]
         seen_events: dict[int, list[str]] = {}
@@ -512,3 +514,72 @@ async def test_a_bug_in_one_request_fails_it_not_the_daemon(
             assert "Group" not in info.value.message
         async with open_client(short_dir / "pb.sock") as client:
             assert (await client.hello())["version"] == 1
+
+
+# -- issue 8: a request whose client left is rolled back ---------------------------------
+
+
+async def _wait_for(condition: Any, what: str) -> None:
+    """Poll *condition*: the daemon's work is inside it, with no event to wait on."""
+    with trio.move_on_after(30):  # a guard, not a measurement
+        while not condition():  # noqa: ASYNC110 - nothing to wait on but the state itself
+            await trio.sleep(0.02)
+    assert condition(), f"no {what} within 30 s"
+
+
+async def test_a_map_whose_client_hung_up_is_rolled_back(short_dir: Path) -> None:
+    # A client that timed out (BlockingClient's timeout, or the app was
+    # killed) and closed its socket must not leave behind a persisted mapping
+    # that nobody knows of: the daemon cancels what it had not carried out
+    # and deletes what the gateway granted meanwhile.
+    gateway = FakeGateway()
+    async with running(short_dir, gateway) as daemon:
+        async with open_client(short_dir / "pb.sock") as client:
+            await client.probe()  # a warm broker: the map is the only request
+        gateway.delay = 1.0  # every answer takes a second
+        stream = await trio.open_unix_socket(str(short_dir / "pb.sock"))
+        await stream.send_all(b'{"id": 1, "op": "map", "port": 7400, "persist": true}\n')
+
+        def asked() -> bool:
+            return any(
+                isinstance(r, pcp.PcpRequest)
+                and isinstance(r.data, pcp.MapData)
+                and r.lifetime > 0
+                and r.data.internal_port == 7400
+                for r in gateway.requests
+            )
+
+        await _wait_for(asked, "the MAP to reach the gateway")
+        await stream.aclose()  # gone before the answer
+
+        def rolled_back() -> bool:
+            return gateway.mapping_for("tcp", 7400) is None and ("tcp", 7400) not in daemon.shared
+
+        await _wait_for(rolled_back, "the rollback")
+        await daemon.synced()
+        saved = json.loads((short_dir / "state.json").read_text())
+        assert saved["mappings"] == []
+
+
+async def test_a_half_closed_client_still_gets_its_reply(short_dir: Path) -> None:
+    # `printf '{"op":"map",...}\n' | socat - UNIX-CONNECT:...` shuts its
+    # sending side after the line and waits for the reply: that is not a
+    # client that left.
+    gateway = FakeGateway()
+    async with running(short_dir, gateway) as daemon:
+        gateway.delay = 0.5
+        stream = await trio.open_unix_socket(str(short_dir / "pb.sock"))
+        async with stream:
+            await stream.send_all(b'{"id": 1, "op": "map", "port": 7401, "persist": true}\n')
+            await stream.send_eof()
+            buffer = b""
+            with trio.fail_after(30):
+                while not buffer.endswith(b"\n"):
+                    chunk = await stream.receive_some(65536)
+                    assert chunk, "closed without a reply"
+                    buffer += chunk
+        reply = json.loads(buffer)
+        assert reply["ok"] is True
+        assert reply["mapping"]["id"] == "7401/tcp"
+        assert ("tcp", 7401) in daemon.shared
+        assert gateway.mapping_for("tcp", 7401) is not None

@@ -46,6 +46,12 @@ class ErrorCode(enum.Enum):
     NO_METHOD = "no_method"
     GATEWAY_SILENT = "gateway_silent"
     INTERNAL = "internal"
+    # Limits and policy (issue 8; docs/daemon-protocol.md "Limits").
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    TOO_MANY_HOLDS = "too_many_holds"
+    PRIVILEGED_PORT = "privileged_port"
+    GONE = "gone"  # the requester's connection closed before the request was carried out
+    IDLE = "idle"  # a connection with nothing held or watched, silent too long
 
 
 class ProtocolError(Exception):

@@ -17,7 +17,11 @@ import contextlib
 import errno
 import grp
 import logging
+import math
 import os
+import pwd
+import resource
+import select
 import socket
 import stat
 import struct
@@ -33,6 +37,7 @@ from portbroker import __version__
 from portbroker._util import collapse_single
 from portbroker.broker import Broker, Mapping, open_broker
 from portbroker.daemon import protocol as proto
+from portbroker.daemon.ownership import Entry, Hold, Ownership, Peer, Policy
 from portbroker.daemon.protocol import ErrorCode, ProtocolError, Request
 from portbroker.daemon.state import StateStore, lease_from_record, lease_record
 from portbroker.errors import (
@@ -88,6 +93,31 @@ class DaemonConfig:
     max_mappings: int = 64  # distinct mappings one uid may hold
     probe_timeout: float = 2.0
     broker_options: dict[str, Any] = attrs.field(factory=dict)
+    # Limits that keep one user from hurting the others (docs/daemon-protocol.md).
+    max_connections: int = 64  # connections one uid may have open
+    idle_timeout: float = 60.0  # a connection that holds, watches and asks nothing
+    # Internal ports below 1024: root only, unless allowed for all or for groups.
+    allow_privileged_ports: bool = False
+    privileged_groups: tuple[str, ...] = ()
+
+    def policy(self) -> Policy:
+        """The ownership policy; unknown group names are a DaemonError."""
+        gids = set()
+        for name in self.privileged_groups:
+            try:
+                gids.add(grp.getgrnam(name).gr_gid)
+            except KeyError:
+                raise DaemonError(f"no such group {name!r} (--privileged-group)") from None
+        try:
+            return Policy(
+                grace=self.grace,
+                max_mappings=self.max_mappings,
+                max_connections=self.max_connections,
+                allow_privileged_ports=self.allow_privileged_ports,
+                privileged_gids=frozenset(gids),
+            )
+        except ValueError as exc:
+            raise DaemonError(str(exc)) from None
 
 
 @attrs.define(eq=False)
@@ -97,8 +127,11 @@ class Client:
     stream: trio.SocketStream
     outbox: trio.MemorySendChannel[bytes]
     cancel: trio.CancelScope
+    conn: int = 0  # its id in the ownership registry
     watching: bool = False
     version: int = 1
+    in_flight: int = 0  # requests being answered
+    last_active: float = 0.0  # when it last sent a request
 
     @property
     def label(self) -> str:
@@ -115,55 +148,36 @@ class Client:
             pass
 
 
-@attrs.define(eq=False)
-class Hold:
-    uid: int
-    pid: int
-    persist: bool
-    client: Client | None
-    grace_until: float | None = None
+def _mapping(entry: Entry) -> Mapping:
+    """The broker mapping behind a granted *entry*."""
+    assert isinstance(entry.handle, Mapping), f"{entry.id} has no mapping yet"
+    return entry.handle
 
 
-@attrs.define(eq=False)
-class Shared:
-    """One gateway mapping and the holds that keep it."""
-
-    protocol: str
-    port: int
-    owner_uid: int
-    mapping: Mapping
-    holds: list[Hold] = attrs.Factory(list)
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.protocol, self.port)
-
-    @property
-    def id(self) -> str:
-        return f"{self.port}/{self.protocol}"
-
-    def describe(self) -> dict[str, Any]:
-        lease = self.mapping.lease
-        out: dict[str, Any] = {
-            "id": self.id,
-            "protocol": self.protocol,
-            "internal_port": self.port,
-            "owner_uid": self.owner_uid,
-            "state": self.mapping.state.value,
-            "persist": any(h.persist for h in self.holds),
-            "holders": len(self.holds),
-        }
-        if lease is not None:
-            out.update(
-                method=lease.method,
-                internal_address=str(lease.internal_address),
-                external_address=str(lease.external_address),
-                external_port=lease.external_port,
-                lifetime=lease.lifetime,
-                gateway=str(lease.gateway),
-                permanent=lease.permanent,
-            )
-        return out
+def describe(entry: Entry) -> dict[str, Any]:
+    """A ``mapping`` object of the protocol (docs/daemon-protocol.md)."""
+    mapping = _mapping(entry)
+    lease = mapping.lease
+    out: dict[str, Any] = {
+        "id": entry.id,
+        "protocol": entry.protocol,
+        "internal_port": entry.port,
+        "owner_uid": entry.owner_uid,
+        "state": mapping.state.value,
+        "persist": entry.persist,
+        "holders": len(entry.holds),
+    }
+    if lease is not None:
+        out.update(
+            method=lease.method,
+            internal_address=str(lease.internal_address),
+            external_address=str(lease.external_address),
+            external_port=lease.external_port,
+            lifetime=lease.lifetime,
+            gateway=str(lease.gateway),
+            permanent=lease.permanent,
+        )
+    return out
 
 
 class Daemon:
@@ -171,7 +185,10 @@ class Daemon:
         self.config = config
         self.broker = broker
         self._nursery = nursery
-        self.shared: dict[tuple[str, int], Shared] = {}
+        # The ownership rules live in their own module (sans-IO); this class
+        # carries out what it decides.
+        self.owners = Ownership(config.policy())
+        self.shared = self.owners.entries  # key -> Entry (reserved ones included)
         self.clients: set[Client] = set()
         self.store = StateStore(config.state_path)
         self._pending: dict[tuple[str, int], trio.Event] = {}
@@ -179,33 +196,27 @@ class Daemon:
         self._changes = 0  # generation of the in-memory state
         self._written = 0  # generation the state file holds
         self._wrote = trio.Event()
-        self._by_mapping: dict[int, Shared] = {}  # id(Mapping) -> entry, for events
-        self._held: dict[int, set[tuple[str, int]]] = {}  # uid -> keys it holds
+        self._by_mapping: dict[int, Entry] = {}  # id(Mapping) -> entry, for events
         # Each entry's state-file record, recomputed only when the entry
         # changes: a write with 10,000 mappings must not redo them all.
         self._record_cache: dict[tuple[str, int], dict[str, Any]] = {}
+        self._grace_changed = trio.Event()
 
     # -- bookkeeping ------------------------------------------------------------
 
-    def _index(self, entry: Shared) -> None:
-        """Keep the per-uid and per-mapping indexes true after *entry* changed."""
-        holders = {h.uid for h in entry.holds} if self.shared.get(entry.key) is entry else set()
-        for uid, keys in list(self._held.items()):
-            if uid not in holders:
-                keys.discard(entry.key)
-                if not keys:
-                    del self._held[uid]
-        for uid in holders:
-            self._held.setdefault(uid, set()).add(entry.key)
-        if holders:
-            self._by_mapping[id(entry.mapping)] = entry
+    def _index(self, entry: Entry) -> None:
+        """Keep the per-mapping index true after *entry* changed."""
+        if entry.handle is None:
+            return
+        if self.shared.get(entry.key) is entry and entry.holds:
+            self._by_mapping[id(entry.handle)] = entry
         else:
-            self._by_mapping.pop(id(entry.mapping), None)
+            self._by_mapping.pop(id(entry.handle), None)
 
-    def _visible(self, uid: int, entry: Shared) -> bool:
-        return uid == 0 or entry.owner_uid == uid
+    def _visible(self, uid: int, entry: Entry) -> bool:
+        return self.owners.may_see(uid, entry)
 
-    def _save(self, entry: Shared | None = None) -> None:
+    def _save(self, entry: Entry | None = None) -> None:
         """Note a change (to *entry*); :meth:`writer` writes it out (bursts coalesce)."""
         if entry is not None:
             self._index(entry)
@@ -256,32 +267,35 @@ class Daemon:
     def _records(self, *, exiting: bool = False) -> list[dict[str, Any]]:
         records = []
         for entry in self.shared.values():
+            if entry.handle is None:
+                continue  # reserved: the gateway has not answered yet
             if not exiting:
                 cached = self._record_cache.get(entry.key)
                 if cached is not None:
                     records.append(cached)
                     continue
-            lease = entry.mapping.lease
+            mapping = _mapping(entry)
+            lease = mapping.lease
             holds = [h for h in entry.holds if h.persist] if exiting else entry.holds
             if lease is None or not holds:
                 continue
-            if not exiting and entry.mapping.state is State.RELEASED:
+            if not exiting and mapping.state is State.RELEASED:
                 continue
             record = lease_record(lease)
             record.update(
                 owner_uid=entry.owner_uid,
                 holds=[{"uid": h.uid, "pid": h.pid, "persist": h.persist} for h in holds],
-                lifetime_requested=entry.mapping.request.lifetime,
+                lifetime_requested=mapping.request.lifetime,
             )
             if not exiting:
                 self._record_cache[entry.key] = record
             records.append(record)
         return records
 
-    async def _drop(self, entry: Shared) -> None:
-        self.shared.pop(entry.key, None)
+    async def _drop(self, entry: Entry) -> None:
+        """*entry* left the registry (its last hold went): end it at the gateway."""
         self._save(entry)
-        await entry.mapping.release()
+        await _mapping(entry).release()
 
     # -- restore after a restart ----------------------------------------------------
 
@@ -300,15 +314,9 @@ class Daemon:
             except (KeyError, TypeError, ValueError) as exc:
                 logger.error("state file: skipping a damaged record (%s)", exc)
                 continue
-            now = trio.current_time()
-            alive = []
-            for hold in holds:
-                if hold.persist:
-                    alive.append(hold)
-                elif _pid_alive(hold.pid):
-                    # Its app may reconnect: the usual grace period.
-                    hold.grace_until = now + self.config.grace
-                    alive.append(hold)
+            # Apps still running may reconnect (the ownership rules give them
+            # the usual grace period); persisted holds stay.
+            alive = [h for h in holds if h.persist or _pid_alive(h.pid)]
             request = MappingRequest(
                 lease.internal_port,
                 lease.protocol,
@@ -326,13 +334,25 @@ class Daemon:
             except (PortBrokerError, ValueError) as exc:
                 logger.warning("%d/%s: could not take over (%s)", key[1], key[0], exc)
                 continue
-            entry = Shared(key[0], key[1], owner, mapping, alive)
-            self.shared[key] = entry
-            self._index(entry)
+            entry = self._install_restored(key, owner, alive, mapping)
             logger.info("%s: adopted from the state file (%d hold(s))", entry.id, len(alive))
-            if any(h.grace_until is not None for h in alive):
-                self._nursery.start_soon(self._expire_graced, entry)
         self._save()
+
+    def _install_restored(
+        self, key: tuple[str, int], owner_uid: int, holds: list[Hold], mapping: Mapping
+    ) -> Entry:
+        lease = mapping.lease
+        entry = self.owners.restored(
+            key,
+            owner_uid,
+            holds,
+            handle=mapping,
+            external_port=lease.external_port if lease is not None else None,
+            now=trio.current_time(),
+        )
+        self._index(entry)
+        self._grace_changed.set()
+        return entry
 
     # -- ops ----------------------------------------------------------------------
 
@@ -361,21 +381,17 @@ class Daemon:
         if request.op == "map":
             entry = await self._map(client, request)
             await self.synced()
-            return {"mapping": entry.describe()}
+            return {"mapping": describe(entry)}
         if request.op == "unmap":
             unmapped = await self._unmap(client, request)
             await self.synced()
             return {"unmapped": unmapped}
         if request.op == "list":
-            return {
-                "mappings": [
-                    e.describe() for e in self.shared.values() if self._visible(client.uid, e)
-                ]
-            }
+            return {"mappings": [describe(e) for e in self.owners.visible(client.uid)]}
         client.watching = True  # watch
         return {"watching": "all" if client.uid == 0 else "own"}
 
-    async def _map(self, client: Client, request: Request) -> Shared:
+    async def _map(self, client: Client, request: Request) -> Entry:
         port = request.port("port", required=True)
         assert port is not None
         protocol = request.protocol()
@@ -396,164 +412,108 @@ class Daemon:
         if exact and external_port is None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "'exact' needs 'external_port'")
         key = (protocol, port)
-        while key in self._pending:  # someone is creating it right now
+        while self.owners.creating(key):  # someone is creating it right now
             await self._pending[key].wait()
-        entry = self.shared.get(key)
-        if entry is not None:
-            return self._join(client, entry, external_port, persist)
-        held = len(self._held.get(client.uid, ()))
-        if held >= self.config.max_mappings:
-            raise ProtocolError(
-                ErrorCode.TOO_MANY_MAPPINGS,
-                f"uid {client.uid} holds {held} mappings, the limit (--max-mappings)",
-            )
-        if external_port is not None:
-            for other in self.shared.values():
-                lease = other.mapping.lease
-                if (
-                    lease is not None
-                    and lease.external_port == external_port
-                    and other.protocol == protocol
-                ):
-                    raise ProtocolError(
-                        ErrorCode.CONFLICT,
-                        f"external port {external_port}/{protocol} already maps to {other.id}",
-                    )
+        entry = self.owners.claim(
+            client.conn, key, persist=persist, external_port=external_port, now=trio.current_time()
+        )
+        if not entry.creating:
+            self._save(entry)  # joined
+            return entry
         self._pending[key] = done = trio.Event()
         try:
             mapping = await self.broker.map(
                 port, protocol, lifetime=lifetime, external_port=external_port, exact=exact, via=via
             )
-        except MappingError as exc:
-            raise ProtocolError(
-                ErrorCode.MAPPING_FAILED,
-                str(exc),
-                method=exc.method,
-                result_code=exc.result_code,
-                retry_after=exc.retry_after,
-            ) from exc
-        except NoMethodAvailable as exc:
-            raise ProtocolError(ErrorCode.NO_METHOD, str(exc)) from exc
-        except (MethodUnavailable, NoAnswer) as exc:
-            raise ProtocolError(ErrorCode.GATEWAY_SILENT, str(exc)) from exc
+        except BaseException as exc:
+            # Cancelled too (the client hung up: the broker abandons the request).
+            self.owners.create_failed(key)
+            if isinstance(exc, MappingError):
+                raise ProtocolError(
+                    ErrorCode.MAPPING_FAILED,
+                    str(exc),
+                    method=exc.method,
+                    result_code=exc.result_code,
+                    retry_after=exc.retry_after,
+                ) from exc
+            if isinstance(exc, NoMethodAvailable):
+                raise ProtocolError(ErrorCode.NO_METHOD, str(exc)) from exc
+            if isinstance(exc, MethodUnavailable | NoAnswer):
+                raise ProtocolError(ErrorCode.GATEWAY_SILENT, str(exc)) from exc
+            raise
         finally:
             del self._pending[key]
             done.set()
-        entry = Shared(protocol, port, client.uid, mapping)
-        entry.holds.append(Hold(client.uid, client.pid, persist, None if persist else client))
-        self.shared[key] = entry
-        self._save(entry)
-        return entry
-
-    def _join(
-        self, client: Client, entry: Shared, external_port: int | None, persist: bool
-    ) -> Shared:
-        if entry.owner_uid != client.uid and client.uid != 0:
-            raise ProtocolError(
-                ErrorCode.CONFLICT, f"{entry.id} is mapped by another user (uid {entry.owner_uid})"
-            )
-        lease = entry.mapping.lease
-        if external_port is not None and lease is not None and lease.external_port != external_port:
-            raise ProtocolError(
-                ErrorCode.CONFLICT,
-                f"{entry.id} is already mapped to external port {lease.external_port}",
-            )
-        for hold in entry.holds:
-            # A restarting app reclaims its hold within the grace period.
-            if hold.client is None and not hold.persist and hold.uid == client.uid:
-                hold.client, hold.grace_until, hold.pid = client, None, client.pid
-                hold.persist = persist
-                self._save(entry)
-                return entry
-        entry.holds.append(Hold(client.uid, client.pid, persist, None if persist else client))
-        self._save(entry)
-        return entry
+        lease = mapping.lease
+        kept = self.owners.created(key, mapping, lease.external_port if lease else None)
+        if kept is None:
+            # Its requester left before it was made: nobody would own it.
+            logger.info("%d/%s: the client left before it was made; deleting it", port, protocol)
+            with trio.CancelScope(shield=True):
+                await mapping.release()
+            raise ProtocolError(ErrorCode.GONE, "the connection closed before the map was made")
+        self._save(kept)
+        return kept
 
     async def _unmap(self, client: Client, request: Request) -> str:
         mapping_id = request.get("mapping", str)
         if mapping_id is not None:
             port_text, _, protocol = mapping_id.partition("/")
-            if not port_text.isdigit() or protocol not in ("tcp", "udp"):
+            if not (port_text.isascii() and port_text.isdigit()) or protocol not in ("tcp", "udp"):
                 raise ProtocolError(
                     ErrorCode.BAD_REQUEST,
-                    f"'mapping' must look like '8080/tcp', not {mapping_id!r}",
+                    f"'mapping' must look like '8080/tcp', not {mapping_id[:40]!r}",
                 )
-            key = (protocol, int(port_text))
+            key = (protocol, int(port_text[:6]))
         else:
             port = request.port("port", required=True)
             assert port is not None
             key = (request.protocol(), port)
-        entry = self.shared.get(key)
-        if entry is None or not self._visible(client.uid, entry):
-            # Another user's mapping is reported as absent: nothing about it leaks.
-            raise ProtocolError(ErrorCode.NOT_FOUND, f"no mapping {key[1]}/{key[0]} of yours")
-        if any(h.client is client for h in entry.holds):
-            # This connection's own holds; other apps keep theirs.
-            entry.holds = [h for h in entry.holds if h.client is not client]
-        elif client.uid == 0:
-            entry.holds = []  # root may end any mapping
-        else:
-            # From another connection (`portbroker unmap` after `map`): the
-            # user's persisted or orphaned holds, never those of live apps.
-            remaining = [h for h in entry.holds if h.uid != client.uid or h.client is not None]
-            if any(h.uid == client.uid for h in remaining):
-                raise ProtocolError(
-                    ErrorCode.CONFLICT,
-                    f"{entry.id} is held by another of your running apps; it must unmap it",
-                )
-            entry.holds = remaining
-        if entry.holds:
-            self._save(entry)
-        else:
+        entry, released = self.owners.unmap(client.conn, key)
+        if released:
             await self._drop(entry)
+        else:
+            self._save(entry)
         return entry.id
 
     # -- connections -------------------------------------------------------------------
 
     async def disconnected(self, client: Client) -> None:
         self.clients.discard(client)
-        now = trio.current_time()
-        for entry in list(self.shared.values()):
-            graced = False
-            for hold in entry.holds:
-                if hold.client is client:
-                    hold.client = None
-                    hold.grace_until = now + self.config.grace
-                    graced = True
-            if graced:
-                self._nursery.start_soon(self._expire_graced, entry)
+        self.owners.disconnect(client.conn, trio.current_time())
+        self._grace_changed.set()
 
-    async def _expire_graced(self, entry: Shared) -> None:
-        deadline = min(
-            (h.grace_until for h in entry.holds if h.grace_until is not None), default=None
-        )
-        if deadline is None:
-            return
-        await trio.sleep_until(deadline)
-        now = trio.current_time()
-        before = len(entry.holds)
-        entry.holds = [h for h in entry.holds if h.grace_until is None or h.grace_until > now]
-        if entry.holds:
-            if len(entry.holds) != before:
-                self._save(entry)
-            if any(h.grace_until is not None for h in entry.holds):
-                self._nursery.start_soon(self._expire_graced, entry)
-        elif self.shared.get(entry.key) is entry:
-            logger.info("%s: its app is gone and the grace period over; releasing", entry.id)
-            await self._drop(entry)
+    async def grace_timer(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """One timer for every grace period: release what nobody reclaimed."""
+        task_status.started()
+        while True:
+            self._grace_changed = changed = trio.Event()
+            deadline = self.owners.next_deadline()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await changed.wait()
+            for entry in self.owners.expire(trio.current_time()):
+                logger.info("%s: its app is gone and the grace period over; releasing", entry.id)
+                self._nursery.start_soon(self._drop, entry)
+            # Holds that ended while others remain change the state file too.
+            self._save()
 
     async def events(self) -> None:
         """Broker events -> watching clients, and the state file kept current."""
         async for item in self.broker.events():
             entry = self._by_mapping.get(id(item.mapping))
-            if entry is None or entry.mapping is not item.mapping:
+            if entry is None or entry.handle is not item.mapping:
                 continue
             if not isinstance(item.event, Released):
+                lease = item.mapping.lease
+                if lease is not None:  # a new external port (Restored, ...)
+                    entry.external_port = lease.external_port
                 self._save(entry)
             line = proto.encode(
                 {
                     "event": type(item.event).__name__,
-                    "mapping": entry.describe(),
+                    "mapping": describe(entry),
                     "detail": event_detail(item.event),
                 }
             )
@@ -563,7 +523,7 @@ class Daemon:
 
     async def serve_client(self, stream: trio.SocketStream) -> None:
         try:
-            pid, uid, _gid = struct.unpack(
+            pid, uid, gid = struct.unpack(
                 SO_PEERCRED_FORMAT,
                 stream.socket.getsockopt(
                     socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(SO_PEERCRED_FORMAT)
@@ -572,15 +532,33 @@ class Daemon:
         except OSError:
             await stream.aclose()
             return
+        try:
+            conn = self.owners.connect(Peer(uid, pid, _groups_of(uid, gid)))
+        except ProtocolError as exc:
+            # Over its limit: this user is told so; everyone else goes on.
+            logger.warning("uid %d pid %d refused: %s", uid, pid, exc.message)
+            await _refuse(stream, exc)
+            return
+        if len(self.clients) >= self.max_clients and not self._shed(uid):
+            self.owners.disconnect(conn, trio.current_time())
+            await _refuse(stream, ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS, _SHED_MESSAGE))
+            return
         send, receive = trio.open_memory_channel[bytes](OUTBOX)
         with trio.CancelScope() as cancel:
-            client = Client(uid, pid, stream, send, cancel)
+            client = Client(uid, pid, stream, send, cancel, conn, last_active=trio.current_time())
             self.clients.add(client)
             try:
                 async with stream, trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer, stream, receive, cancel)
-                    await self._reader(client, nursery)
-                    # Let queued replies go out, then close.
+                    async with trio.open_nursery() as answers:
+                        await self._reader(client, answers)
+                        if _hung_up(stream):
+                            # Gone for good (closed, not only done writing as
+                            # `socat` is): what it asked and we have not
+                            # carried out is rolled back, not done for nobody.
+                            self.owners.disconnect(client.conn, trio.current_time())
+                            answers.cancel_scope.cancel()
+                    # Every reply is queued: let them go out, then close.
                     send.close()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
@@ -588,6 +566,37 @@ class Daemon:
                 send.close()
                 with trio.CancelScope(shield=True):
                     await self.disconnected(client)
+
+    @property
+    def max_clients(self) -> int:
+        """Connections served at once: what the file descriptor limit allows,
+        keeping room for the gateway sockets and the state file."""
+        return max(16, _fd_limit() - FD_RESERVE)
+
+    def _shed(self, newcomer_uid: int) -> bool:
+        """Too many connections in all: the user with the most gives one up.
+
+        A newcomer of that user is refused (False); otherwise that user's least
+        recently active connection is closed to make room (True). One user
+        opening connections without end costs that user, not the others.
+        """
+        busiest = self.owners.busiest_uid()
+        if busiest is None or busiest == newcomer_uid:
+            return False
+        victims = [c for c in self.clients if c.uid == busiest]
+        if not victims:
+            return False
+        victim = min(victims, key=lambda c: (c.watching or c.in_flight > 0, c.last_active))
+        logger.warning(
+            "%d connections, the limit: closing one of uid %d's %d (the most of any user)",
+            len(self.clients),
+            busiest,
+            len(victims),
+        )
+        victim.send(proto.error_reply(None, ErrorCode.TOO_MANY_CONNECTIONS, _SHED_MESSAGE))
+        victim.cancel.cancel()
+        self.clients.discard(victim)
+        return True
 
     async def _writer(
         self,
@@ -706,6 +715,70 @@ def _failure_reply(request_id: Any, exc: Exception) -> bytes:
     )
 
 
+_SHED_MESSAGE: Final = (
+    "the daemon is at its connection limit and your user has the most connections open;"
+    " this one was closed: use fewer connections"
+)
+FD_RESERVE: Final = 64  # descriptors kept for gateway sockets, the state file, logs
+
+
+def _fd_limit() -> int:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def raise_fd_limit(target: int = 65536) -> int:
+    """Raise RLIMIT_NOFILE's soft limit towards *target* (up to the hard limit).
+
+    The default soft limit (1,024) would let about a thousand idle connections
+    deny service to everyone; the systemd unit sets ``LimitNOFILE`` as well.
+    Returns the soft limit now in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = target if hard == resource.RLIM_INFINITY else min(target, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the open-file limit from %d: %s", soft, exc)
+            return soft
+        return wanted
+    return soft
+
+
+def _groups_of(uid: int, gid: int) -> frozenset[int]:
+    """The user's groups (for --privileged-group): its primary gid from the
+    socket, plus the groups the system lists for it."""
+    try:
+        name = pwd.getpwuid(uid).pw_name
+        return frozenset(os.getgrouplist(name, gid))
+    except (KeyError, OSError):
+        return frozenset({gid})
+
+
+async def _refuse(stream: trio.SocketStream, error: ProtocolError) -> None:
+    """One error line to a connection we will not serve, then close it."""
+    with trio.move_on_after(1):
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await stream.send_all(proto.error_reply(None, error.code, error.message))
+    await stream.aclose()
+
+
+def _hung_up(stream: trio.SocketStream) -> bool:
+    """True when the peer closed its socket, not only its sending side.
+
+    Linux reports POLLHUP on a Unix stream socket only when both directions
+    are shut: a client that half-closed after its last request (``socat``,
+    ``printf ... | nc -U``) still reads its replies.
+    """
+    poller = select.poll()
+    try:
+        poller.register(stream.socket.fileno(), select.POLLIN)
+        return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -779,6 +852,7 @@ async def serve(config: DaemonConfig) -> AsyncIterator[Daemon]:
                     daemon = Daemon(config, broker, nursery)
                     nursery.start_soon(daemon.events)
                     await nursery.start(daemon.writer)
+                    await nursery.start(daemon.grace_timer)
                     await daemon.restore()
                     nursery.start_soon(trio.serve_listeners, daemon.serve_client, [listener])
                     logger.info(
@@ -796,8 +870,8 @@ async def serve(config: DaemonConfig) -> AsyncIterator[Daemon]:
                 # (the broker deletes them on exit); persisted ones stay on the
                 # gateway, recorded for the next start.
                 for entry in list(daemon.shared.values()):
-                    if any(h.persist for h in entry.holds):
-                        broker.detach(entry.mapping)
+                    if entry.handle is not None and entry.persist:
+                        broker.detach(_mapping(entry))
                 daemon._write(exiting=True)
     finally:
         with contextlib.suppress(OSError):
