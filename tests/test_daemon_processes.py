@@ -35,9 +35,13 @@ def short_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def start_daemon(directory: Path, server_port: int, *extra: str) -> subprocess.Popen[bytes]:
+def start_daemon(
+    directory: Path, server_port: int, *extra: str, wrapper: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """A daemon process (run through *wrapper*, e.g. prlimit, when given)."""
     process = subprocess.Popen(
         [
+            *wrapper,
             PYTHON,
             "-m",
             "portbroker.cli",

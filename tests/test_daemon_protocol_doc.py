@@ -78,3 +78,11 @@ async def test_the_example_session_works_as_documented() -> None:
                     assert same_shape(json.loads(expected), actual), (request, actual)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_every_error_code_is_documented() -> None:
+    from portbroker.daemon.protocol import ErrorCode
+
+    table = DOC.read_text().split("### Error codes", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", table, re.MULTILINE))
+    assert documented == {code.value for code in ErrorCode}

@@ -201,6 +201,7 @@ class Daemon:
         # changes: a write with 10,000 mappings must not redo them all.
         self._record_cache: dict[tuple[str, int], dict[str, Any]] = {}
         self._grace_changed = trio.Event()
+        self._refusals: dict[int, tuple[float, int]] = {}  # uid -> (last logged, since)
 
     # -- bookkeeping ------------------------------------------------------------
 
@@ -536,7 +537,7 @@ class Daemon:
             conn = self.owners.connect(Peer(uid, pid, _groups_of(uid, gid)))
         except ProtocolError as exc:
             # Over its limit: this user is told so; everyone else goes on.
-            logger.warning("uid %d pid %d refused: %s", uid, pid, exc.message)
+            self._log_refusal(uid, pid, exc.message)
             await _refuse(stream, exc)
             return
         if len(self.clients) >= self.max_clients and not self._shed(uid):
@@ -567,6 +568,18 @@ class Daemon:
                 with trio.CancelScope(shield=True):
                     await self.disconnected(client)
 
+    def _log_refusal(self, uid: int, pid: int, why: str) -> None:
+        """One line per user per minute: a flood of refused connections must
+        not become a flood of log lines (a log that blocks stalls everyone)."""
+        now = trio.current_time()
+        last, suppressed = self._refusals.get(uid, (-math.inf, 0))
+        if now - last < REFUSAL_LOG_INTERVAL:
+            self._refusals[uid] = (last, suppressed + 1)
+            return
+        more = f" ({suppressed} more refused since the last report)" if suppressed else ""
+        logger.warning("uid %d pid %d refused: %s%s", uid, pid, why, more)
+        self._refusals[uid] = (now, 0)
+
     @property
     def max_clients(self) -> int:
         """Connections served at once: what the file descriptor limit allows,
@@ -587,11 +600,11 @@ class Daemon:
         if not victims:
             return False
         victim = min(victims, key=lambda c: (c.watching or c.in_flight > 0, c.last_active))
-        logger.warning(
-            "%d connections, the limit: closing one of uid %d's %d (the most of any user)",
-            len(self.clients),
+        self._log_refusal(
             busiest,
-            len(victims),
+            victim.pid,
+            f"{len(self.clients)} connections in all, the limit: closed one of its"
+            f" {len(victims)} (the most of any user)",
         )
         victim.send(proto.error_reply(None, ErrorCode.TOO_MANY_CONNECTIONS, _SHED_MESSAGE))
         victim.cancel.cancel()
@@ -719,6 +732,7 @@ _SHED_MESSAGE: Final = (
     "the daemon is at its connection limit and your user has the most connections open;"
     " this one was closed: use fewer connections"
 )
+REFUSAL_LOG_INTERVAL: Final = 60.0
 FD_RESERVE: Final = 64  # descriptors kept for gateway sockets, the state file, logs
 
 
