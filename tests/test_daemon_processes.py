@@ -11,8 +11,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -89,6 +90,24 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.stderr.close()
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait (generously: 30 s) for *condition*: the daemon works in the background."""
+    with trio.fail_after(30):
+        while not condition():  # noqa: ASYNC110 - another process's doing: nothing to wait on
+            await trio.sleep(0.05)
+
+
+async def restored_list(path: Path) -> list[dict[str, Any]]:
+    """``list``, once no mapping is still being restored (restore runs in the background)."""
+    with trio.fail_after(30):
+        while True:
+            async with open_client(path) as client:
+                listed: list[dict[str, Any]] = await client.list()
+            if all(m["state"] != "restoring" for m in listed):
+                return listed
+            await trio.sleep(0.05)
+
+
 HOLDER = """
 import sys, time
 from portbroker.client import BlockingClient
@@ -130,9 +149,9 @@ async def test_sigkill_and_restart_keeps_persisted_and_drops_orphans(short_dir: 
 
             before = len(gateway.requests)
             daemon = start_daemon(short_dir, gateway.port)  # takes the stale socket over
-            async with open_client(short_dir / "pb.sock") as client:
-                listed = await client.list()
+            listed = await restored_list(short_dir / "pb.sock")
             assert [m["id"] for m in listed] == ["7100/tcp"]
+            await until(lambda: gateway.mapping_for("tcp", 7101) is None)
             after = [r for r in gateway.requests[before:] if isinstance(r, pcp.PcpRequest)]
             renewals = [r for r in after if r.data is not None and r.data.internal_port == 7100]
             assert renewals
