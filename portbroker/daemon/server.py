@@ -573,7 +573,7 @@ class Daemon:
             try:
                 mapping = await self.broker.adopt(placeholder.request, placeholder.lease)
             except MappingError as exc:
-                failure = classify(exc)
+                failure = classify(exc, expires_in=_expires_in(placeholder.lease))
                 if failure.kind is not FailureKind.REFUSED:
                     self._retry_later(placeholder, exc, failure.retry_after)
                     return
@@ -605,7 +605,7 @@ class Daemon:
         try:
             await self.broker.delete(lease)
         except MappingError as exc:
-            failure = classify(exc)
+            failure = classify(exc, expires_in=_expires_in(lease))
             if failure.kind is not FailureKind.REFUSED:
                 self._retry_later(item, exc, failure.retry_after)
                 return
@@ -1071,6 +1071,12 @@ def _listening_socket(config: DaemonConfig) -> socket.socket:
         os.chmod(path, 0o600)
     sock.listen(socket.SOMAXCONN)
     return sock
+
+
+def _expires_in(lease: Lease) -> float | None:
+    """What is left of *lease*, for :func:`~portbroker.lifecycle.classify`: a
+    refusal whose ``retry_after`` lies beyond it is a refusal for good."""
+    return None if lease.permanent else max(0.0, lease.expires_at - trio.current_time())
 
 
 def _only_cancelled(exc: BaseException) -> bool:
