@@ -450,6 +450,10 @@ class Daemon:
                 continue
             placeholder = Restoring(request, parsed.lease, record, self._retire_restoring)
             self._install_restored(parsed.key, parsed.owner_uid, alive, placeholder)
+            if len(alive) == len(holds):
+                # Unchanged: written back as read (100,000 records must not
+                # all be re-encoded before the first write).
+                self._record_cache[parsed.key] = record
             first.append(placeholder)
         for item in first:
             item.first = True
@@ -1103,6 +1107,7 @@ async def serve(config: DaemonConfig) -> AsyncIterator[Daemon]:
             ) as broker:
                 daemon: Daemon | None = None
                 crashed = True
+                failure: BaseException | None = None
                 try:
                     async with trio.open_nursery() as nursery:
                         daemon = Daemon(config, broker, nursery)
@@ -1125,13 +1130,15 @@ async def serve(config: DaemonConfig) -> AsyncIterator[Daemon]:
                     crashed = False
                 except BaseException as exc:
                     crashed = not _only_cancelled(exc)
+                    failure = exc
                     raise
                 finally:
-                    # A failed broker task cancels us from outside: a crash too.
-                    crashed = crashed or broker._nursery.cancel_scope.cancel_called
                     if daemon is not None:
                         if crashed:
-                            logger.error("the daemon failed: every mapping stays on the gateway")
+                            logger.error(
+                                "the daemon failed: every mapping stays on the gateway",
+                                exc_info=failure,
+                            )
                         # The writer has stopped (its last write finished): this
                         # write is the last.
                         daemon._leave(crashed=crashed)

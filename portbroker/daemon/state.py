@@ -26,6 +26,7 @@ from portbroker.state import (
     RecordError,
     StateStore,
     check_lease_record,
+    checked_lease_from_record,
     describe_record,
     lease_from_record,
     lease_record,
@@ -106,7 +107,7 @@ def parse_daemon_record(record: Any, *, now: float | None = None) -> DaemonRecor
                 hold["persist"],
             )
         )
-    lease = lease_from_record(record, now=now)
+    lease = checked_lease_from_record(record, now=now)
     requested = record.get("lifetime_requested", min(max(lease.lifetime, 1), MAX_LIFETIME))
     _uint(requested, "'lifetime_requested'", MIN_LIFETIME, MAX_LIFETIME)
     pending = record.get("pending_delete", False)
