@@ -288,3 +288,25 @@ async def test_deletes_of_records_nobody_owns_are_retried_until_done(
             assert [r.lifetime for r in requests_for(gateway, port)][-1] == 0
             assert gateway.mapping_for("tcp", port) is None
         assert daemon.shared == {}  # never adopted
+
+
+async def test_a_clean_stop_before_adoption_marks_connection_bound_records_for_deletion(
+    short_dir: Path, mock_time: trio.testing.MockClock
+) -> None:
+    # Its app (this process) is alive: the record waits for it, grace period and all.
+    write_state(short_dir, [record(7900, persist=False), record(7901)])
+    gateway = FakeGateway(drop_rate=1.0)
+    async with running(short_dir, gateway) as daemon:
+        assert daemon.shared[("tcp", 7900)].mapping.state.value == "restoring"
+    # A clean stop ends connection-bound holds; not adopted, it is left to the next start.
+    state = state_records(short_dir)
+    assert set(state) == {7900, 7901}
+    assert state[7900]["pending_delete"] is True
+    assert "pending_delete" not in state[7901]
+    gateway.drop_rate = 0.0
+    async with running(short_dir, gateway) as daemon:
+        await daemon.restored.wait()
+        await daemon.synced()
+        assert set(daemon.shared) == {("tcp", 7901)}
+        assert set(state_records(short_dir)) == {7901}
+        assert [r.lifetime for r in requests_for(gateway, 7900)] == [0]  # deleted, not adopted
