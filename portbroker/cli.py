@@ -12,11 +12,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +31,6 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-STATE_VERSION = 1
 ENV_STATE = "PORTBROKER_STATE"
 
 
@@ -753,12 +750,16 @@ async def _unmap(broker: Broker, args: argparse.Namespace) -> int:
 class StateFile:
     """Mappings that ``map`` left in place, so that ``unmap`` can delete them.
 
-    JSON, written atomically (temp file, fsync, rename) under an flock. Holds
-    each PCP nonce: without it a PCP mapping cannot be deleted (RFC 6887 §15).
+    The state store shared with the daemon (:mod:`portbroker.state`: JSON,
+    atomic writes, under an flock); a record holds each PCP nonce, without
+    which a PCP mapping cannot be deleted (RFC 6887 §15).
     """
 
     def __init__(self, path: Path) -> None:
+        from portbroker.state import StateStore
+
         self.path = path
+        self._store = StateStore(path)
 
     @classmethod
     def locate(cls, explicit: str | None) -> StateFile:
@@ -772,71 +773,44 @@ class StateFile:
         return cls(Path(base) / "portbroker" / "cli-state.json")
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[list[dict[str, Any]]]:
+    def _locked(self) -> Iterator[list[Any]]:
+        from portbroker.state import StateError
+
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            lock = open(self.path.with_name(self.path.name + ".lock"), "a")  # noqa: SIM115
-        except OSError as exc:
-            raise Failure(f"cannot use the state file {self.path}: {exc.strerror or exc}") from exc
-        with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            entries = self._read()
-            yield entries
-            self._write(entries)
-
-    def _read(self) -> list[dict[str, Any]]:
-        try:
-            data = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return []
-        except (OSError, ValueError) as exc:
-            # Keep the unreadable file for a human; start a fresh one.
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-            with contextlib.suppress(OSError):
-                self.path.rename(aside)
-            print(
-                f"portbroker: state file {self.path} was unreadable ({exc}); moved to {aside}",
-                file=sys.stderr,
-            )
-            return []
-        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
-            return []
-        entries = data.get("mappings")
-        return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
-
-    def _write(self, entries: list[dict[str, Any]]) -> None:
-        from portbroker._util import atomic_write_json
-
-        atomic_write_json(self.path, {"version": STATE_VERSION, "mappings": entries})
+            with self._store.locked() as entries:
+                yield entries
+        except StateError as exc:
+            raise Failure(str(exc)) from exc
 
     @staticmethod
-    def _same(entry: dict[str, Any], gateway: str, port: int, proto: str) -> bool:
+    def _same(entry: Any, gateway: str, port: int, proto: str) -> bool:
         return (
-            entry.get("gateway") == gateway
+            isinstance(entry, dict)
+            and entry.get("gateway") == gateway
             and entry.get("internal_port") == port
             and entry.get("protocol") == proto
         )
 
     def add(self, lease: Lease) -> None:
+        from portbroker.state import lease_record
+
         with self._locked() as entries:
             entries[:] = [
                 e
                 for e in entries
                 if not self._same(e, str(lease.gateway), lease.internal_port, lease.protocol.value)
             ]
-            from portbroker.daemon.state import lease_record
-
             entries.append(lease_record(lease))
 
     def find(self, gateway: str, port: int, proto: str) -> Lease | None:
-        from portbroker.daemon.state import lease_from_record
+        from portbroker.state import RecordError, lease_from_record
 
         with self._locked() as entries:
             for entry in entries:
                 if self._same(entry, gateway, port, proto):
                     try:
                         return lease_from_record(entry)
-                    except (KeyError, TypeError, ValueError) as exc:
+                    except RecordError as exc:
                         raise Failure(
                             f"the record of {port}/{proto} in {self.path} is damaged: {exc}"
                         ) from exc

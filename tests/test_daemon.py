@@ -241,6 +241,8 @@ async def test_restart_adopts_persisted_mappings_with_their_nonce(short_dir: Pat
     before = len(gateway.requests)
     async with running(short_dir, gateway) as daemon:
         assert ("tcp", 7003) in daemon.shared
+        with trio.fail_after(10):
+            await daemon.restored.wait()  # restore goes on while the socket is served
         renewal = gateway.requests[before]
         assert isinstance(renewal, pcp.PcpRequest)
         assert renewal.data is not None

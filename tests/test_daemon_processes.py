@@ -11,8 +11,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -93,6 +94,24 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.stderr.close()
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait (generously: 30 s) for *condition*: the daemon works in the background."""
+    with trio.fail_after(30):
+        while not condition():  # noqa: ASYNC110 - another process's doing: nothing to wait on
+            await trio.sleep(0.05)
+
+
+async def restored_list(path: Path) -> list[dict[str, Any]]:
+    """``list``, once no mapping is still being restored (restore runs in the background)."""
+    with trio.fail_after(30):
+        while True:
+            async with open_client(path) as client:
+                listed: list[dict[str, Any]] = await client.list()
+            if all(m["state"] != "restoring" for m in listed):
+                return listed
+            await trio.sleep(0.05)
+
+
 HOLDER = """
 import sys, time
 from portbroker.client import BlockingClient
@@ -134,9 +153,9 @@ async def test_sigkill_and_restart_keeps_persisted_and_drops_orphans(short_dir: 
 
             before = len(gateway.requests)
             daemon = start_daemon(short_dir, gateway.port)  # takes the stale socket over
-            async with open_client(short_dir / "pb.sock") as client:
-                listed = await client.list()
+            listed = await restored_list(short_dir / "pb.sock")
             assert [m["id"] for m in listed] == ["7100/tcp"]
+            await until(lambda: gateway.mapping_for("tcp", 7101) is None)
             after = [r for r in gateway.requests[before:] if isinstance(r, pcp.PcpRequest)]
             renewals = [r for r in after if r.data is not None and r.data.internal_port == 7100]
             assert renewals
@@ -297,3 +316,159 @@ def test_hold_through_the_daemon_ends_cleanly_on_a_signal_right_after_the_line(
         gateway_process.wait(timeout=10)
         if gateway_process.stdout is not None:
             gateway_process.stdout.close()
+
+
+# A daemon process with a fault to inject: on SIGUSR1 one of its tasks fails
+# (as an EPERM on a send or a RecursionError once did), which ends the
+# daemon's nursery: a crash, not a clean stop.
+CRASHER = """
+import signal, sys, trio
+from pathlib import Path
+from portbroker.daemon.server import DaemonConfig, serve
+
+async def main():
+    here = Path(sys.argv[1])
+    config = DaemonConfig(
+        socket_path=here / "pb.sock",
+        state_path=here / "state.json",
+        gateway="127.0.0.1",
+        methods=("pcp", "natpmp"),
+        grace=1.0,
+        broker_options={"port": int(sys.argv[2]), "announce_port": None},
+    )
+    with trio.open_signal_receiver(signal.SIGUSR1) as crash:
+        async with serve(config) as daemon:
+            print("ready", flush=True)
+            async for _ in crash:
+                async def fault():
+                    raise RuntimeError("injected crash")
+                daemon._nursery.start_soon(fault)
+                await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+def _deletes(gateway: FakeGateway, since: int) -> list[pcp.PcpRequest]:
+    return [
+        r
+        for r in gateway.requests[since:]
+        if isinstance(r, pcp.PcpRequest) and r.data is not None and r.lifetime == 0
+    ]
+
+
+async def test_a_crash_releases_nothing_and_the_next_start_adopts_and_cleans_up(
+    short_dir: Path,
+) -> None:
+    gateway = FakeGateway(port=0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gateway.serve_udp)
+        crasher = subprocess.Popen(
+            [PYTHON, "-c", CRASHER, str(short_dir), str(gateway.port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        holder = daemon = None
+        try:
+            assert crasher.stdout is not None
+            assert (await trio.to_thread.run_sync(crasher.stdout.readline)).strip() == b"ready"
+            async with open_client(short_dir / "pb.sock") as client:
+                kept = await client.map(7700, "tcp", persist=True)
+            live = gateway.mapping_for("tcp", 7700)
+            assert live is not None
+            nonce = live.nonce
+            holder = subprocess.Popen(
+                [PYTHON, "-c", HOLDER, str(short_dir / "pb.sock"), "7701"],
+                stdout=subprocess.PIPE,
+                cwd=ROOT,
+            )
+            assert holder.stdout is not None
+            assert (await trio.to_thread.run_sync(holder.stdout.readline)).strip() == b"mapped"
+            before = len(gateway.requests)
+
+            crasher.send_signal(signal.SIGUSR1)
+            assert await trio.to_thread.run_sync(lambda: crasher.wait(timeout=30)) != 0
+            assert crasher.stderr is not None
+            assert b"injected crash" in crasher.stderr.read()
+            assert _deletes(gateway, before) == []  # nothing released
+            assert gateway.mapping_for("tcp", 7700) is not None
+            assert gateway.mapping_for("tcp", 7701) is not None
+            state = json.loads((short_dir / "state.json").read_text())
+            holds = {r["internal_port"]: r["holds"] for r in state["mappings"]}
+            assert holds == {
+                7700: [{"uid": os.getuid(), "pid": os.getpid(), "persist": True}],
+                7701: [{"uid": os.getuid(), "pid": holder.pid, "persist": False}],
+            }
+
+            holder.kill()  # the connection-bound mapping's app is gone
+            holder.wait()
+            before = len(gateway.requests)
+            daemon = start_daemon(short_dir, gateway.port)
+            listed = await restored_list(short_dir / "pb.sock")
+            assert [(m["id"], m["external_port"]) for m in listed] == [
+                ("7700/tcp", kept["external_port"])
+            ]
+            adopted = gateway.mapping_for("tcp", 7700)
+            assert adopted is not None
+            assert adopted.nonce == nonce
+            await until(lambda: gateway.mapping_for("tcp", 7701) is None)
+            assert [r.data.internal_port for r in _deletes(gateway, before) if r.data] == [7701]
+        finally:
+            for process in (crasher, holder, daemon):
+                if process is not None:
+                    stop(process)
+                    if process.stdout is not None:
+                        process.stdout.close()
+            nursery.cancel_scope.cancel()
+
+
+def _silent_record(port: int) -> dict[str, Any]:
+    return {
+        "method": "pcp",
+        "protocol": "tcp",
+        "internal_address": "127.0.0.1",
+        "internal_port": port,
+        "external_address": "203.0.113.7",
+        "external_port": port,
+        "lifetime": 7200,
+        "gateway": "127.0.0.1",
+        "permanent": False,
+        "expires_at_unix": time.time() + 7000,
+        "epoch": None,
+        "nonce": (port.to_bytes(2, "big") * 6).hex(),
+        "owner_uid": 0,
+        "holds": [{"uid": 0, "pid": 1, "persist": True}],
+        "lifetime_requested": 7200,
+    }
+
+
+async def test_a_daemon_restoring_from_a_silent_gateway_serves_and_stops_on_sigterm(
+    short_dir: Path,
+) -> None:
+    records = [_silent_record(p) for p in range(7800, 7840)]
+    (short_dir / "state.json").write_text(json.dumps({"version": 1, "mappings": records}))
+    gateway = FakeGateway(port=0, drop_rate=1.0)  # not a word: 8 s per attempt
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gateway.serve_udp)
+        daemon = start_daemon(short_dir, gateway.port)
+        try:
+            with trio.fail_after(20):  # a guard: restoring one by one took 40 x 8 s
+                async with open_client(short_dir / "pb.sock") as client:
+                    await client.hello()
+                    listed = await client.list()
+            assert len(listed) == 40
+            assert {m["state"] for m in listed} == {"restoring"}
+            daemon.send_signal(signal.SIGTERM)
+            assert await trio.to_thread.run_sync(lambda: daemon.wait(timeout=20)) == 0
+            state = json.loads((short_dir / "state.json").read_text())
+
+            def essence(r: dict[str, Any]) -> tuple[Any, ...]:
+                return (r["internal_port"], r["external_port"], r["nonce"], r["holds"])
+
+            assert sorted(map(essence, state["mappings"])) == sorted(map(essence, records))
+            for was, now in zip(records, state["mappings"], strict=True):
+                assert abs(was["expires_at_unix"] - now["expires_at_unix"]) < 60
+        finally:
+            stop(daemon)
+            nursery.cancel_scope.cancel()

@@ -93,11 +93,7 @@ def test_the_module_level_import_graph_has_no_cycle() -> None:
 
 @pytest.mark.parametrize(
     "module",
-    sorted(
-        m
-        for m in MODULES
-        if m in SANS_IO or m.startswith("portbroker.wire")
-    ),
+    sorted(m for m in MODULES if m in SANS_IO or m.startswith("portbroker.wire")),
 )
 def test_the_sans_io_core_imports_no_io(module: str) -> None:
     names = imports(MODULES[module], everywhere=True)

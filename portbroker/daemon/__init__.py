@@ -2,5 +2,5 @@
 
 - :mod:`.protocol` — the wire protocol (sans-IO)
 - :mod:`.server` — the server: clients, ownership, sharing, grace periods
-- :mod:`.state` — the state file
+- :mod:`.state` — the daemon's records in the state file (the file itself: :mod:`portbroker.state`)
 """

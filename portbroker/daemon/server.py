@@ -14,8 +14,11 @@ renews what was persisted and deletes what nobody owns any more.
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import grp
+import heapq
+import itertools
 import logging
 import math
 import os
@@ -25,7 +28,7 @@ import select
 import socket
 import stat
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -39,7 +42,13 @@ from portbroker.broker import Broker, Mapping, open_broker
 from portbroker.daemon import protocol as proto
 from portbroker.daemon.ownership import Entry, Hold, Ownership, Peer, Policy
 from portbroker.daemon.protocol import ErrorCode, ProtocolError, Request
-from portbroker.daemon.state import StateStore, lease_from_record, lease_record
+from portbroker.daemon.state import (
+    DaemonRecord,
+    RecordError,
+    StateStore,
+    daemon_record,
+    parse_daemon_record,
+)
 from portbroker.errors import (
     LinkError,
     MappingError,
@@ -47,9 +56,16 @@ from portbroker.errors import (
     NoAnswer,
     PortBrokerError,
 )
-from portbroker.lifecycle import Released, State, event_detail
+from portbroker.lifecycle import (
+    RECOVERY_BACKOFF,
+    FailureKind,
+    Released,
+    State,
+    classify,
+    event_detail,
+)
 from portbroker.probe import NoMethodAvailable, report_json
-from portbroker.types import DEFAULT_LIFETIME, MAX_LIFETIME, MIN_LIFETIME, MappingRequest
+from portbroker.types import DEFAULT_LIFETIME, MAX_LIFETIME, MIN_LIFETIME, Lease, MappingRequest
 
 __all__ = ["DaemonConfig", "DaemonError", "default_socket_path", "run_daemon", "serve"]
 
@@ -58,6 +74,10 @@ logger = logging.getLogger("portbroker.daemon")
 OUTBOX: Final = 1024  # replies and events queued for a client before it is cut off
 IN_FLIGHT: Final = 64  # requests one client may have running at once
 SO_PEERCRED_FORMAT: Final = "3i"
+# Records of the state file adopted (or deleted) at once after a start: enough
+# that a silent gateway (a budget of 8 s each) does not hold the rest back for
+# long, few enough not to flood a gateway that answers.
+RESTORE_CONCURRENCY: Final = 16
 
 
 class DaemonError(PortBrokerError):
@@ -148,15 +168,69 @@ class Client:
             pass
 
 
-def _mapping(entry: Entry) -> Mapping:
-    """The broker mapping behind a granted *entry*."""
-    assert isinstance(entry.handle, Mapping), f"{entry.id} has no mapping yet"
+class RestoreState(enum.Enum):
+    RESTORING = "restoring"
+
+
+@attrs.define(eq=False)
+class Restoring:
+    """A mapping of the state file not adopted yet, in place of its :class:`Mapping`.
+
+    It stands in :attr:`Daemon.shared` from the first second, so ``list``
+    shows it (state ``restoring``), its owner's ``map`` joins it and ``unmap``
+    ends it (:meth:`release`: deleted on the gateway) while the gateway is
+    silent; adopted, it gives way to the real mapping.
+    """
+
+    request: MappingRequest
+    lease: Lease
+    record: dict[str, Any]  # as read from the state file
+    retire: Callable[[Restoring], Awaitable[None]]
+    failures: int = 0
+    first: bool = False  # one of the records read at start, its first attempt to come
+    scope: trio.CancelScope | None = None  # the adoption under way
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.request.protocol.value, self.request.internal_port)
+
+    @property
+    def state(self) -> RestoreState:
+        return RestoreState.RESTORING
+
+    async def release(self) -> None:
+        await self.retire(self)
+
+
+@attrs.define(eq=False)
+class Retiring:
+    """A mapping to delete on the gateway (``pending_delete`` in the state file).
+
+    Its owner is gone, or it was unmapped before it was adopted, or a delete
+    failed: it stays recorded until a delete succeeds, the gateway refuses it,
+    or the lease has run out.
+    """
+
+    lease: Lease
+    record: dict[str, Any]  # pending_delete: true
+    failures: int = 0
+    first: bool = False  # as Restoring.first
+
+    @property
+    def label(self) -> str:
+        return f"{self.lease.internal_port}/{self.lease.protocol.value}"
+
+
+def _handle(entry: Entry) -> Mapping | Restoring:
+    """What stands behind a granted *entry*: its broker mapping, or the
+    stand-in of a state-file record still being restored."""
+    assert isinstance(entry.handle, Mapping | Restoring), f"{entry.id} has no mapping yet"
     return entry.handle
 
 
 def describe(entry: Entry) -> dict[str, Any]:
     """A ``mapping`` object of the protocol (docs/daemon-protocol.md)."""
-    mapping = _mapping(entry)
+    mapping = _handle(entry)
     lease = mapping.lease
     out: dict[str, Any] = {
         "id": entry.id,
@@ -202,6 +276,16 @@ class Daemon:
         self._record_cache: dict[tuple[str, int], dict[str, Any]] = {}
         self._grace_changed = trio.Event()
         self._refusals: dict[int, tuple[float, int]] = {}  # uid -> (last logged, since)
+        # Restore (see restore()): deletes not confirmed yet, attempts to
+        # repeat (due time, sequence, item), and whether the state file has
+        # been read (until then nothing may overwrite it).
+        self._retiring: dict[int, Retiring] = {}
+        self._retry: list[tuple[float, int, Restoring | Retiring]] = []
+        self._retry_wake = trio.Event()
+        self._retry_seq = itertools.count()
+        self._first_left = 0
+        self._loaded = False
+        self.restored = trio.Event()  # every record read at start had its first attempt
 
     # -- bookkeeping ------------------------------------------------------------
 
@@ -258,14 +342,24 @@ class Daemon:
             self._wrote.set()
             self._wrote = trio.Event()
 
-    def _write(self, *, exiting: bool = False) -> None:
-        """Write the state file now (on exit: only the persisted mappings)."""
+    def _write(self, *, exiting: bool = False, records: list[dict[str, Any]] | None = None) -> None:
+        """Write the state file now: *records*, or :meth:`_records` (*exiting* as there)."""
+        if not self._loaded:
+            return  # never read: what is on disk is still all there is
         try:
-            self.store.save(self._records(exiting=exiting))
+            self.store.save(self._records(exiting=exiting) if records is None else records)
         except OSError as exc:
             logger.error("cannot write the state file %s: %s", self.store.path, exc)
 
     def _records(self, *, exiting: bool = False) -> list[dict[str, Any]]:
+        """Every record the state file must hold.
+
+        Each entry's mapping with its holds, entries still being restored
+        included, then the deletes not yet confirmed. *exiting* (a clean
+        stop): only persisted holds, since the daemon's exit ends the others;
+        an entry not adopted yet with none is recorded as ``pending_delete``
+        so the next start deletes it.
+        """
         records = []
         for entry in self.shared.values():
             if entry.handle is None:
@@ -275,73 +369,288 @@ class Daemon:
                 if cached is not None:
                     records.append(cached)
                     continue
-            mapping = _mapping(entry)
+            mapping, holds = _handle(entry), entry.holds
+            pending = False
+            if exiting:
+                persisted = [h for h in holds if h.persist]
+                if persisted or not isinstance(mapping, Restoring):
+                    holds = persisted
+                else:
+                    pending = True
             lease = mapping.lease
-            holds = [h for h in entry.holds if h.persist] if exiting else entry.holds
             if lease is None or not holds:
                 continue
             if not exiting and mapping.state is State.RELEASED:
                 continue
-            record = lease_record(lease)
-            record.update(
-                owner_uid=entry.owner_uid,
-                holds=[{"uid": h.uid, "pid": h.pid, "persist": h.persist} for h in holds],
-                lifetime_requested=mapping.request.lifetime,
+            record = daemon_record(
+                lease, entry.owner_uid, holds, mapping.request.lifetime, pending_delete=pending
             )
             if not exiting:
                 self._record_cache[entry.key] = record
             records.append(record)
+        records.extend(item.record for item in self._retiring.values())
         return records
 
     async def _drop(self, entry: Entry) -> None:
         """*entry* left the registry (its last hold went): end it at the gateway."""
         self._save(entry)
-        await _mapping(entry).release()
+        await _handle(entry).release()
 
     # -- restore after a restart ----------------------------------------------------
 
-    async def restore(self) -> None:
-        """Adopt persisted mappings; delete the ones nobody owns any more."""
-        records = self.store.load()
-        for record in records:
-            try:
-                lease = lease_from_record(record)
-                holds = [
-                    Hold(int(h["uid"]), int(h["pid"]), bool(h["persist"]), None)
-                    for h in record.get("holds", [])
-                ]
-                owner = int(record["owner_uid"])
-                lifetime = int(record.get("lifetime_requested", lease.lifetime))
-            except (KeyError, TypeError, ValueError) as exc:
-                logger.error("state file: skipping a damaged record (%s)", exc)
-                continue
-            # Apps still running may reconnect (the ownership rules give them
-            # the usual grace period); persisted holds stay.
-            alive = [h for h in holds if h.persist or _pid_alive(h.pid)]
+    def _load(self, now: float) -> list[tuple[dict[str, Any], DaemonRecord, MappingRequest]]:
+        """The state file's usable records (in a worker thread: 100,000 take a second).
+
+        A record that fails validation is set aside with a log line naming it
+        (:meth:`StateStore.load_checked`), never fatal; of two live records of
+        one endpoint the first is kept.
+        """
+        seen: set[tuple[str, int]] = set()
+
+        def check(record: Any) -> tuple[dict[str, Any], DaemonRecord, MappingRequest]:
+            parsed = parse_daemon_record(record, now=now)
+            if not parsed.pending_delete:
+                if parsed.key in seen:
+                    raise RecordError(f"a second record of {parsed.key[1]}/{parsed.key[0]}")
+                seen.add(parsed.key)
+            lease = parsed.lease
             request = MappingRequest(
                 lease.internal_port,
                 lease.protocol,
-                # An old or hand-edited record may hold any number.
-                min(max(lifetime, MIN_LIFETIME), MAX_LIFETIME),
+                parsed.lifetime_requested,
                 internal_address=lease.internal_address,
             )
-            key = (lease.protocol.value, lease.internal_port)
-            try:
-                if not alive:
-                    logger.info("%d/%s: owner gone; deleting it on the gateway", key[1], key[0])
-                    await self.broker.delete(lease)
-                    continue
-                mapping = await self.broker.adopt(request, lease)
-            except (PortBrokerError, ValueError) as exc:
-                logger.warning("%d/%s: could not take over (%s)", key[1], key[0], exc)
+            return record, parsed, request
+
+        good, _rejected = self.store.load_checked(check)
+        return good
+
+    async def restore(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Adopt the state file's mappings; delete the ones nobody owns any more.
+
+        Started (``task_status``) once the file is read and every record is in
+        memory: a mapping being restored is in :attr:`shared` (a
+        :class:`Restoring`), one to delete in the deletes to confirm. Then, at
+        most :data:`RESTORE_CONCURRENCY` at once, each is adopted (PCP: the
+        same nonce) or deleted on the gateway; one that fails for want of an
+        answer is tried again after :data:`~portbroker.lifecycle.RECOVERY_BACKOFF`,
+        for as long as the daemon runs. A record goes only when resolved: its
+        owner unmaps it, the gateway refuses it for good, or (a delete) it is
+        deleted or its lease has run out. Until then the state file holds it,
+        whatever happens to this process. Runs until cancelled.
+        """
+        now = trio.current_time()
+        loaded = await trio.to_thread.run_sync(self._load, now, abandon_on_cancel=True)
+        first: list[Restoring | Retiring] = []
+        for record, parsed, request in loaded:
+            holds = [Hold(h.uid, h.pid, h.persist, None) for h in parsed.holds]
+            # Apps still running may reconnect (the ownership rules give
+            # them the usual grace period); persisted holds stay.
+            alive = [h for h in holds if h.persist or _pid_alive(h.pid)]
+            if parsed.pending_delete or not alive:
+                if not parsed.pending_delete:
+                    logger.info(
+                        "%d/%s: owner gone; deleting it on the gateway",
+                        parsed.key[1],
+                        parsed.key[0],
+                    )
+                first.append(self._retire(parsed.lease, record))
                 continue
-            entry = self._install_restored(key, owner, alive, mapping)
-            logger.info("%s: adopted from the state file (%d hold(s))", entry.id, len(alive))
+            placeholder = Restoring(request, parsed.lease, record, self._retire_restoring)
+            self._install_restored(parsed.key, parsed.owner_uid, alive, placeholder)
+            if len(alive) == len(holds):
+                # Unchanged: written back as read (100,000 records must not
+                # all be re-encoded before the first write).
+                self._record_cache[parsed.key] = record
+            first.append(placeholder)
+        for item in first:
+            item.first = True
+        self._loaded = True
+        self._first_left = len(first)
+        if not first:
+            self.restored.set()
         self._save()
+        task_status.started()
+        send, receive = trio.open_memory_channel[Restoring | Retiring](0)
+        async with trio.open_nursery() as nursery:
+            for _ in range(RESTORE_CONCURRENCY):
+                nursery.start_soon(self._restore_worker, receive)
+            for item in first:
+                await send.send(item)
+            del first
+            while True:
+                if not self._retry:
+                    await self._retry_wake.wait()
+                    self._retry_wake = trio.Event()
+                    continue
+                due, _seq, item = self._retry[0]
+                if due > trio.current_time():
+                    with trio.move_on_at(due):
+                        await self._retry_wake.wait()
+                    if self._retry_wake.is_set():
+                        self._retry_wake = trio.Event()
+                    continue
+                heapq.heappop(self._retry)
+                await send.send(item)
+
+    def _adopted(self, entry: Entry, mapping: Mapping) -> None:
+        """*entry*'s stand-in gives way to the mapping the broker now keeps alive."""
+        self._by_mapping.pop(id(entry.handle), None)
+        entry.handle = mapping
+        if mapping.lease is not None:
+            entry.external_port = mapping.lease.external_port
+        self._save(entry)
+        logger.info("%s: adopted from the state file (%d hold(s))", entry.id, len(entry.holds))
+
+    def _retire(self, lease: Lease, record: dict[str, Any]) -> Retiring:
+        item = Retiring(lease, {**record, "pending_delete": True})
+        self._retiring[id(item)] = item
+        self._save()
+        return item
+
+    def _resolved(self, item: Retiring) -> None:
+        if self._retiring.pop(id(item), None) is not None:
+            self._save()
+
+    async def _retire_restoring(self, placeholder: Restoring) -> None:
+        """Unmapped (or its grace over) before it was adopted: delete it on the gateway."""
+        if placeholder.scope is not None:
+            placeholder.scope.cancel()
+        item = self._retire(placeholder.lease, placeholder.record)
+        # Retried later should this attempt fail, or the request be cancelled.
+        self._retry_later(item, None, quiet=True)
+        await self._try_delete(item)
+
+    def _retry_later(
+        self,
+        item: Restoring | Retiring,
+        error: BaseException | None,
+        retry_after: float | None = None,
+        *,
+        quiet: bool = False,
+    ) -> None:
+        item.failures += 1
+        delay = RECOVERY_BACKOFF[min(item.failures, len(RECOVERY_BACKOFF)) - 1]
+        delay = max(delay, retry_after or 0.0)
+        if not quiet:
+            label = item.label if isinstance(item, Retiring) else f"{item.key[1]}/{item.key[0]}"
+            doing = "delete" if isinstance(item, Retiring) else "take over"
+            # Once per record at warning: 100,000 records must not flood the log.
+            logger.log(
+                logging.WARNING if item.failures == 1 else logging.INFO,
+                "%s: could not %s it yet (%s); trying again in %g s",
+                label,
+                doing,
+                error,
+                delay,
+            )
+        heapq.heappush(self._retry, (trio.current_time() + delay, next(self._retry_seq), item))
+        self._retry_wake.set()
+
+    async def _restore_worker(
+        self, receive: trio.MemoryReceiveChannel[Restoring | Retiring]
+    ) -> None:
+        async for item in receive:
+            try:
+                if isinstance(item, Restoring):
+                    await self._try_adopt(item)
+                else:
+                    await self._try_delete(item)
+            except Exception as exc:  # a bug must not lose the record, nor end the daemon
+                logger.error("restoring a record failed: a bug", exc_info=exc)
+                self._retry_later(item, exc)
+            finally:
+                if item.first:
+                    item.first = False
+                    self._first_left -= 1
+                    if self._first_left == 0:
+                        self.restored.set()
+
+    async def _try_adopt(self, placeholder: Restoring) -> None:
+        key = placeholder.key
+        entry = self.shared.get(key)
+        if entry is None or entry.handle is not placeholder:
+            return  # unmapped meanwhile
+        mapping: Mapping | None = None
+        with trio.CancelScope() as placeholder.scope:
+            try:
+                mapping = await self.broker.adopt(placeholder.request, placeholder.lease)
+            except MappingError as exc:
+                failure = classify(exc, expires_in=_expires_in(placeholder.lease))
+                if failure.kind is not FailureKind.REFUSED:
+                    self._retry_later(placeholder, exc, failure.retry_after)
+                    return
+                logger.warning("%s: the gateway refuses it (%s); forgetting it", entry.id, exc)
+                if self.shared.get(key) is entry:
+                    self.owners.forget(key)
+                    self._save(entry)
+                return
+            except (PortBrokerError, ValueError) as exc:
+                self._retry_later(placeholder, exc)
+                return
+            finally:
+                placeholder.scope = None
+        if mapping is None:
+            return  # cancelled: unmapped meanwhile, and being deleted
+        if self.shared.get(key) is not entry or entry.handle is not placeholder:
+            await mapping.release()
+            return
+        self._adopted(entry, mapping)
+
+    async def _try_delete(self, item: Retiring) -> None:
+        if id(item) not in self._retiring:
+            return  # done meanwhile
+        lease = item.lease
+        if not lease.permanent and trio.current_time() >= lease.expires_at:
+            logger.info("%s: its lease has run out; nothing left to delete", item.label)
+            self._resolved(item)
+            return
+        try:
+            await self.broker.delete(lease)
+        except MappingError as exc:
+            failure = classify(exc, expires_in=_expires_in(lease))
+            if failure.kind is not FailureKind.REFUSED:
+                self._retry_later(item, exc, failure.retry_after)
+                return
+            logger.warning(
+                "%s: the gateway refuses to delete it (%s); forgetting it", item.label, exc
+            )
+        except (PortBrokerError, ValueError) as exc:
+            self._retry_later(item, exc)
+            return
+        else:
+            logger.info("%s: deleted on the gateway", item.label)
+        self._resolved(item)
+
+    def _leave(self, *, crashed: bool) -> None:
+        """The last write of the state file, as the daemon ends.
+
+        A clean stop (SIGTERM, cancellation): persisted mappings are detached
+        (left on the gateway, recorded for the next start); the broker's exit
+        deletes the connection-bound ones. Any other exit (a crash) releases
+        nothing: every mapping is detached and recorded, connection-bound ones
+        with their pids, so the next start adopts what is persisted and
+        deletes what belonged to apps that are gone.
+        """
+        if not self._loaded:
+            return
+        # Before detaching: a detached mapping reads as released.
+        records = self._records(exiting=not crashed)
+        for entry in list(self.shared.values()):
+            mapping = entry.handle
+            if not isinstance(mapping, Mapping) or mapping.state in (State.RELEASED, State.FAILED):
+                continue
+            if crashed or any(h.persist for h in entry.holds):
+                with contextlib.suppress(PortBrokerError):
+                    self.broker.detach(mapping)
+        self._write(records=records)
 
     def _install_restored(
-        self, key: tuple[str, int], owner_uid: int, holds: list[Hold], mapping: Mapping
+        self, key: tuple[str, int], owner_uid: int, holds: list[Hold], mapping: Restoring
     ) -> Entry:
+        """The in-memory entry of a record being restored (the one place restore makes one)."""
         lease = mapping.lease
         entry = self.owners.restored(
             key,
@@ -852,9 +1161,27 @@ def _listening_socket(config: DaemonConfig) -> socket.socket:
     return sock
 
 
+def _expires_in(lease: Lease) -> float | None:
+    """What is left of *lease*, for :func:`~portbroker.lifecycle.classify`: a
+    refusal whose ``retry_after`` lies beyond it is a refusal for good."""
+    return None if lease.permanent else max(0.0, lease.expires_at - trio.current_time())
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    return all(isinstance(leaf, trio.Cancelled) for leaf in _leaves(exc))
+
+
 @contextlib.asynccontextmanager
 async def serve(config: DaemonConfig) -> AsyncIterator[Daemon]:
-    """Run a daemon (in the caller's trio run) until the block exits."""
+    """Run a daemon (in the caller's trio run) until the block exits.
+
+    The block is entered once the state file is read (:meth:`Daemon.restore`
+    goes on in the background: :attr:`Daemon.restored` says when every record
+    had its first attempt). Leaving it normally or by cancellation is a clean
+    stop; any other exit, or a failure of any of the daemon's tasks, is a
+    crash, and a crash leaves every mapping on the gateway
+    (:meth:`Daemon._leave`).
+    """
     sock = _listening_socket(config)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     try:
@@ -862,31 +1189,44 @@ async def serve(config: DaemonConfig) -> AsyncIterator[Daemon]:
             async with open_broker(
                 config.gateway, config.methods, config.probe_timeout, **config.broker_options
             ) as broker:
-                async with trio.open_nursery() as nursery:
-                    daemon = Daemon(config, broker, nursery)
-                    nursery.start_soon(daemon.events)
-                    await nursery.start(daemon.writer)
-                    await nursery.start(daemon.grace_timer)
-                    await daemon.restore()
-                    nursery.start_soon(trio.serve_listeners, daemon.serve_client, [listener])
-                    logger.info(
-                        "portbroker daemon %s listening on %s (gateway %s)",
-                        __version__,
-                        config.socket_path,
-                        broker.gateway,
-                    )
-                    try:
-                        yield daemon
-                    finally:
-                        nursery.cancel_scope.cancel()
-                # The writer has stopped (and its last write finished), so this
-                # write is the last. Connection-bound holds end with the daemon
-                # (the broker deletes them on exit); persisted ones stay on the
-                # gateway, recorded for the next start.
-                for entry in list(daemon.shared.values()):
-                    if entry.handle is not None and entry.persist:
-                        broker.detach(_mapping(entry))
-                daemon._write(exiting=True)
+                daemon: Daemon | None = None
+                crashed = True
+                failure: BaseException | None = None
+                try:
+                    async with trio.open_nursery() as nursery:
+                        daemon = Daemon(config, broker, nursery)
+                        nursery.start_soon(daemon.events)
+                        await nursery.start(daemon.writer)
+                        await nursery.start(daemon.grace_timer)
+                        # Clients queue in the listening socket's backlog until
+                        # the file is read (a second for 100,000 records).
+                        await nursery.start(daemon.restore)
+                        nursery.start_soon(trio.serve_listeners, daemon.serve_client, [listener])
+                        logger.info(
+                            "portbroker daemon %s listening on %s (gateway %s)",
+                            __version__,
+                            config.socket_path,
+                            broker.gateway,
+                        )
+                        try:
+                            yield daemon
+                        finally:
+                            nursery.cancel_scope.cancel()
+                    crashed = False
+                except BaseException as exc:
+                    crashed = not _only_cancelled(exc)
+                    failure = exc
+                    raise
+                finally:
+                    if daemon is not None:
+                        if crashed:
+                            logger.error(
+                                "the daemon failed: every mapping stays on the gateway",
+                                exc_info=failure,
+                            )
+                        # The writer has stopped (its last write finished): this
+                        # write is the last.
+                        daemon._leave(crashed=crashed)
     finally:
         with contextlib.suppress(OSError):
             if config.socket_path.is_socket():
@@ -896,12 +1236,19 @@ async def serve(config: DaemonConfig) -> AsyncIterator[Daemon]:
 async def run_daemon(
     config: DaemonConfig, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Serve until cancelled or SIGINT/SIGTERM."""
+    """Serve until cancelled or SIGINT/SIGTERM (at any moment: during a restore too)."""
     import signal
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with serve(config):
-            task_status.started()
-            async for signum in signals:
-                logger.info("signal %d: stopping", signum)
-                return
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    logger.info("signal %d: stopping", signum)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            async with serve(config):
+                task_status.started()
+                await trio.sleep_forever()

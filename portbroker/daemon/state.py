@@ -1,106 +1,136 @@
-"""The daemon's state file: its mappings, written atomically on every change.
+"""The daemon's records in its state file; the file itself is :mod:`portbroker.state`.
 
-JSON with a version. Each record holds what the next daemon needs to renew or
-delete a mapping: method, PCP nonce, internal and external endpoints, expiry,
-owner and holds. Writes go to a temporary file that is fsynced and renamed
-over the old one, so a crash leaves the old file or the new one, never half.
-A file that cannot be read is set aside (renamed) with a log line, and the
-daemon starts empty.
+A daemon record is a :func:`~portbroker.state.lease_record` plus who holds the
+mapping::
+
+    "owner_uid": 1000,
+    "holds": [{"uid": 1000, "pid": 4242, "persist": true}],
+    "lifetime_requested": 7200,
+    "pending_delete": false
+
+``pending_delete`` (optional, default false) marks a mapping that must be
+deleted on the gateway (its owner is gone, or it was unmapped) but whose
+delete has not been confirmed yet: the next start tries the delete again, until
+it succeeds, is refused, or the lease has run out.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
-import time
-from pathlib import Path
-from typing import Any, Final
+from collections.abc import Iterable
+from typing import Any, Protocol
 
-from portbroker._util import atomic_write_json
-from portbroker.types import Lease, TransportProtocol, lease_json
+import attrs
 
-__all__ = ["STATE_VERSION", "StateStore", "lease_from_record", "lease_record"]
+from portbroker.state import (
+    STATE_VERSION,
+    RecordError,
+    StateStore,
+    check_lease_record,
+    checked_lease_from_record,
+    describe_record,
+    lease_from_record,
+    lease_record,
+)
+from portbroker.types import MAX_LIFETIME, MIN_LIFETIME, Lease
 
-logger = logging.getLogger("portbroker.daemon")
-STATE_VERSION: Final = 1
+__all__ = [
+    "STATE_VERSION",
+    "DaemonRecord",
+    "HoldRecord",
+    "RecordError",
+    "StateStore",
+    "daemon_record",
+    "describe_record",
+    "lease_from_record",
+    "lease_record",
+    "parse_daemon_record",
+]
 
-
-def lease_record(lease: Lease) -> dict[str, Any]:
-    """:func:`lease_json` plus what renewing or deleting it later needs."""
-    remaining = max(0.0, lease.expires_at - _monotonic_now())
-    return {
-        **lease_json(lease),
-        "expires_at_unix": round(time.time() + remaining, 3),
-        "epoch": lease.epoch,
-        "nonce": lease.nonce.hex() if lease.nonce else None,
-    }
-
-
-def _monotonic_now() -> float:
-    import trio
-
-    try:
-        return trio.current_time()
-    except RuntimeError:  # outside trio: leases are on trio's clock, so assume "now"
-        return 0.0
+UID_MAX = 2**32 - 2  # (uid_t)-1 means "no uid"
+PID_MAX = 2**22  # the kernel's upper bound for pid_max
 
 
-def lease_from_record(record: dict[str, Any]) -> Lease:
-    """Inverse of :func:`lease_record`; the lease's clock starts now.
+class HoldLike(Protocol):
+    @property
+    def uid(self) -> int: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def persist(self) -> bool: ...
 
-    Raises KeyError, TypeError or ValueError for a damaged record.
+
+@attrs.frozen
+class HoldRecord:
+    uid: int
+    pid: int
+    persist: bool
+
+
+@attrs.frozen
+class DaemonRecord:
+    lease: Lease
+    owner_uid: int
+    holds: tuple[HoldRecord, ...]
+    lifetime_requested: int
+    pending_delete: bool = False
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.lease.protocol.value, self.lease.internal_port)
+
+
+def _uint(value: Any, name: str, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise RecordError(f"{name} must be an integer {low}..{high}, not {value!r}")
+    return value
+
+
+def parse_daemon_record(record: Any, *, now: float | None = None) -> DaemonRecord:
+    """A daemon record from its JSON; *now* as for :func:`lease_from_record`.
+
+    Raises:
+        RecordError: what is wrong with it, in words.
     """
-    remaining = float(record["expires_at_unix"]) - time.time()
-    nonce = record.get("nonce")
-    lifetime = int(record["lifetime"])
-    return Lease(
-        method=str(record["method"]),
-        protocol=TransportProtocol.parse(record["protocol"]),
-        internal_address=record["internal_address"],
-        internal_port=int(record["internal_port"]),
-        external_address=record["external_address"],
-        external_port=int(record["external_port"]),
-        lifetime=lifetime,
-        granted_at=_monotonic_now() - max(0.0, lifetime - remaining),
-        gateway=record["gateway"],
-        epoch=record.get("epoch"),
-        nonce=bytes.fromhex(nonce) if nonce else None,
-        permanent=bool(record.get("permanent")),
-    )
-
-
-class StateStore:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def load(self) -> list[dict[str, Any]]:
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            logger.error("cannot read the state file %s (%s); starting empty", self.path, exc)
-            return []
-        try:
-            data = json.loads(text)
-            if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
-                raise ValueError(f"not a version-{STATE_VERSION} portbroker state file")
-            records = data["mappings"]
-            if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-                raise ValueError("'mappings' is not a list of objects")
-        except (ValueError, KeyError) as exc:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-            with contextlib.suppress(OSError):
-                self.path.rename(aside)
-            logger.error(
-                "state file %s is corrupt (%s): set aside as %s; starting with no mappings",
-                self.path,
-                exc,
-                aside,
+    check_lease_record(record)
+    owner = _uint(record.get("owner_uid"), "'owner_uid'", 0, UID_MAX)
+    raw_holds = record.get("holds", [])
+    if not isinstance(raw_holds, list):
+        raise RecordError(f"'holds' must be a list, not {raw_holds!r}")
+    holds = []
+    for hold in raw_holds:
+        if not isinstance(hold, dict) or not isinstance(hold.get("persist"), bool):
+            raise RecordError(f"a hold must be {{uid, pid, persist}}, not {hold!r}")
+        holds.append(
+            HoldRecord(
+                _uint(hold.get("uid"), "a hold's 'uid'", 0, UID_MAX),
+                _uint(hold.get("pid"), "a hold's 'pid'", 0, PID_MAX),
+                hold["persist"],
             )
-            return []
-        return records
+        )
+    lease = checked_lease_from_record(record, now=now)
+    requested = record.get("lifetime_requested", min(max(lease.lifetime, 1), MAX_LIFETIME))
+    _uint(requested, "'lifetime_requested'", MIN_LIFETIME, MAX_LIFETIME)
+    pending = record.get("pending_delete", False)
+    if not isinstance(pending, bool):
+        raise RecordError(f"'pending_delete' must be true or false, not {pending!r}")
+    return DaemonRecord(lease, owner, tuple(holds), requested, pending)
 
-    def save(self, records: list[dict[str, Any]]) -> None:
-        atomic_write_json(self.path, {"version": STATE_VERSION, "mappings": records})
+
+def daemon_record(
+    lease: Lease,
+    owner_uid: int,
+    holds: Iterable[HoldLike],
+    lifetime_requested: int,
+    *,
+    pending_delete: bool = False,
+) -> dict[str, Any]:
+    """The JSON of a daemon record (inverse of :func:`parse_daemon_record`)."""
+    record = lease_record(lease)
+    record.update(
+        owner_uid=owner_uid,
+        holds=[{"uid": h.uid, "pid": h.pid, "persist": h.persist} for h in holds],
+        lifetime_requested=lifetime_requested,
+    )
+    if pending_delete:
+        record["pending_delete"] = True
+    return record
