@@ -132,10 +132,16 @@ class PcpMethod:
         for _attempt in range(DELETE_ATTEMPTS):
             response = await self._call(request)
             if response.result_code != ResultCode.SUCCESS:
+                # A short-lifetime error (NETWORK_FAILURE, NO_RESOURCES,
+                # USER_EX_QUOTA: RFC 6887 §7.4) may clear, so it says when to
+                # ask again (the broker retries deletes, lifecycle.classify_delete);
+                # a long one (NOT_AUTHORIZED...) is final.
+                short = response.result_code.error_class is pcp.ErrorClass.SHORT
                 raise MappingError(
                     self.name,
                     f"delete refused: {response.result_code.name}",
                     result_code=int(response.result_code),
+                    retry_after=error_hold_off(response) if short else None,
                 )
             if response.lifetime == 0:
                 break
