@@ -348,10 +348,15 @@ class Broker:
                 f"method {via!r} is not enabled here; enabled: {', '.join(self._methods)}"
             )
         with self._claim(request):
-            self._supersede(request, None)
+            # No retried delete of this port may go out while its create does.
+            dropped = self._supersede(request)
             try:
                 lease = await self._create(request, via)
             except BaseException as exc:
+                # The old entry may well be there still (a gateway down makes
+                # deletes pending and creates fail): its delete starts again.
+                for old in dropped:
+                    self._nursery.start_soon(self._delete_again, old)
                 if not isinstance(exc, Exception):
                     # Cancelled (or interrupted) after the request may have
                     # reached the gateway: delete what it may have made, since
@@ -410,7 +415,7 @@ class Broker:
             return self._start(request, await self._create_with(method, request, lease))
 
     def _start(self, request: MappingRequest, lease: Lease) -> Mapping:
-        self._supersede(request, lease)
+        self._supersede(lease)
         lifecycle = MappingLifecycle(
             self._rng, self.recovery_delay, request_budget=self._request_budget()
         )
@@ -816,25 +821,22 @@ class Broker:
             return
         self._apply_delete(pending, step)
 
-    def _supersede(self, request: MappingRequest, lease: Lease | None) -> None:
-        """A new mapping ends the pending deletes that would remove it (rule 10)."""
-        for pending in list(self._pending):
-            old = pending.lease
-            if lease is not None:
-                hit = supersedes(lease, old)
-            else:
-                # Before the create: the same internal port (any address when
-                # the request names none) is the same entry for PCP and NAT-PMP.
-                hit = (
-                    old.protocol == request.protocol
-                    and old.internal_port == request.internal_port
-                    and request.internal_address in (None, old.internal_address)
-                )
-            if hit:
-                self._pending.remove(pending)
-                logger.info(
-                    "%s: no longer deleting it: a new mapping takes its place", _lease_label(old)
-                )
+    def _supersede(self, new: Lease | MappingRequest) -> list[Lease]:
+        """End the pending deletes that would remove *new* (rule 10); their leases."""
+        dropped = [p for p in self._pending if supersedes(new, p.lease)]
+        for pending in dropped:
+            self._pending.remove(pending)
+            logger.info(
+                "%s: no longer deleting it: a new mapping takes its place",
+                _lease_label(pending.lease),
+            )
+        return [pending.lease for pending in dropped]
+
+    async def _delete_again(self, lease: Lease) -> None:
+        try:
+            await self.delete(lease, retry=True)
+        except Exception:  # a bug: the lease lapses on its own
+            logger.exception("%s: deleting it again failed", _lease_label(lease))
 
     # -- scheduling -------------------------------------------------------------
 

@@ -98,7 +98,7 @@ from typing import Any, Final
 import attrs
 
 from portbroker.errors import MappingError, MethodUnavailable, NoAnswer, PortBrokerError
-from portbroker.types import IPAddress, Lease
+from portbroker.types import IPAddress, Lease, MappingRequest
 
 __all__ = [
     "DELETE_TRANSITIONS",
@@ -709,15 +709,24 @@ class DeleteStep:
     action: Sleep | Delete | Stop | None
 
 
-def supersedes(new: Lease, pending: Lease) -> bool:
+def supersedes(new: Lease | MappingRequest, pending: Lease) -> bool:
     """Would deleting *pending* remove the gateway's entry for *new*? (rule 10)
 
-    Conservatively yes when they share the gateway and protocol and either
-    the internal endpoint (PCP with a remembered nonce and NAT-PMP name a
-    mapping by it, RFC 6887 §11.1, RFC 6886 §3.3) or the external port (UPnP
-    deletes by it).
+    *new* is a granted lease, or a request about to be sent. Conservatively
+    yes when they share the protocol (and, for a lease, the gateway) and
+    either the internal endpoint (PCP with a remembered nonce and NAT-PMP
+    name a mapping by it, RFC 6887 §11.1, RFC 6886 §3.3; a request naming no
+    internal address means this host) or, for a lease, the external port
+    (UPnP deletes by it).
     """
-    if new.gateway != pending.gateway or new.protocol != pending.protocol:
+    if new.protocol != pending.protocol:
+        return False
+    if isinstance(new, MappingRequest):
+        return new.internal_port == pending.internal_port and new.internal_address in (
+            None,
+            pending.internal_address,
+        )
+    if new.gateway != pending.gateway:
         return False
     same_internal = (
         new.internal_address == pending.internal_address

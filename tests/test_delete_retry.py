@@ -37,7 +37,7 @@ from portbroker.lifecycle import (
     supersedes,
 )
 from portbroker.testing.fake_gateway import FakeGateway
-from portbroker.types import Lease, TransportProtocol
+from portbroker.types import Lease, MappingRequest, TransportProtocol
 from portbroker.wire.natpmp import ResultCode as NatPmpCode
 from portbroker.wire.pcp import ResultCode
 from tests.broker_harness import HOUR, broker_for, wait_for
@@ -194,6 +194,11 @@ def test_what_a_new_mapping_supersedes() -> None:
     assert supersedes(lease(port=5000, external_port=6001), old)  # same internal endpoint
     assert supersedes(lease(port=5001, external_port=6000), old)  # same external port (UPnP)
     assert not supersedes(lease(port=5001, external_port=6001), old)
+    # A request about to go out: its internal endpoint (None: this host's address).
+    assert supersedes(MappingRequest(5000, "tcp"), old)
+    assert supersedes(MappingRequest(5000, "tcp", internal_address="192.168.1.100"), old)
+    assert not supersedes(MappingRequest(5000, "tcp", internal_address="192.168.1.101"), old)
+    assert not supersedes(MappingRequest(5000, "udp"), old)
 
 
 # -- the broker executes it ---------------------------------------------------------
@@ -428,3 +433,22 @@ async def test_leaving_the_broker_retries_nothing_once_gone(
         await broker.map(8080, "tcp", lifetime=86400)
         gateway.silent_deletes = True
     assert [lease.internal_port for lease in broker.undeleted()] == [8080]
+
+
+async def test_a_map_of_the_port_that_fails_leaves_the_old_entry_to_its_delete(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """While the gateway is down, the app maps the port it released again: that
+    create fails, and the old mapping's delete is not forgotten."""
+    gateway = FakeGateway()
+    async with broker_for(gateway) as broker:
+        mapping = await broker.map(8080, "tcp", lifetime=86400)
+        gateway.pcp_enabled = gateway.natpmp_enabled = False  # down: nothing answers
+        await mapping.release()
+        assert broker.undeleted() == [mapping.lease]
+        with pytest.raises(NoAnswer):
+            await broker.map(8080, "tcp", lifetime=86400, via="pcp")
+        await wait_for(lambda: broker.undeleted() == [mapping.lease])
+        gateway.pcp_enabled = gateway.natpmp_enabled = True
+        await wait_for(lambda: not broker.undeleted())
+        assert gateway.mappings == {}
