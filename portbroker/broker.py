@@ -472,15 +472,19 @@ class Broker:
         if method is None:
             raise ValueError(f"method {lease.method!r} is not enabled here")
         if retry:
-            failure = await self._delete_once(lease, self._request_budget())
+            # Asked again for a lease already pending: this attempt replaces those.
+            self._pending = [p for p in self._pending if p.lease != lease]
+            try:
+                failure = await self._delete_once(lease, self._request_budget())
+            except BaseException:
+                # Cancelled mid-attempt (a daemon stopping): the lease is still
+                # to be deleted, and undeleted() must say so.
+                self._hand_over(lease, Failure(FailureKind.SILENT, "delete interrupted"))
+                raise
             if failure is None:
                 logger.info("%s: deleted on the gateway", _lease_label(lease))
                 return True
-            pending = PendingDelete(lease)
-            self._apply_delete(
-                pending,
-                pending.fire(Trigger.FAILED, trio.current_time(), token=0, failure=failure),
-            )
+            self._hand_over(lease, failure)
             return False
         budget = self._request_budget()
         try:
@@ -683,11 +687,7 @@ class Broker:
                 # A grant after the end (rule 9): its delete is retried too.
                 failure = await self._delete_once(action.lease, RELEASE_TIMEOUT, shield=True)
                 if failure is not None:
-                    pending = PendingDelete(action.lease)
-                    now = trio.current_time()
-                    self._apply_delete(
-                        pending, pending.fire(Trigger.FAILED, now, token=0, failure=failure)
-                    )
+                    self._hand_over(action.lease, failure)
                 return
             if isinstance(action, Renew):
                 lease = action.lease
@@ -807,19 +807,28 @@ class Broker:
             else:
                 logger.warning("%s: delete failed, not retried: %s", label, pending.outcome)
 
+    def _hand_over(self, lease: Lease, failure: Failure) -> None:
+        """A first attempt that failed outside a mapping's life: rule 10 decides what next."""
+        pending = PendingDelete(lease)
+        now = trio.current_time()
+        self._apply_delete(pending, pending.fire(Trigger.FAILED, now, token=0, failure=failure))
+
     async def _retry_delete(self, pending: PendingDelete, action: Delete) -> None:
         failure = await self._delete_once(action.lease, self._request_budget())
         if pending not in self._pending:
             return  # superseded by a new mapping meanwhile (_supersede)
         trigger = Trigger.DELETED if failure is None else Trigger.FAILED
+        self._apply_delete(pending, self._fire_delete(pending, trigger, action.token, failure))
+
+    def _fire_delete(
+        self, pending: PendingDelete, trigger: Trigger, token: int, failure: Failure | None = None
+    ) -> DeleteStep:
+        # Like _fire_safely: a LifecycleError is a bug here, logged; the broker carries on.
         try:
-            step = pending.fire(trigger, trio.current_time(), token=action.token, failure=failure)
+            return pending.fire(trigger, trio.current_time(), token=token, failure=failure)
         except PortBrokerError:
-            logger.exception(
-                "%s: the delete retries refused %s", _lease_label(pending.lease), trigger
-            )
-            return
-        self._apply_delete(pending, step)
+            logger.exception("%s: delete retries refused %s", _lease_label(pending.lease), trigger)
+            return DeleteStep(None)
 
     def _supersede(self, new: Lease | MappingRequest) -> list[Lease]:
         """End the pending deletes that would remove *new* (rule 10); their leases."""
@@ -856,7 +865,7 @@ class Broker:
                 _until, _seq, token, target = heapq.heappop(self._heap)
                 if isinstance(target, PendingDelete):
                     if target in self._pending and target.token == token:
-                        self._apply_delete(target, target.fire(Trigger.TIMER, now, token=token))
+                        self._apply_delete(target, self._fire_delete(target, Trigger.TIMER, token))
                     continue
                 if target not in self._mappings or target.lifecycle.token != token:
                     continue  # superseded
@@ -1115,8 +1124,8 @@ async def open_broker(
                     # The retries end with the broker (rule 10); undeleted()
                     # still names them for whoever keeps records.
                     logger.warning(
-                        "broker closing with %d delete(s) not done (each lapses when its"
-                        " lease runs out): %s",
+                        "broker closing with %d delete(s) not done (each stays on the"
+                        " gateway until its lease runs out): %s",
                         len(left),
                         ", ".join(_lease_label(lease) for lease in left),
                     )

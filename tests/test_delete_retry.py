@@ -452,3 +452,21 @@ async def test_a_map_of_the_port_that_fails_leaves_the_old_entry_to_its_delete(
         gateway.pcp_enabled = gateway.natpmp_enabled = True
         await wait_for(lambda: not broker.undeleted())
         assert gateway.mappings == {}
+
+
+async def test_a_retried_delete_that_is_cancelled_or_asked_twice_is_listed_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway(silent_deletes=True)
+    async with broker_for(gateway) as broker:
+        held = broker.detach(await broker.map(8080, "tcp", lifetime=86400))
+        # A daemon stopping mid-attempt: the lease is still to delete.
+        with trio.move_on_after(1.0):
+            await broker.delete(held, retry=True)
+        assert broker.undeleted() == [held]
+        # Asked again: one pending delete, not two series of retries.
+        assert not await broker.delete(held, retry=True)
+        assert broker.undeleted() == [held]
+        gateway.silent_deletes = False
+        await wait_for(lambda: not broker.undeleted())
+        assert gateway.mappings == {}
