@@ -75,13 +75,14 @@ Rules:
     (:func:`classify`): silence (NoAnswer, a timeout), UNAVAILABLE (ICMP port
     unreachable while the gateway restarts, a host firewall: a link error),
     a bug, and a refusal that says when to ask again (``retry_after``: PCP's
-    short-lifetime errors NETWORK_FAILURE, NO_RESOURCES, USER_EX_QUOTA,
-    RFC 6887 §7.4; NAT-PMP's NETWORK_FAILURE, OUT_OF_RESOURCES, RFC 6886 §3.5)
-    are retried after :data:`RECOVERY_BACKOFF` (or ``retry_after`` if longer).
-    A refusal without ``retry_after`` (NOT_AUTHORIZED: a static mapping, or
-    another client's; a long-lifetime error) is final. "No such entry" is
-    not a failure: the methods report it as success (UPnP 714; PCP and
-    NAT-PMP answer SUCCESS, RFC 6887 §15, RFC 6886 §3.4). It stops when the
+    short-lifetime errors NETWORK_FAILURE, USER_EX_QUOTA, RFC 6887 §7.4;
+    NAT-PMP's NETWORK_FAILURE, OUT_OF_RESOURCES, RFC 6886 §3.5) are retried
+    after :data:`RECOVERY_BACKOFF` (or ``retry_after`` if longer). A refusal
+    without ``retry_after`` (NOT_AUTHORIZED: a static mapping, or another
+    client's; a long-lifetime error) is final. "No such entry" is not a
+    failure: the methods report it as success (UPnP 714; NAT-PMP's SUCCESS;
+    miniupnpd's PCP NO_RESOURCES, its answer to a delete of a mapping it does
+    not hold, which a retry whose first answer was lost gets). It stops when the
     lease has expired, or would before the next attempt (the gateway drops
     it then: nothing left to delete), and after :data:`MAX_DELETE_ATTEMPTS`
     attempts in all (the only bound for a permanent UPnP lease). A new

@@ -470,3 +470,21 @@ async def test_a_retried_delete_that_is_cancelled_or_asked_twice_is_listed_once(
         gateway.silent_deletes = False
         await wait_for(lambda: not broker.undeleted())
         assert gateway.mappings == {}
+
+
+async def test_a_pcp_delete_answered_no_resources_is_done(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """miniupnpd answers a delete of a mapping it does not hold with NO_RESOURCES
+    (seen in the lab): a retry whose first answer was lost must end, not go on."""
+    gateway = FakeGateway()
+    async with broker_for(gateway) as broker:
+        calls = count_deletes(broker)
+        mapping = await broker.map(8080, "tcp", lifetime=86400)
+        gateway.forced_result = ResultCode.NO_RESOURCES
+        events = mapping.events()
+        await mapping.release()
+        assert [e async for e in events] == [Released(confirmed=True)]
+        assert broker.undeleted() == []
+        await trio.sleep(HOUR)
+        assert len(calls) == 1

@@ -150,7 +150,7 @@ class NatPmpMethod:
             if response.result_code != 0:
                 # NETWORK_FAILURE and OUT_OF_RESOURCES may clear: the table's
                 # retry_after tells the broker's delete retries when to ask
-                # again (lifecycle.classify_delete); the others are final.
+                # again (lifecycle rule 10); the others are final.
                 raise MappingError(
                     self.name,
                     f"delete refused: {response.result_code.name}",
