@@ -21,6 +21,10 @@ Fault isolation: an operation runs in its own task and whatever it raises —
 an error of the method, a timeout, or a bug — becomes that mapping's
 ``FAILED`` trigger; nothing a mapping does can cancel the broker or another
 mapping. Leaving :func:`open_broker` releases every mapping the broker holds.
+
+Deletes that fail are retried in the background (lifecycle rule 10): each
+lease whose delete failed is a :class:`~portbroker.lifecycle.PendingDelete`
+on the same timer heap as the mappings; :meth:`Broker.undeleted` lists them.
 """
 
 from __future__ import annotations
@@ -48,18 +52,25 @@ from portbroker.errors import (
 )
 from portbroker.gateway import resolve_gateway
 from portbroker.lifecycle import (
+    MAX_DELETE_ATTEMPTS,
     MIN_RENEWAL_GAP,
     Delete,
+    DeleteState,
+    DeleteStep,
+    Failure,
     FailureKind,
     MappingEvent,
     MappingLifecycle,
+    PendingDelete,
     Recreate,
     Renew,
+    RetryDelete,
     Sleep,
     State,
     Step,
     Trigger,
     classify,
+    supersedes,
 )
 from portbroker.methods import LinkFactory, Method, MethodSet, open_methods
 from portbroker.probe import create_by_preference, probe_all
@@ -82,7 +93,9 @@ T = TypeVar("T")
 
 SERVER_PORT: Final = 5351
 ANNOUNCE_PORT: Final = 5350
-RELEASE_TIMEOUT: Final = 5.0  # how long a delete may take when releasing
+# How long a release's delete may take (the caller waits for it); a failed one
+# is retried in the background, each retry with the request budget.
+RELEASE_TIMEOUT: Final = 5.0
 # A method ruled out (MethodUnavailable) is not asked again for this long; a
 # gateway that was restarting, or a firewall rule removed, gets another chance.
 UNAVAILABLE_TTL: Final = 30.0
@@ -182,8 +195,11 @@ class Mapping:
 
         Idempotent. The delete runs shielded from cancellation, bounded by a
         few seconds, so a mapping is removed even when its owner is being
-        cancelled; a delete the gateway refuses or never answers is reported
-        in the Released event (``confirmed=False``) and the lease lapses.
+        cancelled. It returns after that one attempt: a delete the gateway
+        never answered (or could not take now) ends the event stream with
+        ``Released(confirmed=False, retrying=True)`` and is retried in the
+        background (lifecycle rule 10, :meth:`Broker.undeleted`); one it
+        refused for good with ``Released(confirmed=False)``.
         """
         await self.broker._release(self)
 
@@ -197,6 +213,10 @@ def _describe(event: MappingEvent) -> str:
             f" for {lease.lifetime} s"
         )
     return f"{name} {attrs.asdict(event)}"
+
+
+def _lease_label(lease: Lease) -> str:
+    return f"{lease.internal_port}/{lease.protocol.value} via {lease.method}"
 
 
 def _endpoint(request: MappingRequest) -> tuple[TransportProtocol, IPAddress | None, int]:
@@ -232,7 +252,8 @@ class Broker:
         self._methods: dict[str, Method] = method_set.methods
         self._rng = rng
         self._mappings: set[Mapping] = set()
-        self._heap: list[tuple[float, int, int, Mapping]] = []
+        self._heap: list[tuple[float, int, int, Mapping | PendingDelete]] = []
+        self._pending: list[PendingDelete] = []  # deletes being retried (rule 10)
         self._seq = 0
         self._wake = trio.Event()
         self._unavailable: dict[str, tuple[str, float]] = {}  # method -> (why, since)
@@ -327,9 +348,15 @@ class Broker:
                 f"method {via!r} is not enabled here; enabled: {', '.join(self._methods)}"
             )
         with self._claim(request):
+            # No retried delete of this port may go out while its create does.
+            dropped = self._supersede(request)
             try:
                 lease = await self._create(request, via)
             except BaseException as exc:
+                # The old entry may well be there still (a gateway down makes
+                # deletes pending and creates fail): its delete starts again.
+                for old in dropped:
+                    self._nursery.start_soon(self._delete_again, old)
                 if not isinstance(exc, Exception):
                     # Cancelled (or interrupted) after the request may have
                     # reached the gateway: delete what it may have made, since
@@ -388,6 +415,7 @@ class Broker:
             return self._start(request, await self._create_with(method, request, lease))
 
     def _start(self, request: MappingRequest, lease: Lease) -> Mapping:
+        self._supersede(lease)
         lifecycle = MappingLifecycle(
             self._rng, self.recovery_delay, request_budget=self._request_budget()
         )
@@ -424,16 +452,40 @@ class Broker:
         self._apply(mapping, mapping.lifecycle.fire(Trigger.DETACH, trio.current_time()))
         return lease
 
-    async def delete(self, lease: Lease) -> None:
+    async def delete(self, lease: Lease, *, retry: bool = False) -> bool:
         """Delete a mapping from its lease (for example one :meth:`detach` returned).
+
+        With *retry*, one attempt too, but a failure is not raised: it returns
+        False and, unless the failure was final (a refusal, an expired lease),
+        the broker retries in the background like a failed release's delete
+        (lifecycle rule 10); :meth:`undeleted` lists the lease meanwhile.
+
+        Returns:
+            True when this attempt deleted it (without *retry*, always True).
 
         Raises:
             ValueError: the lease's method is not enabled on this broker.
-            MappingError, MethodUnavailable, NoAnswer: the delete failed.
+            MappingError, MethodUnavailable, NoAnswer: the delete failed
+                (only without *retry*).
         """
         method = self._methods.get(lease.method)
         if method is None:
             raise ValueError(f"method {lease.method!r} is not enabled here")
+        if retry:
+            # Asked again for a lease already pending: this attempt replaces those.
+            self._pending = [p for p in self._pending if p.lease != lease]
+            try:
+                failure = await self._delete_once(lease, self._request_budget())
+            except BaseException:
+                # Cancelled mid-attempt (a daemon stopping): the lease is still
+                # to be deleted, and undeleted() must say so.
+                self._hand_over(lease, Failure(FailureKind.SILENT, "delete interrupted"))
+                raise
+            if failure is None:
+                logger.info("%s: deleted on the gateway", _lease_label(lease))
+                return True
+            self._hand_over(lease, failure)
+            return False
         budget = self._request_budget()
         try:
             with trio.fail_after(budget):
@@ -442,6 +494,15 @@ class Broker:
             raise NoAnswer(f"{lease.method}: delete not answered within {budget:g} s") from None
         except OSError as exc:  # a method that let one through: still that method's failure
             raise MethodUnavailable(lease.method, f"delete failed: {exc}") from exc
+        return True
+
+    def undeleted(self) -> list[Lease]:
+        """The leases whose delete failed and is still being retried (rule 10).
+
+        Still valid after :func:`open_broker` has exited (the retries end
+        then): a daemon stopping cleanly records these for its next start.
+        """
+        return [pending.lease for pending in self._pending]
 
     # -- creation ---------------------------------------------------------------
 
@@ -610,11 +671,11 @@ class Broker:
         if action is None:
             return
         if isinstance(action, Sleep):
-            self._seq += 1
-            heapq.heappush(self._heap, (action.until, self._seq, action.token, mapping))
-            self._wake.set()
+            self._push(action, mapping)
         elif isinstance(action, Renew | Recreate) or (isinstance(action, Delete) and action.quiet):
             self._nursery.start_soon(self._execute, mapping, action)
+        elif isinstance(action, RetryDelete):
+            self._apply_delete(action.pending, action.first)
         # A Delete that is not quiet comes from RELEASE; _release runs it
         # in the releasing task (shielded), and Stop needs nothing.
 
@@ -623,7 +684,10 @@ class Broker:
         lifecycle = mapping.lifecycle
         try:
             if isinstance(action, Delete):
-                await self._delete_quietly(action.lease)
+                # A grant after the end (rule 9): its delete is retried too.
+                failure = await self._delete_once(action.lease, RELEASE_TIMEOUT, shield=True)
+                if failure is not None:
+                    self._hand_over(action.lease, failure)
                 return
             if isinstance(action, Renew):
                 lease = action.lease
@@ -686,24 +750,109 @@ class Broker:
             logger.exception("%s: lifecycle refused %s", mapping._label(), trigger.value)
             return Step([], None)
 
-    async def _delete_quietly(self, lease: Lease) -> bool:
+    async def _delete_once(
+        self, lease: Lease, budget: float, *, shield: bool = False
+    ) -> Failure | None:
+        """One delete attempt within *budget*: None if it worked, else how it failed."""
         method = self._methods.get(lease.method)
         if method is None:
-            return False
-        with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
+            return Failure(FailureKind.REFUSED, f"method {lease.method} is not enabled here")
+        with trio.CancelScope(shield=shield), trio.move_on_after(budget):
             try:
                 await method.delete(lease)
-                return True
-            except Exception as exc:  # noqa: BLE001 - a failed delete is reported, not raised
-                logger.warning(
-                    "delete of %s/%s failed: %s",
-                    lease.internal_port,
-                    lease.protocol.value,
-                    exc,
-                )
-        return False
+                return None
+            except OSError as exc:  # a method that let one through: still that method's failure
+                return classify(MethodUnavailable(lease.method, f"delete failed: {exc}"))
+            except Exception as exc:
+                failure = classify(exc)
+                if failure.kind is FailureKind.INTERNAL:
+                    logger.error(
+                        "%s: unexpected error in a delete (a bug):",
+                        _lease_label(lease),
+                        exc_info=exc,
+                    )
+                return failure
+        return Failure(
+            FailureKind.SILENT, f"{lease.method}: delete not answered within {budget:g} s"
+        )
+
+    # -- deletes that failed (lifecycle rule 10) ------------------------------------
+
+    def _apply_delete(self, pending: PendingDelete, step: DeleteStep) -> None:
+        """Execute a pending delete's step, and log each failure and the end."""
+        action = step.action
+        label = _lease_label(pending.lease)
+        if action is None:
+            return
+        if isinstance(action, Sleep):
+            if pending not in self._pending:
+                self._pending.append(pending)
+            assert pending.last_failure is not None
+            logger.warning(
+                "%s: delete failed (attempt %d of %d: %s); trying again in %.0f s",
+                label,
+                pending.attempts,
+                MAX_DELETE_ATTEMPTS,
+                pending.last_failure.reason,
+                action.until - trio.current_time(),
+            )
+            self._push(action, pending)
+        elif isinstance(action, Delete):
+            self._nursery.start_soon(self._retry_delete, pending, action)
+        else:
+            if pending in self._pending:
+                self._pending.remove(pending)
+            if pending.state is DeleteState.DELETED:
+                logger.info("%s: %s", label, pending.outcome)
+            else:
+                logger.warning("%s: delete failed, not retried: %s", label, pending.outcome)
+
+    def _hand_over(self, lease: Lease, failure: Failure) -> None:
+        """A first attempt that failed outside a mapping's life: rule 10 decides what next."""
+        pending = PendingDelete(lease)
+        now = trio.current_time()
+        self._apply_delete(pending, pending.fire(Trigger.FAILED, now, token=0, failure=failure))
+
+    async def _retry_delete(self, pending: PendingDelete, action: Delete) -> None:
+        failure = await self._delete_once(action.lease, self._request_budget())
+        if pending not in self._pending:
+            return  # superseded by a new mapping meanwhile (_supersede)
+        trigger = Trigger.DELETED if failure is None else Trigger.FAILED
+        self._apply_delete(pending, self._fire_delete(pending, trigger, action.token, failure))
+
+    def _fire_delete(
+        self, pending: PendingDelete, trigger: Trigger, token: int, failure: Failure | None = None
+    ) -> DeleteStep:
+        # Like _fire_safely: a LifecycleError is a bug here, logged; the broker carries on.
+        try:
+            return pending.fire(trigger, trio.current_time(), token=token, failure=failure)
+        except PortBrokerError:
+            logger.exception("%s: delete retries refused %s", _lease_label(pending.lease), trigger)
+            return DeleteStep(None)
+
+    def _supersede(self, new: Lease | MappingRequest) -> list[Lease]:
+        """End the pending deletes that would remove *new* (rule 10); their leases."""
+        dropped = [p for p in self._pending if supersedes(new, p.lease)]
+        for pending in dropped:
+            self._pending.remove(pending)
+            logger.info(
+                "%s: no longer deleting it: a new mapping takes its place",
+                _lease_label(pending.lease),
+            )
+        return [pending.lease for pending in dropped]
+
+    async def _delete_again(self, lease: Lease) -> None:
+        try:
+            await self.delete(lease, retry=True)
+        except Exception:  # a bug: the lease lapses on its own
+            logger.exception("%s: deleting it again failed", _lease_label(lease))
 
     # -- scheduling -------------------------------------------------------------
+
+    def _push(self, sleep: Sleep, target: Mapping | PendingDelete) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (sleep.until, self._seq, sleep.token, target))
+        self._wake.set()
 
     async def _scheduler(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -713,10 +862,14 @@ class Broker:
         while True:
             now = trio.current_time()
             while self._heap and self._heap[0][0] <= now:
-                _until, _seq, token, mapping = heapq.heappop(self._heap)
-                if mapping not in self._mappings or mapping.lifecycle.token != token:
+                _until, _seq, token, target = heapq.heappop(self._heap)
+                if isinstance(target, PendingDelete):
+                    if target in self._pending and target.token == token:
+                        self._apply_delete(target, self._fire_delete(target, Trigger.TIMER, token))
+                    continue
+                if target not in self._mappings or target.lifecycle.token != token:
                     continue  # superseded
-                self._apply(mapping, self._fire_safely(mapping, Trigger.TIMER, token=token))
+                self._apply(target, self._fire_safely(target, Trigger.TIMER, token=token))
             self._wake = trio.Event()
             wake = self._wake
             with trio.move_on_at(self._heap[0][0] if self._heap else math.inf):
@@ -823,13 +976,19 @@ class Broker:
         action = step.action
         if isinstance(action, Delete) and not action.quiet:
             self._apply(mapping, step)
-            confirmed = await self._delete_quietly(action.lease)
-            self._apply(
-                mapping,
-                mapping.lifecycle.fire(
-                    Trigger.DELETED, trio.current_time(), token=action.token, confirmed=confirmed
-                ),
-            )
+            failure = await self._delete_once(action.lease, RELEASE_TIMEOUT, shield=True)
+            now = trio.current_time()
+            if failure is None:
+                outcome = mapping.lifecycle.fire(
+                    Trigger.DELETED, now, token=action.token, confirmed=True
+                )
+            else:
+                # The lifecycle ends the mapping and hands the lease over to
+                # the retries (rule 10): this task returns now.
+                outcome = mapping.lifecycle.fire(
+                    Trigger.FAILED, now, token=action.token, failure=failure
+                )
+            self._apply(mapping, outcome)
         elif step.action is not None:
             self._apply(mapping, step)
         elif mapping.state is State.RELEASING:
@@ -960,6 +1119,16 @@ async def open_broker(
             finally:
                 with trio.CancelScope(shield=True):
                     await broker._release_all()
+                left = broker.undeleted()
+                if left:
+                    # The retries end with the broker (rule 10); undeleted()
+                    # still names them for whoever keeps records.
+                    logger.warning(
+                        "broker closing with %d delete(s) not done (each stays on the"
+                        " gateway until its lease runs out): %s",
+                        len(left),
+                        ", ".join(_lease_label(lease) for lease in left),
+                    )
                 for channel in broker._subscribers:
                     channel.close()
                 nursery.cancel_scope.cancel()

@@ -50,11 +50,14 @@ Rules:
    300 s), or ``retry_after`` if longer. A re-creation REFUSED for good ends in
    FAILED at once; :data:`MAX_RECOVERY_ATTEMPTS` (20, about 75 minutes) failed
    re-creations in a row end in FAILED too, with ``Failed(reason)``.
-8. **Release** deletes the lease (RELEASING) and ends in RELEASED with
-   ``Released(confirmed)`` whether or not the gateway confirmed (a lease that
-   was not deleted runs out on its own). **Detach** stops managing without
-   deleting and ends in RELEASED with ``Released(confirmed=False,
-   detached=True)``. RELEASED and FAILED are final: the event streams end.
+8. **Release** deletes the lease (RELEASING) and ends in RELEASED after that
+   one attempt, whatever its outcome, so ``release()`` never waits for a
+   gateway that is down: ``Released(confirmed=True)`` when the gateway
+   confirmed; otherwise ``Released(confirmed=False, retrying=...)`` and the
+   lease goes on to a :class:`PendingDelete` (rule 10), which retries it
+   unless the failure is final. **Detach** stops managing without deleting
+   and ends in RELEASED with ``Released(confirmed=False, detached=True)``.
+   RELEASED and FAILED are final: the event streams end.
 9. **Late triggers** (the documented exceptions to "a pair not in the table
    raises"): an operation's outcome or a timer that carries a token other than
    the current one was superseded (a state loss or a release overtook it) and is
@@ -65,6 +68,26 @@ Rules:
    RELEASED, FAILED); RELEASE and DETACH after the end; RECHECK outside ACTIVE.
    Every other (state, trigger) pair outside :data:`TRANSITIONS` raises
    :class:`LifecycleError`.
+10. **Deletes that fail are retried, bounded** ("every mapping we create, we
+    can delete"): a :class:`PendingDelete` owns one lease whose delete failed
+    (a release's, a late grant's, or one handed to ``Broker.delete(lease,
+    retry=True)``). The failure is classified like any other
+    (:func:`classify`): silence (NoAnswer, a timeout), UNAVAILABLE (ICMP port
+    unreachable while the gateway restarts, a host firewall: a link error),
+    a bug, and a refusal that says when to ask again (``retry_after``: PCP's
+    short-lifetime errors NETWORK_FAILURE, USER_EX_QUOTA, RFC 6887 §7.4;
+    NAT-PMP's NETWORK_FAILURE, OUT_OF_RESOURCES, RFC 6886 §3.5) are retried
+    after :data:`RECOVERY_BACKOFF` (or ``retry_after`` if longer). A refusal
+    without ``retry_after`` (NOT_AUTHORIZED: a static mapping, or another
+    client's; a long-lifetime error) is final. "No such entry" is not a
+    failure: the methods report it as success (UPnP 714; NAT-PMP's SUCCESS;
+    miniupnpd's PCP NO_RESOURCES, its answer to a delete of a mapping it does
+    not hold, which a retry whose first answer was lost gets). It stops when the
+    lease has expired, or would before the next attempt (the gateway drops
+    it then: nothing left to delete), and after :data:`MAX_DELETE_ATTEMPTS`
+    attempts in all (the only bound for a permanent UPnP lease). A new
+    mapping that the pending delete would remove (:func:`supersedes`) ends
+    it: deleting it then would delete the new one.
 """
 
 from __future__ import annotations
@@ -76,9 +99,11 @@ from typing import Any, Final
 import attrs
 
 from portbroker.errors import MappingError, MethodUnavailable, NoAnswer, PortBrokerError
-from portbroker.types import IPAddress, Lease
+from portbroker.types import IPAddress, Lease, MappingRequest
 
 __all__ = [
+    "DELETE_TRANSITIONS",
+    "MAX_DELETE_ATTEMPTS",
     "MAX_RECOVERY_ATTEMPTS",
     "MIN_RENEWAL_GAP",
     "RECOVERY_BACKOFF",
@@ -86,6 +111,8 @@ __all__ = [
     "Acquired",
     "Action",
     "Delete",
+    "DeleteState",
+    "DeleteStep",
     "ExternalAddressChanged",
     "Failed",
     "Failure",
@@ -94,11 +121,13 @@ __all__ = [
     "Lost",
     "MappingEvent",
     "MappingLifecycle",
+    "PendingDelete",
     "Recreate",
     "Released",
     "Renew",
     "Renewed",
     "Restored",
+    "RetryDelete",
     "Sleep",
     "State",
     "Step",
@@ -107,12 +136,17 @@ __all__ = [
     "classify",
     "event_detail",
     "renewal_time",
+    "supersedes",
 ]
 
 MIN_RENEWAL_GAP: Final = 4.0  # RFC 6887 §11.2.1: renewals at least 4 s apart
 RECOVERY_BACKOFF: Final = (2.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0)
 MAX_RECOVERY_ATTEMPTS: Final = 20
 MAX_RENEWAL_BUDGET: Final = 60.0
+# Rule 10: delete attempts in all, the first included. With RECOVERY_BACKOFF
+# between them that is about 70 minutes: a gateway rebooting or a link down
+# for an hour still gets the delete; a permanent UPnP lease has no other bound.
+MAX_DELETE_ATTEMPTS: Final = 20
 
 
 class LifecycleError(PortBrokerError):
@@ -162,6 +196,7 @@ TRANSITIONS: Final[dict[tuple[State, Trigger], State | tuple[State, ...]]] = {
     (State.LOST, Trigger.RELEASE): (State.RELEASING, State.RELEASED),
     (State.LOST, Trigger.DETACH): State.RELEASED,
     (State.RELEASING, Trigger.DELETED): State.RELEASED,
+    (State.RELEASING, Trigger.FAILED): State.RELEASED,
 }
 
 # Pairs that are ignored on purpose (rule 9), whatever the token.
@@ -228,6 +263,9 @@ class Released:
 
     confirmed: bool  # the gateway acknowledged the delete
     detached: bool = False  # left on the gateway on purpose (Broker.detach)
+    # The delete failed and the broker keeps trying in the background (rule
+    # 10): Broker.undeleted() lists the lease until it is deleted or given up.
+    retrying: bool = False
 
 
 @attrs.frozen
@@ -243,10 +281,10 @@ MappingEvent = Acquired | Renewed | ExternalAddressChanged | Lost | Restored | R
 def event_detail(event: MappingEvent) -> dict[str, Any]:
     """An event's fields other than its lease, as JSON values."""
     detail: dict[str, Any] = {}
-    for name in ("reason", "confirmed", "detached", "old_address", "old_port"):
+    for name in ("reason", "confirmed", "detached", "retrying", "old_address", "old_port"):
         if hasattr(event, name):
             value = getattr(event, name)
-            if name == "detached" and not value:
+            if name in ("detached", "retrying") and not value:
                 continue  # only said when true: a plain release reads as before
             detail[name] = value if isinstance(value, bool | int | None) else str(value)
     return detail
@@ -340,7 +378,20 @@ class Stop:
     """Nothing more to do: the mapping ended (RELEASED or FAILED)."""
 
 
-Action = Sleep | Renew | Recreate | Delete | Stop
+@attrs.frozen
+class RetryDelete:
+    """The mapping ended (RELEASED) but its delete failed: hand *pending* over.
+
+    *first* is the pending delete's first step: a Sleep until the next
+    attempt, or Stop when the failure is final (rule 10). Either way the
+    mapping itself is done, as after :class:`Stop`.
+    """
+
+    pending: PendingDelete
+    first: DeleteStep
+
+
+Action = Sleep | Renew | Recreate | Delete | Stop | RetryDelete
 
 
 @attrs.frozen
@@ -552,6 +603,8 @@ class MappingLifecycle:
     def _on_failed(self, now: float, *, failure: Failure | None, **_: Any) -> Step:
         if failure is None:
             raise LifecycleError("FAILED needs the failure")
+        if self.state is State.RELEASING:
+            return self._delete_failed(now, failure)
         self.last_failure = failure
         if self.state is State.RENEWING:
             if failure.kind in (FailureKind.REFUSED, FailureKind.UNAVAILABLE):
@@ -615,3 +668,143 @@ class MappingLifecycle:
 
     def _on_deleted(self, now: float, *, confirmed: bool, **_: Any) -> Step:
         return self._final(State.RELEASED, [Released(confirmed)])
+
+    def _delete_failed(self, now: float, failure: Failure) -> Step:
+        # Rule 8: the release is over after one attempt; rule 10 goes on.
+        assert self.lease is not None
+        pending = PendingDelete(self.lease)
+        first = pending.fire(Trigger.FAILED, now, token=pending.token, failure=failure)
+        retrying = pending.state is DeleteState.WAITING
+        step = self._final(State.RELEASED, [Released(False, retrying=retrying)])
+        return Step(step.events, RetryDelete(pending, first))
+
+
+# -- deletes that failed (rule 10) --------------------------------------------------
+
+
+class DeleteState(enum.Enum):
+    DELETING = "deleting"  # an attempt is in flight
+    WAITING = "waiting"  # the next attempt is pending
+    DELETED = "deleted"  # the gateway confirmed (or said it had no such entry)
+    GAVE_UP = "gave-up"  # refused for good, the lease expired, or the attempt bound
+
+
+DELETE_TRANSITIONS: Final[
+    dict[tuple[DeleteState, Trigger], DeleteState | tuple[DeleteState, ...]]
+] = {
+    (DeleteState.DELETING, Trigger.DELETED): DeleteState.DELETED,
+    (DeleteState.DELETING, Trigger.FAILED): (DeleteState.WAITING, DeleteState.GAVE_UP),
+    (DeleteState.WAITING, Trigger.TIMER): (DeleteState.DELETING, DeleteState.GAVE_UP),
+}
+
+
+@attrs.frozen
+class DeleteStep:
+    """What :meth:`PendingDelete.fire` answers: the one next action.
+
+    Sleep (fire TIMER then), Delete (try now, report DELETED or FAILED),
+    Stop (it ended: :attr:`PendingDelete.outcome` says how), or None (a
+    late trigger).
+    """
+
+    action: Sleep | Delete | Stop | None
+
+
+def supersedes(new: Lease | MappingRequest, pending: Lease) -> bool:
+    """Would deleting *pending* remove the gateway's entry for *new*? (rule 10)
+
+    *new* is a granted lease, or a request about to be sent. Conservatively
+    yes when they share the protocol (and, for a lease, the gateway) and
+    either the internal endpoint (PCP with a remembered nonce and NAT-PMP
+    name a mapping by it, RFC 6887 §11.1, RFC 6886 §3.3; a request naming no
+    internal address means this host) or, for a lease, the external port
+    (UPnP deletes by it).
+    """
+    if new.protocol != pending.protocol:
+        return False
+    if isinstance(new, MappingRequest):
+        return new.internal_port == pending.internal_port and new.internal_address in (
+            None,
+            pending.internal_address,
+        )
+    if new.gateway != pending.gateway:
+        return False
+    same_internal = (
+        new.internal_address == pending.internal_address
+        and new.internal_port == pending.internal_port
+    )
+    return same_internal or new.external_port == pending.external_port
+
+
+@attrs.define(eq=False)
+class PendingDelete:
+    """One lease whose delete failed, and the rule for trying again (rule 10).
+
+    Created with the first attempt in flight (DELETING, token 0); feed it
+    that attempt's outcome, DELETED or FAILED (with the :class:`Failure`),
+    then TIMER when its Sleep ends, and the outcome of each Delete it asks
+    for, each with the action's token.
+    """
+
+    lease: Lease
+    state: DeleteState = DeleteState.DELETING
+    attempts: int = 1  # made so far, the one in flight included
+    token: int = 0
+    last_failure: Failure | None = None
+    outcome: str = ""  # how it ended (DELETED, GAVE_UP), in words
+
+    def fire(
+        self, trigger: Trigger, now: float, *, token: int, failure: Failure | None = None
+    ) -> DeleteStep:
+        """Apply *trigger* (DELETED, FAILED or TIMER, with its action's token) at *now*.
+
+        Raises:
+            LifecycleError: a (state, trigger) pair outside DELETE_TRANSITIONS.
+        """
+        if token != self.token:
+            return DeleteStep(None)  # superseded: not this attempt's outcome
+        if (self.state, trigger) not in DELETE_TRANSITIONS:
+            raise LifecycleError(f"no rule for {trigger.value} in delete state {self.state.value}")
+        if trigger is Trigger.DELETED:
+            self.state = DeleteState.DELETED
+            self.outcome = f"deleted at attempt {self.attempts}"
+            return self._stop()
+        if trigger is Trigger.TIMER:
+            if self._expired(now):
+                return self._give_up("the lease expired: the gateway has dropped it")
+            self.state = DeleteState.DELETING
+            self.attempts += 1
+            return DeleteStep(Delete(self.lease, self._next_token()))
+        if failure is None:
+            raise LifecycleError("FAILED needs the failure")
+        self.last_failure = failure
+        if failure.kind is FailureKind.REFUSED:
+            return self._give_up(f"refused: {failure.reason}")
+        if self.attempts >= MAX_DELETE_ATTEMPTS:
+            return self._give_up(f"{self.attempts} attempts failed, the last: {failure.reason}")
+        index = min(self.attempts, len(RECOVERY_BACKOFF)) - 1
+        until = now + max(RECOVERY_BACKOFF[index], failure.retry_after or 0.0)
+        if self._expired(until):
+            return self._give_up(
+                f"{failure.reason}; the lease expires before the next attempt"
+                " (the gateway drops it then)"
+            )
+        self.state = DeleteState.WAITING
+        return DeleteStep(Sleep(until, self._next_token()))
+
+    def _expired(self, when: float) -> bool:
+        # A permanent UPnP lease never lapses: only the attempt bound ends it.
+        return not self.lease.permanent and when >= self.lease.expires_at
+
+    def _next_token(self) -> int:
+        self.token += 1
+        return self.token
+
+    def _give_up(self, why: str) -> DeleteStep:
+        self.state = DeleteState.GAVE_UP
+        self.outcome = why
+        return self._stop()
+
+    def _stop(self) -> DeleteStep:
+        self._next_token()  # whatever was outstanding is late now
+        return DeleteStep(Stop())

@@ -5,7 +5,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from portbroker.lifecycle import _IGNORED, TRANSITIONS, State, Trigger
+from portbroker.lifecycle import (
+    _IGNORED,
+    DELETE_TRANSITIONS,
+    TRANSITIONS,
+    DeleteState,
+    State,
+    Trigger,
+)
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
 
@@ -36,3 +43,19 @@ def test_the_documented_table_is_the_code_table() -> None:
 def test_the_documented_ignored_pairs_are_the_code_ones() -> None:
     pairs = re.findall(r"([A-Z_]+)\+([A-Z_]+)", _section("ignored-pairs"))
     assert {(State[s], Trigger[t]) for s, t in pairs} == set(_IGNORED)
+
+
+def test_the_documented_delete_table_is_the_code_table() -> None:
+    documented: dict[tuple[DeleteState, Trigger], frozenset[DeleteState]] = {}
+    for line in _section("delete-table").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or cells[0] in ("state", "---"):
+            continue
+        documented[(DeleteState[cells[0]], Trigger[cells[1]])] = frozenset(
+            DeleteState[name.strip()] for name in cells[2].split(" or ")
+        )
+    code = {
+        pair: frozenset(target if isinstance(target, tuple) else (target,))
+        for pair, target in DELETE_TRANSITIONS.items()
+    }
+    assert documented == code

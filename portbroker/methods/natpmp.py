@@ -148,10 +148,14 @@ class NatPmpMethod:
         for _attempt in range(DELETE_ATTEMPTS):
             response = await self._call(natpmp_rules.delete_request(lease))
             if response.result_code != 0:
+                # NETWORK_FAILURE and OUT_OF_RESOURCES may clear: the table's
+                # retry_after tells the broker's delete retries when to ask
+                # again (lifecycle rule 10); the others are final.
                 raise MappingError(
                     self.name,
                     f"delete refused: {response.result_code.name}",
                     result_code=int(response.result_code),
+                    retry_after=natpmp_rules.rule_for(response.result_code).retry_after,
                 )
             if not isinstance(response, natpmp.MapResponse) or response.lifetime == 0:
                 break

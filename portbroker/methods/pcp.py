@@ -131,11 +131,24 @@ class PcpMethod:
         request = pcp_rules.delete_request(self.client_address, lease)
         for _attempt in range(DELETE_ATTEMPTS):
             response = await self._call(request)
+            if response.result_code == ResultCode.NO_RESOURCES:
+                # miniupnpd (2.3.1, seen in the lab) answers a delete of a
+                # mapping it does not hold with NO_RESOURCES ("Failed to remove
+                # PCP mapping"); a delete needs no resources, so it means "no
+                # such mapping": gone, the goal of a delete (like UPnP's 714).
+                # A retried delete whose first answer was lost gets this.
+                break
             if response.result_code != ResultCode.SUCCESS:
+                # A short-lifetime error (NETWORK_FAILURE, USER_EX_QUOTA:
+                # RFC 6887 §7.4) may clear, so it says when to ask again (the
+                # broker retries failed deletes, lifecycle rule 10); a long
+                # one (NOT_AUTHORIZED...) is final.
+                short = response.result_code.error_class is pcp.ErrorClass.SHORT
                 raise MappingError(
                     self.name,
                     f"delete refused: {response.result_code.name}",
                     result_code=int(response.result_code),
+                    retry_after=error_hold_off(response) if short else None,
                 )
             if response.lifetime == 0:
                 break
