@@ -585,3 +585,54 @@ async def test_a_half_closed_client_still_gets_its_reply(short_dir: Path) -> Non
         assert reply["mapping"]["id"] == "7401/tcp"
         assert ("tcp", 7401) in daemon.shared
         assert gateway.mapping_for("tcp", 7401) is not None
+
+
+async def test_a_change_that_could_not_be_saved_says_so(short_dir: Path) -> None:
+    # Issue 8: under a descriptor flood the state file could not be opened
+    # (EMFILE) while the map was acknowledged as if it were on disk.
+    gateway = FakeGateway()
+    async with running(short_dir, gateway) as daemon:
+
+        def full(records: object) -> None:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        daemon.store.save = full  # type: ignore[method-assign]
+        async with open_client(short_dir / "pb.sock") as client:
+            reply = await client.request("map", port=7700, persist=True)
+        assert reply["saved"] is False
+        assert "Too many open files" in reply["save_error"]
+        assert reply["mapping"]["id"] == "7700/tcp"
+
+
+async def test_an_unconfirmed_delete_is_recorded_for_the_next_start(short_dir: Path) -> None:
+    # A gateway that does not answer an unmap's delete: the broker retries,
+    # and should the daemon stop (or die) meanwhile, the state file tells
+    # the next start to finish the job.
+    gateway = FakeGateway(silent_deletes=True)
+    async with running(short_dir, gateway) as daemon, open_client(short_dir / "pb.sock") as app:
+        # 7801 is connection-bound: the daemon's clean stop deletes it.
+        await app.map(7801, "tcp")
+        async with open_client(short_dir / "pb.sock") as client:
+            await client.map(7800, "tcp", persist=True)
+            await client.unmap(7800, "tcp")
+        await daemon.synced()
+        saved = json.loads((short_dir / "state.json").read_text())["mappings"]
+        assert [(r["internal_port"], r.get("pending_delete")) for r in saved] == [
+            (7801, None),
+            (7800, True),
+        ]
+    saved = json.loads((short_dir / "state.json").read_text())["mappings"]
+    assert sorted((r["internal_port"], r.get("pending_delete")) for r in saved) == [
+        (7800, True),
+        (7801, True),
+    ]
+    # Both still open at the gateway, which never answered the deletes.
+    assert gateway.mapping_for("tcp", 7800) is not None
+    assert gateway.mapping_for("tcp", 7801) is not None
+    gateway.silent_deletes = False
+    async with running(short_dir, gateway) as daemon:
+        await daemon.restored.wait()
+        await daemon.synced()
+        assert gateway.mapping_for("tcp", 7800) is None
+        assert gateway.mapping_for("tcp", 7801) is None
+        assert json.loads((short_dir / "state.json").read_text())["mappings"] == []
