@@ -357,6 +357,21 @@ class Daemon:
             self._wrote.set()
             self._wrote = trio.Event()
 
+    async def watch_undeleted(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep the state file's ``pending_delete`` records in step with the
+        broker's retries: the broker says nothing when a retried delete
+        finally goes through, so its list is looked at every few seconds."""
+        task_status.started()
+        last: frozenset[Lease] = frozenset()
+        while True:
+            await trio.sleep(UNDELETED_CHECK)
+            current = frozenset(self.broker.undeleted())
+            if current != last:
+                last = current
+                self._save()
+
     def _write(self, *, exiting: bool = False, records: list[dict[str, Any]] | None = None) -> None:
         """Write the state file now: *records*, or :meth:`_records` (*exiting* as there)."""
         if not self._loaded:
@@ -623,6 +638,9 @@ class Daemon:
         self._adopted(entry, mapping)
 
     async def _try_delete(self, item: Retiring) -> None:
+        """One attempt now; should it fail, the broker's own retries take over
+        (bounded: issue 8), and its ``undeleted()`` keeps the record in the
+        state file meanwhile (:meth:`_records`)."""
         if id(item) not in self._retiring:
             return  # done meanwhile
         lease = item.lease
@@ -631,20 +649,18 @@ class Daemon:
             self._resolved(item)
             return
         try:
-            await self.broker.delete(lease)
-        except MappingError as exc:
-            failure = classify(exc, expires_in=_expires_in(lease))
-            if failure.kind is not FailureKind.REFUSED:
-                self._retry_later(item, exc, failure.retry_after)
-                return
+            done = await self.broker.delete(lease, retry=True)
+        except ValueError as exc:
+            # Its method is not enabled in this daemon: kept on file for a
+            # daemon that has it, not retried here.
             logger.warning(
-                "%s: the gateway refuses to delete it (%s); forgetting it", item.label, exc
+                "%s: cannot delete it here (%s); left in the state file", item.label, exc
             )
-        except (PortBrokerError, ValueError) as exc:
-            self._retry_later(item, exc)
             return
-        else:
+        if done:
             logger.info("%s: deleted on the gateway", item.label)
+        elif lease not in self.broker.undeleted():
+            logger.warning("%s: the gateway refuses to delete it; forgetting it", item.label)
         self._resolved(item)
 
     def _leave(self, *, crashed: bool) -> list[dict[str, Any]] | None:
@@ -1066,6 +1082,7 @@ _SHED_MESSAGE: Final = (
     " this one was closed: use fewer connections"
 )
 REFUSAL_LOG_INTERVAL: Final = 60.0
+UNDELETED_CHECK: Final = 2.0  # seconds between looks at the broker's pending deletes
 LAZY_WRITE_DELAY: Final = 2.0  # seconds a change nobody waits for may wait to be written
 FD_RESERVE: Final = 64  # descriptors kept for gateway sockets, the state file, logs
 
@@ -1234,6 +1251,7 @@ async def serve(config: DaemonConfig) -> AsyncIterator[Daemon]:
                         nursery.start_soon(daemon.events)
                         await nursery.start(daemon.writer)
                         await nursery.start(daemon.grace_timer)
+                        await nursery.start(daemon.watch_undeleted)
                         # Clients queue in the listening socket's backlog until
                         # the file is read (a second for 100,000 records).
                         await nursery.start(daemon.restore)
