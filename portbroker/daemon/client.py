@@ -38,6 +38,7 @@ from typing import Any
 import attrs
 import trio
 
+from portbroker._util import collapse_single
 from portbroker.daemon import framing
 from portbroker.daemon.protocol import ENV_SOCKET, MAX_LINE
 from portbroker.errors import PortBrokerError
@@ -378,6 +379,9 @@ async def open_client(path: str | Path | None = None) -> AsyncIterator[Client]:
     Raises:
         DaemonNotRunning: nothing listens there.
         DaemonAccessDenied: this user may not open the socket.
+
+    An exception raised in the block leaves it as itself (not in an
+    ExceptionGroup).
     """
     target = socket_path(path)
     try:
@@ -386,9 +390,12 @@ async def open_client(path: str | Path | None = None) -> AsyncIterator[Client]:
         raise DaemonNotRunning(f"no portbroker daemon at {target}") from exc
     except PermissionError as exc:
         raise access_denied(target) from exc
-    async with stream, trio.open_nursery() as nursery:
-        yield Client(stream, nursery)
-        nursery.cancel_scope.cancel()
+    # The nursery is the client's own (its reader): what the caller's block
+    # raises comes out as itself, not wrapped in an ExceptionGroup.
+    with collapse_single():
+        async with stream, trio.open_nursery() as nursery:
+            yield Client(stream, nursery)
+            nursery.cancel_scope.cancel()
 
 
 class BlockingClient:
