@@ -143,6 +143,35 @@ def test_brackets_inside_strings_are_not_nesting() -> None:
     assert request.params["pad"] == text
 
 
+_TRICKY_TEXT = st.text(alphabet='[]{}"\\\\/ax\u00e9\n', max_size=12)
+_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _TRICKY_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TRICKY_TEXT, inner, max_size=3),
+    max_leaves=20,
+)
+
+
+def depth_of(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(depth_of, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(depth_of, value.values()), default=0)
+    return 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(_VALUES, st.booleans())
+def test_the_depth_scan_is_the_decoders_depth(value: Any, ascii_only: bool) -> None:
+    line = json.dumps(value, ensure_ascii=ascii_only).encode()
+    assert framing.nesting_depth(line) == depth_of(value)
+    if depth_of(value) <= framing.MAX_DEPTH:
+        assert framing.parse_line(line) == value
+
+
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity", "1e400", "-1e999"])
 def test_nan_infinity_and_overflowing_numbers_are_refused(constant: str) -> None:
     with pytest.raises(ProtocolError) as info:

@@ -741,9 +741,10 @@ def _failure_reply(request_id: Any, exc: Exception) -> bytes:
 
     Whatever failed, this one request gets an error reply and the daemon goes
     on serving every other app. trio nurseries may group the failures; each
-    leaf is told, the first one's code stands for them all. A failure no layer
-    put in words (a bug) is logged with its traceback; a reply that could not
-    be encoded (:class:`.framing.FramingError`) is a bug too.
+    leaf is told, the first one's code stands for them all. Every ``internal``
+    reply is logged with its traceback: a failure no layer put in words (a
+    bug), one no op turned into its own code, and a reply that could not be
+    encoded (:class:`.framing.FramingError`).
     """
     replies: list[tuple[ErrorCode, str]] = []
     for leaf in _leaves(exc):
@@ -755,8 +756,12 @@ def _failure_reply(request_id: Any, exc: Exception) -> bytes:
         elif isinstance(leaf, ValueError):
             replies.append((ErrorCode.BAD_REQUEST, str(leaf)))
         elif isinstance(leaf, PortBrokerError):
+            # In words, but no op turned it into its own code: the operator
+            # gets the traceback, as for every internal reply.
+            logger.error("request %r failed: %s", request_id, leaf, exc_info=leaf)
             replies.append((ErrorCode.INTERNAL, str(leaf)))
         elif isinstance(leaf, OSError):
+            logger.error("request %r failed: %s", request_id, leaf, exc_info=leaf)
             # A local socket failure (EPERM from a host firewall...) that no
             # layer below put in words.
             known = isinstance(leaf.errno, int) and leaf.errno in errno.errorcode
