@@ -409,6 +409,14 @@ def test_a_user_outside_the_group_gets_one_clear_line_not_a_traceback(
             )
             done = run_as(user, code, str(sock))
             assert done.stdout.strip() == "pbtest-a8sock", done.stderr
+            # A directory closed to the user (0750, as a hardened /run/portbroker
+            # may be) hides the socket itself: its group is the one named.
+            os.chown(short_dir, 0, grp.getgrnam("pbtest-a8sock").gr_gid)
+            short_dir.chmod(0o750)
+            done = run_as(user, CLI, "list", "--socket", str(sock))
+            assert done.returncode == 1
+            assert f"directory {short_dir}: group pbtest-a8sock, mode 0750" in done.stderr
+            assert "group 'pbtest-a8sock'" in done.stderr
         finally:
             stop(daemon)
 
