@@ -426,11 +426,13 @@ def _use_daemon(args: argparse.Namespace) -> bool:
 def _daemon_listening(path: Path) -> bool:
     import socket as socket_module
 
-    if not path.is_socket():
-        return False
     probe = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
     try:
         probe.connect(str(path))
+    except PermissionError:
+        # A daemon this user may not use: going through it says so
+        # (DaemonAccessDenied), rather than silently around it.
+        return True
     except OSError:
         return False
     finally:
@@ -449,7 +451,9 @@ def _daemon(args: argparse.Namespace) -> int:
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    from portbroker.client import socket_path
+    # Not the clients' default: a user's daemon binds the user's path even
+    # when the system daemon's socket exists.
+    from portbroker.daemon.server import bind_socket_path
 
     options: dict[str, Any] = {
         "port": args.server_port,
@@ -459,7 +463,7 @@ def _daemon(args: argparse.Namespace) -> int:
     if args.no_announcements:
         options["announce_port"] = None
     config = DaemonConfig(
-        socket_path=socket_path(args.socket),
+        socket_path=bind_socket_path(args.socket),
         state_path=args.state or DaemonConfig().state_path,
         gateway=args.gateway,
         methods=_methods(args.methods),
@@ -488,7 +492,13 @@ def _daemon(args: argparse.Namespace) -> int:
 
 
 async def _daemon_client(args: argparse.Namespace) -> int:
-    from portbroker.client import DaemonNotRunning, DaemonRequestError, open_client
+    from portbroker.client import (
+        DaemonAccessDenied,
+        DaemonNotRunning,
+        DaemonProtocolError,
+        DaemonRequestError,
+        open_client,
+    )
 
     try:
         async with open_client(args.socket) as client:
@@ -540,6 +550,8 @@ async def _daemon_client(args: argparse.Namespace) -> int:
             return 0
     except DaemonNotRunning as exc:
         raise Failure(f"{args.command} failed: {exc}; start one with `portbroker daemon`") from exc
+    except (DaemonAccessDenied, DaemonProtocolError) as exc:
+        raise Failure(f"{args.command} failed: {exc}") from exc
     except DaemonRequestError as exc:
         raise Failure(f"{args.command} failed: {exc.code}: {exc.message}") from exc
 

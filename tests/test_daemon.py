@@ -320,7 +320,7 @@ async def test_an_overlong_line_is_refused_and_skipped(short_dir: Path) -> None:
         st.none()
         | st.booleans()
         | st.integers()
-        | st.floats(allow_nan=False)
+        | st.floats(allow_nan=False, allow_infinity=False)  # Infinity is not JSON: bad_json
         | st.text(max_size=20),
         lambda inner: (
             st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
@@ -636,3 +636,30 @@ async def test_an_unconfirmed_delete_is_recorded_for_the_next_start(short_dir: P
         assert gateway.mapping_for("tcp", 7800) is None
         assert gateway.mapping_for("tcp", 7801) is None
         assert json.loads((short_dir / "state.json").read_text())["mappings"] == []
+
+
+async def test_idle_connections_are_closed_but_holders_and_watchers_stay(short_dir: Path) -> None:
+    # Issue 8: about a thousand connections that never send anything took all
+    # the daemon's descriptors. A connection that holds a mapping or watches
+    # is never idle, however quiet it is.
+    gateway = FakeGateway()
+    async with running(short_dir, gateway, idle_timeout=0.5):
+        idle = await trio.open_unix_socket(str(short_dir / "pb.sock"))
+        async with idle, open_client(short_dir / "pb.sock") as holder:
+            await holder.map(7900, "tcp")
+            async with open_client(short_dir / "pb.sock") as watcher:
+                await watcher.request("watch")
+                buffer = b""
+                with trio.fail_after(30):  # a guard: the timeout is 0.5 s
+                    while True:
+                        chunk = await idle.receive_some(65536)
+                        if not chunk:
+                            break
+                        buffer += chunk
+                closing = json.loads(buffer)
+                assert closing["error"]["code"] == "idle"
+                assert closing["id"] is None
+                # Well past the timeout, the other two still work.
+                await trio.sleep(1.0)
+                assert [m["id"] for m in await holder.list()] == ["7900/tcp"]
+                assert (await watcher.hello())["version"] == 1

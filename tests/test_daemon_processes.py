@@ -472,3 +472,62 @@ async def test_a_daemon_restoring_from_a_silent_gateway_serves_and_stops_on_sigt
         finally:
             stop(daemon)
             nursery.cancel_scope.cancel()
+
+
+def test_nested_json_from_one_client_harms_no_other_client(short_dir: Path) -> None:
+    # Issue 8: a 1 KB line of '[' once reached json.loads (RecursionError).
+    # Now it is refused before the decoder, as bad_json, and the daemon goes
+    # on: another app's live mapping is still there and it still answers.
+    gateway_process = subprocess.Popen(
+        [PYTHON, "-m", "portbroker.testing.fake_gateway", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    daemon = None
+    holder = None
+    try:
+        assert gateway_process.stdout is not None
+        port = int(gateway_process.stdout.readline().split()[1])
+        daemon = start_daemon(short_dir, port)
+        holder = subprocess.Popen(
+            [PYTHON, "-c", HOLDER, str(short_dir / "pb.sock"), "7500"],
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == b"mapped"
+
+        attacker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        attacker.settimeout(30)  # a guard: the reply comes at once
+        try:
+            attacker.connect(str(short_dir / "pb.sock"))
+            for opener in (b"[", b'{"a":'):
+                attacker.sendall(opener * 1024 + b"\n")
+            reader = attacker.makefile("rb")
+            replies = [json.loads(reader.readline()) for _ in range(2)]
+            reader.close()
+        finally:
+            attacker.close()
+        for reply in replies:
+            assert reply["id"] is None
+            assert reply["error"]["code"] == "bad_json"
+            assert "nested deeper than 32 levels" in reply["error"]["message"]
+
+        assert daemon.poll() is None
+        from portbroker.client import BlockingClient
+
+        with BlockingClient(short_dir / "pb.sock", timeout=30) as client:
+            assert [m["id"] for m in client.list()] == ["7500/tcp"]
+            assert client.hello()["version"] == 1
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+            if holder.stdout is not None:
+                holder.stdout.close()
+        if daemon is not None:
+            stop(daemon)
+        gateway_process.terminate()
+        gateway_process.wait(timeout=10)
+        if gateway_process.stdout is not None:
+            gateway_process.stdout.close()

@@ -1,7 +1,9 @@
 """The daemon's wire protocol: JSON lines, sans-IO.
 
-One JSON object per line, UTF-8, at most :data:`MAX_LINE` bytes. A request has
-an ``op`` and an optional ``id`` (any JSON scalar) that the reply echoes. A
+One JSON object per line, UTF-8, at most :data:`MAX_LINE` bytes, nested at most
+:data:`MAX_DEPTH` deep (:mod:`.framing` does the bytes). A request has an
+``op`` and an optional ``id`` (a string of at most :data:`MAX_ID` characters,
+or a finite number) that the reply echoes. A
 reply is ``{"id": ..., "ok": true, ...}`` or ``{"id": ..., "ok": false,
 "error": {"code": ..., "message": ...}}``; the codes are stable
 (:class:`ErrorCode`). ``watch`` adds event lines ``{"event": ..., "mapping":
@@ -11,12 +13,17 @@ reply is ``{"id": ..., "ok": true, ...}`` or ``{"id": ..., "ok": false,
 from __future__ import annotations
 
 import enum
-import json
+import math
 from typing import Any, Final
 
 import attrs
 
+from portbroker.daemon import framing
+
 __all__ = [
+    "ENV_SOCKET",
+    "MAX_DEPTH",
+    "MAX_ID",
     "MAX_LINE",
     "OPS",
     "PROTOCOL_VERSIONS",
@@ -25,10 +32,14 @@ __all__ = [
     "Request",
     "encode",
     "error_reply",
+    "id_problem",
     "parse_request",
 ]
 
-MAX_LINE: Final = 64 * 1024
+ENV_SOCKET: Final = "PORTBROKER_SOCKET"  # the socket path, for clients and the daemon
+MAX_LINE: Final = framing.MAX_LINE
+MAX_DEPTH: Final = framing.MAX_DEPTH
+MAX_ID: Final = 256  # characters in a string request id
 PROTOCOL_VERSIONS: Final = (1,)
 OPS: Final = ("hello", "probe", "map", "unmap", "list", "watch")
 
@@ -117,21 +128,27 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 def parse_request(line: bytes) -> Request:
     """One request line (without its newline) -> :class:`Request`.
 
+    The line goes through :func:`.framing.parse_line` (size, depth and numbers
+    bounded before anything else), so whatever it holds this raises nothing
+    but :class:`ProtocolError`.
+
     Raises:
         ProtocolError: BAD_JSON, BAD_REQUEST or UNKNOWN_OP; ``extra["id"]``
-            carries the request id when one could be read.
+            carries the request id when one could be read (and was valid).
     """
     try:
-        data = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(ErrorCode.BAD_JSON, f"not a JSON line: {exc}") from None
+        data = framing.parse_line(line)
+    except framing.FramingError as exc:
+        raise ProtocolError(ErrorCode.BAD_JSON, str(exc)) from None
     if not isinstance(data, dict):
         raise ProtocolError(
-            ErrorCode.BAD_REQUEST, f"a request is a JSON object, not {type(data).__name__}"
+            ErrorCode.BAD_REQUEST, f"a request is a JSON object, not {_json_type(data)}"
         )
     request_id = data.get("id")
-    if request_id is not None and not isinstance(request_id, str | int | float | bool):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "'id' must be a string or a number")
+    problem = id_problem(request_id)
+    if problem is not None:
+        # The reply's id is then null: a peer cannot make us echo a value we refused.
+        raise ProtocolError(ErrorCode.BAD_REQUEST, problem)
     op = data.get("op")
     if not isinstance(op, str):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'op' (a string) is required", id=request_id)
@@ -143,11 +160,48 @@ def parse_request(line: bytes) -> Request:
     return Request(op, request_id, params)
 
 
+def id_problem(request_id: object) -> str | None:
+    """Why *request_id* is not a valid request id, or None when it is.
+
+    An id is null, a string of at most :data:`MAX_ID` characters or a finite
+    number (a boolean is not a number here).
+    """
+    if request_id is None:
+        return None
+    if isinstance(request_id, str):
+        if len(request_id) > MAX_ID:
+            return f"'id' may be at most {MAX_ID} characters, not {len(request_id)}"
+        return None
+    if isinstance(request_id, int) and not isinstance(request_id, bool):
+        return None
+    if isinstance(request_id, float) and math.isfinite(request_id):
+        return None
+    return f"'id' must be a string or a finite number, not {_json_type(request_id)}"
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    for kind, name in names.items():
+        if type(value) is kind:
+            return name
+    return "a number"
+
+
 def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":"), default=str).encode() + b"\n"
+    """*message* as one line (:func:`.framing.encode`).
+
+    Raises:
+        framing.FramingError: it cannot be encoded as valid JSON.
+    """
+    return framing.encode(message)
 
 
 def error_reply(request_id: Any, code: ErrorCode, message: str, **extra: Any) -> bytes:
+    """An error reply line; an id that is not valid (:func:`id_problem`) is sent as null."""
     error: dict[str, Any] = {"code": code.value, "message": message}
     error.update(extra)
+    if id_problem(request_id) is not None:
+        request_id = None
     return encode({"id": request_id, "ok": False, "error": error})

@@ -39,6 +39,7 @@ import trio.lowlevel
 from portbroker import __version__
 from portbroker._util import collapse_single
 from portbroker.broker import Broker, Mapping, open_broker
+from portbroker.daemon import framing
 from portbroker.daemon import protocol as proto
 from portbroker.daemon.ownership import Entry, Hold, Ownership, Peer, Policy
 from portbroker.daemon.protocol import ErrorCode, ProtocolError, Request
@@ -67,7 +68,17 @@ from portbroker.lifecycle import (
 from portbroker.probe import NoMethodAvailable, report_json
 from portbroker.types import DEFAULT_LIFETIME, MAX_LIFETIME, MIN_LIFETIME, Lease, MappingRequest
 
-__all__ = ["DaemonConfig", "DaemonError", "default_socket_path", "run_daemon", "serve"]
+__all__ = [
+    "SYSTEM_SOCKET_PATH",
+    "DaemonConfig",
+    "DaemonError",
+    "bind_socket_path",
+    "connect_socket_path",
+    "default_socket_path",
+    "run_daemon",
+    "serve",
+    "user_socket_path",
+]
 
 logger = logging.getLogger("portbroker.daemon")
 
@@ -84,15 +95,54 @@ class DaemonError(PortBrokerError):
     """The daemon cannot start (socket in use, bad path, bad group)."""
 
 
-def default_socket_path() -> Path:
-    """``/run/portbroker/portbroker.sock`` for root, ``$XDG_RUNTIME_DIR/portbroker.sock`` otherwise."""
-    if os.geteuid() == 0:
-        return Path("/run/portbroker/portbroker.sock")
+SYSTEM_SOCKET_PATH: Final = Path("/run/portbroker/portbroker.sock")
+
+
+def user_socket_path() -> Path:
+    """A user's own daemon: ``$XDG_RUNTIME_DIR/portbroker.sock``, else under ~/.cache."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         return Path(runtime) / "portbroker.sock"
     # No per-user runtime directory (no systemd login session): a private one.
     return Path.home() / ".cache" / "portbroker" / "portbroker.sock"
+
+
+def default_socket_path() -> Path:
+    """Where a daemon started without ``--socket`` binds: :data:`SYSTEM_SOCKET_PATH`
+    for root, :func:`user_socket_path` otherwise (a user's daemon never tries
+    the system path, even when the system daemon runs).
+
+    Clients look elsewhere first: :func:`connect_socket_path`.
+    """
+    if os.geteuid() == 0:
+        return SYSTEM_SOCKET_PATH
+    return user_socket_path()
+
+
+def bind_socket_path(explicit: str | Path | None = None) -> Path:
+    """The daemon's socket: *explicit* (``--socket``), ``$PORTBROKER_SOCKET``, or
+    :func:`default_socket_path`."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(proto.ENV_SOCKET):
+        return Path(os.environ[proto.ENV_SOCKET])
+    return default_socket_path()
+
+
+def connect_socket_path() -> Path:
+    """Where a client connects by default: the system daemon's socket whenever it
+    exists, for every user (the daemon the host shares); otherwise the user's
+    own (:func:`user_socket_path`), or the system one for root.
+    """
+    try:
+        SYSTEM_SOCKET_PATH.stat()
+    except PermissionError:
+        # Its directory is closed to us: the system daemon is there, and
+        # connecting will say who may use it (DaemonAccessDenied).
+        return SYSTEM_SOCKET_PATH
+    except OSError:
+        return default_socket_path()
+    return SYSTEM_SOCKET_PATH
 
 
 def default_state_path() -> Path:
@@ -150,19 +200,24 @@ class Client:
     conn: int = 0  # its id in the ownership registry
     watching: bool = False
     version: int = 1
-    in_flight: int = 0  # requests being answered
     last_active: float = 0.0  # when it last sent a request
+    cut_off: bool = False
 
     @property
     def label(self) -> str:
         return f"uid {self.uid} pid {self.pid}"
 
     def send(self, message: bytes) -> None:
-        """Queue a line; a client that does not read is cut off."""
+        """Queue a line (one of :func:`.protocol.encode`); a client that does not
+        read is cut off, and told once in the log."""
+        if self.cut_off:
+            return
         try:
             self.outbox.send_nowait(message)
         except trio.WouldBlock:
+            # Its writer is stuck in send_all: no error line could reach it.
             logger.warning("client %s does not read its replies: cut off", self.label)
+            self.cut_off = True
             self.cancel.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -948,7 +1003,9 @@ class Daemon:
         victims = [c for c in self.clients if c.uid == busiest]
         if not victims:
             return False
-        victim = min(victims, key=lambda c: (c.watching or c.in_flight > 0, c.last_active))
+        victim = min(
+            victims, key=lambda c: (c.watching or self.owners.holds_of(c.conn), c.last_active)
+        )
         self._log_refusal(
             busiest,
             victim.pid,
@@ -973,65 +1030,101 @@ class Daemon:
             cancel.cancel()
 
     async def _reader(self, client: Client, nursery: trio.Nursery) -> None:
+        """Read request lines (:class:`.framing.LineFramer`) and answer each.
+
+        A line over the limit gets one ``line_too_long`` and is skipped, never
+        buffered. At end of stream an unterminated last line is answered too,
+        and the replies of the requests still running are waited for, so a
+        client that half-closes (``socat``, ``send_eof``) reads every answer.
+        """
         limiter = trio.Semaphore(IN_FLIGHT)
-        buffer = b""
-        skipping = False  # inside a line that was too long
+        framer = framing.LineFramer(proto.MAX_LINE)
+        idle = self.config.idle_timeout
         while True:
             try:
-                chunk = await client.stream.receive_some(65536)
+                with trio.move_on_after(idle) as waited:
+                    chunk = await client.stream.receive_some(65536)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return
-            if not chunk:
-                return
-            buffer += chunk
-            while True:
-                newline = buffer.find(b"\n")
-                if newline < 0:
-                    if len(buffer) > proto.MAX_LINE:
-                        if not skipping:
-                            client.send(
-                                proto.error_reply(
-                                    None,
-                                    ErrorCode.LINE_TOO_LONG,
-                                    f"a line may be at most {proto.MAX_LINE} bytes; skipped",
-                                )
-                            )
-                        skipping = True
-                        buffer = b""
-                    break
-                line, buffer = buffer[:newline], buffer[newline + 1 :]
-                if skipping:
-                    skipping = False
-                    continue
-                if len(line) > proto.MAX_LINE:
+            if waited.cancelled_caught:
+                if self._idle(client, limiter):
+                    client.send(
+                        proto.error_reply(
+                            None,
+                            ErrorCode.IDLE,
+                            f"no request, mapping or watch for {idle:g} s: closing"
+                            " (a connection that holds a mapping is never closed for this)",
+                        )
+                    )
+                    return
+                continue
+            client.last_active = trio.current_time()
+            if not chunk and _hung_up(client.stream):
+                return  # gone: serve_client rolls back what is still running
+            items: list[bytes | framing.LineTooLong] = []
+            if chunk:
+                items = framer.feed(chunk)
+            else:
+                last = framer.close()
+                if last is not None:
+                    items = [last]
+            for item in items:
+                if isinstance(item, framing.LineTooLong):
                     client.send(
                         proto.error_reply(
                             None,
                             ErrorCode.LINE_TOO_LONG,
-                            f"a line may be at most {proto.MAX_LINE} bytes",
+                            f"a line may be at most {item.limit} bytes; skipped to its end",
                         )
                     )
                     continue
-                if not line.strip():
+                if not item.strip():
                     continue
                 await limiter.acquire()
-                nursery.start_soon(self._answer, client, line, limiter)
+                nursery.start_soon(self._answer, client, item, limiter)
+            if not chunk:
+                break
+        for _ in range(IN_FLIGHT):  # every request still running has replied
+            await limiter.acquire()
+
+    def _idle(self, client: Client, limiter: trio.Semaphore) -> bool:
+        """Nothing running, nothing watched, nothing held: a connection that
+        only takes a descriptor (issue 8: a thousand of them denied service)."""
+        return (
+            limiter.value == IN_FLIGHT
+            and not client.watching
+            and not self.owners.holds_of(client.conn)
+            and trio.current_time() - client.last_active >= self.config.idle_timeout
+        )
 
     async def _answer(self, client: Client, line: bytes, limiter: trio.Semaphore) -> None:
+        """Answer one request line: a reply, or an error reply, whatever happens.
+
+        A request's failure never reaches the daemon: a ProtocolError is its
+        error reply, anything else :func:`_failure_reply` (a bug is logged with
+        its traceback), and a reply that cannot be encoded becomes ``internal``.
+        """
         request_id: Any = None
         try:
-            request = proto.parse_request(line)
-            request_id = request.id
-            result = await self.handle(client, request)
-            client.send(proto.encode({"id": request_id, "ok": True, **result}))
-        except ProtocolError as exc:
-            client.send(
-                proto.error_reply(
-                    exc.extra.pop("id", request_id), exc.code, exc.message, **exc.extra
-                )
-            )
-        except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the daemon
-            client.send(_failure_reply(request_id, exc))
+            try:
+                try:
+                    request = proto.parse_request(line)
+                    request_id = request.id
+                    result = await self.handle(client, request)
+                    reply = proto.encode({"id": request_id, "ok": True, **result})
+                except ProtocolError as exc:
+                    reply = proto.error_reply(
+                        exc.extra.pop("id", request_id), exc.code, exc.message, **exc.extra
+                    )
+            except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the daemon
+                try:
+                    reply = _failure_reply(request_id, exc)
+                except Exception:  # describing the failure failed: still answer
+                    logger.exception("request %r: its failure could not be described", request_id)
+                    reply = proto.error_reply(
+                        request_id, ErrorCode.INTERNAL, "internal error (see the daemon's log)"
+                    )
+            client.send(reply)
         finally:
             limiter.release()
 
@@ -1047,17 +1140,27 @@ def _failure_reply(request_id: Any, exc: Exception) -> bytes:
 
     Whatever failed, this one request gets an error reply and the daemon goes
     on serving every other app. trio nurseries may group the failures; each
-    leaf is told, the first one's code stands for them all.
+    leaf is told, the first one's code stands for them all. Every ``internal``
+    reply is logged with its traceback: a failure no layer put in words (a
+    bug), one no op turned into its own code, and a reply that could not be
+    encoded (:class:`.framing.FramingError`).
     """
     replies: list[tuple[ErrorCode, str]] = []
     for leaf in _leaves(exc):
         if isinstance(leaf, ProtocolError):
             replies.append((leaf.code, leaf.message))
+        elif isinstance(leaf, framing.FramingError):
+            logger.error("request %r: its reply could not be sent", request_id, exc_info=leaf)
+            replies.append((ErrorCode.INTERNAL, f"internal error: {leaf}"))
         elif isinstance(leaf, ValueError):
             replies.append((ErrorCode.BAD_REQUEST, str(leaf)))
         elif isinstance(leaf, PortBrokerError):
+            # In words, but no op turned it into its own code: the operator
+            # gets the traceback, as for every internal reply.
+            logger.error("request %r failed: %s", request_id, leaf, exc_info=leaf)
             replies.append((ErrorCode.INTERNAL, str(leaf)))
         elif isinstance(leaf, OSError):
+            logger.error("request %r failed: %s", request_id, leaf, exc_info=leaf)
             # A local socket failure (EPERM from a host firewall...) that no
             # layer below put in words.
             known = isinstance(leaf.errno, int) and leaf.errno in errno.errorcode

@@ -1,0 +1,558 @@
+"""Clients of the portbroker daemon: one sans-IO core, a trio client and a blocking one.
+
+    async with portbroker.client.open_client() as client:
+        mapping = await client.map(8080, "tcp")
+        async for event in client.watch(): ...
+
+    with portbroker.client.BlockingClient() as client:
+        print(client.map(8080, "tcp", persist=True))
+
+:class:`ClientCore` is the protocol (docs/daemon-protocol.md) without I/O: it
+numbers requests, encodes them and cuts what the daemon sends into replies,
+routed to their request's id, and events; both clients only move its bytes. A
+line from the daemon that is not valid JSON, or longer than the protocol
+allows, is :class:`DaemonProtocolError` (the connection is then unusable),
+never a parser's exception.
+
+The socket is found by the *path* argument, then ``$PORTBROKER_SOCKET``, then
+the system daemon's ``/run/portbroker/portbroker.sock`` whenever it exists (for
+every user), then the user's own (``$XDG_RUNTIME_DIR/portbroker.sock``).
+Errors the daemon reports raise :class:`DaemonRequestError` with its stable
+``code``; a socket the user may not open raises :class:`DaemonAccessDenied`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import grp
+import itertools
+import math
+import os
+import socket
+import stat
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+import trio
+
+from portbroker._util import collapse_single
+from portbroker.daemon import framing
+from portbroker.daemon.protocol import ENV_SOCKET, MAX_LINE
+from portbroker.errors import PortBrokerError
+from portbroker.types import DEFAULT_LIFETIME
+
+__all__ = [
+    "ENV_SOCKET",
+    "BlockingClient",
+    "Client",
+    "ClientCore",
+    "DaemonAccessDenied",
+    "DaemonNotRunning",
+    "DaemonProtocolError",
+    "DaemonRequestError",
+    "Event",
+    "Reply",
+    "open_client",
+    "socket_path",
+]
+
+RECEIVE_SIZE = 65536
+
+
+class DaemonNotRunning(PortBrokerError):
+    """No daemon listens on the socket path (or it closed the connection)."""
+
+
+class DaemonAccessDenied(PortBrokerError):
+    """The daemon's socket exists but this user may not open it.
+
+    ``path`` is the socket, ``group`` the group that may use it (None when it
+    cannot be told).
+    """
+
+    def __init__(self, path: Path, group: str | None, detail: str) -> None:
+        self.path = path
+        self.group = group
+        if group is not None:
+            todo = f"ask the administrator to add you to group {group!r} (then log in again)"
+        else:
+            todo = "ask the administrator for access"
+        super().__init__(
+            f"permission denied on the portbroker daemon's socket {path} ({detail}): "
+            f"{todo}, or use another daemon's socket with --socket PATH or ${ENV_SOCKET}"
+        )
+
+
+class DaemonProtocolError(PortBrokerError):
+    """The daemon sent something that is not its protocol (or the peer is no daemon)."""
+
+
+class DaemonRequestError(PortBrokerError):
+    """The daemon answered a request with an error."""
+
+    def __init__(self, code: str, message: str, details: dict[str, Any]) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+def socket_path(explicit: str | Path | None = None) -> Path:
+    """The socket a client connects to (see the module's docstring for the order)."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(ENV_SOCKET):
+        return Path(os.environ[ENV_SOCKET])
+    from portbroker.daemon.server import connect_socket_path
+
+    return connect_socket_path()
+
+
+def access_denied(path: Path) -> DaemonAccessDenied:
+    """The error for a socket at *path* that refused us (EACCES/EPERM), naming
+    the group that may use it: the socket's, or that of the directory that
+    keeps us from even seeing it."""
+    for where in (path, path.parent):
+        try:
+            info = where.stat()
+        except OSError:
+            continue
+        try:
+            group: str | None = grp.getgrgid(info.st_gid).gr_name
+        except KeyError:
+            group = str(info.st_gid)
+        kind = "socket" if stat.S_ISSOCK(info.st_mode) else "directory"
+        detail = f"{kind} {where}: group {group}, mode {stat.S_IMODE(info.st_mode):04o}"
+        return DaemonAccessDenied(path, group, detail)
+    return DaemonAccessDenied(path, None, "its directory cannot be read")
+
+
+@attrs.frozen
+class Reply:
+    """The reply to request ``id`` (the whole line, ``ok`` included)."""
+
+    id: int
+    message: dict[str, Any]
+
+
+@attrs.frozen
+class Event:
+    """An event line (after ``watch``)."""
+
+    message: dict[str, Any]
+
+
+# Error codes the daemon sends, with no id, on a connection it is closing.
+CLOSING_CODES: Final = frozenset({"too_many_connections", "idle"})
+
+
+CLOSE_READ_TIMEOUT: Final = 1.0  # how long a failed send waits to read the daemon's reason
+
+
+class ClientCore:
+    """The client's side of the protocol, sans-IO.
+
+    :meth:`request` returns the id and the line to send; :meth:`receive` takes
+    bytes from the daemon and returns the :class:`Reply` objects (for pending
+    ids only) and :class:`Event` objects they completed; :meth:`end` is the end
+    of the stream.
+    """
+
+    def __init__(self, max_line: int = MAX_LINE) -> None:
+        self._ids = itertools.count(1)
+        self._framer = framing.LineFramer(max_line)
+        self._pending: set[int] = set()
+        self.max_line = max_line
+        # Why the daemon is closing this connection, when it said so (a line
+        # with no id: too many connections from this user, or idle).
+        self.closing: DaemonRequestError | None = None
+
+    def request(self, op: str, params: dict[str, Any]) -> tuple[int, bytes]:
+        """A new request: its id and its line.
+
+        Raises:
+            DaemonRequestError: ``bad_request`` (a parameter JSON cannot carry,
+                such as NaN) or ``line_too_long``, as the daemon would answer.
+        """
+        request_id = next(self._ids)
+        try:
+            line = framing.encode({"id": request_id, "op": op, **params})
+        except framing.FramingError as exc:
+            raise DaemonRequestError("bad_request", str(exc), {}) from None
+        if len(line) - 1 > self.max_line:
+            raise DaemonRequestError(
+                "line_too_long",
+                f"the request is {len(line) - 1} bytes; a line may be at most {self.max_line}",
+                {},
+            )
+        self._pending.add(request_id)
+        return request_id, line
+
+    def forget(self, request_id: int) -> None:
+        """A reply to *request_id* is no longer awaited (it is dropped if it comes)."""
+        self._pending.discard(request_id)
+
+    def receive(self, data: bytes) -> list[Reply | Event]:
+        """Bytes from the daemon -> the replies and events they completed.
+
+        Raises:
+            DaemonProtocolError: a line too long, not JSON, or not an object.
+        """
+        out: list[Reply | Event] = []
+        for line in self._framer.feed(data):
+            if isinstance(line, framing.LineTooLong):
+                raise DaemonProtocolError(
+                    f"the daemon sent a line over {line.limit} bytes; is this a portbroker daemon?"
+                )
+            if line.strip():
+                item = self._message(line)
+                if item is not None:
+                    out.append(item)
+        return out
+
+    def end(self) -> None:
+        """The daemon closed the connection.
+
+        Raises:
+            DaemonProtocolError: it stopped in the middle of a line.
+        """
+        if self._framer.close() is not None:
+            raise DaemonProtocolError("the daemon closed the connection in the middle of a line")
+
+    def _message(self, line: bytes) -> Reply | Event | None:
+        try:
+            message = framing.parse_line(line, max_line=self.max_line)
+        except framing.FramingError as exc:
+            raise DaemonProtocolError(
+                f"the daemon sent a malformed line ({exc}); is this a portbroker daemon?"
+            ) from None
+        if not isinstance(message, dict):
+            raise DaemonProtocolError(
+                f"the daemon sent a JSON {type(message).__name__}, not an object"
+            )
+        if "event" in message:
+            return Event(message)
+        request_id = message.get("id")
+        if type(request_id) is int and request_id in self._pending:
+            self._pending.discard(request_id)
+            return Reply(request_id, message)
+        error = message.get("error")
+        if request_id is None and isinstance(error, dict) and error.get("code") in CLOSING_CODES:
+            self.closing = DaemonRequestError(str(error["code"]), str(error.get("message")), error)
+        # A reply to no request of ours (an error about a line we never sent):
+        # nothing waits for it.
+        return None
+
+
+def _map_params(
+    port: int,
+    protocol: str,
+    lifetime: int,
+    external_port: int | None,
+    exact: bool,
+    persist: bool,
+    via: str | None,
+) -> dict[str, Any]:
+    return {
+        "port": port,
+        "protocol": protocol,
+        "lifetime": lifetime,
+        "external_port": external_port,
+        "exact": exact,
+        "persist": persist,
+        "via": via,
+    }
+
+
+def _result(reply: dict[str, Any]) -> dict[str, Any]:
+    if reply.get("ok"):
+        return reply
+    error = reply.get("error")
+    if not isinstance(error, dict):
+        error = {}
+    raise DaemonRequestError(str(error.get("code")), str(error.get("message")), error)
+
+
+class Client:
+    """A trio client; create it with :func:`open_client`."""
+
+    def __init__(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
+        self._stream = stream
+        self._core = ClientCore()
+        self._waiting: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
+        self._events_send, self._events = trio.open_memory_channel[dict[str, Any]](math.inf)
+        self._lock = trio.Lock()
+        self._failure: DaemonProtocolError | None = None
+        self._reading = True
+        self._read_done = trio.Event()
+        nursery.start_soon(self._read)
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                chunk = await self._stream.receive_some(RECEIVE_SIZE)
+                if not chunk:
+                    self._core.end()
+                    break
+                for item in self._core.receive(chunk):
+                    if isinstance(item, Event):
+                        self._events_send.send_nowait(item.message)
+                    else:
+                        channel = self._waiting.pop(item.id, None)
+                        if channel is not None:
+                            channel.send_nowait(item.message)
+        except DaemonProtocolError as exc:
+            self._failure = exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self._reading = False
+            self._read_done.set()
+            self._events_send.close()
+            for channel in self._waiting.values():
+                channel.close()
+            self._waiting.clear()
+
+    def _closed(self) -> PortBrokerError:
+        return (
+            self._core.closing
+            or self._failure
+            or DaemonNotRunning("the daemon closed the connection")
+        )
+
+    async def request(self, op: str, **params: Any) -> dict[str, Any]:
+        """Send one request and return its successful reply.
+
+        Raises:
+            DaemonRequestError: the daemon refused it.
+            DaemonNotRunning: the connection closed.
+            DaemonProtocolError: the daemon sent something malformed.
+        """
+        request_id, line = self._core.request(op, params)
+        send, receive = trio.open_memory_channel[dict[str, Any]](1)
+        self._waiting[request_id] = send
+        try:
+            if not self._reading:  # nothing would ever answer
+                raise self._closed()
+            async with self._lock:
+                await self._stream.send_all(line)
+            try:
+                reply = await receive.receive()
+            except trio.EndOfChannel:
+                raise self._closed() from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            # The daemon may have said why before it closed: let it be read.
+            with trio.move_on_after(CLOSE_READ_TIMEOUT):
+                await self._read_done.wait()
+            raise self._closed() from exc
+        finally:
+            self._waiting.pop(request_id, None)
+            self._core.forget(request_id)
+        return _result(reply)
+
+    async def hello(self) -> dict[str, Any]:
+        return await self.request("hello", versions=[1])
+
+    async def probe(self) -> dict[str, Any]:
+        return await self.request("probe")
+
+    async def map(
+        self,
+        port: int,
+        protocol: str = "tcp",
+        *,
+        lifetime: int = DEFAULT_LIFETIME,
+        external_port: int | None = None,
+        exact: bool = False,
+        persist: bool = False,
+        via: str | None = None,
+    ) -> dict[str, Any]:
+        reply = await self.request(
+            "map", **_map_params(port, protocol, lifetime, external_port, exact, persist, via)
+        )
+        return dict(reply["mapping"])
+
+    async def unmap(self, port: int, protocol: str = "tcp") -> str:
+        return str((await self.request("unmap", port=port, protocol=protocol))["unmapped"])
+
+    async def list(self) -> list[dict[str, Any]]:
+        return list((await self.request("list"))["mappings"])
+
+    async def watch(self) -> AsyncIterator[dict[str, Any]]:
+        """Events of the caller's mappings (all, for root) until the connection ends.
+
+        Raises:
+            DaemonProtocolError: the connection ended on a malformed line.
+        """
+        await self.request("watch")
+        async for event in self._events:
+            yield event
+        if self._failure is not None:
+            raise self._failure
+
+
+@contextlib.asynccontextmanager
+async def open_client(path: str | Path | None = None) -> AsyncIterator[Client]:
+    """A :class:`Client` connected to the daemon at *path* (:func:`socket_path`).
+
+    Raises:
+        DaemonNotRunning: nothing listens there.
+        DaemonAccessDenied: this user may not open the socket.
+
+    An exception raised in the block leaves it as itself (not in an
+    ExceptionGroup).
+    """
+    target = socket_path(path)
+    try:
+        stream = await trio.open_unix_socket(str(target))
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise DaemonNotRunning(f"no portbroker daemon at {target}") from exc
+    except PermissionError as exc:
+        raise access_denied(target) from exc
+    # The nursery is the client's own (its reader): what the caller's block
+    # raises comes out as itself, not wrapped in an ExceptionGroup.
+    with collapse_single():
+        async with stream, trio.open_nursery() as nursery:
+            yield Client(stream, nursery)
+            nursery.cancel_scope.cancel()
+
+
+class BlockingClient:
+    """For programs without an event loop. Not thread-safe; one request at a time.
+
+    Raises (from the constructor) DaemonNotRunning or DaemonAccessDenied as
+    :func:`open_client` does; a request that outlives *timeout* raises
+    TimeoutError.
+    """
+
+    def __init__(self, path: str | Path | None = None, *, timeout: float = 60.0) -> None:
+        self.path = socket_path(path)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(str(self.path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            self._sock.close()
+            raise DaemonNotRunning(f"no portbroker daemon at {self.path}") from exc
+        except PermissionError as exc:
+            self._sock.close()
+            raise access_denied(self.path) from exc
+        self._core = ClientCore()
+        self._received: collections.deque[Reply | Event] = collections.deque()
+        self._ended = False
+        self._failure: DaemonProtocolError | None = None
+        self.events: list[dict[str, Any]] = []
+
+    def __enter__(self) -> BlockingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def request(self, op: str, **params: Any) -> dict[str, Any]:
+        """Send one request and return its successful reply (events that come
+        first are kept in :attr:`events`).
+
+        Raises:
+            DaemonRequestError: the daemon refused it.
+            DaemonNotRunning: the connection closed.
+            DaemonProtocolError: the daemon sent something malformed.
+        """
+        request_id, line = self._core.request(op, params)
+        try:
+            try:
+                self._sock.sendall(line)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                self._drain()  # it may have said why before it closed
+                raise self._core.closing or DaemonNotRunning(
+                    "the daemon closed the connection"
+                ) from exc
+            for item in self._items():
+                if isinstance(item, Event):
+                    self.events.append(item.message)
+                elif item.id == request_id:
+                    return _result(item.message)
+        finally:
+            self._core.forget(request_id)
+        raise self._core.closing or DaemonNotRunning("the daemon closed the connection")
+
+    def _drain(self) -> None:
+        """Read what the daemon sent before closing (its reason), briefly."""
+        timeout = self._sock.gettimeout()
+        self._sock.settimeout(CLOSE_READ_TIMEOUT)
+        try:
+            while True:
+                chunk = self._sock.recv(RECEIVE_SIZE)
+                if not chunk:
+                    return
+                self._received.extend(self._core.receive(chunk))
+        except (OSError, DaemonProtocolError):
+            return
+        finally:
+            self._sock.settimeout(timeout)
+
+    def _items(self) -> Iterator[Reply | Event]:
+        """What the daemon sends, item by item, until it closes the connection."""
+        while True:
+            while self._received:
+                yield self._received.popleft()
+            if self._failure is not None:
+                raise self._failure
+            if self._ended:
+                return
+            try:
+                chunk = self._sock.recv(RECEIVE_SIZE)
+            except ConnectionResetError:
+                chunk = b""
+            try:
+                if not chunk:
+                    self._ended = True
+                    self._core.end()
+                    return
+                self._received.extend(self._core.receive(chunk))
+            except DaemonProtocolError as exc:
+                self._failure = exc  # the stream is out of step: every later call says so
+                raise
+
+    def hello(self) -> dict[str, Any]:
+        return self.request("hello", versions=[1])
+
+    def probe(self) -> dict[str, Any]:
+        return self.request("probe")
+
+    def map(
+        self,
+        port: int,
+        protocol: str = "tcp",
+        *,
+        lifetime: int = DEFAULT_LIFETIME,
+        external_port: int | None = None,
+        exact: bool = False,
+        persist: bool = False,
+        via: str | None = None,
+    ) -> dict[str, Any]:
+        reply = self.request(
+            "map", **_map_params(port, protocol, lifetime, external_port, exact, persist, via)
+        )
+        return dict(reply["mapping"])
+
+    def unmap(self, port: int, protocol: str = "tcp") -> str:
+        return str(self.request("unmap", port=port, protocol=protocol)["unmapped"])
+
+    def list(self) -> list[dict[str, Any]]:
+        return list(self.request("list")["mappings"])
+
+    def watch(self) -> Iterator[dict[str, Any]]:
+        """Events until the connection ends (blocks between them)."""
+        self.request("watch")
+        yield from self.events
+        self.events.clear()
+        for item in self._items():
+            if isinstance(item, Event):
+                yield item.message
