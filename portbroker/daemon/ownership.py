@@ -225,16 +225,12 @@ class Ownership:
         peer = state.peer
         protocol, port = key
         self.check_port(peer, port)
-        if self._holds[peer.uid] >= self.policy.max_holds:
-            raise ProtocolError(
-                ErrorCode.TOO_MANY_HOLDS,
-                f"uid {peer.uid} holds {self._holds[peer.uid]} mappings across its apps, the limit",
-            )
         entry = self.entries.get(key)
         if entry is not None:
             if entry.creating:
                 raise AssertionError("claim() of a key being created: wait for it first")
             return self._join(conn, peer, entry, external_port, persist)
+        self._check_holds(peer.uid)
         held = len(self._keys.get(peer.uid, ()))
         if held >= self.policy.max_mappings:
             raise ProtocolError(
@@ -253,7 +249,9 @@ class Ownership:
                         else "is in use"
                     ),
                 )
-        entry = Entry(key, peer.uid, creating=True, requester=conn)
+        # The port asked for counts as taken while the request is in flight: a
+        # second user racing for it must not pass the check above meanwhile.
+        entry = Entry(key, peer.uid, external_port=external_port, creating=True, requester=conn)
         entry.holds.append(Hold(peer.uid, peer.pid, persist, None if persist else conn))
         self.entries[key] = entry
         self._track(entry)
@@ -316,9 +314,19 @@ class Ownership:
                 if persist:
                     hold.conn = None
                 return entry
+        # Only a new hold counts against the limit: an app taking back its own
+        # holds after a restart adds none.
+        self._check_holds(peer.uid)
         entry.holds.append(Hold(peer.uid, peer.pid, persist, None if persist else conn))
         self._track(entry)
         return entry
+
+    def _check_holds(self, uid: int) -> None:
+        if self._holds[uid] >= self.policy.max_holds:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_HOLDS,
+                f"uid {uid} holds {self._holds[uid]} mappings across its apps, the limit",
+            )
 
     # -- unmap -----------------------------------------------------------------
 
@@ -375,7 +383,10 @@ class Ownership:
         while self._grace and self._grace[0][0] <= now:
             _, _, key = heapq.heappop(self._grace)
             entry = self.entries.get(key)
-            if entry is None:
+            if entry is None or entry.creating:
+                # Being created: created() rolls it back (its requester is
+                # gone) or create_failed() drops it; there is nothing to
+                # release at the gateway yet.
                 continue
             before = len(entry.holds)
             entry.holds = [h for h in entry.holds if h.grace_until is None or h.grace_until > now]
