@@ -1,0 +1,116 @@
+"""Adversarial review of the daemon's connection handling (issue 8), in-process.
+
+A real Unix socket and FakeGateway in memory (as tests/test_daemon.py), or the
+:class:`Daemon` alone where only its bookkeeping matters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from portbroker.client import open_client
+from portbroker.daemon import server
+from portbroker.daemon.ownership import Peer
+from portbroker.daemon.server import Client, Daemon, DaemonConfig
+from portbroker.testing import FakeGateway
+from portbroker.wire import pcp
+from tests.test_daemon import _wait_for, running, short_dir
+
+__all__ = ["short_dir"]  # the fixture, re-used
+
+
+async def test_a_hang_up_mid_map_and_a_short_grace_do_not_stop_the_daemon(
+    short_dir: Path,
+) -> None:
+    # A client asks for a map through a slow gateway and hangs up: the broker
+    # spends up to its RELEASE_TIMEOUT undoing the request. With a grace
+    # period shorter than that, any grace-timer wake-up meanwhile (here:
+    # another client leaving) found the reservation's hold expired and handed
+    # the mapping-less entry to _drop, whose assertion stopped the daemon.
+    gateway = FakeGateway()
+    async with running(short_dir, gateway, grace=0.2) as daemon:
+        async with open_client(short_dir / "pb.sock") as client:
+            await client.probe()  # a warm broker: the map is the only request
+        gateway.delay = 1.5  # every answer, the undo's too, takes 1.5 s
+        stream = await trio.open_unix_socket(str(short_dir / "pb.sock"))
+        await stream.send_all(b'{"id": 1, "op": "map", "port": 7402}\n')
+
+        def asked() -> bool:
+            return any(
+                isinstance(r, pcp.PcpRequest)
+                and isinstance(r.data, pcp.MapData)
+                and r.lifetime > 0
+                and r.data.internal_port == 7402
+                for r in gateway.requests
+            )
+
+        await _wait_for(asked, "the MAP to reach the gateway")
+        await stream.aclose()  # gone before the answer
+        await _wait_for(lambda: daemon.owners.connections(0) == 0, "the hang-up")
+        await trio.sleep(0.4)  # past the grace period, the undo still in flight
+        async with open_client(short_dir / "pb.sock") as other:
+            await other.hello()
+        # The daemon still serves, and the reservation ends with the undo.
+        await _wait_for(lambda: ("tcp", 7402) not in daemon.shared, "the reservation to end")
+        gateway.delay = 0.0
+        async with open_client(short_dir / "pb.sock") as client:
+            mapping = await client.map(7403, "tcp")
+            assert mapping["id"] == "7403/tcp"
+        assert gateway.mapping_for("tcp", 7402) is None
+
+
+class _Stream:
+    """Stands in for a client's socket: the bookkeeping under test never uses it."""
+
+
+def _client(daemon: Daemon, peer: Peer, channels: list[Any]) -> Client:
+    """A connection as serve_client admits it (after the limit checks)."""
+    send, receive = trio.open_memory_channel[bytes](10)
+    channels.append(receive)  # kept open: the shedding notice must not fail
+    conn = daemon.owners.connect(peer)
+    client = Client(peer.uid, peer.pid, _Stream(), send, trio.CancelScope(), conn)  # type: ignore[arg-type]
+    daemon.clients.add(client)
+    return client
+
+
+async def test_a_burst_of_newcomers_sheds_the_busiest_user_each_time(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At the connection limit a newcomer costs the user with the most
+    # connections one of them. The victims' tasks end later (they must be
+    # scheduled to unwind), so a burst of newcomers handled before that must
+    # still see the counts as they are after each shedding, not shed the same
+    # user again and again below another user's count.
+    monkeypatch.setattr(server, "_fd_limit", lambda: server.FD_RESERVE + 16)
+    config = DaemonConfig(socket_path=short_dir / "pb.sock", state_path=short_dir / "s.json")
+    daemon = Daemon(config, broker=None, nursery=None)  # type: ignore[arg-type]
+    assert daemon.max_clients == 16
+    alice, bob, carol = Peer(1000, 100), Peer(1001, 200), Peer(1002, 300)
+    channels: list[Any] = []
+    for _ in range(10):
+        _client(daemon, alice, channels)
+    for _ in range(6):
+        _client(daemon, bob, channels)
+    shed: list[int] = []
+    for _ in range(6):
+        # serve_client for a newcomer, with no checkpoint between newcomers:
+        # none of the victims has run its finally (disconnected) yet.
+        before = set(daemon.clients)
+        conn = daemon.owners.connect(carol)
+        assert len(daemon.clients) >= daemon.max_clients
+        assert daemon._shed(carol.uid), "a newcomer of a user with few connections was refused"
+        (victim,) = before - daemon.clients
+        assert victim.cancel.cancel_called
+        shed.append(victim.uid)
+        send, receive = trio.open_memory_channel[bytes](10)
+        channels.append(receive)
+        daemon.clients.add(Client(carol.uid, carol.pid, _Stream(), send, trio.CancelScope(), conn))  # type: ignore[arg-type]
+    served = {uid: sum(1 for c in daemon.clients if c.uid == uid) for uid in (1000, 1001, 1002)}
+    # alice had 10, bob 6: alice gives up 4, then they take turns.
+    assert abs(served[alice.uid] - served[bob.uid]) <= 1, (shed, served)
+    for uid, count in served.items():
+        assert daemon.owners.connections(uid) == count, (uid, shed, served)
