@@ -609,6 +609,10 @@ class Daemon:
         victim.send(proto.error_reply(None, ErrorCode.TOO_MANY_CONNECTIONS, _SHED_MESSAGE))
         victim.cancel.cancel()
         self.clients.discard(victim)
+        # Over now for the limits too, not once its task has unwound: the next
+        # newcomer of a burst must see this user's true count.
+        self.owners.disconnect(victim.conn, trio.current_time())
+        self._grace_changed.set()
         return True
 
     async def _writer(
