@@ -6,13 +6,14 @@ A real Unix socket and FakeGateway in memory (as tests/test_daemon.py), or the
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from portbroker.client import open_client
+from portbroker.client import BlockingClient, DaemonRequestError, open_client
 from portbroker.daemon import server
 from portbroker.daemon.ownership import Peer
 from portbroker.daemon.server import Client, Daemon, DaemonConfig
@@ -114,3 +115,43 @@ async def test_a_burst_of_newcomers_sheds_the_busiest_user_each_time(
     assert abs(served[alice.uid] - served[bob.uid]) <= 1, (shed, served)
     for uid, count in served.items():
         assert daemon.owners.connections(uid) == count, (uid, shed, served)
+
+
+async def test_a_client_refused_at_connect_is_told_why_in_reply_to_its_request(
+    short_dir: Path,
+) -> None:
+    # Over its connection limit, a client was sent an error line without an
+    # id and the connection closed at once: the blocking client's write then
+    # failed (EPIPE) or its read was reset (ECONNRESET), a traceback for the
+    # user, and a client that got the line could not match it to its request.
+    gateway = FakeGateway()
+    async with (
+        running(short_dir, gateway, max_connections=1),
+        open_client(short_dir / "pb.sock") as first,
+    ):
+        await first.hello()
+        stream = await trio.open_unix_socket(str(short_dir / "pb.sock"))
+        async with stream:
+            await stream.send_all(b'{"id": 7, "op": "list"}\n')
+            buffer = b""
+            with trio.fail_after(30):
+                while True:
+                    chunk = await stream.receive_some(65536)
+                    if not chunk:
+                        break
+                    buffer += chunk
+        (line,) = buffer.splitlines()
+        reply = json.loads(line)
+        assert reply["id"] == 7
+        assert reply["error"]["code"] == "too_many_connections"
+
+        def blocking() -> str:
+            with BlockingClient(str(short_dir / "pb.sock"), timeout=30) as client:
+                try:
+                    client.request("list")
+                except DaemonRequestError as exc:
+                    return exc.code
+                return "served"
+
+        assert await trio.to_thread.run_sync(blocking) == "too_many_connections"
+        assert (await first.hello())["version"] == 1  # the first one is still served

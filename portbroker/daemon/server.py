@@ -202,6 +202,7 @@ class Daemon:
         self._record_cache: dict[tuple[str, int], dict[str, Any]] = {}
         self._grace_changed = trio.Event()
         self._refusals: dict[int, tuple[float, int]] = {}  # uid -> (last logged, since)
+        self._refusing = 0  # refused connections waiting for their first request
 
     # -- bookkeeping ------------------------------------------------------------
 
@@ -538,11 +539,13 @@ class Daemon:
         except ProtocolError as exc:
             # Over its limit: this user is told so; everyone else goes on.
             self._log_refusal(uid, pid, exc.message)
-            await _refuse(stream, exc)
+            await self._turn_away(stream, exc)
             return
         if len(self.clients) >= self.max_clients and not self._shed(uid):
             self.owners.disconnect(conn, trio.current_time())
-            await _refuse(stream, ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS, _SHED_MESSAGE))
+            await self._turn_away(
+                stream, ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS, _SHED_MESSAGE)
+            )
             return
         send, receive = trio.open_memory_channel[bytes](OUTBOX)
         with trio.CancelScope() as cancel:
@@ -567,6 +570,16 @@ class Daemon:
                 send.close()
                 with trio.CancelScope(shield=True):
                     await self.disconnected(client)
+
+    async def _turn_away(self, stream: trio.SocketStream, error: ProtocolError) -> None:
+        """Refuse a connection; only so many wait for their first request at
+        once (a flood of refused connections must not pin descriptors)."""
+        wait = self._refusing < MAX_REFUSING
+        self._refusing += 1
+        try:
+            await _refuse(stream, error, wait=wait)
+        finally:
+            self._refusing -= 1
 
     def _log_refusal(self, uid: int, pid: int, why: str) -> None:
         """One line per user per minute: a flood of refused connections must
@@ -737,6 +750,8 @@ _SHED_MESSAGE: Final = (
     " this one was closed: use fewer connections"
 )
 REFUSAL_LOG_INTERVAL: Final = 60.0
+REFUSE_WAIT: Final = 1.0  # how long a refused connection may take to send its request
+MAX_REFUSING: Final = 64  # refused connections waited on at once; the rest close at once
 FD_RESERVE: Final = 64  # descriptors kept for gateway sockets, the state file, logs
 
 
@@ -774,12 +789,43 @@ def _groups_of(uid: int, gid: int) -> frozenset[int]:
         return frozenset({gid})
 
 
-async def _refuse(stream: trio.SocketStream, error: ProtocolError) -> None:
-    """One error line to a connection we will not serve, then close it."""
+async def _refuse(stream: trio.SocketStream, error: ProtocolError, *, wait: bool) -> None:
+    """One error line to a connection we will not serve, then close it.
+
+    With *wait*, the line answers the client's first request, by its id, if
+    it comes within :data:`REFUSE_WAIT`: a client then reads the refusal as
+    the reply to what it asked. Closing at once instead made its write fail
+    (EPIPE) or, its request unread, reset the connection (ECONNRESET) before
+    it read the line: a traceback, not the reason.
+    """
+    request_id = None
+    if wait:
+        with trio.move_on_after(REFUSE_WAIT):
+            request_id = await _first_request_id(stream)
     with trio.move_on_after(1):
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            await stream.send_all(proto.error_reply(None, error.code, error.message))
+            await stream.send_all(proto.error_reply(request_id, error.code, error.message))
     await stream.aclose()
+
+
+async def _first_request_id(stream: trio.SocketStream) -> Any:
+    """The id of the first line the client sends (None if none can be read)."""
+    buffer = b""
+    while b"\n" not in buffer and len(buffer) <= proto.MAX_LINE:
+        try:
+            chunk = await stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return None
+        if not chunk:
+            break
+        buffer += chunk
+    line = buffer.partition(b"\n")[0]
+    try:
+        return proto.parse_request(line[: proto.MAX_LINE]).id
+    except ProtocolError as exc:
+        return exc.extra.get("id")
+    except Exception:  # noqa: BLE001 - a request we cannot read: answered without an id
+        return None
 
 
 def _hung_up(stream: trio.SocketStream) -> bool:
