@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
+import trio.testing
 
+from portbroker.broker import Mapping
 from portbroker.client import BlockingClient, DaemonRequestError, open_client
 from portbroker.daemon import server
 from portbroker.daemon.ownership import Peer
 from portbroker.daemon.server import Client, Daemon, DaemonConfig
+from portbroker.lifecycle import State
 from portbroker.testing import FakeGateway
 from portbroker.wire import pcp
-from tests.test_daemon import _wait_for, running, short_dir
+from tests.test_daemon import _wait_for, mock_time, running, short_dir
 
-__all__ = ["short_dir"]  # the fixture, re-used
+__all__ = ["mock_time", "short_dir"]  # the fixtures, re-used
 
 
 async def test_a_hang_up_mid_map_and_a_short_grace_do_not_stop_the_daemon(
@@ -155,3 +158,30 @@ async def test_a_client_refused_at_connect_is_told_why_in_reply_to_its_request(
 
         assert await trio.to_thread.run_sync(blocking) == "too_many_connections"
         assert (await first.hello())["version"] == 1  # the first one is still served
+
+
+async def test_a_mapping_the_gateway_refused_for_good_is_made_afresh_when_asked_again(
+    short_dir: Path, mock_time: trio.testing.MockClock
+) -> None:
+    # The gateway refused to renew and then to re-create a mapping: it ended
+    # in FAILED (the app heard a Failed event) but stayed in the registry, so
+    # the app's next map of the same port "joined" the dead mapping and was
+    # told ok, state "failed", with nothing on the gateway, for as long as
+    # the daemon ran.
+    gateway = FakeGateway()
+    async with (
+        running(short_dir, gateway) as daemon,
+        open_client(short_dir / "pb.sock") as client,
+    ):
+        await client.map(7700, "tcp", lifetime=60)
+        gateway.forced_result = int(pcp.ResultCode.NOT_AUTHORIZED)
+        gateway.forced_natpmp_result = 2  # NAT-PMP's "not authorized" (RFC 6886 §3.5)
+        mapping = cast(Mapping, daemon.shared[("tcp", 7700)].handle)
+        with trio.fail_after(7200):  # virtual time: renewals, then re-creations
+            while mapping.state is not State.FAILED:  # noqa: ASYNC110 - no event to wait on
+                await trio.sleep(1)
+        gateway.forced_result = gateway.forced_natpmp_result = None
+        again = await client.map(7700, "tcp", lifetime=60)
+        assert again["state"] == "active", again
+        assert gateway.mapping_for("tcp", 7700) is not None
+        assert len(daemon.shared[("tcp", 7700)].holds) == 1

@@ -416,6 +416,16 @@ class Daemon:
         key = (protocol, port)
         while self.owners.creating(key):  # someone is creating it right now
             await self._pending[key].wait()
+        dead = self.shared.get(key)
+        if (
+            dead is not None
+            and self._visible(client.uid, dead)
+            and _mapping(dead).state in (State.FAILED, State.RELEASED)
+        ):
+            # The gateway ended it for good (its apps heard Failed): asked for
+            # again by its owner, it is made afresh, not joined dead.
+            self.owners.forget(key)
+            self._save(dead)
         entry = self.owners.claim(
             client.conn, key, persist=persist, external_port=external_port, now=trio.current_time()
         )
