@@ -185,3 +185,56 @@ async def test_a_mapping_the_gateway_refused_for_good_is_made_afresh_when_asked_
         assert again["state"] == "active", again
         assert gateway.mapping_for("tcp", 7700) is not None
         assert len(daemon.shared[("tcp", 7700)].holds) == 1
+
+
+async def test_connections_that_come_and_go_do_not_rewrite_the_state_file(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every disconnect woke the grace timer, and every wake-up noted a change:
+    # a user running `portbroker list` in a loop kept the daemon serializing
+    # and fsyncing the whole state file (every user's mappings), back to back.
+    gateway = FakeGateway()
+    async with running(short_dir, gateway) as daemon:
+        async with open_client(short_dir / "pb.sock") as client:
+            await client.map(7800, "tcp", persist=True)
+        await trio.testing.wait_all_tasks_blocked()
+        await daemon.synced()
+        writes: list[int] = []
+        save = daemon.store.save
+
+        def counted(records: list[dict[str, Any]]) -> None:
+            writes.append(len(records))
+            save(records)
+
+        monkeypatch.setattr(daemon.store, "save", counted)
+        for _ in range(20):
+            async with open_client(short_dir / "pb.sock") as client:
+                await client.list()
+        await _wait_for(lambda: daemon.owners.connections(0) == 0, "the clients to leave")
+        await trio.testing.wait_all_tasks_blocked()
+        await daemon.synced()
+        assert writes == []
+        # A change is still written: the persisted mapping's unmap.
+        async with open_client(short_dir / "pb.sock") as client:
+            await client.unmap(7800, "tcp")
+        assert writes
+        assert writes[-1] == 0
+
+
+async def test_a_hold_that_ends_in_grace_leaves_the_state_file(short_dir: Path) -> None:
+    # An app's hold ended with its grace period while a persisted hold kept
+    # the mapping: the state file went on listing the app's hold (the record
+    # cached from before), so the next start gave a dead app a grace period,
+    # or a process that reused its pid the hold.
+    gateway = FakeGateway()
+    async with running(short_dir, gateway) as daemon:
+        async with open_client(short_dir / "pb.sock") as app:
+            await app.map(7900, "tcp")
+            async with open_client(short_dir / "pb.sock") as cli:
+                await cli.map(7900, "tcp", persist=True)
+        entry = daemon.shared[("tcp", 7900)]
+        await _wait_for(lambda: len(entry.holds) == 1, "the app's grace to end")
+        await trio.testing.wait_all_tasks_blocked()
+        await daemon.synced()
+        (record,) = json.loads((short_dir / "state.json").read_text())["mappings"]
+        assert [h["persist"] for h in record["holds"]] == [True]

@@ -376,9 +376,10 @@ class Ownership:
             heapq.heappop(self._grace)  # stale: reclaimed, unmapped or superseded
         return None
 
-    def expire(self, now: float) -> list[Entry]:
+    def expire(self, now: float, shrunk: list[Entry] | None = None) -> list[Entry]:
         """End the holds whose grace is over; returns the entries released by
-        it (removed here; the caller deletes them at the gateway)."""
+        it (removed here; the caller deletes them at the gateway). Entries
+        that lost holds but remain are added to *shrunk* (their records change)."""
         released: list[Entry] = []
         while self._grace and self._grace[0][0] <= now:
             _, _, key = heapq.heappop(self._grace)
@@ -393,6 +394,8 @@ class Ownership:
             if entry.holds:
                 if len(entry.holds) != before:
                     self._track(entry)
+                    if shrunk is not None:
+                        shrunk.append(entry)
             else:
                 self._remove(entry)
                 released.append(entry)

@@ -505,11 +505,15 @@ class Daemon:
             deadline = self.owners.next_deadline()
             with trio.move_on_at(math.inf if deadline is None else deadline):
                 await changed.wait()
-            for entry in self.owners.expire(trio.current_time()):
+            shrunk: list[Entry] = []
+            for entry in self.owners.expire(trio.current_time(), shrunk):
                 logger.info("%s: its app is gone and the grace period over; releasing", entry.id)
                 self._nursery.start_soon(self._drop, entry)
-            # Holds that ended while others remain change the state file too.
-            self._save()
+            # Holds that ended while others remain change the state file too
+            # (their records are recomputed); a wake-up that ended nothing,
+            # such as any client leaving, writes nothing.
+            for entry in shrunk:
+                self._save(entry)
 
     async def events(self) -> None:
         """Broker events -> watching clients, and the state file kept current."""
