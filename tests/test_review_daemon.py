@@ -238,3 +238,30 @@ async def test_a_hold_that_ends_in_grace_leaves_the_state_file(short_dir: Path) 
         await daemon.synced()
         (record,) = json.loads((short_dir / "state.json").read_text())["mappings"]
         assert [h["persist"] for h in record["holds"]] == [True]
+
+
+async def test_shedding_spares_a_connection_that_holds_mappings(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The victim was the least recently active connection of the busiest
+    # user, holds or not: an app that mapped a port and then sat quiet (as
+    # apps do) lost its connection, and with it, after the grace period, its
+    # mappings, while that user's idle connections that held nothing stayed.
+    monkeypatch.setattr(server, "_fd_limit", lambda: server.FD_RESERVE + 16)
+    config = DaemonConfig(socket_path=short_dir / "pb.sock", state_path=short_dir / "s.json")
+    daemon = Daemon(config, broker=None, nursery=None)  # type: ignore[arg-type]
+    alice, bob, carol = Peer(1000, 100), Peer(1001, 200), Peer(1002, 300)
+    channels: list[Any] = []
+    holder = _client(daemon, alice, channels)
+    holder.last_active = -100.0  # mapped long ago, quiet since
+    daemon.owners.claim(holder.conn, ("tcp", 8080), persist=False, external_port=None, now=0)
+    daemon.owners.created(("tcp", 8080), object(), 8080)
+    for _ in range(9):
+        _client(daemon, alice, channels)
+    for _ in range(6):
+        _client(daemon, bob, channels)
+    daemon.owners.connect(carol)
+    assert daemon._shed(carol.uid)
+    assert holder in daemon.clients
+    assert not holder.cancel.cancel_called
+    assert daemon.owners.connections(alice.uid) == 9

@@ -616,8 +616,9 @@ class Daemon:
     def _shed(self, newcomer_uid: int) -> bool:
         """Too many connections in all: the user with the most gives one up.
 
-        A newcomer of that user is refused (False); otherwise that user's least
-        recently active connection is closed to make room (True). One user
+        A newcomer of that user is refused (False); otherwise one of that
+        user's connections is closed to make room (True): one that holds no
+        mapping if there is one, the least recently active of those. One user
         opening connections without end costs that user, not the others.
         """
         busiest = self.owners.busiest_uid()
@@ -626,7 +627,13 @@ class Daemon:
         victims = [c for c in self.clients if c.uid == busiest]
         if not victims:
             return False
-        victim = min(victims, key=lambda c: (c.watching or c.in_flight > 0, c.last_active))
+        # A connection that holds mappings goes last: closing it ends them
+        # (after the grace period), closing an idle one costs nothing.
+        holding = {h.conn for entry in self.shared.values() for h in entry.holds}
+        victim = min(
+            victims,
+            key=lambda c: (c.conn in holding, c.watching or c.in_flight > 0, c.last_active),
+        )
         self._log_refusal(
             busiest,
             victim.pid,
