@@ -265,3 +265,26 @@ async def test_shedding_spares_a_connection_that_holds_mappings(
     assert holder in daemon.clients
     assert not holder.cancel.cancel_called
     assert daemon.owners.connections(alice.uid) == 9
+
+
+async def test_a_port_whose_mapping_is_being_deleted_can_be_mapped_again(
+    short_dir: Path,
+) -> None:
+    # The registry lets go of a mapping before its delete (at the gateway)
+    # is done; an app mapping the port meanwhile (restarted just after the
+    # grace period, a slow gateway) reached the broker while it still held
+    # the old one and got an `internal` error: "already mapped by this
+    # broker (releasing)".
+    gateway = FakeGateway()
+    async with running(short_dir, gateway, grace=0.2) as daemon:
+        async with open_client(short_dir / "pb.sock") as app:
+            await app.map(7950, "tcp")
+            old = cast(Mapping, daemon.shared[("tcp", 7950)].handle)
+        gateway.delay = 1.5  # the delete's answer takes 1.5 s
+        await _wait_for(lambda: ("tcp", 7950) not in daemon.shared, "the grace period to end")
+        assert old.state is State.RELEASING  # the delete is in flight
+        async with open_client(short_dir / "pb.sock") as app:
+            again = await app.map(7950, "tcp")
+            assert again["state"] == "active"
+            assert gateway.mapping_for("tcp", 7950) is not None
+            assert ("tcp", 7950) in daemon.shared

@@ -192,6 +192,7 @@ class Daemon:
         self.clients: set[Client] = set()
         self.store = StateStore(config.state_path)
         self._pending: dict[tuple[str, int], trio.Event] = {}
+        self._releasing: dict[tuple[str, int], trio.Event] = {}  # deletes in flight
         self._dirty = trio.Event()
         self._changes = 0  # generation of the in-memory state
         self._written = 0  # generation the state file holds
@@ -297,7 +298,15 @@ class Daemon:
     async def _drop(self, entry: Entry) -> None:
         """*entry* left the registry (its last hold went): end it at the gateway."""
         self._save(entry)
-        await _mapping(entry).release()
+        # The broker holds the mapping until its delete is done: a map of the
+        # same port meanwhile waits for that (see _map).
+        self._releasing[entry.key] = done = trio.Event()
+        try:
+            await _mapping(entry).release()
+        finally:
+            if self._releasing.get(entry.key) is done:
+                del self._releasing[entry.key]
+            done.set()
 
     # -- restore after a restart ----------------------------------------------------
 
@@ -414,8 +423,13 @@ class Daemon:
         if exact and external_port is None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "'exact' needs 'external_port'")
         key = (protocol, port)
-        while self.owners.creating(key):  # someone is creating it right now
-            await self._pending[key].wait()
+        while True:
+            if self.owners.creating(key):  # someone is creating it right now
+                await self._pending[key].wait()
+            elif key in self._releasing:  # its delete is still in flight
+                await self._releasing[key].wait()
+            else:
+                break
         dead = self.shared.get(key)
         if (
             dead is not None
