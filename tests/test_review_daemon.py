@@ -157,6 +157,15 @@ async def test_a_client_refused_at_connect_is_told_why_in_reply_to_its_request(
                 return "served"
 
         assert await trio.to_thread.run_sync(blocking) == "too_many_connections"
+        # Even after a flood of refused connections that never send a thing
+        # (more than the daemon waits on at once), the next one is told.
+        flood = [
+            await trio.open_unix_socket(str(short_dir / "pb.sock"))
+            for _ in range(server.MAX_REFUSING + 20)
+        ]
+        assert await trio.to_thread.run_sync(blocking) == "too_many_connections"
+        for stream in flood:
+            await stream.aclose()
         assert (await first.hello())["version"] == 1  # the first one is still served
 
 

@@ -13,6 +13,7 @@ renews what was persisted and deletes what nobody owns any more.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import grp
@@ -203,7 +204,8 @@ class Daemon:
         self._record_cache: dict[tuple[str, int], dict[str, Any]] = {}
         self._grace_changed = trio.Event()
         self._refusals: dict[int, tuple[float, int]] = {}  # uid -> (last logged, since)
-        self._refusing = 0  # refused connections waiting for their first request
+        # Refused connections waiting for their first request, oldest first.
+        self._refusing: collections.deque[trio.CancelScope] = collections.deque()
 
     # -- bookkeeping ------------------------------------------------------------
 
@@ -600,14 +602,19 @@ class Daemon:
                     await self.disconnected(client)
 
     async def _turn_away(self, stream: trio.SocketStream, error: ProtocolError) -> None:
-        """Refuse a connection; only so many wait for their first request at
-        once (a flood of refused connections must not pin descriptors)."""
-        wait = self._refusing < MAX_REFUSING
-        self._refusing += 1
+        """Refuse a connection. Only so many wait for their first request at
+        once (a flood of refused connections must not pin descriptors): a
+        newcomer ends the oldest wait, so the latest client, the one a user
+        is looking at, still reads why."""
+        wait = trio.CancelScope()
+        self._refusing.append(wait)
+        if len(self._refusing) > MAX_REFUSING:
+            self._refusing.popleft().cancel()
         try:
-            await _refuse(stream, error, wait=wait)
+            await _refuse(stream, error, wait)
         finally:
-            self._refusing -= 1
+            with contextlib.suppress(ValueError):
+                self._refusing.remove(wait)
 
     def _log_refusal(self, uid: int, pid: int, why: str) -> None:
         """One line per user per minute: a flood of refused connections must
@@ -786,7 +793,7 @@ _SHED_MESSAGE: Final = (
 )
 REFUSAL_LOG_INTERVAL: Final = 60.0
 REFUSE_WAIT: Final = 1.0  # how long a refused connection may take to send its request
-MAX_REFUSING: Final = 64  # refused connections waited on at once; the rest close at once
+MAX_REFUSING: Final = 64  # refused connections waited on at once (the oldest gives way)
 FD_RESERVE: Final = 64  # descriptors kept for gateway sockets, the state file, logs
 
 
@@ -824,19 +831,19 @@ def _groups_of(uid: int, gid: int) -> frozenset[int]:
         return frozenset({gid})
 
 
-async def _refuse(stream: trio.SocketStream, error: ProtocolError, *, wait: bool) -> None:
+async def _refuse(stream: trio.SocketStream, error: ProtocolError, wait: trio.CancelScope) -> None:
     """One error line to a connection we will not serve, then close it.
 
-    With *wait*, the line answers the client's first request, by its id, if
-    it comes within :data:`REFUSE_WAIT`: a client then reads the refusal as
-    the reply to what it asked. Closing at once instead made its write fail
-    (EPIPE) or, its request unread, reset the connection (ECONNRESET) before
-    it read the line: a traceback, not the reason.
+    The line answers the client's first request, by its id, if it comes
+    within :data:`REFUSE_WAIT` (and *wait* is not cancelled before): a client
+    then reads the refusal as the reply to what it asked. Closing at once
+    instead made its write fail (EPIPE) or, its request unread, reset the
+    connection (ECONNRESET) before it read the line: a traceback, not the
+    reason.
     """
     request_id = None
-    if wait:
-        with trio.move_on_after(REFUSE_WAIT):
-            request_id = await _first_request_id(stream)
+    with wait, trio.move_on_after(REFUSE_WAIT):
+        request_id = await _first_request_id(stream)
     with trio.move_on_after(1):
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await stream.send_all(proto.error_reply(request_id, error.code, error.message))
