@@ -297,3 +297,28 @@ async def test_a_port_whose_mapping_is_being_deleted_can_be_mapped_again(
             assert again["state"] == "active"
             assert gateway.mapping_for("tcp", 7950) is not None
             assert ("tcp", 7950) in daemon.shared
+
+
+@pytest.mark.parametrize(("groups", "lookups"), [((), 0), (("root",), 1)])
+async def test_connections_do_not_each_ask_the_group_database(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch, groups: tuple[str, ...], lookups: int
+) -> None:
+    # Every connection looked the user's groups up (NSS: files, or LDAP and
+    # sssd over the network), in the event loop, before any limit applied:
+    # one user opening connections in a loop stalled the daemon for everyone
+    # while a slow directory answered. Groups matter only for
+    # --privileged-group, and they do not change from one connection to the
+    # next.
+    calls: list[int] = []
+    real = server._groups_of
+
+    def counted(uid: int, gid: int) -> frozenset[int]:
+        calls.append(uid)
+        return real(uid, gid)
+
+    monkeypatch.setattr(server, "_groups_of", counted)
+    async with running(short_dir, FakeGateway(), privileged_groups=groups):
+        for _ in range(10):
+            async with open_client(short_dir / "pb.sock") as client:
+                await client.hello()
+    assert len(calls) == lookups

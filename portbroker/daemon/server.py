@@ -204,6 +204,7 @@ class Daemon:
         self._record_cache: dict[tuple[str, int], dict[str, Any]] = {}
         self._grace_changed = trio.Event()
         self._refusals: dict[int, tuple[float, int]] = {}  # uid -> (last logged, since)
+        self._group_cache: dict[tuple[int, int], tuple[float, frozenset[int]]] = {}
         # Refused connections waiting for their first request, oldest first.
         self._refusing: collections.deque[trio.CancelScope] = collections.deque()
 
@@ -565,7 +566,7 @@ class Daemon:
             await stream.aclose()
             return
         try:
-            conn = self.owners.connect(Peer(uid, pid, _groups_of(uid, gid)))
+            conn = self.owners.connect(Peer(uid, pid, self._groups(uid, gid)))
         except ProtocolError as exc:
             # Over its limit: this user is told so; everyone else goes on.
             self._log_refusal(uid, pid, exc.message)
@@ -600,6 +601,22 @@ class Daemon:
                 send.close()
                 with trio.CancelScope(shield=True):
                     await self.disconnected(client)
+
+    def _groups(self, uid: int, gid: int) -> frozenset[int]:
+        """The user's groups, for --privileged-group only, looked up once per
+        user per :data:`GROUPS_TTL`: a lookup can be slow (LDAP, sssd) and
+        blocks the event loop, and a user can connect in a loop."""
+        if not self.owners.policy.privileged_gids:
+            return frozenset({gid})
+        now = trio.current_time()
+        cached = self._group_cache.get((uid, gid))
+        if cached is not None and now - cached[0] < GROUPS_TTL:
+            return cached[1]
+        if len(self._group_cache) >= 4096:
+            self._group_cache.clear()  # bounded; the next lookups refill it
+        groups = _groups_of(uid, gid)
+        self._group_cache[(uid, gid)] = (now, groups)
+        return groups
 
     async def _turn_away(self, stream: trio.SocketStream, error: ProtocolError) -> None:
         """Refuse a connection. Only so many wait for their first request at
@@ -792,6 +809,7 @@ _SHED_MESSAGE: Final = (
     " this one was closed: use fewer connections"
 )
 REFUSAL_LOG_INTERVAL: Final = 60.0
+GROUPS_TTL: Final = 60.0  # how long a user's groups are taken as known
 REFUSE_WAIT: Final = 1.0  # how long a refused connection may take to send its request
 MAX_REFUSING: Final = 64  # refused connections waited on at once (the oldest gives way)
 FD_RESERVE: Final = 64  # descriptors kept for gateway sockets, the state file, logs
