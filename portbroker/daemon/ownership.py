@@ -178,6 +178,15 @@ class Ownership:
         """True when the connection holds a mapping (it is never idle, then)."""
         return any(h.conn == conn for entry in self.entries.values() for h in entry.holds)
 
+    def holding(self, uid: int) -> set[int]:
+        """The connections of *uid* that hold a mapping (cheap: its own entries only)."""
+        return {
+            h.conn
+            for entry in self._held_by(uid)
+            for h in entry.holds
+            if h.conn is not None and h.uid == uid
+        }
+
     def disconnect(self, conn: int, now: float) -> None:
         """The connection closed: its holds enter their grace period."""
         state = self._conns.pop(conn, None)

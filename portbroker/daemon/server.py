@@ -667,7 +667,7 @@ class Daemon:
             return False
         # A connection that holds mappings goes last: closing it ends them
         # (after the grace period), closing an idle one costs nothing.
-        holding = {h.conn for entry in self.shared.values() for h in entry.holds}
+        holding = self.owners.holding(busiest)
         victim = min(
             victims,
             key=lambda c: (c.conn in holding, c.watching or c.in_flight > 0, c.last_active),
