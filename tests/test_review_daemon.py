@@ -322,3 +322,42 @@ async def test_connections_do_not_each_ask_the_group_database(
             async with open_client(short_dir / "pb.sock") as client:
                 await client.hello()
     assert len(calls) == lookups
+
+
+async def test_watchers_hear_that_a_mapping_was_released(short_dir: Path) -> None:
+    # The protocol promises Released events (docs/daemon-protocol.md,
+    # "Operations"), but the daemon let go of its index of a mapping before
+    # deleting it, so the Released event found no entry and no watcher heard
+    # that a mapping ended, by unmap or by the end of its grace period.
+    gateway = FakeGateway()
+    async with (
+        running(short_dir, gateway, grace=0.2),
+        await trio.open_unix_socket(str(short_dir / "pb.sock")) as watcher,
+        open_client(short_dir / "pb.sock") as app,
+    ):
+        buffer = b""
+
+        async def line() -> dict[str, Any]:
+            nonlocal buffer
+            with trio.fail_after(30):
+                while b"\n" not in buffer:
+                    chunk = await watcher.receive_some(65536)
+                    assert chunk, "the daemon closed the watching connection"
+                    buffer += chunk
+            first, buffer = buffer.split(b"\n", 1)
+            message: dict[str, Any] = json.loads(first)
+            return message
+
+        await watcher.send_all(b'{"id": 1, "op": "watch"}\n')
+        assert (await line())["ok"] is True
+        await app.map(7960, "tcp")
+        assert (await line())["event"] == "Acquired"
+        await app.unmap(7960, "tcp")
+        ended = await line()
+        assert (ended["event"], ended["mapping"]["id"]) == ("Released", "7960/tcp")
+        # And one whose app left, at the end of the grace period.
+        async with open_client(short_dir / "pb.sock") as other:
+            await other.map(7961, "tcp")
+        assert (await line())["event"] == "Acquired"
+        ended = await line()
+        assert (ended["event"], ended["mapping"]["id"]) == ("Released", "7961/tcp")

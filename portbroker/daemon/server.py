@@ -301,6 +301,9 @@ class Daemon:
     async def _drop(self, entry: Entry) -> None:
         """*entry* left the registry (its last hold went): end it at the gateway."""
         self._save(entry)
+        # Still found by its mapping until its Released event (events()
+        # forgets it then): watchers hear that it ended.
+        self._by_mapping[id(_mapping(entry))] = entry
         # The broker holds the mapping until its delete is done: a map of the
         # same port meanwhile waits for that (see _map).
         self._releasing[entry.key] = done = trio.Event()
@@ -553,6 +556,8 @@ class Daemon:
             for client in list(self.clients):
                 if client.watching and self._visible(client.uid, entry):
                     client.send(line)
+            if isinstance(item.event, Released) and self.shared.get(entry.key) is not entry:
+                self._by_mapping.pop(id(item.mapping), None)  # its last event
 
     async def serve_client(self, stream: trio.SocketStream) -> None:
         try:
