@@ -361,3 +361,26 @@ async def test_watchers_hear_that_a_mapping_was_released(short_dir: Path) -> Non
         assert (await line())["event"] == "Acquired"
         ended = await line()
         assert (ended["event"], ended["mapping"]["id"]) == ("Released", "7961/tcp")
+
+
+async def test_unmapping_a_failed_mapping_leaves_nothing_behind(
+    short_dir: Path, mock_time: trio.testing.MockClock
+) -> None:
+    # A mapping that FAILED publishes no Released when unmapped: the index
+    # kept for its Released event must not keep it for ever.
+    gateway = FakeGateway()
+    async with (
+        running(short_dir, gateway) as daemon,
+        open_client(short_dir / "pb.sock") as client,
+    ):
+        await client.map(7710, "tcp", lifetime=60)
+        gateway.forced_result = int(pcp.ResultCode.NOT_AUTHORIZED)
+        gateway.forced_natpmp_result = 2
+        mapping = cast(Mapping, daemon.shared[("tcp", 7710)].handle)
+        with trio.fail_after(7200):  # virtual time
+            while mapping.state is not State.FAILED:  # noqa: ASYNC110 - no event to wait on
+                await trio.sleep(1)
+        assert await client.unmap(7710, "tcp") == "7710/tcp"
+        await trio.testing.wait_all_tasks_blocked()
+        assert daemon.shared == {}
+        assert daemon._by_mapping == {}

@@ -302,8 +302,10 @@ class Daemon:
         """*entry* left the registry (its last hold went): end it at the gateway."""
         self._save(entry)
         # Still found by its mapping until its Released event (events()
-        # forgets it then): watchers hear that it ended.
-        self._by_mapping[id(_mapping(entry))] = entry
+        # forgets it then): watchers hear that it ended. One already over
+        # (FAILED) will publish none.
+        if _mapping(entry).state not in (State.RELEASED, State.FAILED):
+            self._by_mapping[id(_mapping(entry))] = entry
         # The broker holds the mapping until its delete is done: a map of the
         # same port meanwhile waits for that (see _map).
         self._releasing[entry.key] = done = trio.Event()
