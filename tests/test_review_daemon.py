@@ -384,3 +384,39 @@ async def test_unmapping_a_failed_mapping_leaves_nothing_behind(
         await trio.testing.wait_all_tasks_blocked()
         assert daemon.shared == {}
         assert daemon._by_mapping == {}
+
+
+async def test_a_client_that_hung_up_behind_a_full_pipeline_is_rolled_back(
+    short_dir: Path,
+) -> None:
+    # More requests than a connection may have running at once (IN_FLIGHT):
+    # the reader waits for a slot instead of reading, so it never saw the
+    # client hang up, and every queued persisted map was carried out (and
+    # kept) for a client that had given up on them.
+    gateway = FakeGateway()
+    async with running(short_dir, gateway) as daemon:
+        async with open_client(short_dir / "pb.sock") as client:
+            await client.probe()  # a warm broker: the maps are the only requests
+        gateway.delay = 1.0
+        count = server.IN_FLIGHT + 6
+        lines = b"".join(
+            b'{"id": %d, "op": "map", "port": %d, "persist": true}\n' % (n, 30000 + n)
+            for n in range(count)
+        )
+        stream = await trio.open_unix_socket(str(short_dir / "pb.sock"))
+        await stream.send_all(lines)
+
+        def asked() -> bool:
+            return any(
+                isinstance(r, pcp.PcpRequest) and isinstance(r.data, pcp.MapData)
+                for r in gateway.requests
+            )
+
+        await _wait_for(asked, "the first MAP to reach the gateway")
+        await stream.aclose()  # gone before any answer
+        await _wait_for(lambda: daemon.owners.connections(0) == 0, "the hang-up to be seen")
+        await _wait_for(lambda: daemon.shared == {}, "every reservation to end")
+        await trio.testing.wait_all_tasks_blocked()
+        await daemon.synced()
+        assert json.loads((short_dir / "state.json").read_text())["mappings"] == []
+        assert all(gateway.mapping_for("tcp", 30000 + n) is None for n in range(count))

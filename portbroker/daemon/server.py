@@ -431,6 +431,7 @@ class Daemon:
         if exact and external_port is None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "'exact' needs 'external_port'")
         key = (protocol, port)
+        self._check_hung_up(client)
         while True:
             if self.owners.creating(key):  # someone is creating it right now
                 await self._pending[key].wait()
@@ -479,6 +480,7 @@ class Daemon:
             del self._pending[key]
             done.set()
         lease = mapping.lease
+        self._check_hung_up(client)  # then created() rolls it back
         kept = self.owners.created(key, mapping, lease.external_port if lease else None)
         if kept is None:
             # Its requester left before it was made: nobody would own it.
@@ -488,6 +490,16 @@ class Daemon:
             raise ProtocolError(ErrorCode.GONE, "the connection closed before the map was made")
         self._save(kept)
         return kept
+
+    def _check_hung_up(self, client: Client) -> None:
+        """A client that closed its socket is gone (serve_client does the
+        same when its reader sees it): its maps not yet carried out are not
+        done for nobody. Checked here too, since with IN_FLIGHT requests
+        running the reader waits for a slot and reads nothing."""
+        if self.owners.is_open(client.conn) and _hung_up(client.stream):
+            self.owners.disconnect(client.conn, trio.current_time())
+            self._grace_changed.set()
+            client.cancel.cancel()  # its other requests too: nobody reads the replies
 
     async def _unmap(self, client: Client, request: Request) -> str:
         mapping_id = request.get("mapping", str)
