@@ -178,6 +178,15 @@ class Ownership:
         """True when the connection holds a mapping (it is never idle, then)."""
         return any(h.conn == conn for entry in self.entries.values() for h in entry.holds)
 
+    def holding(self, uid: int) -> set[int]:
+        """The connections of *uid* that hold a mapping (cheap: its own entries only)."""
+        return {
+            h.conn
+            for entry in self._held_by(uid)
+            for h in entry.holds
+            if h.conn is not None and h.uid == uid
+        }
+
     def disconnect(self, conn: int, now: float) -> None:
         """The connection closed: its holds enter their grace period."""
         state = self._conns.pop(conn, None)
@@ -225,16 +234,12 @@ class Ownership:
         peer = state.peer
         protocol, port = key
         self.check_port(peer, port)
-        if self._holds[peer.uid] >= self.policy.max_holds:
-            raise ProtocolError(
-                ErrorCode.TOO_MANY_HOLDS,
-                f"uid {peer.uid} holds {self._holds[peer.uid]} mappings across its apps, the limit",
-            )
         entry = self.entries.get(key)
         if entry is not None:
             if entry.creating:
                 raise AssertionError("claim() of a key being created: wait for it first")
             return self._join(conn, peer, entry, external_port, persist)
+        self._check_holds(peer.uid)
         held = len(self._keys.get(peer.uid, ()))
         if held >= self.policy.max_mappings:
             raise ProtocolError(
@@ -253,7 +258,9 @@ class Ownership:
                         else "is in use"
                     ),
                 )
-        entry = Entry(key, peer.uid, creating=True, requester=conn)
+        # The port asked for counts as taken while the request is in flight: a
+        # second user racing for it must not pass the check above meanwhile.
+        entry = Entry(key, peer.uid, external_port=external_port, creating=True, requester=conn)
         entry.holds.append(Hold(peer.uid, peer.pid, persist, None if persist else conn))
         self.entries[key] = entry
         self._track(entry)
@@ -316,9 +323,19 @@ class Ownership:
                 if persist:
                     hold.conn = None
                 return entry
+        # Only a new hold counts against the limit: an app taking back its own
+        # holds after a restart adds none.
+        self._check_holds(peer.uid)
         entry.holds.append(Hold(peer.uid, peer.pid, persist, None if persist else conn))
         self._track(entry)
         return entry
+
+    def _check_holds(self, uid: int) -> None:
+        if self._holds[uid] >= self.policy.max_holds:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_HOLDS,
+                f"uid {uid} holds {self._holds[uid]} mappings across its apps, the limit",
+            )
 
     # -- unmap -----------------------------------------------------------------
 
@@ -368,20 +385,26 @@ class Ownership:
             heapq.heappop(self._grace)  # stale: reclaimed, unmapped or superseded
         return None
 
-    def expire(self, now: float) -> list[Entry]:
+    def expire(self, now: float, shrunk: list[Entry] | None = None) -> list[Entry]:
         """End the holds whose grace is over; returns the entries released by
-        it (removed here; the caller deletes them at the gateway)."""
+        it (removed here; the caller deletes them at the gateway). Entries
+        that lost holds but remain are added to *shrunk* (their records change)."""
         released: list[Entry] = []
         while self._grace and self._grace[0][0] <= now:
             _, _, key = heapq.heappop(self._grace)
             entry = self.entries.get(key)
-            if entry is None:
+            if entry is None or entry.creating:
+                # Being created: created() rolls it back (its requester is
+                # gone) or create_failed() drops it; there is nothing to
+                # release at the gateway yet.
                 continue
             before = len(entry.holds)
             entry.holds = [h for h in entry.holds if h.grace_until is None or h.grace_until > now]
             if entry.holds:
                 if len(entry.holds) != before:
                     self._track(entry)
+                    if shrunk is not None:
+                        shrunk.append(entry)
             else:
                 self._remove(entry)
                 released.append(entry)

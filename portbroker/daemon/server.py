@@ -13,6 +13,7 @@ renews what was persisted and deletes what nobody owns any more.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import errno
@@ -321,6 +322,7 @@ class Daemon:
         self.clients: set[Client] = set()
         self.store = StateStore(config.state_path)
         self._pending: dict[tuple[str, int], trio.Event] = {}
+        self._releasing: dict[tuple[str, int], trio.Event] = {}  # deletes in flight
         self._dirty = trio.Event()
         self._urgent = trio.Event()  # someone waits in synced(): write now
         self._write_error: str | None = None  # why the last write failed
@@ -343,6 +345,9 @@ class Daemon:
         self._first_left = 0
         self._loaded = False
         self.restored = trio.Event()  # every record read at start had its first attempt
+        self._group_cache: dict[tuple[int, int], tuple[float, frozenset[int]]] = {}
+        # Refused connections waiting for their first request, oldest first.
+        self._refusing: collections.deque[trio.CancelScope] = collections.deque()
 
     # -- bookkeeping ------------------------------------------------------------
 
@@ -487,7 +492,20 @@ class Daemon:
     async def _drop(self, entry: Entry) -> None:
         """*entry* left the registry (its last hold went): end it at the gateway."""
         self._save(entry)
-        await _handle(entry).release()
+        # Still found by its mapping until its Released event (events()
+        # forgets it then): watchers hear that it ended. One already over
+        # (FAILED) will publish none.
+        if _handle(entry).state not in (State.RELEASED, State.FAILED):
+            self._by_mapping[id(_handle(entry))] = entry
+        # The broker holds the mapping until its delete is done: a map of the
+        # same port meanwhile waits for that (see _map).
+        self._releasing[entry.key] = done = trio.Event()
+        try:
+            await _handle(entry).release()
+        finally:
+            if self._releasing.get(entry.key) is done:
+                del self._releasing[entry.key]
+            done.set()
 
     # -- restore after a restart ----------------------------------------------------
 
@@ -815,8 +833,24 @@ class Daemon:
         if exact and external_port is None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "'exact' needs 'external_port'")
         key = (protocol, port)
-        while self.owners.creating(key):  # someone is creating it right now
-            await self._pending[key].wait()
+        self._check_hung_up(client)
+        while True:
+            if self.owners.creating(key):  # someone is creating it right now
+                await self._pending[key].wait()
+            elif key in self._releasing:  # its delete is still in flight
+                await self._releasing[key].wait()
+            else:
+                break
+        dead = self.shared.get(key)
+        if (
+            dead is not None
+            and self._visible(client.uid, dead)
+            and _handle(dead).state in (State.FAILED, State.RELEASED)
+        ):
+            # The gateway ended it for good (its apps heard Failed): asked for
+            # again by its owner, it is made afresh, not joined dead.
+            self.owners.forget(key)
+            self._save(dead)
         entry = self.owners.claim(
             client.conn, key, persist=persist, external_port=external_port, now=trio.current_time()
         )
@@ -848,6 +882,7 @@ class Daemon:
             del self._pending[key]
             done.set()
         lease = mapping.lease
+        self._check_hung_up(client)  # then created() rolls it back
         kept = self.owners.created(key, mapping, lease.external_port if lease else None)
         if kept is None:
             # Its requester left before it was made: nobody would own it.
@@ -857,6 +892,16 @@ class Daemon:
             raise ProtocolError(ErrorCode.GONE, "the connection closed before the map was made")
         self._save(kept)
         return kept
+
+    def _check_hung_up(self, client: Client) -> None:
+        """A client that closed its socket is gone (serve_client does the
+        same when its reader sees it): its maps not yet carried out are not
+        done for nobody. Checked here too, since with IN_FLIGHT requests
+        running the reader waits for a slot and reads nothing."""
+        if self.owners.is_open(client.conn) and _hung_up(client.stream):
+            self.owners.disconnect(client.conn, trio.current_time())
+            self._grace_changed.set()
+            client.cancel.cancel()  # its other requests too: nobody reads the replies
 
     async def _unmap(self, client: Client, request: Request) -> str:
         mapping_id = request.get("mapping", str)
@@ -896,11 +941,15 @@ class Daemon:
             deadline = self.owners.next_deadline()
             with trio.move_on_at(math.inf if deadline is None else deadline):
                 await changed.wait()
-            for entry in self.owners.expire(trio.current_time()):
+            shrunk: list[Entry] = []
+            for entry in self.owners.expire(trio.current_time(), shrunk):
                 logger.info("%s: its app is gone and the grace period over; releasing", entry.id)
                 self._nursery.start_soon(self._drop, entry)
-            # Holds that ended while others remain change the state file too.
-            self._save()
+            # Holds that ended while others remain change the state file too
+            # (their records are recomputed); a wake-up that ended nothing,
+            # such as any client leaving, writes nothing.
+            for entry in shrunk:
+                self._save(entry)
 
     async def events(self) -> None:
         """Broker events -> watching clients, and the state file kept current."""
@@ -925,6 +974,8 @@ class Daemon:
             for client in list(self.clients):
                 if client.watching and self._visible(client.uid, entry):
                     client.send(line)
+            if isinstance(item.event, Released) and self.shared.get(entry.key) is not entry:
+                self._by_mapping.pop(id(item.mapping), None)  # its last event
 
     async def serve_client(self, stream: trio.SocketStream) -> None:
         try:
@@ -938,15 +989,17 @@ class Daemon:
             await stream.aclose()
             return
         try:
-            conn = self.owners.connect(Peer(uid, pid, _groups_of(uid, gid)))
+            conn = self.owners.connect(Peer(uid, pid, self._groups(uid, gid)))
         except ProtocolError as exc:
             # Over its limit: this user is told so; everyone else goes on.
             self._log_refusal(uid, pid, exc.message)
-            await _refuse(stream, exc)
+            await self._turn_away(stream, exc)
             return
         if len(self.clients) >= self.max_clients and not self._shed(uid):
             self.owners.disconnect(conn, trio.current_time())
-            await _refuse(stream, ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS, _SHED_MESSAGE))
+            await self._turn_away(
+                stream, ProtocolError(ErrorCode.TOO_MANY_CONNECTIONS, _SHED_MESSAGE)
+            )
             return
         send, receive = trio.open_memory_channel[bytes](OUTBOX)
         with trio.CancelScope() as cancel:
@@ -972,6 +1025,37 @@ class Daemon:
                 with trio.CancelScope(shield=True):
                     await self.disconnected(client)
 
+    def _groups(self, uid: int, gid: int) -> frozenset[int]:
+        """The user's groups, for --privileged-group only, looked up once per
+        user per :data:`GROUPS_TTL`: a lookup can be slow (LDAP, sssd) and
+        blocks the event loop, and a user can connect in a loop."""
+        if not self.owners.policy.privileged_gids:
+            return frozenset({gid})
+        now = trio.current_time()
+        cached = self._group_cache.get((uid, gid))
+        if cached is not None and now - cached[0] < GROUPS_TTL:
+            return cached[1]
+        if len(self._group_cache) >= 4096:
+            self._group_cache.clear()  # bounded; the next lookups refill it
+        groups = _groups_of(uid, gid)
+        self._group_cache[(uid, gid)] = (now, groups)
+        return groups
+
+    async def _turn_away(self, stream: trio.SocketStream, error: ProtocolError) -> None:
+        """Refuse a connection. Only so many wait for their first request at
+        once (a flood of refused connections must not pin descriptors): a
+        newcomer ends the oldest wait, so the latest client, the one a user
+        is looking at, still reads why."""
+        wait = trio.CancelScope()
+        self._refusing.append(wait)
+        if len(self._refusing) > MAX_REFUSING:
+            self._refusing.popleft().cancel()
+        try:
+            await _refuse(stream, error, wait)
+        finally:
+            with contextlib.suppress(ValueError):
+                self._refusing.remove(wait)
+
     def _log_refusal(self, uid: int, pid: int, why: str) -> None:
         """One line per user per minute: a flood of refused connections must
         not become a flood of log lines (a log that blocks stalls everyone)."""
@@ -993,8 +1077,9 @@ class Daemon:
     def _shed(self, newcomer_uid: int) -> bool:
         """Too many connections in all: the user with the most gives one up.
 
-        A newcomer of that user is refused (False); otherwise that user's least
-        recently active connection is closed to make room (True). One user
+        A newcomer of that user is refused (False); otherwise one of that
+        user's connections is closed to make room (True): one that holds no
+        mapping if there is one, the least recently active of those. One user
         opening connections without end costs that user, not the others.
         """
         busiest = self.owners.busiest_uid()
@@ -1003,8 +1088,12 @@ class Daemon:
         victims = [c for c in self.clients if c.uid == busiest]
         if not victims:
             return False
+        # A connection that holds mappings goes last: closing it ends them
+        # (after the grace period), closing an idle one costs nothing.
+        holding = self.owners.holding(busiest)
         victim = min(
-            victims, key=lambda c: (c.watching or self.owners.holds_of(c.conn), c.last_active)
+            victims,
+            key=lambda c: (c.conn in holding, c.watching, c.last_active),
         )
         self._log_refusal(
             busiest,
@@ -1015,6 +1104,10 @@ class Daemon:
         victim.send(proto.error_reply(None, ErrorCode.TOO_MANY_CONNECTIONS, _SHED_MESSAGE))
         victim.cancel.cancel()
         self.clients.discard(victim)
+        # Over now for the limits too, not once its task has unwound: the next
+        # newcomer of a burst must see this user's true count.
+        self.owners.disconnect(victim.conn, trio.current_time())
+        self._grace_changed.set()
         return True
 
     async def _writer(
@@ -1187,6 +1280,9 @@ _SHED_MESSAGE: Final = (
 REFUSAL_LOG_INTERVAL: Final = 60.0
 UNDELETED_CHECK: Final = 2.0  # seconds between looks at the broker's pending deletes
 LAZY_WRITE_DELAY: Final = 2.0  # seconds a change nobody waits for may wait to be written
+GROUPS_TTL: Final = 60.0  # how long a user's groups are taken as known
+REFUSE_WAIT: Final = 1.0  # how long a refused connection may take to send its request
+MAX_REFUSING: Final = 64  # refused connections waited on at once (the oldest gives way)
 FD_RESERVE: Final = 64  # descriptors kept for gateway sockets, the state file, logs
 
 
@@ -1224,12 +1320,43 @@ def _groups_of(uid: int, gid: int) -> frozenset[int]:
         return frozenset({gid})
 
 
-async def _refuse(stream: trio.SocketStream, error: ProtocolError) -> None:
-    """One error line to a connection we will not serve, then close it."""
+async def _refuse(stream: trio.SocketStream, error: ProtocolError, wait: trio.CancelScope) -> None:
+    """One error line to a connection we will not serve, then close it.
+
+    The line answers the client's first request, by its id, if it comes
+    within :data:`REFUSE_WAIT` (and *wait* is not cancelled before): a client
+    then reads the refusal as the reply to what it asked. Closing at once
+    instead made its write fail (EPIPE) or, its request unread, reset the
+    connection (ECONNRESET) before it read the line: a traceback, not the
+    reason.
+    """
+    request_id = None
+    with wait, trio.move_on_after(REFUSE_WAIT):
+        request_id = await _first_request_id(stream)
     with trio.move_on_after(1):
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            await stream.send_all(proto.error_reply(None, error.code, error.message))
+            await stream.send_all(proto.error_reply(request_id, error.code, error.message))
     await stream.aclose()
+
+
+async def _first_request_id(stream: trio.SocketStream) -> Any:
+    """The id of the first line the client sends (None if none can be read)."""
+    buffer = b""
+    while b"\n" not in buffer and len(buffer) <= proto.MAX_LINE:
+        try:
+            chunk = await stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return None
+        if not chunk:
+            break
+        buffer += chunk
+    line = buffer.partition(b"\n")[0]
+    try:
+        return proto.parse_request(line[: proto.MAX_LINE]).id
+    except ProtocolError as exc:
+        return exc.extra.get("id")
+    except Exception:  # noqa: BLE001 - a request we cannot read: answered without an id
+        return None
 
 
 def _hung_up(stream: trio.SocketStream) -> bool:
