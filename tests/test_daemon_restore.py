@@ -55,8 +55,9 @@ def mock_time(
 
 
 @asynccontextmanager
-async def running(directory: Path, gateway: FakeGateway) -> AsyncIterator[Daemon]:
+async def running(directory: Path, gateway: FakeGateway, **changes: Any) -> AsyncIterator[Daemon]:
     config = DaemonConfig(
+        **changes,
         gateway="127.0.0.1",
         methods=("pcp", "natpmp"),
         socket_path=directory / "pb.sock",
@@ -310,3 +311,25 @@ async def test_a_clean_stop_before_adoption_marks_connection_bound_records_for_d
         assert set(daemon.shared) == {("tcp", 7901)}
         assert set(state_records(short_dir)) == {7901}
         assert [r.lifetime for r in requests_for(gateway, 7900)] == [0]  # deleted, not adopted
+
+
+async def test_a_restored_privileged_port_obeys_this_daemons_policy(
+    short_dir: Path, mock_time: trio.testing.MockClock
+) -> None:
+    # Mapped by uid 65534 under --allow-privileged-ports, then the daemon is
+    # restarted without it: the mapping is not renewed for ever, it is deleted.
+    nobody = 65534
+    low = record(22, owner_uid=nobody, holds=[{"uid": nobody, "pid": 1, "persist": True}])
+    high = record(8022, owner_uid=nobody, holds=[{"uid": nobody, "pid": 1, "persist": True}])
+    write_state(short_dir, [low, high])
+    gateway = FakeGateway()
+    async with running(short_dir, gateway) as daemon:
+        await daemon.restored.wait()
+        await daemon.synced()
+        assert set(daemon.shared) == {("tcp", 8022)}
+        assert set(state_records(short_dir)) == {8022}
+        assert [r.lifetime for r in requests_for(gateway, 22)] == [0]  # a delete, no renewal
+    write_state(short_dir, [low])
+    async with running(short_dir, FakeGateway(), allow_privileged_ports=True) as daemon:
+        await daemon.restored.wait()
+        assert set(daemon.shared) == {("tcp", 22)}

@@ -42,7 +42,7 @@ from portbroker._util import collapse_single
 from portbroker.broker import Broker, Mapping, open_broker
 from portbroker.daemon import framing
 from portbroker.daemon import protocol as proto
-from portbroker.daemon.ownership import Entry, Hold, Ownership, Peer, Policy
+from portbroker.daemon.ownership import PRIVILEGED_PORTS, Entry, Hold, Ownership, Peer, Policy
 from portbroker.daemon.protocol import ErrorCode, ProtocolError, Request
 from portbroker.daemon.state import (
     DaemonRecord,
@@ -569,6 +569,19 @@ class Daemon:
                     )
                 first.append(self._retire(parsed.lease, record))
                 continue
+            if not self._may_keep_port(parsed.owner_uid, parsed.key[1]):
+                # Allowed when it was made (--allow-privileged-ports, a group),
+                # not under this daemon's policy: it is not renewed for good.
+                logger.warning(
+                    "%d/%s: uid %d may not map ports below %d under this daemon's policy;"
+                    " deleting it on the gateway",
+                    parsed.key[1],
+                    parsed.key[0],
+                    parsed.owner_uid,
+                    PRIVILEGED_PORTS,
+                )
+                first.append(self._retire(parsed.lease, record))
+                continue
             placeholder = Restoring(request, parsed.lease, record, self._retire_restoring)
             self._install_restored(parsed.key, parsed.owner_uid, alive, placeholder)
             if len(alive) == len(holds):
@@ -1015,6 +1028,7 @@ class Daemon:
                             # `socat` is): what it asked and we have not
                             # carried out is rolled back, not done for nobody.
                             self.owners.disconnect(client.conn, trio.current_time())
+                            self._grace_changed.set()
                             answers.cancel_scope.cancel()
                     # Every reply is queued: let them go out, then close.
                     send.close()
@@ -1024,6 +1038,23 @@ class Daemon:
                 send.close()
                 with trio.CancelScope(shield=True):
                     await self.disconnected(client)
+
+    def _may_keep_port(self, uid: int, port: int) -> bool:
+        """The privileged-port policy for a restored record of *uid*."""
+        policy = self.owners.policy
+        if port >= PRIVILEGED_PORTS or uid == 0 or policy.allow_privileged_ports:
+            return True
+        try:
+            gid = pwd.getpwuid(uid).pw_gid
+        except KeyError:  # no such user any more: no groups
+            groups: frozenset[int] = frozenset()
+        else:
+            groups = self._groups(uid, gid)
+        try:
+            self.owners.check_port(Peer(uid, 0, groups), port)
+        except ProtocolError:
+            return False
+        return True
 
     def _groups(self, uid: int, gid: int) -> frozenset[int]:
         """The user's groups, for --privileged-group only, looked up once per
@@ -1102,7 +1133,9 @@ class Daemon:
             f" {len(victims)} (the most of any user)",
         )
         victim.send(proto.error_reply(None, ErrorCode.TOO_MANY_CONNECTIONS, _SHED_MESSAGE))
-        victim.cancel.cancel()
+        # Its writer gets a moment to deliver why, then the connection ends.
+        victim.outbox.close()
+        victim.cancel.deadline = min(victim.cancel.deadline, trio.current_time() + SHED_FLUSH)
         self.clients.discard(victim)
         # Over now for the limits too, not once its task has unwound: the next
         # newcomer of a burst must see this user's true count.
@@ -1278,6 +1311,7 @@ _SHED_MESSAGE: Final = (
     " this one was closed: use fewer connections"
 )
 REFUSAL_LOG_INTERVAL: Final = 60.0
+SHED_FLUSH: Final = 1.0  # seconds a shed connection's writer has to say why
 UNDELETED_CHECK: Final = 2.0  # seconds between looks at the broker's pending deletes
 LAZY_WRITE_DELAY: Final = 2.0  # seconds a change nobody waits for may wait to be written
 GROUPS_TTL: Final = 60.0  # how long a user's groups are taken as known
