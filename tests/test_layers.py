@@ -59,6 +59,7 @@ SANS_IO = {
     "portbroker.epoch",
     "portbroker.daemon.ownership",
     "portbroker.daemon.protocol",
+    "portbroker.daemon.framing",
 }
 
 
