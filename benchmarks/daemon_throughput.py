@@ -107,6 +107,10 @@ def main() -> int:
                 "--no-announcements",
                 "--max-mappings",
                 str(args.held + 10),
+                # Every client here is one user (this process's): the default
+                # per-user limit (64) is for hosts, not for a load test.
+                "--max-connections",
+                "1000",
             ],
         )
         deadline = time.monotonic() + 20

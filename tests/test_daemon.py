@@ -663,3 +663,10 @@ async def test_idle_connections_are_closed_but_holders_and_watchers_stay(short_d
                 await trio.sleep(1.0)
                 assert [m["id"] for m in await holder.list()] == ["7900/tcp"]
                 assert (await watcher.hello())["version"] == 1
+
+
+def test_the_hold_limit_follows_the_mapping_limit() -> None:
+    # A user allowed 10,000 mappings (the benchmark's --max-mappings) must be
+    # able to hold them: before, holds stopped at 1,024 whatever the quota.
+    assert DaemonConfig(max_mappings=10_010).policy().max_holds == 20_020
+    assert DaemonConfig().policy().max_holds == 1024

@@ -184,6 +184,9 @@ class DaemonConfig:
                 grace=self.grace,
                 max_mappings=self.max_mappings,
                 max_connections=self.max_connections,
+                # Holds follow the mapping quota: a user allowed 10,000
+                # mappings must be able to hold them (apps share the rest).
+                max_holds=max(1024, 2 * self.max_mappings),
                 allow_privileged_ports=self.allow_privileged_ports,
                 privileged_gids=frozenset(gids),
             )
