@@ -450,6 +450,7 @@ class Daemon:
         an entry not adopted yet with none is recorded as ``pending_delete``
         so the next start deletes it.
         """
+        self._take_given_up()
         records = []
         for entry in self.shared.values():
             if entry.handle is None:
@@ -488,6 +489,17 @@ class Daemon:
             if (lease.protocol.value, lease.internal_port) not in retiring
         )
         return records
+
+    def _take_given_up(self) -> None:
+        """Deletes whose bounded retries in the broker ran out, their lease still
+        running: the mapping may still be open on the gateway, so it stays on
+        file and is tried again later, for as long as the daemon runs
+        (docs/daemon-protocol.md, Persistence). Taken here, where every write
+        of the state file starts, so that no write ever leaves one out."""
+        for lease in self.broker.take_given_up():
+            item = self._retire(lease, _pending_delete_record(lease))
+            item.failures = len(RECOVERY_BACKOFF) - 1  # next try after the longest wait
+            self._retry_later(item, None, quiet=True)
 
     async def _drop(self, entry: Entry) -> None:
         """*entry* left the registry (its last hold went): end it at the gateway."""
@@ -1414,8 +1426,15 @@ def _saved(error: str | None) -> dict[str, Any]:
 
 
 def _pending_delete_record(lease: Lease) -> dict[str, Any]:
-    """A state-file record that only asks the next start to delete *lease*."""
-    return daemon_record(lease, 0, [], lease.lifetime, pending_delete=True)
+    """A state-file record that only asks the next start to delete *lease*.
+
+    Its ``lifetime_requested`` must pass the next start's validation
+    (:func:`.state.parse_daemon_record`) although nobody will ask for it: a
+    permanent UPnP lease has lifetime 0, and a gateway may grant more than a
+    request may ask for.
+    """
+    requested = min(max(lease.lifetime, MIN_LIFETIME), MAX_LIFETIME)
+    return daemon_record(lease, 0, [], requested, pending_delete=True)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -1,0 +1,100 @@
+"""Adversarial review 2 (issue 8): pending deletes across the state file, the
+broker's bounded retries and the next start.
+
+In-process daemons as tests/test_daemon_restore.py (MockClock, FakeGateway in
+memory), or the record functions alone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from portbroker.daemon.server import _pending_delete_record
+from portbroker.daemon.state import parse_daemon_record
+from portbroker.lifecycle import MAX_DELETE_ATTEMPTS, RECOVERY_BACKOFF
+from portbroker.testing import FakeGateway
+from portbroker.types import Lease, TransportProtocol
+from tests.test_daemon_restore import (
+    mock_time,
+    record,
+    requests_for,
+    running,
+    short_dir,
+    state_records,
+    write_state,
+)
+
+__all__ = ["mock_time", "short_dir"]  # the fixtures, re-used
+
+
+@pytest.mark.parametrize(
+    ("permanent", "lifetime"),
+    [(True, 0), (False, 30 * 86400)],
+    ids=["permanent-upnp", "lifetime-over-a-week"],
+)
+def test_a_pending_delete_the_daemon_records_is_accepted_at_the_next_start(
+    permanent: bool, lifetime: int
+) -> None:
+    # A delete the gateway did not confirm is written as a pending_delete
+    # record so that the next start finishes it. For a permanent UPnP lease
+    # (lifetime 0), or one the gateway granted for longer than a week, the
+    # record carried lifetime_requested = the lease's lifetime, which the next
+    # start's validation rejects: set aside, never deleted, the mapping left
+    # open on the gateway for good.
+    address = ipaddress.ip_address
+    lease = Lease(
+        method="upnp",
+        protocol=TransportProtocol.TCP,
+        internal_address=address("192.168.1.100"),
+        internal_port=8080,
+        external_address=address("203.0.113.7"),
+        external_port=8080,
+        lifetime=lifetime,
+        granted_at=0.0,
+        gateway=address("192.168.1.1"),
+        epoch=None,
+        nonce=None,
+        permanent=permanent,
+    )
+    parsed = parse_daemon_record(_pending_delete_record(lease), now=0.0)
+    assert parsed.pending_delete
+    assert parsed.lease.permanent is permanent
+    assert parsed.key == ("tcp", 8080)
+
+
+async def test_a_delete_the_broker_gave_up_on_stays_recorded_and_retried_while_its_lease_runs(
+    short_dir: Path, mock_time: trio.testing.MockClock
+) -> None:
+    # docs/daemon-protocol.md, Persistence: a record goes only when resolved
+    # (... a delete confirmed, or its lease run out); until then it stays in
+    # the state file and is tried again for as long as the daemon runs. The
+    # broker's retries are bounded (20 attempts, about 70 minutes); once they
+    # ended, the record left the state file with hours of its lease still to
+    # run: the mapping open on the gateway, known to nobody, even after a
+    # restart.
+    write_state(short_dir, [record(7100, pending_delete=True)])  # 7,000 s left
+    gateway = FakeGateway(silent_deletes=True)
+    async with running(short_dir, gateway) as daemon:
+        start = trio.current_time()
+        await daemon.restored.wait()
+        # Well past the broker's last attempt (its attempts and their backoff
+        # add up to about 72 minutes), well before the lease ends.
+        assert MAX_DELETE_ATTEMPTS == 20
+        assert sum(RECOVERY_BACKOFF) + 13 * RECOVERY_BACKOFF[-1] < 75 * 60
+        await trio.sleep(90 * 60)
+        await daemon.synced()
+        late = [
+            when
+            for request, when in zip(gateway.requests, gateway.request_times, strict=True)
+            if request in requests_for(gateway, 7100) and request.lifetime == 0
+            if when - start > 80 * 60
+        ]
+        assert late, "not tried again once the broker gave up"
+        assert 7100 in state_records(short_dir), "the record left the state file"
+        assert state_records(short_dir)[7100]["pending_delete"] is True
+    assert 7100 in state_records(short_dir)  # and a clean stop keeps it for the next start
