@@ -8,13 +8,16 @@ memory), or the record functions alone.
 from __future__ import annotations
 
 import ipaddress
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from portbroker.daemon.server import _pending_delete_record
+from portbroker.client import open_client
+from portbroker.daemon.server import RESTORE_CONCURRENCY, _pending_delete_record
 from portbroker.daemon.state import parse_daemon_record
 from portbroker.lifecycle import MAX_DELETE_ATTEMPTS, RECOVERY_BACKOFF
 from portbroker.testing import FakeGateway
@@ -98,3 +101,36 @@ async def test_a_delete_the_broker_gave_up_on_stays_recorded_and_retried_while_i
         assert 7100 in state_records(short_dir), "the record left the state file"
         assert state_records(short_dir)[7100]["pending_delete"] is True
     assert 7100 in state_records(short_dir)  # and a clean stop keeps it for the next start
+
+
+async def test_a_queued_delete_of_a_record_does_not_delete_a_new_mapping_of_its_port(
+    short_dir: Path, mock_time: trio.testing.MockClock
+) -> None:
+    # A restart with many records: the first RESTORE_CONCURRENCY keep every
+    # worker busy (a silent PCP: 8 s each), so a pending_delete record of
+    # 7200/tcp (NAT-PMP, which deletes by internal port) waits its turn.
+    # Meanwhile its owner maps 7200/tcp again and is told it is mapped. Then
+    # the old record's delete went out and deleted the new mapping at the
+    # gateway: the app believes it is reachable and is not.
+    blockers = [record(7300 + n) for n in range(RESTORE_CONCURRENCY)]
+    stale = record(7200, method="natpmp", nonce=None, pending_delete=True)
+    write_state(short_dir, [*blockers, stale])
+    gateway = FakeGateway(pcp_enabled=False)  # PCP silent, NAT-PMP answers
+    async with running(short_dir, gateway) as daemon:
+        async with open_client(short_dir / "pb.sock") as client:
+            mapping = await client.map(7200, "tcp", via="natpmp", persist=True)
+            assert mapping["state"] == "active"
+            assert gateway.mapping_for("tcp", 7200) is not None
+        await daemon.restored.wait()  # every record had its first attempt
+        await trio.sleep(30)
+        assert gateway.mapping_for("tcp", 7200) is not None, "the new mapping was deleted"
+        async with open_client(short_dir / "pb.sock") as client:
+            (listed,) = [m for m in await client.list() if m["id"] == "7200/tcp"]
+            assert listed["state"] == "active"
+        await daemon.synced()
+        records = [r for r in _all_records(short_dir) if r["internal_port"] == 7200]
+        assert [r.get("pending_delete", False) for r in records] == [False]
+
+
+def _all_records(directory: Path) -> list[dict[str, Any]]:
+    return list(json.loads((directory / "state.json").read_text())["mappings"])

@@ -65,6 +65,7 @@ from portbroker.lifecycle import (
     State,
     classify,
     event_detail,
+    supersedes,
 )
 from portbroker.probe import NoMethodAvailable, report_json
 from portbroker.types import DEFAULT_LIFETIME, MAX_LIFETIME, MIN_LIFETIME, Lease, MappingRequest
@@ -742,6 +743,20 @@ class Daemon:
         if id(item) not in self._retiring:
             return  # done meanwhile
         lease = item.lease
+        key = (lease.protocol.value, lease.internal_port)
+        while self.owners.creating(key):  # a map of its port is in flight: its outcome first
+            await self._pending[key].wait()
+        if id(item) not in self._retiring:
+            return
+        entry = self.shared.get(key)
+        current = None if entry is None else getattr(entry.handle, "lease", None)
+        if current is not None and supersedes(current, lease):
+            # Mapped again since (while this delete waited its turn): deleting
+            # the old lease would delete the new mapping (NAT-PMP and UPnP
+            # name it by port), as the broker's own retries know (rule 10).
+            logger.info("%s: not deleted: a new mapping takes its place", item.label)
+            self._resolved(item)
+            return
         if not lease.permanent and trio.current_time() >= lease.expires_at:
             logger.info("%s: its lease has run out; nothing left to delete", item.label)
             self._resolved(item)
