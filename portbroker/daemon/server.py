@@ -873,8 +873,11 @@ class Daemon:
         if exact and external_port is None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "'exact' needs 'external_port'")
         key = (protocol, port)
-        self._check_hung_up(client)
         while True:
+            # Before the claim, after every wait too: a wait for another
+            # client's creation can be long, and a client behind a full
+            # pipeline may hang up meanwhile unseen by its reader.
+            self._check_hung_up(client)
             if self.owners.creating(key):  # someone is creating it right now
                 await self._pending[key].wait()
             elif key in self._releasing:  # its delete is still in flight
