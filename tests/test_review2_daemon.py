@@ -12,12 +12,16 @@ import trio
 import trio.testing
 
 from portbroker.client import open_client
-from portbroker.daemon import server
+from portbroker.daemon import framing, server
+from portbroker.daemon.client import ClientCore
+from portbroker.daemon.protocol import MAX_LINE
 from portbroker.testing import FakeGateway
 from portbroker.wire import pcp
 from tests.test_daemon import _wait_for, running, short_dir
+from tests.test_daemon_restore import mock_time, record, write_state
+from tests.test_daemon_restore import running as restore_running
 
-__all__ = ["short_dir"]  # the fixture, re-used
+__all__ = ["mock_time", "short_dir"]  # the fixtures, re-used
 
 
 async def test_a_client_that_hung_up_while_its_maps_waited_for_anothers_is_rolled_back(
@@ -61,3 +65,27 @@ async def test_a_client_that_hung_up_while_its_maps_waited_for_anothers_is_rolle
         await daemon.synced()
         records = json.loads((short_dir / "state.json").read_text())["mappings"]
         assert not any(h["persist"] for r in records for h in r["holds"]), records
+
+
+async def test_root_lists_more_mappings_than_fit_in_a_request_line(
+    short_dir: Path, mock_time: trio.testing.MockClock
+) -> None:
+    # Requests are bounded at 64 KiB a line, and the clients applied the same
+    # bound to the daemon's replies: a `list` of a few hundred mappings (root
+    # sees every user's: 4 users at the default 64 each) is one longer line,
+    # and `portbroker list` said "the daemon sent a line over 65536 bytes; is
+    # this a portbroker daemon?" instead of listing them.
+    count = 400
+    write_state(short_dir, [record(20000 + n) for n in range(count)])
+    async with restore_running(short_dir, FakeGateway(drop_rate=1.0)) as daemon:
+        assert len(daemon.shared) == count
+        async with open_client(short_dir / "pb.sock") as client:
+            listed = await client.list()
+        assert len(listed) == count
+        assert len(json.dumps({"mappings": listed})) > MAX_LINE
+    # The blocking client reads with the same core.
+    core = ClientCore()
+    request_id, _line = core.request("list", {})
+    reply = framing.encode({"id": request_id, "ok": True, "mappings": listed})
+    (answer,) = core.receive(reply)
+    assert answer.message["mappings"] == listed
