@@ -6,6 +6,7 @@ A real Unix socket and FakeGateway in memory, as tests/test_daemon.py.
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import trio
@@ -13,7 +14,7 @@ import trio.testing
 
 from portbroker.client import open_client
 from portbroker.daemon import framing, server
-from portbroker.daemon.client import ClientCore
+from portbroker.daemon.client import ClientCore, access_denied
 from portbroker.daemon.protocol import MAX_LINE
 from portbroker.testing import FakeGateway
 from portbroker.wire import pcp
@@ -89,3 +90,24 @@ async def test_root_lists_more_mappings_than_fit_in_a_request_line(
     reply = framing.encode({"id": request_id, "ok": True, "mappings": listed})
     (answer,) = core.receive(reply)
     assert answer.message["mappings"] == listed
+
+
+def test_access_denied_advises_a_group_only_where_the_group_has_access(short_dir: Path) -> None:
+    # A daemon started without --group has a 0600 socket: the error told a
+    # user who may not use it to "ask the administrator to add you to group
+    # 'root'", which would not help (the group has no access) and would hand
+    # them root's group.
+    path = short_dir / "owner-only.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        path.chmod(0o600)
+        error = access_denied(path)
+        assert error.group is None
+        assert "add you to group" not in str(error)
+        assert "only its owner" in str(error)
+        path.chmod(0o660)  # with --group: joining it is the way
+        assert access_denied(path).group is not None
+        assert "add you to group" in str(access_denied(path))
+    finally:
+        sock.close()

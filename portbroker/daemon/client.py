@@ -126,6 +126,12 @@ def access_denied(path: Path) -> DaemonAccessDenied:
             group = str(info.st_gid)
         kind = "socket" if stat.S_ISSOCK(info.st_mode) else "directory"
         detail = f"{kind} {where}: group {group}, mode {stat.S_IMODE(info.st_mode):04o}"
+        # Membership helps only where the group has access (a socket: rw; a
+        # directory: x): advice to join group 'root' of a 0600 socket grants
+        # nothing, and is advice to give a user root's group.
+        needed = 0o060 if kind == "socket" else 0o010
+        if info.st_mode & needed != needed:
+            return DaemonAccessDenied(path, None, f"{detail}: only its owner may use it")
         return DaemonAccessDenied(path, group, detail)
     return DaemonAccessDenied(path, None, "its directory cannot be read")
 
