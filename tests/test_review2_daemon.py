@@ -111,3 +111,26 @@ def test_access_denied_advises_a_group_only_where_the_group_has_access(short_dir
         assert "add you to group" in str(access_denied(path))
     finally:
         sock.close()
+
+
+async def test_a_watcher_that_never_reads_is_cut_off_and_harms_no_one(short_dir: Path) -> None:
+    # A `watch` connection that never reads while another app's mappings churn:
+    # its queue fills (OUTBOX), it is disconnected, and the churning app is
+    # served throughout.
+    gateway = FakeGateway()
+    async with running(short_dir, gateway) as daemon:
+        stuck = await trio.open_unix_socket(str(short_dir / "pb.sock"))
+        stuck.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await stuck.send_all(b'{"id": 1, "op": "watch"}\n')
+        await _wait_for(lambda: any(c.watching for c in daemon.clients), "the watch")
+        (watcher,) = [c for c in daemon.clients if c.watching]
+        async with open_client(short_dir / "pb.sock") as client:
+            for n in range(1200):
+                await client.map(32000 + n % 50, "tcp")
+                await client.unmap(32000 + n % 50, "tcp")
+                if watcher.cut_off:
+                    break
+            assert watcher.cut_off
+            await _wait_for(lambda: watcher not in daemon.clients, "the watcher to be gone")
+            assert await client.list() == []
+        await stuck.aclose()
