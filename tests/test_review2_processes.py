@@ -11,6 +11,8 @@ import json
 import random
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +119,41 @@ async def test_sigkill_at_random_moments_of_a_restore_loses_and_doubles_nothing(
         finally:
             stop(daemon)
             nursery.cancel_scope.cancel()
+
+
+def test_a_state_file_that_cannot_be_read_stops_the_daemon_in_one_line(short_dir: Path) -> None:
+    # docs/daemon-protocol.md: a state file that cannot be read at all stops
+    # the daemon with an error instead of being overwritten. The error came
+    # with "the daemon failed: every mapping stays on the gateway" and an
+    # ExceptionGroup traceback of forty lines before it.
+    (short_dir / "state.json").mkdir()  # reading it: EISDIR, an I/O error
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "portbroker.cli",
+            "daemon",
+            "--socket",
+            str(short_dir / "pb.sock"),
+            "--state",
+            str(short_dir / "state.json"),
+            "--gateway",
+            "127.0.0.1",
+            "--server-port",
+            "9",
+            "--methods",
+            "pcp,natpmp",
+            "--no-announcements",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "ExceptionGroup" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) <= 2, done.stderr  # the daemon's log line, and the command's
+    assert f"cannot read the state file {short_dir / 'state.json'}" in lines[-1]
+    assert not (short_dir / "pb.sock").exists()

@@ -1520,6 +1520,11 @@ def _expires_in(lease: Lease) -> float | None:
     return None if lease.permanent else max(0.0, lease.expires_at - trio.current_time())
 
 
+def _worded(exc: BaseException | None) -> bool:
+    """A failure the code put in words (a PortBrokerError), not a bug."""
+    return exc is not None and all(isinstance(leaf, PortBrokerError) for leaf in _leaves(exc))
+
+
 def _only_cancelled(exc: BaseException) -> bool:
     return all(isinstance(leaf, trio.Cancelled) for leaf in _leaves(exc))
 
@@ -1574,7 +1579,10 @@ async def serve(config: DaemonConfig) -> AsyncIterator[Daemon]:
                     raise
                 finally:
                     if daemon is not None:
-                        if crashed:
+                        if crashed and (daemon._loaded or not _worded(failure)):
+                            # (A state file that cannot be read stops it before
+                            # anything was restored: its error, in words, is the
+                            # caller's to tell, without a traceback.)
                             logger.error(
                                 "the daemon failed: every mapping stays on the gateway",
                                 exc_info=failure,
