@@ -134,3 +134,21 @@ async def test_a_queued_delete_of_a_record_does_not_delete_a_new_mapping_of_its_
 
 def _all_records(directory: Path) -> list[dict[str, Any]]:
     return list(json.loads((directory / "state.json").read_text())["mappings"])
+
+
+async def test_unmapping_a_mapping_being_restored_leaves_nothing_in_the_event_index(
+    short_dir: Path, mock_time: trio.testing.MockClock
+) -> None:
+    # _drop keeps a mapping in the event index until its Released event, so
+    # that watchers hear it ended; a stand-in of a record not adopted yet
+    # publishes no event, so it stayed there (with its entry and record) for
+    # as long as the daemon ran: one leak per unmap during a restore.
+    write_state(short_dir, [record(7600 + n) for n in range(20)])
+    gateway = FakeGateway(drop_rate=1.0)
+    async with running(short_dir, gateway) as daemon:
+        async with open_client(short_dir / "pb.sock") as client:
+            for n in range(20):
+                await client.unmap(7600 + n, "tcp")
+        await trio.sleep(60)
+        assert daemon.shared == {}
+        assert daemon._by_mapping == {}

@@ -507,8 +507,9 @@ class Daemon:
         self._save(entry)
         # Still found by its mapping until its Released event (events()
         # forgets it then): watchers hear that it ended. One already over
-        # (FAILED) will publish none.
-        if _handle(entry).state not in (State.RELEASED, State.FAILED):
+        # (FAILED) will publish none, nor will a stand-in (Restoring).
+        handle = _handle(entry)
+        if isinstance(handle, Mapping) and handle.state not in (State.RELEASED, State.FAILED):
             self._by_mapping[id(_handle(entry))] = entry
         # The broker holds the mapping until its delete is done: a map of the
         # same port meanwhile waits for that (see _map).
