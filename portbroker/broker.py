@@ -800,7 +800,11 @@ class Broker:
             if pending not in self._pending:
                 self._pending.append(pending)
             assert pending.last_failure is not None
-            logger.warning(
+            # The first failure is a warning, the attempts after it are not:
+            # thousands of deletes a silent gateway never confirms must not
+            # write twenty warnings each (the end, giving up, is one again).
+            logger.log(
+                logging.WARNING if pending.attempts == 1 else logging.INFO,
                 "%s: delete failed (attempt %d of %d: %s); trying again in %.0f s",
                 label,
                 pending.attempts,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +153,24 @@ async def test_unmapping_a_mapping_being_restored_leaves_nothing_in_the_event_in
         await trio.sleep(60)
         assert daemon.shared == {}
         assert daemon._by_mapping == {}
+
+
+async def test_deletes_a_silent_gateway_never_confirms_do_not_flood_the_log(
+    short_dir: Path, mock_time: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every failed attempt of every pending delete was a WARNING line: 20 per
+    # record per round of retries, so a host whose state file holds thousands
+    # of deletes wrote a hundred thousand warnings an hour while its gateway
+    # was down. A record's first failure and its giving up are warnings; the
+    # attempts between are INFO.
+    count = 30
+    write_state(short_dir, [record(7700 + n, pending_delete=True) for n in range(count)])
+    gateway = FakeGateway(silent_deletes=True)
+    caplog.set_level(logging.INFO, "portbroker")
+    async with running(short_dir, gateway) as daemon:
+        await daemon.restored.wait()
+        await trio.sleep(90 * 60)  # past a round of the broker's 20 attempts
+        attempts = sum("delete failed (attempt" in r.getMessage() for r in caplog.records)
+        assert attempts >= count * (MAX_DELETE_ATTEMPTS - 1)  # they were made, and logged
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) <= 3 * count, f"{len(warnings)} warnings for {count} deletes"
