@@ -174,3 +174,23 @@ async def test_deletes_a_silent_gateway_never_confirms_do_not_flood_the_log(
         assert attempts >= count * (MAX_DELETE_ATTEMPTS - 1)  # they were made, and logged
         warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(warnings) <= 3 * count, f"{len(warnings)} warnings for {count} deletes"
+
+
+async def test_a_write_cut_short_by_sigkill_leaves_no_temporary_file_for_good(
+    short_dir: Path, mock_time: trio.testing.MockClock
+) -> None:
+    # Each state-file write goes to a new temporary file (then renamed). A
+    # SIGKILL during one left that file behind, and every crash of a daemon
+    # killed while writing (an OOM killer, a crash loop) added another: with
+    # 100,000 records, 40 MB each, for good. The daemon, the file's only
+    # writer, clears them at start.
+    write_state(short_dir, [record(7800)])
+    stale = short_dir / ".state.json.k2j4x9_a"  # as tempfile.mkstemp names them
+    stale.write_text('{"version": 1, "mappings": [')
+    other = short_dir / ".other.json.k2j4x9_a"  # not ours
+    other.write_text("{}")
+    async with running(short_dir, FakeGateway()) as daemon:
+        await daemon.restored.wait()
+        assert not stale.exists()
+        assert other.exists()
+        assert 7800 in state_records(short_dir)

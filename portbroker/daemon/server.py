@@ -30,6 +30,7 @@ import socket
 import stat
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Final
 
@@ -548,7 +549,21 @@ class Daemon:
             return record, parsed, request
 
         good, _rejected = self.store.load_checked(check)
+        self._clear_temporary_files()
         return good
+
+    def _clear_temporary_files(self) -> None:
+        """Remove what writes cut short left (``.<name>.XXXXXXXX``, see
+        :func:`portbroker._util.atomic_write_json`): a SIGKILL during a write
+        leaves its temporary file, and each crash another. The daemon is its
+        state file's only writer, and has written nothing yet."""
+        path = self.store.path
+        with contextlib.suppress(OSError):
+            for leftover in path.parent.glob(f".{glob_escape(path.name)}.*"):
+                if len(leftover.name) == len(path.name) + 10 and leftover.is_file():
+                    logger.info("removing %s, left by a write that was cut short", leftover)
+                    with contextlib.suppress(OSError):
+                        leftover.unlink()
 
     async def restore(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
