@@ -18,7 +18,7 @@ import trio
 import trio.testing
 
 from portbroker.client import open_client
-from portbroker.daemon.server import RESTORE_CONCURRENCY, _pending_delete_record
+from portbroker.daemon.server import RESTORE_CONCURRENCY, _pending_delete_record, describe
 from portbroker.daemon.state import parse_daemon_record
 from portbroker.lifecycle import MAX_DELETE_ATTEMPTS, RECOVERY_BACKOFF
 from portbroker.testing import FakeGateway
@@ -194,3 +194,42 @@ async def test_a_write_cut_short_by_sigkill_leaves_no_temporary_file_for_good(
         assert not stale.exists()
         assert other.exists()
         assert 7800 in state_records(short_dir)
+
+
+async def test_an_unmap_the_moment_an_adoption_succeeds_leaves_nothing_open(
+    short_dir: Path, mock_time: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The owner unmaps a record being restored just as the gateway's answer
+    # to its adoption arrives (the adoption is past its last checkpoint, so
+    # cancelling it changes nothing): the adopted mapping must be deleted
+    # too, and nothing recorded or kept.
+    write_state(short_dir, [record(7810)])
+    gateway = FakeGateway()
+    async with running(short_dir, gateway) as daemon:
+        real_adopt = daemon.broker.adopt
+        unmapped = trio.Event()
+        granted = trio.Event()
+
+        async def adopt_then_wait(request: Any, lease: Any) -> Any:
+            mapping = await real_adopt(request, lease)
+            granted.set()
+            with trio.CancelScope(shield=True):  # the answer is in: the unmap comes now
+                await unmapped.wait()
+            return mapping
+
+        # In place before the restore's workers first run (serve() has just
+        # returned): the record's first attempt goes through it.
+        daemon.broker.adopt = adopt_then_wait  # type: ignore[method-assign]
+        with trio.fail_after(60):
+            await granted.wait()
+        assert gateway.mapping_for("tcp", 7810) is not None
+        assert describe(daemon.shared[("tcp", 7810)])["state"] == "restoring"
+        async with open_client(short_dir / "pb.sock") as client:
+            assert await client.unmap(7810, "tcp") == "7810/tcp"
+        unmapped.set()
+        await trio.sleep(30)
+        await daemon.synced()
+        assert daemon.shared == {}
+        assert gateway.mapping_for("tcp", 7810) is None
+        assert 7810 not in state_records(short_dir)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
