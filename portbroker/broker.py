@@ -254,6 +254,9 @@ class Broker:
         self._mappings: set[Mapping] = set()
         self._heap: list[tuple[float, int, int, Mapping | PendingDelete]] = []
         self._pending: list[PendingDelete] = []  # deletes being retried (rule 10)
+        # Deletes whose attempts ran out with their lease still running: the
+        # gateway may still hold them (see take_given_up).
+        self._given_up: list[Lease] = []
         self._seq = 0
         self._wake = trio.Event()
         self._unavailable: dict[str, tuple[str, float]] = {}  # method -> (why, since)
@@ -495,6 +498,15 @@ class Broker:
         except OSError as exc:  # a method that let one through: still that method's failure
             raise MethodUnavailable(lease.method, f"delete failed: {exc}") from exc
         return True
+
+    def take_given_up(self) -> list[Lease]:
+        """The leases whose delete retries ran out (:data:`MAX_DELETE_ATTEMPTS`)
+        while the lease still runs, each returned once: neither refused nor
+        lapsed, they may still be open on the gateway. The daemon keeps them
+        recorded and tries again later (docs/daemon-protocol.md, Persistence).
+        """
+        given_up, self._given_up = self._given_up, []
+        return given_up
 
     def undeleted(self) -> list[Lease]:
         """The leases whose delete failed and is still being retried (rule 10).
@@ -788,7 +800,11 @@ class Broker:
             if pending not in self._pending:
                 self._pending.append(pending)
             assert pending.last_failure is not None
-            logger.warning(
+            # The first failure is a warning, the attempts after it are not:
+            # thousands of deletes a silent gateway never confirms must not
+            # write twenty warnings each (the end, giving up, is one again).
+            logger.log(
+                logging.WARNING if pending.attempts == 1 else logging.INFO,
                 "%s: delete failed (attempt %d of %d: %s); trying again in %.0f s",
                 label,
                 pending.attempts,
@@ -806,6 +822,14 @@ class Broker:
                 logger.info("%s: %s", label, pending.outcome)
             else:
                 logger.warning("%s: delete failed, not retried: %s", label, pending.outcome)
+                failure = pending.last_failure
+                if (
+                    pending.state is DeleteState.GAVE_UP
+                    and failure is not None
+                    and failure.kind is not FailureKind.REFUSED
+                    and (pending.lease.permanent or trio.current_time() < pending.lease.expires_at)
+                ):
+                    self._given_up.append(pending.lease)
 
     def _hand_over(self, lease: Lease, failure: Failure) -> None:
         """A first attempt that failed outside a mapping's life: rule 10 decides what next."""

@@ -24,6 +24,7 @@ import pytest
 import trio
 
 import portbroker.client
+from portbroker.daemon import client as client_module
 from portbroker.daemon import framing
 from portbroker.daemon import server as daemon_server
 from portbroker.daemon.client import (
@@ -98,7 +99,7 @@ def test_a_malformed_daemon_line_is_a_protocol_error(data: bytes) -> None:
 
 
 def test_an_overlong_daemon_line_is_a_protocol_error_before_its_newline() -> None:
-    core = ClientCore()
+    core = ClientCore(max_reply_line=framing.MAX_LINE)
     for _ in range(6):  # 60,000 bytes: within the limit, so far
         assert core.receive(b"x" * 10000) == []
     with pytest.raises(DaemonProtocolError, match=f"over {framing.MAX_LINE} bytes"):
@@ -162,6 +163,13 @@ def echo_ok(request: dict[str, Any]) -> bytes:
     return line.encode() + b"\n"
 
 
+@pytest.fixture
+def small_replies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reply lines bounded as requests are (the real bound, 64 MiB, is a lot to send)."""
+    monkeypatch.setattr(client_module, "MAX_REPLY_LINE", framing.MAX_LINE)
+
+
+@pytest.mark.usefixtures("small_replies")
 async def test_the_trio_client_reports_a_malformed_daemon_line(short_dir: Path) -> None:
     path = short_dir / "fake.sock"
     for script in (garbage, endless):
@@ -172,6 +180,7 @@ async def test_the_trio_client_reports_a_malformed_daemon_line(short_dir: Path) 
                     await client.list()
 
 
+@pytest.mark.usefixtures("small_replies")
 async def test_the_blocking_client_reports_a_malformed_daemon_line(short_dir: Path) -> None:
     path = short_dir / "fake.sock"
     for script in (garbage, endless):

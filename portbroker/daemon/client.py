@@ -126,6 +126,12 @@ def access_denied(path: Path) -> DaemonAccessDenied:
             group = str(info.st_gid)
         kind = "socket" if stat.S_ISSOCK(info.st_mode) else "directory"
         detail = f"{kind} {where}: group {group}, mode {stat.S_IMODE(info.st_mode):04o}"
+        # Membership helps only where the group has access (a socket: rw; a
+        # directory: x): advice to join group 'root' of a 0600 socket grants
+        # nothing, and is advice to give a user root's group.
+        needed = 0o060 if kind == "socket" else 0o010
+        if info.st_mode & needed != needed:
+            return DaemonAccessDenied(path, None, f"{detail}: only its owner may use it")
         return DaemonAccessDenied(path, group, detail)
     return DaemonAccessDenied(path, None, "its directory cannot be read")
 
@@ -150,6 +156,10 @@ CLOSING_CODES: Final = frozenset({"too_many_connections", "idle"})
 
 
 CLOSE_READ_TIMEOUT: Final = 1.0  # how long a failed send waits to read the daemon's reason
+# A reply line may be far longer than a request: root's ``list`` describes
+# every user's mappings (some 350 bytes each), 100,000 of them included. Still
+# bounded, so that something else on the socket cannot fill our memory.
+MAX_REPLY_LINE: Final = 64 * 1024 * 1024
 
 
 class ClientCore:
@@ -161,11 +171,14 @@ class ClientCore:
     of the stream.
     """
 
-    def __init__(self, max_line: int = MAX_LINE) -> None:
+    def __init__(self, max_line: int = MAX_LINE, max_reply_line: int | None = None) -> None:
+        if max_reply_line is None:
+            max_reply_line = MAX_REPLY_LINE
         self._ids = itertools.count(1)
-        self._framer = framing.LineFramer(max_line)
+        self._framer = framing.LineFramer(max_reply_line)
         self._pending: set[int] = set()
-        self.max_line = max_line
+        self.max_line = max_line  # of a request (the daemon's bound)
+        self.max_reply_line = max_reply_line
         # Why the daemon is closing this connection, when it said so (a line
         # with no id: too many connections from this user, or idle).
         self.closing: DaemonRequestError | None = None
@@ -224,7 +237,7 @@ class ClientCore:
 
     def _message(self, line: bytes) -> Reply | Event | None:
         try:
-            message = framing.parse_line(line, max_line=self.max_line)
+            message = framing.parse_line(line, max_line=self.max_reply_line)
         except framing.FramingError as exc:
             raise DaemonProtocolError(
                 f"the daemon sent a malformed line ({exc}); is this a portbroker daemon?"

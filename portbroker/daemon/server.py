@@ -30,6 +30,7 @@ import socket
 import stat
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Final
 
@@ -65,6 +66,7 @@ from portbroker.lifecycle import (
     State,
     classify,
     event_detail,
+    supersedes,
 )
 from portbroker.probe import NoMethodAvailable, report_json
 from portbroker.types import DEFAULT_LIFETIME, MAX_LIFETIME, MIN_LIFETIME, Lease, MappingRequest
@@ -453,6 +455,7 @@ class Daemon:
         an entry not adopted yet with none is recorded as ``pending_delete``
         so the next start deletes it.
         """
+        self._take_given_up()
         records = []
         for entry in self.shared.values():
             if entry.handle is None:
@@ -492,13 +495,25 @@ class Daemon:
         )
         return records
 
+    def _take_given_up(self) -> None:
+        """Deletes whose bounded retries in the broker ran out, their lease still
+        running: the mapping may still be open on the gateway, so it stays on
+        file and is tried again later, for as long as the daemon runs
+        (docs/daemon-protocol.md, Persistence). Taken here, where every write
+        of the state file starts, so that no write ever leaves one out."""
+        for lease in self.broker.take_given_up():
+            item = self._retire(lease, _pending_delete_record(lease))
+            item.failures = len(RECOVERY_BACKOFF) - 1  # next try after the longest wait
+            self._retry_later(item, None, quiet=True)
+
     async def _drop(self, entry: Entry) -> None:
         """*entry* left the registry (its last hold went): end it at the gateway."""
         self._save(entry)
         # Still found by its mapping until its Released event (events()
         # forgets it then): watchers hear that it ended. One already over
-        # (FAILED) will publish none.
-        if _handle(entry).state not in (State.RELEASED, State.FAILED):
+        # (FAILED) will publish none, nor will a stand-in (Restoring).
+        handle = _handle(entry)
+        if isinstance(handle, Mapping) and handle.state not in (State.RELEASED, State.FAILED):
             self._by_mapping[id(_handle(entry))] = entry
         # The broker holds the mapping until its delete is done: a map of the
         # same port meanwhile waits for that (see _map).
@@ -537,7 +552,21 @@ class Daemon:
             return record, parsed, request
 
         good, _rejected = self.store.load_checked(check)
+        self._clear_temporary_files()
         return good
+
+    def _clear_temporary_files(self) -> None:
+        """Remove what writes cut short left (``.<name>.XXXXXXXX``, see
+        :func:`portbroker._util.atomic_write_json`): a SIGKILL during a write
+        leaves its temporary file, and each crash another. The daemon is its
+        state file's only writer, and has written nothing yet."""
+        path = self.store.path
+        with contextlib.suppress(OSError):
+            for leftover in path.parent.glob(f".{glob_escape(path.name)}.*"):
+                if len(leftover.name) == len(path.name) + 10 and leftover.is_file():
+                    logger.info("removing %s, left by a write that was cut short", leftover)
+                    with contextlib.suppress(OSError):
+                        leftover.unlink()
 
     async def restore(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -733,6 +762,20 @@ class Daemon:
         if id(item) not in self._retiring:
             return  # done meanwhile
         lease = item.lease
+        key = (lease.protocol.value, lease.internal_port)
+        while self.owners.creating(key):  # a map of its port is in flight: its outcome first
+            await self._pending[key].wait()
+        if id(item) not in self._retiring:
+            return
+        entry = self.shared.get(key)
+        current = None if entry is None else getattr(entry.handle, "lease", None)
+        if current is not None and supersedes(current, lease):
+            # Mapped again since (while this delete waited its turn): deleting
+            # the old lease would delete the new mapping (NAT-PMP and UPnP
+            # name it by port), as the broker's own retries know (rule 10).
+            logger.info("%s: not deleted: a new mapping takes its place", item.label)
+            self._resolved(item)
+            return
         if not lease.permanent and trio.current_time() >= lease.expires_at:
             logger.info("%s: its lease has run out; nothing left to delete", item.label)
             self._resolved(item)
@@ -849,8 +892,11 @@ class Daemon:
         if exact and external_port is None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "'exact' needs 'external_port'")
         key = (protocol, port)
-        self._check_hung_up(client)
         while True:
+            # Before the claim, after every wait too: a wait for another
+            # client's creation can be long, and a client behind a full
+            # pipeline may hang up meanwhile unseen by its reader.
+            self._check_hung_up(client)
             if self.owners.creating(key):  # someone is creating it right now
                 await self._pending[key].wait()
             elif key in self._releasing:  # its delete is still in flight
@@ -1417,8 +1463,15 @@ def _saved(error: str | None) -> dict[str, Any]:
 
 
 def _pending_delete_record(lease: Lease) -> dict[str, Any]:
-    """A state-file record that only asks the next start to delete *lease*."""
-    return daemon_record(lease, 0, [], lease.lifetime, pending_delete=True)
+    """A state-file record that only asks the next start to delete *lease*.
+
+    Its ``lifetime_requested`` must pass the next start's validation
+    (:func:`.state.parse_daemon_record`) although nobody will ask for it: a
+    permanent UPnP lease has lifetime 0, and a gateway may grant more than a
+    request may ask for.
+    """
+    requested = min(max(lease.lifetime, MIN_LIFETIME), MAX_LIFETIME)
+    return daemon_record(lease, 0, [], requested, pending_delete=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -1486,6 +1539,11 @@ def _expires_in(lease: Lease) -> float | None:
     return None if lease.permanent else max(0.0, lease.expires_at - trio.current_time())
 
 
+def _worded(exc: BaseException | None) -> bool:
+    """A failure the code put in words (a PortBrokerError), not a bug."""
+    return exc is not None and all(isinstance(leaf, PortBrokerError) for leaf in _leaves(exc))
+
+
 def _only_cancelled(exc: BaseException) -> bool:
     return all(isinstance(leaf, trio.Cancelled) for leaf in _leaves(exc))
 
@@ -1540,7 +1598,10 @@ async def serve(config: DaemonConfig) -> AsyncIterator[Daemon]:
                     raise
                 finally:
                     if daemon is not None:
-                        if crashed:
+                        if crashed and (daemon._loaded or not _worded(failure)):
+                            # (A state file that cannot be read stops it before
+                            # anything was restored: its error, in words, is the
+                            # caller's to tell, without a traceback.)
                             logger.error(
                                 "the daemon failed: every mapping stays on the gateway",
                                 exc_info=failure,
