@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 
@@ -166,3 +168,23 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 # assert on behaviour only.
 settings.register_profile("portbroker", deadline=None)
 settings.load_profile("portbroker")
+
+
+@pytest.fixture
+def gateway_port() -> Iterator[int]:
+    """A FakeGateway process on 127.0.0.1 (UDP); its port."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "portbroker.testing.fake_gateway", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("port "), line
+        yield int(line.split()[1])
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()

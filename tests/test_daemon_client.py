@@ -374,23 +374,6 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-@pytest.fixture
-def gateway_port() -> Iterator[int]:
-    process = subprocess.Popen(
-        [PYTHON, "-m", "portbroker.testing.fake_gateway", "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        yield int(process.stdout.readline().split()[1])
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        if process.stdout is not None:
-            process.stdout.close()
-
-
 @needs_root
 def test_a_user_outside_the_group_gets_one_clear_line_not_a_traceback(
     short_dir: Path, gateway_port: int

@@ -122,23 +122,6 @@ def as_user(name: str, socket_path: Path, *script: tuple[str, dict[str, Any]]) -
     return replies
 
 
-@pytest.fixture
-def gateway_port() -> Iterator[int]:
-    process = subprocess.Popen(
-        [PYTHON, "-m", "portbroker.testing.fake_gateway", "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        yield int(process.stdout.readline().split()[1])
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        if process.stdout is not None:
-            process.stdout.close()
-
-
 def test_privileged_ports_are_roots_unless_the_daemon_allows_them(
     short_dir: Path, users: Users, gateway_port: int
 ) -> None:
