@@ -580,3 +580,13 @@ async def test_a_late_answer_to_an_earlier_request_is_judged_from_its_first_send
         await transport.request(natpmp.encode_request(other), natpmp_key(other), [0.25, 0.5])
         assert (round(seen[-1][0], 6), seen[-1][1]) == (round(third + 0.1, 6), third)
         nursery.cancel_scope.cancel()
+
+
+def test_the_natpmp_schedule_keeps_the_rfcs_start_and_total_but_caps_the_interval() -> None:
+    # Under 60 % loss in the lab, RFC 6886 §3.1's doubling to 64 s left maps
+    # without a send for half a minute and a map took over two minutes.
+    waits = list(transport_module.natpmp_schedule())
+    assert waits[:4] == [0.25, 0.5, 1.0, 2.0]
+    assert max(waits) == transport_module.NATPMP_MAX_INTERVAL
+    assert sum(waits) == pytest.approx(127.75)  # the RFC's nine sends' total
+    assert len(waits) > 9
