@@ -174,10 +174,6 @@ class Ownership:
         state = self._conns.get(conn)
         return state is not None and state.open
 
-    def holds_of(self, conn: int) -> bool:
-        """True when the connection holds a mapping (it is never idle, then)."""
-        return any(h.conn == conn for entry in self.entries.values() for h in entry.holds)
-
     def holding(self, uid: int) -> set[int]:
         """The connections of *uid* that hold a mapping (cheap: its own entries only)."""
         return {

@@ -487,12 +487,14 @@ class Daemon:
         records.extend(item.record for item in self._retiring.values())
         # Deletes the broker is still retrying (a gateway that did not answer
         # an unmap): should this process die, the next start finishes them.
-        retiring = {(r["protocol"], r["internal_port"]) for r in records}
-        records.extend(
-            _pending_delete_record(lease)
-            for lease in self.broker.undeleted()
-            if (lease.protocol.value, lease.internal_port) not in retiring
-        )
+        undeleted = self.broker.undeleted()
+        if undeleted:  # usually none: no pass over every record for nothing
+            recorded = {(r["protocol"], r["internal_port"]) for r in records}
+            records.extend(
+                _pending_delete_record(lease)
+                for lease in undeleted
+                if (lease.protocol.value, lease.internal_port) not in recorded
+            )
         return records
 
     def _take_given_up(self) -> None:
@@ -1268,7 +1270,7 @@ class Daemon:
         return (
             limiter.value == IN_FLIGHT
             and not client.watching
-            and not self.owners.holds_of(client.conn)
+            and client.conn not in self.owners.holding(client.uid)
             and trio.current_time() - client.last_active >= self.config.idle_timeout
         )
 
