@@ -43,22 +43,9 @@ def _free_udp_port() -> int:
 
 
 @pytest.fixture
-def fake_gateway() -> Iterator[int]:
-    process = subprocess.Popen(
-        [PYTHON, "-m", "portbroker.testing.fake_gateway", "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith("port "), line
-        yield int(line.split()[1])
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        if process.stdout is not None:
-            process.stdout.close()
+def fake_gateway(gateway_port: int) -> int:
+    """The FakeGateway process of tests/conftest.py, under this file's name."""
+    return gateway_port
 
 
 class GatewayThread:

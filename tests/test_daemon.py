@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -521,6 +521,21 @@ async def test_a_bug_in_one_request_fails_it_not_the_daemon(
 # -- issue 8: a request whose client left is rolled back ---------------------------------
 
 
+def map_asked(gateway: FakeGateway, port: int) -> Callable[[], bool]:
+    """A condition: a PCP MAP (not a delete) for internal *port* reached *gateway*."""
+
+    def asked() -> bool:
+        return any(
+            isinstance(r, pcp.PcpRequest)
+            and isinstance(r.data, pcp.MapData)
+            and r.lifetime > 0
+            and r.data.internal_port == port
+            for r in gateway.requests
+        )
+
+    return asked
+
+
 async def _wait_for(condition: Any, what: str) -> None:
     """Poll *condition*: the daemon's work is inside it, with no event to wait on."""
     with trio.move_on_after(30):  # a guard, not a measurement
@@ -541,17 +556,7 @@ async def test_a_map_whose_client_hung_up_is_rolled_back(short_dir: Path) -> Non
         gateway.delay = 1.0  # every answer takes a second
         stream = await trio.open_unix_socket(str(short_dir / "pb.sock"))
         await stream.send_all(b'{"id": 1, "op": "map", "port": 7400, "persist": true}\n')
-
-        def asked() -> bool:
-            return any(
-                isinstance(r, pcp.PcpRequest)
-                and isinstance(r.data, pcp.MapData)
-                and r.lifetime > 0
-                and r.data.internal_port == 7400
-                for r in gateway.requests
-            )
-
-        await _wait_for(asked, "the MAP to reach the gateway")
+        await _wait_for(map_asked(gateway, 7400), "the MAP to reach the gateway")
         await stream.aclose()  # gone before the answer
 
         def rolled_back() -> bool:

@@ -22,7 +22,7 @@ from portbroker.daemon.server import Client, Daemon, DaemonConfig
 from portbroker.lifecycle import State
 from portbroker.testing import FakeGateway
 from portbroker.wire import pcp
-from tests.test_daemon import _wait_for, mock_time, running, short_dir
+from tests.test_daemon import _wait_for, map_asked, mock_time, running, short_dir
 
 __all__ = ["mock_time", "short_dir"]  # the fixtures, re-used
 
@@ -42,17 +42,7 @@ async def test_a_hang_up_mid_map_and_a_short_grace_do_not_stop_the_daemon(
         gateway.delay = 1.5  # every answer, the undo's too, takes 1.5 s
         stream = await trio.open_unix_socket(str(short_dir / "pb.sock"))
         await stream.send_all(b'{"id": 1, "op": "map", "port": 7402}\n')
-
-        def asked() -> bool:
-            return any(
-                isinstance(r, pcp.PcpRequest)
-                and isinstance(r.data, pcp.MapData)
-                and r.lifetime > 0
-                and r.data.internal_port == 7402
-                for r in gateway.requests
-            )
-
-        await _wait_for(asked, "the MAP to reach the gateway")
+        await _wait_for(map_asked(gateway, 7402), "the MAP to reach the gateway")
         await stream.aclose()  # gone before the answer
         await _wait_for(lambda: daemon.owners.connections(0) == 0, "the hang-up")
         await trio.sleep(0.4)  # past the grace period, the undo still in flight
