@@ -56,7 +56,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Final, TypeVar
 
@@ -66,12 +66,18 @@ from portbroker.errors import PortBrokerError
 
 __all__ = [
     "EXTERNAL_ADDRESS",
+    "EXTERNAL_ADDRESS6",
     "GATEWAY_ADDRESS",
+    "GATEWAY_ADDRESS6",
     "HTTP_PORT",
     "LAN_ADDRESS",
+    "LAN_ADDRESS6",
     "LAN_NETWORK",
+    "LAN_NETWORK6",
     "WAN_ADDRESS",
+    "WAN_ADDRESS6",
     "WAN_NETWORK",
+    "WAN_NETWORK6",
     "Lab",
     "LabError",
     "LanHost",
@@ -88,6 +94,12 @@ EXTERNAL_ADDRESS: Final = IPv4Address("11.0.0.1")
 WAN_ADDRESS: Final = IPv4Address("11.0.0.2")
 WAN_NETWORK: Final = "11.0.0.0/24"
 LAN_NETWORK: Final = IPv4Network("192.168.77.0/24")
+LAN_NETWORK6: Final = IPv6Network("fd77::/64")
+WAN_NETWORK6: Final = IPv6Network("fd11::/64")
+LAN_ADDRESS6: Final = IPv6Address("fd77::2")
+GATEWAY_ADDRESS6: Final = IPv6Address("fd77::1")
+EXTERNAL_ADDRESS6: Final = IPv6Address("fd11::1")
+WAN_ADDRESS6: Final = IPv6Address("fd11::2")
 HTTP_PORT: Final = 2189  # miniupnpd's UPnP HTTP port, fixed so tests know it
 
 _CLONE_NEWNET: Final = 0x40000000
@@ -206,31 +218,61 @@ table inet filter {{
   }}
 }}
 """
+# One `inet` table serves both families: the forward chain (policy drop) is
+# also IPv6's firewall, and miniupnpd 2.3.1's nft backend puts IPv6 pinholes
+# (PCP MAP over IPv6, UPnP WANIPv6FirewallControl) into the same `miniupnpd`
+# chain as its IPv4 forward rules (`upnp_forward_chain`, default "miniupnpd";
+# seen here as `iif <wan> ... ip6 daddr <host> ... accept`). IPv6 is routed,
+# not translated: masquerade is IPv4 only.
 
 _MINIUPNPD_CHAINS: Final = ("miniupnpd", "prerouting_miniupnpd", "postrouting_miniupnpd")
 _ADDRESS_CHANGE_LINE: Final = "should send external iface address change notification(s)"
 _HOST_NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
 
 
+def _ip(netns: str, *args: str) -> str:
+    return _run(["ip", "-n", netns, *args])
+
+
+def _sysctl(netns: str, setting: str) -> None:
+    _run(["ip", "netns", "exec", netns, "sysctl", "-qw", setting])
+
+
+def _add_address(netns: str, dev: str, address: IPv4Address | IPv6Address, prefixlen: int) -> None:
+    if address.version == 6:
+        # nodad: the address is usable at once. A tentative address (RFC 4862
+        # §5.4, about 1 s here) cannot be bound, so tests would race DAD.
+        _ip(netns, "-6", "addr", "add", f"{address}/{prefixlen}", "dev", dev, "nodad")
+    else:
+        _ip(netns, "addr", "add", f"{address}/{prefixlen}", "dev", dev)
+
+
+def _check_label(label: str, what: str) -> None:
+    if not label or len(label) > 8 or not set(label) <= _HOST_NAME_CHARS:
+        raise LabError(f"{what} name {label!r}: use 1 to 8 lowercase letters or digits")
+
+
 @attrs.frozen
 class LanHost:
     """A host namespace on a gateway's lan bridge (see :meth:`Lab.add_lan_host`).
 
-    Its default route points at the gateway's lan address.
+    Its default routes point at the gateway's lan addresses.
     """
 
     ns: str
     address: IPv4Address
     interface: str  # in ``ns``, the host's end of its veth to the bridge
+    address6: IPv6Address | None = None  # with ``ipv6=True``: fd77::2, ...
 
 
 @attrs.frozen
 class WanHost:
-    """A host namespace on the wan segment (see :meth:`Lab.add_wan_host`)."""
+    """A host on the wan segment (see :meth:`Lab.add_wan_host`)."""
 
     ns: str
     address: IPv4Address
     interface: str  # in ``ns``
+    address6: IPv6Address | None = None  # with ``ipv6=True``: fd11::2, ...
 
 
 @attrs.define(eq=False)
@@ -238,14 +280,16 @@ class _Segment:
     """An Ethernet segment: a Linux bridge in *ns* that hosts are plugged into.
 
     Each attached host gets a veth pair created directly in the two
-    namespaces (never in the root namespace). Addresses of *network* are
-    handed out here so that nobody on the segment gets one twice.
+    namespaces (never in the root namespace). Addresses are handed out here
+    so that nobody on the segment gets one twice; a host's IPv6 address has
+    the same host number as its IPv4 one (.3 and ::3).
     """
 
     ns: str
     bridge: str
     port_prefix: str  # bridge ports are named port_prefix + a number
     network: IPv4Network
+    network6: IPv6Network | None = None
     _used: set[IPv4Address] = attrs.Factory(set)
     _ports: int = 0
 
@@ -253,21 +297,8 @@ class _Segment:
         # mcast_snooping 0: without an IGMP querier on the segment, snooping
         # can stop multicast (SSDP, NAT-PMP announcements, mDNS) reaching a
         # port; a plain hub is what the tests expect.
-        _run(
-            [
-                "ip",
-                "-n",
-                self.ns,
-                "link",
-                "add",
-                self.bridge,
-                "type",
-                "bridge",
-                "mcast_snooping",
-                "0",
-            ]
-        )
-        _run(["ip", "-n", self.ns, "link", "set", self.bridge, "up"])
+        _ip(self.ns, "link", "add", self.bridge, "type", "bridge", "mcast_snooping", "0")
+        _ip(self.ns, "link", "set", self.bridge, "up")
 
     def claim(self, address: IPv4Address | None = None) -> IPv4Address:
         """Reserve *address* (or the lowest free one from .2 up) on this segment."""
@@ -291,6 +322,12 @@ class _Segment:
     def release(self, address: IPv4Address) -> None:
         self._used.discard(address)
 
+    def address6(self, address: IPv4Address) -> IPv6Address | None:
+        """The IPv6 address with *address*'s host number, if the segment has IPv6."""
+        if self.network6 is None:
+            return None
+        return self.network6[int(address) - int(self.network.network_address)]
+
     def attach(self, host_ns: str, host_if: str) -> None:
         """Plug a new veth into the bridge; its other end is *host_if* in *host_ns*."""
         self._ports += 1
@@ -301,8 +338,17 @@ class _Segment:
                 "type", "veth", "peer", "name", port, "netns", self.ns,
             ]
         )  # fmt: skip
-        _run(["ip", "-n", self.ns, "link", "set", port, "master", self.bridge, "up"])
-        _run(["ip", "-n", host_ns, "link", "set", host_if, "up"])
+        _ip(self.ns, "link", "set", port, "master", self.bridge, "up")
+        _ip(host_ns, "link", "set", host_if, "up")
+
+    def add_host_address(self, host_ns: str, dev: str, address: IPv4Address) -> IPv6Address | None:
+        """Put *address* (and its IPv6 twin) on *dev*; the IPv6 address, if any."""
+        _add_address(host_ns, dev, address, self.network.prefixlen)
+        address6 = self.address6(address)
+        if address6 is not None:
+            assert self.network6 is not None
+            _add_address(host_ns, dev, address6, self.network6.prefixlen)
+        return address6
 
 
 @attrs.define(eq=False)
@@ -337,14 +383,69 @@ def _metric(suffix: str) -> int:
     return 1000 + int(suffix, 16)
 
 
+def _prepare_ns(netns: str, ipv6: bool) -> None:
+    _ip(netns, "link", "set", "lo", "up")
+    if ipv6:
+        # Interfaces created in the namespace from now on skip DAD too (their
+        # link-local addresses included), so nothing stays tentative.
+        _sysctl(netns, "net.ipv6.conf.default.accept_dad=0")
+        _sysctl(netns, "net.ipv6.conf.all.accept_dad=0")
+
+
+@attrs.define(eq=False)
+class _Wan:
+    """The wan segment: a bridge in the wan namespace holding the wan host's 11.0.0.2.
+
+    Owned by a single lab (:func:`open_lab`) or shared by the gateways of
+    :func:`open_sites`; whoever builds it blackholes its prefixes in the root
+    namespace and deletes its namespace.
+    """
+
+    ns: str
+    segment: _Segment
+    host: WanHost
+    created_ns: list[str]
+    blackholes: _Blackholes
+
+    @classmethod
+    def build(cls, suffix: str, *, ipv6: bool) -> _Wan:
+        ns = f"pb-wan-{suffix}"
+        created: list[str] = []
+        blackholes = _Blackholes(_metric(suffix))
+        wan = cls(ns, _Segment(ns, f"pb{suffix}w", f"pb{suffix}q", IPv4Network(WAN_NETWORK)),
+                  WanHost(ns, WAN_ADDRESS, f"pb{suffix}w"), created, blackholes)  # fmt: skip
+        try:
+            _run(["ip", "netns", "add", ns])
+            created.append(ns)
+            _prepare_ns(ns, ipv6)
+            blackholes.add(WAN_NETWORK)
+            if ipv6:
+                wan.segment.network6 = WAN_NETWORK6
+                blackholes.add(str(WAN_NETWORK6))
+            wan.segment.create()
+            address = wan.segment.claim(WAN_ADDRESS)
+            address6 = wan.segment.add_host_address(ns, wan.segment.bridge, address)
+            wan.host = WanHost(ns, address, wan.segment.bridge, address6)
+        except BaseException:
+            wan.close()
+            raise
+        return wan
+
+    def close(self) -> list[str]:
+        errors = _delete_namespaces(self.created_ns)
+        self.blackholes.remove_all()
+        return errors
+
+
 @attrs.define(eq=False)
 class Lab:
     """One gateway site, built: gw ns + lan bridge + wan link + nftables + miniupnpd.
 
-    Create it with :func:`open_lab` (a site with a wan namespace of its own);
-    everything here is live.
+    Create it with :func:`open_lab` (a site with a wan namespace of its own),
+    :func:`open_sites` (two sites on one wan segment) or :func:`open_series`
+    (a site behind another); everything here is live.
 
-    Names (all in the namespace they are used in):
+    Names (each in the namespace it is used in):
 
     - ``gw_lan_if``: the gateway's lan-side interface, the bridge that holds
       the gateway's lan address (192.168.77.1): miniupnpd's ``listening_ip``
@@ -353,7 +454,9 @@ class Lab:
     - ``lan_ns`` / ``lan_if``: the first lan host (192.168.77.2) and its
       interface; ``lan_hosts`` lists it and every host added later.
     - ``wan_ns`` / ``wan_if``: the namespace of the segment upstream of the
-      gateway and its bridge, which holds the wan host's address (11.0.0.2).
+      gateway and its bridge. For :func:`open_lab` and :func:`open_sites` that
+      bridge holds the wan host's address (11.0.0.2, ``wan_hosts[0]``); for the
+      inner gateway of :func:`open_series` it is the outer gateway's lan.
     """
 
     variant: Variant
@@ -363,7 +466,9 @@ class Lab:
     lan_network: IPv4Network = attrs.field(default=LAN_NETWORK, kw_only=True)
     external_address: IPv4Address = attrs.field(default=EXTERNAL_ADDRESS, kw_only=True)
     """The gateway's current wan address (:meth:`set_external_address` changes it)."""
-    name: str = attrs.field(default="", kw_only=True)  # a site's label in logs ("a", "inner")
+    ipv6: bool = attrs.field(default=False, kw_only=True)
+    lan_network6: IPv6Network = attrs.field(default=LAN_NETWORK6, kw_only=True)
+    name: str = attrs.field(default="", kw_only=True)  # a site's label ("a", "inner")
     lan_ns: str = attrs.field(init=False)
     gw_ns: str = attrs.field(init=False)
     wan_ns: str = attrs.field(init=False)
@@ -373,13 +478,15 @@ class Lab:
     wan_if: str = attrs.field(init=False)
     lan_hosts: list[LanHost] = attrs.field(init=False, factory=list)
     wan_hosts: list[WanHost] = attrs.field(init=False, factory=list)
+    external_address6: IPv6Address | None = attrs.field(init=False, default=None)
+    """The gateway's wan-side IPv6 address (fd11::1) with ``ipv6=True``."""
     miniupnpd_pid: int | None = None
     restarts: int = 0
     _process: subprocess.Popen[bytes] | None = None
     _created_ns: list[str] = attrs.Factory(list)
     _lan: _Segment = attrs.field(init=False)
     _wan: _Segment | None = None
-    _upstream: IPv4Address | None = None
+    _own_wan: _Wan | None = None
     _blackholes: _Blackholes = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -390,7 +497,13 @@ class Lab:
         # Interface names are at most 15 characters.
         self.lan_if, self.gw_lan_if = f"pb{s}l", f"pb{s}g"
         self.gw_wan_if, self.wan_if = f"pb{s}x", f"pb{s}w"
-        self._lan = _Segment(self.gw_ns, self.gw_lan_if, f"pb{s}p", self.lan_network)
+        self._lan = _Segment(
+            self.gw_ns,
+            self.gw_lan_if,
+            f"pb{s}p",
+            self.lan_network,
+            self.lan_network6 if self.ipv6 else None,
+        )
         self._blackholes = _Blackholes(_metric(s))
 
     # -- paths ------------------------------------------------------------
@@ -407,6 +520,11 @@ class Lab:
     def gateway_address(self) -> IPv4Address:
         """The gateway's lan address (192.168.77.1 for the default lan)."""
         return self.lan_network[1]
+
+    @property
+    def gateway_address6(self) -> IPv6Address | None:
+        """The gateway's lan IPv6 address (fd77::1) with ``ipv6=True``."""
+        return self._lan.address6(self.gateway_address)
 
     @property
     def lan_address(self) -> IPv4Address:
@@ -430,79 +548,67 @@ class Lab:
     def _add_ns(self, ns: str) -> None:
         _run(["ip", "netns", "add", ns])
         self._created_ns.append(ns)
-        _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        _prepare_ns(ns, self.ipv6)
 
-    def _build(self, uplink: _Segment | None = None, upstream: IPv4Address | None = None) -> None:
-        """Build the site; with *uplink* its wan side plugs into that segment.
+    def _build(
+        self,
+        uplink: _Wan | _Segment | None = None,
+        *,
+        upstream: IPv4Address | None = None,
+        first_host: bool = True,
+    ) -> None:
+        """Build the site; its wan side plugs into *uplink*.
 
-        Without one the site gets a wan namespace of its own: a bridge
-        holding the wan host's address 11.0.0.2, blackholed in the root
-        namespace. *upstream* is the gateway's default route (the outer
-        gateway when this one sits behind it).
+        Without *uplink* the site gets a wan segment of its own (:class:`_Wan`).
+        A :class:`_Wan` holds the wan host; a bare :class:`_Segment` is another
+        gateway's lan (:func:`open_series`), where *upstream* (that gateway's
+        lan address) becomes this gateway's default route. *first_host*
+        False leaves the lan without a host (the outer gateway of a series,
+        whose lan host is the inner gateway).
         """
-        self._add_ns(self.gw_ns)
         if uplink is None:
-            self._add_ns(self.wan_ns)
-            uplink = _Segment(
-                self.wan_ns, self.wan_if, f"pb{self.suffix}q", IPv4Network(WAN_NETWORK)
-            )
-            uplink.create()
-            wan_address = uplink.claim(WAN_ADDRESS)
-            _run(["ip", "-n", self.wan_ns, "addr", "add", f"{wan_address}/24", "dev", self.wan_if])
-            self.wan_hosts.append(WanHost(self.wan_ns, wan_address, self.wan_if))
-            self._blackholes.add(WAN_NETWORK)
+            uplink = self._own_wan = _Wan.build(self.suffix, ipv6=self.ipv6)
+        if isinstance(uplink, _Wan):
+            self.wan_hosts.append(uplink.host)
+            segment = uplink.segment
         else:
-            self.wan_ns, self.wan_if = uplink.ns, uplink.bridge
-        self._wan, self._upstream = uplink, upstream
+            segment = uplink
+        if self.ipv6 and segment.network6 is None:
+            raise LabError("an IPv6 site needs an IPv6 wan segment")
+        self._wan = segment
+        self.wan_ns, self.wan_if = segment.ns, segment.bridge
         gw = self.gw_ns
-        self.external_address = uplink.claim(self.external_address)
-        uplink.attach(gw, self.gw_wan_if)
+        self._add_ns(gw)
+        self.external_address = segment.claim(self.external_address)
+        segment.attach(gw, self.gw_wan_if)
         # A lease change adds the new address before it deletes the old one;
         # without promote_secondaries deleting the primary would take the
         # new (secondary) address with it.
-        _run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                gw,
-                "sysctl",
-                "-qw",
-                f"net.ipv4.conf.{self.gw_wan_if}.promote_secondaries=1",
-            ]
-        )
-        _run(
-            [
-                "ip",
-                "-n",
-                gw,
-                "addr",
-                "add",
-                f"{self.external_address}/{uplink.network.prefixlen}",
-                "dev",
-                self.gw_wan_if,
-            ]
-        )
+        _sysctl(gw, f"net.ipv4.conf.{self.gw_wan_if}.promote_secondaries=1")
+        self.external_address6 = segment.add_host_address(gw, self.gw_wan_if, self.external_address)
         if upstream is not None:
-            _run(["ip", "-n", gw, "route", "add", "default", "via", str(upstream)])
+            _ip(gw, "route", "add", "default", "via", str(upstream))
         self._lan.create()
         self._lan.claim(self.gateway_address)
-        _run(
-            [
-                "ip",
-                "-n",
-                gw,
-                "addr",
+        self._lan.add_host_address(gw, self.gw_lan_if, self.gateway_address)
+        _sysctl(gw, "net.ipv4.ip_forward=1")
+        if self.ipv6:
+            _sysctl(gw, "net.ipv6.conf.all.forwarding=1")
+            self._blackholes.add(str(self.lan_network6))
+            # The wan side reaches the lan prefix through this gateway.
+            _ip(
+                segment.ns,
+                "-6",
+                "route",
                 "add",
-                f"{self.gateway_address}/{self.lan_network.prefixlen}",
-                "dev",
-                self.gw_lan_if,
-            ]
-        )
-        _run(["ip", "netns", "exec", gw, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+                str(self.lan_network6),
+                "via",
+                str(self.external_address6),
+            )
         ruleset = _NFT_RULESET.format(lan_if=self.gw_lan_if, wan_if=self.gw_wan_if)
         _run(["ip", "netns", "exec", gw, "nft", "-f", "-"], input_text=ruleset)
-        self._add_lan_host(self.lan_ns, self.lan_if)
+        if first_host:
+            self._add_lan_host(self.lan_ns, self.lan_if)
         if self.variant is not Variant.NONE:
             self._write_config()
             self._start_miniupnpd()
@@ -511,35 +617,25 @@ class Lab:
         self._add_ns(ns)
         address = self._lan.claim()
         self._lan.attach(ns, interface)
-        _run(
-            [
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                f"{address}/{self.lan_network.prefixlen}",
-                "dev",
-                interface,
-            ]
-        )
-        _run(["ip", "-n", ns, "route", "add", "default", "via", str(self.gateway_address)])
-        host = LanHost(ns, address, interface)
+        address6 = self._lan.add_host_address(ns, interface, address)
+        _ip(ns, "route", "add", "default", "via", str(self.gateway_address))
+        if address6 is not None:
+            _ip(ns, "-6", "route", "add", "default", "via", str(self.gateway_address6))
+        host = LanHost(ns, address, interface, address6)
         self.lan_hosts.append(host)
         return host
 
     def add_lan_host(self, name: str | None = None) -> LanHost:
         """Plug another host namespace into the lan bridge and return it.
 
-        It gets the next free lan address (192.168.77.3, .4, ...) and a default
-        route via the gateway; its namespace is ``pb-<name>-<suffix>``
-        (*name*: up to 8 lowercase letters or digits, ``lan<N>`` by default)
-        and is deleted with the lab.
+        It gets the next free lan address (192.168.77.3, .4, ...; fd77::3, ...
+        with IPv6) and default routes via the gateway; its namespace is
+        ``pb-<name>-<suffix>`` (*name*: up to 8 lowercase letters or digits,
+        ``lan<N>`` by default) and is deleted with the lab.
         """
         number = len(self.lan_hosts) + 1
         label = name if name is not None else f"lan{number}"
-        if not label or len(label) > 8 or not set(label) <= _HOST_NAME_CHARS:
-            raise LabError(f"lan host name {label!r}: use 1 to 8 lowercase letters or digits")
+        _check_label(label, "lan host")
         ns = f"pb-{label}-{self.suffix}"
         if ns in self._created_ns:
             raise LabError(f"this lab already has a host named {label!r}")
@@ -554,50 +650,37 @@ class Lab:
         """Give the wan namespace another source address (11.0.0.3, ... by default).
 
         A socket in ``wan_ns`` bound to it connects from a second remote
-        source, e.g. to test PCP FILTER (RFC 6887 §13.3).
+        source, e.g. to test PCP FILTER (RFC 6887 §13.3). With IPv6 its twin
+        (fd11::3, ...) is added too.
         """
         segment = self._wan_segment()
-        address = segment.claim(address)
-        _run(
-            [
-                "ip",
-                "-n",
-                segment.ns,
-                "addr",
-                "add",
-                f"{address}/{segment.network.prefixlen}",
-                "dev",
-                segment.bridge,
-            ]
-        )
+        address = segment.claim(None if address is None else IPv4Address(address))
+        segment.add_host_address(segment.ns, segment.bridge, address)
         return address
 
     def add_wan_host(self, name: str | None = None) -> WanHost:
-        """Plug a new host namespace into the wan segment (next free wan address)."""
+        """Plug a new host namespace into the wan segment (next free wan address).
+
+        Its namespace is ``pb-<name>-<suffix>`` (``wan<N>`` by default),
+        deleted with the lab. It reaches this gateway's wan address directly.
+        """
         segment = self._wan_segment()
-        label = name if name is not None else f"wan{len(self.wan_hosts) + 1}"
-        if not label or len(label) > 8 or not set(label) <= _HOST_NAME_CHARS:
-            raise LabError(f"wan host name {label!r}: use 1 to 8 lowercase letters or digits")
+        number = len(self.wan_hosts) + 1
+        label = name if name is not None else f"wan{number}"
+        _check_label(label, "wan host")
         ns = f"pb-{label}-{self.suffix}"
         if ns in self._created_ns:
             raise LabError(f"this lab already has a host named {label!r}")
         self._add_ns(ns)
         address = segment.claim()
-        interface = f"pb{self.suffix}v{len(self.wan_hosts) + 1}"
+        interface = f"pb{self.suffix}v{number}"
         segment.attach(ns, interface)
-        _run(
-            [
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                f"{address}/{segment.network.prefixlen}",
-                "dev",
-                interface,
-            ]
-        )
-        host = WanHost(ns, address, interface)
+        address6 = segment.add_host_address(ns, interface, address)
+        if address6 is not None:
+            _ip(
+                ns, "-6", "route", "add", str(self.lan_network6), "via", str(self.external_address6)
+            )
+        host = WanHost(ns, address, interface, address6)
         self.wan_hosts.append(host)
         return host
 
@@ -666,7 +749,9 @@ class Lab:
                     f"http_port={HTTP_PORT}",
                     f"enable_natpmp={yes_no[self.variant.natpmp]}",
                     f"enable_upnp={yes_no[self.variant.upnp]}",
-                    "ipv6_disable=yes",
+                    # IPv6 pinholes need no allow line: 2.3.1 rejects IPv6
+                    # addresses in permission lines (a parse error, and it exits).
+                    f"ipv6_disable={yes_no[not self.ipv6]}",
                     "secure_mode=yes",
                     # The epoch counts from daemon start, so a restart resets it.
                     "system_uptime=no",
@@ -816,6 +901,8 @@ class Lab:
             errors.append(f"stopping miniupnpd: {exc}")
         errors.extend(_delete_namespaces(self._created_ns))
         self._blackholes.remove_all()
+        if self._own_wan is not None:
+            errors.extend(self._own_wan.close())
         if errors:
             raise LabError("lab teardown incomplete: " + "; ".join(errors))
 
@@ -844,6 +931,7 @@ def open_lab(
     *,
     workdir: Path | None = None,
     extra_config: Sequence[str] = (),
+    ipv6: bool = False,
 ) -> Iterator[Lab]:
     """Build a lab, yield it, and tear it down whatever happens.
 
@@ -851,6 +939,14 @@ def open_lab(
     directory by default, removed afterwards). *extra_config* lines are
     appended to miniupnpd's config (``min_lifetime=10`` lets a test see PCP
     renewals within seconds; miniupnpd's default floor is 120 s).
+
+    *ipv6* adds ULA prefixes: lan fd77::/64 (gateway fd77::1, hosts fd77::2,
+    ...), wan fd11::/64 (gateway fd11::1, wan host fd11::2), without DAD
+    (``nodad``) so no address is tentative; IPv6 forwarding in the gw
+    namespace; the same ``inet filter`` forward chain (policy drop) as for
+    IPv4, so an inbound IPv6 connection passes only through a pinhole that
+    miniupnpd (``ipv6_disable=no``) inserts into its ``miniupnpd`` chain;
+    blackhole routes for both prefixes in the root namespace.
 
     Raises:
         LabError: the machine cannot host a lab (see
@@ -860,7 +956,9 @@ def open_lab(
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pb-lab-")))
-        lab = Lab(variant, secrets.token_hex(3), workdir, extra_config=tuple(extra_config))
+        lab = Lab(
+            variant, secrets.token_hex(3), workdir, extra_config=tuple(extra_config), ipv6=ipv6
+        )
         try:
             lab._build()
             yield lab

@@ -11,13 +11,18 @@ import secrets
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
+import attrs
 import pytest
 
 from portbroker.testing.lab import (
     EXTERNAL_ADDRESS,
+    EXTERNAL_ADDRESS6,
+    GATEWAY_ADDRESS6,
+    LAN_ADDRESS6,
     WAN_ADDRESS,
+    WAN_ADDRESS6,
     Lab,
     LabError,
     LanHost,
@@ -195,3 +200,101 @@ def test_set_external_address_is_announced_and_mappings_follow(
         assert isinstance(again.data, pcp.MapData)
         assert again.data.external_address == new
     assert "RTM_DELADDR" in lab.log_text()
+
+
+# -- IPv6 ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lab6(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """A full gateway with the ULA prefixes (``ipv6=True``)."""
+    _require_lab()
+    with open_lab(workdir=tmp_path_factory.mktemp("topology6"), ipv6=True) as built:
+        yield built
+
+
+def _listen6(lab: Lab, ns: str, address: IPv6Address, port: int) -> socket.socket:
+    listener = lab.socket(ns, socket.AF_INET6, socket.SOCK_STREAM)
+    listener.bind((str(address), port))
+    listener.listen()
+    listener.settimeout(5)
+    return listener
+
+
+def test_ipv6_addresses_are_ula_and_not_tentative(lab6: Lab) -> None:
+    host = lab6.lan_hosts[0]
+    assert (host.address6, lab6.gateway_address6) == (LAN_ADDRESS6, GATEWAY_ADDRESS6)
+    assert (lab6.wan_hosts[0].address6, lab6.external_address6) == (WAN_ADDRESS6, EXTERNAL_ADDRESS6)
+    assert lab6.add_lan_host().address6 == IPv6Address("fd77::3")
+    for ns in (lab6.lan_ns, lab6.gw_ns, lab6.wan_ns):
+        shown = subprocess.run(
+            ["ip", "-n", ns, "-6", "addr"], capture_output=True, text=True, check=True
+        ).stdout
+        assert "tentative" not in shown
+    routes = subprocess.run(
+        ["ip", "-6", "route", "show", "type", "blackhole"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "fd77::/64" in routes
+    assert "fd11::/64" in routes
+    assert "ipv6_disable=no\n" in lab6.config_path.read_text()
+
+
+def test_ipv6_inbound_is_dropped_until_a_pinhole_opens_it(lab6: Lab) -> None:
+    port = 24001
+    host = lab6.lan_hosts[0]
+    assert host.address6 is not None
+    with _listen6(lab6, host.ns, host.address6, port) as listener:
+        outside = lab6.socket(lab6.wan_ns, socket.AF_INET6, socket.SOCK_STREAM)
+        with outside:
+            # Dropped by the forward chain's policy, not refused: no RST comes back.
+            outside.settimeout(1)
+            with pytest.raises(TimeoutError):
+                outside.connect((str(host.address6), port))
+        # A PCP MAP over IPv6 (RFC 6887 §11) makes miniupnpd insert a pinhole
+        # into the `miniupnpd` chain; then the same connection gets through.
+        request = pcp.PcpRequest(
+            pcp.Opcode.MAP,
+            600,
+            host.address6,
+            pcp.MapData(
+                secrets.token_bytes(12),
+                socket.IPPROTO_TCP,
+                port,
+                port,
+                pcp.no_preference(IPv6Address("::1")),
+            ),
+        )
+        with lab6.socket(host.ns, socket.AF_INET6) as udp:
+            udp.connect((str(lab6.gateway_address6), 5351))
+            response = exchange(udp, pcp.encode_request(request), pcp.decode_response)
+        assert response.result_code is pcp.ResultCode.SUCCESS, lab6.log_text()
+        assert isinstance(response.data, pcp.MapData)
+        assert response.data.external_address == host.address6
+        pinholes = lab6.nft_rules()
+        assert f'iif "{lab6.gw_wan_if}" th dport {port}' in pinholes
+        outside = lab6.socket(lab6.wan_ns, socket.AF_INET6, socket.SOCK_STREAM)
+        with outside:
+            outside.settimeout(5)
+            outside.connect((str(host.address6), port))
+            inside, peer = listener.accept()
+            inside.close()
+        assert peer[0] == str(WAN_ADDRESS6)
+        delete = attrs.evolve(request, lifetime=0)
+        with lab6.socket(host.ns, socket.AF_INET6) as udp:
+            udp.connect((str(lab6.gateway_address6), 5351))
+            exchange(udp, pcp.encode_request(delete), pcp.decode_response)
+
+
+def test_ipv6_outbound_is_routed_not_translated(lab6: Lab) -> None:
+    port = 24011
+    with _listen6(lab6, lab6.wan_ns, WAN_ADDRESS6, port) as listener:
+        inside = lab6.socket(lab6.lan_ns, socket.AF_INET6, socket.SOCK_STREAM)
+        with inside:
+            inside.settimeout(5)
+            inside.connect((str(WAN_ADDRESS6), port))
+            accepted, peer = listener.accept()
+            accepted.close()
+    assert peer[0] == str(LAN_ADDRESS6)
