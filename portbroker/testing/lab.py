@@ -24,6 +24,15 @@ A test maps a port from a lan host, then connects from the wan namespace to
 - :meth:`Lab.set_external_address` changes the gateway's wan address the way an
   ISP lease change does; miniupnpd 2.3.1 notices by itself (netlink) and
   announces it over NAT-PMP and PCP (details in the method).
+- ``open_lab(ipv6=True)`` adds ULA prefixes (lan fd77::/64, wan fd11::/64)
+  behind the same drop-policy forward chain, opened only by miniupnpd's
+  pinholes.
+- A :class:`Lab` is one gateway site; :func:`open_sites` builds two of them
+  on one wan segment, :func:`open_series` one behind another (double NAT;
+  what miniupnpd does behind a non-global address is in its docstring), both
+  with the same building code as :func:`open_lab`. :meth:`Lab.add_dnat`
+  installs a port mapping with nftables alone, for gateways miniupnpd
+  cannot serve.
 
 Safety: everything stays inside the namespaces; veths are created directly
 in their namespaces, never in the root one. The wan side is 11.0.0.0/24
@@ -81,11 +90,15 @@ __all__ = [
     "Lab",
     "LabError",
     "LanHost",
+    "Series",
+    "Sites",
     "Variant",
     "WanHost",
     "lab_unavailable_reason",
     "main",
     "open_lab",
+    "open_series",
+    "open_sites",
 ]
 
 LAN_ADDRESS: Final = IPv4Address("192.168.77.2")
@@ -224,6 +237,22 @@ table inet filter {{
 # chain as its IPv4 forward rules (`upnp_forward_chain`, default "miniupnpd";
 # seen here as `iif <wan> ... ip6 daddr <host> ... accept`). IPv6 is routed,
 # not translated: masquerade is IPv4 only.
+
+_DNAT_SETUP = """\
+table ip pb_dnat {{
+  map ports {{
+    type inet_proto . inet_service : ipv4_addr . inet_service;
+  }}
+  chain prerouting {{
+    type nat hook prerouting priority -110; policy accept;
+    iifname "{wan_if}" dnat to meta l4proto . th dport map @ports
+  }}
+}}
+add set inet filter pb_dnat_forward {{ type ipv4_addr . inet_proto . inet_service; }}
+insert rule inet filter forward ip daddr . meta l4proto . th dport @pb_dnat_forward accept
+"""
+# Lab.add_dnat's own port mappings: a DNAT map in a table of its own and a
+# forward accept (the forward chain's drop policy applies to every table).
 
 _MINIUPNPD_CHAINS: Final = ("miniupnpd", "prerouting_miniupnpd", "postrouting_miniupnpd")
 _ADDRESS_CHANGE_LINE: Final = "should send external iface address change notification(s)"
@@ -488,6 +517,7 @@ class Lab:
     _wan: _Segment | None = None
     _own_wan: _Wan | None = None
     _blackholes: _Blackholes = attrs.field(init=False)
+    _dnat_ready: bool = False
 
     def __attrs_post_init__(self) -> None:
         s = self.suffix
@@ -683,6 +713,55 @@ class Lab:
         host = WanHost(ns, address, interface, address6)
         self.wan_hosts.append(host)
         return host
+
+    def add_dnat(
+        self, protocol: str, external_port: int, internal: IPv4Address, internal_port: int
+    ) -> None:
+        """Map *external_port* on the gateway's wan side to *internal*:*internal_port*.
+
+        A port mapping made with nftables directly, without miniupnpd: a
+        DNAT map in a table of the lab's own (``ip pb_dnat``, consulted before
+        miniupnpd's chains) and a forward accept for the translated
+        destination. For gateways miniupnpd cannot serve, e.g. the inner
+        gateway of :func:`open_series` with a non-global external address: a
+        PCP or NAT-PMP server of the test's own installs real mappings with
+        it. *protocol* is ``"tcp"`` or ``"udp"``. :meth:`remove_dnat` undoes it;
+        the namespace's deletion removes the rest.
+        """
+        protocol = self._check_dnat(protocol, external_port, internal_port)
+        if not self._dnat_ready:
+            self.nft(self.gw_ns, _DNAT_SETUP.format(wan_if=self.gw_wan_if))
+            self._dnat_ready = True
+        internal = IPv4Address(internal)
+        self.nft(
+            self.gw_ns,
+            f"add element ip pb_dnat ports {{ {protocol} . {external_port} : "
+            f"{internal} . {internal_port} }}\n"
+            f"add element inet filter pb_dnat_forward {{ {internal} . {protocol} . {internal_port} }}\n",
+        )
+
+    def remove_dnat(
+        self, protocol: str, external_port: int, internal: IPv4Address, internal_port: int
+    ) -> None:
+        """Undo :meth:`add_dnat` (the same arguments)."""
+        protocol = self._check_dnat(protocol, external_port, internal_port)
+        if not self._dnat_ready:
+            raise LabError("no DNAT mapping was added to this gateway")
+        self.nft(
+            self.gw_ns,
+            f"delete element ip pb_dnat ports {{ {protocol} . {external_port} }}\n"
+            f"delete element inet filter pb_dnat_forward {{ {IPv4Address(internal)} . "
+            f"{protocol} . {internal_port} }}\n",
+        )
+
+    @staticmethod
+    def _check_dnat(protocol: str, external_port: int, internal_port: int) -> str:
+        if protocol not in ("tcp", "udp"):
+            raise LabError(f"DNAT protocol {protocol!r}: use 'tcp' or 'udp'")
+        for port in (external_port, internal_port):
+            if not 1 <= port <= 65535:
+                raise LabError(f"DNAT port {port}: use 1..65535")
+        return protocol
 
     def set_external_address(self, new: IPv4Address) -> None:
         """Change the gateway's wan address, as an ISP lease change does.
@@ -964,6 +1043,207 @@ def open_lab(
             yield lab
         finally:
             lab.close()
+
+
+@attrs.define(eq=False)
+class Sites:
+    """Two gateway sites whose wan sides share one segment (:func:`open_sites`).
+
+    ``a`` and ``b`` are complete :class:`Lab` sites (their own gw namespace,
+    lan bridge, lan host, nftables and miniupnpd); ``wan_ns`` holds the shared
+    wan bridge and the wan host's 11.0.0.2, e.g. for a rendezvous server.
+    """
+
+    a: Lab
+    b: Lab
+    wan_ns: str
+    wan_address: IPv4Address
+    wan_address6: IPv6Address | None = None
+
+    @property
+    def labs(self) -> tuple[Lab, Lab]:
+        return (self.a, self.b)
+
+    def socket(
+        self, netns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_DGRAM
+    ) -> socket.socket:
+        """A new socket that lives in *netns* (any of the sites' namespaces)."""
+        return in_netns(netns, lambda: socket.socket(family, kind))
+
+    def exec_argv(self, netns: str, argv: Sequence[str]) -> list[str]:
+        """*argv* prefixed to run inside *netns*."""
+        return ["ip", "netns", "exec", netns, *argv]
+
+
+@attrs.define(eq=False)
+class Series:
+    """Two NAT gateways in series (:func:`open_series`): ``inner`` behind ``outer``.
+
+    ``inner``'s wan side is a host on ``outer``'s lan: ``inner.wan_ns`` is
+    ``outer.gw_ns`` and ``outer.lan_hosts[0]`` (also ``outer.lan_ns``) is the
+    inner gateway's namespace. ``wan_ns`` is the outer gateway's wan namespace
+    with the wan host 11.0.0.2.
+    """
+
+    inner: Lab
+    outer: Lab
+    wan_ns: str
+    wan_address: IPv4Address
+
+    @property
+    def labs(self) -> tuple[Lab, Lab]:
+        return (self.inner, self.outer)
+
+    def socket(
+        self, netns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_DGRAM
+    ) -> socket.socket:
+        """A new socket that lives in *netns* (any of the series' namespaces)."""
+        return in_netns(netns, lambda: socket.socket(family, kind))
+
+    def exec_argv(self, netns: str, argv: Sequence[str]) -> list[str]:
+        """*argv* prefixed to run inside *netns*."""
+        return ["ip", "netns", "exec", netns, *argv]
+
+
+SITE_B_LAN_NETWORK: Final = IPv4Network("192.168.78.0/24")
+SITE_B_EXTERNAL_ADDRESS: Final = IPv4Address("11.0.0.3")
+SERIES_OUTER_LAN_NETWORK: Final = IPv4Network("100.64.0.0/24")
+
+
+@contextlib.contextmanager
+def _workdir(workdir: Path | None) -> Iterator[Path]:
+    if workdir is not None:
+        yield workdir
+        return
+    with tempfile.TemporaryDirectory(prefix="pb-lab-") as made:
+        yield Path(made)
+
+
+def _subdir(parent: Path, name: str) -> Path:
+    path = parent / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def open_sites(
+    variant_a: Variant = Variant.FULL,
+    variant_b: Variant = Variant.FULL,
+    *,
+    workdir: Path | None = None,
+    extra_config: Sequence[str] = (),
+    ipv6: bool = False,
+) -> Iterator[Sites]:
+    """Build two gateway sites on one wan segment, yield them, tear them down.
+
+    ::
+
+        site a: lan 192.168.77.0/24 (host .2) -- gw a 11.0.0.1 --+
+                                                                 +-- wan ns: bridge, wan host 11.0.0.2
+        site b: lan 192.168.78.0/24 (host .2) -- gw b 11.0.0.3 --+
+
+    Each site is a :class:`Lab` built by the same code as :func:`open_lab`
+    (miniupnpd logs under ``workdir/a`` and ``workdir/b``); *extra_config*
+    goes to both miniupnpds. With *ipv6* site a's lan is fd77::/64, site b's
+    fd78::/64, the wan fd11::/64 (gateways fd11::1 and fd11::3).
+    All of 11.0.0.0/24 is blackholed in the root namespace.
+    """
+    _check_lab_possible()
+    with _workdir(workdir) as root, contextlib.ExitStack() as stack:
+        wan = _Wan.build(secrets.token_hex(3), ipv6=ipv6)
+        stack.callback(wan.close)
+        sites = []
+        for label, variant, lan, lan6, external in (
+            ("a", variant_a, LAN_NETWORK, LAN_NETWORK6, EXTERNAL_ADDRESS),
+            ("b", variant_b, SITE_B_LAN_NETWORK, IPv6Network("fd78::/64"), SITE_B_EXTERNAL_ADDRESS),
+        ):
+            site = Lab(
+                variant,
+                secrets.token_hex(3),
+                _subdir(root, label),
+                tuple(extra_config),
+                lan_network=lan,
+                lan_network6=lan6,
+                external_address=external,
+                ipv6=ipv6,
+                name=label,
+            )
+            stack.callback(site.close)
+            site._build(wan)
+            sites.append(site)
+        yield Sites(sites[0], sites[1], wan.ns, wan.host.address, wan.host.address6)
+
+
+@contextlib.contextmanager
+def open_series(
+    inner_variant: Variant = Variant.FULL,
+    outer_variant: Variant = Variant.NONE,
+    *,
+    outer_lan: IPv4Network = SERIES_OUTER_LAN_NETWORK,
+    workdir: Path | None = None,
+    inner_extra_config: Sequence[str] = (),
+    outer_extra_config: Sequence[str] = (),
+) -> Iterator[Series]:
+    """Build two NAT gateways in series (double NAT), yield them, tear them down.
+
+    ::
+
+        inner lan 192.168.77.0/24 (host .2)
+          -- inner gw 192.168.77.1 | ext 100.64.0.2 on the outer's lan
+          -- outer gw 100.64.0.1   | ext 11.0.0.1
+          -- wan ns, wan host 11.0.0.2
+
+    *outer_lan* is the outer gateway's lan (100.64.0.0/24, shared address
+    space as behind a CGN, by default; 192.168.1.0/24 gives the "router
+    behind an ISP modem" case). The inner gateway's external address is
+    host 2 of it, its default route the outer gateway (host 1). Both
+    gateways masquerade, so an inner lan host reaches the wan host through
+    both NATs. *outer_variant* chooses the outer gateway's services
+    (``Variant.NONE``: a plain NAT; ``Variant.FULL``: miniupnpd too).
+
+    What miniupnpd 2.3.1 does as the inner gateway, its external address
+    private or in 100.64.0.0/10 (seen in its log and answers here): it logs
+    "Reserved / private IP address 100.64.0.2 on ext interface ...: Port
+    forwarding is impossible" and "You are probably behind NAT, enable option
+    ext_perform_stun=yes ...", then refuses every mapping: a NAT-PMP
+    external-address request answers result 3 (network failure) with
+    0.0.0.0, a NAT-PMP MAP result 3, a PCP MAP NO_RESOURCES (lifetime 30; its
+    external-address field does say 100.64.0.2). ``ext_ip=<reserved>`` is no
+    way around it: "Error: option ext_ip contains reserved / private address
+    ..., not public routable", and miniupnpd exits. ``ext_perform_stun=yes``
+    exits when STUN fails ("Performing STUN failed. EXITING"), and when it
+    works it enables forwarding only behind a full-cone NAT and reports the
+    public address STUN found, never the private one. So miniupnpd cannot be
+    an inner gateway that maps and reports a non-global external address;
+    use ``inner_variant=Variant.NONE`` and a PCP/NAT-PMP server of the test's
+    own that installs real mappings with :meth:`Lab.add_dnat`.
+    """
+    _check_lab_possible()
+    with _workdir(workdir) as root, contextlib.ExitStack() as stack:
+        outer = Lab(
+            outer_variant,
+            secrets.token_hex(3),
+            _subdir(root, "outer"),
+            tuple(outer_extra_config),
+            lan_network=outer_lan,
+            name="outer",
+        )
+        stack.callback(outer.close)
+        outer._build(first_host=False)
+        inner = Lab(
+            inner_variant,
+            secrets.token_hex(3),
+            _subdir(root, "inner"),
+            tuple(inner_extra_config),
+            external_address=outer_lan[2],
+            name="inner",
+        )
+        stack.callback(inner.close)
+        inner._build(outer._lan, upstream=outer.gateway_address)
+        # The outer gateway's lan host is the inner gateway.
+        outer.lan_hosts.append(LanHost(inner.gw_ns, inner.external_address, inner.gw_wan_if))
+        outer.lan_ns, outer.lan_if = inner.gw_ns, inner.gw_wan_if
+        yield Series(inner, outer, outer.wan_ns, outer.wan_address)
 
 
 # -- the demo -----------------------------------------------------------------

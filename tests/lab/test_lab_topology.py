@@ -26,8 +26,13 @@ from portbroker.testing.lab import (
     Lab,
     LabError,
     LanHost,
+    Series,
+    Sites,
+    Variant,
     exchange,
     open_lab,
+    open_series,
+    open_sites,
 )
 from portbroker.wire import natpmp, pcp
 from tests.conftest import _require_lab
@@ -298,3 +303,124 @@ def test_ipv6_outbound_is_routed_not_translated(lab6: Lab) -> None:
             accepted, peer = listener.accept()
             accepted.close()
     assert peer[0] == str(LAN_ADDRESS6)
+
+
+# -- two sites -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
+    _require_lab()
+    with open_sites(workdir=tmp_path_factory.mktemp("sites")) as built:
+        yield built
+
+
+def test_two_sites_share_the_wan_and_b_reaches_a_mapping_on_a(sites: Sites) -> None:
+    a, b = sites.labs
+    assert (a.external_address, b.external_address) == (EXTERNAL_ADDRESS, IPv4Address("11.0.0.3"))
+    assert (a.lan_address, b.lan_address) == (
+        IPv4Address("192.168.77.2"),
+        IPv4Address("192.168.78.2"),
+    )
+    assert a.wan_ns == b.wan_ns == sites.wan_ns
+    assert a.gw_ns != b.gw_ns
+    port = 25001
+    with _listen(a, a.lan_hosts[0], port) as listener:
+        mapped = _pcp_map(a, a.lan_hosts[0], port)
+        assert isinstance(mapped.data, pcp.MapData)
+        assert mapped.data.external_address == EXTERNAL_ADDRESS
+        # From site b's lan host, through b's NAT, to a's wan address.
+        peer, received = _connect_in(
+            b, b.lan_ns, listener, (str(a.external_address), mapped.data.external_port)
+        )
+    assert peer == str(b.external_address)
+    assert received == b"hello from 192.168.77.2"
+    # Both gateways run their own miniupnpd on their own lan.
+    assert a.miniupnpd_pid != b.miniupnpd_pid
+    assert f"listening_ip={b.gw_lan_if}" in b.config_path.read_text()
+    assert "allow 1024-65535 192.168.78.0/24 1024-65535" in b.config_path.read_text()
+
+
+def test_two_sites_reach_the_rendezvous_host(sites: Sites) -> None:
+    port = 25011
+    with sites.socket(sites.wan_ns, kind=socket.SOCK_STREAM) as server:
+        server.bind((str(sites.wan_address), port))
+        server.listen()
+        server.settimeout(5)
+        seen = set()
+        for site in sites.labs:
+            with site.socket(site.lan_ns, kind=socket.SOCK_STREAM) as client:
+                client.settimeout(5)
+                client.connect((str(sites.wan_address), port))
+                accepted, peer = server.accept()
+                accepted.close()
+                seen.add(peer[0])
+    assert seen == {"11.0.0.1", "11.0.0.3"}
+
+
+# -- two NATs in series --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Series]:
+    _require_lab()
+    with open_series(
+        Variant.FULL, Variant.FULL, workdir=tmp_path_factory.mktemp("series")
+    ) as built:
+        yield built
+
+
+def test_series_inner_lan_reaches_the_wan_through_both_nats(series: Series) -> None:
+    inner, outer = series.labs
+    assert inner.external_address == IPv4Address("100.64.0.2")
+    assert inner.wan_ns == outer.gw_ns
+    assert outer.lan_hosts[0].ns == inner.gw_ns
+    port = 26001
+    with series.socket(series.wan_ns, kind=socket.SOCK_STREAM) as server:
+        server.bind((str(series.wan_address), port))
+        server.listen()
+        server.settimeout(5)
+        with inner.socket(inner.lan_ns, kind=socket.SOCK_STREAM) as client:
+            client.settimeout(5)
+            client.connect((str(series.wan_address), port))
+            accepted, peer = server.accept()
+            accepted.close()
+    # Translated twice: 192.168.77.2 -> 100.64.0.2 -> 11.0.0.1.
+    assert peer[0] == str(outer.external_address) == "11.0.0.1"
+
+
+def test_series_inner_miniupnpd_refuses_behind_a_shared_address(series: Series) -> None:
+    """The docstring's finding: miniupnpd 2.3.1 will not map behind 100.64.0.2."""
+    inner, outer = series.labs
+    assert "Port forwarding is impossible" in inner.log_text()
+    with inner.socket(inner.lan_ns) as udp:
+        udp.connect((str(inner.gateway_address), 5351))
+        answer = exchange(
+            udp, natpmp.encode_request(natpmp.ExternalAddressRequest()), natpmp.decode_response
+        )
+    assert answer.result_code is natpmp.ResultCode.NETWORK_FAILURE
+    # The outer gateway's miniupnpd serves the inner gateway, its lan host.
+    with outer.socket(inner.gw_ns) as udp:
+        udp.connect((str(outer.gateway_address), 5351))
+        answer = exchange(
+            udp, natpmp.encode_request(natpmp.ExternalAddressRequest()), natpmp.decode_response
+        )
+    assert isinstance(answer, natpmp.ExternalAddressResponse)
+    assert answer.external_address == outer.external_address
+
+
+def test_series_dnat_on_both_gateways_lets_the_wan_in(series: Series) -> None:
+    inner, outer = series.labs
+    port = 26011
+    with _listen(inner, inner.lan_hosts[0], port) as listener:
+        inner.add_dnat("tcp", port + 1, inner.lan_address, port)
+        outer.add_dnat("tcp", port + 2, inner.external_address, port + 1)
+        peer, received = _connect_in(
+            outer, series.wan_ns, listener, (str(outer.external_address), port + 2)
+        )
+        assert (peer, received) == (str(series.wan_address), b"hello from 192.168.77.2")
+        outer.remove_dnat("tcp", port + 2, inner.external_address, port + 1)
+        with pytest.raises(ConnectionRefusedError):
+            _connect_in(outer, series.wan_ns, listener, (str(outer.external_address), port + 2))
+    with pytest.raises(LabError, match="protocol"):
+        inner.add_dnat("sctp", 1, inner.lan_address, 1)
