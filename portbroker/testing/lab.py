@@ -441,8 +441,9 @@ class _Wan:
         ns = f"pb-wan-{suffix}"
         created: list[str] = []
         blackholes = _Blackholes(_metric(suffix))
-        wan = cls(ns, _Segment(ns, f"pb{suffix}w", f"pb{suffix}q", IPv4Network(WAN_NETWORK)),
-                  WanHost(ns, WAN_ADDRESS, f"pb{suffix}w"), created, blackholes)  # fmt: skip
+        bridge = f"pb{suffix}w"
+        segment = _Segment(ns, bridge, f"pb{suffix}q", IPv4Network(WAN_NETWORK))
+        wan = cls(ns, segment, WanHost(ns, WAN_ADDRESS, bridge), created, blackholes)
         try:
             _run(["ip", "netns", "add", ns])
             created.append(ns)
