@@ -116,6 +116,25 @@ def test_a_mapping_to_a_second_lan_host_is_reached_from_wan(lab: Lab) -> None:
     assert peer == str(lab.lan_address)
 
 
+def test_multicast_crosses_the_lan_bridge(lab: Lab) -> None:
+    """mDNS (224.0.0.251:5353) from one lan host reaches another: DNS-SD tests need it."""
+    first = lab.lan_hosts[0]
+    other = lab.lan_hosts[1] if len(lab.lan_hosts) > 1 else lab.add_lan_host()
+    group = "224.0.0.251"
+    with lab.socket(other.ns) as receiver, lab.socket(first.ns) as sender:
+        receiver.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        receiver.bind((group, 5353))
+        membership = socket.inet_aton(group) + socket.inet_aton(str(other.address))
+        receiver.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, membership)
+        receiver.settimeout(5)
+        sender.setsockopt(
+            socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(str(first.address))
+        )
+        sender.sendto(b"mdns-ish", (group, 5353))
+        data, source = receiver.recvfrom(100)
+    assert (data, source[0]) == (b"mdns-ish", str(first.address))
+
+
 def test_two_distinct_wan_sources_reach_a_mapping(lab: Lab) -> None:
     extra = lab.add_wan_address()
     other = lab.add_wan_host("far")
