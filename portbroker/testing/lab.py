@@ -808,7 +808,8 @@ class Lab:
         which makes miniupnpd announce again, is sent only if that does not
         happen within 5 s). Mappings made before the change keep working on the
         new address: miniupnpd's DNAT rules match the wan interface, not the
-        address. The NAT-PMP and PCP epochs are not reset.
+        address. The NAT-PMP and PCP epochs are not reset. A :class:`NatServer`
+        reporting the gateway's address announces the new one too.
         """
         segment = self._wan_segment()
         new = IPv4Address(new)
@@ -822,6 +823,9 @@ class Lab:
         _run(["ip", "-n", self.gw_ns, "addr", "del", f"{old}/{prefix}", "dev", self.gw_wan_if])
         segment.release(old)
         self.external_address = new
+        for server in self._nat_servers:
+            if server.reported_address is None:
+                server.announce()  # as miniupnpd does, below
         if self._process is None:
             return
         if not self._wait_announced(log_start, 5.0):
@@ -1385,8 +1389,9 @@ class Series:
 
     ``inner``'s wan side is a host on ``outer``'s lan: ``inner.wan_ns`` is
     ``outer.gw_ns`` and ``outer.lan_hosts[0]`` (also ``outer.lan_ns``) is the
-    inner gateway's namespace. ``wan_ns`` is the outer gateway's wan namespace
-    with the wan host 11.0.0.2.
+    inner gateway's namespace (its address there is the inner's external
+    address at build time; ``inner.external_address`` is the current one).
+    ``wan_ns`` is the outer gateway's wan namespace with the wan host 11.0.0.2.
     """
 
     inner: Lab

@@ -540,6 +540,24 @@ def test_nat_server_announces_a_new_reported_address(
     assert second.opcode is pcp.Opcode.ANNOUNCE
 
 
+def test_nat_server_announces_the_gateway_s_new_wan_address(
+    series_served: tuple[Series, NatServer],
+) -> None:
+    series, _server = series_served
+    inner = series.inner
+    with inner.socket(inner.lan_ns) as multicast:
+        multicast.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        multicast.bind(("224.0.0.1", 5350))
+        multicast.settimeout(5)
+        inner.set_external_address(IPv4Address("100.64.0.9"))
+        try:
+            announced = natpmp.decode_response(multicast.recv(100))
+        finally:
+            inner.set_external_address(IPv4Address("100.64.0.2"))
+    assert isinstance(announced, natpmp.ExternalAddressResponse)
+    assert announced.external_address == IPv4Address("100.64.0.9")
+
+
 def test_nat_server_natpmp_map_and_delete(series_served: tuple[Series, NatServer]) -> None:
     series, server = series_served
     inner, outer = series.labs
