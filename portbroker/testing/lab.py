@@ -808,8 +808,15 @@ class Lab:
         which makes miniupnpd announce again, is sent only if that does not
         happen within 5 s). Mappings made before the change keep working on the
         new address: miniupnpd's DNAT rules match the wan interface, not the
-        address. The NAT-PMP and PCP epochs are not reset. A :class:`NatServer`
-        reporting the gateway's address announces the new one too.
+        address. miniupnpd resets its epoch at each of those notifications
+        (``epoch_origin = now``; one epoch serves NAT-PMP and PCP, citing
+        RFC 6887 §8.5): seen here, a lab 4 s old answered epoch 4 before the
+        change; of the announcements the first NAT-PMP one (sent before the
+        reset) said 4, every later one and every PCP ANNOUNCE said 0; queries
+        afterwards count from the change. A client's epoch check therefore
+        reports lost state and re-creates its mappings, which miniupnpd still
+        holds. A :class:`NatServer` reporting the gateway's address does the
+        same: it resets its epoch and announces the new address.
         """
         segment = self._wan_segment()
         new = IPv4Address(new)
@@ -825,7 +832,7 @@ class Lab:
         self.external_address = new
         for server in self._nat_servers:
             if server.reported_address is None:
-                server.announce()  # as miniupnpd does, below
+                server.address_changed()  # as miniupnpd does, below
         if self._process is None:
             return
         if not self._wait_announced(log_start, 5.0):
@@ -1109,7 +1116,7 @@ class NatServer:
     reports :attr:`reported_address` (by default the gateway's current wan
     address: 100.64.0.2 for the inner gateway of :func:`open_series`).
     Lifetimes are granted as asked, at most *max_lifetime*; the epoch counts
-    seconds since start. Not served: PEER, THIRD_PARTY, FILTER (PCP answers
+    seconds since start or the last address change. Not served: PEER, THIRD_PARTY, FILTER (PCP answers
     UNSUPP_OPCODE / UNSUPP_OPTION). It runs on a thread of its own; it stops
     with the lab.
     """
@@ -1177,8 +1184,17 @@ class NatServer:
                 self._remove(key)
 
     def set_reported_address(self, address: IPv4Address) -> None:
-        """Report another external address from now on, and announce it."""
+        """Report another external address from now on (see :meth:`address_changed`)."""
         self.reported_address = IPv4Address(address)
+        self.address_changed()
+
+    def address_changed(self) -> None:
+        """Reset the epoch and announce, as miniupnpd does when its address changes.
+
+        RFC 6887 §8.5 (the epoch restarts when the external address
+        changes) and §14.1.1 / RFC 6886 §3.2.1 (unsolicited announcements).
+        """
+        self._started = time.monotonic()
         self.announce()
 
     def announce(self) -> None:

@@ -202,6 +202,8 @@ def test_set_external_address_is_announced_and_mappings_follow(
                     else:
                         response = pcp.decode_response(datagram)
                         pcp_announce |= response.opcode is pcp.Opcode.ANNOUNCE
+                        # miniupnpd resets its epoch on the change (RFC 6887 §8.5).
+                        assert response.epoch == 0, response
                 return natpmp_addresses, pcp_announce
 
             heard = _announcements(
@@ -556,6 +558,7 @@ def test_nat_server_announces_the_gateway_s_new_wan_address(
             inner.set_external_address(IPv4Address("100.64.0.2"))
     assert isinstance(announced, natpmp.ExternalAddressResponse)
     assert announced.external_address == IPv4Address("100.64.0.9")
+    assert announced.epoch == 0  # reset with the change, as miniupnpd does
 
 
 def test_nat_server_natpmp_map_and_delete(series_served: tuple[Series, NatServer]) -> None:
