@@ -1,0 +1,180 @@
+"""IPv6: PCP MAP as a firewall pinhole, NAT-PMP ruled out, families kept apart (docs/ipv6.md).
+
+Memory links under MockClock for the broker, and one real UDP exchange on ::1
+for the socket family. No traffic leaves the machine.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv6Address
+
+import pytest
+import trio
+import trio.testing
+
+from portbroker.broker import open_broker
+from portbroker.errors import MappingError
+from portbroker.methods import pcp_rules
+from portbroker.probe import NoMethodAvailable
+from portbroker.testing.fake_gateway import FakeGateway
+from portbroker.wire import natpmp, pcp
+from tests.broker_harness import HOUR
+
+GATEWAY6 = IPv6Address("fd77::1")
+HOST6 = IPv6Address("fd77::2")
+
+
+def _v6_gateway() -> FakeGateway:
+    return FakeGateway(address=GATEWAY6)
+
+
+async def test_pcp_map_for_an_ipv6_host_is_a_pinhole(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gw = _v6_gateway()
+    async with open_broker(
+        GATEWAY6,
+        ("pcp", "natpmp"),
+        link_factory=gw.link_factory(HOST6),
+        announce_port=None,
+        seed=7,
+    ) as broker:
+        mapping = await broker.map(8080, "tcp")
+        lease = mapping.lease
+        assert lease is not None
+        assert lease.method == "pcp"
+        # RFC 6887 §11: a firewall maps no address: the external endpoint is
+        # the host's own IPv6 address and port.
+        assert (lease.internal_address, lease.internal_port) == (HOST6, 8080)
+        assert (lease.external_address, lease.external_port) == (HOST6, 8080)
+        assert lease.gateway == GATEWAY6
+        request = gw.requests[0]
+        assert isinstance(request, pcp.PcpRequest)
+        assert request.client_address == HOST6  # the PCP header (RFC 6887 §7.1)
+        assert request.data is not None
+        assert request.data.external_address == pcp.NO_PREFERENCE_V6
+        # It is renewed like any PCP mapping, with the same nonce.
+        await trio.sleep(3 * HOUR)
+        maps = [r for r in gw.requests if isinstance(r, pcp.PcpRequest) and r.data is not None]
+        assert len(maps) >= 2
+        assert {r.data.nonce for r in maps if r.data is not None} == {lease.nonce}
+        assert gw.mapping_for("tcp", 8080) is not None
+        await mapping.release()
+        assert gw.mapping_for("tcp", 8080) is None
+    assert not any(isinstance(r, natpmp.NatPmpRequest) for r in gw.requests)
+
+
+async def test_natpmp_on_an_ipv6_gateway_is_unavailable_and_not_tried(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gw = _v6_gateway()
+    async with open_broker(
+        GATEWAY6,
+        ("natpmp", "pcp"),
+        link_factory=gw.link_factory(HOST6),
+        announce_port=None,
+        seed=7,
+    ) as broker:
+        report = await broker.probe()
+        outcome = report.outcome("natpmp")
+        assert outcome is not None
+        assert not outcome.available
+        assert outcome.error is not None
+        assert "IPv4 only" in outcome.error
+        assert "RFC 6886" in outcome.error
+        assert not outcome.silent  # a reason, not a timeout
+        assert report.selected == "pcp"
+        # NAT-PMP is preferred here, yet the map goes to PCP at once.
+        mapping = await broker.map(9000, "udp")
+        assert mapping.lease is not None
+        assert mapping.lease.method == "pcp"
+    assert gw.requests, "PCP was asked"
+    assert not any(isinstance(r, natpmp.NatPmpRequest) for r in gw.requests)
+
+
+async def test_natpmp_forced_on_an_ipv6_gateway_says_why(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gw = _v6_gateway()
+    async with open_broker(
+        GATEWAY6, ("natpmp",), link_factory=gw.link_factory(HOST6), announce_port=None
+    ) as broker:
+        with pytest.raises(NoMethodAvailable) as caught:
+            await broker.map(9000, "udp")
+    assert "IPv4 only" in str(caught.value)
+    assert gw.requests == []
+
+
+async def test_an_ipv6_internal_address_through_an_ipv4_pcp_server_is_refused_unsent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gw = FakeGateway()
+    async with open_broker(
+        "127.0.0.1",
+        ("pcp",),
+        link_factory=gw.link_factory("192.168.1.100"),
+        announce_port=None,
+    ) as broker:
+        with pytest.raises(MappingError) as caught:
+            await broker.map(8080, "tcp", internal_address=HOST6)
+        assert "IPv6" in str(caught.value)
+        assert "gateway's IPv6 address" in str(caught.value)
+        # PCP is not ruled out for IPv4: the next map works.
+        mapping = await broker.map(8080, "tcp")
+        assert mapping.lease is not None
+        assert mapping.lease.method == "pcp"
+    maps = [r for r in gw.requests if isinstance(r, pcp.PcpRequest) and r.data is not None]
+    assert all(r.client_address == IPv4Address("192.168.1.100") for r in maps)
+    assert not any(isinstance(o, pcp.ThirdParty) for r in maps for o in r.options)
+
+
+async def test_natpmp_refuses_an_ipv6_internal_address_for_that_request_only(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gw = FakeGateway()
+    async with open_broker(
+        "127.0.0.1",
+        ("natpmp",),
+        link_factory=gw.link_factory("192.168.1.100"),
+        announce_port=None,
+    ) as broker:
+        with pytest.raises(MappingError, match="IPv4"):
+            await broker.map(8080, "tcp", internal_address=HOST6)
+        mapping = await broker.map(8080, "tcp")
+        assert mapping.lease is not None
+        assert mapping.lease.method == "natpmp"
+
+
+def test_family_problem() -> None:
+    v4, v6 = IPv4Address("192.168.77.2"), HOST6
+    assert pcp_rules.family_problem(v4, None, v4) is None
+    assert pcp_rules.family_problem(v6, v6, GATEWAY6) is None
+    assert pcp_rules.family_problem(v6, IPv6Address("fd77::9"), GATEWAY6) is None
+    problem = pcp_rules.family_problem(v4, v6, IPv4Address("192.168.77.1"))
+    assert problem is not None
+    assert "192.168.77.1" in problem
+    assert "IPv6" in problem
+    assert pcp_rules.family_problem(v6, v4, GATEWAY6) is not None
+
+
+async def test_pcp_over_a_real_ipv6_socket_on_loopback() -> None:
+    """open_udp_link picks AF_INET6 and PCP's Client IP Address is the socket's ::1."""
+    gw = FakeGateway(address="::1", port=0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gw.serve_udp)
+        with trio.fail_after(10):
+            async with open_broker(
+                "::1", ("pcp", "natpmp"), port=gw.port, announce_port=None
+            ) as broker:
+                report = await broker.probe()
+        nursery.cancel_scope.cancel()
+    pcp_outcome = report.outcome("pcp")
+    assert pcp_outcome is not None
+    assert pcp_outcome.available, pcp_outcome
+    natpmp_outcome = report.outcome("natpmp")
+    assert natpmp_outcome is not None
+    assert not natpmp_outcome.available
+    assert [type(r) for r in gw.requests] == [pcp.PcpRequest]
+    request = gw.requests[0]
+    assert isinstance(request, pcp.PcpRequest)
+    assert request.client_address == IPv6Address("::1")
