@@ -126,6 +126,9 @@ class Lease:
     ``granted_at`` and ``expires_at`` are on the broker's clock (trio time).
     ``nonce`` is PCP's mapping nonce (None for other methods); ``permanent``
     marks a UPnP lease of 0 that only an explicit delete removes.
+    ``pinhole_id`` is the UniqueID of a UPnP IPv6 firewall pinhole
+    (WANIPv6FirewallControl:1 AddPinhole; docs/ipv6.md), None otherwise: its
+    renewal and delete name the pinhole by it.
     """
 
     method: str
@@ -140,6 +143,9 @@ class Lease:
     epoch: int | None = None
     nonce: bytes | None = None
     permanent: bool = False
+    pinhole_id: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(uint(16))
+    )
 
     @property
     def expires_at(self) -> float:
@@ -185,4 +191,6 @@ def lease_json(lease: Lease) -> dict[str, Any]:
         "lifetime": lease.lifetime,
         "gateway": str(lease.gateway),
         "permanent": lease.permanent,
+        # Only for a UPnP IPv6 pinhole: every other lease's JSON is unchanged.
+        **({} if lease.pinhole_id is None else {"pinhole_id": lease.pinhole_id}),
     }
