@@ -24,6 +24,7 @@ __all__ = [
     "ProbeOutcome",
     "ProbeReport",
     "TransportProtocol",
+    "format_endpoint",
     "lease_json",
 ]
 
@@ -177,6 +178,12 @@ class ProbeReport:
 
     def outcome(self, method: str) -> ProbeOutcome | None:
         return next((o for o in self.outcomes if o.method == method), None)
+
+
+def format_endpoint(address: object, port: object) -> str:
+    """``address:port``, with an IPv6 address in brackets (``[fd77::2]:8080``, RFC 3986 §3.2.2)."""
+    text = str(address)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
 
 
 def lease_json(lease: Lease) -> dict[str, Any]:

@@ -6,7 +6,11 @@ for the socket family. No traffic leaves the machine.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
 
 import pytest
 import trio
@@ -17,6 +21,7 @@ from portbroker.errors import MappingError
 from portbroker.methods import pcp_rules
 from portbroker.probe import NoMethodAvailable
 from portbroker.testing.fake_gateway import FakeGateway
+from portbroker.types import Lease, TransportProtocol, format_endpoint
 from portbroker.wire import natpmp, pcp
 from tests.broker_harness import HOUR
 
@@ -178,3 +183,50 @@ async def test_pcp_over_a_real_ipv6_socket_on_loopback() -> None:
     request = gw.requests[0]
     assert isinstance(request, pcp.PcpRequest)
     assert request.client_address == IPv6Address("::1")
+
+
+def test_format_endpoint_brackets_ipv6_only() -> None:
+    assert format_endpoint(HOST6, 8080) == "[fd77::2]:8080"
+    assert format_endpoint("fd77::2", 1) == "[fd77::2]:1"
+    assert format_endpoint(IPv4Address("11.0.0.1"), 8080) == "11.0.0.1:8080"
+
+
+def test_describe_lease_writes_ipv6_endpoints_in_brackets() -> None:
+    from portbroker.cli import _describe_lease
+
+    lease = Lease("pcp", TransportProtocol.TCP, HOST6, 8080, HOST6, 8080, 7200, 0.0, GATEWAY6)
+    assert _describe_lease(lease) == (
+        "[fd77::2]:8080/tcp -> [fd77::2]:8080 via pcp (lifetime 7200 s)"
+    )
+
+
+@pytest.mark.parametrize("gateway", ["::1", "[::1]"])
+def test_cli_probe_of_an_ipv6_gateway(gateway: str, tmp_path: Path) -> None:
+    """`portbroker probe --gateway ::1` against a FakeGateway process on ::1."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "portbroker.testing.fake_gateway", "--address", "::1"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("port "), line
+        argv = [
+            *(sys.executable, "-m", "portbroker.cli", "probe", "--json"),
+            *("--gateway", gateway, "--server-port", line.split()[1]),
+            *("--methods", "pcp,natpmp", "--no-multicast"),
+            *("--state-file", str(tmp_path / "state.json")),
+        ]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["gateway"] == "::1"
+    assert report["selected"] == "pcp"
+    assert report["methods"]["natpmp"]["available"] is False
+    assert "IPv4 only" in report["methods"]["natpmp"]["error"]
