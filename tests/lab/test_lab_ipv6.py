@@ -114,3 +114,95 @@ def test_a_mapping_opens_a_pinhole_and_unmap_closes_it(
         assert done.returncode == 0, done.stderr + lab6.log_text()
         assert f"[{host}]:{port}" in done.stdout
         assert inbound(lab6, listener, host, port) is None, "still open after unmap"
+
+
+PINHOLE_SCRIPT = """
+import json, sys, attrs, trio
+from ipaddress import IPv6Address
+from portbroker.methods.upnp import UpnpMethod
+from portbroker.types import MappingRequest
+
+def show(signal):
+    fields = {k: v for k, v in attrs.asdict(signal).items() if k != "at"}
+    print(json.dumps({"signal": type(signal).__name__, **fields}), flush=True)
+
+async def main():
+    method = UpnpMethod(IPv6Address(sys.argv[1]), report=show, multicast=False)
+    request = MappingRequest(int(sys.argv[2]), "tcp", 600)
+    lease = await method.create(request, None)
+    print(json.dumps({"pinhole": lease.pinhole_id}), flush=True)
+    lease = await method.create(request, lease)  # renewal: UpdatePinhole
+    print(json.dumps({"updated": lease.pinhole_id}), flush=True)
+    await trio.to_thread.run_sync(sys.stdin.readline)  # the test restarts miniupnpd
+    lease = await method.create(request, lease)
+    print(json.dumps({"renewed": lease.pinhole_id}), flush=True)
+    await trio.to_thread.run_sync(sys.stdin.readline)  # the test connects from outside
+    await method.delete(lease)
+    await method.delete(lease)  # gone already: still a success
+    print(json.dumps({"done": True}), flush=True)
+
+trio.run(main)
+"""
+
+
+def _until(process: subprocess.Popen[str], key: str) -> list[dict[str, object]]:
+    """The script's JSON lines up to and including the one with *key*."""
+    assert process.stdout is not None
+    lines: list[dict[str, object]] = []
+    while not lines or key not in lines[-1]:
+        line = process.stdout.readline()
+        if not line:
+            raise AssertionError(process.stderr.read() if process.stderr else "script ended")
+        lines.append(json.loads(line))
+    return lines
+
+
+def test_a_pinhole_lost_in_a_gateway_restart_is_seen_and_added_again(
+    lab6: Lab, figure: Callable[[str], None]
+) -> None:
+    """Runs last: it restarts the module's miniupnpd."""
+    port = 22003
+    host = str(LAN_ADDRESS6)
+    argv = lab6.exec_argv(
+        lab6.lan_ns, [sys.executable, "-c", PINHOLE_SCRIPT, str(GATEWAY_ADDRESS6), str(port)]
+    )
+    with listen6(lab6, port) as listener:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parents[2],
+        )
+        try:
+            assert process.stdin is not None
+            before = _until(process, "updated")
+            assert inbound(lab6, listener, host, port) == b"inside says hello"
+            lab6.restart_miniupnpd()  # forgets its pinholes; the chains are flushed
+            assert inbound(lab6, listener, host, port) is None
+            process.stdin.write("restarted\n")
+            process.stdin.flush()
+            after = _until(process, "renewed")
+            restored = inbound(lab6, listener, host, port)
+            process.stdin.write("connected\n")
+            process.stdin.flush()
+            out, err = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        assert process.returncode == 0, err + lab6.log_text()
+        assert restored == b"inside says hello"
+        assert inbound(lab6, listener, host, port) is None, "open after the delete"
+    pinhole = next(e["pinhole"] for e in before if "pinhole" in e)
+    assert {"updated": pinhole} in before
+    assert not [e for e in before if e.get("signal") == "EntryMissing"]
+    missing = [e for e in after if e.get("signal") == "EntryMissing"]
+    assert len(missing) == 1, after
+    detail = str(missing[0]["detail"])
+    assert f"pinhole {pinhole} vanished" in detail
+    renewed = next(e["renewed"] for e in after if "renewed" in e)
+    assert isinstance(renewed, int)
+    assert "done" in out
+    figure(f"ipv6 upnp restart: pinhole {pinhole} lost ({detail}); re-added as {renewed}")
