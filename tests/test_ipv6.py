@@ -20,8 +20,8 @@ from portbroker.broker import open_broker
 from portbroker.errors import MappingError
 from portbroker.methods import pcp_rules
 from portbroker.probe import NoMethodAvailable
-from portbroker.testing.fake_gateway import FakeGateway
-from portbroker.types import Lease, TransportProtocol, format_endpoint
+from portbroker.testing.fake_gateway import FakeGateway, MemoryLink
+from portbroker.types import IPAddress, Lease, TransportProtocol, format_endpoint
 from portbroker.wire import natpmp, pcp
 from tests.broker_harness import HOUR
 
@@ -230,3 +230,33 @@ def test_cli_probe_of_an_ipv6_gateway(gateway: str, tmp_path: Path) -> None:
     assert report["selected"] == "pcp"
     assert report["methods"]["natpmp"]["available"] is False
     assert "IPv4 only" in report["methods"]["natpmp"]["error"]
+
+
+async def test_an_ipv6_pcp_server_beside_an_ipv4_gateway(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """pcp_server=fd77::1: PCP goes over IPv6 (pinholes), NAT-PMP to the IPv4 gateway."""
+    gw4, gw6 = FakeGateway(), _v6_gateway()
+
+    async def links(address: IPAddress, port: int) -> MemoryLink:
+        await trio.lowlevel.checkpoint()
+        if isinstance(address, IPv6Address):
+            return gw6.memory_link(HOST6)
+        return gw4.memory_link("192.168.1.100")
+
+    async with open_broker(
+        "127.0.0.1",
+        ("pcp", "natpmp"),
+        pcp_server=GATEWAY6,
+        link_factory=links,
+        announce_port=None,
+    ) as broker:
+        pinhole = await broker.map(8080, "tcp")
+        assert pinhole.lease is not None
+        assert pinhole.lease.gateway == GATEWAY6
+        assert pinhole.lease.external_address == HOST6
+        mapped = await broker.map(9000, "udp", via="natpmp")
+        assert mapped.lease is not None
+        assert mapped.lease.external_address == IPv4Address("203.0.113.7")
+    assert all(isinstance(r, pcp.PcpRequest) for r in gw6.requests)
+    assert all(isinstance(r, natpmp.NatPmpRequest) for r in gw4.requests)
