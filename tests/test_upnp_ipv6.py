@@ -8,6 +8,7 @@ over IPv6 loopback and answers the pinhole actions as miniupnpd does
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from ipaddress import IPv6Address
@@ -23,7 +24,7 @@ from portbroker.methods import upnp_rules
 from portbroker.methods.upnp import UpnpMethod
 from portbroker.probe import NoMethodAvailable
 from portbroker.state import RecordError, lease_from_record, lease_record
-from portbroker.testing.fake_igd import FakeIgd
+from portbroker.testing.fake_igd import FakeIgd, soap_fault
 from portbroker.types import Lease, MappingRequest, TransportProtocol, lease_json
 from tests.realdata import realdata
 
@@ -210,3 +211,28 @@ def test_the_state_file_keeps_the_unique_id() -> None:
     record["pinhole_id"] = 70000
     with pytest.raises(RecordError, match="pinhole_id"):
         lease_from_record(record, now=0.0)
+
+
+async def test_a_pinhole_asked_over_ipv4_that_the_gateway_refuses_says_what_to_do() -> None:
+    """miniupnpd 2.3.1 (secure_mode) answers 606 when an IPv4 control point asks a
+    pinhole for an IPv6 address (seen in the lab): the error names the remedy."""
+    igd = FakeIgd(description=MINIUPNPD_V2)
+    body = soap_fault(606)
+    head = f"HTTP/1.1 500 Internal Server Error\r\nContent-Length: {len(body)}\r\n\r\n"
+    igd.scripted["AddPinhole"] = deque([head.encode() + body])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(igd.serve)
+        async with open_broker(
+            "127.0.0.1",
+            ("upnp",),
+            upnp_port=igd.ssdp_port,
+            ssdp_multicast=False,
+            announce_port=None,
+        ) as broker:
+            with pytest.raises(MappingError, match="open the broker on the gateway's IPv6"):
+                await broker.map(8080, "tcp", internal_address="fd77::2")
+            # UPnP still maps IPv4 on this broker.
+            mapping = await broker.map(8080, "tcp")
+            assert mapping.lease is not None
+            assert mapping.lease.pinhole_id is None
+        nursery.cancel_scope.cancel()

@@ -820,8 +820,17 @@ class UpnpMethod:
                 igd, "AddPinhole", rules.pinhole_args(request, str(client), lease_time), firewall
             )
         except UpnpError as exc:
+            hint = ""
+            if exc.code == 606 and client != igd.lan_address:
+                # miniupnpd 2.3.1 (secure_mode, seen in the lab): a pinhole
+                # only for the address the request comes from.
+                hint = (
+                    f" (the gateway opens pinholes only for the address that asks;"
+                    f" this host asks from {igd.lan_address}: open the broker on the"
+                    f" gateway's IPv6 address)"
+                )
             raise MappingError(
-                self.name, f"AddPinhole refused: {exc.message}", result_code=exc.code
+                self.name, f"AddPinhole refused: {exc.message}{hint}", result_code=exc.code
             ) from None
         try:
             pinhole_id = rules.pinhole_id_of(values)
