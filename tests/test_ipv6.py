@@ -21,6 +21,7 @@ from portbroker.errors import MappingError
 from portbroker.methods import pcp_rules
 from portbroker.probe import NoMethodAvailable
 from portbroker.testing.fake_gateway import FakeGateway, MemoryLink
+from portbroker.transport import Transport
 from portbroker.types import IPAddress, Lease, TransportProtocol, format_endpoint
 from portbroker.wire import natpmp, pcp
 from tests.broker_harness import HOUR
@@ -260,3 +261,29 @@ async def test_an_ipv6_pcp_server_beside_an_ipv4_gateway(
         assert mapped.lease.external_address == IPv4Address("203.0.113.7")
     assert all(isinstance(r, pcp.PcpRequest) for r in gw6.requests)
     assert all(isinstance(r, natpmp.NatPmpRequest) for r in gw4.requests)
+
+
+class _ScopedLink:
+    """A link to a link-local gateway, named with its zone as the kernel needs it."""
+
+    local_address = IPv6Address("fe80::2%eth0")
+    remote = (IPv6Address("fe80::1%eth0"), 5351)
+
+    async def send(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def receive(self) -> tuple[bytes, tuple[str, int]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("source", ["fe80::1%eth0", "fe80::1"])
+def test_a_link_local_gateway_s_replies_are_its_own_with_or_without_the_zone(
+    source: str,
+) -> None:
+    transport = Transport(_ScopedLink())
+    assert transport._foreign((source, 5351)) is None
+    assert transport._foreign(("fe80::9%eth0", 5351)) == "wrong source address"
+    assert transport._foreign((source, 5350)) == "wrong source port"
