@@ -163,7 +163,7 @@ def _until(process: subprocess.Popen[str], key: str) -> list[dict[str, object]]:
 def test_a_pinhole_lost_in_a_gateway_restart_is_seen_and_added_again(
     lab6: Lab, figure: Callable[[str], None]
 ) -> None:
-    """Runs last: it restarts the module's miniupnpd."""
+    """It restarts the module's miniupnpd: the tests after it map afresh."""
     port = 22003
     host = str(LAN_ADDRESS6)
     argv = lab6.exec_argv(
