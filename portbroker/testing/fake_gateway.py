@@ -435,7 +435,7 @@ class FakeGateway:
             return self._pcp_reply(request, data.external_port, data.external_address, 0)
         prefer_failure = any(isinstance(o, pcp.PreferFailure) for o in request.options)
         if isinstance(internal, IPv6Address):
-            return self._pcp_pinhole(request, key, internal, existing)
+            return self._pcp_pinhole(request, key, internal)
         if existing is not None:
             port: int | None = existing.external_port
         else:
@@ -463,7 +463,6 @@ class FakeGateway:
         request: pcp.PcpRequest,
         key: tuple[str, int, int],
         internal: IPv6Address,
-        existing: FakeMapping | None,
     ) -> bytes:
         """A MAP for an IPv6 internal address: a firewall pinhole, no translation.
 
