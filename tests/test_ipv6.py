@@ -49,8 +49,8 @@ async def test_pcp_map_for_an_ipv6_host_is_a_pinhole(
         lease = mapping.lease
         assert lease is not None
         assert lease.method == "pcp"
-        # RFC 6887 §11: a firewall maps no address: the external endpoint is
-        # the host's own IPv6 address and port.
+        # A firewall translates nothing (RFC 6887 §1): the external endpoint
+        # is the host's own IPv6 address and port.
         assert (lease.internal_address, lease.internal_port) == (HOST6, 8080)
         assert (lease.external_address, lease.external_port) == (HOST6, 8080)
         assert lease.gateway == GATEWAY6

@@ -238,9 +238,10 @@ def reply_problem(response: pcp.PcpResponse) -> MethodUnavailable | None:
 def family_problem(client: IPAddress, internal: IPAddress | None, server: IPAddress) -> str | None:
     """Why a MAP for *internal* cannot go from *client* to *server*, or None.
 
-    RFC 6887 §11: an IPv6 internal address is a firewall pinhole, asked over
-    IPv6 (the header's Client IP Address is the host's own IPv6 address); an
-    IPv4 one goes over IPv4. A server reached over the other family cannot
+    RFC 6887 §11.1: a mapping's internal address is the request's source
+    address (THIRD_PARTY aside), so an IPv6 internal address (a firewall
+    pinhole) is asked over IPv6, with the host's own IPv6 address as the
+    header's Client IP Address; an IPv4 one over IPv4. A server reached over the other family cannot
     serve the request (docs/ipv6.md): it is about this request only, the
     server still serves the family it is reached over.
     """

@@ -466,8 +466,9 @@ class FakeGateway:
     ) -> bytes:
         """A MAP for an IPv6 internal address: a firewall pinhole, no translation.
 
-        RFC 6887 §11 on a firewall: the external address and port are the
-        internal ones (as miniupnpd 2.3.1 answers, seen in the lab).
+        A firewall (RFC 6887 §1: PCP controls simple firewalls too) translates
+        nothing: the external address and port are the internal ones, as
+        miniupnpd 2.3.1 answers (seen in the lab).
         """
         data = request.data
         assert isinstance(data, pcp.MapData)
