@@ -84,6 +84,7 @@ from portbroker.types import (
     MappingRequest,
     ProbeReport,
     TransportProtocol,
+    format_endpoint,
 )
 
 __all__ = ["Broker", "BrokerEvent", "Mapping", "NoMethodAvailable", "open_broker"]
@@ -209,7 +210,8 @@ def _describe(event: MappingEvent) -> str:
     name = type(event).__name__
     if lease is not None:
         return (
-            f"{name} via {lease.method}: {lease.external_address}:{lease.external_port}"
+            f"{name} via {lease.method}:"
+            f" {format_endpoint(lease.external_address, lease.external_port)}"
             f" for {lease.lifetime} s"
         )
     return f"{name} {attrs.asdict(event)}"

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 # Importing portbroker.cli imports the portbroker package (and trio) anyway, so
 # the lifetime range costs nothing here; it is named once, in types.
 from portbroker.errors import PortBrokerError
-from portbroker.types import DEFAULT_LIFETIME, MAX_LIFETIME, MIN_LIFETIME
+from portbroker.types import DEFAULT_LIFETIME, MAX_LIFETIME, MIN_LIFETIME, format_endpoint
 
 if TYPE_CHECKING:
     from portbroker.broker import Broker, Mapping
@@ -574,7 +574,8 @@ async def _daemon_map(client: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def _describe_daemon_mapping(mapping: dict[str, Any]) -> str:
     where = (
-        f"{mapping.get('external_address')}:{mapping.get('external_port')} via {mapping.get('method')}"
+        f"{format_endpoint(mapping.get('external_address'), mapping.get('external_port'))}"
+        f" via {mapping.get('method')}"
         if mapping.get("external_port")
         else mapping.get("state", "?")
     )
@@ -631,8 +632,9 @@ def _event_json(event: MappingEvent) -> dict[str, Any]:
 def _describe_lease(lease: Lease) -> str:
     kind = "permanent" if lease.permanent else f"lifetime {lease.lifetime} s"
     return (
-        f"{lease.internal_address}:{lease.internal_port}/{lease.protocol.value} -> "
-        f"{lease.external_address}:{lease.external_port} via {lease.method} ({kind})"
+        f"{format_endpoint(lease.internal_address, lease.internal_port)}/{lease.protocol.value}"
+        f" -> {format_endpoint(lease.external_address, lease.external_port)}"
+        f" via {lease.method} ({kind})"
     )
 
 

@@ -139,6 +139,7 @@ def check_lease_record(record: Any) -> None:
     epoch = record.get("epoch")
     if epoch is not None:
         _int(record, "epoch", 0, 2**32 - 1)
+    _check_pinhole_id(record, method)
     nonce = record.get("nonce")
     if nonce is not None or method == "pcp":
         try:
@@ -149,6 +150,14 @@ def check_lease_record(record: Any) -> None:
                 f"'nonce' must be {PCP_NONCE_BYTES} bytes in hex"
                 f"{' (PCP needs it)' if method == 'pcp' else ''}, not {nonce!r}"
             ) from None
+
+
+def _check_pinhole_id(record: dict[str, Any], method: object) -> None:
+    """A UPnP IPv6 lease is a pinhole, named by its UniqueID (docs/ipv6.md)."""
+    if record.get("pinhole_id") is not None:
+        _int(record, "pinhole_id", 0, 65535)
+    elif method == "upnp" and _address(record, "internal_address").version == 6:
+        raise RecordError("'pinhole_id' must be given for a UPnP IPv6 pinhole (0..65535)")
 
 
 def lease_from_record(record: dict[str, Any], *, now: float | None = None) -> Lease:
@@ -182,6 +191,7 @@ def checked_lease_from_record(record: dict[str, Any], *, now: float | None = Non
             epoch=record.get("epoch"),
             nonce=bytes.fromhex(nonce) if nonce else None,
             permanent=bool(record.get("permanent")),
+            pinhole_id=record.get("pinhole_id"),
         )
     except (TypeError, ValueError) as exc:  # a rule check_lease_record does not know
         raise RecordError(str(exc)) from exc

@@ -24,6 +24,7 @@ __all__ = [
     "ProbeOutcome",
     "ProbeReport",
     "TransportProtocol",
+    "format_endpoint",
     "lease_json",
 ]
 
@@ -126,6 +127,9 @@ class Lease:
     ``granted_at`` and ``expires_at`` are on the broker's clock (trio time).
     ``nonce`` is PCP's mapping nonce (None for other methods); ``permanent``
     marks a UPnP lease of 0 that only an explicit delete removes.
+    ``pinhole_id`` is the UniqueID of a UPnP IPv6 firewall pinhole
+    (WANIPv6FirewallControl:1 AddPinhole; docs/ipv6.md), None otherwise: its
+    renewal and delete name the pinhole by it.
     """
 
     method: str
@@ -140,6 +144,9 @@ class Lease:
     epoch: int | None = None
     nonce: bytes | None = None
     permanent: bool = False
+    pinhole_id: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(uint(16))
+    )
 
     @property
     def expires_at(self) -> float:
@@ -173,6 +180,12 @@ class ProbeReport:
         return next((o for o in self.outcomes if o.method == method), None)
 
 
+def format_endpoint(address: object, port: object) -> str:
+    """``address:port``, with an IPv6 address in brackets (``[fd77::2]:8080``, RFC 3986 §3.2.2)."""
+    text = str(address)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
 def lease_json(lease: Lease) -> dict[str, Any]:
     """A lease's public fields as JSON values (``map --json``, state files)."""
     return {
@@ -185,4 +198,6 @@ def lease_json(lease: Lease) -> dict[str, Any]:
         "lifetime": lease.lifetime,
         "gateway": str(lease.gateway),
         "permanent": lease.permanent,
+        # Only for a UPnP IPv6 pinhole: every other lease's JSON is unchanged.
+        **({} if lease.pinhole_id is None else {"pinhole_id": lease.pinhole_id}),
     }

@@ -6,6 +6,7 @@ What to send and what an answer means live in
 
 from __future__ import annotations
 
+from ipaddress import IPv6Address
 from typing import Final
 
 import trio
@@ -18,11 +19,19 @@ from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome, Tra
 from portbroker.wire import natpmp, pcp
 from portbroker.wire.natpmp import ResultCode
 
-__all__ = ["NatPmpMethod"]
+__all__ = ["NatPmpMethod", "ipv6_gateway_reason"]
 
 # Answers to a delete that still grant a lifetime (stale copies of a grant)
 # before the delete is declared refused.
 DELETE_ATTEMPTS: Final = 3
+
+
+def ipv6_gateway_reason(gateway: IPAddress) -> str:
+    """Why NAT-PMP is unavailable on an IPv6 gateway address (docs/ipv6.md)."""
+    return (
+        f"NAT-PMP is IPv4 only (RFC 6886) and the gateway {gateway} is IPv6;"
+        " not tried (PCP and UPnP can open IPv6 pinholes)"
+    )
 
 
 class NatPmpMethod:
@@ -44,6 +53,9 @@ class NatPmpMethod:
         self.last_external_address: IPAddress | None = None
 
     async def _call(self, request: natpmp.NatPmpRequest) -> natpmp.NatPmpResponse:
+        if isinstance(self.gateway, IPv6Address):
+            # Nothing is sent: there is no NAT-PMP over IPv6 to try.
+            raise MethodUnavailable(self.name, ipv6_gateway_reason(self.gateway))
         try:
             response = await self.transport.request(
                 natpmp.encode_request(request), natpmp_key(request), natpmp_schedule()
@@ -87,6 +99,13 @@ class NatPmpMethod:
 
     async def create(self, request: MappingRequest, previous: Lease | None) -> Lease:
         own = self.transport.link.local_address
+        if isinstance(request.internal_address, IPv6Address):
+            # About this request only: the gateway may still map IPv4 for others.
+            raise MappingError(
+                self.name,
+                f"NAT-PMP maps only IPv4 (RFC 6886), not {request.internal_address};"
+                " use PCP or UPnP on the gateway's IPv6 address for an IPv6 pinhole",
+            )
         if request.internal_address is not None and request.internal_address != own:
             raise MappingError(
                 self.name,

@@ -101,6 +101,11 @@ class PcpMethod:
         return (request.protocol.number, internal, request.internal_port)
 
     async def create(self, request: MappingRequest, previous: Lease | None) -> Lease:
+        problem = pcp_rules.family_problem(
+            self.client_address, request.internal_address, self.server
+        )
+        if problem is not None:
+            raise MappingError(self.name, problem)  # nothing sent
         exact = request.exact and previous is None
         renewal = previous is not None and previous.nonce is not None
         nonce = self._nonces.get(self._nonce_key(request)) or secrets.token_bytes(12)

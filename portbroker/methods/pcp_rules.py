@@ -27,6 +27,7 @@ __all__ = [
     "announce_request",
     "delete_request",
     "error_hold_off",
+    "family_problem",
     "interpret_map",
     "map_request",
     "refusal",
@@ -232,6 +233,25 @@ def reply_problem(response: pcp.PcpResponse) -> MethodUnavailable | None:
     if response.version != pcp.VERSION:
         return MethodUnavailable(NAME, f"the server speaks PCP version {response.version}")
     return None
+
+
+def family_problem(client: IPAddress, internal: IPAddress | None, server: IPAddress) -> str | None:
+    """Why a MAP for *internal* cannot go from *client* to *server*, or None.
+
+    RFC 6887 §11.1: a mapping's internal address is the request's source
+    address (THIRD_PARTY aside), so an IPv6 internal address (a firewall
+    pinhole) is asked over IPv6, with the host's own IPv6 address as the
+    header's Client IP Address; an IPv4 one over IPv4. A server reached over the other family cannot
+    serve the request (docs/ipv6.md): it is about this request only, the
+    server still serves the family it is reached over.
+    """
+    if internal is None or internal.version == client.version:
+        return None
+    return (
+        f"internal address {internal} is IPv{internal.version} but the PCP server {server}"
+        f" is reached over IPv{client.version}; open a broker on the gateway's"
+        f" IPv{internal.version} address (gateway= or pcp_server=)"
+    )
 
 
 # -- requests -------------------------------------------------------------------

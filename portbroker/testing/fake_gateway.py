@@ -28,7 +28,7 @@ import math
 import random
 import socket
 from collections.abc import Awaitable, Callable
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Final
 
 import attrs
@@ -279,7 +279,8 @@ class FakeGateway:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve on a real UDP socket at ``address:port`` (port 0 picks one)."""
-        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        family = socket.AF_INET6 if isinstance(self.address, IPv6Address) else socket.AF_INET
+        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
         with sock:
             await sock.bind((str(self.address), self.port))
             self.port = sock.getsockname()[1]
@@ -306,6 +307,10 @@ class FakeGateway:
         if not data:
             return []
         if data[0] == natpmp.VERSION:
+            if ":" in source[0]:
+                # NAT-PMP is IPv4 only (RFC 6886); miniupnpd 2.3.1 reads a
+                # NAT-PMP request that came over IPv6 and answers nothing.
+                return []
             return self._handle_natpmp(data, source) if self.natpmp_enabled else []
         if self.natpmp_only:
             # RFC 6886 §3.5 (erratum 3618): 8 bytes, opcode 128 + op, result 1.
@@ -429,6 +434,8 @@ class FakeGateway:
             self._forget(key)
             return self._pcp_reply(request, data.external_port, data.external_address, 0)
         prefer_failure = any(isinstance(o, pcp.PreferFailure) for o in request.options)
+        if isinstance(internal, IPv6Address):
+            return self._pcp_pinhole(request, key, internal)
         if existing is not None:
             port: int | None = existing.external_port
         else:
@@ -450,6 +457,35 @@ class FakeGateway:
             self.granted_address or self.external_address,
             lifetime,
         )
+
+    def _pcp_pinhole(
+        self,
+        request: pcp.PcpRequest,
+        key: tuple[str, int, int],
+        internal: IPv6Address,
+    ) -> bytes:
+        """A MAP for an IPv6 internal address: a firewall pinhole, no translation.
+
+        A firewall (RFC 6887 §1: PCP controls simple firewalls too) translates
+        nothing: the external address and port are the internal ones, as
+        miniupnpd 2.3.1 answers (seen in the lab).
+        """
+        data = request.data
+        assert isinstance(data, pcp.MapData)
+        lifetime = self._grant_lifetime(request.lifetime)
+        self._store(
+            key,
+            FakeMapping(
+                internal,
+                data.protocol,
+                data.internal_port,
+                data.internal_port,
+                self._now() + lifetime,
+                data.nonce,
+                "pcp",
+            ),
+        )
+        return self._pcp_reply(request, data.internal_port, internal, lifetime)
 
     def _pcp_reply(
         self, request: pcp.PcpRequest, port: int, address: IPAddress, lifetime: int
