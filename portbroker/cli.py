@@ -86,6 +86,41 @@ def _lifetime(text: str) -> int:
     return value
 
 
+def _remote_spec(text: str) -> tuple[str, int]:
+    """``ADDRESS:PORT`` (``[v6]:PORT`` for IPv6) of a PEER's remote peer."""
+    import ipaddress
+
+    example = "e.g. 11.0.0.2:7000 or [2001:db8::2]:7000"
+    if text.startswith("["):
+        address, bracket, port_text = text[1:].partition("]:")
+        if not bracket:
+            raise argparse.ArgumentTypeError(
+                f"--remote must be ADDRESS:PORT ({example}), not {text!r}"
+            )
+    else:
+        address, colon, port_text = text.rpartition(":")
+        if not colon or ":" in address:
+            raise argparse.ArgumentTypeError(
+                f"--remote must be ADDRESS:PORT ({example}), not {text!r}"
+                + (": put an IPv6 address in brackets" if ":" in address else "")
+            )
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--remote: {address!r} is not an IP address ({example}); names are not looked up"
+        ) from None
+    if parsed.is_unspecified:
+        raise argparse.ArgumentTypeError(f"--remote must name a host, not {address}")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--remote: {port_text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"--remote: port must be 1..65535, got {port}")
+    return str(parsed), port
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -183,6 +218,8 @@ def _parser() -> argparse.ArgumentParser:
         help="through the daemon: keep it after --hold ends, until an explicit unmap",
     )
 
+    _add_peer_parser(sub, common)
+
     unmap = sub.add_parser(
         "unmap", parents=[common, via_daemon], help="delete a mapping made by map"
     )
@@ -262,6 +299,44 @@ def _parser() -> argparse.ArgumentParser:
     daemon.add_argument("--no-announcements", action="store_true", help=argparse.SUPPRESS)
     daemon.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     return parser
+
+
+def _add_peer_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``portbroker peer``: keep an outbound flow's NAT binding (PCP PEER, docs/peer.md)."""
+    peer_cmd = sub.add_parser(
+        "peer",
+        parents=[common],
+        help="keep the NAT binding of an outbound flow to one remote peer (PCP PEER)",
+        description="Create or extend the gateway's binding of PORT's flow to --remote "
+        "(PCP PEER, RFC 6887 §12) and print the external address and port the remote "
+        "peer sees. Without PEER on the gateway, the port is mapped instead "
+        "(unless --peer-only). Without --hold the binding lapses after --lifetime.",
+    )
+    peer_cmd.add_argument("spec", metavar="PORT[/tcp|/udp]", type=_port_spec)
+    peer_cmd.add_argument(
+        "--remote",
+        required=True,
+        type=_remote_spec,
+        metavar="ADDRESS:PORT",
+        help="the remote peer of the flow, e.g. 11.0.0.2:7000",
+    )
+    peer_cmd.add_argument(
+        "--lifetime",
+        type=_lifetime,
+        default=DEFAULT_LIFETIME,
+        metavar="S",
+        help=f"seconds to ask for, {MIN_LIFETIME}..{MAX_LIFETIME} (default {DEFAULT_LIFETIME})",
+    )
+    peer_cmd.add_argument(
+        "--peer-only",
+        action="store_true",
+        help="fail where the gateway has no PEER, rather than map the port instead",
+    )
+    peer_cmd.add_argument(
+        "--hold",
+        action="store_true",
+        help="keep it renewed (and restored) until Ctrl-C, SIGTERM or SIGHUP, then delete it",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -396,10 +471,12 @@ async def _run(args: argparse.Namespace, methods: tuple[str, ...]) -> int:
             port=args.server_port,
             upnp_port=args.ssdp_port,
             ssdp_multicast=not args.no_multicast,
-            announce_port=5350 if args.command == "map" and args.hold else None,
+            announce_port=5350 if args.command in ("map", "peer") and args.hold else None,
         ) as broker:
             if args.command == "probe":
                 return _print_probe(await broker.probe(), as_json=args.json)
+            if args.command == "peer":
+                return await _peer(broker, args)
             if args.command == "map":
                 return await _map(broker, args)
             return await _unmap(broker, args)
@@ -657,6 +734,96 @@ async def _map(broker: Broker, args: argparse.Namespace) -> int:
         print(json.dumps(_lease_json(lease)))
     else:
         print(_describe_lease(lease))
+    return 0
+
+
+async def _peer(broker: Broker, args: argparse.Namespace) -> int:
+    """peer: a PEER's binding (left to lapse after its lifetime), or the MAP it fell
+    back to (recorded for unmap, as map records it); --hold keeps it until a signal."""
+    if args.hold:
+        return await _hold_peer(broker, args)
+    port, proto = args.spec
+    mapping = await broker.peer(
+        port,
+        proto,
+        remote=args.remote,
+        lifetime=args.lifetime,
+        fallback=None if args.peer_only else "map",
+    )
+    lease = mapping.lease
+    assert lease is not None
+    if mapping.remote is None:
+        # The fallback: an inbound mapping like map's, and deletable like one.
+        StateFile.locate(args.state_file).add(lease)
+    broker.detach(mapping)
+    if args.json:
+        print(json.dumps({"peer": mapping.remote is not None, **_lease_json(lease)}))
+    elif mapping.remote is None:
+        print(f"no PEER on this gateway; mapped {_describe_lease(lease)} (unmap deletes it)")
+    else:
+        print(f"peer {_describe_peer(lease)}; it lapses unless renewed (--hold keeps it)")
+    return 0
+
+
+def _describe_peer(lease: Lease) -> str:
+    assert lease.remote is not None
+    return (
+        f"{lease.internal_address}:{lease.internal_port}/{lease.protocol.value} to "
+        f"{lease.remote[0]}:{lease.remote[1]} leaves as "
+        f"{lease.external_address}:{lease.external_port} via {lease.method}"
+        f" (lifetime {lease.lifetime} s)"
+    )
+
+
+async def _hold_peer(broker: Broker, args: argparse.Namespace) -> int:
+    """peer --hold: as map --hold (signals first, then the gateway), for a PEER."""
+    import trio
+
+    from portbroker._util import collapse_single
+    from portbroker.lifecycle import Failed
+
+    port, proto = args.spec
+    mapping: Mapping | None = None
+    failed: Failed | None = None
+    with trio.open_signal_receiver(*_hold_signals()) as signals, collapse_single():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
+            mapping = await broker.peer(
+                port,
+                proto,
+                remote=args.remote,
+                lifetime=args.lifetime,
+                fallback=None if args.peer_only else "map",
+            )
+            events = mapping.events()
+            lease = mapping.lease
+            assert lease is not None
+            is_peer = mapping.remote is not None
+            if args.json:
+                print(
+                    json.dumps({"event": "Acquired", "peer": is_peer, **_lease_json(lease)}),
+                    flush=True,
+                )
+            elif is_peer:
+                print(f"peer {_describe_peer(lease)}; holding until Ctrl-C", flush=True)
+            else:
+                print(
+                    f"no PEER on this gateway; mapped {_describe_lease(lease)};"
+                    " holding until Ctrl-C",
+                    flush=True,
+                )
+            async for event in events:
+                _print_event(event, as_json=args.json)
+                if isinstance(event, Failed):
+                    failed = event
+            nursery.cancel_scope.cancel()
+        if mapping is None:
+            raise Failure("peer interrupted before the binding was made")
+        if failed is not None:
+            raise Failure(f"peer failed: the binding could not be kept: {failed.reason}")
+        await mapping.release()
+        async for event in events:  # the Released event
+            _print_event(event, as_json=args.json)
     return 0
 
 

@@ -66,6 +66,25 @@ def _optional_address(value: object) -> IPAddress | None:
     return None if value is None else to_address(value)
 
 
+def _optional_remote(value: object) -> tuple[IPAddress, int] | None:
+    """``(address, port)`` of a PEER's remote peer (RFC 6887 §12.1), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, tuple | list) or len(value) != 2:
+        raise ValueError(f"remote must be (address, port), got {value!r}")
+    address, port = value
+    try:
+        remote_address = to_address(address)
+    except (TypeError, ValueError):
+        raise ValueError(f"remote address must be an IP address, got {address!r}") from None
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        # §12.1: the remote peer port must not be 0 (PEER names one flow).
+        raise ValueError(f"remote port must be 1..65535, got {port!r}")
+    if remote_address.is_unspecified:
+        raise ValueError(f"remote address must name a host, not {remote_address}")
+    return (remote_address, port)
+
+
 def _port(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
     uint(16)(_inst, attribute, value)
     if value == 0:
@@ -104,6 +123,9 @@ class MappingRequest:
     *external_port* is a wish unless *exact* is set, in which case a mapping on
     another port is a failure (PCP PREFER_FAILURE, UPnP AddPortMapping).
     *internal_address* None means the host's own address toward the gateway.
+    *remote* ``(address, port)`` makes it a PCP PEER request (RFC 6887 §12):
+    the binding of the outbound flow to that remote peer, not an inbound
+    mapping (docs/peer.md).
     """
 
     internal_port: int = attrs.field(validator=_port)
@@ -113,10 +135,14 @@ class MappingRequest:
     exact: bool = False
     internal_address: IPAddress | None = attrs.field(default=None, converter=_optional_address)
     description: str = "portbroker"
+    remote: tuple[IPAddress, int] | None = attrs.field(default=None, converter=_optional_remote)
 
     def __attrs_post_init__(self) -> None:
         if self.exact and self.external_port is None:
             raise ValueError("exact=True needs an external_port")
+        if self.exact and self.remote is not None:
+            # §12.1: PREFER_FAILURE is not allowed in PEER (it behaves so anyway).
+            raise ValueError("exact=True is for MAP; a PEER request cannot carry it")
 
 
 @attrs.frozen
@@ -125,7 +151,8 @@ class Lease:
 
     ``granted_at`` and ``expires_at`` are on the broker's clock (trio time).
     ``nonce`` is PCP's mapping nonce (None for other methods); ``permanent``
-    marks a UPnP lease of 0 that only an explicit delete removes.
+    marks a UPnP lease of 0 that only an explicit delete removes. ``remote``
+    is a PCP PEER's remote peer (RFC 6887 §12); None for a MAP.
     """
 
     method: str
@@ -140,6 +167,7 @@ class Lease:
     epoch: int | None = None
     nonce: bytes | None = None
     permanent: bool = False
+    remote: tuple[IPAddress, int] | None = attrs.field(default=None, converter=_optional_remote)
 
     @property
     def expires_at(self) -> float:
@@ -174,8 +202,11 @@ class ProbeReport:
 
 
 def lease_json(lease: Lease) -> dict[str, Any]:
-    """A lease's public fields as JSON values (``map --json``, state files)."""
-    return {
+    """A lease's public fields as JSON values (``map --json``, state files).
+
+    A PEER's lease adds ``remote_address`` and ``remote_port``.
+    """
+    out: dict[str, Any] = {
         "method": lease.method,
         "protocol": lease.protocol.value,
         "internal_address": str(lease.internal_address),
@@ -186,3 +217,7 @@ def lease_json(lease: Lease) -> dict[str, Any]:
         "gateway": str(lease.gateway),
         "permanent": lease.permanent,
     }
+    if lease.remote is not None:
+        out["remote_address"] = str(lease.remote[0])
+        out["remote_port"] = lease.remote[1]
+    return out

@@ -468,6 +468,10 @@ class UpnpMethod:
     # -- mappings -------------------------------------------------------------
 
     async def create(self, request: MappingRequest, previous: Lease | None) -> Lease:
+        if request.remote is not None:
+            # IGD's AddPortMapping is an inbound mapping; it has no outbound
+            # binding to one remote peer (RFC 6887 §12 PEER has no UPnP twin).
+            raise MethodUnavailable(self.name, "PEER needs PCP; UPnP IGD maps inbound ports only")
         key = (request.protocol, request.internal_port)
         try:
             lease = await self._create(request, previous)
@@ -495,6 +499,8 @@ class UpnpMethod:
         maps to our internal client and port: an entry someone else holds on
         that port is left alone.
         """
+        if request.remote is not None:
+            return  # a PEER request never reached UPnP (create refuses it)
         ports = self._unsettled.pop((request.protocol, request.internal_port), set())
         if not ports:
             return

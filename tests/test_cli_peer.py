@@ -1,0 +1,99 @@
+"""``portbroker peer`` against a FakeGateway process on 127.0.0.1 (docs/peer.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import cli
+
+
+def test_peer_prints_the_flows_external_endpoint(gateway_port: int, tmp_path: Path) -> None:
+    done = cli(
+        "peer",
+        "5000/udp",
+        "--remote",
+        "198.51.100.20:7000",
+        "--lifetime",
+        "600",
+        "--json",
+        server_port=gateway_port,
+        state=tmp_path / "s",
+        check_rc=0,
+    )
+    shown = json.loads(done.stdout)
+    assert shown["peer"] is True
+    assert (shown["remote_address"], shown["remote_port"]) == ("198.51.100.20", 7000)
+    assert (shown["method"], shown["protocol"], shown["internal_port"]) == ("pcp", "udp", 5000)
+    assert (shown["external_address"], shown["external_port"]) == ("203.0.113.7", 5000)
+    assert shown["lifetime"] == 600
+    assert not (tmp_path / "s").exists()  # a PEER is not recorded for unmap
+    words = cli(
+        "peer",
+        "5001/udp",
+        "--remote",
+        "198.51.100.20:7000",
+        server_port=gateway_port,
+        state=tmp_path / "s",
+        check_rc=0,
+    )
+    assert "to 198.51.100.20:7000 leaves as 203.0.113.7:5001 via pcp" in words.stdout
+
+
+def test_without_pcp_peer_maps_the_port_and_unmap_deletes_it(
+    gateway_port: int, tmp_path: Path
+) -> None:
+    state = tmp_path / "state.json"
+    args = ("peer", "5002/udp", "--remote", "198.51.100.20:7000", "--methods", "natpmp")
+    done = cli(*args, "--json", server_port=gateway_port, state=state, check_rc=0)
+    shown = json.loads(done.stdout)
+    assert (shown["peer"], shown["method"]) == (False, "natpmp")
+    assert "remote_address" not in shown
+    cli(
+        "unmap",
+        "5002/udp",
+        "--methods",
+        "natpmp",
+        server_port=gateway_port,
+        state=state,
+        check_rc=0,
+    )
+    only = cli(*args, "--peer-only", server_port=gateway_port, state=state, check_rc=1)
+    lines = only.stderr.strip().splitlines()
+    assert len(lines) == 1, only.stderr
+    assert "PCP is not enabled" in lines[0]
+    assert "natpmp: PEER needs PCP" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("remote", "message"),
+    [
+        ("11.0.0.2", "--remote must be ADDRESS:PORT"),
+        ("11.0.0.2:0", "port must be 1..65535, got 0"),
+        ("11.0.0.2:http", "'http' is not a port number"),
+        ("example.com:7000", "is not an IP address"),
+        ("0.0.0.0:7000", "must name a host"),
+        ("2001:db8::2:7000", "put an IPv6 address in brackets"),
+        ("[2001:db8::2:7000", "--remote must be ADDRESS:PORT"),
+    ],
+)
+def test_a_bad_remote_is_a_usage_error(remote: str, message: str, tmp_path: Path) -> None:
+    done = cli(
+        "peer", "5000/udp", "--remote", remote, server_port=1, state=tmp_path / "s", check_rc=2
+    )
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_peer_needs_a_remote(tmp_path: Path) -> None:
+    done = cli("peer", "5000/udp", server_port=1, state=tmp_path / "s", check_rc=2)
+    assert "--remote" in done.stderr
+
+
+def test_remote_spec_takes_ipv6_in_brackets() -> None:
+    from portbroker.cli import _remote_spec
+
+    assert _remote_spec("[2001:db8::2]:7000") == ("2001:db8::2", 7000)
+    assert _remote_spec("11.0.0.2:7000") == ("11.0.0.2", 7000)
