@@ -17,7 +17,14 @@ import trio
 import trio.testing
 
 from portbroker.errors import AlreadyMapped, MappingError, MethodUnavailable
-from portbroker.lifecycle import Lost, Released, Renewed, Restored, State, supersedes
+from portbroker.lifecycle import (
+    Lost,
+    Released,
+    Renewed,
+    Restored,
+    State,
+    supersedes,
+)
 from portbroker.methods import pcp_rules
 from portbroker.probe import NoMethodAvailable
 from portbroker.testing.fake_gateway import FakeGateway
@@ -403,3 +410,25 @@ async def test_silent_pcp_falls_back_after_cleaning_up(
         assert gateway.mapping_for("udp", 5000) is not None
         assert gateway.peers == {}  # the abandon's delete reached it
         assert any(r.lifetime == 0 for r in peer_requests(gateway))
+
+
+async def test_a_recreated_peer_whose_old_port_is_taken_gets_another(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """After a reboot another mapping took the PEER's old external port: PEER
+    behaves as with PREFER_FAILURE (CANNOT_PROVIDE_EXTERNAL, §12.3), so the
+    re-creation asks again at once with no suggestion, same nonce."""
+    gateway = FakeGateway()
+    async with broker_for(gateway, methods=("pcp",)) as broker:
+        method = broker._methods["pcp"]
+        request = MappingRequest(5000, "udp", 600, remote=REMOTE)
+        lease = await method.create(request, None)
+        assert lease.external_port == 5000
+        gateway.reset()
+        other = await method.create(MappingRequest(6000, "udp", external_port=5000), None)
+        assert other.external_port == 5000
+        again = await method.create(request, lease)
+        assert again.nonce == lease.nonce
+        assert again.external_port not in (0, 5000)
+        tried = [r.data for r in peer_requests(gateway)[-2:]]
+        assert [d.external_port for d in tried if isinstance(d, pcp.PeerData)] == [5000, 0]
