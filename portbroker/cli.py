@@ -224,6 +224,12 @@ def _parser() -> argparse.ArgumentParser:
         "unmap", parents=[common, via_daemon], help="delete a mapping made by map"
     )
     unmap.add_argument("spec", metavar="PORT[/tcp|/udp]", type=_port_spec)
+    unmap.add_argument(
+        "--remote",
+        type=_remote_spec,
+        metavar="ADDRESS:PORT",
+        help="delete the PEER made by `portbroker peer` to this remote peer",
+    )
 
     sub.add_parser(
         "list", parents=[daemon_only], help="the daemon's mappings (yours; all for root)"
@@ -407,7 +413,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         raise UsageError("--exact needs --external-port")
     if args.command == "map" and args.via and args.via not in methods:
         methods = (args.via,)
-    if args.command in ("map", "unmap") and _use_daemon(args):
+    # The daemon has no PEER op: `unmap --remote` deletes a `peer` record itself.
+    if args.command in ("map", "unmap") and not getattr(args, "remote", None) and _use_daemon(args):
         return trio.run(_daemon_client, args)
     return trio.run(_run, args, methods)
 
@@ -738,8 +745,8 @@ async def _map(broker: Broker, args: argparse.Namespace) -> int:
 
 
 async def _peer(broker: Broker, args: argparse.Namespace) -> int:
-    """peer: a PEER's binding (left to lapse after its lifetime), or the MAP it fell
-    back to (recorded for unmap, as map records it); --hold keeps it until a signal."""
+    """peer: a PEER's binding, or the MAP it fell back to, left in place and recorded
+    for unmap (as map does); --hold keeps it renewed until a signal, then deletes it."""
     if args.hold:
         return await _hold_peer(broker, args)
     port, proto = args.spec
@@ -752,9 +759,9 @@ async def _peer(broker: Broker, args: argparse.Namespace) -> int:
     )
     lease = mapping.lease
     assert lease is not None
-    if mapping.remote is None:
-        # The fallback: an inbound mapping like map's, and deletable like one.
-        StateFile.locate(args.state_file).add(lease)
+    # Recorded as map records its mappings, so that unmap can delete it
+    # (`unmap PORT/PROTO --remote ADDRESS:PORT` for a PEER).
+    StateFile.locate(args.state_file).add(lease)
     broker.detach(mapping)
     if args.json:
         print(json.dumps({"peer": mapping.remote is not None, **_lease_json(lease)}))
@@ -904,11 +911,13 @@ async def _hold(broker: Broker, args: argparse.Namespace) -> int:
 async def _unmap(broker: Broker, args: argparse.Namespace) -> int:
     port, proto = args.spec
     store = StateFile.locate(args.state_file)
-    lease = store.find(str(broker.gateway), port, proto)
+    remote = getattr(args, "remote", None)
+    lease = store.find(str(broker.gateway), port, proto, remote)
     if lease is None:
+        what = f"{port}/{proto}" + (f" to {remote[0]}:{remote[1]}" if remote else "")
         raise Failure(
-            f"unmap failed: no record of {port}/{proto} on {broker.gateway} in {store.path}; "
-            "only mappings made by `portbroker map` (without --hold) can be unmapped"
+            f"unmap failed: no record of {what} on {broker.gateway} in {store.path}; "
+            "only mappings made by `portbroker map` or `peer` (without --hold) can be unmapped"
         )
     if lease.method not in broker.methods:
         raise Failure(
@@ -962,12 +971,15 @@ class StateFile:
             raise Failure(str(exc)) from exc
 
     @staticmethod
-    def _same(entry: Any, gateway: str, port: int, proto: str) -> bool:
+    def _same(entry: Any, gateway: str, port: int, proto: str, remote: Any = None) -> bool:
+        # A PEER's record names its remote peer; a MAP's none (docs/peer.md).
+        wanted = (None, None) if remote is None else (str(remote[0]), remote[1])
         return (
             isinstance(entry, dict)
             and entry.get("gateway") == gateway
             and entry.get("internal_port") == port
             and entry.get("protocol") == proto
+            and (entry.get("remote_address"), entry.get("remote_port")) == wanted
         )
 
     def add(self, lease: Lease) -> None:
@@ -977,16 +989,18 @@ class StateFile:
             entries[:] = [
                 e
                 for e in entries
-                if not self._same(e, str(lease.gateway), lease.internal_port, lease.protocol.value)
+                if not self._same(
+                    e, str(lease.gateway), lease.internal_port, lease.protocol.value, lease.remote
+                )
             ]
             entries.append(lease_record(lease))
 
-    def find(self, gateway: str, port: int, proto: str) -> Lease | None:
+    def find(self, gateway: str, port: int, proto: str, remote: Any = None) -> Lease | None:
         from portbroker.state import RecordError, lease_from_record
 
         with self._locked() as entries:
             for entry in entries:
-                if self._same(entry, gateway, port, proto):
+                if self._same(entry, gateway, port, proto, remote):
                     try:
                         return lease_from_record(entry)
                     except RecordError as exc:
@@ -1000,7 +1014,9 @@ class StateFile:
             entries[:] = [
                 e
                 for e in entries
-                if not self._same(e, str(lease.gateway), lease.internal_port, lease.protocol.value)
+                if not self._same(
+                    e, str(lease.gateway), lease.internal_port, lease.protocol.value, lease.remote
+                )
             ]
 
 

@@ -29,7 +29,6 @@ def test_peer_prints_the_flows_external_endpoint(gateway_port: int, tmp_path: Pa
     assert (shown["method"], shown["protocol"], shown["internal_port"]) == ("pcp", "udp", 5000)
     assert (shown["external_address"], shown["external_port"]) == ("203.0.113.7", 5000)
     assert shown["lifetime"] == 600
-    assert not (tmp_path / "s").exists()  # a PEER is not recorded for unmap
     words = cli(
         "peer",
         "5001/udp",
@@ -97,3 +96,34 @@ def test_remote_spec_takes_ipv6_in_brackets() -> None:
 
     assert _remote_spec("[2001:db8::2]:7000") == ("2001:db8::2", 7000)
     assert _remote_spec("11.0.0.2:7000") == ("11.0.0.2", 7000)
+
+
+def test_peer_is_recorded_beside_a_map_of_its_port_and_unmap_remote_deletes_it(
+    gateway_port: int, tmp_path: Path
+) -> None:
+    state = tmp_path / "state.json"
+    cli("map", "5003/udp", server_port=gateway_port, state=state, check_rc=0)
+    peer = ("peer", "5003/udp", "--remote", "198.51.100.20:7000")
+    cli(*peer, server_port=gateway_port, state=state, check_rc=0)
+    records = json.loads(state.read_text())["mappings"]
+    assert sorted(r.get("remote_port", 0) for r in records) == [0, 7000]
+    assert {r["internal_port"] for r in records} == {5003}
+    other = ("unmap", "5003/udp", "--remote", "198.51.100.20:7001")
+    missing = cli(*other, server_port=gateway_port, state=state, check_rc=1)
+    assert "no record of 5003/udp to 198.51.100.20:7001" in missing.stderr
+    done = cli(
+        "unmap",
+        "5003/udp",
+        "--remote",
+        "198.51.100.20:7000",
+        "--json",
+        server_port=gateway_port,
+        state=state,
+        check_rc=0,
+    )
+    deleted = json.loads(done.stdout)["deleted"]
+    assert (deleted["remote_address"], deleted["remote_port"]) == ("198.51.100.20", 7000)
+    left = json.loads(state.read_text())["mappings"]
+    assert [r.get("remote_port") for r in left] == [None]  # the MAP's record stays
+    cli("unmap", "5003/udp", server_port=gateway_port, state=state, check_rc=0)
+    assert json.loads(state.read_text())["mappings"] == []

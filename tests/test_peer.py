@@ -432,3 +432,14 @@ async def test_a_recreated_peer_whose_old_port_is_taken_gets_another(
         assert again.external_port not in (0, 5000)
         tried = [r.data for r in peer_requests(gateway)[-2:]]
         assert [d.external_port for d in tried if isinstance(d, pcp.PeerData)] == [5000, 0]
+
+
+def test_a_peer_lease_survives_a_state_record_round_trip() -> None:
+    from portbroker.state import RecordError, lease_from_record, lease_record
+
+    record = lease_record(_lease(REMOTE))
+    assert lease_from_record(record, now=0.0).remote == (IPv4Address(REMOTE[0]), REMOTE[1])
+    assert lease_from_record(lease_record(_lease(None)), now=0.0).remote is None
+    for damage in ({"remote_port": 0}, {"remote_address": "nowhere"}, {"remote_port": None}):
+        with pytest.raises(RecordError, match="remote_"):
+            lease_from_record({**record, **damage}, now=0.0)
