@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.test_cli import cli
+from tests.test_cli import PATIENCE, GatewayThread, Lines, _finish, _free_udp_port, cli
+
+
+@pytest.fixture
+def served() -> Iterator[GatewayThread]:
+    gateway = GatewayThread()
+    gateway.start()
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
 
 
 def test_peer_prints_the_flows_external_endpoint(gateway_port: int, tmp_path: Path) -> None:
@@ -127,3 +141,44 @@ def test_peer_is_recorded_beside_a_map_of_its_port_and_unmap_remote_deletes_it(
     assert [r.get("remote_port") for r in left] == [None]  # the MAP's record stays
     cli("unmap", "5003/udp", server_port=gateway_port, state=state, check_rc=0)
     assert json.loads(state.read_text())["mappings"] == []
+
+
+def test_peer_hold_keeps_it_until_sigterm_then_deletes_it(
+    served: GatewayThread, tmp_path: Path
+) -> None:
+    argv = [
+        sys.executable,
+        "-m",
+        "portbroker.cli",
+        "peer",
+        "5004/udp",
+        "--remote",
+        "198.51.100.20:7000",
+        "--hold",
+        "--json",
+        "--gateway",
+        "127.0.0.1",
+        "--server-port",
+        str(served.port),
+        "--ssdp-port",
+        str(_free_udp_port()),
+        "--no-multicast",
+        "--state-file",
+        str(tmp_path / "s"),
+    ]
+    remote = ("198.51.100.20", 7000)
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = Lines(process)
+        first = json.loads(lines.next() or "null")
+        assert (first["event"], first["peer"], first["remote_port"]) == ("Acquired", True, 7000)
+        assert served.call(lambda: served.gateway.peer_for("udp", 5004, remote)) is not None
+        process.send_signal(signal.SIGTERM)
+        rest = [json.loads(line) for line in lines.rest()]
+        assert rest[-1]["event"] == "Released"
+        assert rest[-1]["confirmed"] is True
+        assert process.wait(timeout=PATIENCE) == 0
+    finally:
+        _finish(process)
+    assert served.call(lambda: served.gateway.peer_for("udp", 5004, remote)) is None
+    assert not (tmp_path / "s").exists()  # held, then deleted: nothing to record
