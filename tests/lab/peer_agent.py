@@ -1,12 +1,15 @@
 """A P2P-style app using ``Broker.peer``, run inside the lab's lan namespace.
 
-    python peer_agent.py GATEWAY PORT REMOTE_ADDRESS REMOTE_PORT LIFETIME
+    python peer_agent.py GATEWAY PORT REMOTE_ADDRESS REMOTE_PORT LIFETIME [send-first]
 
 Binds a UDP socket on PORT, asks for a PCP PEER of PORT/udp to the remote
 peer (``fallback=None``: PEER or nothing), prints one JSON line for the
 binding and one per event. Each stdin line ``send TEXT`` sends TEXT from the
 socket to the remote peer (and prints ``Sent``); stdin closing releases the
-binding. The lab tests drive it from outside the namespace.
+binding. With ``send-first`` one datagram ("first") goes to the remote peer
+before the PEER is asked for, so the gateway already has the flow's binding
+(RFC 6887 §12: PEER then extends it). The lab tests drive it from outside
+the namespace.
 """
 
 from __future__ import annotations
@@ -24,9 +27,13 @@ def line(**fields: object) -> None:
     print(json.dumps(fields, default=str), flush=True)
 
 
-async def main(gateway: str, port: int, remote: tuple[str, int], lifetime: int) -> None:
+async def main(
+    gateway: str, port: int, remote: tuple[str, int], lifetime: int, send_first: bool
+) -> None:
     flow = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     await flow.bind(("0.0.0.0", port))
+    if send_first:
+        await flow.sendto(b"first", remote)
     async with portbroker.open_broker(gateway, ("pcp",), probe_timeout=2.0) as broker:
         try:
             async with broker.open_peer(
@@ -72,4 +79,11 @@ async def main(gateway: str, port: int, remote: tuple[str, int], lifetime: int) 
 
 
 if __name__ == "__main__":
-    trio.run(main, sys.argv[1], int(sys.argv[2]), (sys.argv[3], int(sys.argv[4])), int(sys.argv[5]))
+    trio.run(
+        main,
+        sys.argv[1],
+        int(sys.argv[2]),
+        (sys.argv[3], int(sys.argv[4])),
+        int(sys.argv[5]),
+        sys.argv[6:] == ["send-first"],
+    )

@@ -4,6 +4,10 @@ A UDP flow from the lan host to the wan host: the lan host keeps the flow's
 binding with ``Broker.peer`` (tests/lab/peer_agent.py, in the lan
 namespace) and the wan host checks the datagrams' source against the PEER's
 external endpoint; then the gateway restarts and the binding is re-created.
+First, a second lan host whose flow masquerade had to move to another source
+port (the first host holds 11.0.0.1:PORT toward the same remote peer) gets a
+PEER that names that other port, which is the one the wan host sees: the
+PEER's endpoint is the flow's, not merely the internal port.
 
 What proves re-creation (the conntrack entry of the flow survives a
 miniupnpd restart, so the flow's source alone cannot): after the restart,
@@ -39,10 +43,16 @@ RESTART_MARK = "===== portbroker lab: restart"
 
 @contextmanager
 def peer_agent(
-    lab: Lab, port: int, remote_port: int, lifetime: int = 600
+    lab: Lab,
+    port: int,
+    remote_port: int,
+    lifetime: int = 600,
+    *,
+    ns: str | None = None,
+    send_first: bool = False,
 ) -> Iterator[subprocess.Popen[str]]:
     argv = lab.exec_argv(
-        lab.lan_ns,
+        ns or lab.lan_ns,
         [
             sys.executable,
             str(AGENT),
@@ -51,6 +61,7 @@ def peer_agent(
             str(WAN_ADDRESS),
             str(remote_port),
             str(lifetime),
+            *(["send-first"] if send_first else []),
         ],
     )
     process = subprocess.Popen(
@@ -129,7 +140,42 @@ def test_peer_binding_is_the_flows_source_and_is_recreated_after_a_restart(
     wan = lab.socket(lab.wan_ns)
     wan.bind((str(WAN_ADDRESS), remote_port))
     wan.settimeout(5)
-    with wan, peer_agent(lab, port, remote_port) as process:
+    with wan:
+        the_flows_own_port_is_reported(lab, wan, remote_port, figure)
+        peer_then_flow_then_restart(lab, wan, port, remote_port, figure)
+
+
+def the_flows_own_port_is_reported(
+    lab: Lab, wan: Any, remote_port: int, figure: Callable[[str], None]
+) -> None:
+    """A flow that masquerade had to move to another source port: its PEER names
+    that port (miniupnpd looks the flow up in conntrack), not the internal one."""
+    port = 23003
+    first = lab.socket(lab.lan_ns)  # the lan host takes 11.0.0.1:23003 toward the wan host
+    first.bind(("0.0.0.0", port))
+    with first:
+        first.sendto(b"taken", (str(WAN_ADDRESS), remote_port))
+        assert wan.recvfrom(100) == (b"taken", (str(EXTERNAL_ADDRESS), port))
+        second = lab.add_lan_host()
+        with peer_agent(lab, port, remote_port, ns=second.ns, send_first=True) as process:
+            moved = wan.recvfrom(100)  # the second host's "first": another source port
+            assert moved[0] == b"first"
+            assert moved[1][1] != port
+            peered = next_event(process, "Peered", "Error")
+            assert peered["event"] == "Peered", (peered, lab.log_text())
+            assert (peered["external_address"], peered["external_port"]) == moved[1]
+            again = flow_source(lab, process, wan, "again")
+            assert again == moved[1]
+            figure(
+                f"PEER of {second.address}:{port} (its flow masqueraded to"
+                f" {moved[1][1]}): assigned {peered['external_port']}, wan sees {again[1]}"
+            )
+
+
+def peer_then_flow_then_restart(
+    lab: Lab, wan: Any, port: int, remote_port: int, figure: Callable[[str], None]
+) -> None:
+    with peer_agent(lab, port, remote_port) as process:
         peered = next_event(process, "Peered", "Error")
         assert peered["event"] == "Peered", (peered, lab.log_text())
         assert peered["method"] == "pcp"
@@ -144,7 +190,8 @@ def test_peer_binding_is_the_flows_source_and_is_recreated_after_a_restart(
         before = flow_source(lab, process, wan, "before the restart")
         assert before == endpoint, (before, endpoint, peer_chain(lab))
         figure(f"PEER {port}/udp -> {WAN_ADDRESS}:{remote_port}: wan sees {before[0]}:{before[1]}")
-        figure(f"miniupnpd 2.3.1 PEER rule: {peer_chain(lab).splitlines()[1].strip()}")
+        rule = next(r for r in peer_chain(lab).splitlines() if f"dport {port} " in r)
+        figure(f"miniupnpd 2.3.1 PEER rule: {rule.strip()}")
 
         # Let the epoch grow past the §8.5 tolerance so the restart is a loss.
         time.sleep(3.5)
