@@ -443,3 +443,14 @@ def test_a_peer_lease_survives_a_state_record_round_trip() -> None:
     for damage in ({"remote_port": 0}, {"remote_address": "nowhere"}, {"remote_port": None}):
         with pytest.raises(RecordError, match="remote_"):
             lease_from_record({**record, **damage}, now=0.0)
+
+
+async def test_a_remote_peer_of_the_other_family_is_refused_in_words(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway()
+    async with broker_for(gateway) as broker:
+        with pytest.raises(MappingError, match="same family"):
+            await broker.peer(5000, "udp", remote=("2001:db8::2", 7000))
+        assert gateway.requests == []
+        assert not broker.mappings

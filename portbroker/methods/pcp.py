@@ -153,6 +153,17 @@ class PcpMethod:
 
     async def _create_peer(self, request: MappingRequest, previous: Lease | None) -> Lease:
         """PEER (RFC 6887 §12): create or extend the binding of one outbound flow."""
+        assert request.remote is not None
+        internal = request.internal_address or self.client_address
+        if request.remote[0].version != internal.version:
+            # §12.1 (and miniupnpd's table of families): the remote peer is
+            # named in the internal address's family; nothing to ask for.
+            raise MappingError(
+                self.name,
+                f"remote peer {request.remote[0]} is IPv{request.remote[0].version} but the"
+                f" flow's internal address {internal} is IPv{internal.version}: a PEER names"
+                " a remote peer of the same family (RFC 6887 §12.1)",
+            )
         renewal = previous is not None and previous.nonce is not None
         key = self._nonce_key(request)
         nonce = self._nonces.get(key) or secrets.token_bytes(12)
