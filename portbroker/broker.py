@@ -500,8 +500,12 @@ class Broker:
         Raises:
             ValueError: a bad port, protocol, lifetime, remote or fallback.
             MappingError: the gateway refused (``result_code`` says why).
-            NoMethodAvailable: no PEER here and *fallback* is None.
-            NoAnswer: the PCP server answered nothing (with *fallback* None).
+            NoMethodAvailable: no PEER here and *fallback* is None (a PCP
+                server that stays silent counts as none), or no method can
+                make the fallback MAP.
+            AlreadyMapped: this broker already holds that PEER, or (no PEER
+                here) the MAP of the port the fallback would make.
+            NoAnswer: the fallback MAP's method stayed silent.
         """
         if fallback not in ("map", None):
             raise ValueError(f"fallback must be 'map' or None, got {fallback!r}")
@@ -531,13 +535,20 @@ class Broker:
             request.protocol.value,
             outcome,
         )
-        return await self.map(
-            internal_port,
-            protocol,
-            lifetime=lifetime,
-            internal_address=internal_address,
-            description=description,
-        )
+        try:
+            return await self.map(
+                internal_port,
+                protocol,
+                lifetime=lifetime,
+                internal_address=internal_address,
+                description=description,
+            )
+        except AlreadyMapped as exc:
+            raise AlreadyMapped(
+                f"no PEER here ({outcome}), and the fallback, a MAP of"
+                f" {request.internal_port}/{request.protocol.value}, is held by this broker"
+                " already: use that mapping"
+            ) from exc
 
     def _pcp_for_peer(self) -> Method:
         method = self._methods.get("pcp")

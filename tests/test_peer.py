@@ -454,3 +454,13 @@ async def test_a_remote_peer_of_the_other_family_is_refused_in_words(
             await broker.peer(5000, "udp", remote=("2001:db8::2", 7000))
         assert gateway.requests == []
         assert not broker.mappings
+
+
+async def test_the_fallback_to_a_map_already_held_says_so(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway(peer_enabled=False)
+    async with broker_for(gateway) as broker:
+        await broker.map(5000, "udp")
+        with pytest.raises(AlreadyMapped, match="the fallback, a MAP of 5000/udp, is held"):
+            await broker.peer(5000, "udp", remote=REMOTE)
