@@ -86,6 +86,41 @@ def _lifetime(text: str) -> int:
     return value
 
 
+def _remote_spec(text: str) -> tuple[str, int]:
+    """``ADDRESS:PORT`` (``[v6]:PORT`` for IPv6) of a PEER's remote peer."""
+    import ipaddress
+
+    example = "e.g. 11.0.0.2:7000 or [2001:db8::2]:7000"
+    if text.startswith("["):
+        address, bracket, port_text = text[1:].partition("]:")
+        if not bracket:
+            raise argparse.ArgumentTypeError(
+                f"--remote must be ADDRESS:PORT ({example}), not {text!r}"
+            )
+    else:
+        address, colon, port_text = text.rpartition(":")
+        if not colon or ":" in address:
+            raise argparse.ArgumentTypeError(
+                f"--remote must be ADDRESS:PORT ({example}), not {text!r}"
+                + (": put an IPv6 address in brackets" if ":" in address else "")
+            )
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--remote: {address!r} is not an IP address ({example}); names are not looked up"
+        ) from None
+    if parsed.is_unspecified:
+        raise argparse.ArgumentTypeError(f"--remote must name a host, not {address}")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--remote: {port_text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"--remote: port must be 1..65535, got {port}")
+    return str(parsed), port
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -183,10 +218,18 @@ def _parser() -> argparse.ArgumentParser:
         help="through the daemon: keep it after --hold ends, until an explicit unmap",
     )
 
+    _add_peer_parser(sub, common)
+
     unmap = sub.add_parser(
         "unmap", parents=[common, via_daemon], help="delete a mapping made by map"
     )
     unmap.add_argument("spec", metavar="PORT[/tcp|/udp]", type=_port_spec)
+    unmap.add_argument(
+        "--remote",
+        type=_remote_spec,
+        metavar="ADDRESS:PORT",
+        help="delete the PEER made by `portbroker peer` to this remote peer",
+    )
 
     sub.add_parser(
         "list", parents=[daemon_only], help="the daemon's mappings (yours; all for root)"
@@ -264,6 +307,44 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_peer_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``portbroker peer``: keep an outbound flow's NAT binding (PCP PEER, docs/peer.md)."""
+    peer_cmd = sub.add_parser(
+        "peer",
+        parents=[common],
+        help="keep the NAT binding of an outbound flow to one remote peer (PCP PEER)",
+        description="Create or extend the gateway's binding of PORT's flow to --remote "
+        "(PCP PEER, RFC 6887 §12) and print the external address and port the remote "
+        "peer sees. Without PEER on the gateway, the port is mapped instead "
+        "(unless --peer-only). Without --hold the binding lapses after --lifetime.",
+    )
+    peer_cmd.add_argument("spec", metavar="PORT[/tcp|/udp]", type=_port_spec)
+    peer_cmd.add_argument(
+        "--remote",
+        required=True,
+        type=_remote_spec,
+        metavar="ADDRESS:PORT",
+        help="the remote peer of the flow, e.g. 11.0.0.2:7000",
+    )
+    peer_cmd.add_argument(
+        "--lifetime",
+        type=_lifetime,
+        default=DEFAULT_LIFETIME,
+        metavar="S",
+        help=f"seconds to ask for, {MIN_LIFETIME}..{MAX_LIFETIME} (default {DEFAULT_LIFETIME})",
+    )
+    peer_cmd.add_argument(
+        "--peer-only",
+        action="store_true",
+        help="fail where the gateway has no PEER, rather than map the port instead",
+    )
+    peer_cmd.add_argument(
+        "--hold",
+        action="store_true",
+        help="keep it renewed (and restored) until Ctrl-C, SIGTERM or SIGHUP, then delete it",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -332,7 +413,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         raise UsageError("--exact needs --external-port")
     if args.command == "map" and args.via and args.via not in methods:
         methods = (args.via,)
-    if args.command in ("map", "unmap") and _use_daemon(args):
+    # The daemon has no PEER op: `unmap --remote` deletes a `peer` record itself.
+    if args.command in ("map", "unmap") and not getattr(args, "remote", None) and _use_daemon(args):
         return trio.run(_daemon_client, args)
     return trio.run(_run, args, methods)
 
@@ -396,10 +478,12 @@ async def _run(args: argparse.Namespace, methods: tuple[str, ...]) -> int:
             port=args.server_port,
             upnp_port=args.ssdp_port,
             ssdp_multicast=not args.no_multicast,
-            announce_port=5350 if args.command == "map" and args.hold else None,
+            announce_port=5350 if args.command in ("map", "peer") and args.hold else None,
         ) as broker:
             if args.command == "probe":
                 return _print_probe(await broker.probe(), as_json=args.json)
+            if args.command == "peer":
+                return await _peer(broker, args)
             if args.command == "map":
                 return await _map(broker, args)
             return await _unmap(broker, args)
@@ -662,6 +746,96 @@ async def _map(broker: Broker, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _peer(broker: Broker, args: argparse.Namespace) -> int:
+    """peer: a PEER's binding, or the MAP it fell back to, left in place and recorded
+    for unmap (as map does); --hold keeps it renewed until a signal, then deletes it."""
+    if args.hold:
+        return await _hold_peer(broker, args)
+    port, proto = args.spec
+    mapping = await broker.peer(
+        port,
+        proto,
+        remote=args.remote,
+        lifetime=args.lifetime,
+        fallback=None if args.peer_only else "map",
+    )
+    lease = mapping.lease
+    assert lease is not None
+    # Recorded as map records its mappings, so that unmap can delete it
+    # (`unmap PORT/PROTO --remote ADDRESS:PORT` for a PEER).
+    StateFile.locate(args.state_file).add(lease)
+    broker.detach(mapping)
+    if args.json:
+        print(json.dumps({"peer": mapping.remote is not None, **_lease_json(lease)}))
+    elif mapping.remote is None:
+        print(f"no PEER on this gateway; mapped {_describe_lease(lease)} (unmap deletes it)")
+    else:
+        print(f"peer {_describe_peer(lease)}; it lapses unless renewed (--hold keeps it)")
+    return 0
+
+
+def _describe_peer(lease: Lease) -> str:
+    assert lease.remote is not None
+    return (
+        f"{lease.internal_address}:{lease.internal_port}/{lease.protocol.value} to "
+        f"{lease.remote[0]}:{lease.remote[1]} leaves as "
+        f"{lease.external_address}:{lease.external_port} via {lease.method}"
+        f" (lifetime {lease.lifetime} s)"
+    )
+
+
+async def _hold_peer(broker: Broker, args: argparse.Namespace) -> int:
+    """peer --hold: as map --hold (signals first, then the gateway), for a PEER."""
+    import trio
+
+    from portbroker._util import collapse_single
+    from portbroker.lifecycle import Failed
+
+    port, proto = args.spec
+    mapping: Mapping | None = None
+    failed: Failed | None = None
+    with trio.open_signal_receiver(*_hold_signals()) as signals, collapse_single():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
+            mapping = await broker.peer(
+                port,
+                proto,
+                remote=args.remote,
+                lifetime=args.lifetime,
+                fallback=None if args.peer_only else "map",
+            )
+            events = mapping.events()
+            lease = mapping.lease
+            assert lease is not None
+            is_peer = mapping.remote is not None
+            if args.json:
+                print(
+                    json.dumps({"event": "Acquired", "peer": is_peer, **_lease_json(lease)}),
+                    flush=True,
+                )
+            elif is_peer:
+                print(f"peer {_describe_peer(lease)}; holding until Ctrl-C", flush=True)
+            else:
+                print(
+                    f"no PEER on this gateway; mapped {_describe_lease(lease)};"
+                    " holding until Ctrl-C",
+                    flush=True,
+                )
+            async for event in events:
+                _print_event(event, as_json=args.json)
+                if isinstance(event, Failed):
+                    failed = event
+            nursery.cancel_scope.cancel()
+        if mapping is None:
+            raise Failure("peer interrupted before the binding was made")
+        if failed is not None:
+            raise Failure(f"peer failed: the binding could not be kept: {failed.reason}")
+        await mapping.release()
+        async for event in events:  # the Released event
+            _print_event(event, as_json=args.json)
+    return 0
+
+
 def _hold_signals() -> tuple[int, ...]:
     import signal
 
@@ -739,11 +913,13 @@ async def _hold(broker: Broker, args: argparse.Namespace) -> int:
 async def _unmap(broker: Broker, args: argparse.Namespace) -> int:
     port, proto = args.spec
     store = StateFile.locate(args.state_file)
-    lease = store.find(str(broker.gateway), port, proto)
+    remote = getattr(args, "remote", None)
+    lease = store.find(str(broker.gateway), port, proto, remote)
     if lease is None:
+        what = f"{port}/{proto}" + (f" to {remote[0]}:{remote[1]}" if remote else "")
         raise Failure(
-            f"unmap failed: no record of {port}/{proto} on {broker.gateway} in {store.path}; "
-            "only mappings made by `portbroker map` (without --hold) can be unmapped"
+            f"unmap failed: no record of {what} on {broker.gateway} in {store.path}; "
+            "only mappings made by `portbroker map` or `peer` (without --hold) can be unmapped"
         )
     if lease.method not in broker.methods:
         raise Failure(
@@ -797,12 +973,15 @@ class StateFile:
             raise Failure(str(exc)) from exc
 
     @staticmethod
-    def _same(entry: Any, gateway: str, port: int, proto: str) -> bool:
+    def _same(entry: Any, gateway: str, port: int, proto: str, remote: Any = None) -> bool:
+        # A PEER's record names its remote peer; a MAP's none (docs/peer.md).
+        wanted = (None, None) if remote is None else (str(remote[0]), remote[1])
         return (
             isinstance(entry, dict)
             and entry.get("gateway") == gateway
             and entry.get("internal_port") == port
             and entry.get("protocol") == proto
+            and (entry.get("remote_address"), entry.get("remote_port")) == wanted
         )
 
     def add(self, lease: Lease) -> None:
@@ -812,16 +991,18 @@ class StateFile:
             entries[:] = [
                 e
                 for e in entries
-                if not self._same(e, str(lease.gateway), lease.internal_port, lease.protocol.value)
+                if not self._same(
+                    e, str(lease.gateway), lease.internal_port, lease.protocol.value, lease.remote
+                )
             ]
             entries.append(lease_record(lease))
 
-    def find(self, gateway: str, port: int, proto: str) -> Lease | None:
+    def find(self, gateway: str, port: int, proto: str, remote: Any = None) -> Lease | None:
         from portbroker.state import RecordError, lease_from_record
 
         with self._locked() as entries:
             for entry in entries:
-                if self._same(entry, gateway, port, proto):
+                if self._same(entry, gateway, port, proto, remote):
                     try:
                         return lease_from_record(entry)
                     except RecordError as exc:
@@ -835,7 +1016,9 @@ class StateFile:
             entries[:] = [
                 e
                 for e in entries
-                if not self._same(e, str(lease.gateway), lease.internal_port, lease.protocol.value)
+                if not self._same(
+                    e, str(lease.gateway), lease.internal_port, lease.protocol.value, lease.remote
+                )
             ]
 
 

@@ -140,6 +140,9 @@ def check_lease_record(record: Any) -> None:
     if epoch is not None:
         _int(record, "epoch", 0, 2**32 - 1)
     _check_pinhole_id(record, method)
+    if "remote_address" in record or "remote_port" in record:  # a PCP PEER (docs/peer.md)
+        _address(record, "remote_address")
+        _int(record, "remote_port", 1, 65535)
     nonce = record.get("nonce")
     if nonce is not None or method == "pcp":
         try:
@@ -192,9 +195,17 @@ def checked_lease_from_record(record: dict[str, Any], *, now: float | None = Non
             nonce=bytes.fromhex(nonce) if nonce else None,
             permanent=bool(record.get("permanent")),
             pinhole_id=record.get("pinhole_id"),
+            remote=_record_remote(record),
         )
     except (TypeError, ValueError) as exc:  # a rule check_lease_record does not know
         raise RecordError(str(exc)) from exc
+
+
+def _record_remote(record: dict[str, Any]) -> tuple[IPAddress, int] | None:
+    """A PEER record's remote peer (``lease_json``'s remote_address and remote_port)."""
+    if "remote_address" not in record:
+        return None
+    return (_parse_address(record["remote_address"]), int(record["remote_port"]))
 
 
 def describe_record(record: Any) -> str:

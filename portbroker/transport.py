@@ -271,7 +271,11 @@ def pcp_key(request: pcp.PcpRequest) -> tuple[Hashable, ...]:
     data = request.data
     if data is None:
         return ("pcp", int(request.opcode))
-    return ("pcp", int(request.opcode), data.nonce, data.protocol, data.internal_port)
+    key = ("pcp", int(request.opcode), data.nonce, data.protocol, data.internal_port)
+    if isinstance(data, pcp.PeerData):
+        # §12.4: a PEER answer must also echo the remote peer.
+        return (*key, data.remote_peer_address, data.remote_peer_port)
+    return key
 
 
 def natpmp_key(request: natpmp.NatPmpRequest) -> tuple[Hashable, ...]:
@@ -298,7 +302,10 @@ def _response_keys(response: Response) -> tuple[tuple[Hashable, ...] | None, tup
             # stops an off-path host from answering for the server): a
             # header-only NO_RESOURCES, say, answers nobody.
             return (*prefix, "no nonce"), (*prefix, "no nonce")
-        return (*prefix, data.nonce, data.protocol, data.internal_port), prefix
+        exact = (*prefix, data.nonce, data.protocol, data.internal_port)
+        if isinstance(data, pcp.PeerData):
+            exact = (*exact, data.remote_peer_address, data.remote_peer_port)
+        return exact, prefix
     prefix = ("natpmp", int(response.opcode))
     if isinstance(response, natpmp.MapResponse):
         return (*prefix, response.internal_port), prefix
@@ -349,6 +356,12 @@ def _mismatch(response: Response, key: tuple[Hashable, ...]) -> str | None:
             return "wrong opcode"
         if (data.protocol, data.internal_port) != key[3:5]:
             return "other mapping"
+        if (
+            isinstance(data, pcp.PeerData)
+            and data.nonce == key[2]
+            and (data.remote_peer_address, data.remote_peer_port) != key[5:7]
+        ):
+            return "remote peer mismatch"  # RFC 6887 §12.4
         return "nonce mismatch"  # RFC 6887 §11.4: the nonce tells requests apart
     if key[0] != "natpmp" or isinstance(response, natpmp.ExternalAddressResponse):
         return None

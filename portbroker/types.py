@@ -67,6 +67,25 @@ def _optional_address(value: object) -> IPAddress | None:
     return None if value is None else to_address(value)
 
 
+def _optional_remote(value: object) -> tuple[IPAddress, int] | None:
+    """``(address, port)`` of a PEER's remote peer (RFC 6887 §12.1), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, tuple | list) or len(value) != 2:
+        raise ValueError(f"remote must be (address, port), got {value!r}")
+    address, port = value
+    try:
+        remote_address = to_address(address)
+    except (TypeError, ValueError):
+        raise ValueError(f"remote address must be an IP address, got {address!r}") from None
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        # §12.1: the remote peer port must not be 0 (PEER names one flow).
+        raise ValueError(f"remote port must be 1..65535, got {port!r}")
+    if remote_address.is_unspecified:
+        raise ValueError(f"remote address must name a host, not {remote_address}")
+    return (remote_address, port)
+
+
 def _port(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
     uint(16)(_inst, attribute, value)
     if value == 0:
@@ -105,6 +124,9 @@ class MappingRequest:
     *external_port* is a wish unless *exact* is set, in which case a mapping on
     another port is a failure (PCP PREFER_FAILURE, UPnP AddPortMapping).
     *internal_address* None means the host's own address toward the gateway.
+    *remote* ``(address, port)`` makes it a PCP PEER request (RFC 6887 §12):
+    the binding of the outbound flow to that remote peer, not an inbound
+    mapping (docs/peer.md).
     """
 
     internal_port: int = attrs.field(validator=_port)
@@ -114,10 +136,14 @@ class MappingRequest:
     exact: bool = False
     internal_address: IPAddress | None = attrs.field(default=None, converter=_optional_address)
     description: str = "portbroker"
+    remote: tuple[IPAddress, int] | None = attrs.field(default=None, converter=_optional_remote)
 
     def __attrs_post_init__(self) -> None:
         if self.exact and self.external_port is None:
             raise ValueError("exact=True needs an external_port")
+        if self.exact and self.remote is not None:
+            # §12.1: PREFER_FAILURE is not allowed in PEER (it behaves so anyway).
+            raise ValueError("exact=True is for MAP; a PEER request cannot carry it")
 
 
 @attrs.frozen
@@ -129,7 +155,8 @@ class Lease:
     marks a UPnP lease of 0 that only an explicit delete removes.
     ``pinhole_id`` is the UniqueID of a UPnP IPv6 firewall pinhole
     (WANIPv6FirewallControl:1 AddPinhole; docs/ipv6.md), None otherwise: its
-    renewal and delete name the pinhole by it.
+    renewal and delete name the pinhole by it. ``remote`` is a PCP PEER's
+    remote peer (RFC 6887 §12); None for a MAP.
     """
 
     method: str
@@ -147,6 +174,7 @@ class Lease:
     pinhole_id: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(uint(16))
     )
+    remote: tuple[IPAddress, int] | None = attrs.field(default=None, converter=_optional_remote)
 
     @property
     def expires_at(self) -> float:
@@ -187,8 +215,11 @@ def format_endpoint(address: object, port: object) -> str:
 
 
 def lease_json(lease: Lease) -> dict[str, Any]:
-    """A lease's public fields as JSON values (``map --json``, state files)."""
-    return {
+    """A lease's public fields as JSON values (``map --json``, state files).
+
+    A PEER's lease adds ``remote_address`` and ``remote_port``.
+    """
+    out: dict[str, Any] = {
         "method": lease.method,
         "protocol": lease.protocol.value,
         "internal_address": str(lease.internal_address),
@@ -201,3 +232,7 @@ def lease_json(lease: Lease) -> dict[str, Any]:
         # Only for a UPnP IPv6 pinhole: every other lease's JSON is unchanged.
         **({} if lease.pinhole_id is None else {"pinhole_id": lease.pinhole_id}),
     }
+    if lease.remote is not None:
+        out["remote_address"] = str(lease.remote[0])
+        out["remote_port"] = lease.remote[1]
+    return out

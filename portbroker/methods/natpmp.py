@@ -98,6 +98,10 @@ class NatPmpMethod:
         return (await self._external_address()).external_address
 
     async def create(self, request: MappingRequest, previous: Lease | None) -> Lease:
+        if request.remote is not None:
+            # NAT-PMP has no PEER opcode (RFC 6886 §3: MAP only): refuse
+            # before anything is sent, so no inbound mapping is made instead.
+            raise MethodUnavailable(self.name, "PEER needs PCP; NAT-PMP maps inbound ports only")
         own = self.transport.link.local_address
         if isinstance(request.internal_address, IPv6Address):
             # About this request only: the gateway may still map IPv4 for others.
@@ -144,8 +148,8 @@ class NatPmpMethod:
         port, so a delete of the port (RFC 6886 §3.4) removes it.
         """
         key = (request.protocol, request.internal_port)
-        if key not in self._unsettled:
-            return
+        if request.remote is not None or key not in self._unsettled:
+            return  # a PEER request never reached NAT-PMP (create refuses it)
         self._unsettled.discard(key)
         own = self.transport.link.local_address
         await self.delete(

@@ -29,7 +29,10 @@ __all__ = [
     "error_hold_off",
     "family_problem",
     "interpret_map",
+    "interpret_peer",
     "map_request",
+    "peer_delete_request",
+    "peer_request",
     "refusal",
     "reply_problem",
     "retry_without_suggestion",
@@ -403,5 +406,139 @@ def interpret_map(
     if problem is not None:
         # A mapping exists on the server that nobody can use: delete it and
         # let the next method try (docs/result-codes.md, "Useless grants").
+        return Undo(lease, f"the PCP server {problem}")
+    return lease
+
+
+# -- PEER (RFC 6887 §12) ------------------------------------------------------------
+
+
+def peer_request(
+    client: IPAddress,
+    request: MappingRequest,
+    previous: Lease | None,
+    nonce: bytes,
+) -> pcp.PcpRequest:
+    """The PEER for *request* (which names its remote peer); with *previous* a renewal.
+
+    As for MAP, a renewal or re-creation reuses the nonce and suggests the
+    external address and port assigned before (RFC 6887 §11.2.1, §12.3, §8.5).
+    No PREFER_FAILURE: §12.1 forbids it (MALFORMED_REQUEST) and PEER behaves
+    as if it were set, so a suggestion the server cannot meet is
+    CANNOT_PROVIDE_EXTERNAL.
+    """
+    assert request.remote is not None, "a PEER request names its remote peer"
+    if previous is not None and previous.nonce is not None:
+        nonce = previous.nonce
+        suggested_port = previous.external_port
+        suggested_address = previous.external_address
+    else:
+        suggested_port = request.external_port or 0
+        suggested_address = pcp.no_preference(client)
+    remote_address, remote_port = request.remote
+    return pcp.PcpRequest(
+        pcp.Opcode.PEER,
+        request.lifetime,
+        client,
+        pcp.PeerData(
+            nonce,
+            request.protocol.number,
+            request.internal_port,
+            suggested_port,
+            suggested_address,
+            remote_port,
+            remote_address,
+        ),
+        _options(client, request.internal_address, exact=False),
+    )
+
+
+def peer_delete_request(client: IPAddress, lease: Lease) -> pcp.PcpRequest:
+    """PEER with lifetime 0 and the binding's nonce and remote peer.
+
+    RFC 6887 §15 lets a PEER only extend a binding, never cut it short, so a
+    server that follows it answers with the lifetime left; miniupnpd deletes
+    its peer rule (pcpserver.c DeletePCPPeer). Either way portbroker stops
+    renewing it (docs/peer.md).
+    """
+    assert lease.nonce is not None, "a PCP lease always has its nonce"
+    assert lease.remote is not None, "a PEER lease names its remote peer"
+    remote_address, remote_port = lease.remote
+    return pcp.PcpRequest(
+        pcp.Opcode.PEER,
+        0,
+        client,
+        pcp.PeerData(
+            lease.nonce,
+            lease.protocol.number,
+            lease.internal_port,
+            0,
+            pcp.no_preference(client),
+            remote_port,
+            remote_address,
+        ),
+        _options(client, lease.internal_address, exact=False),
+    )
+
+
+def interpret_peer(
+    response: pcp.PcpResponse,
+    *,
+    request: MappingRequest,
+    sent: pcp.PcpRequest,
+    server: IPAddress,
+    now: float,
+    renewal: bool,
+) -> Lease | Undo:
+    """The lease a PEER answer grants (the flow's external endpoint), or what to undo.
+
+    §12.4: the answer echoes the remote peer; one that names another is not
+    about our flow (the transport already drops those, ``pcp_key``: this is
+    the last check). The assigned external address and port are what the
+    remote peer sees as the flow's source.
+
+    Raises:
+        MethodUnavailable: a code that says the server will not serve us
+            (UNSUPP_OPCODE: a PCP server without PEER, §7.4).
+        MappingError: a code about this request, SUCCESS with lifetime 0, or
+            an answer about another remote peer.
+    """
+    if response.result_code != ResultCode.SUCCESS:
+        error = refusal(response, renewal=renewal, what="peer")
+        if isinstance(error, MethodUnavailable):
+            # The table's words name MAP (UNSUPP_OPCODE: "does not support MAP").
+            error = MethodUnavailable(NAME, error.reason.replace("MAP", "PEER"))
+        raise error
+    data = response.data
+    sent_data = sent.data
+    assert isinstance(sent_data, pcp.PeerData)
+    if not isinstance(data, pcp.PeerData):
+        raise MappingError(NAME, "a PEER answer without PEER data")
+    asked = (sent_data.remote_peer_address, sent_data.remote_peer_port)
+    answered = (data.remote_peer_address, data.remote_peer_port)
+    if answered != asked:
+        raise MappingError(
+            NAME,
+            f"the PEER answer names remote peer {answered[0]}:{answered[1]}, "
+            f"not {asked[0]}:{asked[1]} as asked (RFC 6887 §12.4)",
+        )
+    if response.lifetime == 0:
+        raise MappingError(NAME, "PEER SUCCESS with lifetime 0: the server dropped the binding")
+    lease = Lease(
+        method=NAME,
+        protocol=request.protocol,
+        internal_address=request.internal_address or sent.client_address,
+        internal_port=request.internal_port,
+        external_address=data.external_address,
+        external_port=data.external_port,
+        lifetime=response.lifetime,
+        granted_at=now,
+        gateway=server,
+        epoch=response.epoch,
+        nonce=sent_data.nonce,
+        remote=asked,
+    )
+    problem = grant_problem(data.external_port, data.external_address)
+    if problem is not None:
         return Undo(lease, f"the PCP server {problem}")
     return lease

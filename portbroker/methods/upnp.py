@@ -490,6 +490,10 @@ class UpnpMethod:
     # -- mappings -------------------------------------------------------------
 
     async def create(self, request: MappingRequest, previous: Lease | None) -> Lease:
+        if request.remote is not None:
+            # IGD's AddPortMapping is an inbound mapping; it has no outbound
+            # binding to one remote peer (RFC 6887 §12 PEER has no UPnP twin).
+            raise MethodUnavailable(self.name, "PEER needs PCP; UPnP IGD maps inbound ports only")
         key = (request.protocol, request.internal_port)
         try:
             lease = await self._create(request, previous)
@@ -524,6 +528,8 @@ class UpnpMethod:
         )
         if pinhole_client is not None:
             await self._abandon_pinhole(request, pinhole_client)
+        if request.remote is not None:
+            return  # a PEER request never reached UPnP (create refuses it)
         ports = self._unsettled.pop((request.protocol, request.internal_port), set())
         if not ports:
             return

@@ -7,7 +7,9 @@ replies; force result codes; lose all state (epoch reset); change the external
 address and announce it; answer from a wrong source address or port, with a
 wrong nonce or internal port; grant port 0 or an unusable address; refuse
 ANNOUNCE but serve MAP; behave as a NAT-PMP-only box (the 8-byte answer to
-PCP); refuse like a closed port.
+PCP); refuse like a closed port. PCP PEER (RFC 6887 §12) keeps a table of
+its own (``peers``); ``peer_enabled`` off answers it UNSUPP_OPCODE and
+``wrong_remote`` names another remote peer in the answer.
 
 Two ways to reach it:
 
@@ -55,6 +57,7 @@ class FakeMapping:
     expires_at: float
     nonce: bytes | None  # None for NAT-PMP mappings
     via: str  # "pcp" | "natpmp"
+    remote: tuple[IPAddress, int] | None = None  # a PCP PEER's remote peer (RFC 6887 §12)
 
 
 @attrs.define(eq=False)
@@ -178,6 +181,11 @@ class FakeGateway:
     granted_address: IPAddress | None = attrs.field(  # PCP MAP replies name this address
         default=None, converter=attrs.converters.optional(to_address)
     )
+    peer_enabled: bool = True  # False: PEER gets UNSUPP_OPCODE (a PCP server without PEER)
+    wrong_remote: bool = False  # PEER replies name remote peer port + 1 (RFC 6887 §12.4)
+    # PEER bindings (RFC 6887 §12), by (internal address, protocol, internal
+    # port, remote address, remote port): a table apart from MAP's.
+    peers: dict[tuple[str, int, int, str, int], FakeMapping] = attrs.Factory(dict)
 
     mappings: dict[tuple[str, int, int], FakeMapping] = attrs.Factory(dict)
     requests: list[pcp.PcpRequest | natpmp.NatPmpRequest] = attrs.Factory(list)
@@ -210,6 +218,7 @@ class FakeGateway:
     def reset(self) -> None:
         """Lose every mapping and restart the epoch: a gateway reboot."""
         self.mappings.clear()
+        self.peers.clear()
         self._taken.clear()
         self.epoch_origin = trio.current_time()
 
@@ -404,13 +413,113 @@ class FakeGateway:
                     pcp.PcpResponse(pcp.Opcode.ANNOUNCE, ResultCode.SUCCESS, 0, self.epoch)
                 )
             ]
-        if request.opcode != pcp.Opcode.MAP:
+        if request.opcode not in (pcp.Opcode.MAP, pcp.Opcode.PEER) or (
+            request.opcode == pcp.Opcode.PEER and not self.peer_enabled
+        ):
             return [self._pcp_error(request, ResultCode.UNSUPP_OPCODE)]
         if self.silent_deletes and request.lifetime == 0:
             return []
         if self.forced_result is not None:
             return [self._pcp_error(request, ResultCode(self.forced_result))]
+        if request.opcode == pcp.Opcode.PEER:
+            return [self._pcp_peer(request)]
         return [self._pcp_map(request)]
+
+    def _pcp_peer(self, request: pcp.PcpRequest) -> bytes:
+        """PEER (RFC 6887 §12.3): create, extend or (lifetime 0) drop one flow's binding.
+
+        The external endpoint is endpoint-independent (RFC 4787 EIM, what most
+        NATs do): a MAP of the same internal endpoint, or another PEER of it,
+        lends its external port; a PEER suggesting a port it cannot have fails
+        with CANNOT_PROVIDE_EXTERNAL (PEER behaves as with PREFER_FAILURE).
+        Lifetime 0 deletes the binding, as miniupnpd does (RFC 6887 §15 says a
+        PEER cannot shorten one; servers differ).
+        """
+        data = request.data
+        assert isinstance(data, pcp.PeerData)
+        internal = request.client_address
+        for option in request.options:
+            if isinstance(option, pcp.ThirdParty):
+                internal = option.internal_address
+        if any(isinstance(o, pcp.PreferFailure) for o in request.options):
+            return self._pcp_error(request, ResultCode.MALFORMED_REQUEST)  # §12.1
+        if data.protocol == 0 or data.internal_port == 0 or data.remote_peer_port == 0:
+            return self._pcp_error(request, ResultCode.MALFORMED_REQUEST)  # §12.1
+        if data.protocol not in (_TCP, _UDP):
+            return self._pcp_error(request, ResultCode.UNSUPP_PROTOCOL)
+        self._expire()
+        now = self._now()
+        for stale in [k for k, m in self.peers.items() if m.expires_at <= now]:
+            del self.peers[stale]
+        key = (
+            str(internal),
+            data.protocol,
+            data.internal_port,
+            str(data.remote_peer_address),
+            data.remote_peer_port,
+        )
+        existing = self.peers.get(key)
+        if existing is not None and existing.nonce != data.nonce:
+            return self._pcp_error(request, ResultCode.NOT_AUTHORIZED)
+        if request.lifetime == 0:
+            self.peers.pop(key, None)
+            return self._peer_reply(request, 0, 0)
+        port: int | None
+        if existing is not None:
+            port = existing.external_port
+        else:
+            map_key = (str(internal), data.protocol, data.internal_port)
+            same_endpoint = [m for k, m in self.peers.items() if k[:3] == map_key]
+            if map_key in self.mappings:
+                port = self.mappings[map_key].external_port
+            elif same_endpoint:
+                port = same_endpoint[0].external_port
+            else:
+                port = self._free_port(
+                    data.protocol, data.external_port or data.internal_port, map_key
+                )
+        if port is None:
+            return self._pcp_error(request, ResultCode.NO_RESOURCES)
+        if data.external_port and port != data.external_port:
+            return self._pcp_error(request, ResultCode.CANNOT_PROVIDE_EXTERNAL)
+        lifetime = self._grant_lifetime(request.lifetime)
+        self.peers[key] = FakeMapping(
+            internal,
+            data.protocol,
+            data.internal_port,
+            port,
+            now + lifetime,
+            data.nonce,
+            "pcp",
+            (data.remote_peer_address, data.remote_peer_port),
+        )
+        return self._peer_reply(request, port, lifetime)
+
+    def _peer_reply(self, request: pcp.PcpRequest, port: int, lifetime: int) -> bytes:
+        data = request.data
+        assert isinstance(data, pcp.PeerData)
+        nonce = bytes(b ^ 0xFF for b in data.nonce) if self.wrong_nonce else data.nonce
+        remote_port = (
+            data.remote_peer_port % 65535 + 1 if self.wrong_remote else data.remote_peer_port
+        )
+        return pcp.encode_response(
+            pcp.PcpResponse(
+                pcp.Opcode.PEER,
+                ResultCode.SUCCESS,
+                lifetime,
+                self.epoch,
+                pcp.PeerData(
+                    nonce,
+                    data.protocol,
+                    data.internal_port,
+                    0 if self.grant_port_zero else port,
+                    self.granted_address or self.external_address,
+                    remote_port,
+                    data.remote_peer_address,
+                ),
+                request.options,
+            )
+        )
 
     def _pcp_map(self, request: pcp.PcpRequest) -> bytes:
         data = request.data
@@ -588,6 +697,23 @@ class FakeGateway:
         ]
 
     # -- assertions helpers --
+
+    def peer_for(
+        self, protocol: str, internal_port: int, remote: tuple[IPAddress | str, int]
+    ) -> FakeMapping | None:
+        """The live PEER binding of *internal_port*/*protocol* to *remote*, if any."""
+        number = _TCP if protocol == "tcp" else _UDP
+        now = self._now()
+        wanted = (to_address(remote[0]), remote[1])
+        for mapping in self.peers.values():
+            if (
+                mapping.protocol == number
+                and mapping.internal_port == internal_port
+                and mapping.remote == wanted
+                and mapping.expires_at > now
+            ):
+                return mapping
+        return None
 
     def mapping_for(self, protocol: str, internal_port: int) -> FakeMapping | None:
         """The live mapping of *internal_port*/*protocol* ("tcp"/"udp"), if any."""
