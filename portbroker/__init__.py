@@ -55,6 +55,7 @@ from portbroker.types import (
     MappingRequest,
     ProbeOutcome,
     ProbeReport,
+    RemoteFilter,
     TransportProtocol,
 )
 
@@ -90,6 +91,7 @@ __all__ = [
     "ProbeOutcome",
     "ProbeReport",
     "Released",
+    "RemoteFilter",
     "Renewed",
     "Restored",
     "State",

@@ -83,6 +83,7 @@ from portbroker.types import (
     Lease,
     MappingRequest,
     ProbeReport,
+    RemoteFilter,
     TransportProtocol,
 )
 
@@ -324,11 +325,16 @@ class Broker:
         via: str | None = None,
         internal_address: IPAddress | str | None = None,
         description: str = "portbroker",
+        filters: Sequence[RemoteFilter | str] = (),
     ) -> Mapping:
         """Create a mapping and keep it alive until :meth:`Mapping.release`.
 
         *via* forces one method ("pcp", "natpmp", "upnp"); otherwise the most
         preferred one that works is used (probing it on the way if needed).
+        *internal_address* of another host makes a third-party mapping;
+        *filters* (``"11.0.0.2/32"``, :class:`RemoteFilter`) restrict which
+        remote peers may use it, and a method that cannot enforce them
+        refuses with MappingError (docs/third-party-and-filter.md).
 
         Raises:
             ValueError: a bad port, protocol, lifetime or method name.
@@ -345,6 +351,7 @@ class Broker:
             exact,
             internal_address,
             description,
+            tuple(filters),
         )
         if via is not None and via not in self._methods:
             raise ValueError(

@@ -90,7 +90,16 @@ class NatPmpMethod:
         if request.internal_address is not None and request.internal_address != own:
             raise MappingError(
                 self.name,
-                f"NAT-PMP maps only for the sender ({own}), not {request.internal_address}",
+                f"NAT-PMP maps only for the sender ({own}), not {request.internal_address}"
+                " (RFC 6886 has no third-party mapping; PCP THIRD_PARTY or UPnP can)",
+            )
+        if request.filters:
+            # RFC 6886 has no way to name remote peers: mapping anyway would
+            # open the port to everyone when the app asked for a few.
+            raise MappingError(
+                self.name,
+                "NAT-PMP cannot restrict a mapping to remote peers (RFC 6886 has no filter);"
+                " nothing was mapped (PCP FILTER or UPnP NewRemoteHost can)",
             )
         # The address first when unknown: a gateway with no usable one is no
         # use for mapping, and asking before mapping leaves nothing to undo.
