@@ -404,6 +404,9 @@ class Daemon:
         # Each entry's state-file record, recomputed only when the entry
         # changes: a write with 10,000 mappings must not redo them all.
         self._record_cache: dict[tuple[str, int], dict[str, Any]] = {}
+        # Keys mapped for another host (THIRD_PARTY): the state file says so
+        # ("third_party": true), so a restart knows it too.
+        self._third_party: set[tuple[str, int]] = set()
         self._grace_changed = trio.Event()
         self._refusals: dict[int, tuple[float, int]] = {}  # uid -> (last logged, since)
         # Restore (see restore()): deletes not confirmed yet, attempts to
@@ -547,6 +550,8 @@ class Daemon:
             record = daemon_record(
                 lease, entry.owner_uid, holds, mapping.request.lifetime, pending_delete=pending
             )
+            if entry.key in self._third_party:
+                record["third_party"] = True
             if not exiting:
                 self._record_cache[entry.key] = record
             records.append(record)
@@ -670,7 +675,19 @@ class Daemon:
                     )
                 first.append(self._retire(parsed.lease, record))
                 continue
-            if not self._may_keep_port(parsed.owner_uid, parsed.key[1]):
+            third_party = record.get("third_party") is True
+            if third_party and not self._may_keep_third_party(parsed.owner_uid):
+                logger.warning(
+                    "%d/%s: uid %d may not map for another host (%s) under this daemon's"
+                    " policy; deleting it on the gateway",
+                    parsed.key[1],
+                    parsed.key[0],
+                    parsed.owner_uid,
+                    parsed.lease.internal_address,
+                )
+                first.append(self._retire(parsed.lease, record))
+                continue
+            if not third_party and not self._may_keep_port(parsed.owner_uid, parsed.key[1]):
                 # Allowed when it was made (--allow-privileged-ports, a group),
                 # not under this daemon's policy: it is not renewed for good.
                 logger.warning(
@@ -684,6 +701,10 @@ class Daemon:
                 first.append(self._retire(parsed.lease, record))
                 continue
             placeholder = Restoring(request, parsed.lease, record, self._retire_restoring)
+            if third_party:
+                self._third_party.add(parsed.key)
+            else:
+                self._third_party.discard(parsed.key)
             self._install_restored(parsed.key, parsed.owner_uid, alive, placeholder)
             if len(alive) == len(holds):
                 # Unchanged: written back as read (100,000 records must not
@@ -995,6 +1016,10 @@ class Daemon:
         if not entry.creating:
             self._save(entry)  # joined
             return entry
+        if internal_address is not None:
+            self._third_party.add(key)
+        else:
+            self._third_party.discard(key)
         self._pending[key] = done = trio.Event()
         try:
             mapping = await self.broker.map(
@@ -1059,9 +1084,11 @@ class Daemon:
             return  # new, or another user's: claim() answers that
         mapping = _handle(entry)
         held = mapping.request
-        if held.internal_address == internal_address and set(held.filters) == set(filters):
+        # A restored request names its (own) address; _third_party says whose.
+        held_address = held.internal_address if key in self._third_party else None
+        if held_address == internal_address and set(held.filters) == set(filters):
             return
-        target = f"for {held.internal_address}" if held.internal_address else "for this host"
+        target = f"for {held_address}" if held_address else "for this host"
         if held.filters:
             target += f" only from {', '.join(str(f) for f in held.filters)}"
         raise ProtocolError(
@@ -1202,6 +1229,20 @@ class Daemon:
                 send.close()
                 with trio.CancelScope(shield=True):
                     await self.disconnected(client)
+
+    def _may_keep_third_party(self, uid: int) -> bool:
+        """The third-party policy for a restored record of *uid*."""
+        if uid == 0:
+            return True
+        try:
+            gid = pwd.getpwuid(uid).pw_gid
+        except KeyError:  # no such user any more: no groups
+            return False
+        try:
+            self.owners.check_third_party(Peer(uid, 0, self._groups(uid, gid)))
+        except ProtocolError:
+            return False
+        return True
 
     def _may_keep_port(self, uid: int, port: int) -> bool:
         """The privileged-port policy for a restored record of *uid*."""

@@ -102,6 +102,9 @@ class FakeIgd:
     drip_interval: float = 1.0
     drip_actions: set[str] = attrs.Factory(set)  # SOAP actions answered by a drip
     body_bytes_sent: int = 0  # bytes of dripped or endless bodies sent so far
+    # miniupnpd's secure_mode=yes: an AddPortMapping for a NewInternalClient
+    # other than the requester (127.0.0.1 here) gets 718 (tests/data capture).
+    secure_mode: bool = False
 
     entries: dict[tuple[int, str], IgdEntry] = attrs.Factory(dict)
     actions: list[tuple[str, dict[str, str]]] = attrs.Factory(list)
@@ -303,6 +306,8 @@ class FakeIgd:
         port = int(args["NewExternalPort"])
         proto = args["NewProtocol"].upper()
         client = args["NewInternalClient"]
+        if self.secure_mode and client != "127.0.0.1":
+            return self._fault(718)
         if action == "AddPortMapping" and lease != 0:
             if self.permanent_only:
                 return self.fault_body or soap_fault(725)
