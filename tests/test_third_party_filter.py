@@ -8,8 +8,10 @@ against miniupnpd (tests/lab/test_lab_third_party.py).
 from __future__ import annotations
 
 import argparse
+import json
 import secrets
 from ipaddress import IPv4Address
+from pathlib import Path
 
 import attrs
 import pytest
@@ -30,6 +32,7 @@ from portbroker.testing.fake_igd import FakeIgd
 from portbroker.types import Lease, MappingRequest, RemoteFilter, TransportProtocol, lease_json
 from portbroker.wire import pcp
 from tests.broker_harness import broker_for
+from tests.test_cli import cli
 from tests.test_upnp import MINIUPNPD_V2, igd_and_broker
 
 CLIENT = IPv4Address("127.0.0.1")
@@ -201,7 +204,7 @@ def test_pcp_third_party_missing_from_the_answer_is_undone() -> None:
         (
             MappingRequest(8080, "tcp", internal_address=CAMERA),
             pcp.ResultCode.NOT_AUTHORIZED,
-            "pcp_allow_thirdparty=yes",
+            "or another client holds that mapping",
         ),
         (
             MappingRequest(8080, "tcp", filters=("11.0.0.2",)),
@@ -409,3 +412,45 @@ def test_only_root_and_the_third_party_group_may_map_for_another_host() -> None:
     with pytest.raises(ProtocolError) as privileged:
         owners.claim(member, ("tcp", 81), persist=False, external_port=None, now=0.0)
     assert privileged.value.code is ErrorCode.PRIVILEGED_PORT
+
+
+# -- the command --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["map", "80", "--filter", "11.0.0.1/24"], "has host bits set"),
+        (["map", "80", "--filter", "0.0.0.0/0"], "admits every remote host"),
+        (["map", "80", "--filter", "11.0.0.2:0"], "remote port must be 1..65535"),
+        (["map", "80", "--third-party", "camera.lan"], "is not an IP address"),
+        (["map", "80", "--third-party", "127.0.0.1"], "is no lan host to map for"),
+    ],
+)
+def test_bad_third_party_and_filter_values_are_usage_errors(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    done = cli(*args, server_port=1, state=tmp_path / "s", check_rc=2)
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_cli_maps_for_another_host_with_a_filter_and_unmaps(
+    gateway_port: int, tmp_path: Path
+) -> None:
+    state = tmp_path / "state.json"
+    args = ("map", "8554/tcp", "--third-party", CAMERA, "--filter", "11.0.0.2/32:5000")
+    done = cli(*args, "--json", server_port=gateway_port, state=state, check_rc=0)
+    mapped = json.loads(done.stdout)
+    assert mapped["internal_address"] == CAMERA
+    assert mapped["filters"] == ["11.0.0.2/32:5000"]
+    # Another run (its own nonce) while the first holds it: §11.3's NOT_AUTHORIZED.
+    done = cli(*args, server_port=gateway_port, state=tmp_path / "other", check_rc=1)
+    assert "or another client holds that mapping" in done.stderr
+    # unmap finds the record and deletes with THIRD_PARTY (FakeGateway keys by host).
+    cli("unmap", "8554/tcp", server_port=gateway_port, state=state, check_rc=0)
+    assert json.loads(state.read_text())["mappings"] == []
+    done = cli(*args, server_port=gateway_port, state=tmp_path / "other", check_rc=0)
+    assert f"{CAMERA}:8554/tcp ->" in done.stdout
+    assert "only from 11.0.0.2/32:5000" in done.stdout
+    cli("unmap", "8554/tcp", server_port=gateway_port, state=tmp_path / "other", check_rc=0)

@@ -449,12 +449,21 @@ def option_refusal(response: pcp.PcpResponse, sent: pcp.PcpRequest) -> MappingEr
     third = _sent_third_party(sent)
     filters = _sent_filters(sent)
     what: str | None = None
-    if third is not None and code in (ResultCode.UNSUPP_OPTION, ResultCode.NOT_AUTHORIZED):
+    if third is not None and code == ResultCode.UNSUPP_OPTION:
         what = (
             f"the PCP server does not allow mapping for another host ({third.internal_address})"
-            f" ({code.name} to THIRD_PARTY, RFC 6887 §13.1"
-            + ("; or it lacks FILTER" if filters and code == ResultCode.UNSUPP_OPTION else "")
+            " (UNSUPP_OPTION to THIRD_PARTY, RFC 6887 §13.1"
+            + ("; or it lacks FILTER" if filters else "")
             + "; miniupnpd needs pcp_allow_thirdparty=yes)"
+        )
+    elif third is not None and code == ResultCode.NOT_AUTHORIZED:
+        # Both readings are the server's to pick: a policy against third
+        # parties (§13.1), or that mapping held under another nonce (§11.3).
+        port = sent.data.internal_port if sent.data is not None else 0
+        what = (
+            f"the PCP server refused a mapping for another host ({third.internal_address}:{port})"
+            " (NOT_AUTHORIZED: it does not allow third-party mappings, RFC 6887 §13.1,"
+            " or another client holds that mapping, §11.3)"
         )
     elif filters and code in (ResultCode.UNSUPP_OPTION, ResultCode.MALFORMED_OPTION):
         what = f"the PCP server does not support these remote-peer filters ({code.name} to FILTER)"
