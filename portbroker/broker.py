@@ -49,6 +49,7 @@ from portbroker.errors import (
     NoAnswer,
     NoMethodAvailable,
     PortBrokerError,
+    RequestUnsupported,
 )
 from portbroker.gateway import resolve_gateway
 from portbroker.lifecycle import (
@@ -361,7 +362,7 @@ class Broker:
             # No retried delete of this port may go out while its create does.
             dropped = self._supersede(request)
             try:
-                lease = await self._create(request, via)
+                lease = await self._create_for(request, via)
             except BaseException as exc:
                 # The old entry may well be there still (a gateway down makes
                 # deletes pending and creates fail): its delete starts again.
@@ -598,6 +599,42 @@ class Broker:
                 self._unavailable.setdefault(outcome.method, (outcome.error or "unavailable", now))
         return lease
 
+    async def _create_for(self, request: MappingRequest, via: str | None) -> Lease:
+        """:meth:`_create`; for a request the method cannot carry out, the others.
+
+        A method that cannot do what this request asks (RequestUnsupported:
+        a mapping for another host, filters it cannot enforce) stays the
+        broker's choice for everything else; this one request is offered to
+        the other enabled methods in order of preference, and gets the same
+        request, enforced as asked, or the refusals of all
+        (docs/third-party-and-filter.md). A forced method (*via*) is not
+        second-guessed.
+        """
+        try:
+            return await self._create(request, via)
+        except RequestUnsupported as first:
+            if via is not None:
+                raise
+            refusals = [f"{first.method}: {first.reason}"]
+            skip = {first.method, *self._known_unavailable()}
+            for name, method in self._methods.items():
+                if name in skip:
+                    continue
+                try:
+                    return await self._create_with(method, request)
+                except NoAnswer as exc:
+                    # It may have made the mapping all the same.
+                    await self._abandon_on(method, request)
+                    refusals.append(str(exc))
+                except PortBrokerError as exc:
+                    refusals.append(str(exc))
+            raise RequestUnsupported(
+                first.method,
+                "; ".join(refusals)[len(first.method) + 2 :],
+                result_code=first.result_code,
+                retry_after=first.retry_after,
+            ) from first
+
     async def _race(self, request: MappingRequest) -> tuple[Lease, ProbeReport]:
         """The probe race, run again when silence (not a refusal) decided it.
 
@@ -734,7 +771,7 @@ class Broker:
                         self._methods[previous.method], mapping.request, previous
                     )
                 else:
-                    granted = await self._create(mapping.request, None)
+                    granted = await self._create_for(mapping.request, None)
             step = lifecycle.fire(
                 Trigger.GRANTED, trio.current_time(), token=action.token, lease=granted
             )

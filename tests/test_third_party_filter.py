@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -18,11 +20,12 @@ import pytest
 import trio
 import trio.testing
 
+from portbroker.broker import Broker, open_broker
 from portbroker.cli import _filter, _third_party
 from portbroker.daemon.ownership import Ownership, Peer, Policy
 from portbroker.daemon.protocol import ErrorCode, ProtocolError, Request
 from portbroker.daemon.server import _third_party_params
-from portbroker.errors import MappingError
+from portbroker.errors import MappingError, RequestUnsupported
 from portbroker.methods import pcp_rules
 from portbroker.methods.rules import Undo
 from portbroker.methods.upnp import upnp_remote_host
@@ -454,3 +457,60 @@ def test_cli_maps_for_another_host_with_a_filter_and_unmaps(
     assert f"{CAMERA}:8554/tcp ->" in done.stdout
     assert "only from 11.0.0.2/32:5000" in done.stdout
     cli("unmap", "8554/tcp", server_port=gateway_port, state=tmp_path / "other", check_rc=0)
+
+
+# -- the broker offers such a request to the other methods ------------------------------
+
+
+@asynccontextmanager
+async def pcp_and_upnp(gateway: FakeGateway, igd: FakeIgd) -> AsyncIterator[Broker]:
+    """PCP and NAT-PMP on the FakeGateway (memory links), UPnP on the FakeIgd."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(igd.serve)
+        async with open_broker(
+            "127.0.0.1",
+            ("pcp", "natpmp", "upnp"),
+            link_factory=gateway.link_factory(),
+            upnp_port=igd.ssdp_port,
+            ssdp_multicast=False,
+            announce_port=None,
+            seed=7,
+        ) as broker:
+            yield broker
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_third_party_request_pcp_refuses_goes_to_upnp_and_pcp_stays_chosen() -> None:
+    gateway = FakeGateway(pcp_third_party=False)
+    igd = FakeIgd(MINIUPNPD_V2)
+    async with pcp_and_upnp(gateway, igd) as broker:
+        camera = await broker.map(18090, "tcp", internal_address=CAMERA)
+        assert camera.method == "upnp"
+        assert [e.client for e in igd.entries.values()] == [CAMERA]
+        assert gateway.mappings == {}
+        own = await broker.map(18091, "tcp")
+        assert own.method == "pcp"  # the refusal was about the camera only
+        assert broker.selected_method == "pcp"
+        await camera.release()
+        assert igd.entries == {}
+
+
+async def test_a_filter_pcp_cannot_prove_goes_to_upnp_enforced_as_asked() -> None:
+    gateway = FakeGateway(pcp_filter="echo_all")  # miniupnpd 2.3.1
+    igd = FakeIgd(MINIUPNPD_V2)
+    async with pcp_and_upnp(gateway, igd) as broker:
+        mapping = await broker.map(18092, "tcp", filters=["11.0.0.2"])
+        assert mapping.method == "upnp"
+        assert mapping.lease is not None
+        assert [str(f) for f in mapping.lease.filters] == ["11.0.0.2/32"]
+        assert gateway.mappings == {}  # PCP's unenforced grant was deleted
+        adds = [args for action, args in igd.actions if action == "AddPortMapping"]
+        assert [a["NewRemoteHost"] for a in adds] == ["11.0.0.2"]
+        # A prefix UPnP cannot express either: every method's refusal, nothing left.
+        with pytest.raises(RequestUnsupported) as caught:
+            await broker.map(18093, "tcp", filters=["11.0.0.0/24"])
+        message = str(caught.value)
+        for words in ("proves nothing", "NAT-PMP cannot restrict", "one remote host"):
+            assert words in message
+        assert gateway.mappings == {}
+        assert len(igd.entries) == 1

@@ -10,7 +10,7 @@ from typing import Final
 
 import trio
 
-from portbroker.errors import LinkError, MappingError, MethodUnavailable
+from portbroker.errors import LinkError, MappingError, MethodUnavailable, RequestUnsupported
 from portbroker.methods import natpmp_rules, undo_grant
 from portbroker.methods.rules import Undo
 from portbroker.transport import Transport, natpmp_key, natpmp_schedule
@@ -88,7 +88,7 @@ class NatPmpMethod:
     async def create(self, request: MappingRequest, previous: Lease | None) -> Lease:
         own = self.transport.link.local_address
         if request.internal_address is not None and request.internal_address != own:
-            raise MappingError(
+            raise RequestUnsupported(
                 self.name,
                 f"NAT-PMP maps only for the sender ({own}), not {request.internal_address}"
                 " (RFC 6886 has no third-party mapping; PCP THIRD_PARTY or UPnP can)",
@@ -96,7 +96,7 @@ class NatPmpMethod:
         if request.filters:
             # RFC 6886 has no way to name remote peers: mapping anyway would
             # open the port to everyone when the app asked for a few.
-            raise MappingError(
+            raise RequestUnsupported(
                 self.name,
                 "NAT-PMP cannot restrict a mapping to remote peers (RFC 6886 has no filter);"
                 " nothing was mapped (PCP FILTER or UPnP NewRemoteHost can)",

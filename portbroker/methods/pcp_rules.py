@@ -12,7 +12,7 @@ from typing import Final
 
 import attrs
 
-from portbroker.errors import MappingError, MethodUnavailable
+from portbroker.errors import MappingError, MethodUnavailable, RequestUnsupported
 from portbroker.methods.rules import Scope, Undo, grant_problem
 from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome, RemoteFilter
 from portbroker.wire import pcp
@@ -421,7 +421,7 @@ def interpret_map(
         # Not what was asked: a mapping for the wrong host, or open to every
         # remote peer when the app asked for a few. Delete it and say so; no
         # other method would do better with the same request.
-        return Undo(lease, f"the PCP server {missing}", move_on=False)
+        return Undo(lease, f"the PCP server {missing}", move_on=False, unsupported=True)
     if request.filters:
         lease = attrs.evolve(lease, filters=request.filters)
     return lease
@@ -474,7 +474,7 @@ def option_refusal(response: pcp.PcpResponse, sent: pcp.PcpRequest) -> MappingEr
         )
     if what is None:
         return None
-    return MappingError(
+    return RequestUnsupported(
         NAME,
         f"map refused: {what}",
         result_code=int(code),

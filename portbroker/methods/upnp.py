@@ -48,6 +48,7 @@ from portbroker.errors import (
     MethodUnavailable,
     NoAnswer,
     PortBrokerError,
+    RequestUnsupported,
     UpnpError,
 )
 from portbroker.methods import upnp_rules as rules
@@ -550,10 +551,15 @@ class UpnpMethod:
                 third_party=client != igd.lan_address,
             )
         except UpnpError as exc:
-            message = exc.message
             if client != igd.lan_address and exc.code in (rules.CONFLICT, NOT_AUTHORIZED):
-                message = third_party_refusal(client, igd.lan_address, exc.message)
-            raise MappingError(self.name, message, result_code=exc.code, retry_after=None) from None
+                raise RequestUnsupported(
+                    self.name,
+                    third_party_refusal(client, igd.lan_address, exc.message),
+                    result_code=exc.code,
+                ) from None
+            raise MappingError(
+                self.name, exc.message, result_code=exc.code, retry_after=None
+            ) from None
         external = self.last_external_address or await self._external(igd)
         remaining = None
         if lease_sent == 0:
@@ -759,7 +765,7 @@ def upnp_remote_host(request: MappingRequest | Lease) -> str:
     elif filters[0].port:
         problem = f"remote port {filters[0].port}"
     if problem is not None:
-        raise MappingError(
+        raise RequestUnsupported(
             "upnp",
             f"UPnP IGD can restrict a mapping to one remote host (any port) only, not {problem};"
             " nothing was mapped (PCP FILTER can express it where the gateway enforces it)",

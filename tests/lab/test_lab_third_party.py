@@ -243,11 +243,24 @@ def test_miniupnpd_echoes_pcp_filter_without_applying_it(
             assert from_b is not None  # B got in: the filter was not applied
         finally:
             assert ask(0).result_code == pcp.ResultCode.SUCCESS
-    # And portbroker says so rather than pretend, leaving nothing open.
-    done = cli(lab, "map", "8557/tcp", "--filter", f"{lab.wan_address}/32", state=tmp_path / "s")
+    # And portbroker says so rather than pretend, leaving nothing open...
+    only = ("--filter", f"{lab.wan_address}/32")
+    done = cli(lab, "map", "8557/tcp", *only, "--via", "pcp", state=tmp_path / "s")
     assert done.returncode == 1
     assert "proves nothing" in done.stderr
     assert "deleted it" in done.stderr
+    assert rules_for(lab, 8557) == []
+    # ...and, left to choose, takes the method that enforces it (UPnP), PCP's
+    # unenforced grant deleted on the way.
+    state = tmp_path / "auto.json"
+    done = cli(lab, "map", "8557/tcp", *only, "--json", state=state)
+    assert done.returncode == 0, done.stderr + lab.log_text()
+    mapped = json.loads(done.stdout)
+    print(f"map --filter without --via: {mapped['method']}, filters {mapped['filters']}")
+    assert mapped["method"] == "upnp"
+    assert mapped["filters"] == [f"{lab.wan_address}/32"]
+    assert len(rules_for(lab, 8557)) == 2  # UPnP's forward and dnat rules, no PCP leftover
+    assert cli(lab, "unmap", "8557/tcp", state=state).returncode == 0
     assert rules_for(lab, 8557) == []
 
 
@@ -294,17 +307,20 @@ def test_upnp_filter_lets_source_a_in_and_keeps_source_b_out(
 
 def test_a_gateway_that_allows_no_third_party_says_so(strict: Lab, tmp_path: Path) -> None:
     camera = "192.168.77.3"
-    via_pcp = cli(strict, "map", "8560/tcp", "--third-party", camera, state=tmp_path / "s")
+    # Left to choose, every method is asked; each says why not.
+    via_any = cli(strict, "map", "8560/tcp", "--third-party", camera, state=tmp_path / "s")
     via_upnp = cli(
         strict, "map", "8561/tcp", "--third-party", camera, "--via", "upnp", state=tmp_path / "s"
     )
     via_natpmp = cli(
         strict, "map", "8562/tcp", "--third-party", camera, "--via", "natpmp", state=tmp_path / "s"
     )
-    print(f"\n{via_pcp.stderr.strip()}\n{via_upnp.stderr.strip()}\n{via_natpmp.stderr.strip()}")
-    assert via_pcp.returncode == 1
-    assert "does not allow mapping for another host (192.168.77.3)" in via_pcp.stderr
-    assert "pcp_allow_thirdparty=yes" in via_pcp.stderr
+    print(f"\n{via_any.stderr.strip()}\n{via_upnp.stderr.strip()}\n{via_natpmp.stderr.strip()}")
+    assert via_any.returncode == 1
+    assert "does not allow mapping for another host (192.168.77.3)" in via_any.stderr
+    assert "pcp_allow_thirdparty=yes" in via_any.stderr
+    assert "natpmp: NAT-PMP maps only for the sender" in via_any.stderr
+    assert "upnp: the gateway refused to map for another host" in via_any.stderr
     assert via_upnp.returncode == 1
     assert "refused to map for another host (192.168.77.3" in via_upnp.stderr
     assert "secure_mode=yes" in via_upnp.stderr
