@@ -630,6 +630,9 @@ def _describe_daemon_mapping(mapping: dict[str, Any]) -> str:
         else mapping.get("state", "?")
     )
     flags = " persist" if mapping.get("persist") else ""
+    filters = mapping.get("filters")
+    if isinstance(filters, list) and filters:
+        where += f" only from {', '.join(str(f) for f in filters)}"
     return (
         f"{mapping['id']} -> {where} (uid {mapping.get('owner_uid')}, "
         f"{mapping.get('holders')} holder(s){flags})"

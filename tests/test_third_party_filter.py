@@ -514,3 +514,19 @@ async def test_a_filter_pcp_cannot_prove_goes_to_upnp_enforced_as_asked() -> Non
             assert words in message
         assert gateway.mappings == {}
         assert len(igd.entries) == 1
+
+
+def test_the_daemons_mappings_print_their_filters() -> None:
+    from portbroker.cli import _describe_daemon_mapping
+
+    mapping = {
+        "id": "8554/tcp",
+        "external_address": "11.0.0.1",
+        "external_port": 8554,
+        "method": "upnp",
+        "owner_uid": 0,
+        "holders": 1,
+    }
+    assert "only from" not in _describe_daemon_mapping(mapping)
+    shown = _describe_daemon_mapping({**mapping, "filters": ["11.0.0.2/32"]})
+    assert shown == "8554/tcp -> 11.0.0.1:8554 via upnp only from 11.0.0.2/32 (uid 0, 1 holder(s))"
