@@ -49,6 +49,7 @@ from portbroker.errors import (
     NoAnswer,
     NoMethodAvailable,
     PortBrokerError,
+    RequestUnsupported,
 )
 from portbroker.gateway import resolve_gateway
 from portbroker.lifecycle import (
@@ -84,6 +85,7 @@ from portbroker.types import (
     MappingRequest,
     ProbeOutcome,
     ProbeReport,
+    RemoteFilter,
     TransportProtocol,
     format_endpoint,
 )
@@ -350,11 +352,16 @@ class Broker:
         via: str | None = None,
         internal_address: IPAddress | str | None = None,
         description: str = "portbroker",
+        filters: Sequence[RemoteFilter | str] = (),
     ) -> Mapping:
         """Create a mapping and keep it alive until :meth:`Mapping.release`.
 
         *via* forces one method ("pcp", "natpmp", "upnp"); otherwise the most
         preferred one that works is used (probing it on the way if needed).
+        *internal_address* of another host makes a third-party mapping;
+        *filters* (``"11.0.0.2/32"``, :class:`RemoteFilter`) restrict which
+        remote peers may use it, and a method that cannot enforce them
+        refuses with MappingError (docs/third-party-and-filter.md).
 
         Raises:
             ValueError: a bad port, protocol, lifetime or method name.
@@ -371,6 +378,7 @@ class Broker:
             exact,
             internal_address,
             description,
+            filters=tuple(filters),
         )
         if via is not None and via not in self._methods:
             raise ValueError(
@@ -380,7 +388,7 @@ class Broker:
             # No retried delete of this port may go out while its create does.
             dropped = self._supersede(request)
             try:
-                lease = await self._create(request, via)
+                lease = await self._create_for(request, via)
             except BaseException as exc:
                 # The old entry may well be there still (a gateway down makes
                 # deletes pending and creates fail): its delete starts again.
@@ -758,6 +766,42 @@ class Broker:
                 self._unavailable.setdefault(outcome.method, (outcome.error or "unavailable", now))
         return lease
 
+    async def _create_for(self, request: MappingRequest, via: str | None) -> Lease:
+        """:meth:`_create`; for a request the method cannot carry out, the others.
+
+        A method that cannot do what this request asks (RequestUnsupported:
+        a mapping for another host, filters it cannot enforce) stays the
+        broker's choice for everything else; this one request is offered to
+        the other enabled methods in order of preference, and gets the same
+        request, enforced as asked, or the refusals of all
+        (docs/third-party-and-filter.md). A forced method (*via*) is not
+        second-guessed.
+        """
+        try:
+            return await self._create(request, via)
+        except RequestUnsupported as first:
+            if via is not None:
+                raise
+            refusals = [f"{first.method}: {first.reason}"]
+            skip = {first.method, *self._known_unavailable()}
+            for name, method in self._methods.items():
+                if name in skip:
+                    continue
+                try:
+                    return await self._create_with(method, request)
+                except NoAnswer as exc:
+                    # It may have made the mapping all the same.
+                    await self._abandon_on(method, request)
+                    refusals.append(str(exc))
+                except PortBrokerError as exc:
+                    refusals.append(str(exc))
+            raise RequestUnsupported(
+                first.method,
+                "; ".join(refusals)[len(first.method) + 2 :],
+                result_code=first.result_code,
+                retry_after=first.retry_after,
+            ) from first
+
     async def _race(self, request: MappingRequest) -> tuple[Lease, ProbeReport]:
         """The probe race, run again when silence (not a refusal) decided it.
 
@@ -897,7 +941,7 @@ class Broker:
                     # A PEER stays a PEER: only PCP has it (no race, no fallback).
                     granted = await self._create_with(self._pcp_for_peer(), mapping.request)
                 else:
-                    granted = await self._create(mapping.request, None)
+                    granted = await self._create_for(mapping.request, None)
             step = lifecycle.fire(
                 Trigger.GRANTED, trio.current_time(), token=action.token, lease=granted
             )

@@ -58,6 +58,31 @@ def _port_spec(text: str) -> tuple[int, str]:
     return port, proto
 
 
+def _third_party(text: str) -> str:
+    """--third-party's value: another lan host's IP address (RFC 6887 §13.1)."""
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an IP address (the lan host to map for, e.g. 192.168.1.50)"
+        ) from None
+    if address.is_unspecified or address.is_multicast or address.is_loopback:
+        raise argparse.ArgumentTypeError(f"{address} is no lan host to map for")
+    return str(address)
+
+
+def _filter(text: str) -> Any:
+    """--filter's value: PREFIX[:PORT] (docs/third-party-and-filter.md)."""
+    from portbroker.types import RemoteFilter
+
+    try:
+        return RemoteFilter.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _positive_int(upper: int) -> Any:
     def parse(text: str) -> int:
         try:
@@ -208,6 +233,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     map_cmd.add_argument("--via", choices=("pcp", "natpmp", "upnp"), help="use only this method")
     map_cmd.add_argument(
+        "--third-party",
+        type=_third_party,
+        metavar="IP",
+        help="map the port of another lan host (a camera) on its behalf (PCP THIRD_PARTY, UPnP)",
+    )
+    map_cmd.add_argument(
+        "--filter",
+        type=_filter,
+        action="append",
+        default=[],
+        metavar="PREFIX[:PORT]",
+        help="only this remote prefix (and port) may connect, e.g. 11.0.0.2/32 (repeatable;"
+        " refused where the gateway cannot enforce it)",
+    )
+    map_cmd.add_argument(
         "--hold",
         action="store_true",
         help="keep it renewed (and restored) until Ctrl-C, SIGTERM or SIGHUP, then delete it",
@@ -293,6 +333,14 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME",
         help="let members of this group map internal ports below 1024 (repeatable)",
+    )
+    daemon.add_argument(
+        "--third-party-group",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="let members of this group map ports of other lan hosts (default: root only;"
+        " repeatable)",
     )
     daemon.add_argument("--timeout", type=_seconds, default=2.0, metavar="S", help="probe timeout")
     daemon.add_argument(
@@ -560,6 +608,7 @@ def _daemon(args: argparse.Namespace) -> int:
         idle_timeout=args.idle_timeout,
         allow_privileged_ports=args.allow_privileged_ports,
         privileged_groups=tuple(args.privileged_group),
+        third_party_groups=tuple(args.third_party_group),
     )
     from portbroker.daemon.server import raise_fd_limit
 
@@ -652,6 +701,8 @@ async def _daemon_map(client: Any, args: argparse.Namespace) -> dict[str, Any]:
         # outlive it; with --hold it ends with the command unless --persist.
         persist=args.persist or not args.hold,
         via=args.via,
+        internal_address=args.third_party,
+        filters=[str(f) for f in args.filter],
     )
     return mapping
 
@@ -664,6 +715,9 @@ def _describe_daemon_mapping(mapping: dict[str, Any]) -> str:
         else mapping.get("state", "?")
     )
     flags = " persist" if mapping.get("persist") else ""
+    filters = mapping.get("filters")
+    if isinstance(filters, list) and filters:
+        where += f" only from {', '.join(str(f) for f in filters)}"
     return (
         f"{mapping['id']} -> {where} (uid {mapping.get('owner_uid')}, "
         f"{mapping.get('holders')} holder(s){flags})"
@@ -715,10 +769,11 @@ def _event_json(event: MappingEvent) -> dict[str, Any]:
 
 def _describe_lease(lease: Lease) -> str:
     kind = "permanent" if lease.permanent else f"lifetime {lease.lifetime} s"
+    only = f", only from {', '.join(str(f) for f in lease.filters)}" if lease.filters else ""
     return (
         f"{format_endpoint(lease.internal_address, lease.internal_port)}/{lease.protocol.value}"
         f" -> {format_endpoint(lease.external_address, lease.external_port)}"
-        f" via {lease.method} ({kind})"
+        f" via {lease.method} ({kind}{only})"
     )
 
 
@@ -733,6 +788,8 @@ async def _map(broker: Broker, args: argparse.Namespace) -> int:
         external_port=args.external_port,
         exact=args.exact,
         via=args.via,
+        internal_address=args.third_party,
+        filters=args.filter,
     )
     lease = mapping.lease
     assert lease is not None
@@ -882,6 +939,8 @@ async def _hold(broker: Broker, args: argparse.Namespace) -> int:
                 external_port=args.external_port,
                 exact=args.exact,
                 via=args.via,
+                internal_address=args.third_party,
+                filters=args.filter,
             )
             events = mapping.events()
             lease = mapping.lease

@@ -34,7 +34,7 @@ from typing import Any, Final, TypeVar
 
 from portbroker._util import atomic_write_json
 from portbroker.errors import PortBrokerError
-from portbroker.types import IPAddress, Lease, TransportProtocol, lease_json
+from portbroker.types import IPAddress, Lease, RemoteFilter, TransportProtocol, lease_json
 
 __all__ = [
     "STATE_VERSION",
@@ -111,6 +111,12 @@ def _address(record: dict[str, Any], name: str) -> IPAddress:
         raise RecordError(f"{name!r} must be an IP address, not {value!r}") from None
 
 
+@functools.lru_cache(maxsize=1024)
+def _filters(texts: tuple[str, ...]) -> tuple[RemoteFilter, ...]:
+    # Remote-peer filters (docs/third-party-and-filter.md), as lease_json writes them.
+    return tuple(RemoteFilter.parse(text) for text in texts)
+
+
 def check_lease_record(record: Any) -> None:
     """Raise :class:`RecordError` unless *record* is a usable :func:`lease_record`."""
     if not isinstance(record, dict):
@@ -143,6 +149,13 @@ def check_lease_record(record: Any) -> None:
     if "remote_address" in record or "remote_port" in record:  # a PCP PEER (docs/peer.md)
         _address(record, "remote_address")
         _int(record, "remote_port", 1, 65535)
+    filters = record.get("filters", [])
+    if not isinstance(filters, list) or not all(isinstance(f, str) for f in filters):
+        raise RecordError(f"'filters' must be a list of prefixes, not {filters!r}")
+    try:
+        _filters(tuple(filters))
+    except ValueError as exc:
+        raise RecordError(f"'filters': {exc}") from None
     nonce = record.get("nonce")
     if nonce is not None or method == "pcp":
         try:
@@ -196,6 +209,7 @@ def checked_lease_from_record(record: dict[str, Any], *, now: float | None = Non
             permanent=bool(record.get("permanent")),
             pinhole_id=record.get("pinhole_id"),
             remote=_record_remote(record),
+            filters=_filters(tuple(record.get("filters", ()))),
         )
     except (TypeError, ValueError) as exc:  # a rule check_lease_record does not know
         raise RecordError(str(exc)) from exc

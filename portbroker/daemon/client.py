@@ -31,7 +31,7 @@ import math
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -268,8 +268,10 @@ def _map_params(
     exact: bool,
     persist: bool,
     via: str | None,
+    internal_address: str | None = None,
+    filters: Sequence[str] = (),
 ) -> dict[str, Any]:
-    return {
+    params: dict[str, Any] = {
         "port": port,
         "protocol": protocol,
         "lifetime": lifetime,
@@ -278,6 +280,13 @@ def _map_params(
         "persist": persist,
         "via": via,
     }
+    # Sent only when used: a third-party mapping or filters
+    # (docs/third-party-and-filter.md).
+    if internal_address is not None:
+        params["internal_address"] = str(internal_address)
+    if filters:
+        params["filters"] = [str(f) for f in filters]
+    return params
 
 
 def _result(reply: dict[str, Any]) -> dict[str, Any]:
@@ -382,9 +391,22 @@ class Client:
         exact: bool = False,
         persist: bool = False,
         via: str | None = None,
+        internal_address: str | None = None,
+        filters: Sequence[str] = (),
     ) -> dict[str, Any]:
         reply = await self.request(
-            "map", **_map_params(port, protocol, lifetime, external_port, exact, persist, via)
+            "map",
+            **_map_params(
+                port,
+                protocol,
+                lifetime,
+                external_port,
+                exact,
+                persist,
+                via,
+                internal_address,
+                filters,
+            ),
         )
         return dict(reply["mapping"])
 
@@ -549,9 +571,22 @@ class BlockingClient:
         exact: bool = False,
         persist: bool = False,
         via: str | None = None,
+        internal_address: str | None = None,
+        filters: Sequence[str] = (),
     ) -> dict[str, Any]:
         reply = self.request(
-            "map", **_map_params(port, protocol, lifetime, external_port, exact, persist, via)
+            "map",
+            **_map_params(
+                port,
+                protocol,
+                lifetime,
+                external_port,
+                exact,
+                persist,
+                via,
+                internal_address,
+                filters,
+            ),
         )
         return dict(reply["mapping"])
 

@@ -63,6 +63,9 @@ class ErrorCode(enum.Enum):
     PRIVILEGED_PORT = "privileged_port"
     GONE = "gone"  # the requester's connection closed before the request was carried out
     IDLE = "idle"  # a connection with nothing held or watched, silent too long
+    # A map for another host's address (THIRD_PARTY) by a user who is not
+    # root and not in a --third-party-group (docs/third-party-and-filter.md).
+    THIRD_PARTY_FORBIDDEN = "third_party_forbidden"
 
 
 class ProtocolError(Exception):

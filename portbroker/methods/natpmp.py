@@ -11,7 +11,7 @@ from typing import Final
 
 import trio
 
-from portbroker.errors import LinkError, MappingError, MethodUnavailable
+from portbroker.errors import LinkError, MappingError, MethodUnavailable, RequestUnsupported
 from portbroker.methods import natpmp_rules, undo_grant
 from portbroker.methods.rules import Undo
 from portbroker.transport import Transport, natpmp_key, natpmp_schedule
@@ -111,9 +111,18 @@ class NatPmpMethod:
                 " use PCP or UPnP on the gateway's IPv6 address for an IPv6 pinhole",
             )
         if request.internal_address is not None and request.internal_address != own:
-            raise MappingError(
+            raise RequestUnsupported(
                 self.name,
-                f"NAT-PMP maps only for the sender ({own}), not {request.internal_address}",
+                f"NAT-PMP maps only for the sender ({own}), not {request.internal_address}"
+                " (RFC 6886 has no third-party mapping; PCP THIRD_PARTY or UPnP can)",
+            )
+        if request.filters:
+            # RFC 6886 has no way to name remote peers: mapping anyway would
+            # open the port to everyone when the app asked for a few.
+            raise RequestUnsupported(
+                self.name,
+                "NAT-PMP cannot restrict a mapping to remote peers (RFC 6886 has no filter);"
+                " nothing was mapped (PCP FILTER or UPnP NewRemoteHost can)",
             )
         # The address first when unknown: a gateway with no usable one is no
         # use for mapping, and asking before mapping leaves nothing to undo.

@@ -48,6 +48,7 @@ from portbroker.errors import (
     MethodUnavailable,
     NoAnswer,
     PortBrokerError,
+    RequestUnsupported,
     UpnpError,
 )
 from portbroker.methods import upnp_rules as rules
@@ -537,7 +538,9 @@ class UpnpMethod:
         client = request.internal_address or igd.lan_address
         for port in sorted(ports):
             try:
-                entry = await self._get_entry(igd, request.protocol, port)
+                entry = await self._get_entry(
+                    igd, request.protocol, port, upnp_remote_host(request)
+                )
             except (UpnpError, _Unanswered, ValueError):
                 continue  # not there (714), or unreadable: nothing we can name
             if (str(entry.internal_client), entry.internal_port) != (
@@ -557,10 +560,12 @@ class UpnpMethod:
                         lifetime=0,
                         granted_at=trio.current_time(),
                         gateway=self.gateway,
+                        filters=request.filters,
                     )
                 )
 
     async def _create(self, request: MappingRequest, previous: Lease | None) -> Lease:
+        remote_host = upnp_remote_host(request)  # before anything is sent
         igd = await self._ensure_igd()
         client = request.internal_address or igd.lan_address
         if isinstance(client, IPv6Address):
@@ -575,9 +580,20 @@ class UpnpMethod:
             wanted = request.external_port or request.internal_port
         try:
             port, lease_sent = await self._add_with_fallbacks(
-                igd, request, wanted, str(client), exact=request.exact and previous is None
+                igd,
+                request,
+                wanted,
+                str(client),
+                exact=request.exact and previous is None,
+                third_party=client != igd.lan_address,
             )
         except UpnpError as exc:
+            if client != igd.lan_address and exc.code in (rules.CONFLICT, NOT_AUTHORIZED):
+                raise RequestUnsupported(
+                    self.name,
+                    third_party_refusal(client, igd.lan_address, exc.message),
+                    result_code=exc.code,
+                ) from None
             raise MappingError(
                 self.name, exc.message, result_code=exc.code, retry_after=None
             ) from None
@@ -587,7 +603,7 @@ class UpnpMethod:
             # A permanent lease, or AddAnyPortMapping's 0 (a week on IGD v2):
             # read back what the gateway holds.
             remaining = await self._remaining_lease(igd, request.protocol, port)
-        return rules.build_lease(
+        granted = rules.build_lease(
             request,
             client=client,
             external_address=external,
@@ -598,9 +614,19 @@ class UpnpMethod:
             gateway=self.gateway,
             epoch=igd.boot_id,
         )
+        # The one filter upnp_remote_host allowed went out as NewRemoteHost;
+        # miniupnpd 2.3.1 turns it into a source-address match (seen in the lab).
+        return attrs.evolve(granted, filters=request.filters) if remote_host else granted
 
     async def _add_with_fallbacks(
-        self, igd: _Igd, request: MappingRequest, port: int, client: str, *, exact: bool
+        self,
+        igd: _Igd,
+        request: MappingRequest,
+        port: int,
+        client: str,
+        *,
+        exact: bool,
+        third_party: bool = False,
     ) -> tuple[int, int]:
         """AddPortMapping, then the remedies of :func:`upnp_rules.remedy_for`.
 
@@ -616,6 +642,11 @@ class UpnpMethod:
                 await self._soap(igd, "AddPortMapping", _add_args(request, port, client, lease))
                 return port, lease
             except UpnpError as exc:
+                if third_party and exc.code in (rules.CONFLICT, NOT_AUTHORIZED):
+                    # miniupnpd with secure_mode=yes answers 718 to an
+                    # AddPortMapping for another client (tests/data): other
+                    # ports would only be refused the same way.
+                    raise
                 remedy = rules.remedy_for(
                     exc.code,
                     lease=lease,
@@ -660,13 +691,13 @@ class UpnpMethod:
         raise UpnpError("AddPortMapping", "ConflictInMappingEntry", rules.CONFLICT)
 
     async def _get_entry(
-        self, igd: _Igd, protocol: TransportProtocol, port: int
+        self, igd: _Igd, protocol: TransportProtocol, port: int, remote_host: str = ""
     ) -> rules.PortMappingEntry:
         values = await self._soap(
             igd,
             "GetSpecificPortMappingEntry",
             [
-                ("NewRemoteHost", ""),
+                ("NewRemoteHost", remote_host),
                 ("NewExternalPort", str(port)),
                 ("NewProtocol", protocol.value.upper()),
             ],
@@ -692,7 +723,9 @@ class UpnpMethod:
         protocol = TransportProtocol(previous.protocol)
         label = f"{previous.external_port}/{protocol.value.upper()}"
         try:
-            entry = await self._get_entry(igd, protocol, previous.external_port)
+            entry = await self._get_entry(
+                igd, protocol, previous.external_port, upnp_remote_host(previous)
+            )
         except UpnpError as exc:
             if exc.code == rules.NO_SUCH_ENTRY:
                 self._signal(
@@ -728,7 +761,9 @@ class UpnpMethod:
                 igd,
                 "DeletePortMapping",
                 [
-                    ("NewRemoteHost", ""),
+                    # The entry's key is (RemoteHost, ExternalPort, Protocol)
+                    # (WANIPConnection:2 §2.4.18).
+                    ("NewRemoteHost", upnp_remote_host(lease)),
                     ("NewExternalPort", str(lease.external_port)),
                     ("NewProtocol", proto),
                 ],
@@ -895,10 +930,53 @@ class UpnpMethod:
             raise NoAnswer(f"{self.name}: {exc}") from None
 
 
+# UPnP's "Action not authorized" (WANIPConnection:2 §2.4.16).
+NOT_AUTHORIZED: Final = 606
+
+
+def upnp_remote_host(request: MappingRequest | Lease) -> str:
+    """The NewRemoteHost for *request*'s filters: "" (anyone) or one host.
+
+    UPnP IGD keys a mapping by one remote host, or the wildcard
+    (WANIPConnection:2 §2.4.16): a prefix, several hosts or a remote port
+    cannot be expressed, and mapping without them would open the port to
+    everyone, so those requests are refused here, before anything is sent.
+
+    Raises:
+        MappingError: filters UPnP cannot express.
+    """
+    filters = request.filters
+    if not filters:
+        return ""
+    problem = None
+    if len(filters) > 1:
+        problem = f"{len(filters)} filters"
+    elif not filters[0].is_host:
+        problem = f"the prefix {filters[0].network}"
+    elif filters[0].port:
+        problem = f"remote port {filters[0].port}"
+    if problem is not None:
+        raise RequestUnsupported(
+            "upnp",
+            f"UPnP IGD can restrict a mapping to one remote host (any port) only, not {problem};"
+            " nothing was mapped (PCP FILTER can express it where the gateway enforces it)",
+        )
+    return str(filters[0].network.network_address)
+
+
+def third_party_refusal(client: IPAddress, own: IPAddress, message: str) -> str:
+    """How a refused AddPortMapping for another host reads to the user."""
+    return (
+        f"the gateway refused to map for another host ({client}; this host is {own}): {message}"
+        " (miniupnpd with secure_mode=yes allows a client to map only its own address;"
+        " or the port is taken)"
+    )
+
+
 def _add_args(request: MappingRequest, port: int, client: str, lease: int) -> list[tuple[str, str]]:
     # The argument order of WANIPConnection:2 §2.4.16 (and of miniupnpc).
     return [
-        ("NewRemoteHost", ""),
+        ("NewRemoteHost", upnp_remote_host(request)),
         ("NewExternalPort", str(port)),
         ("NewProtocol", request.protocol.value.upper()),
         ("NewInternalPort", str(request.internal_port)),

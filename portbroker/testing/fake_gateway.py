@@ -58,6 +58,7 @@ class FakeMapping:
     nonce: bytes | None  # None for NAT-PMP mappings
     via: str  # "pcp" | "natpmp"
     remote: tuple[IPAddress, int] | None = None  # a PCP PEER's remote peer (RFC 6887 §12)
+    filters: tuple[pcp.Filter, ...] = ()  # PCP FILTER options it was granted with
 
 
 @attrs.define(eq=False)
@@ -186,6 +187,14 @@ class FakeGateway:
     # PEER bindings (RFC 6887 §12), by (internal address, protocol, internal
     # port, remote address, remote port): a table apart from MAP's.
     peers: dict[tuple[str, int, int, str, int], FakeMapping] = attrs.Factory(dict)
+    # THIRD_PARTY (RFC 6887 §13.1): False answers UNSUPP_OPTION, as miniupnpd
+    # does without pcp_allow_thirdparty=yes.
+    pcp_third_party: bool = True
+    # FILTER (§13.3): "enforce" keeps them and echoes only processed options
+    # (the RFC); "echo_all" echoes every option, an unknown optional one too,
+    # and ignores FILTER (miniupnpd 2.3.1); "omit" grants without echoing
+    # FILTER; "unsupported" answers UNSUPP_OPTION.
+    pcp_filter: str = "enforce"
 
     mappings: dict[tuple[str, int, int], FakeMapping] = attrs.Factory(dict)
     requests: list[pcp.PcpRequest | natpmp.NatPmpRequest] = attrs.Factory(list)
@@ -527,7 +536,14 @@ class FakeGateway:
         internal = request.client_address
         for option in request.options:
             if isinstance(option, pcp.ThirdParty):
+                if option.internal_address == request.client_address:
+                    return self._pcp_error(request, ResultCode.MALFORMED_REQUEST)  # §13.1
+                if not self.pcp_third_party:
+                    return self._pcp_error(request, ResultCode.UNSUPP_OPTION)
                 internal = option.internal_address
+        filters = tuple(o for o in request.options if isinstance(o, pcp.Filter))
+        if filters and self.pcp_filter == "unsupported":
+            return self._pcp_error(request, ResultCode.UNSUPP_OPTION)
         if data.protocol == 0 and data.internal_port != 0:
             return self._pcp_error(request, ResultCode.MALFORMED_REQUEST)
         if data.protocol not in (_TCP, _UDP):
@@ -557,7 +573,14 @@ class FakeGateway:
         self._store(
             key,
             FakeMapping(
-                internal, data.protocol, data.internal_port, port, now + lifetime, data.nonce, "pcp"
+                internal,
+                data.protocol,
+                data.internal_port,
+                port,
+                now + lifetime,
+                data.nonce,
+                "pcp",
+                filters=filters if self.pcp_filter == "enforce" else (),
             ),
         )
         return self._pcp_reply(
@@ -609,8 +632,19 @@ class FakeGateway:
                 lifetime,
                 self.epoch,
                 pcp.MapData(nonce, data.protocol, data.internal_port, port, address),
-                request.options,
+                self._answered_options(request),
             )
+        )
+
+    def _answered_options(self, request: pcp.PcpRequest) -> tuple[pcp.Option, ...]:
+        """The options a SUCCESS carries: those processed (RFC 6887 §7.3, §13)."""
+        if self.pcp_filter == "echo_all":
+            return request.options
+        return tuple(
+            o
+            for o in request.options
+            if not (isinstance(o, pcp.UnknownOption) and not o.code.is_mandatory)
+            and not (isinstance(o, pcp.Filter) and self.pcp_filter == "omit")
         )
 
     def _handle_natpmp(self, data: bytes, source: tuple[str, int]) -> list[bytes]:

@@ -139,6 +139,9 @@ class FakeIgd:
     pinhole_gone_code: int = 704
     pinholes: dict[int, Pinhole] = attrs.Factory(dict)
     _next_pinhole: int = 1
+    # miniupnpd's secure_mode=yes: an AddPortMapping for a NewInternalClient
+    # other than the requester (127.0.0.1 here) gets 718 (tests/data capture).
+    secure_mode: bool = False
 
     entries: dict[tuple[int, str], IgdEntry] = attrs.Factory(dict)
     actions: list[tuple[str, dict[str, str]]] = attrs.Factory(list)
@@ -347,6 +350,8 @@ class FakeIgd:
         port = int(args["NewExternalPort"])
         proto = args["NewProtocol"].upper()
         client = args["NewInternalClient"]
+        if self.secure_mode and client != "127.0.0.1":
+            return self._fault(718)
         if action == "AddPortMapping" and lease != 0:
             if self.permanent_only:
                 return self.fault_body or soap_fault(725)
