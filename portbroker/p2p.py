@@ -56,6 +56,7 @@ from typing import Any, Final
 import attrs
 import trio
 
+from portbroker._util import collapse_single
 from portbroker.broker import Broker, Mapping
 from portbroker.errors import PortBrokerError
 from portbroker.lifecycle import (
@@ -773,19 +774,22 @@ async def open_candidates(
     elif mapping is not None:
         gatherer.mapping = mapping
     try:
-        async with trio.open_nursery() as nursery:
-            if gatherer.mapping is not None:
-                nursery.start_soon(gatherer._follow, gatherer._watch(gatherer.mapping))
-            gatherer._refresh()  # the first list: nobody is subscribed yet
-            nursery.start_soon(gatherer._poll_interfaces, poll_interval, debounce)
-            # Only a mapping of our own is made again; the owner of one handed
-            # to us decides what to do when it ends.
-            if broker is not None and mapping is None and remap_interval is not None:
-                nursery.start_soon(_remap, gatherer, broker, map_kwargs, remap_interval, nursery)
-            try:
-                yield gatherer
-            finally:
-                nursery.cancel_scope.cancel()
+        with collapse_single():  # the caller's own exceptions keep their type
+            async with trio.open_nursery() as nursery:
+                if gatherer.mapping is not None:
+                    nursery.start_soon(gatherer._follow, gatherer._watch(gatherer.mapping))
+                gatherer._refresh()  # the first list: nobody is subscribed yet
+                nursery.start_soon(gatherer._poll_interfaces, poll_interval, debounce)
+                # Only a mapping of our own is made again; the owner of one handed
+                # to us decides what to do when it ends.
+                if broker is not None and mapping is None and remap_interval is not None:
+                    nursery.start_soon(
+                        _remap, gatherer, broker, map_kwargs, remap_interval, nursery
+                    )
+                try:
+                    yield gatherer
+                finally:
+                    nursery.cancel_scope.cancel()
     finally:
         gatherer._close()
         if gatherer._owned and gatherer.mapping is not None:

@@ -469,3 +469,11 @@ async def test_an_enumeration_failure_later_keeps_the_last_list(
         gatherer._addresses = broken
         await trio.sleep(60)
         assert kinds(gatherer.candidates()) == [("host", "192.168.1.100", 5000)]
+
+
+async def test_an_error_in_the_block_comes_out_as_itself(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with pytest.raises(KeyError, match="mine"):
+        async with open_candidates(None, 5000, "udp", addresses=Addresses(LAN)):
+            raise KeyError("mine")
