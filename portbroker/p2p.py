@@ -58,7 +58,7 @@ import trio
 
 from portbroker._util import collapse_single
 from portbroker.broker import Broker, Mapping
-from portbroker.errors import PortBrokerError
+from portbroker.errors import AlreadyMapped, PortBrokerError
 from portbroker.lifecycle import (
     Acquired,
     ExternalAddressChanged,
@@ -733,6 +733,7 @@ async def open_candidates(
 
     Raises:
         ValueError: a bad port, protocol, lifetime, component or interval.
+        AlreadyMapped: the broker already maps this port (pass that mapping).
         PortBrokerError: the map failed and *require_mapping* was set.
         OSError: the interfaces could not be enumerated at all.
     """
@@ -766,6 +767,9 @@ async def open_candidates(
         try:
             gatherer.mapping = await broker.map(port, protocol, **map_kwargs)
             gatherer._owned = True
+        except AlreadyMapped as exc:
+            # Not the gateway's doing: this broker already maps the port.
+            raise AlreadyMapped(f"{exc}; pass it as open_candidates(mapping=...)") from None
         except PortBrokerError as exc:
             if require_mapping:
                 raise

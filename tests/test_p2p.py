@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 
-from portbroker.errors import PortBrokerError
+from portbroker.errors import AlreadyMapped, PortBrokerError
 from portbroker.lifecycle import State
 from portbroker.p2p import (
     TYPE_PREFERENCE,
@@ -477,3 +477,15 @@ async def test_an_error_in_the_block_comes_out_as_itself(
     with pytest.raises(KeyError, match="mine"):
         async with open_candidates(None, 5000, "udp", addresses=Addresses(LAN)):
             raise KeyError("mine")
+
+
+async def test_a_port_the_broker_already_maps_is_an_error_that_says_what_to_do(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway()
+    async with broker_for(gateway) as broker:
+        mapping = await broker.map(5000, "udp")
+        with pytest.raises(AlreadyMapped, match=r"open_candidates\(mapping=\.\.\.\)"):
+            async with open_candidates(broker, 5000, "udp", addresses=Addresses(LAN)):
+                pytest.fail("entered")
+        assert mapping.state is State.ACTIVE
