@@ -305,3 +305,46 @@ async def test_rendezvous_answers_bad_requests_and_keeps_the_connection() -> Non
     assert "candidates must be" in replies[4]["error"]
     assert "wait must be" in replies[5]["error"]
     assert replies[-1] == {"ok": False, "error": "nobody did not register within 0 s"}
+
+
+async def test_interactive_lines_go_to_the_peer_and_the_peers_lines_are_printed() -> None:
+    external = own_ipv4()
+    gateways = [FakeGateway(port=0, external_address=external) for _ in range(2)]
+    results: dict[str, Any] = {}
+    async with trio.open_nursery() as nursery:
+        for gateway in gateways:
+            await nursery.start(gateway.serve_udp)
+        rendezvous = await start_rendezvous(nursery)
+        alice = await trio.lowlevel.open_process(
+            chat_argv("alice", "bob", rendezvous, gateways[0]),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert alice.stdin is not None
+        assert alice.stdout is not None
+        try:
+            async with trio.open_nursery() as peers:
+                argv = chat_argv(
+                    "bob", "alice", rendezvous, gateways[1], "--say", "hi", "--expect", "typed"
+                )
+                peers.start_soon(run_chat, argv, results, "bob")
+                await alice.stdin.send_all(b"typed\n")
+                printed = b""
+                with trio.fail_after(30):
+                    while b"bob: hi  (from " not in printed:
+                        chunk = await alice.stdout.receive_some(4096)
+                        assert chunk, printed
+                        printed += chunk
+                await alice.stdin.aclose()  # end of input: alice says goodbye
+                with trio.fail_after(30):
+                    await alice.wait()
+        finally:
+            if alice.returncode is None:
+                alice.kill()
+            await alice.wait()
+        nursery.cancel_scope.cancel()
+    assert alice.returncode == 0
+    assert results["bob"].returncode == 0, results["bob"].stderr
+    assert json.loads(results["bob"].stdout.decode().splitlines()[-1])["heard"] == ["typed"]
+    assert all(gateway.mappings == {} for gateway in gateways)

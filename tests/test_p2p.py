@@ -7,6 +7,7 @@ one test reads the real one (getifaddrs) for the loopback it always has.
 from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv6Address, ip_address
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from portbroker.p2p import (
     CandidateKind,
     ChangeReason,
     InterfaceAddress,
+    _inet6_flags,
     _is_public,
     build_candidates,
     host_addresses,
@@ -489,3 +491,20 @@ async def test_a_port_the_broker_already_maps_is_an_error_that_says_what_to_do(
             async with open_candidates(broker, 5000, "udp", addresses=Addresses(LAN)):
                 pytest.fail("entered")
         assert mapping.state is State.ACTIVE
+
+
+def test_ipv6_flags_from_proc_mark_tentative_and_deprecated(tmp_path: Path) -> None:
+    # /proc/net/if_inet6: address, ifindex, prefix length, scope, flags, name
+    table = tmp_path / "if_inet6"
+    table.write_text(
+        "20010db8000000000000000000000007 02 40 00 40     eth0\n"
+        "20010db8000000000000000000000008 02 40 00 20     eth0\n"
+        "20010db8000000000000000000000009 02 40 00 80     eth0\n"
+        "garbage line\n"
+    )
+    flags = _inet6_flags(table)
+    assert flags[("eth0", IPv6Address("2001:db8::7"))] == 0x40
+    assert flags[("eth0", IPv6Address("2001:db8::8"))] == 0x20
+    assert flags[("eth0", IPv6Address("2001:db8::9"))] == 0x80  # permanent: usable
+    assert len(flags) == 3
+    assert _inet6_flags(tmp_path / "missing") == {}
