@@ -43,6 +43,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import enum
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -433,6 +434,7 @@ def _sockaddr(pointer: int | None) -> IPAddress | None:
     return None
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
@@ -539,6 +541,7 @@ class CandidateGatherer:
         self._candidates: tuple[Candidate, ...] = ()
         self._subscribers: list[trio.MemorySendChannel[CandidateChange]] = []
         self._mapping_over = trio.Event()
+        self._closed = False
 
     def candidates(self) -> tuple[Candidate, ...]:
         """The current candidates, highest priority first."""
@@ -547,7 +550,10 @@ class CandidateGatherer:
     def changes(self) -> trio.MemoryReceiveChannel[CandidateChange]:
         """Every change from now on, until the gatherer closes (then the stream ends)."""
         send, receive = trio.open_memory_channel[CandidateChange](math.inf)
-        self._subscribers.append(send)
+        if self._closed:
+            send.close()
+        else:
+            self._subscribers.append(send)
         return receive
 
     # -- inputs ---------------------------------------------------------------
@@ -664,6 +670,7 @@ class CandidateGatherer:
         self._update(ChangeReason.ADDRESS_ADDED, came)
 
     def _close(self) -> None:
+        self._closed = True
         for channel in self._subscribers:
             channel.close()
         self._subscribers.clear()

@@ -508,3 +508,12 @@ def test_ipv6_flags_from_proc_mark_tentative_and_deprecated(tmp_path: Path) -> N
     assert flags[("eth0", IPv6Address("2001:db8::9"))] == 0x80  # permanent: usable
     assert len(flags) == 3
     assert _inet6_flags(tmp_path / "missing") == {}
+
+
+async def test_a_change_stream_asked_for_after_the_close_is_empty(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_candidates(None, 5000, "udp", addresses=Addresses(LAN)) as gatherer:
+        pass
+    with trio.fail_after(1):
+        assert [change async for change in gatherer.changes()] == []
