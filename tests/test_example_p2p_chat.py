@@ -152,7 +152,9 @@ async def test_two_peers_behind_two_gateways_chat_over_their_mapped_endpoints() 
     events = [
         json.loads(line)["event"] for line in results["bob"].stdout.decode().splitlines()[:-1]
     ]
-    assert events == ["candidates", "registered", "peer-candidates", "connected", "chat"]
+    # (the peer's line may come before our own check's answer: the peer got its answer first)
+    assert events[:3] == ["candidates", "registered", "peer-candidates"]
+    assert sorted(events[3:]) == ["chat", "connected"]
     # Both released their mappings on the way out.
     assert all(gateway.mappings == {} for gateway in gateways)
     assert all(len(gateway.requests) >= 2 for gateway in gateways)
