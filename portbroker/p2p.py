@@ -537,6 +537,7 @@ class CandidateGatherer:
         # Why there is no mapping (the last map attempt's error), if there is none.
         self.mapping_error: PortBrokerError | None = None
         self._lease: Lease | None = None
+        self._lost_endpoint: tuple[IPAddress, int] | None = None  # the endpoint before a Lost
         self._hosts: list[InterfaceAddress] = []
         self._candidates: tuple[Candidate, ...] = ()
         self._subscribers: list[trio.MemorySendChannel[CandidateChange]] = []
@@ -613,7 +614,13 @@ class CandidateGatherer:
             self._update(ChangeReason.MAPPING_ACQUIRED)
         elif isinstance(event, Restored):
             self._lease = event.lease
-            self._update(ChangeReason.MAPPING_RESTORED)
+            detail = f"at {event.lease.external_address}:{event.lease.external_port}"
+            before = self._lost_endpoint
+            if before is not None and before != _endpoint(event.lease):
+                # miniupnpd 2.3.1 announces a new external address with a PCP
+                # epoch of 0 (seen in the lab): a loss, then this restore.
+                detail += f", no longer {before[0]}:{before[1]}"
+            self._update(ChangeReason.MAPPING_RESTORED, detail)
         elif isinstance(event, ExternalAddressChanged):
             self._lease = event.lease
             self._update(
@@ -622,6 +629,8 @@ class CandidateGatherer:
                 f"{event.lease.external_address}:{event.lease.external_port}",
             )
         elif isinstance(event, Lost):
+            if self._lease is not None:
+                self._lost_endpoint = _endpoint(self._lease)
             self._lease = None
             self._update(ChangeReason.MAPPING_LOST, event.reason)
         elif isinstance(event, Failed | Released):

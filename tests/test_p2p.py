@@ -235,6 +235,7 @@ async def test_mapping_lost_and_restored_are_changes(
         assert restored.reason is ChangeReason.MAPPING_RESTORED
         assert kinds(restored.added) == [("server-reflexive", "203.0.113.7", 5000)]
         assert restored.candidates == gatherer.candidates()
+        assert restored.detail == "at 203.0.113.7:5000"
         nursery.cancel_scope.cancel()
 
 
@@ -517,3 +518,28 @@ async def test_a_change_stream_asked_for_after_the_close_is_empty(
         pass
     with trio.fail_after(1):
         assert [change async for change in gatherer.changes()] == []
+
+
+async def test_a_mapping_restored_elsewhere_says_where_it_was(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway()
+    changes = Changes()
+    async with (
+        broker_for(gateway) as broker,
+        open_candidates(broker, 5000, "udp", addresses=Addresses(LAN)) as gatherer,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(changes.run, gatherer.changes())
+        await trio.sleep(100)
+        gateway.reset()
+        gateway.external_address = IPv4Address("198.51.100.20")
+        await gateway.announce()
+        await wait_for(lambda: len(changes.seen) >= 2)
+        assert changes.reasons()[:2] == [ChangeReason.MAPPING_LOST, ChangeReason.MAPPING_RESTORED]
+        restored = changes.seen[1]
+        assert kinds(restored.added) == [("server-reflexive", "198.51.100.20", 5000)]
+        assert restored.detail == "at 198.51.100.20:5000, no longer 203.0.113.7:5000"
+        await trio.sleep(60)
+        assert len(changes.seen) == 2  # the ExternalAddressChanged after it changes nothing more
+        nursery.cancel_scope.cancel()
