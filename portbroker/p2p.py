@@ -587,11 +587,11 @@ class CandidateGatherer:
         removed = tuple(c for k, c in old_keys.items() if k not in new_keys)
         return added, removed
 
-    def _update(self, reason: ChangeReason, detail: str = "") -> None:
+    def _update(self, reason: ChangeReason, detail: str = "", *, always: bool = False) -> None:
         added, removed = self._refresh()
         new = self._candidates
-        if not added and not removed:
-            return  # a renewal, or an event the list already reflects
+        if not added and not removed and not always:
+            return  # an event the list already reflects
         change = CandidateChange(reason, added, removed, new, detail)
         logger.info(
             "candidates %s: +%d -%d (%d now)", reason.value, len(added), len(removed), len(new)
@@ -636,7 +636,11 @@ class CandidateGatherer:
         elif isinstance(event, Failed | Released):
             self._lease = None
             detail = event.reason if isinstance(event, Failed) else "released"
-            self._update(ChangeReason.MAPPING_ENDED, detail)
+            if isinstance(event, Failed):
+                self.mapping_error = PortBrokerError(f"the mapping was given up on: {event.reason}")
+            # Said even when a loss already took the candidate away: no
+            # restore will follow (only a later map, see _remap).
+            self._update(ChangeReason.MAPPING_ENDED, detail, always=True)
 
     def _watch(self, mapping: Mapping) -> trio.MemoryReceiveChannel[MappingEvent]:
         """Adopt *mapping*: subscribe first, then read its state (no event in between)."""

@@ -543,3 +543,42 @@ async def test_a_mapping_restored_elsewhere_says_where_it_was(
         await trio.sleep(60)
         assert len(changes.seen) == 2  # the ExternalAddressChanged after it changes nothing more
         nursery.cancel_scope.cancel()
+
+
+async def test_a_mapping_given_up_on_ends_its_candidate_and_is_made_again_later(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway()
+    changes = Changes()
+    async with (
+        broker_for(gateway, methods=("pcp",)) as broker,
+        open_candidates(
+            broker, 5000, "udp", addresses=Addresses(LAN), remap_interval=600
+        ) as gatherer,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(changes.run, gatherer.changes())
+        first = gatherer.mapping
+        await trio.sleep(100)
+        # NOT_AUTHORIZED, again and again: after 20 re-creations (about 75
+        # minutes) the broker gives up (lifecycle rule 7).
+        gateway.forced_result = 2
+        gateway.forced_lifetime = 30
+        gateway.reset()
+        await gateway.announce()
+        await wait_for(lambda: ChangeReason.MAPPING_ENDED in changes.reasons(), 4 * HOUR)
+        assert first is not None
+        assert first.state is State.FAILED
+        assert "given up on: gave up after 20 failed re-creations" in str(gatherer.mapping_error)
+        assert kinds(gatherer.candidates()) == [("host", "192.168.1.100", 5000)]
+        gateway.forced_result = None
+        await wait_for(lambda: ChangeReason.MAPPING_ACQUIRED in changes.reasons(), 4 * HOUR)
+        assert changes.reasons() == [
+            ChangeReason.MAPPING_LOST,
+            ChangeReason.MAPPING_ENDED,
+            ChangeReason.MAPPING_ACQUIRED,
+        ]
+        assert gatherer.mapping is not first
+        assert kinds(gatherer.candidates())[1] == ("server-reflexive", "203.0.113.7", 5000)
+        nursery.cancel_scope.cancel()
+    assert gateway.mapping_for("udp", 5000) is None
