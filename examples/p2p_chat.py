@@ -202,9 +202,11 @@ class Peer:
                 if seq not in self.seen_seqs:
                     self.seen_seqs.add(seq)
                     self.heard.append((message["text"], source))
+                    # A peer's text is not trusted with the terminal (escape sequences).
+                    shown = "".join(ch if ch.isprintable() else "\ufffd" for ch in message["text"])
                     self.out.say(
                         "chat",
-                        f"{self.peer}: {message['text']}  (from {source[0]}:{source[1]})",
+                        f"{self.peer}: {shown}  (from {source[0]}:{source[1]})",
                         text=message["text"],
                         source=f"{source[0]}:{source[1]}",
                     )
@@ -421,8 +423,10 @@ async def _interactive(peer: Peer) -> None:
             text = line.decode(errors="replace").rstrip("\r")
             if text:
                 seq += 1
-                with trio.move_on_after(10):
+                with trio.move_on_after(10) as scope:
                     await peer.chat(seq, text)
+                if scope.cancelled_caught:
+                    print(f"p2p_chat: {peer.peer} did not acknowledge {text!r}", file=sys.stderr)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
