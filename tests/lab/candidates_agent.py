@@ -1,6 +1,6 @@
 """A P2P stack's view, run inside the lab's lan namespace: portbroker.p2p's candidates and changes.
 
-    python candidates_agent.py GATEWAY PORT LIFETIME
+    python candidates_agent.py GATEWAY PORT LIFETIME METHODS
 
 Opens a broker and ``portbroker.p2p.open_candidates(broker, PORT, "udp")``
 (interfaces polled every 0.5 s, debounced 0.5 s; re-creation after a loss
@@ -24,9 +24,9 @@ def line(**fields: Any) -> None:
     print(json.dumps(fields, default=str), flush=True)
 
 
-async def main(gateway: str, port: int, lifetime: int) -> None:
+async def main(gateway: str, port: int, lifetime: int, methods: tuple[str, ...]) -> None:
     async with (
-        portbroker.open_broker(gateway, probe_timeout=2.0, recovery_delay=0.5) as broker,
+        portbroker.open_broker(gateway, methods, probe_timeout=2.0, recovery_delay=0.5) as broker,
         portbroker.p2p.open_candidates(
             broker, port, "udp", lifetime=lifetime, poll_interval=0.5, debounce=0.5
         ) as gatherer,
@@ -52,4 +52,4 @@ async def main(gateway: str, port: int, lifetime: int) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(main, sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    trio.run(main, sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), tuple(sys.argv[4].split(",")))
