@@ -597,7 +597,14 @@ class UpnpMethod:
             raise MappingError(
                 self.name, exc.message, result_code=exc.code, retry_after=None
             ) from None
-        external = self.last_external_address or await self._external(igd)
+        # A renewal asks again: an ISP lease change moves the external address
+        # with no signal UPnP would carry (seen in the lab: the cached address
+        # stayed wrong for every renewal), and ExternalAddressChanged comes
+        # from comparing this lease with the previous one.
+        if previous is not None or self.last_external_address is None:
+            external = await self._external(igd)
+        else:
+            external = self.last_external_address
         remaining = None
         if lease_sent == 0:
             # A permanent lease, or AddAnyPortMapping's 0 (a week on IGD v2):
