@@ -1,24 +1,15 @@
 """portbroker.rendezvous: names, TXT, the zeroconf seam under load, publish/browse.
 
 Safety: no test here sends mDNS on this machine's interfaces. The pure tests
-touch no socket; every test that starts zeroconf runs its whole trio run on a
-thread that joined a network namespace of its own (only ``lo``, made for this
-module), with zeroconf bound to 127.0.0.1 in it. Binding to 127.0.0.1 alone is
-not enough in the root namespace: zeroconf's shared listening socket is bound
-to 0.0.0.0:5353 and answers a unicast query through the socket it came in on
-(zeroconf/_handlers/query_handler.py), so a query from the LAN to this host
-would be answered on the LAN. In a namespace of its own there is no LAN.
+touch no socket; every test that starts zeroconf runs in a network namespace
+of its own (tests/rendezvous_harness.py says why 127.0.0.1 alone is not enough).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import random
-import secrets
-import subprocess
 import threading
-from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -40,11 +31,9 @@ from portbroker.rendezvous import (
     peer_from_txt,
 )
 from portbroker.testing.fake_gateway import FakeGateway
-from portbroker.testing.lab import in_netns
 from portbroker.types import Lease, TransportProtocol
-
-LOOPBACK = ["127.0.0.1"]
-
+from tests.rendezvous_harness import LOOPBACK, run_isolated, until
+from tests.rendezvous_harness import netns as netns  # the fixture
 
 # -- names and TXT (pure) ---------------------------------------------------------
 
@@ -289,30 +278,6 @@ def test_past_max_peers_new_names_are_dropped_and_counted() -> None:
 
 
 # -- real zeroconf, in a network namespace of its own ---------------------------------
-
-
-@pytest.fixture(scope="module")
-def netns() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: zeroconf runs in a network namespace of its own")
-    name = f"pbdnssd-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
-
-
-def run_isolated(netns: str, main: Callable[[], Awaitable[None]]) -> None:
-    """The whole trio run (and every thread it starts: zeroconf's) in *netns*."""
-    in_netns(netns, lambda: trio.run(main))
-
-
-async def until(predicate: Callable[[], bool], limit: float = 15.0) -> None:
-    with trio.fail_after(limit):
-        while not predicate():  # noqa: ASYNC110 - zeroconf's thread changes what we read
-            await trio.sleep(0.05)
 
 
 def web(name: str = "web", external: str = "203.0.113.7", port: int = 8080) -> Advert:
