@@ -526,3 +526,76 @@ def test_rendezvous_argument_errors_are_clear() -> None:
                 pass
 
     trio.run(main)
+
+
+def test_a_flood_from_zeroconfs_own_thread_while_trio_publishes_then_close_mid_flood(
+    netns: str,
+) -> None:
+    """zeroconf's loop writes 10,000 peer states (as its browse callbacks do)
+    while trio publishes and updates through the same thread; trio keeps
+    up, then the rendezvous closes with the flood still running: no
+    deadlock, the thread is joined, nothing stays registered."""
+
+    async def main() -> None:
+        import asyncio
+
+        names = [f"f{i}" for i in range(200)]
+        stop_flood = threading.Event()
+        flood_count = 0
+        async with open_rendezvous(LOOPBACK) as rv:
+            async with rv.browse("_pbflood._tcp") as browser:
+                table = browser._table
+
+                async def flood() -> None:
+                    nonlocal flood_count
+                    rng = random.Random(5)
+                    n = 0
+                    while not stop_flood.is_set():
+                        name = rng.choice(names)
+                        n += 1
+                        peer = peer_from_txt(
+                            name, "_pbflood._tcp.local.", None, [], n % 60000 + 1, {}
+                        )
+                        table.put(name, peer)
+                        if n % 500 == 0:
+                            await asyncio.sleep(0)  # let zeroconf's own work run too
+                        if n == 10000:
+                            flood_count = n
+                    flood_count = n
+
+                flooding = asyncio.run_coroutine_threadsafe(flood(), rv.thread._loop)  # type: ignore[arg-type]
+                view: dict[str, int] = {}
+
+                async def read() -> None:
+                    async for change in browser:
+                        assert change.peer is not None
+                        view[change.name] = (change.peer.internal and 0) or 0
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(read)
+                    publications = [
+                        await rv.publish_advert(web(f"pub{i}", port=2000)) for i in range(5)
+                    ]
+                    async with trio.open_nursery() as updates:
+                        for i, publication in enumerate(publications):
+                            for port in range(2001, 2011):
+                                updates.start_soon(publication.update_lease, lease(port=port + i))
+                    registered = await rv.thread.run(lambda _zc: _registry(rv.thread))
+                    # trio runs a batch of new tasks in either order: the last
+                    # to run is the one each publication holds, and zeroconf too.
+                    assert registered == {
+                        f"pub{i}._pbtest._tcp.local.": str(p.advert.external_port)
+                        for i, p in enumerate(publications)
+                    }
+                    await until(lambda: flood_count >= 10000, limit=30)
+                    assert table.pending() <= len(names)
+                    nursery.cancel_scope.cancel()
+            thread = rv.thread
+        # Closed with the flood still going on zeroconf's loop.
+        stop_flood.set()
+        assert flooding.done()  # cancelled with the loop's other tasks
+        assert thread._thread is not None
+        assert not thread._thread.is_alive()
+        assert not thread._registered
+
+    run_isolated(netns, main)
