@@ -954,7 +954,11 @@ class Rendezvous:
             raise RendezvousError("the mapping has no lease yet: publish it once granted")
         advert = advert_for(lease, service_type, name, extra=txt, host=host)
         events = mapping.events()  # before the first await: no event is missed
-        publication = await self.publish_advert(advert)
+        try:
+            publication = await self.publish_advert(advert)
+        except BaseException:
+            events.close()  # nobody will read it
+            raise
         scope = trio.CancelScope()
         publication.follower = scope
         self._nursery.start_soon(self._follow, publication, events, scope)
