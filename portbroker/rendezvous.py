@@ -414,7 +414,11 @@ class ZeroconfThread:
         if self._start_error is not None:
             await trio.to_thread.run_sync(self._thread.join)
             error = self._start_error
-            raise RendezvousError(f"zeroconf could not start: {error}") from error
+            if isinstance(error, RendezvousError):
+                raise error
+            where = f" on {', '.join(self._interfaces)}" if self._interfaces else ""
+            hint = " (is each an address of this host?)" if self._interfaces else ""
+            raise RendezvousError(f"zeroconf could not start{where}: {error}{hint}") from error
 
     def _main(self, ready: Callable[[], None]) -> None:
         from zeroconf import InterfaceChoice
@@ -428,12 +432,21 @@ class ZeroconfThread:
             # loop thread of its own.
             if self._interfaces is None:
                 return AsyncZeroconf(interfaces=InterfaceChoice.All)
-            return AsyncZeroconf(interfaces=self._interfaces)
+            aiozc = AsyncZeroconf(interfaces=self._interfaces)
+            # zeroconf skips an address it cannot bind (EADDRNOTAVAIL) with a
+            # log line and runs deaf and mute: say so instead.
+            if getattr(aiozc.zeroconf.engine, "_respond_sockets", None) == []:
+                await aiozc.async_close()
+                raise RendezvousError(
+                    f"none of {', '.join(self._interfaces)} is an address of this host"
+                )
+            return aiozc
 
         try:
             self._aiozc = loop.run_until_complete(create())
         except BaseException as exc:  # noqa: BLE001 - reported to the trio side
-            self._start_error = exc
+            _close_sockets_of(exc)
+            self._start_error = exc.with_traceback(None)
             loop.close()
             ready()
             return
@@ -475,6 +488,9 @@ class ZeroconfThread:
         except trio.Cancelled:
             future.add_done_callback(_log_orphan)
             raise
+        if future.cancelled():
+            # The loop stopped under it (a close): not the caller's bug.
+            raise RendezvousError("the rendezvous closed")
         return future.result()
 
     def post(self, fn: Callable[[], None]) -> None:
@@ -561,6 +577,18 @@ class ZeroconfThread:
                     loop.call_soon_threadsafe(loop.stop)
             self._closed = True
             await trio.to_thread.run_sync(self._thread.join)
+
+
+def _close_sockets_of(error: BaseException) -> None:
+    """Close the sockets zeroconf made before it failed (its create_sockets
+    leaves the 0.0.0.0:5353 one open when joining an interface fails); they
+    are only reachable from the traceback's frames."""
+    tb = error.__traceback__
+    while tb is not None:
+        for value in list(tb.tb_frame.f_locals.values()):
+            if isinstance(value, socket.socket):
+                value.close()
+        tb = tb.tb_next
 
 
 async def await_quietly(awaitable: Any) -> None:

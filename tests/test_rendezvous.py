@@ -599,3 +599,12 @@ def test_a_flood_from_zeroconfs_own_thread_while_trio_publishes_then_close_mid_f
         assert not thread._registered
 
     run_isolated(netns, main)
+
+
+def test_an_address_that_is_not_this_hosts_is_refused(netns: str) -> None:
+    async def main() -> None:
+        with pytest.raises(RendezvousError, match=r"192\.0\.2\.1.*an address of this host"):
+            async with open_rendezvous(["192.0.2.1"]):
+                pass
+
+    run_isolated(netns, main)
