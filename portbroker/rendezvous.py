@@ -85,7 +85,7 @@ T = TypeVar("T")
 # The TXT keys portbroker writes (RFC 6763 §6.4: short, case-insensitive,
 # printable ASCII without '='; §6.7: txtvers first). A caller's extra keys may
 # not reuse them.
-TXT_KEYS: Final = ("txtvers", "ext_addr", "ext_port", "method", "public", "state")
+TXT_KEYS: Final = ("txtvers", "ext_addr", "ext_port", "method", "public", "state", "rev")
 TXT_VERSION: Final = "1"
 # RFC 6763 §6.2: a TXT record should stay under 1300 bytes to fit in a packet.
 MAX_TXT_BYTES: Final = 1300
@@ -98,6 +98,9 @@ MAX_PEERS: Final = 1024
 CLOSE_TIMEOUT: Final = 10.0
 # How long resolving one peer's SRV/TXT/A may take (zeroconf: milliseconds).
 RESOLVE_TIMEOUT_MS: Final = 3000
+# A replaced record leaves the cache one second after the new one came
+# (RFC 6762 §10.2): a peer is read again this long after it changed.
+CACHE_FLUSH_DELAY: Final = 1.2
 
 _SERVICE_TYPE = re.compile(r"^_(?P<name>[A-Za-z0-9-]{1,15})\._(?P<proto>tcp|udp)(?:\.local)?\.?$")
 
@@ -211,6 +214,12 @@ class Advert:
     state: Literal["up", "lost"] = "up"
     extra: Mapping[str, str] = attrs.field(factory=dict, converter=check_txt)
     host: str | None = None  # the SRV target; None: derived from the host name and address
+    # Counts the publication's updates, so that no two versions of its TXT
+    # record are the same: a browser's zeroconf treats a TXT equal to one it
+    # still holds (a replaced record stays cached until its cleanup, RFC 6762
+    # §10.2) as a refresh and reports no change, so "up -> lost -> up" would
+    # leave it at "lost".
+    revision: int = 0
 
     def txt(self) -> dict[str, str]:
         """The TXT record's keys (docs/dnssd.md)."""
@@ -222,6 +231,7 @@ class Advert:
         if self.method is not None:
             out["method"] = self.method
         out["state"] = self.state
+        out["rev"] = str(self.revision)
         out.update(self.extra)
         size = sum(len(k) + 1 + len(v.encode()) + 1 for k, v in out.items())
         if size > MAX_TXT_BYTES:
@@ -728,6 +738,7 @@ class Publication:
             raise RendezvousError(f"{self.advert.name!r} was withdrawn")
         if advert.key != self.key:
             raise RendezvousError("an update keeps the service type and instance name")
+        advert = attrs.evolve(advert, revision=self.advert.revision + 1)
         self.advert = advert
         await self._apply(advert)
 
@@ -860,6 +871,7 @@ class _Thread(ZeroconfThread):
         resolving: dict[str, list[bool]] = {}
 
         async def resolve(full: str, again: list[bool]) -> None:
+            settled = False
             try:
                 while resolving.get(full) is again:
                     again[0] = False
@@ -869,8 +881,15 @@ class _Thread(ZeroconfThread):
                         return  # removed meanwhile
                     if found and not table.closed:
                         table.put(_instance(full, service_type), _peer_of(info, service_type))
-                    if not again[0]:
+                    if again[0]:
+                        continue
+                    if settled:
                         return
+                    # RFC 6762 §10.2: a record replaced with the cache-flush
+                    # bit stays in the cache for one more second, so the read
+                    # above may have taken the old TXT; read once more after.
+                    await asyncio.sleep(CACHE_FLUSH_DELAY)
+                    settled = True
             finally:
                 if resolving.get(full) is again:
                     del resolving[full]

@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from portbroker.broker import open_broker
-from portbroker.lifecycle import ExternalAddressChanged, Restored
+from portbroker.lifecycle import ExternalAddressChanged, Lost, Restored
 from portbroker.rendezvous import (
     MAX_PEERS,
     Advert,
@@ -131,6 +131,7 @@ def test_the_txt_record_says_where_the_mapping_leads_and_whether_it_is_public() 
         "public": "1",
         "method": "pcp",
         "state": "up",
+        "rev": "0",
         "path": "/x",
     }
     # Behind a second NAT (RFC 6598 shared space, or private): not public.
@@ -468,8 +469,8 @@ def test_closing_while_cancelled_still_unregisters(netns: str) -> None:
 
 def test_a_published_mapping_follows_its_events(netns: str) -> None:
     """Through a broker on a FakeGateway: the external address changes
-    (ANNOUNCE, RFC 6887 §14.1), the gateway restarts (Lost, Restored), and the
-    mapping is released: the browser sees each."""
+    (the NAT-PMP announcement, RFC 6886 §3.2.1), the gateway restarts (Lost,
+    Restored), and the mapping is released: the browser sees each."""
 
     async def main() -> None:
         gateway = FakeGateway()
@@ -511,6 +512,25 @@ def test_a_published_mapping_follows_its_events(netns: str) -> None:
             )
             with pytest.raises(RendezvousError, match="published already"):
                 await rv.publish(mapping, "_pbtest._tcp", "mapped")
+
+            # The gateway restarts: an epoch that goes back is a loss (RFC 6886
+            # §3.6; beyond its 2 s tolerance). While the mapping is being
+            # restored (the gateway answers slowly now), the record keeps the
+            # internal endpoint and says state=lost; restored, it is up again.
+            await trio.sleep(4)
+            gateway.reset()
+            await gateway.announce()
+            with trio.fail_after(10):
+                async for event in events:
+                    if isinstance(event, Lost):
+                        gateway.delay = 1.5
+                        break
+            await until(lambda: browser.snapshot()["mapped"].state == "lost", limit=5)
+            assert browser.snapshot()["mapped"].external is None
+            assert browser.snapshot()["mapped"].internal
+            gateway.delay = 0.0
+            await until(lambda: browser.snapshot()["mapped"].state == "up", limit=10)
+            assert browser.snapshot()["mapped"].external is not None
 
             await mapping.release()
             await until(lambda: "mapped" not in browser.snapshot(), limit=5)
