@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
-from portbroker.client import DaemonRequestError, open_client
+from portbroker.client import BlockingClient, DaemonRequestError, open_client
 from portbroker.daemon.server import Daemon
 from portbroker.rendezvous import Browser, open_rendezvous
 from portbroker.testing import FakeGateway
@@ -57,7 +58,7 @@ async def code_of(work: Awaitable[Any]) -> str:
 
 def test_publish_then_unmap_withdraws(netns: str) -> None:
     async def body(
-        daemon: Daemon, client: Any, browser: Browser, gateway: FakeGateway, _d: Path
+        daemon: Daemon, client: Any, browser: Browser, gateway: FakeGateway, directory: Path
     ) -> None:
         mapping = await client.map(8080, "tcp", lifetime=600)
         published = await client.publish(
@@ -74,6 +75,17 @@ def test_publish_then_unmap_withdraws(netns: str) -> None:
             mapping["external_port"],
         )
         assert [p for _, p in peer.internal] == [8080]
+
+        # The blocking client says the same (from a thread: it blocks).
+        def blocking() -> dict[str, Any]:
+            with BlockingClient(directory / "pb.sock") as other:
+                published = other.publish(8080, "tcp", service_type=TYPE, name="web2")
+                assert other.unpublish(8080, "tcp", service_type=TYPE, name="web2")["name"] == (
+                    "web2"
+                )
+                return published
+
+        assert (await trio.to_thread.run_sync(blocking))["name"] == "web2"
 
         await client.unmap(8080, "tcp")
         await until(lambda: "web" not in browser.snapshot(), limit=5)  # goodbyes
