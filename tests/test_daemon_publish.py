@@ -18,7 +18,8 @@ import pytest
 import trio
 
 from portbroker.client import BlockingClient, DaemonRequestError, open_client
-from portbroker.daemon.server import Daemon
+from portbroker.daemon.protocol import ErrorCode, ProtocolError, Request
+from portbroker.daemon.server import Client, Daemon
 from portbroker.rendezvous import Browser, open_rendezvous
 from portbroker.testing import FakeGateway
 from tests.rendezvous_harness import LOOPBACK, run_isolated, until
@@ -119,6 +120,16 @@ def test_publish_refusals_are_clear(netns: str) -> None:
             await code_of(client.request("publish", port=8080, type=TYPE, name="x", txt={"a": 1}))
             == "bad_request"
         )
+
+        # Another user's mapping is not found, never described (the daemon's
+        # rule for every op): a client of uid 4242 asks, in-process.
+        stranger = Client(4242, 1, None, None, None)  # type: ignore[arg-type]
+        for op in ("publish", "unpublish"):
+            request = Request(op, 1, {"port": 8080, "type": TYPE, "name": "x"})
+            with pytest.raises(ProtocolError) as refused:
+                await daemon.handle(stranger, request)
+            assert refused.value.code is ErrorCode.NOT_FOUND
+            assert "of yours" in refused.value.message
 
         await client.publish(8080, "tcp", service_type=TYPE, name="one")
         assert await code_of(client.publish(8081, "tcp", service_type=TYPE, name="one")) == (
