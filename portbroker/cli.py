@@ -257,6 +257,21 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="through the daemon: keep it after --hold ends, until an explicit unmap",
     )
+    map_cmd.add_argument(
+        "--publish",
+        type=_publish_spec,
+        metavar="TYPE:NAME",
+        help="also publish it on the LAN with DNS-SD, e.g. _http._tcp:web (docs/dnssd.md);"
+        " without the daemon it needs --hold",
+    )
+    map_cmd.add_argument(
+        "--txt",
+        action="append",
+        default=[],
+        type=_txt_item,
+        metavar="KEY=VALUE",
+        help="an extra TXT entry for --publish (repeatable)",
+    )
 
     _add_peer_parser(sub, common)
 
@@ -275,6 +290,26 @@ def _parser() -> argparse.ArgumentParser:
         "list", parents=[daemon_only], help="the daemon's mappings (yours; all for root)"
     )
     sub.add_parser("watch", parents=[daemon_only], help="print the daemon's mapping events")
+
+    browse = sub.add_parser(
+        "browse", help="DNS-SD peers of a service type on the LAN, with their external endpoints"
+    )
+    browse.add_argument("service_type", metavar="TYPE", help="for example _http._tcp")
+    browse.add_argument(
+        "--interface",
+        action="append",
+        default=[],
+        metavar="IP",
+        help="an address of this host to browse on (repeatable; default every interface)",
+    )
+    browse.add_argument("--json", action="store_true", help="print JSON, one object a line")
+    browse.add_argument(
+        "--for",
+        dest="duration",
+        type=_seconds,
+        metavar="S",
+        help="print the peers seen after S seconds and exit (default: changes until Ctrl-C)",
+    )
 
     daemon = sub.add_parser("daemon", help="run the broker that every app on this host shares")
     daemon.add_argument(
@@ -341,6 +376,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="let members of this group map ports of other lan hosts (default: root only;"
         " repeatable)",
+    )
+    daemon.add_argument(
+        "--max-publications",
+        type=_positive_int(100000),
+        default=16,
+        metavar="N",
+        help="DNS-SD publications one user may have (default 16)",
     )
     daemon.add_argument("--timeout", type=_seconds, default=2.0, metavar="S", help="probe timeout")
     daemon.add_argument(
@@ -456,14 +498,23 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command in ("list", "watch"):
         return trio.run(_daemon_client, args)
+    if args.command == "browse":
+        return trio.run(_browse, args)
     methods = _methods(args.methods)
     if args.command == "map" and args.exact and args.external_port is None:
         raise UsageError("--exact needs --external-port")
     if args.command == "map" and args.via and args.via not in methods:
         methods = (args.via,)
+    if args.command == "map" and args.txt and not args.publish:
+        raise UsageError("--txt goes with --publish")
     # The daemon has no PEER op: `unmap --remote` deletes a `peer` record itself.
     if args.command in ("map", "unmap") and not getattr(args, "remote", None) and _use_daemon(args):
         return trio.run(_daemon_client, args)
+    if args.command == "map" and args.publish and not args.hold:
+        raise UsageError(
+            "--publish without the daemon needs --hold: the publication lasts as long as"
+            " this command"
+        )
     return trio.run(_run, args, methods)
 
 
@@ -609,6 +660,7 @@ def _daemon(args: argparse.Namespace) -> int:
         allow_privileged_ports=args.allow_privileged_ports,
         privileged_groups=tuple(args.privileged_group),
         third_party_groups=tuple(args.third_party_group),
+        max_publications=args.max_publications,
     )
     from portbroker.daemon.server import raise_fd_limit
 
@@ -664,6 +716,7 @@ async def _daemon_client(args: argparse.Namespace) -> int:
                     json.dumps(mapping) if args.json else _describe_daemon_mapping(mapping),
                     flush=True,
                 )
+                await _daemon_publish(client, args)
                 return 0
             import trio
 
@@ -678,6 +731,7 @@ async def _daemon_client(args: argparse.Namespace) -> int:
                     json.dumps(mapping) if args.json else _describe_daemon_mapping(mapping),
                     flush=True,
                 )
+                await _daemon_publish(client, args)
                 async for _ in signals:
                     break
             return 0
@@ -705,6 +759,98 @@ async def _daemon_map(client: Any, args: argparse.Namespace) -> dict[str, Any]:
         filters=[str(f) for f in args.filter],
     )
     return mapping
+
+
+async def _daemon_publish(client: Any, args: argparse.Namespace) -> None:
+    """map --publish through the daemon: it publishes, and withdraws with the mapping."""
+    if not args.publish:
+        return
+    port, proto = args.spec
+    service_type, name = args.publish
+    published = await client.publish(
+        port, proto, service_type=service_type, name=name, txt=dict(args.txt)
+    )
+    _print_published(published, as_json=args.json)
+
+
+def _print_published(published: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"event": "Published", **published}), flush=True)
+    else:
+        txt = " ".join(f"{k}={v}" for k, v in published["txt"].items())
+        print(f"published {published['name']!r} ({published['type']}): {txt}", flush=True)
+
+
+def _publish_spec(text: str) -> tuple[str, str]:
+    """``_http._tcp:web`` -> (service type, instance name), both checked."""
+    from portbroker.rendezvous import RendezvousError, check_instance_name, check_service_type
+
+    service_type, sep, name = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected TYPE:NAME such as _http._tcp:web, not {text!r}")
+    try:
+        return check_service_type(service_type), check_instance_name(name)
+    except RendezvousError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _txt_item(text: str) -> tuple[str, str]:
+    from portbroker.rendezvous import RendezvousError, check_txt
+
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not {text!r}")
+    try:
+        check_txt({key: value})
+    except RendezvousError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return key, value
+
+
+async def _browse(args: argparse.Namespace) -> int:
+    """browse TYPE: peers' internal and external endpoints (docs/dnssd.md)."""
+    import trio
+
+    from portbroker.rendezvous import Peer, RendezvousError, check_service_type, open_rendezvous
+
+    def line(kind: str, name: str, peer: Peer | None) -> str:
+        if args.json:
+            out: dict[str, Any] = {"change": kind, "name": name}
+            if peer is not None:
+                out.update(
+                    internal=[f"{a}:{p}" for a, p in peer.internal],
+                    external=f"{peer.external[0]}:{peer.external[1]}" if peer.external else None,
+                    method=peer.method,
+                    public=peer.public,
+                    state=peer.state,
+                    txt=dict(peer.txt),
+                )
+            return json.dumps(out)
+        if peer is None:
+            return f"{kind} {name!r}"
+        inside = ", ".join(f"{a}:{p}" for a, p in peer.internal) or "?"
+        outside = f"{peer.external[0]}:{peer.external[1]}" if peer.external else "none"
+        return f"{kind} {name!r}: internal {inside}, external {outside} ({peer.state or '?'})"
+
+    try:
+        service_type = check_service_type(args.service_type)
+        async with (
+            open_rendezvous(args.interface or None) as rendezvous,
+            rendezvous.browse(service_type) as browser,
+        ):
+            if args.duration is not None:
+                await trio.sleep(args.duration)
+                for name, peer in sorted(browser.snapshot().items()):
+                    print(line("seen", name, peer), flush=True)
+                return 0
+            with trio.open_signal_receiver(*_hold_signals()) as signals:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
+                    async for change in browser:
+                        print(line(change.kind, change.name, change.peer), flush=True)
+            return 0
+    except RendezvousError as exc:
+        raise Failure(f"browse failed: {exc}") from exc
 
 
 def _describe_daemon_mapping(mapping: dict[str, Any]) -> str:
@@ -949,10 +1095,14 @@ async def _hold(broker: Broker, args: argparse.Namespace) -> int:
                 print(json.dumps({"event": "Acquired", **_lease_json(lease)}), flush=True)
             else:
                 print(f"mapped {_describe_lease(lease)}; holding until Ctrl-C", flush=True)
-            async for event in events:
-                _print_event(event, as_json=args.json)
-                if isinstance(event, Failed):
-                    failed = event
+            async with contextlib.AsyncExitStack() as stack:
+                if args.publish:
+                    # Withdrawn (goodbye packets) before the mapping is deleted.
+                    await _publish_held(stack, mapping, lease, args)
+                async for event in events:
+                    _print_event(event, as_json=args.json)
+                    if isinstance(event, Failed):
+                        failed = event
             # The stream ended on its own: the mapping failed for good.
             nursery.cancel_scope.cancel()
         if mapping is None:
@@ -967,6 +1117,30 @@ async def _hold(broker: Broker, args: argparse.Namespace) -> int:
         async for event in events:  # the Released event
             _print_event(event, as_json=args.json)
     return 0
+
+
+async def _publish_held(
+    stack: contextlib.AsyncExitStack, mapping: Mapping, lease: Lease, args: argparse.Namespace
+) -> None:
+    """map --hold --publish without the daemon: zeroconf on the interface toward the gateway."""
+    from portbroker.rendezvous import RendezvousError, open_rendezvous
+
+    service_type, name = args.publish
+    try:
+        rendezvous = await stack.enter_async_context(open_rendezvous([str(lease.internal_address)]))
+        publication = await rendezvous.publish(mapping, service_type, name, txt=dict(args.txt))
+    except RendezvousError as exc:
+        raise Failure(f"map failed: could not publish: {exc}") from exc
+    advert = publication.advert
+    _print_published(
+        {
+            "mapping": f"{lease.internal_port}/{lease.protocol.value}",
+            "type": advert.service_type,
+            "name": advert.name,
+            "txt": advert.txt(),
+        },
+        as_json=args.json,
+    )
 
 
 async def _unmap(broker: Broker, args: argparse.Namespace) -> int:

@@ -289,6 +289,16 @@ def _map_params(
     return params
 
 
+def _publish_params(
+    port: int, protocol: str, service_type: str, name: str, txt: dict[str, str] | None
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"port": port, "protocol": protocol, "type": service_type}
+    params["name"] = name
+    if txt:
+        params["txt"] = dict(txt)
+    return params
+
+
 def _result(reply: dict[str, Any]) -> dict[str, Any]:
     if reply.get("ok"):
         return reply
@@ -427,6 +437,32 @@ class Client:
             yield event
         if self._failure is not None:
             raise self._failure
+
+    async def publish(
+        self,
+        port: int,
+        protocol: str = "tcp",
+        *,
+        service_type: str,
+        name: str,
+        txt: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Publish the mapping of *port*/*protocol* as a DNS-SD service (docs/dnssd.md).
+
+        It stays published until :meth:`unpublish` or the mapping's end.
+        """
+        reply = await self.request(
+            "publish", **_publish_params(port, protocol, service_type, name, txt)
+        )
+        return dict(reply["published"])
+
+    async def unpublish(
+        self, port: int, protocol: str = "tcp", *, service_type: str, name: str
+    ) -> dict[str, Any]:
+        reply = await self.request(
+            "unpublish", **_publish_params(port, protocol, service_type, name, None)
+        )
+        return dict(reply["unpublished"])
 
 
 @contextlib.asynccontextmanager
@@ -604,3 +640,24 @@ class BlockingClient:
         for item in self._items():
             if isinstance(item, Event):
                 yield item.message
+
+    def publish(
+        self,
+        port: int,
+        protocol: str = "tcp",
+        *,
+        service_type: str,
+        name: str,
+        txt: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """As :meth:`Client.publish`."""
+        reply = self.request("publish", **_publish_params(port, protocol, service_type, name, txt))
+        return dict(reply["published"])
+
+    def unpublish(
+        self, port: int, protocol: str = "tcp", *, service_type: str, name: str
+    ) -> dict[str, Any]:
+        reply = self.request(
+            "unpublish", **_publish_params(port, protocol, service_type, name, None)
+        )
+        return dict(reply["unpublished"])

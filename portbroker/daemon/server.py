@@ -45,6 +45,7 @@ from portbroker.daemon import framing
 from portbroker.daemon import protocol as proto
 from portbroker.daemon.ownership import PRIVILEGED_PORTS, Entry, Hold, Ownership, Peer, Policy
 from portbroker.daemon.protocol import ErrorCode, ProtocolError, Request
+from portbroker.daemon.publishing import MAX_PUBLICATIONS, Publishing
 from portbroker.daemon.state import (
     DaemonRecord,
     RecordError,
@@ -183,6 +184,10 @@ class DaemonConfig:
     privileged_groups: tuple[str, ...] = ()
     # Who besides root may map for another host (docs/third-party-and-filter.md).
     third_party_groups: tuple[str, ...] = ()
+    # DNS-SD publications (docs/dnssd.md): per user; the addresses zeroconf
+    # binds (None: the interface of each mapping's internal address).
+    max_publications: int = MAX_PUBLICATIONS
+    publish_interfaces: tuple[str, ...] | None = None
 
     def policy(self) -> Policy:
         """The ownership policy; unknown group names are a DaemonError."""
@@ -422,6 +427,9 @@ class Daemon:
         self._group_cache: dict[tuple[int, int], tuple[float, frozenset[int]]] = {}
         # Refused connections waiting for their first request, oldest first.
         self._refusing: collections.deque[trio.CancelScope] = collections.deque()
+        self.publishing = Publishing(
+            nursery, max_per_uid=config.max_publications, interfaces=config.publish_interfaces
+        )
 
     # -- bookkeeping ------------------------------------------------------------
 
@@ -581,6 +589,7 @@ class Daemon:
 
     async def _drop(self, entry: Entry) -> None:
         """*entry* left the registry (its last hold went): end it at the gateway."""
+        self.publishing.gone(entry.key)  # withdrawn first: it will not be reachable
         self._save(entry)
         # Still found by its mapping until its Released event (events()
         # forgets it then): watchers hear that it ended. One already over
@@ -958,6 +967,8 @@ class Daemon:
             return {"unmapped": unmapped, **_saved(await self.synced())}
         if request.op == "list":
             return {"mappings": [describe(e) for e in self.owners.visible(client.uid)]}
+        if request.op in ("publish", "unpublish"):
+            return await self._publish(client, request)
         client.watching = True  # watch
         return {"watching": "all" if client.uid == 0 else "own"}
 
@@ -1128,6 +1139,18 @@ class Daemon:
             self._save(entry)
         return entry.id
 
+    async def _publish(self, client: Client, request: Request) -> dict[str, Any]:
+        """``publish`` / ``unpublish`` one of the client's user's mappings (root: any)."""
+        key = _mapping_key(request)
+        entry = self.shared.get(key)
+        if entry is None or entry.creating or not self._visible(client.uid, entry):
+            raise ProtocolError(
+                ErrorCode.NOT_FOUND, f"no mapping {key[1]}/{key[0]} of yours to publish"
+            )
+        if request.op == "unpublish":
+            return await self.publishing.unpublish(entry, request)
+        return await self.publishing.publish(client.uid, entry, _handle(entry), request)
+
     # -- connections -------------------------------------------------------------------
 
     async def disconnected(self, client: Client) -> None:
@@ -1168,6 +1191,7 @@ class Daemon:
                 if lease is not None:  # a new external port (Restored, ...)
                     entry.external_port = lease.external_port
                 self._save(entry)
+                self.publishing.changed(entry.key, item.event, lease)
             line = proto.encode(
                 {
                     "event": type(item.event).__name__,
@@ -1612,6 +1636,21 @@ def _hung_up(stream: trio.SocketStream) -> bool:
         return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
     except (OSError, ValueError):
         return True
+
+
+def _mapping_key(request: Request) -> tuple[str, int]:
+    """The mapping a publish names: ``mapping`` ("8080/tcp"), or ``port`` and ``protocol``."""
+    mapping_id = request.get("mapping", str)
+    if mapping_id is None:
+        port = request.port("port", required=True)
+        assert port is not None
+        return (request.protocol(), port)
+    port_text, _, protocol = mapping_id.partition("/")
+    if not (port_text.isascii() and port_text.isdigit()) or protocol not in ("tcp", "udp"):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"'mapping' must look like '8080/tcp', not {mapping_id[:40]!r}"
+        )
+    return (protocol, int(port_text[:6]))
 
 
 def _saved(error: str | None) -> dict[str, Any]:
