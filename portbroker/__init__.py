@@ -30,6 +30,7 @@ from portbroker.errors import (
     NoAnswer,
     NoMethodAvailable,
     PortBrokerError,
+    RequestUnsupported,
     UnsupportedOpcode,
     UnsupportedVersion,
     UpnpError,
@@ -55,6 +56,7 @@ from portbroker.types import (
     MappingRequest,
     ProbeOutcome,
     ProbeReport,
+    RemoteFilter,
     TransportProtocol,
 )
 
@@ -90,7 +92,9 @@ __all__ = [
     "ProbeOutcome",
     "ProbeReport",
     "Released",
+    "RemoteFilter",
     "Renewed",
+    "RequestUnsupported",
     "Restored",
     "State",
     "TransportProtocol",
