@@ -1628,6 +1628,142 @@ def _demo(variant: Variant, internal_port: int) -> int:
     return 0
 
 
+# -- the chat -----------------------------------------------------------------
+
+_CHAT_TIMEOUT: Final = 60.0  # s for both peers together
+
+
+def _examples_dir(given: Path | None) -> Path:
+    """The repository's ``examples/`` (not in the wheel), or a clear error."""
+    candidates = (
+        [given]
+        if given is not None
+        else [Path(__file__).resolve().parents[2] / "examples", Path.cwd() / "examples"]
+    )
+    for directory in candidates:
+        if all((directory / name).is_file() for name in ("p2p_chat.py", "rendezvous_server.py")):
+            return directory
+    raise LabError(
+        "the chat needs examples/p2p_chat.py and examples/rendezvous_server.py from the "
+        f"repository (looked in {', '.join(str(c) for c in candidates)}); run it from a "
+        "checkout of the repository or pass --examples DIR"
+    )
+
+
+def _shown(netns: str, argv: Sequence[str]) -> str:
+    """How a command run in *netns* is printed (the interpreter as ``python``)."""
+    import shlex
+
+    words = ["python" if word == sys.executable else word for word in argv]
+    return "$ " + shlex.join(["ip", "netns", "exec", netns, *words])
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+def _chat(port: int, examples: Path) -> int:
+    """Two peers behind two NATs chat through ``examples/`` (``open_sites()``)."""
+    import json
+
+    with open_sites() as sites:
+        a, b = sites.labs
+        print(
+            f"lab up: site a lan {a.lan_address} behind {a.external_address}, "
+            f"site b lan {b.lan_address} behind {b.external_address}, "
+            f"rendezvous host {sites.wan_address} ({sites.wan_ns})"
+        )
+        argv = [
+            sys.executable,
+            str(examples / "rendezvous_server.py"),
+            "--listen",
+            str(sites.wan_address),
+            "--port",
+            "0",
+        ]
+        print(_shown(sites.wan_ns, argv))
+        rendezvous = subprocess.Popen(
+            sites.exec_argv(sites.wan_ns, argv), stdout=subprocess.PIPE, text=True
+        )
+        peers: dict[str, subprocess.Popen[str]] = {}
+        try:
+            assert rendezvous.stdout is not None
+            line = rendezvous.stdout.readline().strip()
+            print(line)
+            if not line.startswith("rendezvous listening on "):
+                print("portbroker-lab: the rendezvous did not start", file=sys.stderr)
+                return 1
+            address = line.split()[-1]
+            for site, name, peer in ((a, "alice", "bob"), (b, "bob", "alice")):
+                argv = [
+                    sys.executable,
+                    str(examples / "p2p_chat.py"),
+                    "--name", name,
+                    "--peer", peer,
+                    "--rendezvous", address,
+                    "--gateway", str(site.gateway_address),
+                    "--port", str(port),
+                    "--say", f"hello from {name}",
+                    "--expect", f"hello from {peer}",
+                    "--timeout", "15",
+                ]  # fmt: skip
+                print(_shown(site.lan_ns, argv))
+                peers[name] = subprocess.Popen(
+                    site.exec_argv(site.lan_ns, argv),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            deadline = time.monotonic() + _CHAT_TIMEOUT
+            outputs: dict[str, tuple[str, str]] = {}
+            for name, process in peers.items():
+                try:
+                    outputs[name] = process.communicate(
+                        timeout=max(0.1, deadline - time.monotonic())
+                    )
+                except subprocess.TimeoutExpired:
+                    print(f"portbroker-lab: {name} did not finish in time", file=sys.stderr)
+                    return 1
+        finally:
+            for process in [*peers.values(), rendezvous]:
+                _stop(process)
+            if rendezvous.stdout is not None:
+                rendezvous.stdout.close()
+        ok = True
+        for name, (stdout, stderr) in outputs.items():
+            lines = stdout.strip().splitlines()
+            for text in lines[:-1]:
+                print(f"{name}| {text}")
+            for text in stderr.strip().splitlines():
+                print(f"{name}! {text}")
+            summary: dict[str, object] = {}
+            if lines:
+                with contextlib.suppress(ValueError):
+                    summary = json.loads(lines[-1])
+            heard, sources = summary.get("heard"), summary.get("heard_from")
+            if peers[name].returncode != 0 or not isinstance(heard, list) or not heard:
+                print(
+                    f"portbroker-lab: {name} failed (exit {peers[name].returncode})",
+                    file=sys.stderr,
+                )
+                ok = False
+                continue
+            assert isinstance(sources, list)
+            for said, source in zip(heard, sources, strict=False):
+                print(f"{name} heard {said!r} from {source}")
+        if not ok:
+            return 1
+        print("both peers talked directly over their mapped endpoints")
+    print("lab torn down")
+    return 0
+
+
 def exchange(sock: socket.socket, payload: bytes, decode: Callable[[bytes], T]) -> T:
     """Send *payload* on a connected UDP socket and decode the first answer.
 
@@ -1657,7 +1793,7 @@ def exchange(sock: socket.socket, payload: bytes, decode: Callable[[bytes], T]) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``portbroker-lab``: build the lab and prove an inbound connection."""
+    """``portbroker-lab``: ``demo`` (an inbound connection) or ``chat`` (two peers, two NATs)."""
     parser = argparse.ArgumentParser(
         prog="portbroker-lab",
         description="Build a NAT gateway (miniupnpd + nftables) in network namespaces, "
@@ -1675,10 +1811,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=Variant.FULL.value,
         help="which services the gateway runs (default full: PCP, NAT-PMP, UPnP)",
     )
+    chat = sub.add_parser(
+        "chat",
+        help="two peers behind two NATs (two sites) chat directly: examples/p2p_chat.py "
+        "with examples/rendezvous_server.py on the shared wan",
+    )
+    chat.add_argument("--port", type=int, default=40000, help="each peer's UDP port (40000)")
+    chat.add_argument(
+        "--examples",
+        type=Path,
+        default=None,
+        help="the repository's examples/ directory (found next to the package by default)",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.port <= 65535:
         parser.error(f"--port must be 1..65535, got {args.port}")
     try:
+        if args.command == "chat":
+            return _chat(args.port, _examples_dir(args.examples))
         return _demo(Variant(args.variant), args.port)
     except (LabError, OSError) as exc:
         print(f"portbroker-lab: {exc}", file=sys.stderr)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import secrets
 import socket
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
 
 import attrs
 import pytest
@@ -583,3 +585,32 @@ def test_nat_server_natpmp_map_and_delete(series_served: tuple[Series, NatServer
         assert ("tcp", host.address, port) not in server.mappings
         with pytest.raises(ConnectionRefusedError):
             _connect_in(outer, outer.gw_ns, listener, external)
+
+
+# -- portbroker-lab chat -------------------------------------------------------
+
+
+def test_portbroker_lab_chat_runs_the_p2p_example_across_two_nats(
+    figure: Callable[[str], None],
+) -> None:
+    _require_lab()
+    command = [sys.executable, "-m", "portbroker.testing.lab", "chat"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    out = done.stdout
+    assert "examples/rendezvous_server.py --listen 11.0.0.2 --port 0" in out
+    assert "--say 'hello from alice' --expect 'hello from bob'" in out
+    # Each heard the other from the other site's NAT: directly, not via the rendezvous.
+    assert "alice heard 'hello from bob' from 11.0.0.3:40000" in out
+    assert "bob heard 'hello from alice' from 11.0.0.1:40000" in out
+    assert out.rstrip().endswith("lab torn down")
+    figure(next(line for line in out.splitlines() if line.startswith("alice heard")))
+
+
+def test_portbroker_lab_chat_says_where_the_examples_are_missing(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "portbroker.testing.lab", "chat", "--examples", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert "examples/p2p_chat.py" in done.stderr
+    assert "--examples DIR" in done.stderr
+    assert "Traceback" not in done.stderr
