@@ -74,6 +74,7 @@ from portbroker.lifecycle import (
 )
 from portbroker.methods import LinkFactory, Method, MethodSet, open_methods
 from portbroker.probe import create_by_preference, probe_all
+from portbroker.reachability import Reachability
 from portbroker.transport import Response, Transport, listen_announcements
 from portbroker.transport import budget as transport_budget
 from portbroker.types import (
@@ -154,6 +155,12 @@ class Mapping:
     @property
     def internal_address(self) -> IPAddress:
         return self._lease().internal_address
+
+    @property
+    def reachability(self) -> Reachability:
+        """Whether the Internet can reach the external endpoint, and if not why
+        (``.public``, ``.reason``; docs/double-nat.md)."""
+        return self._lease().reachability
 
     @property
     def internal_port(self) -> int:

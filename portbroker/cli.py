@@ -603,6 +603,8 @@ def _print_probe(report: ProbeReport, *, as_json: bool) -> int:
                 if o.epoch is not None:
                     details.append(f"epoch {o.epoch}")
                 print(f"  {o.method:7} yes  {', '.join(d for d in details if d)}")
+                if o.reachability is not None and not o.reachability.public:
+                    print(f"  {'':7}      {o.reachability.reason}")
             else:
                 print(f"  {o.method:7} no   {o.error}")
     return 0 if report.selected else 1
@@ -654,10 +656,22 @@ async def _map(broker: Broker, args: argparse.Namespace) -> int:
     store.add(lease)
     broker.detach(mapping)
     if args.json:
-        print(json.dumps(_lease_json(lease)))
+        print(json.dumps({**_lease_json(lease), **_reachability_json(lease)}))
     else:
         print(_describe_lease(lease))
+        _print_unreachable(lease)
     return 0
+
+
+def _reachability_json(lease: Lease) -> dict[str, Any]:
+    """``public`` and (when not) ``reachability``'s reason (docs/double-nat.md)."""
+    reachability = lease.reachability
+    return {"public": reachability.public, "reachability": reachability.reason}
+
+
+def _print_unreachable(lease: Lease) -> None:
+    if not lease.reachability.public:
+        print(f"  {lease.reachability.reason}", flush=True)
 
 
 def _hold_signals() -> tuple[int, ...]:
@@ -711,9 +725,15 @@ async def _hold(broker: Broker, args: argparse.Namespace) -> int:
             lease = mapping.lease
             assert lease is not None
             if args.json:
-                print(json.dumps({"event": "Acquired", **_lease_json(lease)}), flush=True)
+                print(
+                    json.dumps(
+                        {"event": "Acquired", **_lease_json(lease), **_reachability_json(lease)}
+                    ),
+                    flush=True,
+                )
             else:
                 print(f"mapped {_describe_lease(lease)}; holding until Ctrl-C", flush=True)
+                _print_unreachable(lease)
             async for event in events:
                 _print_event(event, as_json=args.json)
                 if isinstance(event, Failed):
