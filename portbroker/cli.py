@@ -114,6 +114,13 @@ def _parser() -> argparse.ArgumentParser:
         help="a PCP server other than the gateway (RFC 7488); NAT-PMP and UPnP still ask the gateway",
     )
     common.add_argument(
+        "--dhcp-leases",
+        action="append",
+        metavar="PATH",
+        help="learn the PCP server from these DHCP lease files or directories (RFC 7291; "
+        "repeatable; default: the system's, when the gateway is the default route)",
+    )
+    common.add_argument(
         "--timeout",
         type=_seconds,
         default=2.0,
@@ -397,9 +404,10 @@ async def _run(args: argparse.Namespace, methods: tuple[str, ...]) -> int:
             upnp_port=args.ssdp_port,
             ssdp_multicast=not args.no_multicast,
             announce_port=5350 if args.command == "map" and args.hold else None,
+            dhcp_leases=args.dhcp_leases,
         ) as broker:
             if args.command == "probe":
-                return _print_probe(await broker.probe(), as_json=args.json)
+                return _print_probe(await broker.probe(), as_json=args.json, broker=broker)
             if args.command == "map":
                 return await _map(broker, args)
             return await _unmap(broker, args)
@@ -588,13 +596,19 @@ def _describe_daemon_mapping(mapping: dict[str, Any]) -> str:
 # -- probe ----------------------------------------------------------------------
 
 
-def _print_probe(report: ProbeReport, *, as_json: bool) -> int:
+def _print_probe(report: ProbeReport, *, as_json: bool, broker: Broker | None = None) -> int:
+    server = broker.pcp_server if broker is not None else None
     if as_json:
         from portbroker.probe import report_json
 
-        print(json.dumps(report_json(report)))
+        out = report_json(report)
+        if server is not None:
+            out["pcp_server"] = {"address": str(server.address), "source": server.source}
+        print(json.dumps(out))
     else:
         print(f"gateway {report.gateway}: {report.selected or 'no method works'}")
+        if server is not None and server.address != report.gateway:
+            print(f"  PCP server {server.address} ({server.source})")
         for o in report.outcomes:
             if o.available:
                 details = [f"{o.rtt * 1000:.1f} ms" if o.rtt is not None else ""]
