@@ -1,19 +1,44 @@
 """A real NAT gateway in network namespaces: miniupnpd + nftables.
 
 The only honest proof that a port mapping works is a packet from outside that
-arrives inside. :class:`Lab` builds three network namespaces (see the
-project's netlab notes)::
+arrives inside. :func:`open_lab` builds a gateway site (see ``docs/lab.md``)::
 
-    lan ns  192.168.77.2  <->  gw ns 192.168.77.1 | 11.0.0.1  <->  wan ns 11.0.0.2
-                                 miniupnpd (PCP + NAT-PMP on 5351, UPnP IGD)
-                                 nftables forward + DNAT chains
+    lan ns  192.168.77.2 --+
+    lan2 ns 192.168.77.3 --+-- gw ns: bridge 192.168.77.1 (gw_lan_if)
+    (add_lan_host)                   veth 11.0.0.1 (gw_wan_if) --- wan ns: bridge 11.0.0.2
+                                     miniupnpd: PCP + NAT-PMP on 5351,    (add_wan_address,
+                                       UPnP IGD (SSDP 1900, HTTP 2189)     add_wan_host)
+                                     nftables: forward + DNAT chains
 
-A test maps a port from the lan namespace, then connects from the wan
-namespace to ``11.0.0.1:<external port>``.
+A test maps a port from a lan host, then connects from the wan namespace to
+``lab.external_address:<external port>``.
 
-Safety: everything stays inside the namespaces. The wan side is 11.0.0.0/24
+- The lan is a Linux bridge in the gw namespace that holds the gateway's lan
+  address, so several hosts share it (:meth:`Lab.add_lan_host`). ``gw_lan_if``
+  is the gateway's lan-side interface: that bridge (miniupnpd's
+  ``listening_ip`` and the nftables ``iifname`` accept rule name it).
+- The wan side is a bridge in the wan namespace holding the wan host's
+  11.0.0.2; :meth:`Lab.add_wan_address` gives it more source addresses and
+  :meth:`Lab.add_wan_host` plugs in more host namespaces (two distinct remote
+  sources for PCP FILTER tests).
+- :meth:`Lab.set_external_address` changes the gateway's wan address the way an
+  ISP lease change does; miniupnpd 2.3.1 notices by itself (netlink) and
+  announces it over NAT-PMP and PCP (details in the method).
+- ``open_lab(ipv6=True)`` adds ULA prefixes (lan fd77::/64, wan fd11::/64)
+  behind the same drop-policy forward chain, opened only by miniupnpd's
+  pinholes.
+- A :class:`Lab` is one gateway site; :func:`open_sites` builds two of them
+  on one wan segment, :func:`open_series` one behind another (double NAT;
+  what miniupnpd does behind a non-global address is in its docstring), both
+  with the same building code as :func:`open_lab`. :meth:`Lab.add_dnat`
+  installs a port mapping with nftables alone, for gateways miniupnpd
+  cannot serve.
+
+Safety: everything stays inside the namespaces; veths are created directly
+in their namespaces, never in the root one. The wan side is 11.0.0.0/24
 because miniupnpd 2.3.1 refuses to map behind a private or reserved external
-address; while a lab is up a blackhole route for 11.0.0.0/24 in the root
+address; while a lab is up a blackhole route for 11.0.0.0/24 (one per lab,
+told apart by its metric, so a lab removes only its own) in the root
 namespace makes sure nothing addressed there can leave the machine. Names get
 a random suffix so parallel or leftover labs never collide; teardown runs in
 ``finally``; only processes the lab started are stopped, by pid.
@@ -40,7 +65,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Final, TypeVar
 
@@ -50,16 +75,30 @@ from portbroker.errors import PortBrokerError
 
 __all__ = [
     "EXTERNAL_ADDRESS",
+    "EXTERNAL_ADDRESS6",
     "GATEWAY_ADDRESS",
+    "GATEWAY_ADDRESS6",
     "HTTP_PORT",
     "LAN_ADDRESS",
+    "LAN_ADDRESS6",
+    "LAN_NETWORK",
+    "LAN_NETWORK6",
     "WAN_ADDRESS",
+    "WAN_ADDRESS6",
+    "WAN_NETWORK",
+    "WAN_NETWORK6",
     "Lab",
     "LabError",
+    "LanHost",
+    "Series",
+    "Sites",
     "Variant",
+    "WanHost",
     "lab_unavailable_reason",
     "main",
     "open_lab",
+    "open_series",
+    "open_sites",
 ]
 
 LAN_ADDRESS: Final = IPv4Address("192.168.77.2")
@@ -67,6 +106,13 @@ GATEWAY_ADDRESS: Final = IPv4Address("192.168.77.1")
 EXTERNAL_ADDRESS: Final = IPv4Address("11.0.0.1")
 WAN_ADDRESS: Final = IPv4Address("11.0.0.2")
 WAN_NETWORK: Final = "11.0.0.0/24"
+LAN_NETWORK: Final = IPv4Network("192.168.77.0/24")
+LAN_NETWORK6: Final = IPv6Network("fd77::/64")
+WAN_NETWORK6: Final = IPv6Network("fd11::/64")
+LAN_ADDRESS6: Final = IPv6Address("fd77::2")
+GATEWAY_ADDRESS6: Final = IPv6Address("fd77::1")
+EXTERNAL_ADDRESS6: Final = IPv6Address("fd11::1")
+WAN_ADDRESS6: Final = IPv6Address("fd11::2")
 HTTP_PORT: Final = 2189  # miniupnpd's UPnP HTTP port, fixed so tests know it
 
 _CLONE_NEWNET: Final = 0x40000000
@@ -177,7 +223,7 @@ table inet filter {{
   chain postrouting {{
     type nat hook postrouting priority 100; policy accept;
     jump postrouting_miniupnpd
-    oifname "{wan_if}" masquerade
+    oifname "{wan_if}" meta nfproto ipv4 masquerade
   }}
   chain prerouting_miniupnpd {{
   }}
@@ -185,39 +231,311 @@ table inet filter {{
   }}
 }}
 """
+# One `inet` table serves both families: the forward chain (policy drop) is
+# also IPv6's firewall, and miniupnpd 2.3.1's nft backend puts IPv6 pinholes
+# (PCP MAP over IPv6, UPnP WANIPv6FirewallControl) into the same `miniupnpd`
+# chain as its IPv4 forward rules (`upnp_forward_chain`, default "miniupnpd";
+# seen here as `iif <wan> ... ip6 daddr <host> ... accept`). IPv6 is routed,
+# not translated: masquerade is IPv4 only.
+
+_DNAT_SETUP = """\
+table ip pb_dnat {{
+  map ports {{
+    type inet_proto . inet_service : ipv4_addr . inet_service;
+  }}
+  chain prerouting {{
+    type nat hook prerouting priority -110; policy accept;
+    iifname "{wan_if}" dnat to meta l4proto . th dport map @ports
+  }}
+}}
+add set inet filter pb_dnat_forward {{ type ipv4_addr . inet_proto . inet_service; }}
+insert rule inet filter forward ip daddr . meta l4proto . th dport @pb_dnat_forward accept
+"""
+# Lab.add_dnat's own port mappings: a DNAT map in a table of its own and a
+# forward accept (the forward chain's drop policy applies to every table).
 
 _MINIUPNPD_CHAINS: Final = ("miniupnpd", "prerouting_miniupnpd", "postrouting_miniupnpd")
+_ADDRESS_CHANGE_LINE: Final = "should send external iface address change notification(s)"
+_HOST_NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
 
 
-@attrs.define
+def _ip(netns: str, *args: str) -> str:
+    return _run(["ip", "-n", netns, *args])
+
+
+def _sysctl(netns: str, setting: str) -> None:
+    _run(["ip", "netns", "exec", netns, "sysctl", "-qw", setting])
+
+
+def _add_address(netns: str, dev: str, address: IPv4Address | IPv6Address, prefixlen: int) -> None:
+    if address.version == 6:
+        # nodad: the address is usable at once. A tentative address (RFC 4862
+        # §5.4, about 1 s here) cannot be bound, so tests would race DAD.
+        _ip(netns, "-6", "addr", "add", f"{address}/{prefixlen}", "dev", dev, "nodad")
+    else:
+        _ip(netns, "addr", "add", f"{address}/{prefixlen}", "dev", dev)
+
+
+def _check_label(label: str, what: str) -> None:
+    if not label or len(label) > 8 or not set(label) <= _HOST_NAME_CHARS:
+        raise LabError(f"{what} name {label!r}: use 1 to 8 lowercase letters or digits")
+
+
+@attrs.frozen
+class LanHost:
+    """A host namespace on a gateway's lan bridge (see :meth:`Lab.add_lan_host`).
+
+    Its default routes point at the gateway's lan addresses.
+    """
+
+    ns: str
+    address: IPv4Address
+    interface: str  # in ``ns``, the host's end of its veth to the bridge
+    address6: IPv6Address | None = None  # with ``ipv6=True``: fd77::2, ...
+
+
+@attrs.frozen
+class WanHost:
+    """A host on the wan segment (see :meth:`Lab.add_wan_host`)."""
+
+    ns: str
+    address: IPv4Address
+    interface: str  # in ``ns``
+    address6: IPv6Address | None = None  # with ``ipv6=True``: fd11::2, ...
+
+
+@attrs.define(eq=False)
+class _Segment:
+    """An Ethernet segment: a Linux bridge in *ns* that hosts are plugged into.
+
+    Each attached host gets a veth pair created directly in the two
+    namespaces (never in the root namespace). Addresses are handed out here
+    so that nobody on the segment gets one twice; a host's IPv6 address has
+    the same host number as its IPv4 one (.3 and ::3).
+    """
+
+    ns: str
+    bridge: str
+    port_prefix: str  # bridge ports are named port_prefix + a number
+    network: IPv4Network
+    network6: IPv6Network | None = None
+    _used: set[IPv4Address] = attrs.Factory(set)
+    _ports: int = 0
+
+    def create(self) -> None:
+        # mcast_snooping 0: without an IGMP querier on the segment, snooping
+        # can stop multicast (SSDP, NAT-PMP announcements, mDNS) reaching a
+        # port; a plain hub is what the tests expect.
+        _ip(self.ns, "link", "add", self.bridge, "type", "bridge", "mcast_snooping", "0")
+        _ip(self.ns, "link", "set", self.bridge, "up")
+
+    def claim(self, address: IPv4Address | None = None) -> IPv4Address:
+        """Reserve *address* (or the lowest free one from .2 up) on this segment."""
+        if address is None:
+            for candidate in self.network.hosts():
+                if candidate not in self._used and candidate != self.network[1]:
+                    address = candidate
+                    break
+            else:
+                raise LabError(f"no free address left in {self.network}")
+        if address not in self.network or address in (
+            self.network.network_address,
+            self.network.broadcast_address,
+        ):
+            raise LabError(f"{address} is not a host address of {self.network}")
+        if address in self._used:
+            raise LabError(f"{address} is already in use on {self.network}")
+        self._used.add(address)
+        return address
+
+    def release(self, address: IPv4Address) -> None:
+        self._used.discard(address)
+
+    def address6(self, address: IPv4Address) -> IPv6Address | None:
+        """The IPv6 address with *address*'s host number, if the segment has IPv6."""
+        if self.network6 is None:
+            return None
+        return self.network6[int(address) - int(self.network.network_address)]
+
+    def attach(self, host_ns: str, host_if: str) -> None:
+        """Plug a new veth into the bridge; its other end is *host_if* in *host_ns*."""
+        self._ports += 1
+        port = f"{self.port_prefix}{self._ports}"
+        _run(
+            [
+                "ip", "link", "add", host_if, "netns", host_ns,
+                "type", "veth", "peer", "name", port, "netns", self.ns,
+            ]
+        )  # fmt: skip
+        _ip(self.ns, "link", "set", port, "master", self.bridge, "up")
+        _ip(host_ns, "link", "set", host_if, "up")
+
+    def add_host_address(self, host_ns: str, dev: str, address: IPv4Address) -> IPv6Address | None:
+        """Put *address* (and its IPv6 twin) on *dev*; the IPv6 address, if any."""
+        _add_address(host_ns, dev, address, self.network.prefixlen)
+        address6 = self.address6(address)
+        if address6 is not None:
+            assert self.network6 is not None
+            _add_address(host_ns, dev, address6, self.network6.prefixlen)
+        return address6
+
+
+@attrs.define(eq=False)
+class _Blackholes:
+    """Blackhole routes in the root namespace, each with a metric of its own.
+
+    Several labs (also of other test runs) may be up at once and all want
+    ``blackhole 11.0.0.0/24``: a route per lab, told apart by its metric, lets
+    each lab remove exactly its own and never another lab's.
+    """
+
+    metric: int
+    routes: list[str] = attrs.Factory(list)
+
+    def add(self, prefix: str) -> None:
+        family = "-6" if ":" in prefix else "-4"
+        _run(["ip", family, "route", "add", "blackhole", prefix, "metric", str(self.metric)])
+        self.routes.append(prefix)
+
+    def remove_all(self) -> None:
+        while self.routes:
+            prefix = self.routes.pop()
+            family = "-6" if ":" in prefix else "-4"
+            subprocess.run(
+                ["ip", family, "route", "del", "blackhole", prefix, "metric", str(self.metric)],
+                capture_output=True,
+                check=False,
+            )
+
+
+def _metric(suffix: str) -> int:
+    return 1000 + int(suffix, 16)
+
+
+def _prepare_ns(netns: str, ipv6: bool) -> None:
+    _ip(netns, "link", "set", "lo", "up")
+    if ipv6:
+        # Interfaces created in the namespace from now on skip DAD too (their
+        # link-local addresses included), so nothing stays tentative.
+        _sysctl(netns, "net.ipv6.conf.default.accept_dad=0")
+        _sysctl(netns, "net.ipv6.conf.all.accept_dad=0")
+
+
+@attrs.define(eq=False)
+class _Wan:
+    """The wan segment: a bridge in the wan namespace holding the wan host's 11.0.0.2.
+
+    Owned by a single lab (:func:`open_lab`) or shared by the gateways of
+    :func:`open_sites`; whoever builds it blackholes its prefixes in the root
+    namespace and deletes its namespace.
+    """
+
+    ns: str
+    segment: _Segment
+    host: WanHost
+    created_ns: list[str]
+    blackholes: _Blackholes
+
+    @classmethod
+    def build(cls, suffix: str, *, ipv6: bool) -> _Wan:
+        ns = f"pb-wan-{suffix}"
+        created: list[str] = []
+        blackholes = _Blackholes(_metric(suffix))
+        bridge = f"pb{suffix}w"
+        segment = _Segment(ns, bridge, f"pb{suffix}q", IPv4Network(WAN_NETWORK))
+        wan = cls(ns, segment, WanHost(ns, WAN_ADDRESS, bridge), created, blackholes)
+        try:
+            _run(["ip", "netns", "add", ns])
+            created.append(ns)
+            _prepare_ns(ns, ipv6)
+            blackholes.add(WAN_NETWORK)
+            if ipv6:
+                wan.segment.network6 = WAN_NETWORK6
+                blackholes.add(str(WAN_NETWORK6))
+            wan.segment.create()
+            address = wan.segment.claim(WAN_ADDRESS)
+            address6 = wan.segment.add_host_address(ns, wan.segment.bridge, address)
+            wan.host = WanHost(ns, address, wan.segment.bridge, address6)
+        except BaseException:
+            wan.close()
+            raise
+        return wan
+
+    def close(self) -> list[str]:
+        errors = _delete_namespaces(self.created_ns)
+        self.blackholes.remove_all()
+        return errors
+
+
+@attrs.define(eq=False)
 class Lab:
-    """A built lab. Create it with :func:`open_lab`; everything here is live."""
+    """One gateway site, built: gw ns + lan bridge + wan link + nftables + miniupnpd.
+
+    Create it with :func:`open_lab` (a site with a wan namespace of its own),
+    :func:`open_sites` (two sites on one wan segment) or :func:`open_series`
+    (a site behind another); everything here is live.
+
+    Names (each in the namespace it is used in):
+
+    - ``gw_lan_if``: the gateway's lan-side interface, the bridge that holds
+      the gateway's lan address (192.168.77.1): miniupnpd's ``listening_ip``
+      and the nftables ``iifname`` accept rule name it.
+    - ``gw_wan_if``: the gateway's wan-side veth (miniupnpd's ``ext_ifname``).
+    - ``lan_ns`` / ``lan_if``: the first lan host (192.168.77.2) and its
+      interface; ``lan_hosts`` lists it and every host added later.
+    - ``wan_ns`` / ``wan_if``: the namespace of the segment upstream of the
+      gateway and its bridge. For :func:`open_lab` and :func:`open_sites` that
+      bridge holds the wan host's address (11.0.0.2, ``wan_hosts[0]``); for the
+      inner gateway of :func:`open_series` it is the outer gateway's lan.
+    """
 
     variant: Variant
     suffix: str
     workdir: Path
+    extra_config: tuple[str, ...] = ()
+    lan_network: IPv4Network = attrs.field(default=LAN_NETWORK, kw_only=True)
+    external_address: IPv4Address = attrs.field(default=EXTERNAL_ADDRESS, kw_only=True)
+    """The gateway's current wan address (:meth:`set_external_address` changes it)."""
+    ipv6: bool = attrs.field(default=False, kw_only=True)
+    lan_network6: IPv6Network = attrs.field(default=LAN_NETWORK6, kw_only=True)
+    name: str = attrs.field(default="", kw_only=True)  # a site's label ("a", "inner")
     lan_ns: str = attrs.field(init=False)
     gw_ns: str = attrs.field(init=False)
     wan_ns: str = attrs.field(init=False)
-    lan_if: str = attrs.field(init=False)  # in lan ns
-    gw_lan_if: str = attrs.field(init=False)  # in gw ns, towards lan
-    gw_wan_if: str = attrs.field(init=False)  # in gw ns, towards wan
-    wan_if: str = attrs.field(init=False)  # in wan ns
+    lan_if: str = attrs.field(init=False)
+    gw_lan_if: str = attrs.field(init=False)
+    gw_wan_if: str = attrs.field(init=False)
+    wan_if: str = attrs.field(init=False)
+    lan_hosts: list[LanHost] = attrs.field(init=False, factory=list)
+    wan_hosts: list[WanHost] = attrs.field(init=False, factory=list)
+    external_address6: IPv6Address | None = attrs.field(init=False, default=None)
+    """The gateway's wan-side IPv6 address (fd11::1) with ``ipv6=True``."""
     miniupnpd_pid: int | None = None
     restarts: int = 0
     _process: subprocess.Popen[bytes] | None = None
-    _own_blackhole: bool = False
     _created_ns: list[str] = attrs.Factory(list)
-    _log_handle: object | None = None
-    extra_config: tuple[str, ...] = ()
+    _lan: _Segment = attrs.field(init=False)
+    _wan: _Segment | None = None
+    _own_wan: _Wan | None = None
+    _blackholes: _Blackholes = attrs.field(init=False)
+    _dnat_ready: bool = False
 
     def __attrs_post_init__(self) -> None:
         s = self.suffix
-        self.lan_ns, self.gw_ns, self.wan_ns = f"pb-lan-{s}", f"pb-gw-{s}", f"pb-wan-{s}"
-        # Interface names are at most 15 characters and must be unique in the
-        # root namespace, where the veth pairs are born.
+        self.gw_ns = f"pb-gw-{s}"
+        self.lan_ns = f"pb-lan-{s}"
+        self.wan_ns = f"pb-wan-{s}"
+        # Interface names are at most 15 characters.
         self.lan_if, self.gw_lan_if = f"pb{s}l", f"pb{s}g"
         self.gw_wan_if, self.wan_if = f"pb{s}x", f"pb{s}w"
+        self._lan = _Segment(
+            self.gw_ns,
+            self.gw_lan_if,
+            f"pb{s}p",
+            self.lan_network,
+            self.lan_network6 if self.ipv6 else None,
+        )
+        self._blackholes = _Blackholes(_metric(s))
 
     # -- paths ------------------------------------------------------------
 
@@ -229,6 +547,26 @@ class Lab:
     def config_path(self) -> Path:
         return self.workdir / "miniupnpd.conf"
 
+    @property
+    def gateway_address(self) -> IPv4Address:
+        """The gateway's lan address (192.168.77.1 for the default lan)."""
+        return self.lan_network[1]
+
+    @property
+    def gateway_address6(self) -> IPv6Address | None:
+        """The gateway's lan IPv6 address (fd77::1) with ``ipv6=True``."""
+        return self._lan.address6(self.gateway_address)
+
+    @property
+    def lan_address(self) -> IPv4Address:
+        """The first lan host's address (192.168.77.2 for the default lan)."""
+        return self.lan_hosts[0].address
+
+    @property
+    def wan_address(self) -> IPv4Address:
+        """The wan host's address (11.0.0.2), in ``wan_ns``."""
+        return self.wan_hosts[0].address
+
     def log_text(self) -> str:
         """miniupnpd's output so far (empty for the NONE variant)."""
         try:
@@ -238,49 +576,248 @@ class Lab:
 
     # -- building ---------------------------------------------------------
 
-    def _build(self) -> None:
-        for ns in (self.lan_ns, self.gw_ns, self.wan_ns):
-            _run(["ip", "netns", "add", ns])
-            self._created_ns.append(ns)
-        _run(["ip", "link", "add", self.lan_if, "type", "veth", "peer", "name", self.gw_lan_if])
-        _run(["ip", "link", "set", self.lan_if, "netns", self.lan_ns])
-        _run(["ip", "link", "set", self.gw_lan_if, "netns", self.gw_ns])
-        _run(["ip", "link", "add", self.gw_wan_if, "type", "veth", "peer", "name", self.wan_if])
-        _run(["ip", "link", "set", self.gw_wan_if, "netns", self.gw_ns])
-        _run(["ip", "link", "set", self.wan_if, "netns", self.wan_ns])
-        for ns, dev, cidr in (
-            (self.lan_ns, self.lan_if, f"{LAN_ADDRESS}/24"),
-            (self.gw_ns, self.gw_lan_if, f"{GATEWAY_ADDRESS}/24"),
-            (self.gw_ns, self.gw_wan_if, f"{EXTERNAL_ADDRESS}/24"),
-            (self.wan_ns, self.wan_if, f"{WAN_ADDRESS}/24"),
-        ):
-            _run(["ip", "-n", ns, "addr", "add", cidr, "dev", dev])
-            _run(["ip", "-n", ns, "link", "set", dev, "up"])
-        for ns in (self.lan_ns, self.gw_ns, self.wan_ns):
-            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-        _run(["ip", "-n", self.lan_ns, "route", "add", "default", "via", str(GATEWAY_ADDRESS)])
-        _run(["ip", "netns", "exec", self.gw_ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+    def _add_ns(self, ns: str) -> None:
+        _run(["ip", "netns", "add", ns])
+        self._created_ns.append(ns)
+        _prepare_ns(ns, self.ipv6)
+
+    def _build(
+        self,
+        uplink: _Wan | _Segment | None = None,
+        *,
+        upstream: IPv4Address | None = None,
+        first_host: bool = True,
+    ) -> None:
+        """Build the site; its wan side plugs into *uplink*.
+
+        Without *uplink* the site gets a wan segment of its own (:class:`_Wan`).
+        A :class:`_Wan` holds the wan host; a bare :class:`_Segment` is another
+        gateway's lan (:func:`open_series`), where *upstream* (that gateway's
+        lan address) becomes this gateway's default route. *first_host*
+        False leaves the lan without a host (the outer gateway of a series,
+        whose lan host is the inner gateway).
+        """
+        if uplink is None:
+            uplink = self._own_wan = _Wan.build(self.suffix, ipv6=self.ipv6)
+        if isinstance(uplink, _Wan):
+            self.wan_hosts.append(uplink.host)
+            segment = uplink.segment
+        else:
+            segment = uplink
+        if self.ipv6 and segment.network6 is None:
+            raise LabError("an IPv6 site needs an IPv6 wan segment")
+        self._wan = segment
+        self.wan_ns, self.wan_if = segment.ns, segment.bridge
+        gw = self.gw_ns
+        self._add_ns(gw)
+        self.external_address = segment.claim(self.external_address)
+        segment.attach(gw, self.gw_wan_if)
+        # A lease change adds the new address before it deletes the old one;
+        # without promote_secondaries deleting the primary would take the
+        # new (secondary) address with it.
+        _sysctl(gw, f"net.ipv4.conf.{self.gw_wan_if}.promote_secondaries=1")
+        self.external_address6 = segment.add_host_address(gw, self.gw_wan_if, self.external_address)
+        if upstream is not None:
+            _ip(gw, "route", "add", "default", "via", str(upstream))
+        self._lan.create()
+        self._lan.claim(self.gateway_address)
+        self._lan.add_host_address(gw, self.gw_lan_if, self.gateway_address)
+        _sysctl(gw, "net.ipv4.ip_forward=1")
+        if self.ipv6:
+            _sysctl(gw, "net.ipv6.conf.all.forwarding=1")
+            self._blackholes.add(str(self.lan_network6))
+            # The wan side reaches the lan prefix through this gateway.
+            _ip(
+                segment.ns,
+                "-6",
+                "route",
+                "add",
+                str(self.lan_network6),
+                "via",
+                str(self.external_address6),
+            )
         ruleset = _NFT_RULESET.format(lan_if=self.gw_lan_if, wan_if=self.gw_wan_if)
-        _run(["ip", "netns", "exec", self.gw_ns, "nft", "-f", "-"], input_text=ruleset)
-        self._add_blackhole()
+        _run(["ip", "netns", "exec", gw, "nft", "-f", "-"], input_text=ruleset)
+        if first_host:
+            self._add_lan_host(self.lan_ns, self.lan_if)
         if self.variant is not Variant.NONE:
             self._write_config()
             self._start_miniupnpd()
 
-    def _add_blackhole(self) -> None:
-        # netlab.md: nothing addressed to the lab's "public" range may leave
-        # the machine from the root namespace. Another lab may own the route
-        # already; then it is not ours to remove.
-        done = subprocess.run(
-            ["ip", "route", "add", "blackhole", WAN_NETWORK],
-            capture_output=True,
-            text=True,
-            check=False,
+    def _add_lan_host(self, ns: str, interface: str) -> LanHost:
+        self._add_ns(ns)
+        address = self._lan.claim()
+        self._lan.attach(ns, interface)
+        address6 = self._lan.add_host_address(ns, interface, address)
+        _ip(ns, "route", "add", "default", "via", str(self.gateway_address))
+        if address6 is not None:
+            _ip(ns, "-6", "route", "add", "default", "via", str(self.gateway_address6))
+        host = LanHost(ns, address, interface, address6)
+        self.lan_hosts.append(host)
+        return host
+
+    def add_lan_host(self, name: str | None = None) -> LanHost:
+        """Plug another host namespace into the lan bridge and return it.
+
+        It gets the next free lan address (192.168.77.3, .4, ...; fd77::3, ...
+        with IPv6) and default routes via the gateway; its namespace is
+        ``pb-<name>-<suffix>`` (*name*: up to 8 lowercase letters or digits,
+        ``lan<N>`` by default) and is deleted with the lab.
+        """
+        number = len(self.lan_hosts) + 1
+        label = name if name is not None else f"lan{number}"
+        _check_label(label, "lan host")
+        ns = f"pb-{label}-{self.suffix}"
+        if ns in self._created_ns:
+            raise LabError(f"this lab already has a host named {label!r}")
+        return self._add_lan_host(ns, f"pb{self.suffix}l{number}")
+
+    def _wan_segment(self) -> _Segment:
+        if self._wan is None:
+            raise LabError("the lab is not built")
+        return self._wan
+
+    def add_wan_address(self, address: IPv4Address | None = None) -> IPv4Address:
+        """Give the wan namespace another source address (11.0.0.3, ... by default).
+
+        A socket in ``wan_ns`` bound to it connects from a second remote
+        source, e.g. to test PCP FILTER (RFC 6887 §13.3). With IPv6 its twin
+        (fd11::3, ...) is added too.
+        """
+        segment = self._wan_segment()
+        address = segment.claim(None if address is None else IPv4Address(address))
+        segment.add_host_address(segment.ns, segment.bridge, address)
+        return address
+
+    def add_wan_host(self, name: str | None = None) -> WanHost:
+        """Plug a new host namespace into the wan segment (next free wan address).
+
+        Its namespace is ``pb-<name>-<suffix>`` (``wan<N>`` by default),
+        deleted with the lab. It reaches this gateway's wan address directly.
+        """
+        segment = self._wan_segment()
+        number = len(self.wan_hosts) + 1
+        label = name if name is not None else f"wan{number}"
+        _check_label(label, "wan host")
+        ns = f"pb-{label}-{self.suffix}"
+        if ns in self._created_ns:
+            raise LabError(f"this lab already has a host named {label!r}")
+        self._add_ns(ns)
+        address = segment.claim()
+        interface = f"pb{self.suffix}v{number}"
+        segment.attach(ns, interface)
+        address6 = segment.add_host_address(ns, interface, address)
+        if address6 is not None:
+            _ip(
+                ns, "-6", "route", "add", str(self.lan_network6), "via", str(self.external_address6)
+            )
+        host = WanHost(ns, address, interface, address6)
+        self.wan_hosts.append(host)
+        return host
+
+    def add_dnat(
+        self, protocol: str, external_port: int, internal: IPv4Address, internal_port: int
+    ) -> None:
+        """Map *external_port* on the gateway's wan side to *internal*:*internal_port*.
+
+        A port mapping made with nftables directly, without miniupnpd: a
+        DNAT map in a table of the lab's own (``ip pb_dnat``, consulted before
+        miniupnpd's chains) and a forward accept for the translated
+        destination. For gateways miniupnpd cannot serve, e.g. the inner
+        gateway of :func:`open_series` with a non-global external address: a
+        PCP or NAT-PMP server of the test's own installs real mappings with
+        it. *protocol* is ``"tcp"`` or ``"udp"``. :meth:`remove_dnat` undoes it;
+        the namespace's deletion removes the rest.
+        """
+        protocol = self._check_dnat(protocol, external_port, internal_port)
+        if not self._dnat_ready:
+            self.nft(self.gw_ns, _DNAT_SETUP.format(wan_if=self.gw_wan_if))
+            self._dnat_ready = True
+        internal = IPv4Address(internal)
+        self.nft(
+            self.gw_ns,
+            f"add element ip pb_dnat ports {{ {protocol} . {external_port} : "
+            f"{internal} . {internal_port} }}\n"
+            f"add element inet filter pb_dnat_forward {{ {internal} . {protocol} . {internal_port} }}\n",
         )
-        if done.returncode == 0:
-            self._own_blackhole = True
-        elif "File exists" not in done.stderr:
-            raise LabError(f"ip route add blackhole {WAN_NETWORK}: {done.stderr.strip()}")
+
+    def remove_dnat(
+        self, protocol: str, external_port: int, internal: IPv4Address, internal_port: int
+    ) -> None:
+        """Undo :meth:`add_dnat` (the same arguments)."""
+        protocol = self._check_dnat(protocol, external_port, internal_port)
+        if not self._dnat_ready:
+            raise LabError("no DNAT mapping was added to this gateway")
+        self.nft(
+            self.gw_ns,
+            f"delete element ip pb_dnat ports {{ {protocol} . {external_port} }}\n"
+            f"delete element inet filter pb_dnat_forward {{ {IPv4Address(internal)} . "
+            f"{protocol} . {internal_port} }}\n",
+        )
+
+    @staticmethod
+    def _check_dnat(protocol: str, external_port: int, internal_port: int) -> str:
+        if protocol not in ("tcp", "udp"):
+            raise LabError(f"DNAT protocol {protocol!r}: use 'tcp' or 'udp'")
+        for port in (external_port, internal_port):
+            if not 1 <= port <= 65535:
+                raise LabError(f"DNAT port {port}: use 1..65535")
+        return protocol
+
+    def set_external_address(self, new: IPv4Address) -> None:
+        """Change the gateway's wan address, as an ISP lease change does.
+
+        The new address is added to ``gw_wan_if``, then the old one is
+        removed, so the interface is never without one. Both must lie in the
+        wan network (11.0.0.0/24, blackholed in the root namespace).
+
+        What miniupnpd 2.3.1 does (seen in its log here): Debian's build
+        watches netlink (``ProcessInterfaceWatchNotify RTM_NEWADDR`` /
+        ``RTM_DELADDR`` for ``ext_ifname``), logs "should send external iface
+        address change notification(s)" and multicasts, from 192.168.77.1:5351
+        to 224.0.0.1:5350 on the lan, a NAT-PMP external-address announcement
+        (RFC 6886 §3.2.1) carrying the new address and a PCP ANNOUNCE
+        (RFC 6887 §14.1), once per netlink event, so no SIGUSR1 is needed.
+        This method returns once the log shows the removal was handled (SIGUSR1,
+        which makes miniupnpd announce again, is sent only if that does not
+        happen within 5 s). Mappings made before the change keep working on the
+        new address: miniupnpd's DNAT rules match the wan interface, not the
+        address. The NAT-PMP and PCP epochs are not reset.
+        """
+        segment = self._wan_segment()
+        new = IPv4Address(new)
+        old = self.external_address
+        if new == old:
+            raise LabError(f"the gateway's external address is {old} already")
+        segment.claim(new)
+        log_start = len(self.log_text())
+        prefix = segment.network.prefixlen
+        _run(["ip", "-n", self.gw_ns, "addr", "add", f"{new}/{prefix}", "dev", self.gw_wan_if])
+        _run(["ip", "-n", self.gw_ns, "addr", "del", f"{old}/{prefix}", "dev", self.gw_wan_if])
+        segment.release(old)
+        self.external_address = new
+        if self._process is None:
+            return
+        if not self._wait_announced(log_start, 5.0):
+            assert self.miniupnpd_pid is not None
+            os.kill(self.miniupnpd_pid, signal.SIGUSR1)
+            if not self._wait_announced(log_start, 5.0):
+                raise LabError(
+                    f"miniupnpd did not announce the change to {new}; its log:\n"
+                    + self.log_text()[log_start:]
+                )
+
+    def _wait_announced(self, log_start: int, timeout: float) -> bool:
+        """Whether miniupnpd handled the removal of the old address (its log, from *log_start*)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log_text()[log_start:]
+            removed = text.rfind("RTM_DELADDR")
+            if removed >= 0 and _ADDRESS_CHANGE_LINE in text[removed:]:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
 
     def _write_config(self) -> None:
         yes_no = {True: "yes", False: "no"}
@@ -292,13 +829,15 @@ class Lab:
                     f"http_port={HTTP_PORT}",
                     f"enable_natpmp={yes_no[self.variant.natpmp]}",
                     f"enable_upnp={yes_no[self.variant.upnp]}",
-                    "ipv6_disable=yes",
+                    # IPv6 pinholes need no allow line: 2.3.1 rejects IPv6
+                    # addresses in permission lines (a parse error, and it exits).
+                    f"ipv6_disable={yes_no[not self.ipv6]}",
                     "secure_mode=yes",
                     # The epoch counts from daemon start, so a restart resets it.
                     "system_uptime=no",
                     "notify_interval=60",
                     f"uuid={uuid.uuid4()}",
-                    "allow 1024-65535 192.168.77.0/24 1024-65535",
+                    f"allow 1024-65535 {self.lan_network} 1024-65535",
                     "deny 0-65535 0.0.0.0/0 0-65535",
                     *self.extra_config,
                     "",
@@ -431,7 +970,7 @@ class Lab:
     # -- teardown ---------------------------------------------------------
 
     def close(self) -> None:
-        """Stop miniupnpd, delete the namespaces (and their veths) and the route.
+        """Stop miniupnpd, delete the namespaces (and their veths) and the routes.
 
         Idempotent, and safe on a half-built lab.
         """
@@ -440,23 +979,30 @@ class Lab:
             self.stop_miniupnpd()
         except Exception as exc:  # noqa: BLE001 - report it, but finish tearing down
             errors.append(f"stopping miniupnpd: {exc}")
-        while self._created_ns:
-            ns = self._created_ns.pop()
-            done = subprocess.run(
-                ["ip", "netns", "delete", ns], capture_output=True, text=True, check=False
-            )
-            if done.returncode != 0:
-                errors.append(f"ip netns delete {ns}: {done.stderr.strip()}")
-        # A veth whose peer never moved would stay in the root namespace.
-        for dev in (self.lan_if, self.gw_wan_if):
-            subprocess.run(["ip", "link", "delete", dev], capture_output=True, check=False)
-        if self._own_blackhole:
-            self._own_blackhole = False
-            subprocess.run(
-                ["ip", "route", "del", "blackhole", WAN_NETWORK], capture_output=True, check=False
-            )
+        errors.extend(_delete_namespaces(self._created_ns))
+        self._blackholes.remove_all()
+        if self._own_wan is not None:
+            errors.extend(self._own_wan.close())
         if errors:
             raise LabError("lab teardown incomplete: " + "; ".join(errors))
+
+
+def _delete_namespaces(created: list[str]) -> list[str]:
+    errors = []
+    while created:
+        ns = created.pop()
+        done = subprocess.run(
+            ["ip", "netns", "delete", ns], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            errors.append(f"ip netns delete {ns}: {done.stderr.strip()}")
+    return errors
+
+
+def _check_lab_possible() -> None:
+    reason = lab_unavailable_reason()
+    if reason is not None:
+        raise LabError(reason)
 
 
 @contextlib.contextmanager
@@ -465,6 +1011,7 @@ def open_lab(
     *,
     workdir: Path | None = None,
     extra_config: Sequence[str] = (),
+    ipv6: bool = False,
 ) -> Iterator[Lab]:
     """Build a lab, yield it, and tear it down whatever happens.
 
@@ -473,22 +1020,231 @@ def open_lab(
     appended to miniupnpd's config (``min_lifetime=10`` lets a test see PCP
     renewals within seconds; miniupnpd's default floor is 120 s).
 
+    *ipv6* adds ULA prefixes: lan fd77::/64 (gateway fd77::1, hosts fd77::2,
+    ...), wan fd11::/64 (gateway fd11::1, wan host fd11::2), without DAD
+    (``nodad``) so no address is tentative; IPv6 forwarding in the gw
+    namespace; the same ``inet filter`` forward chain (policy drop) as for
+    IPv4, so an inbound IPv6 connection passes only through a pinhole that
+    miniupnpd (``ipv6_disable=no``) inserts into its ``miniupnpd`` chain;
+    blackhole routes for both prefixes in the root namespace.
+
     Raises:
         LabError: the machine cannot host a lab (see
             :func:`lab_unavailable_reason`) or a build step failed.
     """
-    reason = lab_unavailable_reason()
-    if reason is not None:
-        raise LabError(reason)
+    _check_lab_possible()
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pb-lab-")))
-        lab = Lab(variant, secrets.token_hex(3), workdir, extra_config=tuple(extra_config))
+        lab = Lab(
+            variant, secrets.token_hex(3), workdir, extra_config=tuple(extra_config), ipv6=ipv6
+        )
         try:
             lab._build()
             yield lab
         finally:
             lab.close()
+
+
+@attrs.define(eq=False)
+class Sites:
+    """Two gateway sites whose wan sides share one segment (:func:`open_sites`).
+
+    ``a`` and ``b`` are complete :class:`Lab` sites (their own gw namespace,
+    lan bridge, lan host, nftables and miniupnpd); ``wan_ns`` holds the shared
+    wan bridge and the wan host's 11.0.0.2, e.g. for a rendezvous server.
+    """
+
+    a: Lab
+    b: Lab
+    wan_ns: str
+    wan_address: IPv4Address
+    wan_address6: IPv6Address | None = None
+
+    @property
+    def labs(self) -> tuple[Lab, Lab]:
+        return (self.a, self.b)
+
+    def socket(
+        self, netns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_DGRAM
+    ) -> socket.socket:
+        """A new socket that lives in *netns* (any of the sites' namespaces)."""
+        return in_netns(netns, lambda: socket.socket(family, kind))
+
+    def exec_argv(self, netns: str, argv: Sequence[str]) -> list[str]:
+        """*argv* prefixed to run inside *netns*."""
+        return ["ip", "netns", "exec", netns, *argv]
+
+
+@attrs.define(eq=False)
+class Series:
+    """Two NAT gateways in series (:func:`open_series`): ``inner`` behind ``outer``.
+
+    ``inner``'s wan side is a host on ``outer``'s lan: ``inner.wan_ns`` is
+    ``outer.gw_ns`` and ``outer.lan_hosts[0]`` (also ``outer.lan_ns``) is the
+    inner gateway's namespace. ``wan_ns`` is the outer gateway's wan namespace
+    with the wan host 11.0.0.2.
+    """
+
+    inner: Lab
+    outer: Lab
+    wan_ns: str
+    wan_address: IPv4Address
+
+    @property
+    def labs(self) -> tuple[Lab, Lab]:
+        return (self.inner, self.outer)
+
+    def socket(
+        self, netns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_DGRAM
+    ) -> socket.socket:
+        """A new socket that lives in *netns* (any of the series' namespaces)."""
+        return in_netns(netns, lambda: socket.socket(family, kind))
+
+    def exec_argv(self, netns: str, argv: Sequence[str]) -> list[str]:
+        """*argv* prefixed to run inside *netns*."""
+        return ["ip", "netns", "exec", netns, *argv]
+
+
+SITE_B_LAN_NETWORK: Final = IPv4Network("192.168.78.0/24")
+SITE_B_EXTERNAL_ADDRESS: Final = IPv4Address("11.0.0.3")
+SERIES_OUTER_LAN_NETWORK: Final = IPv4Network("100.64.0.0/24")
+
+
+@contextlib.contextmanager
+def _workdir(workdir: Path | None) -> Iterator[Path]:
+    if workdir is not None:
+        yield workdir
+        return
+    with tempfile.TemporaryDirectory(prefix="pb-lab-") as made:
+        yield Path(made)
+
+
+def _subdir(parent: Path, name: str) -> Path:
+    path = parent / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def open_sites(
+    variant_a: Variant = Variant.FULL,
+    variant_b: Variant = Variant.FULL,
+    *,
+    workdir: Path | None = None,
+    extra_config: Sequence[str] = (),
+    ipv6: bool = False,
+) -> Iterator[Sites]:
+    """Build two gateway sites on one wan segment, yield them, tear them down.
+
+    ::
+
+        site a: lan 192.168.77.0/24 (host .2) -- gw a 11.0.0.1 --+
+                                                                 +-- wan ns: bridge, wan host 11.0.0.2
+        site b: lan 192.168.78.0/24 (host .2) -- gw b 11.0.0.3 --+
+
+    Each site is a :class:`Lab` built by the same code as :func:`open_lab`
+    (miniupnpd logs under ``workdir/a`` and ``workdir/b``); *extra_config*
+    goes to both miniupnpds. With *ipv6* site a's lan is fd77::/64, site b's
+    fd78::/64, the wan fd11::/64 (gateways fd11::1 and fd11::3).
+    All of 11.0.0.0/24 is blackholed in the root namespace.
+    """
+    _check_lab_possible()
+    with _workdir(workdir) as root, contextlib.ExitStack() as stack:
+        wan = _Wan.build(secrets.token_hex(3), ipv6=ipv6)
+        stack.callback(wan.close)
+        sites = []
+        for label, variant, lan, lan6, external in (
+            ("a", variant_a, LAN_NETWORK, LAN_NETWORK6, EXTERNAL_ADDRESS),
+            ("b", variant_b, SITE_B_LAN_NETWORK, IPv6Network("fd78::/64"), SITE_B_EXTERNAL_ADDRESS),
+        ):
+            site = Lab(
+                variant,
+                secrets.token_hex(3),
+                _subdir(root, label),
+                tuple(extra_config),
+                lan_network=lan,
+                lan_network6=lan6,
+                external_address=external,
+                ipv6=ipv6,
+                name=label,
+            )
+            stack.callback(site.close)
+            site._build(wan)
+            sites.append(site)
+        yield Sites(sites[0], sites[1], wan.ns, wan.host.address, wan.host.address6)
+
+
+@contextlib.contextmanager
+def open_series(
+    inner_variant: Variant = Variant.FULL,
+    outer_variant: Variant = Variant.NONE,
+    *,
+    outer_lan: IPv4Network = SERIES_OUTER_LAN_NETWORK,
+    workdir: Path | None = None,
+    inner_extra_config: Sequence[str] = (),
+    outer_extra_config: Sequence[str] = (),
+) -> Iterator[Series]:
+    """Build two NAT gateways in series (double NAT), yield them, tear them down.
+
+    ::
+
+        inner lan 192.168.77.0/24 (host .2)
+          -- inner gw 192.168.77.1 | ext 100.64.0.2 on the outer's lan
+          -- outer gw 100.64.0.1   | ext 11.0.0.1
+          -- wan ns, wan host 11.0.0.2
+
+    *outer_lan* is the outer gateway's lan (100.64.0.0/24, shared address
+    space as behind a CGN, by default; 192.168.1.0/24 gives the "router
+    behind an ISP modem" case). The inner gateway's external address is
+    host 2 of it, its default route the outer gateway (host 1). Both
+    gateways masquerade, so an inner lan host reaches the wan host through
+    both NATs. *outer_variant* chooses the outer gateway's services
+    (``Variant.NONE``: a plain NAT; ``Variant.FULL``: miniupnpd too).
+
+    What miniupnpd 2.3.1 does as the inner gateway, its external address
+    private or in 100.64.0.0/10 (seen in its log and answers here): it logs
+    "Reserved / private IP address 100.64.0.2 on ext interface ...: Port
+    forwarding is impossible" and "You are probably behind NAT, enable option
+    ext_perform_stun=yes ...", then refuses every mapping: a NAT-PMP
+    external-address request answers result 3 (network failure) with
+    0.0.0.0, a NAT-PMP MAP result 3, a PCP MAP NO_RESOURCES (lifetime 30; its
+    external-address field does say 100.64.0.2). ``ext_ip=<reserved>`` is no
+    way around it: "Error: option ext_ip contains reserved / private address
+    ..., not public routable", and miniupnpd exits. ``ext_perform_stun=yes``
+    exits when STUN fails ("Performing STUN failed. EXITING"), and when it
+    works it enables forwarding only behind a full-cone NAT and reports the
+    public address STUN found, never the private one. So miniupnpd cannot be
+    an inner gateway that maps and reports a non-global external address;
+    use ``inner_variant=Variant.NONE`` and a PCP/NAT-PMP server of the test's
+    own that installs real mappings with :meth:`Lab.add_dnat`.
+    """
+    _check_lab_possible()
+    with _workdir(workdir) as root, contextlib.ExitStack() as stack:
+        outer = Lab(
+            outer_variant,
+            secrets.token_hex(3),
+            _subdir(root, "outer"),
+            tuple(outer_extra_config),
+            lan_network=outer_lan,
+            name="outer",
+        )
+        stack.callback(outer.close)
+        outer._build(first_host=False)
+        inner = Lab(
+            inner_variant,
+            secrets.token_hex(3),
+            _subdir(root, "inner"),
+            tuple(inner_extra_config),
+            external_address=outer_lan[2],
+            name="inner",
+        )
+        stack.callback(inner.close)
+        inner._build(outer._lan, upstream=outer.gateway_address)
+        # The outer gateway's lan host is the inner gateway.
+        outer.lan_hosts.append(LanHost(inner.gw_ns, inner.external_address, inner.gw_wan_if))
+        outer.lan_ns, outer.lan_if = inner.gw_ns, inner.gw_wan_if
+        yield Series(inner, outer, outer.wan_ns, outer.wan_address)
 
 
 # -- the demo -----------------------------------------------------------------
