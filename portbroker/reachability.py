@@ -58,7 +58,7 @@ class Reachability:
         return {"public": self.public, "kind": self.kind.value, "reason": self.reason}
 
 
-_BEHIND: Final = "a NAT beyond this gateway (double NAT)"
+_BEHIND: Final = "another NAT lies beyond this gateway (double NAT)"
 
 # (block, kind, what it is). First match wins, so the narrow global
 # exceptions come before the reserved blocks that hold them.
@@ -72,7 +72,7 @@ _V4: Final[tuple[tuple[IPv4Network, AddressKind, str], ...]] = tuple(
         (
             "100.64.0.0/10",
             AddressKind.SHARED,
-            "shared address space (RFC 6598): the ISP's carrier-grade NAT",
+            "in the shared address space of carrier-grade NATs (RFC 6598)",
         ),
         ("127.0.0.0/8", AddressKind.LOOPBACK, "a loopback address"),
         ("169.254.0.0/16", AddressKind.LINK_LOCAL, "a link-local address (RFC 3927)"),
@@ -132,7 +132,7 @@ def classify(address: IPv4Address | IPv6Address | str) -> Reachability:
     if kind is AddressKind.GLOBAL:
         return Reachability(parsed, kind, True, None)
     if kind in (AddressKind.PRIVATE, AddressKind.SHARED, AddressKind.UNIQUE_LOCAL):
-        why = f"{parsed} is {what}: there is {_BEHIND}"
+        why = f"{parsed} is {what}: {_BEHIND}"
     else:
         why = f"{parsed} is {what}, not an address the Internet can reach"
     return Reachability(parsed, kind, False, f"not publicly reachable: {why}")

@@ -1,0 +1,269 @@
+"""Double NAT in the lab (open_series): an inner gateway behind an outer NAT whose
+lan is 100.64.0.0/24, as behind a carrier-grade NAT (docs/double-nat.md).
+
+- inner gateway: a plain NAT plus a PCP / NAT-PMP server of this test's own
+  (FakeGateway's server logic on a socket in the inner gateway's namespace)
+  that installs real nftables mappings (Lab.add_dnat) and reports its real
+  external address, 100.64.0.2. miniupnpd 2.3.1 cannot be that gateway: it
+  refuses to map behind a reserved address (open_series's docstring);
+- outer gateway: miniupnpd 2.3.1 (PCP), external 11.0.0.1.
+
+Apps and the CLI run in the inner lan namespace; the proof is a connection
+from the wan host 11.0.0.2.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from portbroker.testing.fake_gateway import FakeGateway, FakeMapping
+from portbroker.testing.lab import Lab, Series, Variant, open_series
+from tests.conftest import _require_lab
+from tests.lab.helpers import connect_from_wan, listen_in_lan
+
+pytestmark = pytest.mark.lab
+
+AGENT = Path(__file__).with_name("nested_agent.py")
+PORTBROKER = [sys.executable, "-m", "portbroker.cli"]
+ROOT = Path(__file__).parents[2]
+
+
+@attrs.define(eq=False)
+class DnatGateway(FakeGateway):
+    """FakeGateway's PCP / NAT-PMP logic whose mappings are real DNAT rules."""
+
+    lab: Lab | None = None
+
+    def _store(self, key: tuple[str, int, int], mapping: FakeMapping) -> None:
+        super()._store(key, mapping)  # forgets the old one first (below)
+        assert self.lab is not None
+        self.lab.add_dnat(
+            "tcp" if mapping.protocol == 6 else "udp",
+            mapping.external_port,
+            IPv4Address(str(mapping.internal_address)),
+            mapping.internal_port,
+        )
+
+    def _forget(self, key: tuple[str, int, int]) -> None:
+        mapping = self.mappings.get(key)
+        super()._forget(key)
+        if mapping is not None and self.lab is not None:
+            self.lab.remove_dnat(
+                "tcp" if mapping.protocol == 6 else "udp",
+                mapping.external_port,
+                IPv4Address(str(mapping.internal_address)),
+                mapping.internal_port,
+            )
+
+
+class InnerServer:
+    """The inner gateway's PCP / NAT-PMP server on 192.168.77.1:5351, in a thread."""
+
+    def __init__(self, inner: Lab) -> None:
+        self.gateway = DnatGateway(
+            address=inner.gateway_address, external_address=inner.external_address, lab=inner
+        )
+        self._sock = inner.socket(inner.gw_ns)
+        self._sock.bind((str(inner.gateway_address), 5351))
+        self._ready = threading.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._scope: trio.CancelScope | None = None
+        self._thread = threading.Thread(target=trio.run, args=(self._serve,), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10), "the inner PCP / NAT-PMP server did not start"
+
+    async def _serve(self) -> None:
+        sock = trio.socket.from_stdlib_socket(self._sock)
+        with sock, trio.CancelScope() as self._scope:
+            self._token = trio.lowlevel.current_trio_token()
+            self._ready.set()
+            while True:
+                data, client = await sock.recvfrom(2048)
+                for reply in self.gateway.handle(data, (client[0], client[1])):
+                    await sock.sendto(reply, client)
+
+    def stop(self) -> None:
+        if self._token is not None and self._scope is not None:
+            self._token.run_sync_soon(self._scope.cancel)
+        self._thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Series, InnerServer]]:
+    _require_lab()
+    with open_series(
+        Variant.NONE, Variant.FULL, workdir=tmp_path_factory.mktemp("double-nat")
+    ) as built:
+        server = InnerServer(built.inner)
+        try:
+            yield built, server
+        finally:
+            server.stop()
+
+
+def cli(inner: Lab, *args: str, state: Path) -> subprocess.CompletedProcess[str]:
+    argv = inner.exec_argv(
+        inner.lan_ns,
+        [
+            *PORTBROKER,
+            *args,
+            "--gateway",
+            str(inner.gateway_address),
+            "--methods",
+            "pcp,natpmp",
+            "--state-file",
+            str(state),
+        ],
+    )
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
+
+
+def test_a_gateway_behind_a_cgn_is_not_publicly_reachable(
+    series: tuple[Series, InnerServer], tmp_path: Path
+) -> None:
+    built, server = series
+    inner = built.inner
+    state = tmp_path / "state.json"
+    done = cli(inner, "probe", "--json", state=state)
+    assert done.returncode == 0, done.stderr
+    natpmp = json.loads(done.stdout)["methods"]["natpmp"]
+    assert natpmp["external_address"] == "100.64.0.2"
+    assert natpmp["public"] is False
+    assert "RFC 6598" in natpmp["reachability"]
+    text = cli(inner, "probe", state=state)
+    assert "not publicly reachable: 100.64.0.2 is in the shared address space" in text.stdout
+    port = 27001
+    with listen_in_lan(inner, port) as listener:
+        done = cli(inner, "map", f"{port}/tcp", "--json", "--lifetime", "600", state=state)
+        assert done.returncode == 0, done.stderr
+        mapped = json.loads(done.stdout)
+        assert (mapped["external_address"], mapped["public"]) == ("100.64.0.2", False)
+        assert "carrier-grade NAT" in mapped["reachability"]
+        # The mapping is real, but only the outer NAT's lan can use it.
+        assert _connect(inner.wan_ns, listener, ("100.64.0.2", mapped["external_port"]))
+        assert not _connect(built.wan_ns, listener, ("11.0.0.1", mapped["external_port"]))
+        done = cli(inner, "unmap", f"{port}/tcp", state=state)
+        assert done.returncode == 0, done.stderr
+    assert server.gateway.mappings == {}
+    print(
+        f"\ndouble NAT: inner mapping 100.64.0.2:{mapped['external_port']}: {mapped['reachability']}"
+    )
+
+
+def test_mapped_through_both_nats_with_the_outer_pcp_server_from_dhcp(
+    series: tuple[Series, InnerServer], tmp_path: Path
+) -> None:
+    built, server = series
+    inner, outer = built.labs
+    port = 27011
+    # The outer PCP server as DHCP would announce it (RFC 7291 option 158:
+    # List-Length 4, 100.64.0.1).
+    lease = tmp_path / "dhclient.leases"
+    lease.write_text('lease {\n  interface "wan0";\n  option unknown-158 4:64:40:0:1;\n}\n')
+    with listen_in_lan(inner, port) as listener:
+        assert not _connect(built.wan_ns, listener, ("11.0.0.1", port))
+        started = time.monotonic()
+        with _agent(inner, port, "-", str(lease)) as agent:
+            reachability = _next(agent, "ReachabilityChanged")
+            assert (reachability["layer"], reachability["public"]) == ("inner broker", False)
+            mapped = _next(agent, "Mapped")
+            took = time.monotonic() - started
+            assert mapped["inner_external"] == f"100.64.0.2:{port}"
+            assert mapped["inner_public"] is False
+            assert str(mapped["outer_server"]) == str(outer.gateway_address) == "100.64.0.1"
+            assert mapped["outer_source"] == f"DHCPv4 option 158 in {lease} (wan0)"
+            assert (mapped["external_address"], mapped["public"]) == ("11.0.0.1", True)
+            assert "100.64.0.2" in outer.nft_rules()  # the outer miniupnpd's DNAT
+            # In from the wan host, through both NATs.
+            received = connect_from_wan(outer, listener, mapped["external_port"])
+            assert received == b"inside says hello", outer.log_text()
+            assert agent.stdin is not None
+            agent.stdin.close()
+            released = {_next(agent, "Released")["layer"], _next(agent, "Released")["layer"]}
+            assert released == {"inner", "outer"}
+            _next(agent, "Done")
+        assert not _connect(built.wan_ns, listener, ("11.0.0.1", mapped["external_port"]))
+    assert server.gateway.mappings == {}
+    assert "100.64.0.2" not in outer.nft_rules()
+    print(
+        f"\ndouble NAT: 192.168.77.2:{port} -> {mapped['inner_external']} -> "
+        f"11.0.0.1:{mapped['external_port']} in {took:.2f} s; inbound from 11.0.0.2 OK"
+    )
+
+
+def _connect(netns: str, listener: socket.socket, target: tuple[str, int]) -> bool:
+    """Does a connection from *netns* to *target* reach *listener*?"""
+    outside = _socket_in(netns)
+    with outside:
+        outside.settimeout(3)
+        try:
+            outside.connect(target)
+        except (ConnectionRefusedError, TimeoutError, OSError):
+            return False
+        inside, _peer = listener.accept()
+        inside.close()
+        return True
+
+
+def _socket_in(netns: str) -> socket.socket:
+    from portbroker.testing.lab import in_netns
+
+    return in_netns(netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+
+
+@contextmanager
+def _agent(inner: Lab, port: int, outer: str, *leases: str) -> Iterator[subprocess.Popen[str]]:
+    argv = inner.exec_argv(
+        inner.lan_ns,
+        [sys.executable, str(AGENT), str(inner.gateway_address), str(port), outer, *leases],
+    )
+    process = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            if process.stdin is not None and not process.stdin.closed:
+                process.stdin.close()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            if pipe is not None and not pipe.closed:
+                pipe.close()
+
+
+def _next(process: subprocess.Popen[str], wanted: str, timeout: float = 60.0) -> dict[str, Any]:
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout
+    while True:
+        ready, _, _ = select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise AssertionError(f"no {wanted} from the agent within {timeout:g} s")
+        line = process.stdout.readline()
+        if not line:
+            assert process.stderr is not None
+            raise AssertionError(f"agent ended before {wanted}: {process.stderr.read()}")
+        event: dict[str, Any] = json.loads(line)
+        if event["event"] == "Error":
+            raise AssertionError(f"agent: {event}")
+        if event["event"] == wanted:
+            return event
