@@ -185,6 +185,12 @@ def _parser() -> argparse.ArgumentParser:
         help="keep it renewed (and restored) until Ctrl-C, SIGTERM or SIGHUP, then delete it",
     )
     map_cmd.add_argument(
+        "--outer-pcp-server",
+        metavar="IP",
+        help="double NAT: also map through this outer NAT's PCP server, for the gateway's "
+        "external endpoint (needs --hold; docs/double-nat.md)",
+    )
+    map_cmd.add_argument(
         "--persist",
         action="store_true",
         help="through the daemon: keep it after --hold ends, until an explicit unmap",
@@ -335,6 +341,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("list", "watch"):
         return trio.run(_daemon_client, args)
     methods = _methods(args.methods)
+    if args.command == "map" and args.outer_pcp_server:
+        if not args.hold:
+            raise UsageError(
+                "--outer-pcp-server needs --hold (the two mappings live as long as the command)"
+            )
+        from portbroker.gateway import checked_address
+
+        checked_address(args.outer_pcp_server, "--outer-pcp-server")
     if args.command == "map" and args.exact and args.external_port is None:
         raise UsageError("--exact needs --external-port")
     if args.command == "map" and args.via and args.via not in methods:
@@ -653,6 +667,8 @@ def _describe_lease(lease: Lease) -> str:
 
 
 async def _map(broker: Broker, args: argparse.Namespace) -> int:
+    if args.hold and args.outer_pcp_server:
+        return await _hold_nested(broker, args)
     if args.hold:
         return await _hold(broker, args)
     port, proto = args.spec
@@ -765,6 +781,70 @@ async def _hold(broker: Broker, args: argparse.Namespace) -> int:
         await mapping.release()
         async for event in events:  # the Released event
             _print_event(event, as_json=args.json)
+    return 0
+
+
+async def _hold_nested(broker: Broker, args: argparse.Namespace) -> int:
+    """map --hold --outer-pcp-server: the gateway's mapping and the outer NAT's
+    for it (portbroker.nested), until a signal; then both are deleted."""
+    import trio
+
+    from portbroker._util import collapse_single
+    from portbroker.nested import open_nested_mapping
+
+    port, proto = args.spec
+    outer_options = {"port": args.server_port, "probe_timeout": args.timeout}
+    with trio.open_signal_receiver(*_hold_signals()) as signals, collapse_single():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
+            async with open_nested_mapping(
+                broker,
+                port,
+                proto,
+                outer_pcp_server=args.outer_pcp_server,
+                lifetime=args.lifetime,
+                external_port=args.external_port,
+                via=args.via,
+                outer_options=outer_options,
+            ) as nested:
+                events = nested.events()
+                while True:  # where each stands now: printed below, in one line
+                    try:
+                        events.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                inner = nested.inner._lease()
+                outer = nested.outer._lease() if nested.outer else None
+                assert outer is not None
+                if args.json:
+                    print(
+                        json.dumps(
+                            {
+                                "event": "Acquired",
+                                "inner": {**_lease_json(inner), **_reachability_json(inner)},
+                                "outer": {**_lease_json(outer), **_reachability_json(outer)},
+                            }
+                        ),
+                        flush=True,
+                    )
+                else:
+                    print(f"mapped {_describe_lease(inner)}", flush=True)
+                    print(
+                        f"  and {_describe_lease(outer)} on {nested.outer_server};"
+                        " holding until Ctrl-C",
+                        flush=True,
+                    )
+                    _print_unreachable(outer)
+                async for item in events:
+                    if args.json:
+                        print(
+                            json.dumps({"layer": item.layer, **_event_json(item.event)}),
+                            flush=True,
+                        )
+                    else:
+                        print(f"{item.layer}: {type(item.event).__name__}", flush=True)
+    # Leaving open_nested_mapping deleted the outer mapping, then the inner one.
+    print(json.dumps({"event": "Released"}) if args.json else "deleted both mappings")
     return 0
 
 

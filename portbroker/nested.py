@@ -70,6 +70,7 @@ class NestedMapping:
     _moved: trio.Event = attrs.Factory(trio.Event)
     _outer_gone: trio.Event = attrs.Factory(trio.Event)
     _closing: bool = False
+    _started: bool = False
     # The inner endpoint the outer mapping is (being) made for.
     _outer_for: tuple[IPAddress, int] | None = None
 
@@ -176,7 +177,12 @@ async def open_nested_mapping(
         with collapse_single():  # the caller sees the error, not a group of one
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(nested._follow_inner, inner_events)
-                await nursery.start(_keep_outer, nested, options, lifetime, external_port)
+                # The outer broker runs in the inner broker's nursery, not
+                # here: a caller's scope cancelled around this block (the
+                # CLI's SIGTERM) would otherwise cancel the outer broker's
+                # transport before its delete's answer is read, and the
+                # outer mapping would stay until its lifetime ran out.
+                await inner._nursery.start(_keep_outer, nested, options, lifetime, external_port)
                 try:
                     yield nested
                 finally:
@@ -209,6 +215,11 @@ async def _keep_outer(
     changes with the endpoint) when that endpoint moves."""
     try:
         await _outer_loop(nested, options, lifetime, external_port, task_status)
+    except Exception:
+        if not nested._started:
+            raise  # to the caller of open_nested_mapping
+        # After the start a failure must not take the inner broker down.
+        logger.exception("outer mapping via %s: unexpected error (a bug)", nested.outer_server)
     finally:
         nested.outer = None
         nested._outer_gone.set()
@@ -221,7 +232,6 @@ async def _outer_loop(
     external_port: int | None,
     task_status: trio.TaskStatus[None],
 ) -> None:
-    started = False
     while not nested._closing:
         wanted = nested._wanted()
         if wanted is None:  # not granted yet (cannot happen after map(); kept safe)
@@ -254,15 +264,15 @@ async def _outer_loop(
                     nested._publish("outer", event)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(nested._follow_outer, outer)
-                    if not started:
-                        started = True
+                    if not nested._started:
+                        nested._started = True
                         task_status.started()
                     await nested._moved.wait()
                     with trio.CancelScope(shield=True):
                         # Its stream ends with Released: _follow_outer returns.
                         await outer.release()
         except PortBrokerError as exc:
-            if not started:
+            if not nested._started:
                 raise
             logger.warning("outer mapping via %s failed: %s", nested.outer_server, exc)
             nested._publish("outer", Failed(f"outer mapping failed: {exc}"))

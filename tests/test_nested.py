@@ -154,3 +154,22 @@ async def test_an_outer_refusal_deletes_the_inner_mapping(
                 pass
         assert nats.inner.mapping_for("tcp", 8082) is None
         assert inner.mappings == frozenset()
+
+
+async def test_cancelled_around_it_both_deletes_are_answered(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A scope cancelled around the block (the CLI's SIGTERM) still gets both
+    deletes answered: the outer broker's transport is not cancelled under it."""
+    nats = TwoNats()
+    async with nats.broker() as inner:
+        with trio.CancelScope() as scope:
+            async with open_nested_mapping(
+                inner, 8090, outer_pcp_server=OUTER, outer_options={"link_factory": nats.link}
+            ):
+                assert nats.outer.mapping_for("tcp", 8090) is not None
+                scope.cancel()
+                await trio.sleep_forever()
+        assert nats.outer.mappings == {}
+        assert nats.inner.mappings == {}
+    assert not [r for r in caplog.records if "delete" in r.getMessage()], caplog.text
