@@ -41,11 +41,13 @@ from portbroker.lifecycle import (
     LifecycleError,
     Lost,
     MappingEvent,
+    ReachabilityChanged,
     Released,
     Renewed,
     Restored,
     State,
 )
+from portbroker.reachability import Reachability
 from portbroker.types import (
     DEFAULT_LIFETIME,
     MAX_LIFETIME,
@@ -89,6 +91,8 @@ __all__ = [
     "PortBrokerError",
     "ProbeOutcome",
     "ProbeReport",
+    "Reachability",
+    "ReachabilityChanged",
     "Released",
     "Renewed",
     "Restored",
