@@ -15,8 +15,9 @@ client records, and which cases work, is in docs/double-nat.md.
 
 ISC dhclient (and NetworkManager's dhclient backend, which writes the same
 format) records an option it has no definition for as ``option unknown-158
-1:c0:a8:1:1;`` (``dhcp6.unknown-86`` for DHCPv6): colon-separated hex octets
-without leading zeros, or a quoted string when every octet is printable. An
+4:c0:a8:1:1;`` (``dhcp6.unknown-86`` for DHCPv6): colon-separated hex octets,
+or a quoted string with octal escapes (``"\004\300\250\001\001"``); both
+forms are seen in real lease files. An
 option defined in dhclient.conf under one of :data:`V4_NAMES` /
 :data:`V6_NAMES` (as ``string``, or for DHCPv6 ``array of ip6-address``) is
 read too.

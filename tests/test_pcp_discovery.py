@@ -271,3 +271,16 @@ async def test_pcp_client_address_is_what_the_server_sees() -> None:
         assert isinstance(request, pcp.PcpRequest)
         assert request.client_address == V4("100.64.0.9")
         assert not any(isinstance(o, pcp.ThirdParty) for o in request.options)
+
+
+def test_dhclient_quoted_form_of_an_unknown_option() -> None:
+    # dhclient also prints an undefined option as a quoted string with octal
+    # escapes (seen for Azure's unknown-245 as "\250?\201\020"): 0x04 'd' '@'
+    # 0x00 0x01 is List-Length 4, 100.64.0.1.
+    text = 'lease {\n  interface "eth0";\n  option unknown-158 "\\004d@\\000\\001";\n}\n'
+    servers, problems = parse_dhclient_leases(text, source="q", now=NOW)
+    assert problems == []
+    assert [s.addresses for s in servers] == [(V4("100.64.0.1"),)]
+    # "expire never" is no expiry.
+    never = text.replace("}\n", "  expire never;\n}\n")
+    assert len(parse_dhclient_leases(never, source="q", now=NOW)[0]) == 1
