@@ -31,8 +31,10 @@ A test maps a port from a lan host, then connects from the wan namespace to
   on one wan segment, :func:`open_series` one behind another (double NAT;
   what miniupnpd does behind a non-global address is in its docstring), both
   with the same building code as :func:`open_lab`. :meth:`Lab.add_dnat`
-  installs a port mapping with nftables alone, for gateways miniupnpd
-  cannot serve.
+  installs a port mapping with nftables alone, and
+  :meth:`Lab.start_nat_server` runs :class:`NatServer` (PCP + NAT-PMP of the
+  lab's own, over those nftables mappings), for gateways miniupnpd cannot
+  serve (behind a non-global external address).
 
 Safety: everything stays inside the namespaces; veths are created directly
 in their namespaces, never in the root one. The wan side is 11.0.0.0/24
@@ -72,6 +74,7 @@ from typing import Final, TypeVar
 import attrs
 
 from portbroker.errors import PortBrokerError
+from portbroker.wire import natpmp, pcp
 
 __all__ = [
     "EXTERNAL_ADDRESS",
@@ -90,6 +93,8 @@ __all__ = [
     "Lab",
     "LabError",
     "LanHost",
+    "NatMapping",
+    "NatServer",
     "Series",
     "Sites",
     "Variant",
@@ -519,6 +524,7 @@ class Lab:
     _own_wan: _Wan | None = None
     _blackholes: _Blackholes = attrs.field(init=False)
     _dnat_ready: bool = False
+    _nat_servers: list[NatServer] = attrs.Factory(list)
 
     def __attrs_post_init__(self) -> None:
         s = self.suffix
@@ -764,6 +770,26 @@ class Lab:
                 raise LabError(f"DNAT port {port}: use 1..65535")
         return protocol
 
+    def start_nat_server(
+        self, reported_address: IPv4Address | None = None, *, max_lifetime: int = 3600
+    ) -> NatServer:
+        """Serve PCP and NAT-PMP on this gateway with the lab's own server (:class:`NatServer`).
+
+        For a gateway built with ``Variant.NONE`` (miniupnpd must not hold
+        port 5351): the inner gateway of :func:`open_series`, which miniupnpd
+        2.3.1 refuses to serve behind a non-global address. Mappings are real
+        (nftables DNAT on the wan side); *reported_address* (default: the
+        gateway's current wan address) is what clients are told.
+        """
+        server = NatServer(
+            self,
+            None if reported_address is None else IPv4Address(reported_address),
+            max_lifetime,
+        )
+        server.start()
+        self._nat_servers.append(server)
+        return server
+
     def set_external_address(self, new: IPv4Address) -> None:
         """Change the gateway's wan address, as an ISP lease change does.
 
@@ -782,7 +808,8 @@ class Lab:
         which makes miniupnpd announce again, is sent only if that does not
         happen within 5 s). Mappings made before the change keep working on the
         new address: miniupnpd's DNAT rules match the wan interface, not the
-        address. The NAT-PMP and PCP epochs are not reset.
+        address. The NAT-PMP and PCP epochs are not reset. A :class:`NatServer`
+        reporting the gateway's address announces the new one too.
         """
         segment = self._wan_segment()
         new = IPv4Address(new)
@@ -796,6 +823,9 @@ class Lab:
         _run(["ip", "-n", self.gw_ns, "addr", "del", f"{old}/{prefix}", "dev", self.gw_wan_if])
         segment.release(old)
         self.external_address = new
+        for server in self._nat_servers:
+            if server.reported_address is None:
+                server.announce()  # as miniupnpd does, below
         if self._process is None:
             return
         if not self._wait_announced(log_start, 5.0):
@@ -975,6 +1005,8 @@ class Lab:
         Idempotent, and safe on a half-built lab.
         """
         errors: list[str] = []
+        while self._nat_servers:
+            self._nat_servers.pop().close()
         try:
             self.stop_miniupnpd()
         except Exception as exc:  # noqa: BLE001 - report it, but finish tearing down
@@ -1046,6 +1078,281 @@ def open_lab(
             lab.close()
 
 
+# -- a PCP + NAT-PMP server of the lab's own -------------------------------------
+
+
+@attrs.define
+class NatMapping:
+    """One mapping a :class:`NatServer` holds (and has installed with nftables)."""
+
+    protocol: str  # "tcp" | "udp"
+    internal: IPv4Address
+    internal_port: int
+    external_port: int
+    expires_at: float  # time.monotonic()
+    nonce: bytes | None  # PCP's; None for NAT-PMP mappings
+
+
+_PROTOCOLS: Final = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
+_ANNOUNCE_GROUP: Final = ("224.0.0.1", 5350)  # RFC 6886 §3.2.1, RFC 6887 §14.1.1
+
+
+@attrs.define(eq=False)
+class NatServer:
+    """A small PCP + NAT-PMP server on a gateway's lan address, port 5351.
+
+    Start it with :meth:`Lab.start_nat_server`. It serves NAT-PMP (RFC 6886:
+    external address, MAP_UDP/MAP_TCP, deletes) and PCP (RFC 6887: ANNOUNCE,
+    MAP with nonce rules, deletes) and installs each mapping as real
+    nftables DNAT with :meth:`Lab.add_dnat`, so a connection from outside
+    proves it. Unlike miniupnpd 2.3.1 it maps behind any external address and
+    reports :attr:`reported_address` (by default the gateway's current wan
+    address: 100.64.0.2 for the inner gateway of :func:`open_series`).
+    Lifetimes are granted as asked, at most *max_lifetime*; the epoch counts
+    seconds since start. Not served: PEER, THIRD_PARTY, FILTER (PCP answers
+    UNSUPP_OPCODE / UNSUPP_OPTION). It runs on a thread of its own; it stops
+    with the lab.
+    """
+
+    lab: Lab
+    reported_address: IPv4Address | None = None
+    max_lifetime: int = 3600
+    mappings: dict[tuple[str, IPv4Address, int], NatMapping] = attrs.Factory(dict)
+    requests: int = 0  # datagrams received
+    _sock: socket.socket | None = None
+    _thread: threading.Thread | None = None
+    _stop: threading.Event = attrs.Factory(threading.Event)
+    _lock: threading.Lock = attrs.Factory(threading.Lock)
+    _started: float = attrs.Factory(time.monotonic)
+
+    @property
+    def epoch(self) -> int:
+        """Seconds since the server started (RFC 6886 §3.6, RFC 6887 §8.5)."""
+        return int(time.monotonic() - self._started)
+
+    @property
+    def address(self) -> IPv4Address:
+        """The external address the server reports."""
+        return self.reported_address or self.lab.external_address
+
+    def start(self) -> None:
+        lab = self.lab
+
+        def bound() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                sock.bind((str(lab.gateway_address), 5351))
+                sock.setsockopt(
+                    socket.IPPROTO_IP,
+                    socket.IP_MULTICAST_IF,
+                    socket.inet_aton(str(lab.gateway_address)),
+                )
+            except OSError:
+                sock.close()
+                raise
+            return sock
+
+        try:
+            self._sock = in_netns(lab.gw_ns, bound)
+        except OSError as exc:
+            raise LabError(
+                f"cannot serve on {lab.gateway_address}:5351 in {lab.gw_ns} ({exc}); "
+                "build the gateway with Variant.NONE so miniupnpd does not hold the port"
+            ) from exc
+        self._sock.settimeout(0.2)
+        self._thread = threading.Thread(target=self._serve, name=f"nat-server-{lab.gw_ns}")
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving and remove every mapping's nftables rules."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        with self._lock:
+            for key in list(self.mappings):
+                self._remove(key)
+
+    def set_reported_address(self, address: IPv4Address) -> None:
+        """Report another external address from now on, and announce it."""
+        self.reported_address = IPv4Address(address)
+        self.announce()
+
+    def announce(self) -> None:
+        """Multicast a NAT-PMP address announcement and a PCP ANNOUNCE to 224.0.0.1:5350."""
+        sock = self._sock
+        if sock is None:
+            raise LabError("the NAT server is not running")
+        sock.sendto(
+            natpmp.encode_response(natpmp.ExternalAddressResponse(0, self.epoch, self.address)),
+            _ANNOUNCE_GROUP,
+        )
+        sock.sendto(
+            pcp.encode_response(
+                pcp.PcpResponse(pcp.Opcode.ANNOUNCE, pcp.ResultCode.SUCCESS, 0, self.epoch)
+            ),
+            _ANNOUNCE_GROUP,
+        )
+
+    # -- serving -----------------------------------------------------------
+
+    def _serve(self) -> None:
+        assert self._sock is not None
+        sock = self._sock
+        while not self._stop.is_set():
+            try:
+                data, client = sock.recvfrom(2048)
+            except TimeoutError:
+                data, client = b"", ("", 0)
+            except OSError:
+                return
+            with self._lock:
+                self._expire()
+                if not data:
+                    continue
+                self.requests += 1
+                try:
+                    reply = self._handle(data, IPv4Address(client[0]))
+                except LabError:
+                    reply = None  # nft failed: stay silent, the client retries
+            if reply is not None:
+                with contextlib.suppress(OSError):
+                    sock.sendto(reply, client)
+
+    def _handle(self, data: bytes, client: IPv4Address) -> bytes | None:
+        from portbroker.errors import MalformedMessage
+
+        if data[0] == natpmp.VERSION:
+            try:
+                request = natpmp.decode_request(data)
+            except MalformedMessage as exc:
+                if exc.result_code is None or len(data) < 2:
+                    return None
+                # RFC 6886 §3.5: result code with the request's opcode + 128.
+                return bytes((0, 0x80 | data[1], 0, int(exc.result_code))) + self.epoch.to_bytes(
+                    4, "big"
+                )
+            return natpmp.encode_response(self._natpmp(request, client))
+        try:
+            pcp_request = pcp.decode_request(data)
+        except MalformedMessage as exc:
+            if exc.result_code is None or len(data) < 2:
+                return None
+            opcode = data[1] & 0x7F
+            return pcp.encode_response(
+                pcp.PcpResponse(
+                    opcode if opcode in {int(o) for o in pcp.Opcode} else pcp.Opcode.ANNOUNCE,
+                    exc.result_code,
+                    30,
+                    self.epoch,
+                )
+            )
+        return pcp.encode_response(self._pcp(pcp_request, client))
+
+    def _natpmp(self, request: natpmp.NatPmpRequest, client: IPv4Address) -> natpmp.NatPmpResponse:
+        if isinstance(request, natpmp.ExternalAddressRequest):
+            return natpmp.ExternalAddressResponse(0, self.epoch, self.address)
+        protocol = request.protocol
+        if request.lifetime == 0:
+            # §3.4: internal port 0 deletes all of this client's mappings of the protocol.
+            for key in [
+                k
+                for k in self.mappings
+                if k[0] == protocol and k[1] == client and request.internal_port in (0, k[2])
+            ]:
+                self._remove(key)
+            return natpmp.MapResponse(request.opcode, 0, self.epoch, request.internal_port, 0, 0)
+        lifetime = min(request.lifetime, self.max_lifetime)
+        mapping = self._grant(
+            protocol, client, request.internal_port, request.suggested_external_port, lifetime, None
+        )
+        if mapping is None:
+            return natpmp.MapResponse(
+                request.opcode, 4, self.epoch, request.internal_port, 0, 0
+            )  # OUT_OF_RESOURCES
+        return natpmp.MapResponse(
+            request.opcode, 0, self.epoch, request.internal_port, mapping.external_port, lifetime
+        )
+
+    def _pcp(self, request: pcp.PcpRequest, client: IPv4Address) -> pcp.PcpResponse:
+        def answer(
+            code: pcp.ResultCode, lifetime: int, data: pcp.OpcodeData | None = request.data
+        ) -> pcp.PcpResponse:
+            return pcp.PcpResponse(request.opcode, code, lifetime, self.epoch, data)
+
+        if request.client_address != client:
+            return answer(pcp.ResultCode.ADDRESS_MISMATCH, 30)  # RFC 6887 §8.3
+        if any(int(option.code) < 128 for option in request.options):
+            return answer(pcp.ResultCode.UNSUPP_OPTION, 30)  # §7.3: mandatory, unserved
+        if request.opcode is pcp.Opcode.ANNOUNCE:
+            return answer(pcp.ResultCode.SUCCESS, 0)
+        data = request.data
+        if request.opcode is not pcp.Opcode.MAP or not isinstance(data, pcp.MapData):
+            return answer(pcp.ResultCode.UNSUPP_OPCODE, 30)
+        protocol = _PROTOCOLS.get(data.protocol)
+        if protocol is None or data.internal_port == 0:
+            return answer(pcp.ResultCode.UNSUPP_PROTOCOL, 30)
+        key = (protocol, client, data.internal_port)
+        held = self.mappings.get(key)
+        if held is not None and held.nonce != data.nonce:
+            return answer(pcp.ResultCode.NOT_AUTHORIZED, 30)  # §11.3
+        if request.lifetime == 0:
+            if held is not None:
+                self._remove(key)
+            return answer(pcp.ResultCode.SUCCESS, 0)
+        lifetime = min(request.lifetime, self.max_lifetime)
+        mapping = self._grant(
+            protocol, client, data.internal_port, data.external_port, lifetime, data.nonce
+        )
+        if mapping is None:
+            return answer(pcp.ResultCode.NO_RESOURCES, 30)
+        granted = attrs.evolve(
+            data, external_port=mapping.external_port, external_address=self.address
+        )
+        return answer(pcp.ResultCode.SUCCESS, lifetime, granted)
+
+    def _grant(
+        self,
+        protocol: str,
+        internal: IPv4Address,
+        internal_port: int,
+        suggested: int,
+        lifetime: int,
+        nonce: bytes | None,
+    ) -> NatMapping | None:
+        key = (protocol, internal, internal_port)
+        held = self.mappings.get(key)
+        expires = time.monotonic() + lifetime
+        if held is not None:
+            held.expires_at, held.nonce = expires, nonce if nonce is not None else held.nonce
+            return held
+        taken = {m.external_port for m in self.mappings.values() if m.protocol == protocol}
+        candidates = [p for p in (suggested, internal_port) if p >= 1024]
+        candidates += range(1024, 65536)
+        port = next((p for p in candidates if p not in taken), None)
+        if port is None:
+            return None
+        self.lab.add_dnat(protocol, port, internal, internal_port)
+        mapping = NatMapping(protocol, internal, internal_port, port, expires, nonce)
+        self.mappings[key] = mapping
+        return mapping
+
+    def _remove(self, key: tuple[str, IPv4Address, int]) -> None:
+        mapping = self.mappings.pop(key)
+        with contextlib.suppress(LabError):
+            self.lab.remove_dnat(
+                mapping.protocol, mapping.external_port, mapping.internal, mapping.internal_port
+            )
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, m in self.mappings.items() if m.expires_at <= now]:
+            self._remove(key)
+
+
 @attrs.define(eq=False)
 class Sites:
     """Two gateway sites whose wan sides share one segment (:func:`open_sites`).
@@ -1082,8 +1389,9 @@ class Series:
 
     ``inner``'s wan side is a host on ``outer``'s lan: ``inner.wan_ns`` is
     ``outer.gw_ns`` and ``outer.lan_hosts[0]`` (also ``outer.lan_ns``) is the
-    inner gateway's namespace. ``wan_ns`` is the outer gateway's wan namespace
-    with the wan host 11.0.0.2.
+    inner gateway's namespace (its address there is the inner's external
+    address at build time; ``inner.external_address`` is the current one).
+    ``wan_ns`` is the outer gateway's wan namespace with the wan host 11.0.0.2.
     """
 
     inner: Lab

@@ -26,6 +26,7 @@ from portbroker.testing.lab import (
     Lab,
     LabError,
     LanHost,
+    NatServer,
     Series,
     Sites,
     Variant,
@@ -114,6 +115,25 @@ def test_a_mapping_to_a_second_lan_host_is_reached_from_wan(lab: Lab) -> None:
     with _listen(lab, second, port + 1) as listener:
         peer, _ = _connect_in(lab, lab.lan_ns, listener, (str(second.address), port + 1))
     assert peer == str(lab.lan_address)
+
+
+def test_multicast_crosses_the_lan_bridge(lab: Lab) -> None:
+    """mDNS (224.0.0.251:5353) from one lan host reaches another: DNS-SD tests need it."""
+    first = lab.lan_hosts[0]
+    other = lab.lan_hosts[1] if len(lab.lan_hosts) > 1 else lab.add_lan_host()
+    group = "224.0.0.251"
+    with lab.socket(other.ns) as receiver, lab.socket(first.ns) as sender:
+        receiver.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        receiver.bind((group, 5353))
+        membership = socket.inet_aton(group) + socket.inet_aton(str(other.address))
+        receiver.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, membership)
+        receiver.settimeout(5)
+        sender.setsockopt(
+            socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(str(first.address))
+        )
+        sender.sendto(b"mdns-ish", (group, 5353))
+        data, source = receiver.recvfrom(100)
+    assert (data, source[0]) == (b"mdns-ish", str(first.address))
 
 
 def test_two_distinct_wan_sources_reach_a_mapping(lab: Lab) -> None:
@@ -424,3 +444,139 @@ def test_series_dnat_on_both_gateways_lets_the_wan_in(series: Series) -> None:
             _connect_in(outer, series.wan_ns, listener, (str(outer.external_address), port + 2))
     with pytest.raises(LabError, match="protocol"):
         inner.add_dnat("sctp", 1, inner.lan_address, 1)
+
+
+@pytest.fixture(scope="module")
+def series_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Series, NatServer]]:
+    """Double NAT whose inner gateway runs the lab's NatServer instead of miniupnpd."""
+    _require_lab()
+    with open_series(
+        Variant.NONE, Variant.FULL, workdir=tmp_path_factory.mktemp("series-served")
+    ) as built:
+        yield built, built.inner.start_nat_server()
+
+
+def test_nat_server_maps_behind_a_shared_address_and_reports_it(
+    series_served: tuple[Series, NatServer],
+) -> None:
+    series, server = series_served
+    inner, outer = series.labs
+    host = inner.lan_hosts[0]
+    with inner.socket(host.ns) as udp:
+        udp.connect((str(inner.gateway_address), 5351))
+        answer = exchange(
+            udp, natpmp.encode_request(natpmp.ExternalAddressRequest()), natpmp.decode_response
+        )
+    assert answer == natpmp.ExternalAddressResponse(0, answer.epoch, IPv4Address("100.64.0.2"))
+    port = 27001
+    with _listen(inner, host, port) as listener:
+        mapped = _pcp_map(inner, host, port)
+        assert isinstance(mapped.data, pcp.MapData)
+        assert mapped.data.external_address == IPv4Address("100.64.0.2")
+        inner_external = mapped.data.external_port
+        assert server.mappings[("tcp", host.address, port)].external_port == inner_external
+        # From the outer gateway's lan (the inner gateway is its only host,
+        # so from the outer gw namespace itself): the inner mapping works.
+        peer, _ = _connect_in(
+            outer, outer.gw_ns, listener, (str(inner.external_address), inner_external)
+        )
+        assert peer == str(outer.gateway_address)
+        # Through both NATs: the inner gateway maps its external port on the
+        # outer one (miniupnpd, PCP), then the wan host connects in.
+        outer_host = outer.lan_hosts[0]
+        request = pcp.PcpRequest(
+            pcp.Opcode.MAP,
+            600,
+            outer_host.address,
+            pcp.MapData(secrets.token_bytes(12), socket.IPPROTO_TCP, inner_external, 0),
+        )
+        with outer.socket(outer_host.ns) as udp:
+            udp.connect((str(outer.gateway_address), 5351))
+            outer_mapped = exchange(udp, pcp.encode_request(request), pcp.decode_response)
+        assert outer_mapped.result_code is pcp.ResultCode.SUCCESS, outer.log_text()
+        assert isinstance(outer_mapped.data, pcp.MapData)
+        assert outer_mapped.data.external_address == outer.external_address
+        peer, received = _connect_in(
+            outer,
+            series.wan_ns,
+            listener,
+            (str(outer.external_address), outer_mapped.data.external_port),
+        )
+        assert (peer, received) == (str(series.wan_address), b"hello from 192.168.77.2")
+        # A PCP delete removes the inner mapping and its nftables rule.
+        delete = pcp.PcpRequest(
+            pcp.Opcode.MAP,
+            0,
+            host.address,
+            pcp.MapData(mapped.data.nonce, socket.IPPROTO_TCP, port, 0),
+        )
+        with inner.socket(host.ns) as udp:
+            udp.connect((str(inner.gateway_address), 5351))
+            deleted = exchange(udp, pcp.encode_request(delete), pcp.decode_response)
+        assert (deleted.result_code, deleted.lifetime) == (pcp.ResultCode.SUCCESS, 0)
+        assert server.mappings == {}
+        with pytest.raises(ConnectionRefusedError):
+            _connect_in(outer, outer.gw_ns, listener, (str(inner.external_address), inner_external))
+
+
+def test_nat_server_announces_a_new_reported_address(
+    series_served: tuple[Series, NatServer],
+) -> None:
+    series, server = series_served
+    inner = series.inner
+    listener_host = inner.lan_hosts[0]
+    with inner.socket(listener_host.ns) as multicast:
+        multicast.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        multicast.bind(("224.0.0.1", 5350))
+        multicast.settimeout(5)
+        server.set_reported_address(IPv4Address("192.168.1.2"))
+        try:
+            first = natpmp.decode_response(multicast.recv(100))
+            second = pcp.decode_response(multicast.recv(100))
+        finally:
+            server.reported_address = None
+    assert isinstance(first, natpmp.ExternalAddressResponse)
+    assert first.external_address == IPv4Address("192.168.1.2")
+    assert second.opcode is pcp.Opcode.ANNOUNCE
+
+
+def test_nat_server_announces_the_gateway_s_new_wan_address(
+    series_served: tuple[Series, NatServer],
+) -> None:
+    series, _server = series_served
+    inner = series.inner
+    with inner.socket(inner.lan_ns) as multicast:
+        multicast.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        multicast.bind(("224.0.0.1", 5350))
+        multicast.settimeout(5)
+        inner.set_external_address(IPv4Address("100.64.0.9"))
+        try:
+            announced = natpmp.decode_response(multicast.recv(100))
+        finally:
+            inner.set_external_address(IPv4Address("100.64.0.2"))
+    assert isinstance(announced, natpmp.ExternalAddressResponse)
+    assert announced.external_address == IPv4Address("100.64.0.9")
+
+
+def test_nat_server_natpmp_map_and_delete(series_served: tuple[Series, NatServer]) -> None:
+    series, server = series_served
+    inner, outer = series.labs
+    host = inner.lan_hosts[0]
+    port = 27011
+    with _listen(inner, host, port) as listener, inner.socket(host.ns) as udp:
+        udp.connect((str(inner.gateway_address), 5351))
+
+        def call(request: natpmp.NatPmpRequest) -> natpmp.NatPmpResponse:
+            return exchange(udp, natpmp.encode_request(request), natpmp.decode_response)
+
+        mapped = call(natpmp.MapRequest(natpmp.Opcode.MAP_TCP, port, port, 600))
+        assert isinstance(mapped, natpmp.MapResponse)
+        assert (mapped.result_code, mapped.lifetime) == (0, 600)
+        external = (str(inner.external_address), mapped.external_port)
+        assert _connect_in(outer, outer.gw_ns, listener, external)[1] == b"hello from 192.168.77.2"
+        deleted = call(natpmp.MapRequest(natpmp.Opcode.MAP_TCP, port, 0, 0))
+        assert isinstance(deleted, natpmp.MapResponse)
+        assert (deleted.result_code, deleted.external_port, deleted.lifetime) == (0, 0, 0)
+        assert ("tcp", host.address, port) not in server.mappings
+        with pytest.raises(ConnectionRefusedError):
+            _connect_in(outer, outer.gw_ns, listener, external)
