@@ -1,11 +1,10 @@
 """Double NAT in the lab (open_series): an inner gateway behind an outer NAT whose
 lan is 100.64.0.0/24, as behind a carrier-grade NAT (docs/double-nat.md).
 
-- inner gateway: a plain NAT plus a PCP / NAT-PMP server of this test's own
-  (FakeGateway's server logic on a socket in the inner gateway's namespace)
-  that installs real nftables mappings (Lab.add_dnat) and reports its real
-  external address, 100.64.0.2. miniupnpd 2.3.1 cannot be that gateway: it
-  refuses to map behind a reserved address (open_series's docstring);
+- inner gateway: a plain NAT plus the lab's NatServer (Lab.start_nat_server),
+  a PCP / NAT-PMP server that installs real nftables mappings and reports the
+  real external address, 100.64.0.2. miniupnpd 2.3.1 cannot be that gateway:
+  it refuses to map behind a reserved address (open_series's docstring);
 - outer gateway: miniupnpd 2.3.1 (PCP), external 11.0.0.1.
 
 Apps and the CLI run in the inner lan namespace; the proof is a connection
@@ -20,20 +19,16 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from ipaddress import IPv4Address
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
-import attrs
 import pytest
-import trio
 
-from portbroker.testing.fake_gateway import FakeGateway, FakeMapping
-from portbroker.testing.lab import Lab, Series, Variant, open_series
+from portbroker.testing.lab import Lab, NatServer, Series, Variant, open_series
 from tests.conftest import _require_lab
 from tests.lab.helpers import connect_from_wan, listen_in_lan
 
@@ -44,77 +39,13 @@ PORTBROKER = [sys.executable, "-m", "portbroker.cli"]
 ROOT = Path(__file__).parents[2]
 
 
-@attrs.define(eq=False)
-class DnatGateway(FakeGateway):
-    """FakeGateway's PCP / NAT-PMP logic whose mappings are real DNAT rules."""
-
-    lab: Lab | None = None
-
-    def _store(self, key: tuple[str, int, int], mapping: FakeMapping) -> None:
-        super()._store(key, mapping)  # forgets the old one first (below)
-        assert self.lab is not None
-        self.lab.add_dnat(
-            "tcp" if mapping.protocol == 6 else "udp",
-            mapping.external_port,
-            IPv4Address(str(mapping.internal_address)),
-            mapping.internal_port,
-        )
-
-    def _forget(self, key: tuple[str, int, int]) -> None:
-        mapping = self.mappings.get(key)
-        super()._forget(key)
-        if mapping is not None and self.lab is not None:
-            self.lab.remove_dnat(
-                "tcp" if mapping.protocol == 6 else "udp",
-                mapping.external_port,
-                IPv4Address(str(mapping.internal_address)),
-                mapping.internal_port,
-            )
-
-
-class InnerServer:
-    """The inner gateway's PCP / NAT-PMP server on 192.168.77.1:5351, in a thread."""
-
-    def __init__(self, inner: Lab) -> None:
-        self.gateway = DnatGateway(
-            address=inner.gateway_address, external_address=inner.external_address, lab=inner
-        )
-        self._sock = inner.socket(inner.gw_ns)
-        self._sock.bind((str(inner.gateway_address), 5351))
-        self._ready = threading.Event()
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._scope: trio.CancelScope | None = None
-        self._thread = threading.Thread(target=trio.run, args=(self._serve,), daemon=True)
-        self._thread.start()
-        assert self._ready.wait(10), "the inner PCP / NAT-PMP server did not start"
-
-    async def _serve(self) -> None:
-        sock = trio.socket.from_stdlib_socket(self._sock)
-        with sock, trio.CancelScope() as self._scope:
-            self._token = trio.lowlevel.current_trio_token()
-            self._ready.set()
-            while True:
-                data, client = await sock.recvfrom(2048)
-                for reply in self.gateway.handle(data, (client[0], client[1])):
-                    await sock.sendto(reply, client)
-
-    def stop(self) -> None:
-        if self._token is not None and self._scope is not None:
-            self._token.run_sync_soon(self._scope.cancel)
-        self._thread.join(10)
-
-
 @pytest.fixture(scope="module")
-def series(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Series, InnerServer]]:
+def series(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Series, NatServer]]:
     _require_lab()
     with open_series(
         Variant.NONE, Variant.FULL, workdir=tmp_path_factory.mktemp("double-nat")
     ) as built:
-        server = InnerServer(built.inner)
-        try:
-            yield built, server
-        finally:
-            server.stop()
+        yield built, built.inner.start_nat_server()
 
 
 def cli(inner: Lab, *args: str, state: Path) -> subprocess.CompletedProcess[str]:
@@ -135,7 +66,7 @@ def cli(inner: Lab, *args: str, state: Path) -> subprocess.CompletedProcess[str]
 
 
 def test_a_gateway_behind_a_cgn_is_not_publicly_reachable(
-    series: tuple[Series, InnerServer], tmp_path: Path
+    series: tuple[Series, NatServer], tmp_path: Path
 ) -> None:
     built, server = series
     inner = built.inner
@@ -160,14 +91,14 @@ def test_a_gateway_behind_a_cgn_is_not_publicly_reachable(
         assert not _connect(built.wan_ns, listener, ("11.0.0.1", mapped["external_port"]))
         done = cli(inner, "unmap", f"{port}/tcp", state=state)
         assert done.returncode == 0, done.stderr
-    assert server.gateway.mappings == {}
+    assert server.mappings == {}
     print(
         f"\ndouble NAT: inner mapping 100.64.0.2:{mapped['external_port']}: {mapped['reachability']}"
     )
 
 
 def test_mapped_through_both_nats_with_the_outer_pcp_server_from_dhcp(
-    series: tuple[Series, InnerServer], tmp_path: Path
+    series: tuple[Series, NatServer], tmp_path: Path
 ) -> None:
     built, server = series
     inner, outer = built.labs
@@ -199,7 +130,7 @@ def test_mapped_through_both_nats_with_the_outer_pcp_server_from_dhcp(
             assert released == {"inner", "outer"}
             _next(agent, "Done")
         assert not _connect(built.wan_ns, listener, ("11.0.0.1", mapped["external_port"]))
-    assert server.gateway.mappings == {}
+    assert server.mappings == {}
     assert "100.64.0.2" not in outer.nft_rules()
     print(
         f"\ndouble NAT: 192.168.77.2:{port} -> {mapped['inner_external']} -> "
@@ -272,7 +203,7 @@ def _next(
             return event
 
 
-def test_cli_map_hold_through_both_nats(series: tuple[Series, InnerServer]) -> None:
+def test_cli_map_hold_through_both_nats(series: tuple[Series, NatServer]) -> None:
     """``portbroker map --hold --outer-pcp-server``: both mappings, a connection in
     from the wan host, both deleted on SIGTERM."""
     built, server = series
@@ -324,27 +255,36 @@ def test_cli_map_hold_through_both_nats(series: tuple[Series, InnerServer]) -> N
                 if pipe is not None:
                     pipe.close()
         assert not _connect(built.wan_ns, listener, ("11.0.0.1", external_port))
-    assert server.gateway.mappings == {}
+    assert server.mappings == {}
     assert "100.64.0.2" not in outer.nft_rules()
 
 
 def test_an_outer_nat_without_pcp_is_said_clearly(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The outer NAT speaks no PCP (a plain NAT; an ISP modem with UPnP only is
-    the same to a nested mapping): the nested mapping fails with the reason,
-    and the inner mapping it made first is deleted again."""
+    """A router behind an ISP modem (outer lan 192.168.1.0/24) whose modem speaks
+    no PCP (a plain NAT; one with UPnP only is the same to a nested mapping):
+    probe says the router's 192.168.1.2 is private, the nested mapping fails
+    with the reason, and the inner mapping it made first is deleted again."""
     _require_lab()
     with open_series(
-        Variant.NONE, Variant.NONE, workdir=tmp_path_factory.mktemp("double-nat-plain")
-    ) as plain:
-        server = InnerServer(plain.inner)
-        try:
-            with _agent(plain.inner, 27031, str(plain.outer.gateway_address)) as agent:
-                error = _next(agent, "Error", allow_error=True)
-                assert error["kind"] in ("NoMethodAvailable", "MethodUnavailable"), error
-                assert "pcp" in error["message"]
-                assert "closed" in error["message"]  # ICMP port unreachable from 100.64.0.1
-                _next(agent, "Done")
-            assert server.gateway.mappings == {}
-            assert server.gateway.requests  # the inner mapping was made, then deleted
-        finally:
-            server.stop()
+        Variant.NONE,
+        Variant.NONE,
+        outer_lan=IPv4Network("192.168.1.0/24"),
+        workdir=tmp_path_factory.mktemp("double-nat-modem"),
+    ) as modem:
+        inner, outer = modem.labs
+        server = inner.start_nat_server()
+        # The router behind an ISP modem reports its 192.168.1.2 (RFC 1918).
+        done = cli(inner, "probe", "--json", state=tmp_path_factory.mktemp("s") / "s")
+        natpmp = json.loads(done.stdout)["methods"]["natpmp"]
+        assert (natpmp["external_address"], natpmp["public"]) == ("192.168.1.2", False)
+        assert "private address (RFC 1918)" in natpmp["reachability"]
+        asked = server.requests
+        with _agent(inner, 27031, str(outer.gateway_address)) as agent:
+            error = _next(agent, "Error", allow_error=True)
+            assert error["kind"] in ("NoMethodAvailable", "MethodUnavailable"), error
+            assert "pcp" in error["message"]
+            assert "closed" in error["message"]  # ICMP port unreachable from 192.168.1.1
+            _next(agent, "Done")
+        # The inner mapping was made (a MAP) and deleted again (another).
+        assert server.requests - asked >= 2
+        assert server.mappings == {}
