@@ -1,6 +1,6 @@
 """An app behind two NATs, run inside the inner lan namespace of the lab's series.
 
-    python nested_agent.py GATEWAY PORT OUTER_PCP_SERVER|- [LEASE_FILE]
+    python nested_agent.py GATEWAY PORT OUTER_PCP_SERVER|-|none [LEASE_FILE]
 
 Maps PORT/tcp on GATEWAY (the inner gateway) and through the outer NAT with
 ``portbroker.nested.open_nested_mapping`` (the outer PCP server named, or
@@ -23,7 +23,34 @@ def line(**fields: object) -> None:
     print(json.dumps(fields, default=str), flush=True)
 
 
+async def plain(gateway: str, port: int) -> None:
+    """OUTER_PCP_SERVER "none": one NAT-PMP mapping, every event from before its
+    first grant (the broker's stream), until stdin closes."""
+    async with portbroker.open_broker(gateway, ("natpmp",), probe_timeout=2.0) as broker:
+        seen = broker.events()
+        async with broker.open_mapping(port, "tcp", lifetime=600) as mapping:
+            line(event="Mapped", external_address=mapping.external_address)
+            async with trio.open_nursery() as nursery:
+
+                async def report() -> None:
+                    async for item in seen:
+                        line(
+                            event=type(item.event).__name__,
+                            external_address=getattr(item.event, "lease", mapping).external_address,
+                            public=getattr(item.event, "public", None),
+                            reason=getattr(item.event, "reason", None),
+                        )
+
+                nursery.start_soon(report)
+                await trio.to_thread.run_sync(sys.stdin.read)
+                nursery.cancel_scope.cancel()
+    line(event="Done")
+
+
 async def main(gateway: str, port: int, outer: str, leases: list[str]) -> None:
+    if outer == "none":
+        await plain(gateway, port)
+        return
     async with portbroker.open_broker(gateway, ("pcp", "natpmp"), probe_timeout=2.0) as broker:
         seen = broker.events()  # from before the first grant: its ReachabilityChanged too
         try:

@@ -14,6 +14,7 @@ from the wan host 11.0.0.2.
 from __future__ import annotations
 
 import json
+import os
 import select
 import signal
 import socket
@@ -22,7 +23,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -183,20 +184,37 @@ def _agent(inner: Lab, port: int, outer: str, *leases: str) -> Iterator[subproce
                 pipe.close()
 
 
+_BUFFERS: dict[int, bytearray] = {}
+
+
 def _next(
     process: subprocess.Popen[str], wanted: str, timeout: float = 60.0, *, allow_error: bool = False
 ) -> dict[str, Any]:
+    """The agent's next *wanted* event; fails (never hangs) after *timeout*.
+
+    Reads the pipe's file descriptor itself: a text-mode ``readline`` after
+    ``select`` may pull several lines into Python's buffer, where ``select``
+    no longer sees them, and the next wait would time out with the event read.
+    """
     assert process.stdout is not None
+    fd = process.stdout.fileno()
+    buffer = _BUFFERS.setdefault(process.pid, bytearray())
     deadline = time.monotonic() + timeout
+    seen: list[str] = []  # for the failure message
     while True:
-        ready, _, _ = select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            raise AssertionError(f"no {wanted} from the agent within {timeout:g} s")
-        line = process.stdout.readline()
-        if not line:
-            assert process.stderr is not None
-            raise AssertionError(f"agent ended before {wanted}: {process.stderr.read()}")
+        while b"\n" not in buffer:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError(f"no {wanted} from the agent within {timeout:g} s; saw {seen}")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                assert process.stderr is not None
+                raise AssertionError(f"agent ended before {wanted}: {process.stderr.read()}")
+            buffer += chunk
+        line, _, rest = bytes(buffer).partition(b"\n")
+        buffer[:] = rest
         event: dict[str, Any] = json.loads(line)
+        seen.append(json.dumps(event))
         if event["event"] == "Error" and not allow_error:
             raise AssertionError(f"agent: {event}")
         if event["event"] == wanted:
@@ -288,3 +306,43 @@ def test_an_outer_nat_without_pcp_is_said_clearly(tmp_path_factory: pytest.TempP
         # The inner mapping was made (a MAP) and deleted again (another).
         assert server.requests - asked >= 2
         assert server.mappings == {}
+
+
+def test_reachability_follows_the_reported_address(series: tuple[Series, NatServer]) -> None:
+    """The inner gateway's reported address moves from shared to global and back
+    (announced by NAT-PMP, RFC 6886 §3.2.1): each move is an
+    ExternalAddressChanged, then a ReachabilityChanged saying which way."""
+    built, server = series
+    inner = built.inner
+    try:
+        with _agent(inner, 27041, "none") as agent:
+            _next(agent, "Mapped")
+            first = _next(agent, "ReachabilityChanged")  # right after Acquired
+            assert (first["external_address"], first["public"]) == ("100.64.0.2", False)
+            server.set_reported_address(IPv4Address("11.0.0.9"))  # public, for the test's sake
+            moved = _announced(agent, server, "ExternalAddressChanged")
+            assert moved["external_address"] == "11.0.0.9"
+            public = _next(agent, "ReachabilityChanged")
+            assert (public["public"], public["reason"]) == (True, None)
+            server.set_reported_address(inner.external_address)  # 100.64.0.2 again
+            _announced(agent, server, "ExternalAddressChanged")
+            shared = _next(agent, "ReachabilityChanged")
+            assert shared["public"] is False
+            assert "RFC 6598" in shared["reason"]
+    finally:
+        server.reported_address = None
+    assert server.mappings == {}
+
+
+def _announced(
+    agent: subprocess.Popen[str], server: NatServer, wanted: str, tries: int = 20
+) -> dict[str, Any]:
+    """The agent's next *wanted* event after the server's announcement, which is
+    repeated (as RFC 6886 §3.2.1 has gateways do) until it is heard: a client
+    confirms at most one hint per 2 s (docs/architecture.md)."""
+    for _ in range(tries):
+        try:
+            return _next(agent, wanted, timeout=1.0)
+        except TimeoutError:
+            server.announce()
+    raise AssertionError(f"no {wanted} after {tries} announcements")
