@@ -185,10 +185,10 @@ def _parser() -> argparse.ArgumentParser:
         help="keep it renewed (and restored) until Ctrl-C, SIGTERM or SIGHUP, then delete it",
     )
     map_cmd.add_argument(
-        "--outer-pcp-server",
+        "--outer-gateway",
         metavar="IP",
-        help="double NAT: also map through this outer NAT's PCP server, for the gateway's "
-        "external endpoint (needs --hold; docs/double-nat.md)",
+        help="double NAT: also map through this outer NAT (PCP, else UPnP IGD) for the "
+        "gateway's external endpoint (needs --hold; docs/double-nat.md)",
     )
     map_cmd.add_argument(
         "--persist",
@@ -341,14 +341,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("list", "watch"):
         return trio.run(_daemon_client, args)
     methods = _methods(args.methods)
-    if args.command == "map" and args.outer_pcp_server:
+    if args.command == "map" and args.outer_gateway:
         if not args.hold:
             raise UsageError(
-                "--outer-pcp-server needs --hold (the two mappings live as long as the command)"
+                "--outer-gateway needs --hold (the two mappings live as long as the command)"
             )
         from portbroker.gateway import checked_address
 
-        checked_address(args.outer_pcp_server, "--outer-pcp-server")
+        checked_address(args.outer_gateway, "--outer-gateway")
     if args.command == "map" and args.exact and args.external_port is None:
         raise UsageError("--exact needs --external-port")
     if args.command == "map" and args.via and args.via not in methods:
@@ -667,7 +667,7 @@ def _describe_lease(lease: Lease) -> str:
 
 
 async def _map(broker: Broker, args: argparse.Namespace) -> int:
-    if args.hold and args.outer_pcp_server:
+    if args.hold and args.outer_gateway:
         return await _hold_nested(broker, args)
     if args.hold:
         return await _hold(broker, args)
@@ -785,15 +785,20 @@ async def _hold(broker: Broker, args: argparse.Namespace) -> int:
 
 
 async def _hold_nested(broker: Broker, args: argparse.Namespace) -> int:
-    """map --hold --outer-pcp-server: the gateway's mapping and the outer NAT's
-    for it (portbroker.nested), until a signal; then both are deleted."""
+    """map --hold --outer-gateway: the gateway's mapping and the outer NAT's
+    for it (portbroker.nested, by PCP or UPnP), until a signal; then both
+    are deleted."""
     import trio
 
     from portbroker._util import collapse_single
     from portbroker.nested import open_nested_mapping
 
     port, proto = args.spec
-    outer_options = {"port": args.server_port, "probe_timeout": args.timeout}
+    outer_options = {
+        "port": args.server_port,
+        "upnp_port": args.ssdp_port,
+        "probe_timeout": args.timeout,
+    }
     with trio.open_signal_receiver(*_hold_signals()) as signals, collapse_single():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
@@ -801,7 +806,7 @@ async def _hold_nested(broker: Broker, args: argparse.Namespace) -> int:
                 broker,
                 port,
                 proto,
-                outer_pcp_server=args.outer_pcp_server,
+                outer_gateway=args.outer_gateway,
                 lifetime=args.lifetime,
                 external_port=args.external_port,
                 via=args.via,

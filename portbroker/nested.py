@@ -1,13 +1,13 @@
-"""A mapping through two NATs in series: the inner gateway's, then the outer's by PCP.
+"""A mapping through two NATs in series: the inner gateway's, then the outer's.
 
 Behind double NAT (a router behind an ISP modem, a carrier-grade NAT) a
 mapping on the inner gateway gets a non-global external address
-(:mod:`portbroker.reachability`). When the outer NAT speaks PCP, a second
-mapping there, whose internal endpoint is the inner mapping's external
+(:mod:`portbroker.reachability`). When the outer NAT speaks PCP or UPnP IGD, a
+second mapping there, whose internal endpoint is the inner mapping's external
 endpoint, makes the host reachable from the Internet (docs/double-nat.md)::
 
     async with portbroker.open_broker() as inner:
-        async with open_nested_mapping(inner, 8080, "tcp", outer_pcp_server="100.64.0.1") as m:
+        async with open_nested_mapping(inner, 8080, "tcp", outer_gateway="100.64.0.1") as m:
             print(m.external_address, m.external_port, m.reachability.public)
 
 Each of the two mappings lives in its own broker, with its own lifecycle
@@ -28,7 +28,7 @@ import logging
 import math
 import os
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import trio
@@ -48,6 +48,8 @@ logger = logging.getLogger("portbroker")
 # Releasing the outer mapping: its broker's one delete attempt (5 s) and the
 # broker's exit, with room to spare.
 OUTER_RELEASE_TIMEOUT = 15.0
+# The methods that can map for another address than the sender's.
+OUTER_METHODS: Final = ("pcp", "upnp")
 
 
 @attrs.frozen
@@ -139,19 +141,25 @@ async def open_nested_mapping(
     internal_port: int,
     protocol: str | TransportProtocol = "tcp",
     *,
-    outer_pcp_server: str | IPAddress | None = None,
+    outer_gateway: str | IPAddress | None = None,
     dhcp_leases: Sequence[str | os.PathLike[str]] | None = None,
     lifetime: int = DEFAULT_LIFETIME,
     external_port: int | None = None,
     via: str | None = None,
+    outer_methods: Sequence[str] = OUTER_METHODS,
     outer_options: dict[str, Any] | None = None,
 ) -> AsyncIterator[NestedMapping]:
     """Map *internal_port* on *inner*'s gateway, then through the outer NAT by PCP.
 
-    The outer PCP server is *outer_pcp_server*, else the first one the DHCP
+    The outer NAT is *outer_gateway*, else the first PCP server the DHCP
     lease files *dhcp_leases* announce (RFC 7291; the host does not see the
     DHCP exchange between the two NATs, so this is a lease file the user
-    provides or one from a host directly on the outer network).
+    provides or one from a host directly on the outer network). It is asked
+    with *outer_methods*, most preferred first: PCP (the client address field
+    set to the inner external address) and UPnP IGD (found by a unicast
+    search, never multicast, with the inner external address as
+    ``NewInternalClient``). NAT-PMP cannot be one: it maps only for the
+    sender's own address (RFC 6886 §3.3).
     *outer_options* go to the outer broker's :func:`open_broker` (port,
     probe_timeout...). The outer mapping asks for *external_port*.
 
@@ -161,15 +169,21 @@ async def open_nested_mapping(
             (the inner one is deleted again when the outer one fails).
     """
     discovered = discover_pcp_servers(dhcp_leases) if dhcp_leases else []
-    if outer_pcp_server is None and not discovered:
+    if outer_gateway is None and not discovered:
         raise ValueError(
-            "no outer PCP server: name one (outer_pcp_server, --outer-pcp-server) or give"
-            " DHCP lease files that announce one (RFC 7291 option 158 / 86)"
+            "no outer NAT: name it (outer_gateway, --outer-gateway) or give DHCP lease"
+            " files that announce its PCP server (RFC 7291 option 158 / 86)"
+        )
+    methods = tuple(outer_methods)
+    if not methods or any(m not in OUTER_METHODS for m in methods):
+        raise ValueError(
+            f"outer_methods must be some of {', '.join(OUTER_METHODS)}, got {list(methods)}"
+            " (NAT-PMP maps only for the sender's own address)"
         )
     mapping = await inner.map(internal_port, protocol, lifetime=lifetime, via=via)
     nested: NestedMapping | None = None
     try:
-        choice = choose_pcp_server(outer_pcp_server, mapping._lease().external_address, discovered)
+        choice = choose_pcp_server(outer_gateway, mapping._lease().external_address, discovered)
         nested = NestedMapping(mapping, choice.address, choice.source)
         inner_events = mapping.events()
         options = dict(outer_options or {})
@@ -182,7 +196,9 @@ async def open_nested_mapping(
                 # CLI's SIGTERM) would otherwise cancel the outer broker's
                 # transport before its delete's answer is read, and the
                 # outer mapping would stay until its lifetime ran out.
-                await inner._nursery.start(_keep_outer, nested, options, lifetime, external_port)
+                await inner._nursery.start(
+                    _keep_outer, nested, methods, options, lifetime, external_port
+                )
                 try:
                     yield nested
                 finally:
@@ -204,6 +220,7 @@ async def open_nested_mapping(
 
 async def _keep_outer(
     nested: NestedMapping,
+    methods: tuple[str, ...],
     options: dict[str, Any],
     lifetime: int,
     external_port: int | None,
@@ -214,7 +231,7 @@ async def _keep_outer(
     long as it is wanted; made again (in a new broker: the client address
     changes with the endpoint) when that endpoint moves."""
     try:
-        await _outer_loop(nested, options, lifetime, external_port, task_status)
+        await _outer_loop(nested, methods, options, lifetime, external_port, task_status)
     except Exception:
         if not nested._started:
             raise  # to the caller of open_nested_mapping
@@ -227,6 +244,7 @@ async def _keep_outer(
 
 async def _outer_loop(
     nested: NestedMapping,
+    methods: tuple[str, ...],
     options: dict[str, Any],
     lifetime: int,
     external_port: int | None,
@@ -244,12 +262,15 @@ async def _outer_loop(
         try:
             async with open_broker(
                 nested.outer_server,
-                ("pcp",),
+                methods,
                 pcp_client_address=address,
                 # The outer server announces on its own lan, which this host
                 # is not on; 5350 is the inner broker's to listen on.
                 announce_port=None,
                 dhcp_leases=(),
+                # SSDP multicast does not cross the inner NAT: a unicast
+                # search to the outer NAT's address finds its IGD.
+                ssdp_multicast=False,
                 **options,
             ) as outer_broker:
                 outer = await outer_broker.map(

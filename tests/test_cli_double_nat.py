@@ -60,15 +60,15 @@ def test_dhcp_leases_name_the_pcp_server(gateway_port: int, tmp_path: Path) -> N
     assert json.loads(done.stdout)["pcp_server"]["source"] == "configured (--pcp-server)"
 
 
-def test_outer_pcp_server_usage(tmp_path: Path) -> None:
-    done = cli("map", "7302/tcp", "--outer-pcp-server", "127.0.0.1", server_port=9, state=tmp_path)
+def test_outer_gateway_usage(tmp_path: Path) -> None:
+    done = cli("map", "7302/tcp", "--outer-gateway", "127.0.0.1", server_port=9, state=tmp_path)
     assert done.returncode == 2
-    assert "--outer-pcp-server needs --hold" in done.stderr
+    assert "--outer-gateway needs --hold" in done.stderr
     done = cli(
-        "map", "7302/tcp", "--hold", "--outer-pcp-server", "nowhere", server_port=9, state=tmp_path
+        "map", "7302/tcp", "--hold", "--outer-gateway", "nowhere", server_port=9, state=tmp_path
     )
     assert done.returncode == 2
-    assert "--outer-pcp-server: 'nowhere' is not an IP address" in done.stderr
+    assert "--outer-gateway: 'nowhere' is not an IP address" in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -84,7 +84,7 @@ def test_an_outer_server_that_sees_another_address_fails_clearly(
         "7303/tcp",
         "--hold",
         "--json",
-        "--outer-pcp-server",
+        "--outer-gateway",
         "127.0.0.1",
         server_port=gateway_port,
         state=state,

@@ -66,7 +66,8 @@ async def test_maps_through_both_and_deletes_both(autojump_clock: trio.testing.M
             inner,
             8080,
             "tcp",
-            outer_pcp_server=OUTER,
+            outer_gateway=OUTER,
+            outer_methods=("pcp",),
             outer_options={"link_factory": nats.link},
         ) as nested,
     ):
@@ -104,7 +105,12 @@ async def test_the_inner_endpoint_moves(autojump_clock: trio.testing.MockClock) 
     async with (
         open_broker(INNER, ("pcp", "natpmp"), link_factory=nats.link, announce_port=None) as inner,
         open_nested_mapping(
-            inner, 9000, "udp", outer_pcp_server=OUTER, outer_options={"link_factory": nats.link}
+            inner,
+            9000,
+            "udp",
+            outer_gateway=OUTER,
+            outer_methods=("pcp",),
+            outer_options={"link_factory": nats.link},
         ) as nested,
     ):
         events = nested.events()
@@ -128,13 +134,17 @@ async def test_the_inner_endpoint_moves(autojump_clock: trio.testing.MockClock) 
 async def test_no_outer_server_is_a_clear_error(tmp_path: Path) -> None:
     nats = TwoNats()
     async with nats.broker() as inner:
-        with pytest.raises(ValueError, match="no outer PCP server"):
+        with pytest.raises(ValueError, match="no outer NAT: name it"):
             async with open_nested_mapping(inner, 8080):
                 pass
         lease = tmp_path / "l"
         lease.write_text("lease {\n  option unknown-158 4:7f:0:0:2;\n}\n")
         async with open_nested_mapping(
-            inner, 8081, dhcp_leases=[lease], outer_options={"link_factory": nats.link}
+            inner,
+            8081,
+            dhcp_leases=[lease],
+            outer_methods=("pcp",),
+            outer_options={"link_factory": nats.link},
         ) as nested:
             assert nested.outer_server == OUTER
             assert nested.outer_server_source.startswith("DHCPv4 option 158 in")
@@ -149,7 +159,11 @@ async def test_an_outer_refusal_deletes_the_inner_mapping(
     async with nats.broker() as inner:
         with pytest.raises(MethodUnavailable):
             async with open_nested_mapping(
-                inner, 8082, outer_pcp_server=OUTER, outer_options={"link_factory": nats.link}
+                inner,
+                8082,
+                outer_gateway=OUTER,
+                outer_methods=("pcp",),
+                outer_options={"link_factory": nats.link},
             ):
                 pass
         assert nats.inner.mapping_for("tcp", 8082) is None
@@ -165,7 +179,11 @@ async def test_cancelled_around_it_both_deletes_are_answered(
     async with nats.broker() as inner:
         with trio.CancelScope() as scope:
             async with open_nested_mapping(
-                inner, 8090, outer_pcp_server=OUTER, outer_options={"link_factory": nats.link}
+                inner,
+                8090,
+                outer_gateway=OUTER,
+                outer_methods=("pcp",),
+                outer_options={"link_factory": nats.link},
             ):
                 assert nats.outer.mapping_for("tcp", 8090) is not None
                 scope.cancel()
@@ -173,3 +191,14 @@ async def test_cancelled_around_it_both_deletes_are_answered(
         assert nats.outer.mappings == {}
         assert nats.inner.mappings == {}
     assert not [r for r in caplog.records if "delete" in r.getMessage()], caplog.text
+
+
+async def test_outer_methods_must_name_another_address() -> None:
+    nats = TwoNats()
+    async with nats.broker() as inner:
+        with pytest.raises(ValueError, match="NAT-PMP maps only for the sender"):
+            async with open_nested_mapping(
+                inner, 8095, outer_gateway=OUTER, outer_methods=("natpmp",)
+            ):
+                pass
+        assert nats.inner.mappings == {}

@@ -58,7 +58,7 @@ async def main(gateway: str, port: int, outer: str, leases: list[str]) -> None:
                 broker,
                 port,
                 "tcp",
-                outer_pcp_server=None if outer == "-" else outer,
+                outer_gateway=None if outer == "-" else outer,
                 dhcp_leases=leases or None,
                 lifetime=600,
             ) as nested:
@@ -78,6 +78,7 @@ async def main(gateway: str, port: int, outer: str, leases: list[str]) -> None:
                 line(
                     event="Mapped",
                     inner_method=inner.method,
+                    outer_method=nested.outer.method if nested.outer else None,
                     inner_external=f"{inner.external_address}:{inner.external_port}",
                     inner_public=inner.reachability.public,
                     inner_reason=inner.reachability.reason,

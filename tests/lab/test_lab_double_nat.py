@@ -121,6 +121,7 @@ def test_mapped_through_both_nats_with_the_outer_pcp_server_from_dhcp(
             assert str(mapped["outer_server"]) == str(outer.gateway_address) == "100.64.0.1"
             assert mapped["outer_source"] == f"DHCPv4 option 158 in {lease} (wan0)"
             assert (mapped["external_address"], mapped["public"]) == ("11.0.0.1", True)
+            assert mapped["outer_method"] == "pcp"
             assert "100.64.0.2" in outer.nft_rules()  # the outer miniupnpd's DNAT
             # In from the wan host, through both NATs.
             received = connect_from_wan(outer, listener, mapped["external_port"])
@@ -222,7 +223,7 @@ def _next(
 
 
 def test_cli_map_hold_through_both_nats(series: tuple[Series, NatServer]) -> None:
-    """``portbroker map --hold --outer-pcp-server``: both mappings, a connection in
+    """``portbroker map --hold --outer-gateway``: both mappings, a connection in
     from the wan host, both deleted on SIGTERM."""
     built, server = series
     inner, outer = built.labs
@@ -239,7 +240,7 @@ def test_cli_map_hold_through_both_nats(series: tuple[Series, NatServer]) -> Non
             str(inner.gateway_address),
             "--methods",
             "pcp,natpmp",
-            "--outer-pcp-server",
+            "--outer-gateway",
             str(outer.gateway_address),
             "--lifetime",
             "600",
@@ -277,11 +278,13 @@ def test_cli_map_hold_through_both_nats(series: tuple[Series, NatServer]) -> Non
     assert "100.64.0.2" not in outer.nft_rules()
 
 
-def test_an_outer_nat_without_pcp_is_said_clearly(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """A router behind an ISP modem (outer lan 192.168.1.0/24) whose modem speaks
-    no PCP (a plain NAT; one with UPnP only is the same to a nested mapping):
-    probe says the router's 192.168.1.2 is private, the nested mapping fails
-    with the reason, and the inner mapping it made first is deleted again."""
+def test_an_outer_nat_without_pcp_or_upnp_is_said_clearly(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A router behind an ISP modem (outer lan 192.168.1.0/24) that is a plain
+    NAT, no PCP, no UPnP: probe says the router's 192.168.1.2 is private, the
+    nested mapping fails with the reasons, and the inner mapping it made first
+    is deleted again."""
     _require_lab()
     with open_series(
         Variant.NONE,
@@ -300,8 +303,8 @@ def test_an_outer_nat_without_pcp_is_said_clearly(tmp_path_factory: pytest.TempP
         with _agent(inner, 27031, str(outer.gateway_address)) as agent:
             error = _next(agent, "Error", allow_error=True)
             assert error["kind"] in ("NoMethodAvailable", "MethodUnavailable"), error
-            assert "pcp" in error["message"]
-            assert "closed" in error["message"]  # ICMP port unreachable from 192.168.1.1
+            assert "pcp: port 5351 closed" in error["message"]  # ICMP from 192.168.1.1
+            assert "upnp" in error["message"]
             _next(agent, "Done")
         # The inner mapping was made (a MAP) and deleted again (another).
         assert server.requests - asked >= 2
@@ -346,3 +349,36 @@ def _announced(
         except TimeoutError:
             server.announce()
     raise AssertionError(f"no {wanted} after {tries} announcements")
+
+
+def test_through_an_outer_nat_with_upnp_only(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A router behind an ISP modem that speaks UPnP IGD only (miniupnpd 2.3.1,
+    UPnP only): the nested mapping finds the modem's IGD by a unicast search
+    and maps the router's external endpoint (NewInternalClient 192.168.1.2,
+    which is where our requests come from, so secure mode allows it); the wan
+    host gets in through both NATs."""
+    _require_lab()
+    with open_series(
+        Variant.NONE,
+        Variant.UPNP_ONLY,
+        outer_lan=IPv4Network("192.168.1.0/24"),
+        workdir=tmp_path_factory.mktemp("double-nat-upnp"),
+    ) as modem:
+        inner, outer = modem.labs
+        server = inner.start_nat_server()
+        port = 27061
+        with listen_in_lan(inner, port) as listener:
+            with _agent(inner, port, str(outer.gateway_address)) as agent:
+                mapped = _next(agent, "Mapped")
+                assert mapped["inner_external"] == f"192.168.1.2:{port}"
+                assert "RFC 1918" in mapped["inner_reason"]
+                assert (mapped["external_address"], mapped["public"]) == ("11.0.0.1", True)
+                assert mapped["outer_method"] == "upnp"
+                received = connect_from_wan(outer, listener, mapped["external_port"])
+                assert received == b"inside says hello", outer.log_text()
+                assert agent.stdin is not None
+                agent.stdin.close()
+                _next(agent, "Done")
+            assert not _connect(modem.wan_ns, listener, ("11.0.0.1", mapped["external_port"]))
+        assert "DeletePortMapping" in outer.log_text()
+        assert server.mappings == {}
