@@ -30,6 +30,7 @@ from portbroker.errors import (
     NoAnswer,
     NoMethodAvailable,
     PortBrokerError,
+    RequestUnsupported,
     UnsupportedOpcode,
     UnsupportedVersion,
     UpnpError,
@@ -57,6 +58,7 @@ from portbroker.types import (
     MappingRequest,
     ProbeOutcome,
     ProbeReport,
+    RemoteFilter,
     TransportProtocol,
 )
 
@@ -94,7 +96,9 @@ __all__ = [
     "Reachability",
     "ReachabilityChanged",
     "Released",
+    "RemoteFilter",
     "Renewed",
+    "RequestUnsupported",
     "Restored",
     "State",
     "TransportProtocol",

@@ -50,6 +50,7 @@ from portbroker.errors import (
     NoAnswer,
     NoMethodAvailable,
     PortBrokerError,
+    RequestUnsupported,
 )
 from portbroker.gateway import (
     ENV_GATEWAY,
@@ -91,8 +92,11 @@ from portbroker.types import (
     IPAddress,
     Lease,
     MappingRequest,
+    ProbeOutcome,
     ProbeReport,
+    RemoteFilter,
     TransportProtocol,
+    format_endpoint,
 )
 
 __all__ = ["Broker", "BrokerEvent", "Mapping", "NoMethodAvailable", "open_broker"]
@@ -203,7 +207,15 @@ class Mapping:
         self._subscribers.clear()
 
     def _label(self) -> str:
-        return f"{self.request.internal_port}/{self.request.protocol.value}"
+        return f"{self.request.internal_port}/{self.request.protocol.value}" + _to_remote(
+            self.request.remote
+        )
+
+    @property
+    def remote(self) -> tuple[IPAddress, int] | None:
+        """The remote peer of a PEER mapping (:meth:`Broker.peer`); None for a MAP,
+        including the MAP a PEER request fell back to (docs/peer.md)."""
+        return self.request.remote
 
     async def release(self) -> None:
         """Delete the mapping on the gateway and stop renewing it.
@@ -224,18 +236,31 @@ def _describe(event: MappingEvent) -> str:
     name = type(event).__name__
     if lease is not None:
         return (
-            f"{name} via {lease.method}: {lease.external_address}:{lease.external_port}"
+            f"{name} via {lease.method}:"
+            f" {format_endpoint(lease.external_address, lease.external_port)}"
             f" for {lease.lifetime} s"
         )
     return f"{name} {attrs.asdict(event)}"
 
 
 def _lease_label(lease: Lease) -> str:
-    return f"{lease.internal_port}/{lease.protocol.value} via {lease.method}"
+    return (
+        f"{lease.internal_port}/{lease.protocol.value}{_to_remote(lease.remote)} via {lease.method}"
+    )
 
 
-def _endpoint(request: MappingRequest) -> tuple[TransportProtocol, IPAddress | None, int]:
-    return (request.protocol, request.internal_address, request.internal_port)
+def _to_remote(remote: tuple[IPAddress, int] | None) -> str:
+    return "" if remote is None else f" to {remote[0]}:{remote[1]}"
+
+
+_Endpoint = tuple[TransportProtocol, IPAddress | None, int, tuple[IPAddress, int] | None]
+
+
+def _endpoint(request: MappingRequest) -> _Endpoint:
+    # A PEER is one flow's binding, a gateway entry of its own (RFC 6887 §12):
+    # its remote peer is part of what it claims, so a MAP of the port and
+    # PEERs of it to other remote peers coexist (docs/peer.md).
+    return (request.protocol, request.internal_address, request.internal_port, request.remote)
 
 
 @attrs.define(eq=False)
@@ -285,7 +310,10 @@ class Broker:
         self._patience: dict[IPAddress, set[tuple[trio.CancelScope, float, float]]] = {}
         self._confirming = False
         self._subscribers: list[trio.MemorySendChannel[BrokerEvent]] = []
-        self._claims: set[tuple[TransportProtocol, IPAddress | None, int]] = set()
+        self._claims: set[_Endpoint] = set()
+        # Why the gateway has no PEER, and since when (not asked again for
+        # UNAVAILABLE_TTL): peer() falls back or fails at once meanwhile.
+        self._peer_unavailable: tuple[str, float] | None = None
 
     # -- public ---------------------------------------------------------------
 
@@ -342,11 +370,16 @@ class Broker:
         via: str | None = None,
         internal_address: IPAddress | str | None = None,
         description: str = "portbroker",
+        filters: Sequence[RemoteFilter | str] = (),
     ) -> Mapping:
         """Create a mapping and keep it alive until :meth:`Mapping.release`.
 
         *via* forces one method ("pcp", "natpmp", "upnp"); otherwise the most
         preferred one that works is used (probing it on the way if needed).
+        *internal_address* of another host makes a third-party mapping;
+        *filters* (``"11.0.0.2/32"``, :class:`RemoteFilter`) restrict which
+        remote peers may use it, and a method that cannot enforce them
+        refuses with MappingError (docs/third-party-and-filter.md).
 
         Raises:
             ValueError: a bad port, protocol, lifetime or method name.
@@ -363,6 +396,7 @@ class Broker:
             exact,
             internal_address,
             description,
+            filters=tuple(filters),
         )
         if via is not None and via not in self._methods:
             raise ValueError(
@@ -372,7 +406,7 @@ class Broker:
             # No retried delete of this port may go out while its create does.
             dropped = self._supersede(request)
             try:
-                lease = await self._create(request, via)
+                lease = await self._create_for(request, via)
             except BaseException as exc:
                 # The old entry may well be there still (a gateway down makes
                 # deletes pending and creates fail): its delete starts again.
@@ -393,13 +427,14 @@ class Broker:
         for mapping in self._mappings:
             if _endpoint(mapping.request) == key:
                 raise AlreadyMapped(
-                    f"{request.internal_port}/{request.protocol.value} is already mapped by"
-                    f" this broker ({mapping.state.value}); use that mapping or release it first"
+                    f"{request.internal_port}/{request.protocol.value}{_to_remote(request.remote)}"
+                    f" is already mapped by this broker ({mapping.state.value}); use that"
+                    " mapping or release it first"
                 )
         if key in self._claims:
             raise AlreadyMapped(
-                f"{request.internal_port}/{request.protocol.value} is being mapped by another"
-                " call on this broker"
+                f"{request.internal_port}/{request.protocol.value}{_to_remote(request.remote)}"
+                " is being mapped by another call on this broker"
             )
         self._claims.add(key)
         try:
@@ -456,6 +491,146 @@ class Broker:
     ) -> AsyncIterator[Mapping]:
         """:meth:`map`, released when the block exits (however it exits)."""
         mapping = await self.map(internal_port, protocol, **kwargs)
+        try:
+            yield mapping
+        finally:
+            await mapping.release()
+
+    async def peer(
+        self,
+        internal_port: int,
+        protocol: str | TransportProtocol = "udp",
+        remote: tuple[IPAddress | str, int] | None = None,
+        *,
+        lifetime: int = DEFAULT_LIFETIME,
+        fallback: str | None = "map",
+        internal_address: IPAddress | str | None = None,
+        description: str = "portbroker",
+    ) -> Mapping:
+        """Create or extend the NAT binding of the outbound flow to *remote* (PCP PEER).
+
+        RFC 6887 §12: the gateway keeps the binding of *internal_port* toward
+        ``remote = (address, port)`` alive for *lifetime* without keepalive
+        traffic; the lease's external address and port are what the remote
+        peer sees as the flow's source. It is renewed, re-created after a
+        gateway restart and deleted on release like a MAP (same events).
+
+        Only PCP has PEER. Where the gateway has no PCP, or its PCP server
+        answers PEER with UNSUPP_OPCODE, *fallback* decides: ``"map"`` (the
+        default) makes an ordinary inbound mapping of *internal_port* instead
+        (:meth:`map`: any method; its ``remote`` is None), ``None`` raises
+        :class:`NoMethodAvailable` saying why (docs/peer.md).
+
+        A PEER and a MAP of one port are different gateway entries and
+        coexist here, as do PEERs of one port to different remote peers; a
+        second PEER of the same flow raises ``AlreadyMapped``.
+
+        Raises:
+            ValueError: a bad port, protocol, lifetime, remote or fallback.
+            MappingError: the gateway refused (``result_code`` says why).
+            NoMethodAvailable: no PEER here and *fallback* is None (a PCP
+                server that stays silent counts as none), or no method can
+                make the fallback MAP.
+            AlreadyMapped: this broker already holds that PEER, or (no PEER
+                here) the MAP of the port the fallback would make.
+            NoAnswer: the fallback MAP's method stayed silent.
+        """
+        if fallback not in ("map", None):
+            raise ValueError(f"fallback must be 'map' or None, got {fallback!r}")
+        if remote is None:
+            raise ValueError("peer() needs remote=(address, port): the flow's remote peer")
+        request = MappingRequest(
+            internal_port,
+            protocol,
+            lifetime,
+            internal_address=internal_address,
+            description=description,
+            remote=remote,
+        )
+        outcome = await self._try_peer(request)
+        if isinstance(outcome, Mapping):
+            return outcome
+        if fallback is None:
+            raise NoMethodAvailable(
+                [
+                    ProbeOutcome(name, False, error=outcome if name == "pcp" else "PEER needs PCP")
+                    for name in (*self._methods, *(() if "pcp" in self._methods else ("pcp",)))
+                ]
+            )
+        logger.info(
+            "%s/%s: no PEER here (%s); mapping the port instead (fallback='map')",
+            request.internal_port,
+            request.protocol.value,
+            outcome,
+        )
+        try:
+            return await self.map(
+                internal_port,
+                protocol,
+                lifetime=lifetime,
+                internal_address=internal_address,
+                description=description,
+            )
+        except AlreadyMapped as exc:
+            raise AlreadyMapped(
+                f"no PEER here ({outcome}), and the fallback, a MAP of"
+                f" {request.internal_port}/{request.protocol.value}, is held by this broker"
+                " already: use that mapping"
+            ) from exc
+
+    def _pcp_for_peer(self) -> Method:
+        method = self._methods.get("pcp")
+        if method is None:
+            raise MethodUnavailable("pcp", "not enabled on this broker, and PEER needs PCP")
+        return method
+
+    async def _try_peer(self, request: MappingRequest) -> Mapping | str:
+        """A PEER mapping, or why this gateway has no PEER (for the fallback)."""
+        method = self._methods.get("pcp")
+        if method is None:
+            return "PCP is not enabled on this broker"
+        now = trio.current_time()
+        known = self._known_unavailable().get("pcp")
+        if known is not None:
+            return f"the gateway does not speak PCP ({known})"
+        if self.selected_method not in (None, "pcp"):
+            return f"the gateway does not speak PCP (it chose {self.selected_method})"
+        if self._peer_unavailable is not None:
+            why, since = self._peer_unavailable
+            if now - since < UNAVAILABLE_TTL:
+                return why
+            self._peer_unavailable = None
+        with self._claim(request):
+            dropped = self._supersede(request)
+            try:
+                lease = await self._create_with(method, request)
+            except (MethodUnavailable, NoAnswer) as exc:
+                for old in dropped:
+                    self._nursery.start_soon(self._delete_again, old)
+                if isinstance(exc, NoAnswer):
+                    # The PEER may have been made and its answer lost.
+                    await self._abandon_on(method, request)
+                why = getattr(exc, "reason", None) or str(exc)
+                self._peer_unavailable = (why, trio.current_time())
+                return why
+            except BaseException as exc:
+                for old in dropped:
+                    self._nursery.start_soon(self._delete_again, old)
+                if not isinstance(exc, Exception):
+                    await self._abandon(request)
+                raise
+            return self._start(request, lease)
+
+    @contextlib.asynccontextmanager
+    async def open_peer(
+        self,
+        internal_port: int,
+        protocol: str | TransportProtocol = "udp",
+        remote: tuple[IPAddress | str, int] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[Mapping]:
+        """:meth:`peer`, released when the block exits (however it exits)."""
+        mapping = await self.peer(internal_port, protocol, remote, **kwargs)
         try:
             yield mapping
         finally:
@@ -609,6 +784,42 @@ class Broker:
                 self._unavailable.setdefault(outcome.method, (outcome.error or "unavailable", now))
         return lease
 
+    async def _create_for(self, request: MappingRequest, via: str | None) -> Lease:
+        """:meth:`_create`; for a request the method cannot carry out, the others.
+
+        A method that cannot do what this request asks (RequestUnsupported:
+        a mapping for another host, filters it cannot enforce) stays the
+        broker's choice for everything else; this one request is offered to
+        the other enabled methods in order of preference, and gets the same
+        request, enforced as asked, or the refusals of all
+        (docs/third-party-and-filter.md). A forced method (*via*) is not
+        second-guessed.
+        """
+        try:
+            return await self._create(request, via)
+        except RequestUnsupported as first:
+            if via is not None:
+                raise
+            refusals = [f"{first.method}: {first.reason}"]
+            skip = {first.method, *self._known_unavailable()}
+            for name, method in self._methods.items():
+                if name in skip:
+                    continue
+                try:
+                    return await self._create_with(method, request)
+                except NoAnswer as exc:
+                    # It may have made the mapping all the same.
+                    await self._abandon_on(method, request)
+                    refusals.append(str(exc))
+                except PortBrokerError as exc:
+                    refusals.append(str(exc))
+            raise RequestUnsupported(
+                first.method,
+                "; ".join(refusals)[len(first.method) + 2 :],
+                result_code=first.result_code,
+                retry_after=first.retry_after,
+            ) from first
+
     async def _race(self, request: MappingRequest) -> tuple[Lease, ProbeReport]:
         """The probe race, run again when silence (not a refusal) decided it.
 
@@ -744,8 +955,11 @@ class Broker:
                     granted = await self._create_with(
                         self._methods[previous.method], mapping.request, previous
                     )
+                elif mapping.request.remote is not None:
+                    # A PEER stays a PEER: only PCP has it (no race, no fallback).
+                    granted = await self._create_with(self._pcp_for_peer(), mapping.request)
                 else:
-                    granted = await self._create(mapping.request, None)
+                    granted = await self._create_for(mapping.request, None)
             step = lifecycle.fire(
                 Trigger.GRANTED, trio.current_time(), token=action.token, lease=granted
             )
@@ -768,6 +982,8 @@ class Broker:
                 failure.kind is FailureKind.UNAVAILABLE
                 and isinstance(exc, MethodUnavailable)
                 and not isinstance(exc, NoMethodAvailable)  # "all" is no method to rule out
+                # A PEER refused (UNSUPP_OPCODE) says nothing of PCP's MAP.
+                and mapping.request.remote is None
             ):
                 self._forget(exc.method, exc.reason)
             step = self._fire_safely(mapping, Trigger.FAILED, token=action.token, failure=failure)

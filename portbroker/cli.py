@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 # Importing portbroker.cli imports the portbroker package (and trio) anyway, so
 # the lifetime range costs nothing here; it is named once, in types.
 from portbroker.errors import PortBrokerError
-from portbroker.types import DEFAULT_LIFETIME, MAX_LIFETIME, MIN_LIFETIME
+from portbroker.types import DEFAULT_LIFETIME, MAX_LIFETIME, MIN_LIFETIME, format_endpoint
 
 if TYPE_CHECKING:
     from portbroker.broker import Broker, Mapping
@@ -58,6 +58,31 @@ def _port_spec(text: str) -> tuple[int, str]:
     return port, proto
 
 
+def _third_party(text: str) -> str:
+    """--third-party's value: another lan host's IP address (RFC 6887 §13.1)."""
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an IP address (the lan host to map for, e.g. 192.168.1.50)"
+        ) from None
+    if address.is_unspecified or address.is_multicast or address.is_loopback:
+        raise argparse.ArgumentTypeError(f"{address} is no lan host to map for")
+    return str(address)
+
+
+def _filter(text: str) -> Any:
+    """--filter's value: PREFIX[:PORT] (docs/third-party-and-filter.md)."""
+    from portbroker.types import RemoteFilter
+
+    try:
+        return RemoteFilter.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _positive_int(upper: int) -> Any:
     def parse(text: str) -> int:
         try:
@@ -84,6 +109,41 @@ def _lifetime(text: str) -> int:
             + (" (to delete a mapping, use unmap)" if value == 0 else "")
         )
     return value
+
+
+def _remote_spec(text: str) -> tuple[str, int]:
+    """``ADDRESS:PORT`` (``[v6]:PORT`` for IPv6) of a PEER's remote peer."""
+    import ipaddress
+
+    example = "e.g. 11.0.0.2:7000 or [2001:db8::2]:7000"
+    if text.startswith("["):
+        address, bracket, port_text = text[1:].partition("]:")
+        if not bracket:
+            raise argparse.ArgumentTypeError(
+                f"--remote must be ADDRESS:PORT ({example}), not {text!r}"
+            )
+    else:
+        address, colon, port_text = text.rpartition(":")
+        if not colon or ":" in address:
+            raise argparse.ArgumentTypeError(
+                f"--remote must be ADDRESS:PORT ({example}), not {text!r}"
+                + (": put an IPv6 address in brackets" if ":" in address else "")
+            )
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--remote: {address!r} is not an IP address ({example}); names are not looked up"
+        ) from None
+    if parsed.is_unspecified:
+        raise argparse.ArgumentTypeError(f"--remote must name a host, not {address}")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--remote: {port_text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"--remote: port must be 1..65535, got {port}")
+    return str(parsed), port
 
 
 def _seconds(text: str) -> float:
@@ -180,6 +240,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     map_cmd.add_argument("--via", choices=("pcp", "natpmp", "upnp"), help="use only this method")
     map_cmd.add_argument(
+        "--third-party",
+        type=_third_party,
+        metavar="IP",
+        help="map the port of another lan host (a camera) on its behalf (PCP THIRD_PARTY, UPnP)",
+    )
+    map_cmd.add_argument(
+        "--filter",
+        type=_filter,
+        action="append",
+        default=[],
+        metavar="PREFIX[:PORT]",
+        help="only this remote prefix (and port) may connect, e.g. 11.0.0.2/32 (repeatable;"
+        " refused where the gateway cannot enforce it)",
+    )
+    map_cmd.add_argument(
         "--hold",
         action="store_true",
         help="keep it renewed (and restored) until Ctrl-C, SIGTERM or SIGHUP, then delete it",
@@ -195,16 +270,59 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="through the daemon: keep it after --hold ends, until an explicit unmap",
     )
+    map_cmd.add_argument(
+        "--publish",
+        type=_publish_spec,
+        metavar="TYPE:NAME",
+        help="also publish it on the LAN with DNS-SD, e.g. _http._tcp:web (docs/dnssd.md);"
+        " without the daemon it needs --hold",
+    )
+    map_cmd.add_argument(
+        "--txt",
+        action="append",
+        default=[],
+        type=_txt_item,
+        metavar="KEY=VALUE",
+        help="an extra TXT entry for --publish (repeatable)",
+    )
+
+    _add_peer_parser(sub, common)
 
     unmap = sub.add_parser(
         "unmap", parents=[common, via_daemon], help="delete a mapping made by map"
     )
     unmap.add_argument("spec", metavar="PORT[/tcp|/udp]", type=_port_spec)
+    unmap.add_argument(
+        "--remote",
+        type=_remote_spec,
+        metavar="ADDRESS:PORT",
+        help="delete the PEER made by `portbroker peer` to this remote peer",
+    )
 
     sub.add_parser(
         "list", parents=[daemon_only], help="the daemon's mappings (yours; all for root)"
     )
     sub.add_parser("watch", parents=[daemon_only], help="print the daemon's mapping events")
+
+    browse = sub.add_parser(
+        "browse", help="DNS-SD peers of a service type on the LAN, with their external endpoints"
+    )
+    browse.add_argument("service_type", metavar="TYPE", help="for example _http._tcp")
+    browse.add_argument(
+        "--interface",
+        action="append",
+        default=[],
+        metavar="IP",
+        help="an address of this host to browse on (repeatable; default every interface)",
+    )
+    browse.add_argument("--json", action="store_true", help="print JSON, one object a line")
+    browse.add_argument(
+        "--for",
+        dest="duration",
+        type=_seconds,
+        metavar="S",
+        help="print the peers seen after S seconds and exit (default: changes until Ctrl-C)",
+    )
 
     daemon = sub.add_parser("daemon", help="run the broker that every app on this host shares")
     daemon.add_argument(
@@ -264,6 +382,21 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="let members of this group map internal ports below 1024 (repeatable)",
     )
+    daemon.add_argument(
+        "--third-party-group",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="let members of this group map ports of other lan hosts (default: root only;"
+        " repeatable)",
+    )
+    daemon.add_argument(
+        "--max-publications",
+        type=_positive_int(100000),
+        default=16,
+        metavar="N",
+        help="DNS-SD publications one user may have (default 16)",
+    )
     daemon.add_argument("--timeout", type=_seconds, default=2.0, metavar="S", help="probe timeout")
     daemon.add_argument(
         "--server-port", type=_positive_int(65535), default=5351, help=argparse.SUPPRESS
@@ -275,6 +408,44 @@ def _parser() -> argparse.ArgumentParser:
     daemon.add_argument("--no-announcements", action="store_true", help=argparse.SUPPRESS)
     daemon.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     return parser
+
+
+def _add_peer_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``portbroker peer``: keep an outbound flow's NAT binding (PCP PEER, docs/peer.md)."""
+    peer_cmd = sub.add_parser(
+        "peer",
+        parents=[common],
+        help="keep the NAT binding of an outbound flow to one remote peer (PCP PEER)",
+        description="Create or extend the gateway's binding of PORT's flow to --remote "
+        "(PCP PEER, RFC 6887 §12) and print the external address and port the remote "
+        "peer sees. Without PEER on the gateway, the port is mapped instead "
+        "(unless --peer-only). Without --hold the binding lapses after --lifetime.",
+    )
+    peer_cmd.add_argument("spec", metavar="PORT[/tcp|/udp]", type=_port_spec)
+    peer_cmd.add_argument(
+        "--remote",
+        required=True,
+        type=_remote_spec,
+        metavar="ADDRESS:PORT",
+        help="the remote peer of the flow, e.g. 11.0.0.2:7000",
+    )
+    peer_cmd.add_argument(
+        "--lifetime",
+        type=_lifetime,
+        default=DEFAULT_LIFETIME,
+        metavar="S",
+        help=f"seconds to ask for, {MIN_LIFETIME}..{MAX_LIFETIME} (default {DEFAULT_LIFETIME})",
+    )
+    peer_cmd.add_argument(
+        "--peer-only",
+        action="store_true",
+        help="fail where the gateway has no PEER, rather than map the port instead",
+    )
+    peer_cmd.add_argument(
+        "--hold",
+        action="store_true",
+        help="keep it renewed (and restored) until Ctrl-C, SIGTERM or SIGHUP, then delete it",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -340,6 +511,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command in ("list", "watch"):
         return trio.run(_daemon_client, args)
+    if args.command == "browse":
+        return trio.run(_browse, args)
     methods = _methods(args.methods)
     if args.command == "map" and args.outer_gateway:
         if not args.hold:
@@ -353,8 +526,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         raise UsageError("--exact needs --external-port")
     if args.command == "map" and args.via and args.via not in methods:
         methods = (args.via,)
-    if args.command in ("map", "unmap") and _use_daemon(args):
+    if args.command == "map" and args.txt and not args.publish:
+        raise UsageError("--txt goes with --publish")
+    # The daemon has no PEER op: `unmap --remote` deletes a `peer` record itself.
+    if args.command in ("map", "unmap") and not getattr(args, "remote", None) and _use_daemon(args):
         return trio.run(_daemon_client, args)
+    if args.command == "map" and args.publish and not args.hold:
+        raise UsageError(
+            "--publish without the daemon needs --hold: the publication lasts as long as"
+            " this command"
+        )
     return trio.run(_run, args, methods)
 
 
@@ -417,11 +598,13 @@ async def _run(args: argparse.Namespace, methods: tuple[str, ...]) -> int:
             port=args.server_port,
             upnp_port=args.ssdp_port,
             ssdp_multicast=not args.no_multicast,
-            announce_port=5350 if args.command == "map" and args.hold else None,
+            announce_port=5350 if args.command in ("map", "peer") and args.hold else None,
             dhcp_leases=args.dhcp_leases,
         ) as broker:
             if args.command == "probe":
                 return _print_probe(await broker.probe(), as_json=args.json, broker=broker)
+            if args.command == "peer":
+                return await _peer(broker, args)
             if args.command == "map":
                 return await _map(broker, args)
             return await _unmap(broker, args)
@@ -498,6 +681,8 @@ def _daemon(args: argparse.Namespace) -> int:
         idle_timeout=args.idle_timeout,
         allow_privileged_ports=args.allow_privileged_ports,
         privileged_groups=tuple(args.privileged_group),
+        third_party_groups=tuple(args.third_party_group),
+        max_publications=args.max_publications,
     )
     from portbroker.daemon.server import raise_fd_limit
 
@@ -553,6 +738,7 @@ async def _daemon_client(args: argparse.Namespace) -> int:
                     json.dumps(mapping) if args.json else _describe_daemon_mapping(mapping),
                     flush=True,
                 )
+                await _daemon_publish(client, args)
                 return 0
             import trio
 
@@ -567,6 +753,7 @@ async def _daemon_client(args: argparse.Namespace) -> int:
                     json.dumps(mapping) if args.json else _describe_daemon_mapping(mapping),
                     flush=True,
                 )
+                await _daemon_publish(client, args)
                 async for _ in signals:
                     break
             return 0
@@ -590,17 +777,115 @@ async def _daemon_map(client: Any, args: argparse.Namespace) -> dict[str, Any]:
         # outlive it; with --hold it ends with the command unless --persist.
         persist=args.persist or not args.hold,
         via=args.via,
+        internal_address=args.third_party,
+        filters=[str(f) for f in args.filter],
     )
     return mapping
 
 
+async def _daemon_publish(client: Any, args: argparse.Namespace) -> None:
+    """map --publish through the daemon: it publishes, and withdraws with the mapping."""
+    if not args.publish:
+        return
+    port, proto = args.spec
+    service_type, name = args.publish
+    published = await client.publish(
+        port, proto, service_type=service_type, name=name, txt=dict(args.txt)
+    )
+    _print_published(published, as_json=args.json)
+
+
+def _print_published(published: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"event": "Published", **published}), flush=True)
+    else:
+        txt = " ".join(f"{k}={v}" for k, v in published["txt"].items())
+        print(f"published {published['name']!r} ({published['type']}): {txt}", flush=True)
+
+
+def _publish_spec(text: str) -> tuple[str, str]:
+    """``_http._tcp:web`` -> (service type, instance name), both checked."""
+    from portbroker.rendezvous import RendezvousError, check_instance_name, check_service_type
+
+    service_type, sep, name = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected TYPE:NAME such as _http._tcp:web, not {text!r}")
+    try:
+        return check_service_type(service_type), check_instance_name(name)
+    except RendezvousError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _txt_item(text: str) -> tuple[str, str]:
+    from portbroker.rendezvous import RendezvousError, check_txt
+
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not {text!r}")
+    try:
+        check_txt({key: value})
+    except RendezvousError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return key, value
+
+
+async def _browse(args: argparse.Namespace) -> int:
+    """browse TYPE: peers' internal and external endpoints (docs/dnssd.md)."""
+    import trio
+
+    from portbroker.rendezvous import Peer, RendezvousError, check_service_type, open_rendezvous
+
+    def line(kind: str, name: str, peer: Peer | None) -> str:
+        if args.json:
+            out: dict[str, Any] = {"change": kind, "name": name}
+            if peer is not None:
+                out.update(
+                    internal=[f"{a}:{p}" for a, p in peer.internal],
+                    external=f"{peer.external[0]}:{peer.external[1]}" if peer.external else None,
+                    method=peer.method,
+                    public=peer.public,
+                    state=peer.state,
+                    txt=dict(peer.txt),
+                )
+            return json.dumps(out)
+        if peer is None:
+            return f"{kind} {name!r}"
+        inside = ", ".join(f"{a}:{p}" for a, p in peer.internal) or "?"
+        outside = f"{peer.external[0]}:{peer.external[1]}" if peer.external else "none"
+        return f"{kind} {name!r}: internal {inside}, external {outside} ({peer.state or '?'})"
+
+    try:
+        service_type = check_service_type(args.service_type)
+        async with (
+            open_rendezvous(args.interface or None) as rendezvous,
+            rendezvous.browse(service_type) as browser,
+        ):
+            if args.duration is not None:
+                await trio.sleep(args.duration)
+                for name, peer in sorted(browser.snapshot().items()):
+                    print(line("seen", name, peer), flush=True)
+                return 0
+            with trio.open_signal_receiver(*_hold_signals()) as signals:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
+                    async for change in browser:
+                        print(line(change.kind, change.name, change.peer), flush=True)
+            return 0
+    except RendezvousError as exc:
+        raise Failure(f"browse failed: {exc}") from exc
+
+
 def _describe_daemon_mapping(mapping: dict[str, Any]) -> str:
     where = (
-        f"{mapping.get('external_address')}:{mapping.get('external_port')} via {mapping.get('method')}"
+        f"{format_endpoint(mapping.get('external_address'), mapping.get('external_port'))}"
+        f" via {mapping.get('method')}"
         if mapping.get("external_port")
         else mapping.get("state", "?")
     )
     flags = " persist" if mapping.get("persist") else ""
+    filters = mapping.get("filters")
+    if isinstance(filters, list) and filters:
+        where += f" only from {', '.join(str(f) for f in filters)}"
     return (
         f"{mapping['id']} -> {where} (uid {mapping.get('owner_uid')}, "
         f"{mapping.get('holders')} holder(s){flags})"
@@ -660,9 +945,11 @@ def _event_json(event: MappingEvent) -> dict[str, Any]:
 
 def _describe_lease(lease: Lease) -> str:
     kind = "permanent" if lease.permanent else f"lifetime {lease.lifetime} s"
+    only = f", only from {', '.join(str(f) for f in lease.filters)}" if lease.filters else ""
     return (
-        f"{lease.internal_address}:{lease.internal_port}/{lease.protocol.value} -> "
-        f"{lease.external_address}:{lease.external_port} via {lease.method} ({kind})"
+        f"{format_endpoint(lease.internal_address, lease.internal_port)}/{lease.protocol.value}"
+        f" -> {format_endpoint(lease.external_address, lease.external_port)}"
+        f" via {lease.method} ({kind}{only})"
     )
 
 
@@ -679,6 +966,8 @@ async def _map(broker: Broker, args: argparse.Namespace) -> int:
         external_port=args.external_port,
         exact=args.exact,
         via=args.via,
+        internal_address=args.third_party,
+        filters=args.filter,
     )
     lease = mapping.lease
     assert lease is not None
@@ -702,6 +991,96 @@ def _reachability_json(lease: Lease) -> dict[str, Any]:
 def _print_unreachable(lease: Lease) -> None:
     if not lease.reachability.public:
         print(f"  {lease.reachability.reason}", flush=True)
+
+
+async def _peer(broker: Broker, args: argparse.Namespace) -> int:
+    """peer: a PEER's binding, or the MAP it fell back to, left in place and recorded
+    for unmap (as map does); --hold keeps it renewed until a signal, then deletes it."""
+    if args.hold:
+        return await _hold_peer(broker, args)
+    port, proto = args.spec
+    mapping = await broker.peer(
+        port,
+        proto,
+        remote=args.remote,
+        lifetime=args.lifetime,
+        fallback=None if args.peer_only else "map",
+    )
+    lease = mapping.lease
+    assert lease is not None
+    # Recorded as map records its mappings, so that unmap can delete it
+    # (`unmap PORT/PROTO --remote ADDRESS:PORT` for a PEER).
+    StateFile.locate(args.state_file).add(lease)
+    broker.detach(mapping)
+    if args.json:
+        print(json.dumps({"peer": mapping.remote is not None, **_lease_json(lease)}))
+    elif mapping.remote is None:
+        print(f"no PEER on this gateway; mapped {_describe_lease(lease)} (unmap deletes it)")
+    else:
+        print(f"peer {_describe_peer(lease)}; it lapses unless renewed (--hold keeps it)")
+    return 0
+
+
+def _describe_peer(lease: Lease) -> str:
+    assert lease.remote is not None
+    return (
+        f"{lease.internal_address}:{lease.internal_port}/{lease.protocol.value} to "
+        f"{lease.remote[0]}:{lease.remote[1]} leaves as "
+        f"{lease.external_address}:{lease.external_port} via {lease.method}"
+        f" (lifetime {lease.lifetime} s)"
+    )
+
+
+async def _hold_peer(broker: Broker, args: argparse.Namespace) -> int:
+    """peer --hold: as map --hold (signals first, then the gateway), for a PEER."""
+    import trio
+
+    from portbroker._util import collapse_single
+    from portbroker.lifecycle import Failed
+
+    port, proto = args.spec
+    mapping: Mapping | None = None
+    failed: Failed | None = None
+    with trio.open_signal_receiver(*_hold_signals()) as signals, collapse_single():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
+            mapping = await broker.peer(
+                port,
+                proto,
+                remote=args.remote,
+                lifetime=args.lifetime,
+                fallback=None if args.peer_only else "map",
+            )
+            events = mapping.events()
+            lease = mapping.lease
+            assert lease is not None
+            is_peer = mapping.remote is not None
+            if args.json:
+                print(
+                    json.dumps({"event": "Acquired", "peer": is_peer, **_lease_json(lease)}),
+                    flush=True,
+                )
+            elif is_peer:
+                print(f"peer {_describe_peer(lease)}; holding until Ctrl-C", flush=True)
+            else:
+                print(
+                    f"no PEER on this gateway; mapped {_describe_lease(lease)};"
+                    " holding until Ctrl-C",
+                    flush=True,
+                )
+            async for event in events:
+                _print_event(event, as_json=args.json)
+                if isinstance(event, Failed):
+                    failed = event
+            nursery.cancel_scope.cancel()
+        if mapping is None:
+            raise Failure("peer interrupted before the binding was made")
+        if failed is not None:
+            raise Failure(f"peer failed: the binding could not be kept: {failed.reason}")
+        await mapping.release()
+        async for event in events:  # the Released event
+            _print_event(event, as_json=args.json)
+    return 0
 
 
 def _hold_signals() -> tuple[int, ...]:
@@ -750,6 +1129,8 @@ async def _hold(broker: Broker, args: argparse.Namespace) -> int:
                 external_port=args.external_port,
                 exact=args.exact,
                 via=args.via,
+                internal_address=args.third_party,
+                filters=args.filter,
             )
             events = mapping.events()
             lease = mapping.lease
@@ -764,10 +1145,14 @@ async def _hold(broker: Broker, args: argparse.Namespace) -> int:
             else:
                 print(f"mapped {_describe_lease(lease)}; holding until Ctrl-C", flush=True)
                 _print_unreachable(lease)
-            async for event in events:
-                _print_event(event, as_json=args.json)
-                if isinstance(event, Failed):
-                    failed = event
+            async with contextlib.AsyncExitStack() as stack:
+                if args.publish:
+                    # Withdrawn (goodbye packets) before the mapping is deleted.
+                    await _publish_held(stack, mapping, lease, args)
+                async for event in events:
+                    _print_event(event, as_json=args.json)
+                    if isinstance(event, Failed):
+                        failed = event
             # The stream ended on its own: the mapping failed for good.
             nursery.cancel_scope.cancel()
         if mapping is None:
@@ -853,14 +1238,40 @@ async def _hold_nested(broker: Broker, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _publish_held(
+    stack: contextlib.AsyncExitStack, mapping: Mapping, lease: Lease, args: argparse.Namespace
+) -> None:
+    """map --hold --publish without the daemon: zeroconf on the interface toward the gateway."""
+    from portbroker.rendezvous import RendezvousError, open_rendezvous
+
+    service_type, name = args.publish
+    try:
+        rendezvous = await stack.enter_async_context(open_rendezvous([str(lease.internal_address)]))
+        publication = await rendezvous.publish(mapping, service_type, name, txt=dict(args.txt))
+    except RendezvousError as exc:
+        raise Failure(f"map failed: could not publish: {exc}") from exc
+    advert = publication.advert
+    _print_published(
+        {
+            "mapping": f"{lease.internal_port}/{lease.protocol.value}",
+            "type": advert.service_type,
+            "name": advert.name,
+            "txt": advert.txt(),
+        },
+        as_json=args.json,
+    )
+
+
 async def _unmap(broker: Broker, args: argparse.Namespace) -> int:
     port, proto = args.spec
     store = StateFile.locate(args.state_file)
-    lease = store.find(str(broker.gateway), port, proto)
+    remote = getattr(args, "remote", None)
+    lease = store.find(str(broker.gateway), port, proto, remote)
     if lease is None:
+        what = f"{port}/{proto}" + (f" to {remote[0]}:{remote[1]}" if remote else "")
         raise Failure(
-            f"unmap failed: no record of {port}/{proto} on {broker.gateway} in {store.path}; "
-            "only mappings made by `portbroker map` (without --hold) can be unmapped"
+            f"unmap failed: no record of {what} on {broker.gateway} in {store.path}; "
+            "only mappings made by `portbroker map` or `peer` (without --hold) can be unmapped"
         )
     if lease.method not in broker.methods:
         raise Failure(
@@ -914,12 +1325,15 @@ class StateFile:
             raise Failure(str(exc)) from exc
 
     @staticmethod
-    def _same(entry: Any, gateway: str, port: int, proto: str) -> bool:
+    def _same(entry: Any, gateway: str, port: int, proto: str, remote: Any = None) -> bool:
+        # A PEER's record names its remote peer; a MAP's none (docs/peer.md).
+        wanted = (None, None) if remote is None else (str(remote[0]), remote[1])
         return (
             isinstance(entry, dict)
             and entry.get("gateway") == gateway
             and entry.get("internal_port") == port
             and entry.get("protocol") == proto
+            and (entry.get("remote_address"), entry.get("remote_port")) == wanted
         )
 
     def add(self, lease: Lease) -> None:
@@ -929,16 +1343,18 @@ class StateFile:
             entries[:] = [
                 e
                 for e in entries
-                if not self._same(e, str(lease.gateway), lease.internal_port, lease.protocol.value)
+                if not self._same(
+                    e, str(lease.gateway), lease.internal_port, lease.protocol.value, lease.remote
+                )
             ]
             entries.append(lease_record(lease))
 
-    def find(self, gateway: str, port: int, proto: str) -> Lease | None:
+    def find(self, gateway: str, port: int, proto: str, remote: Any = None) -> Lease | None:
         from portbroker.state import RecordError, lease_from_record
 
         with self._locked() as entries:
             for entry in entries:
-                if self._same(entry, gateway, port, proto):
+                if self._same(entry, gateway, port, proto, remote):
                     try:
                         return lease_from_record(entry)
                     except RecordError as exc:
@@ -952,7 +1368,9 @@ class StateFile:
             entries[:] = [
                 e
                 for e in entries
-                if not self._same(e, str(lease.gateway), lease.internal_port, lease.protocol.value)
+                if not self._same(
+                    e, str(lease.gateway), lease.internal_port, lease.protocol.value, lease.remote
+                )
             ]
 
 

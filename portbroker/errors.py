@@ -22,6 +22,7 @@ __all__ = [
     "NoAnswer",
     "NoMethodAvailable",
     "PortBrokerError",
+    "RequestUnsupported",
     "UnsupportedOpcode",
     "UnsupportedVersion",
     "UpnpError",
@@ -119,6 +120,18 @@ class MappingError(PortBrokerError):
         self.reason = reason
         self.result_code = result_code
         self.retry_after = retry_after
+
+
+class RequestUnsupported(MappingError):
+    """This method cannot carry out this request as asked; another method may.
+
+    An option the method lacks or the gateway refuses for it: a mapping for
+    another host (PCP THIRD_PARTY, RFC 6887 §13.1) or remote-peer filters it
+    cannot enforce (FILTER, §13.3). The method stays in use for other
+    requests; without a forced method the broker asks the other enabled ones
+    for this request, which is then enforced as asked or refused, never
+    mapped without its options (docs/third-party-and-filter.md).
+    """
 
 
 class AlreadyMapped(PortBrokerError):

@@ -72,7 +72,12 @@ def parse_proc_net_route(text: str) -> IPv4Address | None:
 
 
 def parse_ipv6_route(text: str) -> IPv6Address | None:
-    """The IPv6 default router from Linux's /proc/net/ipv6_route."""
+    """The IPv6 default router from Linux's /proc/net/ipv6_route.
+
+    A link-local router (the usual case: RFC 4861 §4.2 routers advertise
+    from fe80::/10) carries its interface as the scope (``fe80::1%eth0``),
+    without which no socket can reach it.
+    """
     best: tuple[int, IPv6Address] | None = None
     for line in text.splitlines():
         fields = line.split()
@@ -92,6 +97,8 @@ def parse_ipv6_route(text: str) -> IPv6Address | None:
                 continue
             address = IPv6Address(bytes.fromhex(next_hop))
             rank = int(metric, 16)
+            if address.is_link_local and len(fields) > 9 and fields[9].isprintable():
+                address = IPv6Address(f"{address}%{fields[9]}")
         except ValueError:
             continue
         if address.is_unspecified:
@@ -171,12 +178,22 @@ def checked_address(value: str | IPAddress, what: str) -> IPAddress:
 
 
 def _checked(value: str | IPAddress, what: str) -> IPAddress:
+    if isinstance(value, str):
+        # "[fd77::1]", as IPv6 addresses are written in URLs (RFC 3986 §3.2.2).
+        value = value.strip()
+        if value.startswith("[") and value.endswith("]"):
+            value = value[1:-1]
     try:
         address = to_address(value)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{what}: {value!r} is not an IP address") from exc
     if address.is_unspecified or address.is_multicast:
         raise ValueError(f"{what}: {address} cannot be a gateway")
+    if isinstance(address, IPv6Address) and address.is_link_local and not address.scope_id:
+        raise ValueError(
+            f"{what}: {address} is link-local: name its interface ({address}%eth0),"
+            " or better the gateway's global or ULA address (docs/ipv6.md)"
+        )
     return address
 
 

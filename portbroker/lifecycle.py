@@ -767,9 +767,11 @@ def supersedes(new: Lease | MappingRequest, pending: Lease) -> bool:
     either the internal endpoint (PCP with a remembered nonce and NAT-PMP
     name a mapping by it, RFC 6887 §11.1, RFC 6886 §3.3; a request naming no
     internal address means this host) or, for a lease, the external port
-    (UPnP deletes by it).
+    (UPnP deletes by it). A PEER (RFC 6887 §12) is its own gateway entry,
+    named by its remote peer too: it supersedes, and is superseded by, only
+    a PEER of the same flow, never a MAP of its port.
     """
-    if new.protocol != pending.protocol:
+    if new.protocol != pending.protocol or new.remote != pending.remote:
         return False
     if isinstance(new, MappingRequest):
         return new.internal_port == pending.internal_port and new.internal_address in (

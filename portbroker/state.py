@@ -34,7 +34,7 @@ from typing import Any, Final, TypeVar
 
 from portbroker._util import atomic_write_json
 from portbroker.errors import PortBrokerError
-from portbroker.types import IPAddress, Lease, TransportProtocol, lease_json
+from portbroker.types import IPAddress, Lease, RemoteFilter, TransportProtocol, lease_json
 
 __all__ = [
     "STATE_VERSION",
@@ -111,6 +111,12 @@ def _address(record: dict[str, Any], name: str) -> IPAddress:
         raise RecordError(f"{name!r} must be an IP address, not {value!r}") from None
 
 
+@functools.lru_cache(maxsize=1024)
+def _filters(texts: tuple[str, ...]) -> tuple[RemoteFilter, ...]:
+    # Remote-peer filters (docs/third-party-and-filter.md), as lease_json writes them.
+    return tuple(RemoteFilter.parse(text) for text in texts)
+
+
 def check_lease_record(record: Any) -> None:
     """Raise :class:`RecordError` unless *record* is a usable :func:`lease_record`."""
     if not isinstance(record, dict):
@@ -139,6 +145,17 @@ def check_lease_record(record: Any) -> None:
     epoch = record.get("epoch")
     if epoch is not None:
         _int(record, "epoch", 0, 2**32 - 1)
+    _check_pinhole_id(record, method)
+    if "remote_address" in record or "remote_port" in record:  # a PCP PEER (docs/peer.md)
+        _address(record, "remote_address")
+        _int(record, "remote_port", 1, 65535)
+    filters = record.get("filters", [])
+    if not isinstance(filters, list) or not all(isinstance(f, str) for f in filters):
+        raise RecordError(f"'filters' must be a list of prefixes, not {filters!r}")
+    try:
+        _filters(tuple(filters))
+    except ValueError as exc:
+        raise RecordError(f"'filters': {exc}") from None
     nonce = record.get("nonce")
     if nonce is not None or method == "pcp":
         try:
@@ -149,6 +166,14 @@ def check_lease_record(record: Any) -> None:
                 f"'nonce' must be {PCP_NONCE_BYTES} bytes in hex"
                 f"{' (PCP needs it)' if method == 'pcp' else ''}, not {nonce!r}"
             ) from None
+
+
+def _check_pinhole_id(record: dict[str, Any], method: object) -> None:
+    """A UPnP IPv6 lease is a pinhole, named by its UniqueID (docs/ipv6.md)."""
+    if record.get("pinhole_id") is not None:
+        _int(record, "pinhole_id", 0, 65535)
+    elif method == "upnp" and _address(record, "internal_address").version == 6:
+        raise RecordError("'pinhole_id' must be given for a UPnP IPv6 pinhole (0..65535)")
 
 
 def lease_from_record(record: dict[str, Any], *, now: float | None = None) -> Lease:
@@ -182,9 +207,19 @@ def checked_lease_from_record(record: dict[str, Any], *, now: float | None = Non
             epoch=record.get("epoch"),
             nonce=bytes.fromhex(nonce) if nonce else None,
             permanent=bool(record.get("permanent")),
+            pinhole_id=record.get("pinhole_id"),
+            remote=_record_remote(record),
+            filters=_filters(tuple(record.get("filters", ()))),
         )
     except (TypeError, ValueError) as exc:  # a rule check_lease_record does not know
         raise RecordError(str(exc)) from exc
+
+
+def _record_remote(record: dict[str, Any]) -> tuple[IPAddress, int] | None:
+    """A PEER record's remote peer (``lease_json``'s remote_address and remote_port)."""
+    if "remote_address" not in record:
+        return None
+    return (_parse_address(record["remote_address"]), int(record["remote_port"]))
 
 
 def describe_record(record: Any) -> str:

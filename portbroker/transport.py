@@ -124,6 +124,18 @@ def _report_at() -> float:
 logger = logging.getLogger("portbroker")
 
 
+def _unscoped(address: IPAddress) -> IPAddress:
+    """*address* without its IPv6 zone (``fe80::1%eth0`` -> ``fe80::1``).
+
+    A datagram's source names the zone as the kernel does, or not at all (a
+    memory link), so sources are compared without it: a link-local gateway
+    (docs/ipv6.md) is one address whatever its zone is written as.
+    """
+    if isinstance(address, IPv6Address) and address.scope_id:
+        return IPv6Address(str(address).split("%", 1)[0])
+    return address
+
+
 def _target(remote: tuple[IPAddress, int]) -> str:
     address, port = remote
     return f"[{address}]:{port}" if isinstance(address, IPv6Address) else f"{address}:{port}"
@@ -259,7 +271,11 @@ def pcp_key(request: pcp.PcpRequest) -> tuple[Hashable, ...]:
     data = request.data
     if data is None:
         return ("pcp", int(request.opcode))
-    return ("pcp", int(request.opcode), data.nonce, data.protocol, data.internal_port)
+    key = ("pcp", int(request.opcode), data.nonce, data.protocol, data.internal_port)
+    if isinstance(data, pcp.PeerData):
+        # §12.4: a PEER answer must also echo the remote peer.
+        return (*key, data.remote_peer_address, data.remote_peer_port)
+    return key
 
 
 def natpmp_key(request: natpmp.NatPmpRequest) -> tuple[Hashable, ...]:
@@ -286,7 +302,10 @@ def _response_keys(response: Response) -> tuple[tuple[Hashable, ...] | None, tup
             # stops an off-path host from answering for the server): a
             # header-only NO_RESOURCES, say, answers nobody.
             return (*prefix, "no nonce"), (*prefix, "no nonce")
-        return (*prefix, data.nonce, data.protocol, data.internal_port), prefix
+        exact = (*prefix, data.nonce, data.protocol, data.internal_port)
+        if isinstance(data, pcp.PeerData):
+            exact = (*exact, data.remote_peer_address, data.remote_peer_port)
+        return exact, prefix
     prefix = ("natpmp", int(response.opcode))
     if isinstance(response, natpmp.MapResponse):
         return (*prefix, response.internal_port), prefix
@@ -337,6 +356,12 @@ def _mismatch(response: Response, key: tuple[Hashable, ...]) -> str | None:
             return "wrong opcode"
         if (data.protocol, data.internal_port) != key[3:5]:
             return "other mapping"
+        if (
+            isinstance(data, pcp.PeerData)
+            and data.nonce == key[2]
+            and (data.remote_peer_address, data.remote_peer_port) != key[5:7]
+        ):
+            return "remote peer mismatch"  # RFC 6887 §12.4
         return "nonce mismatch"  # RFC 6887 §11.4: the nonce tells requests apart
     if key[0] != "natpmp" or isinstance(response, natpmp.ExternalAddressResponse):
         return None
@@ -530,7 +555,7 @@ class Transport:
             address = to_address(ip_address(source[0].split("%")[0]))
         except ValueError:
             return "wrong source address"
-        if address != self.link.remote[0]:
+        if address != _unscoped(self.link.remote[0]):
             return "wrong source address"
         if source[1] != self.link.remote[1]:
             return "wrong source port"
@@ -707,7 +732,7 @@ async def listen_announcements(
             failures = 0
             try:
                 address = to_address(ip_address(str(source[0]).split("%")[0]))
-                if (address, source[1]) != (gateway, server_port):
+                if (address, source[1]) != (_unscoped(gateway), server_port):
                     continue
                 response = decode_datagram(data)
             except (ValueError, PortBrokerError):

@@ -38,7 +38,22 @@ def test_no_default_route() -> None:
 
 
 def test_ipv6_default_router() -> None:
-    assert parse_ipv6_route(IPV6_ROUTE) == IPv6Address("fe80::1")
+    # A link-local router is reachable only with its interface as the scope.
+    found = parse_ipv6_route(IPV6_ROUTE)
+    assert found == IPv6Address("fe80::1%eth0")
+    assert found is not None
+    assert found.scope_id == "eth0"
+
+
+def test_a_gateway_may_be_written_in_brackets() -> None:
+    assert resolve_gateway("[fd77::1]") == IPv6Address("fd77::1")
+    assert resolve_gateway(" fd77::1 ") == IPv6Address("fd77::1")
+    assert resolve_gateway("fe80::1%eth0") == IPv6Address("fe80::1%eth0")
+
+
+def test_a_link_local_gateway_without_its_interface_is_refused_with_the_remedy() -> None:
+    with pytest.raises(ValueError, match=r"link-local: name its interface \(fe80::1%eth0\)"):
+        resolve_gateway("fe80::1")
 
 
 def test_macos_route_output() -> None:

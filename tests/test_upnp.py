@@ -638,3 +638,19 @@ async def test_a_map_whose_upnp_socket_fails_names_the_reason_not_an_errno(
         with trio.fail_after(GUARD), pytest.raises(NoMethodAvailable) as info:
             await broker.map(8080, "tcp")
     assert "a host firewall may drop it" in str(info.value)
+
+
+async def test_a_renewal_reads_the_external_address_again() -> None:
+    # Seen in the lab (set_external_address, an ISP lease change): a UPnP
+    # mapping kept the cached old address at every renewal, so it never got
+    # ExternalAddressChanged and candidates and DNS-SD records stayed wrong.
+    igd = FakeIgd(MINIUPNPD_V2)
+    async with serving(igd):
+        method = _method(igd, [])
+        request = MappingRequest(8080, "tcp", 3600)
+        lease = await method.create(request, None)
+        assert str(lease.external_address) == "203.0.113.7"
+        igd.external_address = "203.0.113.9"
+        renewed = await method.create(request, lease)
+        assert str(renewed.external_address) == "203.0.113.9"
+        assert renewed.external_port == lease.external_port

@@ -31,7 +31,7 @@ import math
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -268,8 +268,10 @@ def _map_params(
     exact: bool,
     persist: bool,
     via: str | None,
+    internal_address: str | None = None,
+    filters: Sequence[str] = (),
 ) -> dict[str, Any]:
-    return {
+    params: dict[str, Any] = {
         "port": port,
         "protocol": protocol,
         "lifetime": lifetime,
@@ -278,6 +280,23 @@ def _map_params(
         "persist": persist,
         "via": via,
     }
+    # Sent only when used: a third-party mapping or filters
+    # (docs/third-party-and-filter.md).
+    if internal_address is not None:
+        params["internal_address"] = str(internal_address)
+    if filters:
+        params["filters"] = [str(f) for f in filters]
+    return params
+
+
+def _publish_params(
+    port: int, protocol: str, service_type: str, name: str, txt: dict[str, str] | None
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"port": port, "protocol": protocol, "type": service_type}
+    params["name"] = name
+    if txt:
+        params["txt"] = dict(txt)
+    return params
 
 
 def _result(reply: dict[str, Any]) -> dict[str, Any]:
@@ -382,9 +401,22 @@ class Client:
         exact: bool = False,
         persist: bool = False,
         via: str | None = None,
+        internal_address: str | None = None,
+        filters: Sequence[str] = (),
     ) -> dict[str, Any]:
         reply = await self.request(
-            "map", **_map_params(port, protocol, lifetime, external_port, exact, persist, via)
+            "map",
+            **_map_params(
+                port,
+                protocol,
+                lifetime,
+                external_port,
+                exact,
+                persist,
+                via,
+                internal_address,
+                filters,
+            ),
         )
         return dict(reply["mapping"])
 
@@ -405,6 +437,32 @@ class Client:
             yield event
         if self._failure is not None:
             raise self._failure
+
+    async def publish(
+        self,
+        port: int,
+        protocol: str = "tcp",
+        *,
+        service_type: str,
+        name: str,
+        txt: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Publish the mapping of *port*/*protocol* as a DNS-SD service (docs/dnssd.md).
+
+        It stays published until :meth:`unpublish` or the mapping's end.
+        """
+        reply = await self.request(
+            "publish", **_publish_params(port, protocol, service_type, name, txt)
+        )
+        return dict(reply["published"])
+
+    async def unpublish(
+        self, port: int, protocol: str = "tcp", *, service_type: str, name: str
+    ) -> dict[str, Any]:
+        reply = await self.request(
+            "unpublish", **_publish_params(port, protocol, service_type, name, None)
+        )
+        return dict(reply["unpublished"])
 
 
 @contextlib.asynccontextmanager
@@ -549,9 +607,22 @@ class BlockingClient:
         exact: bool = False,
         persist: bool = False,
         via: str | None = None,
+        internal_address: str | None = None,
+        filters: Sequence[str] = (),
     ) -> dict[str, Any]:
         reply = self.request(
-            "map", **_map_params(port, protocol, lifetime, external_port, exact, persist, via)
+            "map",
+            **_map_params(
+                port,
+                protocol,
+                lifetime,
+                external_port,
+                exact,
+                persist,
+                via,
+                internal_address,
+                filters,
+            ),
         )
         return dict(reply["mapping"])
 
@@ -569,3 +640,24 @@ class BlockingClient:
         for item in self._items():
             if isinstance(item, Event):
                 yield item.message
+
+    def publish(
+        self,
+        port: int,
+        protocol: str = "tcp",
+        *,
+        service_type: str,
+        name: str,
+        txt: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """As :meth:`Client.publish`."""
+        reply = self.request("publish", **_publish_params(port, protocol, service_type, name, txt))
+        return dict(reply["published"])
+
+    def unpublish(
+        self, port: int, protocol: str = "tcp", *, service_type: str, name: str
+    ) -> dict[str, Any]:
+        reply = self.request(
+            "unpublish", **_publish_params(port, protocol, service_type, name, None)
+        )
+        return dict(reply["unpublished"])

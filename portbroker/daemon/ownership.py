@@ -69,6 +69,8 @@ class Policy:
     max_holds: int = 1024  # holds one uid may have (apps sharing mappings)
     allow_privileged_ports: bool = False
     privileged_gids: frozenset[int] = frozenset()
+    # Who may map for another host's address (THIRD_PARTY): root and these.
+    third_party_gids: frozenset[int] = frozenset()
 
     def __attrs_post_init__(self) -> None:
         for name in ("max_mappings", "max_connections", "max_holds"):
@@ -212,6 +214,7 @@ class Ownership:
         persist: bool,
         external_port: int | None,
         now: float,
+        third_party: bool = False,
     ) -> Entry:
         """A map request. Returns the entry: joined (``creating`` False, nothing
         to do at the gateway) or reserved (``creating`` True: make it, then
@@ -229,7 +232,13 @@ class Ownership:
             raise ProtocolError(ErrorCode.GONE, "the connection closed before the map was made")
         peer = state.peer
         protocol, port = key
-        self.check_port(peer, port)
+        if third_party:
+            # The privileged-port rule keeps this host's services (sshd) in
+            # root's hands; a third-party port is another host's, and the
+            # right to map for other hosts is checked instead.
+            self.check_third_party(peer)
+        else:
+            self.check_port(peer, port)
         entry = self.entries.get(key)
         if entry is not None:
             if entry.creating:
@@ -298,6 +307,24 @@ class Ownership:
             ErrorCode.PRIVILEGED_PORT,
             f"internal port {port} is below {PRIVILEGED_PORTS}: only root may map it"
             " (the daemon's --allow-privileged-ports or --privileged-group lets others)",
+        )
+
+    def check_third_party(self, peer: Peer) -> None:
+        """May *peer* map a port of another host (THIRD_PARTY, RFC 6887 §13.1)?
+
+        Only root and members of ``third_party_gids``: such a mapping exposes
+        a host that never asked for it (a camera), so it is the network
+        administrator's to make.
+
+        Raises:
+            ProtocolError: THIRD_PARTY_FORBIDDEN.
+        """
+        if peer.uid == 0 or peer.gids & self.policy.third_party_gids:
+            return
+        raise ProtocolError(
+            ErrorCode.THIRD_PARTY_FORBIDDEN,
+            "only root may map a port of another host (internal_address);"
+            " the daemon's --third-party-group NAME lets that group's members",
         )
 
     def _join(

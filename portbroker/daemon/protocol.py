@@ -41,7 +41,7 @@ MAX_LINE: Final = framing.MAX_LINE
 MAX_DEPTH: Final = framing.MAX_DEPTH
 MAX_ID: Final = 256  # characters in a string request id
 PROTOCOL_VERSIONS: Final = (1,)
-OPS: Final = ("hello", "probe", "map", "unmap", "list", "watch")
+OPS: Final = ("hello", "probe", "map", "unmap", "list", "watch", "publish", "unpublish")
 
 
 class ErrorCode(enum.Enum):
@@ -63,6 +63,12 @@ class ErrorCode(enum.Enum):
     PRIVILEGED_PORT = "privileged_port"
     GONE = "gone"  # the requester's connection closed before the request was carried out
     IDLE = "idle"  # a connection with nothing held or watched, silent too long
+    # A map for another host's address (THIRD_PARTY) by a user who is not
+    # root and not in a --third-party-group (docs/third-party-and-filter.md).
+    THIRD_PARTY_FORBIDDEN = "third_party_forbidden"
+    # DNS-SD publication (issue 9; docs/dnssd.md).
+    TOO_MANY_PUBLICATIONS = "too_many_publications"
+    PUBLISH_FAILED = "publish_failed"  # zeroconf could not start or refused the records
 
 
 class ProtocolError(Exception):

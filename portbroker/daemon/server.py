@@ -45,6 +45,7 @@ from portbroker.daemon import framing
 from portbroker.daemon import protocol as proto
 from portbroker.daemon.ownership import PRIVILEGED_PORTS, Entry, Hold, Ownership, Peer, Policy
 from portbroker.daemon.protocol import ErrorCode, ProtocolError, Request
+from portbroker.daemon.publishing import MAX_PUBLICATIONS, Publishing
 from portbroker.daemon.state import (
     DaemonRecord,
     RecordError,
@@ -69,7 +70,16 @@ from portbroker.lifecycle import (
     supersedes,
 )
 from portbroker.probe import NoMethodAvailable, report_json
-from portbroker.types import DEFAULT_LIFETIME, MAX_LIFETIME, MIN_LIFETIME, Lease, MappingRequest
+from portbroker.types import (
+    DEFAULT_LIFETIME,
+    MAX_LIFETIME,
+    MIN_LIFETIME,
+    IPAddress,
+    Lease,
+    MappingRequest,
+    RemoteFilter,
+)
+from portbroker.wire._fields import to_address
 
 __all__ = [
     "SYSTEM_SOCKET_PATH",
@@ -172,6 +182,12 @@ class DaemonConfig:
     # Internal ports below 1024: root only, unless allowed for all or for groups.
     allow_privileged_ports: bool = False
     privileged_groups: tuple[str, ...] = ()
+    # Who besides root may map for another host (docs/third-party-and-filter.md).
+    third_party_groups: tuple[str, ...] = ()
+    # DNS-SD publications (docs/dnssd.md): per user; the addresses zeroconf
+    # binds (None: the interface of each mapping's internal address).
+    max_publications: int = MAX_PUBLICATIONS
+    publish_interfaces: tuple[str, ...] | None = None
 
     def policy(self) -> Policy:
         """The ownership policy; unknown group names are a DaemonError."""
@@ -181,6 +197,12 @@ class DaemonConfig:
                 gids.add(grp.getgrnam(name).gr_gid)
             except KeyError:
                 raise DaemonError(f"no such group {name!r} (--privileged-group)") from None
+        third_party_gids = set()
+        for name in self.third_party_groups:
+            try:
+                third_party_gids.add(grp.getgrnam(name).gr_gid)
+            except KeyError:
+                raise DaemonError(f"no such group {name!r} (--third-party-group)") from None
         try:
             return Policy(
                 grace=self.grace,
@@ -191,6 +213,7 @@ class DaemonConfig:
                 max_holds=max(1024, 2 * self.max_mappings),
                 allow_privileged_ports=self.allow_privileged_ports,
                 privileged_gids=frozenset(gids),
+                third_party_gids=frozenset(third_party_gids),
             )
         except ValueError as exc:
             raise DaemonError(str(exc)) from None
@@ -289,6 +312,52 @@ def _handle(entry: Entry) -> Mapping | Restoring:
     return entry.handle
 
 
+# At most this many remote-peer filters per map (PCP fits about 50 in 1,100
+# bytes, RFC 6887 §7; UPnP takes one).
+MAX_FILTERS: Final = 32
+
+
+def _third_party_params(
+    request: Request,
+) -> tuple[IPAddress | None, tuple[RemoteFilter, ...]]:
+    """A map's ``internal_address`` (another host: THIRD_PARTY) and ``filters``.
+
+    Raises:
+        ProtocolError: BAD_REQUEST, naming the field and what is wrong.
+    """
+    text = request.get("internal_address", str)
+    address = None
+    if text is not None:
+        try:
+            address = to_address(text.strip())
+        except (ValueError, TypeError):
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"'internal_address' must be an IP address, not {text!r}"
+            ) from None
+        if address.is_unspecified or address.is_multicast or address.is_loopback:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"'internal_address' {address} names no lan host"
+            )
+    texts = request.get("filters", list, [])
+    if len(texts) > MAX_FILTERS:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"'filters' may hold at most {MAX_FILTERS}, not {len(texts)}"
+        )
+    filters = []
+    for item in texts:
+        if not isinstance(item, str):
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, "'filters' is a list of strings like \"11.0.0.2/32:5000\""
+            )
+        try:
+            filters.append(RemoteFilter.parse(item))
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"'filters': {exc}") from None
+    if len(set(filters)) != len(filters):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'filters' names the same filter twice")
+    return address, tuple(filters)
+
+
 def describe(entry: Entry) -> dict[str, Any]:
     """A ``mapping`` object of the protocol (docs/daemon-protocol.md)."""
     mapping = _handle(entry)
@@ -312,6 +381,8 @@ def describe(entry: Entry) -> dict[str, Any]:
             gateway=str(lease.gateway),
             permanent=lease.permanent,
         )
+        if lease.filters:
+            out["filters"] = [str(f) for f in lease.filters]
     return out
 
 
@@ -338,6 +409,9 @@ class Daemon:
         # Each entry's state-file record, recomputed only when the entry
         # changes: a write with 10,000 mappings must not redo them all.
         self._record_cache: dict[tuple[str, int], dict[str, Any]] = {}
+        # Keys mapped for another host (THIRD_PARTY): the state file says so
+        # ("third_party": true), so a restart knows it too.
+        self._third_party: set[tuple[str, int]] = set()
         self._grace_changed = trio.Event()
         self._refusals: dict[int, tuple[float, int]] = {}  # uid -> (last logged, since)
         # Restore (see restore()): deletes not confirmed yet, attempts to
@@ -353,6 +427,9 @@ class Daemon:
         self._group_cache: dict[tuple[int, int], tuple[float, frozenset[int]]] = {}
         # Refused connections waiting for their first request, oldest first.
         self._refusing: collections.deque[trio.CancelScope] = collections.deque()
+        self.publishing = Publishing(
+            nursery, max_per_uid=config.max_publications, interfaces=config.publish_interfaces
+        )
 
     # -- bookkeeping ------------------------------------------------------------
 
@@ -481,6 +558,8 @@ class Daemon:
             record = daemon_record(
                 lease, entry.owner_uid, holds, mapping.request.lifetime, pending_delete=pending
             )
+            if entry.key in self._third_party:
+                record["third_party"] = True
             if not exiting:
                 self._record_cache[entry.key] = record
             records.append(record)
@@ -510,6 +589,7 @@ class Daemon:
 
     async def _drop(self, entry: Entry) -> None:
         """*entry* left the registry (its last hold went): end it at the gateway."""
+        self.publishing.gone(entry.key)  # withdrawn first: it will not be reachable
         self._save(entry)
         # Still found by its mapping until its Released event (events()
         # forgets it then): watchers hear that it ended. One already over
@@ -550,6 +630,7 @@ class Daemon:
                 lease.protocol,
                 parsed.lifetime_requested,
                 internal_address=lease.internal_address,
+                filters=lease.filters,
             )
             return record, parsed, request
 
@@ -603,7 +684,19 @@ class Daemon:
                     )
                 first.append(self._retire(parsed.lease, record))
                 continue
-            if not self._may_keep_port(parsed.owner_uid, parsed.key[1]):
+            third_party = record.get("third_party") is True
+            if third_party and not self._may_keep_third_party(parsed.owner_uid):
+                logger.warning(
+                    "%d/%s: uid %d may not map for another host (%s) under this daemon's"
+                    " policy; deleting it on the gateway",
+                    parsed.key[1],
+                    parsed.key[0],
+                    parsed.owner_uid,
+                    parsed.lease.internal_address,
+                )
+                first.append(self._retire(parsed.lease, record))
+                continue
+            if not third_party and not self._may_keep_port(parsed.owner_uid, parsed.key[1]):
                 # Allowed when it was made (--allow-privileged-ports, a group),
                 # not under this daemon's policy: it is not renewed for good.
                 logger.warning(
@@ -617,6 +710,10 @@ class Daemon:
                 first.append(self._retire(parsed.lease, record))
                 continue
             placeholder = Restoring(request, parsed.lease, record, self._retire_restoring)
+            if third_party:
+                self._third_party.add(parsed.key)
+            else:
+                self._third_party.discard(parsed.key)
             self._install_restored(parsed.key, parsed.owner_uid, alive, placeholder)
             if len(alive) == len(holds):
                 # Unchanged: written back as read (100,000 records must not
@@ -870,6 +967,8 @@ class Daemon:
             return {"unmapped": unmapped, **_saved(await self.synced())}
         if request.op == "list":
             return {"mappings": [describe(e) for e in self.owners.visible(client.uid)]}
+        if request.op in ("publish", "unpublish"):
+            return await self._publish(client, request)
         client.watching = True  # watch
         return {"watching": "all" if client.uid == 0 else "own"}
 
@@ -893,6 +992,7 @@ class Daemon:
             )
         if exact and external_port is None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "'exact' needs 'external_port'")
+        internal_address, filters = _third_party_params(request)
         key = (protocol, port)
         while True:
             # Before the claim, after every wait too: a wait for another
@@ -915,16 +1015,33 @@ class Daemon:
             # again by its owner, it is made afresh, not joined dead.
             self.owners.forget(key)
             self._save(dead)
+        self._check_same_target(client, key, internal_address, filters)
         entry = self.owners.claim(
-            client.conn, key, persist=persist, external_port=external_port, now=trio.current_time()
+            client.conn,
+            key,
+            persist=persist,
+            external_port=external_port,
+            now=trio.current_time(),
+            third_party=internal_address is not None,
         )
         if not entry.creating:
             self._save(entry)  # joined
             return entry
+        if internal_address is not None:
+            self._third_party.add(key)
+        else:
+            self._third_party.discard(key)
         self._pending[key] = done = trio.Event()
         try:
             mapping = await self.broker.map(
-                port, protocol, lifetime=lifetime, external_port=external_port, exact=exact, via=via
+                port,
+                protocol,
+                lifetime=lifetime,
+                external_port=external_port,
+                exact=exact,
+                via=via,
+                internal_address=internal_address,
+                filters=filters,
             )
         except BaseException as exc:
             # Cancelled too (the client hung up: the broker abandons the request).
@@ -957,6 +1074,40 @@ class Daemon:
         self._save(kept)
         return kept
 
+    def _check_same_target(
+        self,
+        client: Client,
+        key: tuple[str, int],
+        internal_address: IPAddress | None,
+        filters: tuple[RemoteFilter, ...],
+    ) -> None:
+        """A map that would join *key*'s mapping must ask for the same host and filters.
+
+        Mappings are keyed by (protocol, internal port) whatever the host, so
+        a third-party map of the camera's 8080 must not silently join this
+        host's own 8080, nor a filtered request an unfiltered mapping.
+
+        Raises:
+            ProtocolError: CONFLICT, naming the caller's own mapping only.
+        """
+        entry = self.shared.get(key)
+        if entry is None or entry.creating or not self._visible(client.uid, entry):
+            return  # new, or another user's: claim() answers that
+        mapping = _handle(entry)
+        held = mapping.request
+        # A restored request names its (own) address; _third_party says whose.
+        held_address = held.internal_address if key in self._third_party else None
+        if held_address == internal_address and set(held.filters) == set(filters):
+            return
+        target = f"for {held_address}" if held_address else "for this host"
+        if held.filters:
+            target += f" only from {', '.join(str(f) for f in held.filters)}"
+        raise ProtocolError(
+            ErrorCode.CONFLICT,
+            f"{entry.id} is already mapped {target}; unmap it first"
+            " (one mapping per internal port and protocol, whichever host)",
+        )
+
     def _check_hung_up(self, client: Client) -> None:
         """A client that closed its socket is gone (serve_client does the
         same when its reader sees it): its maps not yet carried out are not
@@ -987,6 +1138,18 @@ class Daemon:
         else:
             self._save(entry)
         return entry.id
+
+    async def _publish(self, client: Client, request: Request) -> dict[str, Any]:
+        """``publish`` / ``unpublish`` one of the client's user's mappings (root: any)."""
+        key = _mapping_key(request)
+        entry = self.shared.get(key)
+        if entry is None or entry.creating or not self._visible(client.uid, entry):
+            raise ProtocolError(
+                ErrorCode.NOT_FOUND, f"no mapping {key[1]}/{key[0]} of yours to publish"
+            )
+        if request.op == "unpublish":
+            return await self.publishing.unpublish(entry, request)
+        return await self.publishing.publish(client.uid, entry, _handle(entry), request)
 
     # -- connections -------------------------------------------------------------------
 
@@ -1028,6 +1191,7 @@ class Daemon:
                 if lease is not None:  # a new external port (Restored, ...)
                     entry.external_port = lease.external_port
                 self._save(entry)
+                self.publishing.changed(entry.key, item.event, lease)
             line = proto.encode(
                 {
                     "event": type(item.event).__name__,
@@ -1090,6 +1254,20 @@ class Daemon:
                 with trio.CancelScope(shield=True):
                     await self.disconnected(client)
 
+    def _may_keep_third_party(self, uid: int) -> bool:
+        """The third-party policy for a restored record of *uid*."""
+        if uid == 0:
+            return True
+        try:
+            gid = pwd.getpwuid(uid).pw_gid
+        except KeyError:  # no such user any more: no groups
+            return False
+        try:
+            self.owners.check_third_party(Peer(uid, 0, self._groups(uid, gid)))
+        except ProtocolError:
+            return False
+        return True
+
     def _may_keep_port(self, uid: int, port: int) -> bool:
         """The privileged-port policy for a restored record of *uid*."""
         policy = self.owners.policy
@@ -1111,7 +1289,8 @@ class Daemon:
         """The user's groups, for --privileged-group only, looked up once per
         user per :data:`GROUPS_TTL`: a lookup can be slow (LDAP, sssd) and
         blocks the event loop, and a user can connect in a loop."""
-        if not self.owners.policy.privileged_gids:
+        policy = self.owners.policy
+        if not (policy.privileged_gids or policy.third_party_gids):
             return frozenset({gid})
         now = trio.current_time()
         cached = self._group_cache.get((uid, gid))
@@ -1457,6 +1636,21 @@ def _hung_up(stream: trio.SocketStream) -> bool:
         return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
     except (OSError, ValueError):
         return True
+
+
+def _mapping_key(request: Request) -> tuple[str, int]:
+    """The mapping a publish names: ``mapping`` ("8080/tcp"), or ``port`` and ``protocol``."""
+    mapping_id = request.get("mapping", str)
+    if mapping_id is None:
+        port = request.port("port", required=True)
+        assert port is not None
+        return (request.protocol(), port)
+    port_text, _, protocol = mapping_id.partition("/")
+    if not (port_text.isascii() and port_text.isdigit()) or protocol not in ("tcp", "udp"):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"'mapping' must look like '8080/tcp', not {mapping_id[:40]!r}"
+        )
+    return (protocol, int(port_text[:6]))
 
 
 def _saved(error: str | None) -> dict[str, Any]:

@@ -6,11 +6,12 @@ What to send and what an answer means live in
 
 from __future__ import annotations
 
+from ipaddress import IPv6Address
 from typing import Final
 
 import trio
 
-from portbroker.errors import LinkError, MappingError, MethodUnavailable
+from portbroker.errors import LinkError, MappingError, MethodUnavailable, RequestUnsupported
 from portbroker.methods import natpmp_rules, undo_grant
 from portbroker.methods.rules import Undo
 from portbroker.transport import Transport, natpmp_key, natpmp_schedule
@@ -18,11 +19,19 @@ from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome, Tra
 from portbroker.wire import natpmp, pcp
 from portbroker.wire.natpmp import ResultCode
 
-__all__ = ["NatPmpMethod"]
+__all__ = ["NatPmpMethod", "ipv6_gateway_reason"]
 
 # Answers to a delete that still grant a lifetime (stale copies of a grant)
 # before the delete is declared refused.
 DELETE_ATTEMPTS: Final = 3
+
+
+def ipv6_gateway_reason(gateway: IPAddress) -> str:
+    """Why NAT-PMP is unavailable on an IPv6 gateway address (docs/ipv6.md)."""
+    return (
+        f"NAT-PMP is IPv4 only (RFC 6886) and the gateway {gateway} is IPv6;"
+        " not tried (PCP and UPnP can open IPv6 pinholes)"
+    )
 
 
 class NatPmpMethod:
@@ -44,6 +53,9 @@ class NatPmpMethod:
         self.last_external_address: IPAddress | None = None
 
     async def _call(self, request: natpmp.NatPmpRequest) -> natpmp.NatPmpResponse:
+        if isinstance(self.gateway, IPv6Address):
+            # Nothing is sent: there is no NAT-PMP over IPv6 to try.
+            raise MethodUnavailable(self.name, ipv6_gateway_reason(self.gateway))
         try:
             response = await self.transport.request(
                 natpmp.encode_request(request), natpmp_key(request), natpmp_schedule()
@@ -86,11 +98,31 @@ class NatPmpMethod:
         return (await self._external_address()).external_address
 
     async def create(self, request: MappingRequest, previous: Lease | None) -> Lease:
+        if request.remote is not None:
+            # NAT-PMP has no PEER opcode (RFC 6886 §3: MAP only): refuse
+            # before anything is sent, so no inbound mapping is made instead.
+            raise MethodUnavailable(self.name, "PEER needs PCP; NAT-PMP maps inbound ports only")
         own = self.transport.link.local_address
-        if request.internal_address is not None and request.internal_address != own:
+        if isinstance(request.internal_address, IPv6Address):
+            # About this request only: the gateway may still map IPv4 for others.
             raise MappingError(
                 self.name,
-                f"NAT-PMP maps only for the sender ({own}), not {request.internal_address}",
+                f"NAT-PMP maps only IPv4 (RFC 6886), not {request.internal_address};"
+                " use PCP or UPnP on the gateway's IPv6 address for an IPv6 pinhole",
+            )
+        if request.internal_address is not None and request.internal_address != own:
+            raise RequestUnsupported(
+                self.name,
+                f"NAT-PMP maps only for the sender ({own}), not {request.internal_address}"
+                " (RFC 6886 has no third-party mapping; PCP THIRD_PARTY or UPnP can)",
+            )
+        if request.filters:
+            # RFC 6886 has no way to name remote peers: mapping anyway would
+            # open the port to everyone when the app asked for a few.
+            raise RequestUnsupported(
+                self.name,
+                "NAT-PMP cannot restrict a mapping to remote peers (RFC 6886 has no filter);"
+                " nothing was mapped (PCP FILTER or UPnP NewRemoteHost can)",
             )
         # The address first when unknown: a gateway with no usable one is no
         # use for mapping, and asking before mapping leaves nothing to undo.
@@ -125,8 +157,8 @@ class NatPmpMethod:
         port, so a delete of the port (RFC 6886 §3.4) removes it.
         """
         key = (request.protocol, request.internal_port)
-        if key not in self._unsettled:
-            return
+        if request.remote is not None or key not in self._unsettled:
+            return  # a PEER request never reached NAT-PMP (create refuses it)
         self._unsettled.discard(key)
         own = self.transport.link.local_address
         await self.delete(

@@ -1,4 +1,4 @@
-"""PCP (RFC 6887) MAP over the shared transport: the I/O half.
+"""PCP (RFC 6887) MAP and PEER over the shared transport: the I/O half.
 
 What to send and what an answer means live in
 :mod:`portbroker.methods.pcp_rules` (pure, with the result-code table);
@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Iterator
 from typing import Final
 
+import attrs
 import trio
 
 from portbroker.errors import LinkError, MappingError, MethodUnavailable
@@ -61,7 +62,9 @@ class PcpMethod:
         # again with the same nonce adopts it, where a fresh nonce would get
         # NOT_AUTHORIZED from a server that checks (RFC 6887 §11.3) and leave
         # a mapping nobody can delete.
-        self._nonces: dict[tuple[int, IPAddress, int], bytes] = {}
+        # PEER bindings are keyed by their remote peer too (RFC 6887 §12: one
+        # nonce per flow), so a PEER and a MAP of one port never share one.
+        self._nonces: dict[tuple[object, ...], bytes] = {}
 
     @property
     def client_address(self) -> IPAddress:
@@ -101,11 +104,38 @@ class PcpMethod:
             response, trio.current_time() - started, self.last_external_address
         )
 
-    def _nonce_key(self, request: MappingRequest) -> tuple[int, IPAddress, int]:
+    def _nonce_key(self, request: MappingRequest) -> tuple[object, ...]:
         internal = request.internal_address or self.client_address
+        if request.remote is not None:
+            return (
+                "peer",
+                request.protocol.number,
+                internal,
+                request.internal_port,
+                request.remote,
+            )
         return (request.protocol.number, internal, request.internal_port)
 
+    @staticmethod
+    def _lease_key(lease: Lease) -> tuple[object, ...]:
+        if lease.remote is not None:
+            return (
+                "peer",
+                lease.protocol.number,
+                lease.internal_address,
+                lease.internal_port,
+                lease.remote,
+            )
+        return (lease.protocol.number, lease.internal_address, lease.internal_port)
+
     async def create(self, request: MappingRequest, previous: Lease | None) -> Lease:
+        problem = pcp_rules.family_problem(
+            self.client_address, request.internal_address, self.server
+        )
+        if problem is not None:
+            raise MappingError(self.name, problem)  # nothing sent
+        if request.remote is not None:
+            return await self._create_peer(request, previous)
         exact = request.exact and previous is None
         renewal = previous is not None and previous.nonce is not None
         nonce = self._nonces.get(self._nonce_key(request)) or secrets.token_bytes(12)
@@ -131,8 +161,57 @@ class PcpMethod:
         self.last_external_address = result.external_address
         return result
 
+    async def _create_peer(self, request: MappingRequest, previous: Lease | None) -> Lease:
+        """PEER (RFC 6887 §12): create or extend the binding of one outbound flow."""
+        assert request.remote is not None
+        internal = request.internal_address or self.client_address
+        if request.remote[0].version != internal.version:
+            # §12.1 (and miniupnpd's table of families): the remote peer is
+            # named in the internal address's family; nothing to ask for.
+            raise MappingError(
+                self.name,
+                f"remote peer {request.remote[0]} is IPv{request.remote[0].version} but the"
+                f" flow's internal address {internal} is IPv{internal.version}: a PEER names"
+                " a remote peer of the same family (RFC 6887 §12.1)",
+            )
+        renewal = previous is not None and previous.nonce is not None
+        key = self._nonce_key(request)
+        nonce = self._nonces.get(key) or secrets.token_bytes(12)
+        sent = pcp_rules.peer_request(self.client_address, request, previous, nonce)
+        assert sent.data is not None
+        self._nonces[key] = sent.data.nonce
+        response = await self._call(sent)
+        if response.result_code == ResultCode.CANNOT_PROVIDE_EXTERNAL and sent.data.external_port:
+            # §12.3: PEER behaves as with PREFER_FAILURE, so a suggestion (the
+            # previous endpoint, after a restart) the server cannot give again
+            # fails; the flow is what matters, not its old port: ask with none.
+            sent = attrs.evolve(
+                sent,
+                data=attrs.evolve(
+                    sent.data,
+                    external_port=0,
+                    external_address=pcp.no_preference(self.client_address),
+                ),
+            )
+            response = await self._call(sent)
+        result = pcp_rules.interpret_peer(
+            response,
+            request=request,
+            sent=sent,
+            server=self.server,
+            now=trio.current_time(),
+            renewal=renewal,
+        )
+        if isinstance(result, Undo):
+            raise await undo_grant(self.delete, result)
+        self.last_external_address = result.external_address
+        return result
+
     async def delete(self, lease: Lease) -> None:
-        """MAP with lifetime 0 and the mapping's nonce (RFC 6887 §15)."""
+        """MAP with lifetime 0 and the mapping's nonce (RFC 6887 §15); PEER for a PEER."""
+        if lease.remote is not None:
+            await self._delete_peer(lease)
+            return
         request = pcp_rules.delete_request(self.client_address, lease)
         for _attempt in range(DELETE_ATTEMPTS):
             response = await self._call(request)
@@ -164,9 +243,35 @@ class PcpMethod:
             raise MappingError(
                 self.name, f"delete answered with lifetime {response.lifetime}, not 0"
             )
-        key = (lease.protocol.number, lease.internal_address, lease.internal_port)
+        self._forget_nonce(lease)
+
+    def _forget_nonce(self, lease: Lease) -> None:
+        key = self._lease_key(lease)
         if self._nonces.get(key) == lease.nonce:
             del self._nonces[key]
+
+    async def _delete_peer(self, lease: Lease) -> None:
+        """PEER with lifetime 0, the binding's nonce and remote peer.
+
+        Any SUCCESS ends it for us: lifetime 0 is a deleted binding; a lifetime
+        left is a server that follows RFC 6887 §15 (PEER cannot shorten a
+        binding), which keeps it as an ordinary outbound flow that lapses
+        when the traffic stops. NO_RESOURCES is "no such binding", as for MAP:
+        miniupnpd 2.3.1's nftables backend answers every PEER delete so (it
+        cannot read its own peer rules back, seen in the lab; docs/peer.md).
+        """
+        request = pcp_rules.peer_delete_request(self.client_address, lease)
+        response = await self._call(request)
+        code = response.result_code
+        if code not in (ResultCode.SUCCESS, ResultCode.NO_RESOURCES):
+            short = code.error_class is pcp.ErrorClass.SHORT
+            raise MappingError(
+                self.name,
+                f"peer delete refused: {code.name}",
+                result_code=int(code),
+                retry_after=error_hold_off(response) if short else None,
+            )
+        self._forget_nonce(lease)
 
     async def abandon(self, request: MappingRequest) -> None:
         """Delete what an interrupted create of *request* may have made.
@@ -184,7 +289,7 @@ class PcpMethod:
             Lease(
                 method=self.name,
                 protocol=request.protocol,
-                internal_address=key[1],
+                internal_address=request.internal_address or self.client_address,
                 internal_port=request.internal_port,
                 external_address=self.client_address,
                 external_port=0,
@@ -192,6 +297,7 @@ class PcpMethod:
                 granted_at=trio.current_time(),
                 gateway=self.server,
                 nonce=nonce,
+                remote=request.remote,
             )
         )
 

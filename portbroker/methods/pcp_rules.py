@@ -12,13 +12,14 @@ from typing import Final
 
 import attrs
 
-from portbroker.errors import MappingError, MethodUnavailable
+from portbroker.errors import MappingError, MethodUnavailable, RequestUnsupported
 from portbroker.methods.rules import Scope, Undo, grant_problem
-from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome
+from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome, RemoteFilter
 from portbroker.wire import pcp
 from portbroker.wire.pcp import ErrorClass, ResultCode
 
 __all__ = [
+    "ECHO_PROBE",
     "NAME",
     "RESULT_RULES",
     "UNKNOWN_RULE",
@@ -27,8 +28,15 @@ __all__ = [
     "announce_request",
     "delete_request",
     "error_hold_off",
+    "family_problem",
+    "filter_option",
     "interpret_map",
+    "interpret_peer",
     "map_request",
+    "option_refusal",
+    "options_problem",
+    "peer_delete_request",
+    "peer_request",
     "refusal",
     "reply_problem",
     "retry_without_suggestion",
@@ -106,8 +114,10 @@ RESULT_RULES: Final[tuple[CodeRule, ...]] = (
         "the PCP server does not support MAP (UNSUPP_OPCODE)",
         "§7.4",
     ),
-    # We send only THIRD_PARTY and PREFER_FAILURE, both mandatory to process
-    # (§13.1, §13.2): without them this request cannot be made with PCP.
+    # We send THIRD_PARTY, PREFER_FAILURE and FILTER, all mandatory to process
+    # (§13.1-§13.3): without them this request cannot be made with PCP. (A
+    # refusal of THIRD_PARTY or FILTER is worded by option_refusal first, and
+    # is about that request only.)
     CodeRule(
         ResultCode.UNSUPP_OPTION,
         _S,
@@ -176,7 +186,8 @@ RESULT_RULES: Final[tuple[CodeRule, ...]] = (
         "another NAT sits between this host and the PCP server (ADDRESS_MISMATCH)",
         "§7.4, §8.2",
     ),
-    # Only for MAP with FILTER (§13.3), which portbroker never sends.
+    # Only for MAP with FILTER (§13.3); option_refusal words it when we sent
+    # FILTER, so this row is a server answering it to a request without one.
     CodeRule(
         ResultCode.EXCESSIVE_REMOTE_PEERS,
         _R,
@@ -234,6 +245,25 @@ def reply_problem(response: pcp.PcpResponse) -> MethodUnavailable | None:
     return None
 
 
+def family_problem(client: IPAddress, internal: IPAddress | None, server: IPAddress) -> str | None:
+    """Why a MAP for *internal* cannot go from *client* to *server*, or None.
+
+    RFC 6887 §11.1: a mapping's internal address is the request's source
+    address (THIRD_PARTY aside), so an IPv6 internal address (a firewall
+    pinhole) is asked over IPv6, with the host's own IPv6 address as the
+    header's Client IP Address; an IPv4 one over IPv4. A server reached over the other family cannot
+    serve the request (docs/ipv6.md): it is about this request only, the
+    server still serves the family it is reached over.
+    """
+    if internal is None or internal.version == client.version:
+        return None
+    return (
+        f"internal address {internal} is IPv{internal.version} but the PCP server {server}"
+        f" is reached over IPv{client.version}; open a broker on the gateway's"
+        f" IPv{internal.version} address (gateway= or pcp_server=)"
+    )
+
+
 # -- requests -------------------------------------------------------------------
 
 
@@ -242,12 +272,37 @@ def announce_request(client: IPAddress) -> pcp.PcpRequest:
     return pcp.PcpRequest(pcp.Opcode.ANNOUNCE, 0, client)
 
 
-def _options(client: IPAddress, internal: IPAddress | None, *, exact: bool) -> list[pcp.Option]:
+# Sent with FILTER only: an optional-to-process option (§7.3: code 128 and up)
+# from the unassigned Standards Action range, which no server can have
+# processed. §7.3 has a server ignore an optional option it does not
+# process, and §13 lets options appear in a response only as processed, so a
+# server that echoes this one echoes options blindly and its FILTER echo
+# proves nothing: miniupnpd 2.3.1 does exactly that (it builds the answer in
+# the request's buffer) and ignores FILTER (pcpserver.c: "TODO fully
+# implement filter"; seen in the lab, docs/third-party-and-filter.md).
+ECHO_PROBE: Final = pcp.UnknownOption(pcp.OptionCode(191))
+
+
+def filter_option(remote: RemoteFilter) -> pcp.Filter:
+    """*remote* as RFC 6887 §13.3 writes it (IPv4 prefixes IPv4-mapped, §5)."""
+    return pcp.Filter(remote.wire_prefix_length, remote.port, remote.network.network_address)
+
+
+def _options(
+    client: IPAddress,
+    internal: IPAddress | None,
+    *,
+    exact: bool,
+    filters: tuple[RemoteFilter, ...] = (),
+) -> list[pcp.Option]:
     options: list[pcp.Option] = []
     if internal is not None and internal != client:
         options.append(pcp.ThirdParty(internal))  # §13.1
     if exact:
         options.append(pcp.PreferFailure())  # §13.2
+    if filters:
+        options.extend(filter_option(f) for f in filters)  # §13.3, as many as asked
+        options.append(ECHO_PROBE)
     return options
 
 
@@ -282,7 +337,7 @@ def map_request(
             suggested_port,
             suggested_address,
         ),
-        _options(client, request.internal_address, exact=exact),
+        _options(client, request.internal_address, exact=exact, filters=request.filters),
     )
 
 
@@ -360,7 +415,7 @@ def interpret_map(
         MappingError: a code about this request, or SUCCESS with lifetime 0.
     """
     if response.result_code != ResultCode.SUCCESS:
-        raise refusal(response, renewal=renewal)
+        raise option_refusal(response, sent) or refusal(response, renewal=renewal)
     data = response.data
     assert data is not None
     assert sent.data is not None
@@ -384,4 +439,228 @@ def interpret_map(
         # A mapping exists on the server that nobody can use: delete it and
         # let the next method try (docs/result-codes.md, "Useless grants").
         return Undo(lease, f"the PCP server {problem}")
+    missing = options_problem(response, sent)
+    if missing is not None:
+        # Not what was asked: a mapping for the wrong host, or open to every
+        # remote peer when the app asked for a few. Delete it and say so; no
+        # other method would do better with the same request.
+        return Undo(lease, f"the PCP server {missing}", move_on=False, unsupported=True)
+    if request.filters:
+        lease = attrs.evolve(lease, filters=request.filters)
     return lease
+
+
+# -- PEER (RFC 6887 §12) ------------------------------------------------------------
+
+
+def peer_request(
+    client: IPAddress,
+    request: MappingRequest,
+    previous: Lease | None,
+    nonce: bytes,
+) -> pcp.PcpRequest:
+    """The PEER for *request* (which names its remote peer); with *previous* a renewal.
+
+    As for MAP, a renewal or re-creation reuses the nonce and suggests the
+    external address and port assigned before (RFC 6887 §11.2.1, §12.3, §8.5).
+    No PREFER_FAILURE: §12.1 forbids it (MALFORMED_REQUEST) and PEER behaves
+    as if it were set, so a suggestion the server cannot meet is
+    CANNOT_PROVIDE_EXTERNAL.
+    """
+    assert request.remote is not None, "a PEER request names its remote peer"
+    if previous is not None and previous.nonce is not None:
+        nonce = previous.nonce
+        suggested_port = previous.external_port
+        suggested_address = previous.external_address
+    else:
+        suggested_port = request.external_port or 0
+        suggested_address = pcp.no_preference(client)
+    remote_address, remote_port = request.remote
+    return pcp.PcpRequest(
+        pcp.Opcode.PEER,
+        request.lifetime,
+        client,
+        pcp.PeerData(
+            nonce,
+            request.protocol.number,
+            request.internal_port,
+            suggested_port,
+            suggested_address,
+            remote_port,
+            remote_address,
+        ),
+        _options(client, request.internal_address, exact=False),
+    )
+
+
+def peer_delete_request(client: IPAddress, lease: Lease) -> pcp.PcpRequest:
+    """PEER with lifetime 0 and the binding's nonce and remote peer.
+
+    RFC 6887 §15 lets a PEER only extend a binding, never cut it short, so a
+    server that follows it answers with the lifetime left; miniupnpd deletes
+    its peer rule (pcpserver.c DeletePCPPeer). Either way portbroker stops
+    renewing it (docs/peer.md).
+    """
+    assert lease.nonce is not None, "a PCP lease always has its nonce"
+    assert lease.remote is not None, "a PEER lease names its remote peer"
+    remote_address, remote_port = lease.remote
+    return pcp.PcpRequest(
+        pcp.Opcode.PEER,
+        0,
+        client,
+        pcp.PeerData(
+            lease.nonce,
+            lease.protocol.number,
+            lease.internal_port,
+            0,
+            pcp.no_preference(client),
+            remote_port,
+            remote_address,
+        ),
+        _options(client, lease.internal_address, exact=False),
+    )
+
+
+def interpret_peer(
+    response: pcp.PcpResponse,
+    *,
+    request: MappingRequest,
+    sent: pcp.PcpRequest,
+    server: IPAddress,
+    now: float,
+    renewal: bool,
+) -> Lease | Undo:
+    """The lease a PEER answer grants (the flow's external endpoint), or what to undo.
+
+    §12.4: the answer echoes the remote peer; one that names another is not
+    about our flow (the transport already drops those, ``pcp_key``: this is
+    the last check). The assigned external address and port are what the
+    remote peer sees as the flow's source.
+
+    Raises:
+        MethodUnavailable: a code that says the server will not serve us
+            (UNSUPP_OPCODE: a PCP server without PEER, §7.4).
+        MappingError: a code about this request, SUCCESS with lifetime 0, or
+            an answer about another remote peer.
+    """
+    if response.result_code != ResultCode.SUCCESS:
+        error = refusal(response, renewal=renewal, what="peer")
+        if isinstance(error, MethodUnavailable):
+            # The table's words name MAP (UNSUPP_OPCODE: "does not support MAP").
+            error = MethodUnavailable(NAME, error.reason.replace("MAP", "PEER"))
+        raise error
+    data = response.data
+    sent_data = sent.data
+    assert isinstance(sent_data, pcp.PeerData)
+    if not isinstance(data, pcp.PeerData):
+        raise MappingError(NAME, "a PEER answer without PEER data")
+    asked = (sent_data.remote_peer_address, sent_data.remote_peer_port)
+    answered = (data.remote_peer_address, data.remote_peer_port)
+    if answered != asked:
+        raise MappingError(
+            NAME,
+            f"the PEER answer names remote peer {answered[0]}:{answered[1]}, "
+            f"not {asked[0]}:{asked[1]} as asked (RFC 6887 §12.4)",
+        )
+    if response.lifetime == 0:
+        raise MappingError(NAME, "PEER SUCCESS with lifetime 0: the server dropped the binding")
+    lease = Lease(
+        method=NAME,
+        protocol=request.protocol,
+        internal_address=request.internal_address or sent.client_address,
+        internal_port=request.internal_port,
+        external_address=data.external_address,
+        external_port=data.external_port,
+        lifetime=response.lifetime,
+        granted_at=now,
+        gateway=server,
+        epoch=response.epoch,
+        nonce=sent_data.nonce,
+        remote=asked,
+    )
+    problem = grant_problem(data.external_port, data.external_address)
+    if problem is not None:
+        return Undo(lease, f"the PCP server {problem}")
+    return lease
+
+
+def _sent_third_party(sent: pcp.PcpRequest) -> pcp.ThirdParty | None:
+    return next((o for o in sent.options if isinstance(o, pcp.ThirdParty)), None)
+
+
+def _sent_filters(sent: pcp.PcpRequest) -> list[pcp.Filter]:
+    return [o for o in sent.options if isinstance(o, pcp.Filter)]
+
+
+def option_refusal(response: pcp.PcpResponse, sent: pcp.PcpRequest) -> MappingError | None:
+    """The error for a refusal of THIRD_PARTY or FILTER, or None for the table's.
+
+    These refusals are about the request, not the client: the same server
+    still maps this host's own ports without options, so the method stays in
+    use (MappingError, never MethodUnavailable). §13.1: a server that does
+    not allow third-party mappings answers UNSUPP_OPTION (miniupnpd unless
+    ``pcp_allow_thirdparty=yes``, seen in the lab) or NOT_AUTHORIZED; §13.3:
+    EXCESSIVE_REMOTE_PEERS when the filters cannot be installed.
+    """
+    code = response.result_code
+    third = _sent_third_party(sent)
+    filters = _sent_filters(sent)
+    what: str | None = None
+    if third is not None and code == ResultCode.UNSUPP_OPTION:
+        what = (
+            f"the PCP server does not allow mapping for another host ({third.internal_address})"
+            " (UNSUPP_OPTION to THIRD_PARTY, RFC 6887 §13.1"
+            + ("; or it lacks FILTER" if filters else "")
+            + "; miniupnpd needs pcp_allow_thirdparty=yes)"
+        )
+    elif third is not None and code == ResultCode.NOT_AUTHORIZED:
+        # Both readings are the server's to pick: a policy against third
+        # parties (§13.1), or that mapping held under another nonce (§11.3).
+        port = sent.data.internal_port if sent.data is not None else 0
+        what = (
+            f"the PCP server refused a mapping for another host ({third.internal_address}:{port})"
+            " (NOT_AUTHORIZED: it does not allow third-party mappings, RFC 6887 §13.1,"
+            " or another client holds that mapping, §11.3)"
+        )
+    elif filters and code in (ResultCode.UNSUPP_OPTION, ResultCode.MALFORMED_OPTION):
+        what = f"the PCP server does not support these remote-peer filters ({code.name} to FILTER)"
+    elif filters and code == ResultCode.EXCESSIVE_REMOTE_PEERS:
+        what = (
+            f"the PCP server cannot install {len(filters)} remote-peer filter(s)"
+            " (EXCESSIVE_REMOTE_PEERS, RFC 6887 §13.3)"
+        )
+    if what is None:
+        return None
+    return RequestUnsupported(
+        NAME,
+        f"map refused: {what}",
+        result_code=int(code),
+        retry_after=error_hold_off(response),
+    )
+
+
+def options_problem(response: pcp.PcpResponse, sent: pcp.PcpRequest) -> str | None:
+    """What a SUCCESS says about the THIRD_PARTY and FILTER we sent, if wrong.
+
+    §13: an option appears in a response only if the server processed it, so
+    a THIRD_PARTY missing from the answer means the mapping may be for the
+    sender instead, and a FILTER missing means no filter is enforced. A
+    server that echoes :data:`ECHO_PROBE` echoes without processing, and so
+    its FILTER echo is no proof either (miniupnpd 2.3.1, seen in the lab).
+    """
+    third = _sent_third_party(sent)
+    if third is not None and third not in response.options:
+        return f"answered without the THIRD_PARTY option for {third.internal_address} (§13.1)"
+    filters = _sent_filters(sent)
+    if not filters:
+        return None
+    if any(f not in response.options for f in filters):
+        return "granted the mapping without the FILTER options asked for (§13.3): open to anyone"
+    if ECHO_PROBE in response.options:
+        return (
+            "echoes options it does not process (it echoed an unknown optional one too),"
+            " so its FILTER echo proves nothing; miniupnpd 2.3.1 ignores FILTER: the mapping"
+            " would be open to anyone (UPnP can restrict a mapping to one remote host:"
+            " use --via upnp)"
+        )
+    return None

@@ -13,7 +13,7 @@ from ipaddress import IPv4Address
 
 import attrs
 
-from portbroker.errors import MappingError, MethodUnavailable
+from portbroker.errors import MappingError, MethodUnavailable, RequestUnsupported
 from portbroker.types import IPAddress, Lease
 
 __all__ = ["Scope", "Undo", "grant_problem", "unusable_address"]
@@ -42,10 +42,15 @@ class Undo:
     lease: Lease
     reason: str
     move_on: bool = True
+    # The grant lacks an option the request needs (THIRD_PARTY, FILTER):
+    # RequestUnsupported, so another method may be asked for this request.
+    unsupported: bool = False
 
     def error(self, cleanup: str) -> MethodUnavailable | MappingError:
         """The error to raise once the delete was tried; *cleanup* says how it went."""
         text = f"{self.reason}; {cleanup}"
+        if self.unsupported:
+            return RequestUnsupported(self.lease.method, text)
         if self.move_on:
             return MethodUnavailable(self.lease.method, text)
         return MappingError(self.lease.method, text)

@@ -48,6 +48,7 @@ from portbroker.errors import (
     MethodUnavailable,
     NoAnswer,
     PortBrokerError,
+    RequestUnsupported,
     UpnpError,
 )
 from portbroker.methods import upnp_rules as rules
@@ -97,6 +98,9 @@ class _Igd:
     boot_id: int | None
     lan_address: IPAddress
     uptime_read: bool = False
+    # WANIPv6FirewallControl:1, for IPv6 pinholes (docs/ipv6.md); None on IGD v1.
+    firewall: rules.WanService | None = None
+    firewall_checked: bool = False
 
 
 def _search_schedule() -> Iterator[float]:
@@ -112,7 +116,11 @@ def _target(host: str, port: int) -> str:
 
 
 class UpnpMethod:
-    """UPnP IGD (WANIPConnection:1/2, WANPPPConnection:1) on one gateway."""
+    """UPnP IGD (WANIPConnection:1/2, WANPPPConnection:1) on one gateway.
+
+    An internal IPv6 address gets a firewall pinhole through the IGD's
+    WANIPv6FirewallControl:1 service instead of a port mapping (docs/ipv6.md).
+    """
 
     name = "upnp"
 
@@ -143,6 +151,9 @@ class UpnpMethod:
         # External ports an AddPortMapping went out for, per (protocol,
         # internal port), whose caller was cancelled before the answer.
         self._unsettled: dict[tuple[TransportProtocol, int], set[int]] = {}
+        # (protocol, internal port) -> the IPv6 client an AddPinhole went out
+        # for, whose caller was cancelled before the answer.
+        self._unsettled_pinholes: dict[tuple[TransportProtocol, int], IPv6Address] = {}
 
     def _signal(self, signal: GatewaySignal) -> None:
         if self._report is not None:
@@ -338,7 +349,11 @@ class UpnpMethod:
         return MethodUnavailable(self.name, str(LinkError(verb, where, exc)))
 
     async def _soap(
-        self, igd: _Igd, action: str, args: Sequence[tuple[str, str]]
+        self,
+        igd: _Igd,
+        action: str,
+        args: Sequence[tuple[str, str]],
+        service: rules.WanService | None = None,
     ) -> dict[str, str]:
         """Post *action*; its out arguments, or UpnpError with the device's code.
 
@@ -346,7 +361,7 @@ class UpnpMethod:
             UpnpError: the device answered with a UPnP fault (``code`` set when given).
             _Unanswered: no UPnP answer at all.
         """
-        service = igd.service
+        service = service or igd.service
         body = rules.soap_envelope(service.service_type, action, args)
         request = rules.http_request(
             "POST",
@@ -409,7 +424,15 @@ class UpnpMethod:
         problem = rules.control_url_problem(service.control_url, self.gateway)
         if problem is not None:
             raise MethodUnavailable(self.name, problem)
-        return _Igd(reply.location, service, reply.boot_id, lan)
+        firewall = rules.find_firewall_service(
+            response.body.decode("utf-8", "replace"), reply.location
+        )
+        if firewall is not None:
+            why = rules.control_url_problem(firewall.control_url, self.gateway)
+            if why is not None:
+                logger.info("%s: no IPv6 pinholes: %s", self.gateway, why)
+                firewall = None
+        return _Igd(reply.location, service, reply.boot_id, lan, firewall=firewall)
 
     def forget_igd(self) -> None:
         """Search and read the description again next time (after failures)."""
@@ -468,6 +491,10 @@ class UpnpMethod:
     # -- mappings -------------------------------------------------------------
 
     async def create(self, request: MappingRequest, previous: Lease | None) -> Lease:
+        if request.remote is not None:
+            # IGD's AddPortMapping is an inbound mapping; it has no outbound
+            # binding to one remote peer (RFC 6887 §12 PEER has no UPnP twin).
+            raise MethodUnavailable(self.name, "PEER needs PCP; UPnP IGD maps inbound ports only")
         key = (request.protocol, request.internal_port)
         try:
             lease = await self._create(request, previous)
@@ -482,9 +509,11 @@ class UpnpMethod:
             raise MethodUnavailable(self.name, str(exc)) from None
         except Exception:
             self._unsettled.pop(key, None)
+            self._unsettled_pinholes.pop(key, None)
             raise
         # Only a cancellation leaves the ports unsettled (see abandon).
         self._unsettled.pop(key, None)
+        self._unsettled_pinholes.pop(key, None)
         return lease
 
     async def abandon(self, request: MappingRequest) -> None:
@@ -495,6 +524,13 @@ class UpnpMethod:
         maps to our internal client and port: an entry someone else holds on
         that port is left alone.
         """
+        pinhole_client = self._unsettled_pinholes.pop(
+            (request.protocol, request.internal_port), None
+        )
+        if pinhole_client is not None:
+            await self._abandon_pinhole(request, pinhole_client)
+        if request.remote is not None:
+            return  # a PEER request never reached UPnP (create refuses it)
         ports = self._unsettled.pop((request.protocol, request.internal_port), set())
         if not ports:
             return
@@ -502,7 +538,9 @@ class UpnpMethod:
         client = request.internal_address or igd.lan_address
         for port in sorted(ports):
             try:
-                entry = await self._get_entry(igd, request.protocol, port)
+                entry = await self._get_entry(
+                    igd, request.protocol, port, upnp_remote_host(request)
+                )
             except (UpnpError, _Unanswered, ValueError):
                 continue  # not there (714), or unreadable: nothing we can name
             if (str(entry.internal_client), entry.internal_port) != (
@@ -522,12 +560,16 @@ class UpnpMethod:
                         lifetime=0,
                         granted_at=trio.current_time(),
                         gateway=self.gateway,
+                        filters=request.filters,
                     )
                 )
 
     async def _create(self, request: MappingRequest, previous: Lease | None) -> Lease:
+        remote_host = upnp_remote_host(request)  # before anything is sent
         igd = await self._ensure_igd()
         client = request.internal_address or igd.lan_address
+        if isinstance(client, IPv6Address):
+            return await self._create_pinhole(igd, request, previous, client)
         if previous is not None:
             await self._check_still_there(igd, previous)
             await self._read_uptime(igd)
@@ -538,19 +580,37 @@ class UpnpMethod:
             wanted = request.external_port or request.internal_port
         try:
             port, lease_sent = await self._add_with_fallbacks(
-                igd, request, wanted, str(client), exact=request.exact and previous is None
+                igd,
+                request,
+                wanted,
+                str(client),
+                exact=request.exact and previous is None,
+                third_party=client != igd.lan_address,
             )
         except UpnpError as exc:
+            if client != igd.lan_address and exc.code in (rules.CONFLICT, NOT_AUTHORIZED):
+                raise RequestUnsupported(
+                    self.name,
+                    third_party_refusal(client, igd.lan_address, exc.message),
+                    result_code=exc.code,
+                ) from None
             raise MappingError(
                 self.name, exc.message, result_code=exc.code, retry_after=None
             ) from None
-        external = self.last_external_address or await self._external(igd)
+        # A renewal asks again: an ISP lease change moves the external address
+        # with no signal UPnP would carry (seen in the lab: the cached address
+        # stayed wrong for every renewal), and ExternalAddressChanged comes
+        # from comparing this lease with the previous one.
+        if previous is not None or self.last_external_address is None:
+            external = await self._external(igd)
+        else:
+            external = self.last_external_address
         remaining = None
         if lease_sent == 0:
             # A permanent lease, or AddAnyPortMapping's 0 (a week on IGD v2):
             # read back what the gateway holds.
             remaining = await self._remaining_lease(igd, request.protocol, port)
-        return rules.build_lease(
+        granted = rules.build_lease(
             request,
             client=client,
             external_address=external,
@@ -561,9 +621,19 @@ class UpnpMethod:
             gateway=self.gateway,
             epoch=igd.boot_id,
         )
+        # The one filter upnp_remote_host allowed went out as NewRemoteHost;
+        # miniupnpd 2.3.1 turns it into a source-address match (seen in the lab).
+        return attrs.evolve(granted, filters=request.filters) if remote_host else granted
 
     async def _add_with_fallbacks(
-        self, igd: _Igd, request: MappingRequest, port: int, client: str, *, exact: bool
+        self,
+        igd: _Igd,
+        request: MappingRequest,
+        port: int,
+        client: str,
+        *,
+        exact: bool,
+        third_party: bool = False,
     ) -> tuple[int, int]:
         """AddPortMapping, then the remedies of :func:`upnp_rules.remedy_for`.
 
@@ -579,6 +649,11 @@ class UpnpMethod:
                 await self._soap(igd, "AddPortMapping", _add_args(request, port, client, lease))
                 return port, lease
             except UpnpError as exc:
+                if third_party and exc.code in (rules.CONFLICT, NOT_AUTHORIZED):
+                    # miniupnpd with secure_mode=yes answers 718 to an
+                    # AddPortMapping for another client (tests/data): other
+                    # ports would only be refused the same way.
+                    raise
                 remedy = rules.remedy_for(
                     exc.code,
                     lease=lease,
@@ -623,13 +698,13 @@ class UpnpMethod:
         raise UpnpError("AddPortMapping", "ConflictInMappingEntry", rules.CONFLICT)
 
     async def _get_entry(
-        self, igd: _Igd, protocol: TransportProtocol, port: int
+        self, igd: _Igd, protocol: TransportProtocol, port: int, remote_host: str = ""
     ) -> rules.PortMappingEntry:
         values = await self._soap(
             igd,
             "GetSpecificPortMappingEntry",
             [
-                ("NewRemoteHost", ""),
+                ("NewRemoteHost", remote_host),
                 ("NewExternalPort", str(port)),
                 ("NewProtocol", protocol.value.upper()),
             ],
@@ -655,7 +730,9 @@ class UpnpMethod:
         protocol = TransportProtocol(previous.protocol)
         label = f"{previous.external_port}/{protocol.value.upper()}"
         try:
-            entry = await self._get_entry(igd, protocol, previous.external_port)
+            entry = await self._get_entry(
+                igd, protocol, previous.external_port, upnp_remote_host(previous)
+            )
         except UpnpError as exc:
             if exc.code == rules.NO_SUCH_ENTRY:
                 self._signal(
@@ -681,6 +758,9 @@ class UpnpMethod:
             )
 
     async def delete(self, lease: Lease) -> None:
+        if lease.pinhole_id is not None:
+            await self._delete_pinhole(lease, lease.pinhole_id)
+            return
         proto = TransportProtocol(lease.protocol).value.upper()
         try:
             igd = await self._ensure_igd()
@@ -688,7 +768,9 @@ class UpnpMethod:
                 igd,
                 "DeletePortMapping",
                 [
-                    ("NewRemoteHost", ""),
+                    # The entry's key is (RemoteHost, ExternalPort, Protocol)
+                    # (WANIPConnection:2 §2.4.18).
+                    ("NewRemoteHost", upnp_remote_host(lease)),
                     ("NewExternalPort", str(lease.external_port)),
                     ("NewProtocol", proto),
                 ],
@@ -703,11 +785,205 @@ class UpnpMethod:
             self.forget_igd()
             raise NoAnswer(f"{self.name}: {exc}") from None
 
+    # -- IPv6 pinholes (WANIPv6FirewallControl:1; docs/ipv6.md) -------------------
+
+    def _no_pinholes(self, reason: str) -> PortBrokerError:
+        # On an IPv6 gateway every request is a pinhole, so UPnP is no use
+        # here; on an IPv4 one only this request is (its mappings still work).
+        if isinstance(self.gateway, IPv6Address):
+            return MethodUnavailable(self.name, reason)
+        return MappingError(self.name, reason)
+
+    async def _firewall(self, igd: _Igd) -> rules.WanService:
+        """The IGD's WANIPv6FirewallControl service, its status checked once."""
+        if igd.firewall is None:
+            raise self._no_pinholes(
+                "the IGD has no WANIPv6FirewallControl service (IGD v2): no IPv6 pinholes"
+            )
+        if not igd.firewall_checked:
+            try:
+                values = await self._soap(igd, "GetFirewallStatus", (), service=igd.firewall)
+            except UpnpError as exc:
+                # Not implemented (401, 602): AddPinhole's own answer will tell.
+                logger.debug("%s: GetFirewallStatus: %s", self.gateway, exc)
+            else:
+                problem = rules.firewall_status_problem(values)
+                if problem is not None:
+                    raise self._no_pinholes(problem)
+            igd.firewall_checked = True
+        return igd.firewall
+
+    async def _create_pinhole(
+        self, igd: _Igd, request: MappingRequest, previous: Lease | None, client: IPv6Address
+    ) -> Lease:
+        """AddPinhole, or UpdatePinhole for a renewal of a pinhole we hold.
+
+        A pinhole does not translate: its external endpoint is the internal
+        one, so an exact request for another external port cannot be met.
+        """
+        if request.exact and request.external_port != request.internal_port:
+            raise MappingError(
+                self.name,
+                f"an IPv6 pinhole keeps the internal port {request.internal_port};"
+                f" external port {request.external_port} cannot be provided",
+            )
+        firewall = await self._firewall(igd)
+        if previous is not None or not igd.uptime_read:
+            await self._read_uptime(igd)  # the tracker's baseline, as for mappings
+        # §2.5.4: LeaseTime 1..86400 s; the lifecycle renews before it ends.
+        lease_time = min(request.lifetime, rules.MAX_PINHOLE_LEASE)
+        if previous is not None and previous.pinhole_id is not None:
+            try:
+                await self._soap(
+                    igd,
+                    "UpdatePinhole",
+                    [("UniqueID", str(previous.pinhole_id)), ("NewLeaseTime", str(lease_time))],
+                    service=firewall,
+                )
+            except UpnpError as exc:
+                if exc.code not in rules.PINHOLE_GONE:
+                    raise MappingError(
+                        self.name, f"UpdatePinhole refused: {exc.message}", result_code=exc.code
+                    ) from None
+                self._signal(
+                    EntryMissing(
+                        f"pinhole {previous.pinhole_id} vanished from the gateway"
+                        f" ({exc.code} {exc.message})",
+                        trio.current_time(),
+                    )
+                )
+            else:
+                return rules.build_pinhole_lease(
+                    request,
+                    client=client,
+                    lease_time=lease_time,
+                    pinhole_id=previous.pinhole_id,
+                    now=trio.current_time(),
+                    gateway=self.gateway,
+                    epoch=igd.boot_id,
+                )
+        self._unsettled_pinholes[(request.protocol, request.internal_port)] = client
+        try:
+            values = await self._soap(
+                igd, "AddPinhole", rules.pinhole_args(request, str(client), lease_time), firewall
+            )
+        except UpnpError as exc:
+            hint = ""
+            if exc.code == 606 and client != igd.lan_address:
+                # miniupnpd 2.3.1 (secure_mode, seen in the lab): a pinhole
+                # only for the address the request comes from.
+                hint = (
+                    f" (the gateway opens pinholes only for the address that asks;"
+                    f" this host asks from {igd.lan_address}: open the broker on the"
+                    f" gateway's IPv6 address)"
+                )
+            raise MappingError(
+                self.name, f"AddPinhole refused: {exc.message}{hint}", result_code=exc.code
+            ) from None
+        try:
+            pinhole_id = rules.pinhole_id_of(values)
+        except ValueError as exc:
+            # A pinhole may exist that we cannot name: its lease (at most a
+            # day) ends it.
+            raise _Unanswered("AddPinhole", str(exc)) from None
+        return rules.build_pinhole_lease(
+            request,
+            client=client,
+            lease_time=lease_time,
+            pinhole_id=pinhole_id,
+            now=trio.current_time(),
+            gateway=self.gateway,
+            epoch=igd.boot_id,
+        )
+
+    async def _abandon_pinhole(self, request: MappingRequest, client: IPv6Address) -> None:
+        """Delete a pinhole an interrupted AddPinhole may have made.
+
+        AddPinhole of a pinhole that exists answers its UniqueID (miniupnpd
+        2.3.1, seen in the lab), so asking again names it; then it is deleted.
+        """
+        igd = await self._ensure_igd()
+        if igd.firewall is None:
+            return
+        with contextlib.suppress(PortBrokerError, ValueError):
+            values = await self._soap(
+                igd, "AddPinhole", rules.pinhole_args(request, str(client), 1), igd.firewall
+            )
+            await self._soap(
+                igd,
+                "DeletePinhole",
+                [("UniqueID", str(rules.pinhole_id_of(values)))],
+                igd.firewall,
+            )
+
+    async def _delete_pinhole(self, lease: Lease, pinhole_id: int) -> None:
+        try:
+            igd = await self._ensure_igd()
+            if igd.firewall is None:
+                raise MappingError(
+                    self.name,
+                    f"delete of pinhole {pinhole_id} refused: the IGD offers no"
+                    " WANIPv6FirewallControl service any more",
+                )
+            await self._soap(igd, "DeletePinhole", [("UniqueID", str(pinhole_id))], igd.firewall)
+        except UpnpError as exc:
+            if exc.code in rules.PINHOLE_GONE:
+                return  # already gone: the goal of a delete
+            raise MappingError(
+                self.name, f"delete refused: {exc.message}", result_code=exc.code
+            ) from None
+        except _Unanswered as exc:
+            self.forget_igd()
+            raise NoAnswer(f"{self.name}: {exc}") from None
+
+
+# UPnP's "Action not authorized" (WANIPConnection:2 §2.4.16).
+NOT_AUTHORIZED: Final = 606
+
+
+def upnp_remote_host(request: MappingRequest | Lease) -> str:
+    """The NewRemoteHost for *request*'s filters: "" (anyone) or one host.
+
+    UPnP IGD keys a mapping by one remote host, or the wildcard
+    (WANIPConnection:2 §2.4.16): a prefix, several hosts or a remote port
+    cannot be expressed, and mapping without them would open the port to
+    everyone, so those requests are refused here, before anything is sent.
+
+    Raises:
+        MappingError: filters UPnP cannot express.
+    """
+    filters = request.filters
+    if not filters:
+        return ""
+    problem = None
+    if len(filters) > 1:
+        problem = f"{len(filters)} filters"
+    elif not filters[0].is_host:
+        problem = f"the prefix {filters[0].network}"
+    elif filters[0].port:
+        problem = f"remote port {filters[0].port}"
+    if problem is not None:
+        raise RequestUnsupported(
+            "upnp",
+            f"UPnP IGD can restrict a mapping to one remote host (any port) only, not {problem};"
+            " nothing was mapped (PCP FILTER can express it where the gateway enforces it)",
+        )
+    return str(filters[0].network.network_address)
+
+
+def third_party_refusal(client: IPAddress, own: IPAddress, message: str) -> str:
+    """How a refused AddPortMapping for another host reads to the user."""
+    return (
+        f"the gateway refused to map for another host ({client}; this host is {own}): {message}"
+        " (miniupnpd with secure_mode=yes allows a client to map only its own address;"
+        " or the port is taken)"
+    )
+
 
 def _add_args(request: MappingRequest, port: int, client: str, lease: int) -> list[tuple[str, str]]:
     # The argument order of WANIPConnection:2 §2.4.16 (and of miniupnpc).
     return [
-        ("NewRemoteHost", ""),
+        ("NewRemoteHost", upnp_remote_host(request)),
         ("NewExternalPort", str(port)),
         ("NewProtocol", request.protocol.value.upper()),
         ("NewInternalPort", str(request.internal_port)),

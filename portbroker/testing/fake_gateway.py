@@ -7,7 +7,9 @@ replies; force result codes; lose all state (epoch reset); change the external
 address and announce it; answer from a wrong source address or port, with a
 wrong nonce or internal port; grant port 0 or an unusable address; refuse
 ANNOUNCE but serve MAP; behave as a NAT-PMP-only box (the 8-byte answer to
-PCP); refuse like a closed port.
+PCP); refuse like a closed port. PCP PEER (RFC 6887 §12) keeps a table of
+its own (``peers``); ``peer_enabled`` off answers it UNSUPP_OPCODE and
+``wrong_remote`` names another remote peer in the answer.
 
 Two ways to reach it:
 
@@ -28,7 +30,7 @@ import math
 import random
 import socket
 from collections.abc import Awaitable, Callable
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Final
 
 import attrs
@@ -55,6 +57,8 @@ class FakeMapping:
     expires_at: float
     nonce: bytes | None  # None for NAT-PMP mappings
     via: str  # "pcp" | "natpmp"
+    remote: tuple[IPAddress, int] | None = None  # a PCP PEER's remote peer (RFC 6887 §12)
+    filters: tuple[pcp.Filter, ...] = ()  # PCP FILTER options it was granted with
 
 
 @attrs.define(eq=False)
@@ -178,6 +182,19 @@ class FakeGateway:
     granted_address: IPAddress | None = attrs.field(  # PCP MAP replies name this address
         default=None, converter=attrs.converters.optional(to_address)
     )
+    peer_enabled: bool = True  # False: PEER gets UNSUPP_OPCODE (a PCP server without PEER)
+    wrong_remote: bool = False  # PEER replies name remote peer port + 1 (RFC 6887 §12.4)
+    # PEER bindings (RFC 6887 §12), by (internal address, protocol, internal
+    # port, remote address, remote port): a table apart from MAP's.
+    peers: dict[tuple[str, int, int, str, int], FakeMapping] = attrs.Factory(dict)
+    # THIRD_PARTY (RFC 6887 §13.1): False answers UNSUPP_OPTION, as miniupnpd
+    # does without pcp_allow_thirdparty=yes.
+    pcp_third_party: bool = True
+    # FILTER (§13.3): "enforce" keeps them and echoes only processed options
+    # (the RFC); "echo_all" echoes every option, an unknown optional one too,
+    # and ignores FILTER (miniupnpd 2.3.1); "omit" grants without echoing
+    # FILTER; "unsupported" answers UNSUPP_OPTION.
+    pcp_filter: str = "enforce"
 
     mappings: dict[tuple[str, int, int], FakeMapping] = attrs.Factory(dict)
     requests: list[pcp.PcpRequest | natpmp.NatPmpRequest] = attrs.Factory(list)
@@ -210,6 +227,7 @@ class FakeGateway:
     def reset(self) -> None:
         """Lose every mapping and restart the epoch: a gateway reboot."""
         self.mappings.clear()
+        self.peers.clear()
         self._taken.clear()
         self.epoch_origin = trio.current_time()
 
@@ -279,7 +297,8 @@ class FakeGateway:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve on a real UDP socket at ``address:port`` (port 0 picks one)."""
-        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        family = socket.AF_INET6 if isinstance(self.address, IPv6Address) else socket.AF_INET
+        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
         with sock:
             await sock.bind((str(self.address), self.port))
             self.port = sock.getsockname()[1]
@@ -306,6 +325,10 @@ class FakeGateway:
         if not data:
             return []
         if data[0] == natpmp.VERSION:
+            if ":" in source[0]:
+                # NAT-PMP is IPv4 only (RFC 6886); miniupnpd 2.3.1 reads a
+                # NAT-PMP request that came over IPv6 and answers nothing.
+                return []
             return self._handle_natpmp(data, source) if self.natpmp_enabled else []
         if self.natpmp_only:
             # RFC 6886 §3.5 (erratum 3618): 8 bytes, opcode 128 + op, result 1.
@@ -399,13 +422,113 @@ class FakeGateway:
                     pcp.PcpResponse(pcp.Opcode.ANNOUNCE, ResultCode.SUCCESS, 0, self.epoch)
                 )
             ]
-        if request.opcode != pcp.Opcode.MAP:
+        if request.opcode not in (pcp.Opcode.MAP, pcp.Opcode.PEER) or (
+            request.opcode == pcp.Opcode.PEER and not self.peer_enabled
+        ):
             return [self._pcp_error(request, ResultCode.UNSUPP_OPCODE)]
         if self.silent_deletes and request.lifetime == 0:
             return []
         if self.forced_result is not None:
             return [self._pcp_error(request, ResultCode(self.forced_result))]
+        if request.opcode == pcp.Opcode.PEER:
+            return [self._pcp_peer(request)]
         return [self._pcp_map(request)]
+
+    def _pcp_peer(self, request: pcp.PcpRequest) -> bytes:
+        """PEER (RFC 6887 §12.3): create, extend or (lifetime 0) drop one flow's binding.
+
+        The external endpoint is endpoint-independent (RFC 4787 EIM, what most
+        NATs do): a MAP of the same internal endpoint, or another PEER of it,
+        lends its external port; a PEER suggesting a port it cannot have fails
+        with CANNOT_PROVIDE_EXTERNAL (PEER behaves as with PREFER_FAILURE).
+        Lifetime 0 deletes the binding, as miniupnpd does (RFC 6887 §15 says a
+        PEER cannot shorten one; servers differ).
+        """
+        data = request.data
+        assert isinstance(data, pcp.PeerData)
+        internal = request.client_address
+        for option in request.options:
+            if isinstance(option, pcp.ThirdParty):
+                internal = option.internal_address
+        if any(isinstance(o, pcp.PreferFailure) for o in request.options):
+            return self._pcp_error(request, ResultCode.MALFORMED_REQUEST)  # §12.1
+        if data.protocol == 0 or data.internal_port == 0 or data.remote_peer_port == 0:
+            return self._pcp_error(request, ResultCode.MALFORMED_REQUEST)  # §12.1
+        if data.protocol not in (_TCP, _UDP):
+            return self._pcp_error(request, ResultCode.UNSUPP_PROTOCOL)
+        self._expire()
+        now = self._now()
+        for stale in [k for k, m in self.peers.items() if m.expires_at <= now]:
+            del self.peers[stale]
+        key = (
+            str(internal),
+            data.protocol,
+            data.internal_port,
+            str(data.remote_peer_address),
+            data.remote_peer_port,
+        )
+        existing = self.peers.get(key)
+        if existing is not None and existing.nonce != data.nonce:
+            return self._pcp_error(request, ResultCode.NOT_AUTHORIZED)
+        if request.lifetime == 0:
+            self.peers.pop(key, None)
+            return self._peer_reply(request, 0, 0)
+        port: int | None
+        if existing is not None:
+            port = existing.external_port
+        else:
+            map_key = (str(internal), data.protocol, data.internal_port)
+            same_endpoint = [m for k, m in self.peers.items() if k[:3] == map_key]
+            if map_key in self.mappings:
+                port = self.mappings[map_key].external_port
+            elif same_endpoint:
+                port = same_endpoint[0].external_port
+            else:
+                port = self._free_port(
+                    data.protocol, data.external_port or data.internal_port, map_key
+                )
+        if port is None:
+            return self._pcp_error(request, ResultCode.NO_RESOURCES)
+        if data.external_port and port != data.external_port:
+            return self._pcp_error(request, ResultCode.CANNOT_PROVIDE_EXTERNAL)
+        lifetime = self._grant_lifetime(request.lifetime)
+        self.peers[key] = FakeMapping(
+            internal,
+            data.protocol,
+            data.internal_port,
+            port,
+            now + lifetime,
+            data.nonce,
+            "pcp",
+            (data.remote_peer_address, data.remote_peer_port),
+        )
+        return self._peer_reply(request, port, lifetime)
+
+    def _peer_reply(self, request: pcp.PcpRequest, port: int, lifetime: int) -> bytes:
+        data = request.data
+        assert isinstance(data, pcp.PeerData)
+        nonce = bytes(b ^ 0xFF for b in data.nonce) if self.wrong_nonce else data.nonce
+        remote_port = (
+            data.remote_peer_port % 65535 + 1 if self.wrong_remote else data.remote_peer_port
+        )
+        return pcp.encode_response(
+            pcp.PcpResponse(
+                pcp.Opcode.PEER,
+                ResultCode.SUCCESS,
+                lifetime,
+                self.epoch,
+                pcp.PeerData(
+                    nonce,
+                    data.protocol,
+                    data.internal_port,
+                    0 if self.grant_port_zero else port,
+                    self.granted_address or self.external_address,
+                    remote_port,
+                    data.remote_peer_address,
+                ),
+                request.options,
+            )
+        )
 
     def _pcp_map(self, request: pcp.PcpRequest) -> bytes:
         data = request.data
@@ -413,7 +536,14 @@ class FakeGateway:
         internal = request.client_address
         for option in request.options:
             if isinstance(option, pcp.ThirdParty):
+                if option.internal_address == request.client_address:
+                    return self._pcp_error(request, ResultCode.MALFORMED_REQUEST)  # §13.1
+                if not self.pcp_third_party:
+                    return self._pcp_error(request, ResultCode.UNSUPP_OPTION)
                 internal = option.internal_address
+        filters = tuple(o for o in request.options if isinstance(o, pcp.Filter))
+        if filters and self.pcp_filter == "unsupported":
+            return self._pcp_error(request, ResultCode.UNSUPP_OPTION)
         if data.protocol == 0 and data.internal_port != 0:
             return self._pcp_error(request, ResultCode.MALFORMED_REQUEST)
         if data.protocol not in (_TCP, _UDP):
@@ -429,6 +559,8 @@ class FakeGateway:
             self._forget(key)
             return self._pcp_reply(request, data.external_port, data.external_address, 0)
         prefer_failure = any(isinstance(o, pcp.PreferFailure) for o in request.options)
+        if isinstance(internal, IPv6Address):
+            return self._pcp_pinhole(request, key, internal)
         if existing is not None:
             port: int | None = existing.external_port
         else:
@@ -441,7 +573,14 @@ class FakeGateway:
         self._store(
             key,
             FakeMapping(
-                internal, data.protocol, data.internal_port, port, now + lifetime, data.nonce, "pcp"
+                internal,
+                data.protocol,
+                data.internal_port,
+                port,
+                now + lifetime,
+                data.nonce,
+                "pcp",
+                filters=filters if self.pcp_filter == "enforce" else (),
             ),
         )
         return self._pcp_reply(
@@ -450,6 +589,35 @@ class FakeGateway:
             self.granted_address or self.external_address,
             lifetime,
         )
+
+    def _pcp_pinhole(
+        self,
+        request: pcp.PcpRequest,
+        key: tuple[str, int, int],
+        internal: IPv6Address,
+    ) -> bytes:
+        """A MAP for an IPv6 internal address: a firewall pinhole, no translation.
+
+        A firewall (RFC 6887 §1: PCP controls simple firewalls too) translates
+        nothing: the external address and port are the internal ones, as
+        miniupnpd 2.3.1 answers (seen in the lab).
+        """
+        data = request.data
+        assert isinstance(data, pcp.MapData)
+        lifetime = self._grant_lifetime(request.lifetime)
+        self._store(
+            key,
+            FakeMapping(
+                internal,
+                data.protocol,
+                data.internal_port,
+                data.internal_port,
+                self._now() + lifetime,
+                data.nonce,
+                "pcp",
+            ),
+        )
+        return self._pcp_reply(request, data.internal_port, internal, lifetime)
 
     def _pcp_reply(
         self, request: pcp.PcpRequest, port: int, address: IPAddress, lifetime: int
@@ -464,8 +632,19 @@ class FakeGateway:
                 lifetime,
                 self.epoch,
                 pcp.MapData(nonce, data.protocol, data.internal_port, port, address),
-                request.options,
+                self._answered_options(request),
             )
+        )
+
+    def _answered_options(self, request: pcp.PcpRequest) -> tuple[pcp.Option, ...]:
+        """The options a SUCCESS carries: those processed (RFC 6887 §7.3, §13)."""
+        if self.pcp_filter == "echo_all":
+            return request.options
+        return tuple(
+            o
+            for o in request.options
+            if not (isinstance(o, pcp.UnknownOption) and not o.code.is_mandatory)
+            and not (isinstance(o, pcp.Filter) and self.pcp_filter == "omit")
         )
 
     def _handle_natpmp(self, data: bytes, source: tuple[str, int]) -> list[bytes]:
@@ -552,6 +731,23 @@ class FakeGateway:
         ]
 
     # -- assertions helpers --
+
+    def peer_for(
+        self, protocol: str, internal_port: int, remote: tuple[IPAddress | str, int]
+    ) -> FakeMapping | None:
+        """The live PEER binding of *internal_port*/*protocol* to *remote*, if any."""
+        number = _TCP if protocol == "tcp" else _UDP
+        now = self._now()
+        wanted = (to_address(remote[0]), remote[1])
+        for mapping in self.peers.values():
+            if (
+                mapping.protocol == number
+                and mapping.internal_port == internal_port
+                and mapping.remote == wanted
+                and mapping.expires_at > now
+            ):
+                return mapping
+        return None
 
     def mapping_for(self, protocol: str, internal_port: int) -> FakeMapping | None:
         """The live mapping of *internal_port*/*protocol* ("tcp"/"udp"), if any."""

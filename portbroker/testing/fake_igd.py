@@ -9,7 +9,10 @@ AddAnyPortMapping on v1 services, scripted raw replies (captured HTTP exchanges
 replayed byte for byte), a BOOTID that changes; and like broken or hostile
 ones: SSDP replies from an ephemeral port (UDA 1.1 §1.3.3 allows it), a
 LOCATION naming a closed port, a description dripped a byte at a time or
-without end, SOAP answers that never finish.
+without end, SOAP answers that never finish. With a description that has a
+WANIPv6FirewallControl:1 service it also holds IPv6 pinholes (AddPinhole,
+UpdatePinhole, DeletePinhole, GetFirewallStatus), as miniupnpd 2.3.1 does;
+``address="::1"`` serves it over IPv6.
 
 Usage::
 
@@ -34,10 +37,22 @@ import trio
 from portbroker.errors import MalformedMessage
 from portbroker.wire import ssdp
 
-__all__ = ["FakeIgd", "IgdEntry", "soap_fault"]
+__all__ = ["FakeIgd", "IgdEntry", "Pinhole", "soap_fault"]
+
+_PINHOLE_ACTIONS: Final = frozenset(
+    {"GetFirewallStatus", "AddPinhole", "UpdatePinhole", "DeletePinhole"}
+)
+
+
+def family_of(address: str) -> int:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
 
 _ACTION = re.compile(r'"?([^"#]+)#([A-Za-z]+)"?')
-_ARG = re.compile(r"<(New[A-Za-z]+)>([^<]*)</\1>")
+_ARG = re.compile(
+    r"<(New[A-Za-z]+|UniqueID|RemoteHost|RemotePort|InternalClient|InternalPort|Protocol"
+    r"|LeaseTime)>([^<]*)</\1>"
+)
 _NAME_BY_CODE: Final = {
     401: "Invalid Action",
     402: "Invalid Args",
@@ -46,6 +61,9 @@ _NAME_BY_CODE: Final = {
     714: "NoSuchEntryInArray",
     718: "ConflictInMappingEntry",
     725: "OnlyPermanentLeasesSupported",
+    702: "FirewallDisabled",
+    703: "InboundPinholeNotAllowed",
+    704: "NoSuchEntry",
 }
 
 
@@ -80,6 +98,17 @@ class IgdEntry:
     added_at: float
 
 
+@attrs.define
+class Pinhole:
+    """An IPv6 pinhole (WANIPv6FirewallControl:1)."""
+
+    client: str
+    internal_port: int
+    protocol: int
+    lease: int
+    added_at: float
+
+
 @attrs.define(eq=False)
 class FakeIgd:
     """See the module docstring. Times come from ``time.monotonic`` (miniupnpc runs in threads)."""
@@ -102,6 +131,17 @@ class FakeIgd:
     drip_interval: float = 1.0
     drip_actions: set[str] = attrs.Factory(set)  # SOAP actions answered by a drip
     body_bytes_sent: int = 0  # bytes of dripped or endless bodies sent so far
+    address: str = "127.0.0.1"  # where it serves ("::1": over IPv6)
+    firewall_enabled: bool = True  # GetFirewallStatus FirewallEnabled
+    inbound_pinholes_allowed: bool = True  # GetFirewallStatus InboundPinholeAllowed
+    # The fault for an UpdatePinhole / DeletePinhole of an unknown UniqueID:
+    # 704 per the spec, 402 as miniupnpd 2.3.1 answers (seen in the lab).
+    pinhole_gone_code: int = 704
+    pinholes: dict[int, Pinhole] = attrs.Factory(dict)
+    _next_pinhole: int = 1
+    # miniupnpd's secure_mode=yes: an AddPortMapping for a NewInternalClient
+    # other than the requester (127.0.0.1 here) gets 718 (tests/data capture).
+    secure_mode: bool = False
 
     entries: dict[tuple[int, str], IgdEntry] = attrs.Factory(dict)
     actions: list[tuple[str, dict[str, str]]] = attrs.Factory(list)
@@ -111,16 +151,20 @@ class FakeIgd:
     _served: str = ""
 
     @property
+    def _host(self) -> str:
+        return f"[{self.address}]" if ":" in self.address else self.address
+
+    @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"http://{self._host}:{self.http_port}"
 
     @property
     def location(self) -> str:
         port = self.http_port if self.location_port is None else self.location_port
-        return f"http://127.0.0.1:{port}/rootDesc.xml"
+        return f"http://{self._host}:{port}/rootDesc.xml"
 
     def _prepare_description(self) -> str:
-        text = self.description.replace("%s:%d", f"127.0.0.1:{self.http_port}")
+        text = self.description.replace("%s:%d", f"{self._host}:{self.http_port}")
         # The device's own address is this server: point URLBase and absolute
         # URLs at it, as they point at the device in the wild.
         text = re.sub(r"<URLBase>[^<]*</URLBase>", f"<URLBase>{self.base}</URLBase>", text)
@@ -129,14 +173,15 @@ class FakeIgd:
         )
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve SSDP (UDP) and HTTP (TCP) on 127.0.0.1 until cancelled."""
-        udp = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        """Serve SSDP (UDP) and HTTP (TCP) on ``address`` until cancelled."""
+        family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
+        udp = trio.socket.socket(family, socket.SOCK_DGRAM)
         with udp:
-            await udp.bind(("127.0.0.1", self.ssdp_port))
+            await udp.bind((self.address, self.ssdp_port))
             self.ssdp_port = udp.getsockname()[1]
             async with trio.open_nursery() as nursery:
                 listeners = await nursery.start(
-                    partial(trio.serve_tcp, self._handle_http, self.http_port, host="127.0.0.1")
+                    partial(trio.serve_tcp, self._handle_http, self.http_port, host=self.address)
                 )
                 self.http_port = listeners[0].socket.getsockname()[1]
                 self._served = self._prepare_description()
@@ -168,8 +213,8 @@ class FakeIgd:
                 "\r\n"
             )
             if self.ssdp_from_ephemeral_port:
-                with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
-                    await other.bind(("127.0.0.1", 0))
+                with trio.socket.socket(family_of(self.address), socket.SOCK_DGRAM) as other:
+                    await other.bind((self.address, 0))
                     await other.sendto(reply.encode(), client)
             else:
                 await sock.sendto(reply.encode(), client)
@@ -271,6 +316,8 @@ class FakeIgd:
                     "NewLastConnectionError": "ERROR_NONE",
                     "NewUptime": str(int(now - self.uptime_origin)),
                 }
+            if action in _PINHOLE_ACTIONS:
+                return self._pinhole(action, args, now)
             if action in ("AddPortMapping", "AddAnyPortMapping"):
                 if action == "AddAnyPortMapping" and not version2:
                     return self._fault(401)
@@ -303,6 +350,8 @@ class FakeIgd:
         port = int(args["NewExternalPort"])
         proto = args["NewProtocol"].upper()
         client = args["NewInternalClient"]
+        if self.secure_mode and client != "127.0.0.1":
+            return self._fault(718)
         if action == "AddPortMapping" and lease != 0:
             if self.permanent_only:
                 return self.fault_body or soap_fault(725)
@@ -332,6 +381,56 @@ class FakeIgd:
             return {"NewReservedPort": str(port)}
         return {}
 
+    def _pinhole(self, action: str, args: dict[str, str], now: float) -> dict[str, str] | bytes:
+        """WANIPv6FirewallControl:1 as miniupnpd 2.3.1 answers it (seen in the lab)."""
+        for uid in [u for u, p in self.pinholes.items() if p.added_at + p.lease <= now]:
+            del self.pinholes[uid]
+        if action == "GetFirewallStatus":
+            return {
+                "FirewallEnabled": str(int(self.firewall_enabled)),
+                "InboundPinholeAllowed": str(int(self.inbound_pinholes_allowed)),
+            }
+        if not self.firewall_enabled:
+            return self._fault(702)
+        if not self.inbound_pinholes_allowed:
+            return self._fault(703)
+        if action == "AddPinhole":
+            lease = int(args["LeaseTime"])
+            if not 1 <= lease <= 86400:
+                return self._fault(402)
+            wanted = (args["InternalClient"], int(args["InternalPort"]), int(args["Protocol"]))
+            for uid, hole in self.pinholes.items():
+                # The same pinhole asked again: its UniqueID, lease updated.
+                if (hole.client, hole.internal_port, hole.protocol) == wanted:
+                    hole.lease, hole.added_at = lease, now
+                    return {"UniqueID": str(uid)}
+            uid = self._next_pinhole
+            self._next_pinhole += 1
+            self.pinholes[uid] = Pinhole(*wanted, lease=lease, added_at=now)
+            return {"UniqueID": str(uid)}
+        uid = int(args["UniqueID"])
+        if uid not in self.pinholes:
+            return self._fault(self.pinhole_gone_code)
+        if action == "UpdatePinhole":
+            lease = int(args["NewLeaseTime"])
+            if not 1 <= lease <= 86400:
+                return self._fault(402)
+            self.pinholes[uid].lease, self.pinholes[uid].added_at = lease, now
+            return {}
+        del self.pinholes[uid]  # DeletePinhole
+        return {}
+
+    def pinhole_for(self, client: str, internal_port: int, protocol: int) -> int | None:
+        """The UniqueID of the pinhole for that endpoint, or None."""
+        for uid, hole in self.pinholes.items():
+            if (hole.client, hole.internal_port, hole.protocol) == (
+                client,
+                internal_port,
+                protocol,
+            ):
+                return uid
+        return None
+
     def _expire(self, now: float) -> None:
         for key in [k for k, e in self.entries.items() if e.lease and e.added_at + e.lease <= now]:
             del self.entries[key]
@@ -339,5 +438,6 @@ class FakeIgd:
     def reboot(self) -> None:
         """Lose every entry, bump BOOTID, restart the uptime."""
         self.entries.clear()
+        self.pinholes.clear()
         self.boot_id += 1
         self.uptime_origin = time.monotonic()

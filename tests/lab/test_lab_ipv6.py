@@ -1,0 +1,284 @@
+"""IPv6 pinholes through a real miniupnpd 2.3.1, proven by inbound IPv6 connections.
+
+One lab with ULA prefixes (``open_lab(ipv6=True)``: lan fd77::/64, wan
+fd11::/64). The gateway routes IPv6 without translation, and its forward
+chain (policy drop) lets an inbound connection from the wan host to
+[fd77::2]:P through only while a pinhole for P exists. The CLI runs in the
+lan namespace as an app would, with ``--gateway fd77::1`` (docs/ipv6.md).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from portbroker.testing.lab import GATEWAY_ADDRESS6, LAN_ADDRESS6, WAN_ADDRESS6, Lab, open_lab
+from tests.conftest import _require_lab
+
+PORTBROKER = [sys.executable, "-m", "portbroker.cli"]
+# An inbound SYN the forward chain drops is never answered: this long
+# without an answer means "no pinhole".
+DROPPED_AFTER = 1.5
+
+
+@pytest.fixture(scope="module")
+def lab6(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    _require_lab()
+    # min_lifetime=10: a PCP renewal within seconds (miniupnpd's floor is 120 s).
+    with open_lab(
+        ipv6=True, workdir=tmp_path_factory.mktemp("lab-ipv6"), extra_config=["min_lifetime=10"]
+    ) as lab:
+        yield lab
+
+
+def cli(lab: Lab, *args: str, state: Path) -> subprocess.CompletedProcess[str]:
+    argv = lab.exec_argv(
+        lab.lan_ns,
+        [*PORTBROKER, *args, "--gateway", str(GATEWAY_ADDRESS6), "--state-file", str(state)],
+    )
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
+def listen6(lab: Lab, port: int) -> socket.socket:
+    listener = lab.socket(lab.lan_ns, socket.AF_INET6, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((str(LAN_ADDRESS6), port))
+    listener.listen()
+    listener.settimeout(5)
+    return listener
+
+
+def inbound(lab: Lab, listener: socket.socket, address: str, port: int) -> bytes | None:
+    """Connect from the wan host to [address]:port; what the lan side sent, or None
+    if the gateway dropped the SYN."""
+    outside = lab.socket(lab.wan_ns, socket.AF_INET6, socket.SOCK_STREAM)
+    with outside:
+        outside.settimeout(DROPPED_AFTER)
+        try:
+            outside.connect((address, port))
+        except TimeoutError:
+            return None
+        outside.settimeout(5)
+        inside, peer = listener.accept()
+        with inside:
+            # Routed, not translated: the wan host's own address arrives.
+            assert peer[0] == str(WAN_ADDRESS6)
+            inside.sendall(b"inside says hello")
+            return outside.recv(100)
+
+
+def test_probe_over_ipv6_says_natpmp_is_ipv4_only(lab6: Lab, tmp_path: Path) -> None:
+    done = cli(lab6, "probe", "--json", state=tmp_path / "s")
+    assert done.returncode == 0, done.stderr + lab6.log_text()
+    report = json.loads(done.stdout)
+    assert report["selected"] == "pcp"
+    assert report["methods"]["pcp"]["available"]
+    assert report["methods"]["upnp"]["available"]
+    natpmp = report["methods"]["natpmp"]
+    assert not natpmp["available"]
+    assert "IPv4 only" in natpmp["error"]
+    # Nothing was tried: miniupnpd logs every NAT-PMP/PCP datagram it reads,
+    # and a NAT-PMP request is 2 bytes long.
+    assert "received from [fd77::2]" in lab6.log_text()
+    assert " 2bytes" not in lab6.log_text()
+
+
+@pytest.mark.parametrize(("method", "port"), [("pcp", 22001), ("upnp", 22002)])
+def test_a_mapping_opens_a_pinhole_and_unmap_closes_it(
+    lab6: Lab, method: str, port: int, tmp_path: Path, figure: Callable[[str], None]
+) -> None:
+    state = tmp_path / "state.json"
+    host = str(LAN_ADDRESS6)
+    with listen6(lab6, port) as listener:
+        assert inbound(lab6, listener, host, port) is None, "open before any mapping"
+
+        started = time.monotonic()
+        done = cli(lab6, "map", f"{port}/tcp", "--json", "--methods", method, state=state)
+        took = time.monotonic() - started
+        assert done.returncode == 0, done.stderr + lab6.log_text()
+        mapped = json.loads(done.stdout)
+        assert mapped["method"] == method
+        # A pinhole: the external endpoint is the host's own ULA address and port.
+        assert (mapped["internal_address"], mapped["internal_port"]) == (host, port)
+        assert (mapped["external_address"], mapped["external_port"]) == (host, port)
+        if method == "upnp":
+            assert isinstance(mapped["pinhole_id"], int)
+        assert inbound(lab6, listener, host, port) == b"inside says hello", lab6.nft_rules()
+        figure(f"ipv6 {method}: map {took:.2f} s, inbound [{host}]:{port} from the wan OK")
+
+        done = cli(lab6, "unmap", f"{port}/tcp", state=state)
+        assert done.returncode == 0, done.stderr + lab6.log_text()
+        assert f"[{host}]:{port}" in done.stdout
+        assert inbound(lab6, listener, host, port) is None, "still open after unmap"
+
+
+PINHOLE_SCRIPT = """
+import json, sys, attrs, trio
+from ipaddress import IPv6Address
+from portbroker.methods.upnp import UpnpMethod
+from portbroker.types import MappingRequest
+
+def show(signal):
+    fields = {k: v for k, v in attrs.asdict(signal).items() if k != "at"}
+    print(json.dumps({"signal": type(signal).__name__, **fields}), flush=True)
+
+async def main():
+    method = UpnpMethod(IPv6Address(sys.argv[1]), report=show, multicast=False)
+    request = MappingRequest(int(sys.argv[2]), "tcp", 600)
+    lease = await method.create(request, None)
+    print(json.dumps({"pinhole": lease.pinhole_id}), flush=True)
+    lease = await method.create(request, lease)  # renewal: UpdatePinhole
+    print(json.dumps({"updated": lease.pinhole_id}), flush=True)
+    await trio.to_thread.run_sync(sys.stdin.readline)  # the test restarts miniupnpd
+    lease = await method.create(request, lease)
+    print(json.dumps({"renewed": lease.pinhole_id}), flush=True)
+    await trio.to_thread.run_sync(sys.stdin.readline)  # the test connects from outside
+    await method.delete(lease)
+    await method.delete(lease)  # gone already: still a success
+    print(json.dumps({"done": True}), flush=True)
+
+trio.run(main)
+"""
+
+
+def _until(process: subprocess.Popen[str], key: str) -> list[dict[str, object]]:
+    """The script's JSON lines up to and including the one with *key*."""
+    assert process.stdout is not None
+    lines: list[dict[str, object]] = []
+    while not lines or key not in lines[-1]:
+        line = process.stdout.readline()
+        if not line:
+            raise AssertionError(process.stderr.read() if process.stderr else "script ended")
+        lines.append(json.loads(line))
+    return lines
+
+
+def test_a_pinhole_lost_in_a_gateway_restart_is_seen_and_added_again(
+    lab6: Lab, figure: Callable[[str], None]
+) -> None:
+    """It restarts the module's miniupnpd: the tests after it map afresh."""
+    port = 22003
+    host = str(LAN_ADDRESS6)
+    argv = lab6.exec_argv(
+        lab6.lan_ns, [sys.executable, "-c", PINHOLE_SCRIPT, str(GATEWAY_ADDRESS6), str(port)]
+    )
+    with listen6(lab6, port) as listener:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parents[2],
+        )
+        try:
+            assert process.stdin is not None
+            before = _until(process, "updated")
+            assert inbound(lab6, listener, host, port) == b"inside says hello"
+            lab6.restart_miniupnpd()  # forgets its pinholes; the chains are flushed
+            assert inbound(lab6, listener, host, port) is None
+            process.stdin.write("restarted\n")
+            process.stdin.flush()
+            after = _until(process, "renewed")
+            restored = inbound(lab6, listener, host, port)
+            process.stdin.write("connected\n")
+            process.stdin.flush()
+            out, err = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        assert process.returncode == 0, err + lab6.log_text()
+        assert restored == b"inside says hello"
+        assert inbound(lab6, listener, host, port) is None, "open after the delete"
+    pinhole = next(e["pinhole"] for e in before if "pinhole" in e)
+    assert {"updated": pinhole} in before
+    assert not [e for e in before if e.get("signal") == "EntryMissing"]
+    missing = [e for e in after if e.get("signal") == "EntryMissing"]
+    assert len(missing) == 1, after
+    detail = str(missing[0]["detail"])
+    assert f"pinhole {pinhole} vanished" in detail
+    renewed = next(e["renewed"] for e in after if "renewed" in e)
+    assert isinstance(renewed, int)
+    assert "done" in out
+    figure(f"ipv6 upnp restart: pinhole {pinhole} lost ({detail}); re-added as {renewed}")
+
+
+PCP_SCRIPT = """
+import json, sys, trio
+from ipaddress import IPv6Address
+import portbroker
+
+async def main():
+    async with portbroker.open_broker(
+        IPv6Address(sys.argv[1]), ("pcp",), recovery_delay=0.5
+    ) as broker:
+        mapping = await broker.map(int(sys.argv[2]), "tcp", lifetime=12)
+        events = mapping.events()
+        print(json.dumps({"mapped": mapping.lease.external_port}), flush=True)
+        await trio.to_thread.run_sync(sys.stdin.readline)  # the test restarts miniupnpd
+        with trio.fail_after(40):
+            async for event in events:
+                print(json.dumps({"event": type(event).__name__}), flush=True)
+                if type(event).__name__ == "Restored":
+                    break
+        await trio.to_thread.run_sync(sys.stdin.readline)  # the test connects from outside
+    print(json.dumps({"done": True}), flush=True)
+
+trio.run(main)
+"""
+
+
+def test_a_pcp_pinhole_lost_in_a_gateway_restart_is_restored_at_the_renewal(
+    lab6: Lab, figure: Callable[[str], None]
+) -> None:
+    """miniupnpd 2.3.1 announces its restart over IPv4 only (224.0.0.1, seen in
+    the lab), so an IPv6 broker learns of it from the next answer's epoch."""
+    port = 22004
+    host = str(LAN_ADDRESS6)
+    argv = lab6.exec_argv(
+        lab6.lan_ns, [sys.executable, "-c", PCP_SCRIPT, str(GATEWAY_ADDRESS6), str(port)]
+    )
+    with listen6(lab6, port) as listener:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parents[2],
+        )
+        try:
+            assert process.stdin is not None
+            _until(process, "mapped")
+            assert inbound(lab6, listener, host, port) == b"inside says hello"
+            lab6.restart_miniupnpd()
+            restarted = time.monotonic()
+            assert inbound(lab6, listener, host, port) is None
+            process.stdin.write("restarted\n")
+            process.stdin.flush()
+            events = _until(process, "event")
+            while events[-1].get("event") != "Restored":
+                events += _until(process, "event")
+            took = time.monotonic() - restarted
+            restored = inbound(lab6, listener, host, port)
+            process.stdin.write("connected\n")
+            process.stdin.flush()
+            _out, err = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        assert process.returncode == 0, err + lab6.log_text()
+        assert restored == b"inside says hello"
+    kinds = [e["event"] for e in events]
+    assert "Lost" in kinds, kinds
+    assert "epoch" in err  # the loss was read from an answer's epoch (logged)
+    figure(f"ipv6 pcp restart: pinhole restored {took:.1f} s after the restart ({kinds})")

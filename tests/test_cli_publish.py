@@ -1,0 +1,51 @@
+"""The CLI's DNS-SD options: refused with the rule before anything is sent.
+
+No test here starts zeroconf or talks to a gateway: every case is refused
+while the command line is read (tests/lab/test_lab_dnssd.py runs them for real).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from portbroker.cli import main
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    try:
+        status = main(list(argv))
+    except SystemExit as exc:
+        status = int(exc.code or 0)
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "words"),
+    [
+        (["map", "8080", "--publish", "http:web"], 2, "is not of the form '_name._tcp.local.'"),
+        (["map", "8080", "--publish", "_http._tcp"], 2, "expected TYPE:NAME"),
+        (["map", "8080", "--publish", "_http._tcp:" + "x" * 64], 2, "1..63 bytes"),
+        (
+            ["map", "8080", "--publish", "_http._tcp:web", "--txt", "ext_addr=1.2.3.4"],
+            2,
+            "portbroker's own",
+        ),
+        (["map", "8080", "--publish", "_http._tcp:web", "--txt", "novalue"], 2, "KEY=VALUE"),
+        (["map", "8080", "--txt", "a=b", "--no-daemon"], 2, "--txt goes with --publish"),
+        (
+            ["map", "8080", "--publish", "_http._tcp:web", "--no-daemon", "--gateway", "127.0.0.1"],
+            2,
+            "needs --hold",
+        ),
+        (["browse", "http"], 1, "browse failed: service type 'http' is not of the form"),
+        (["browse", "_http._tcp", "--interface", "eth0"], 1, "is not an IP address"),
+        (["daemon", "--max-publications", "0"], 2, "--max-publications"),
+    ],
+)
+def test_bad_publish_options_are_refused_in_one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str], status: int, words: str
+) -> None:
+    got, err = run(capsys, *argv)
+    assert got == status
+    assert words in err
+    assert "Traceback" not in err

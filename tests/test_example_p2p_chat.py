@@ -1,0 +1,352 @@
+"""examples/p2p_chat.py and examples/rendezvous_server.py on this host, with two FakeGateways.
+
+The FakeGateways serve on 127.0.0.1 and grant this host's own (non-loopback)
+IPv4 address as the external one, so the server-reflexive candidates lead
+back to the peers' sockets without a datagram leaving the machine; the peers
+offer no host candidates (``--no-host-candidates``). The lab test over two
+real NATs is tests/lab/test_lab_p2p_chat.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import trio
+
+from portbroker.p2p import host_addresses, interface_addresses
+from portbroker.testing.fake_gateway import FakeGateway
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CHAT = str(EXAMPLES / "p2p_chat.py")
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # attrs and dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+rendezvous_server = load("rendezvous_server")
+
+
+def own_ipv4() -> str:
+    for host in host_addresses(interface_addresses()):
+        if host.address.version == 4:
+            return str(host.address)
+    pytest.skip("this host has no non-loopback IPv4 address to stand for an external one")
+
+
+async def start_rendezvous(nursery: trio.Nursery) -> str:
+    directory = rendezvous_server.Directory(600.0)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await rendezvous_server.serve_client(directory, stream)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    nursery.start_soon(trio.serve_listeners, handler, listeners)
+    return f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+def chat_argv(
+    name: str, peer: str, rendezvous: str, gateway: FakeGateway, *extra: str
+) -> list[str]:
+    return [
+        sys.executable,
+        CHAT,
+        "--name",
+        name,
+        "--peer",
+        peer,
+        "--rendezvous",
+        rendezvous,
+        "--gateway",
+        "127.0.0.1",
+        "--pcp-port",
+        str(gateway.port),
+        "--methods",
+        "pcp,natpmp",
+        "--announce-port",
+        "0",
+        "--no-host-candidates",
+        "--timeout",
+        "15",
+        *extra,
+    ]
+
+
+async def run_chat(argv: list[str], results: dict[str, Any], key: str) -> None:
+    results[key] = await trio.run_process(
+        argv, capture_stdout=True, capture_stderr=True, check=False
+    )
+
+
+async def test_two_peers_behind_two_gateways_chat_over_their_mapped_endpoints() -> None:
+    external = own_ipv4()
+    gateways = [FakeGateway(port=0, external_address=external) for _ in range(2)]
+    results: dict[str, Any] = {}
+    async with trio.open_nursery() as nursery:
+        for gateway in gateways:
+            await nursery.start(gateway.serve_udp)
+        rendezvous = await start_rendezvous(nursery)
+        async with trio.open_nursery() as peers:
+            peers.start_soon(
+                run_chat,
+                chat_argv(
+                    "alice",
+                    "bob",
+                    rendezvous,
+                    gateways[0],
+                    "--say",
+                    "hi bob",
+                    "--expect",
+                    "hi alice",
+                ),
+                results,
+                "alice",
+            )
+            peers.start_soon(
+                run_chat,
+                chat_argv(
+                    "bob",
+                    "alice",
+                    rendezvous,
+                    gateways[1],
+                    "--say",
+                    "hi alice",
+                    "--expect",
+                    "hi bob",
+                    "--json",
+                ),
+                results,
+                "bob",
+            )
+        nursery.cancel_scope.cancel()
+    summaries = {}
+    for name in ("alice", "bob"):
+        done: subprocess.CompletedProcess[bytes] = results[name]
+        assert done.returncode == 0, (name, done.stdout, done.stderr)
+        summaries[name] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    alice, bob = summaries["alice"], summaries["bob"]
+    assert alice["heard"] == ["hi alice"]
+    assert bob["heard"] == ["hi bob"]
+    # Each heard the other from the other's mapped endpoint (its only candidate).
+    (alice_mapped,) = alice["local_candidates"]
+    (bob_mapped,) = bob["local_candidates"]
+    assert alice_mapped["kind"] == "server-reflexive"
+    assert alice_mapped["method"] == "pcp"
+    assert alice["heard_from"] == [f"{external}:{bob_mapped['port']}"]
+    assert bob["heard_from"] == [f"{external}:{alice_mapped['port']}"]
+    assert alice["selected_kind"] == bob["selected_kind"] == "server-reflexive"
+    # --json: every step a JSON line, the summary last.
+    events = [
+        json.loads(line)["event"] for line in results["bob"].stdout.decode().splitlines()[:-1]
+    ]
+    # (the peer's line may come before our own check's answer: the peer got its answer first)
+    assert events[:3] == ["candidates", "registered", "peer-candidates"]
+    assert sorted(events[3:]) == ["chat", "connected"]
+    # Both released their mappings on the way out.
+    assert all(gateway.mappings == {} for gateway in gateways)
+    assert all(len(gateway.requests) >= 2 for gateway in gateways)
+
+
+async def test_a_peer_that_never_registers_is_a_clear_error() -> None:
+    external = own_ipv4()
+    gateway = FakeGateway(port=0, external_address=external)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gateway.serve_udp)
+        rendezvous = await start_rendezvous(nursery)
+        argv = chat_argv("alice", "bob", rendezvous, gateway, "--say", "x")
+        argv[argv.index("--timeout") + 1] = "1"
+        done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+        nursery.cancel_scope.cancel()
+    assert done.returncode == 1
+    assert (
+        done.stderr.decode().strip()
+        == "p2p_chat: the rendezvous said: bob did not register within 1 s"
+    )
+    assert gateway.mappings == {}
+
+
+async def test_an_unreachable_rendezvous_is_a_clear_error() -> None:
+    gateway = FakeGateway(port=0, external_address=own_ipv4())
+    with trio.socket.socket() as unused:
+        await unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # nobody listens there
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.serve_udp)
+            argv = chat_argv("alice", "bob", f"127.0.0.1:{port}", gateway)
+            done = await trio.run_process(
+                argv, capture_stdout=True, capture_stderr=True, check=False
+            )
+            nursery.cancel_scope.cancel()
+    assert done.returncode == 1
+    err = done.stderr.decode()
+    assert err.startswith(f"p2p_chat: cannot reach the rendezvous at 127.0.0.1:{port}:")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--rendezvous", "nowhere", "--gateway", "127.0.0.1"],
+            "--rendezvous must be ADDRESS:PORT",
+        ),
+        (
+            ["--rendezvous", "127.0.0.1:7000", "--gateway", "not-an-ip"],
+            "gateway: 'not-an-ip' is not an IP address",
+        ),
+        (
+            ["--rendezvous", "127.0.0.1:7000", "--gateway", "127.0.0.1", "--methods", "stun"],
+            "--methods must be some of",
+        ),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(argv: list[str], message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, CHAT, "--name", "a", "--peer", "b", "--announce-port", "0", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode in (1, 2)
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("script", ["p2p_chat.py", "rendezvous_server.py"])
+def test_examples_have_help(script: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert "usage:" in done.stdout
+    assert "rendezvous" in done.stdout
+
+
+# -- the rendezvous protocol, in process -------------------------------------------------
+
+
+async def converse(address: str, lines: list[Any]) -> list[dict[str, Any]]:
+    host, port = address.rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    replies: list[dict[str, Any]] = []
+    async with stream:
+        buffer = b""
+        for line in lines:
+            data = line if isinstance(line, bytes) else json.dumps(line).encode()
+            await stream.send_all(data + b"\n")
+            while b"\n" not in buffer:
+                buffer += await stream.receive_some(65536)
+            reply, buffer = buffer.split(b"\n", 1)
+            replies.append(json.loads(reply))
+    return replies
+
+
+async def test_rendezvous_fetch_waits_for_the_registration() -> None:
+    candidates = [{"kind": "host", "address": "192.0.2.1", "port": 4000, "priority": 1}]
+    async with trio.open_nursery() as nursery:
+        address = await start_rendezvous(nursery)
+        fetched: list[dict[str, Any]] = []
+        done = trio.Event()
+
+        async def fetch() -> None:
+            fetched.extend(await converse(address, [{"op": "fetch", "name": "bob", "wait": 30}]))
+            done.set()
+
+        nursery.start_soon(fetch)
+        await trio.sleep(0.2)
+        assert fetched == []
+        (registered,) = await converse(
+            address, [{"op": "register", "name": "bob", "candidates": candidates}]
+        )
+        assert registered["ok"] is True
+        assert registered["seen_from"].startswith("127.0.0.1:")
+        with trio.fail_after(10):
+            await done.wait()
+        nursery.cancel_scope.cancel()
+    assert fetched[0]["candidates"] == candidates
+    assert fetched[0]["name"] == "bob"
+
+
+async def test_rendezvous_answers_bad_requests_and_keeps_the_connection() -> None:
+    async with trio.open_nursery() as nursery:
+        address = await start_rendezvous(nursery)
+        replies = await converse(
+            address,
+            [
+                b"not json",
+                [1, 2],
+                {"op": "dance"},
+                {"op": "register", "name": "", "candidates": []},
+                {"op": "register", "name": "a", "candidates": "many"},
+                {"op": "fetch", "name": "a", "wait": -1},
+                b"[" * 60000,  # nesting deeper than json can parse
+                {"op": "fetch", "name": "nobody", "wait": 0},
+            ],
+        )
+        nursery.cancel_scope.cancel()
+    assert [r["ok"] for r in replies[:-1]] == [False] * 7
+    assert "op must be" in replies[2]["error"]
+    assert "name must be" in replies[3]["error"]
+    assert "candidates must be" in replies[4]["error"]
+    assert "wait must be" in replies[5]["error"]
+    assert replies[-1] == {"ok": False, "error": "nobody did not register within 0 s"}
+
+
+async def test_interactive_lines_go_to_the_peer_and_the_peers_lines_are_printed() -> None:
+    external = own_ipv4()
+    gateways = [FakeGateway(port=0, external_address=external) for _ in range(2)]
+    results: dict[str, Any] = {}
+    async with trio.open_nursery() as nursery:
+        for gateway in gateways:
+            await nursery.start(gateway.serve_udp)
+        rendezvous = await start_rendezvous(nursery)
+        alice = await trio.lowlevel.open_process(
+            chat_argv("alice", "bob", rendezvous, gateways[0]),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert alice.stdin is not None
+        assert alice.stdout is not None
+        try:
+            async with trio.open_nursery() as peers:
+                argv = chat_argv(
+                    "bob", "alice", rendezvous, gateways[1], "--say", "hi", "--expect", "typed"
+                )
+                peers.start_soon(run_chat, argv, results, "bob")
+                await alice.stdin.send_all(b"typed\n")
+                printed = b""
+                with trio.fail_after(30):
+                    while b"bob: hi  (from " not in printed:
+                        chunk = await alice.stdout.receive_some(4096)
+                        assert chunk, printed
+                        printed += chunk
+                await alice.stdin.aclose()  # end of input: alice says goodbye
+                with trio.fail_after(30):
+                    await alice.wait()
+        finally:
+            if alice.returncode is None:
+                alice.kill()
+            await alice.wait()
+        nursery.cancel_scope.cancel()
+    assert alice.returncode == 0
+    assert results["bob"].returncode == 0, results["bob"].stderr
+    assert json.loads(results["bob"].stdout.decode().splitlines()[-1])["heard"] == ["typed"]
+    assert all(gateway.mappings == {} for gateway in gateways)
