@@ -1,11 +1,13 @@
 """Double NAT in the lab (open_series): an inner gateway behind an outer NAT whose
-lan is 100.64.0.0/24, as behind a carrier-grade NAT (docs/double-nat.md).
+lan is 100.64.0.0/24, as behind a carrier-grade NAT, or 192.168.1.0/24, a
+router behind an ISP modem (docs/double-nat.md).
 
 - inner gateway: a plain NAT plus the lab's NatServer (Lab.start_nat_server),
   a PCP / NAT-PMP server that installs real nftables mappings and reports the
-  real external address, 100.64.0.2. miniupnpd 2.3.1 cannot be that gateway:
-  it refuses to map behind a reserved address (open_series's docstring);
-- outer gateway: miniupnpd 2.3.1 (PCP), external 11.0.0.1.
+  real external address, 100.64.0.2 (192.168.1.2). miniupnpd 2.3.1 cannot be
+  that gateway: it refuses to map behind a reserved address (open_series's
+  docstring);
+- outer gateway: miniupnpd 2.3.1 (PCP; UPnP only; or none), external 11.0.0.1.
 
 Apps and the CLI run in the inner lan namespace; the proof is a connection
 from the wan host 11.0.0.2.
