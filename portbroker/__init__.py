@@ -42,11 +42,13 @@ from portbroker.lifecycle import (
     LifecycleError,
     Lost,
     MappingEvent,
+    ReachabilityChanged,
     Released,
     Renewed,
     Restored,
     State,
 )
+from portbroker.reachability import Reachability
 from portbroker.types import (
     DEFAULT_LIFETIME,
     MAX_LIFETIME,
@@ -91,6 +93,8 @@ __all__ = [
     "PortBrokerError",
     "ProbeOutcome",
     "ProbeReport",
+    "Reachability",
+    "ReachabilityChanged",
     "Released",
     "RemoteFilter",
     "Renewed",

@@ -33,6 +33,7 @@ import contextlib
 import heapq
 import logging
 import math
+import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from typing import Any, Final, TypeVar
@@ -51,7 +52,14 @@ from portbroker.errors import (
     PortBrokerError,
     RequestUnsupported,
 )
-from portbroker.gateway import resolve_gateway
+from portbroker.gateway import (
+    ENV_GATEWAY,
+    PcpServerChoice,
+    checked_address,
+    choose_pcp_server,
+    discover_pcp_servers,
+    resolve_gateway,
+)
 from portbroker.lifecycle import (
     MAX_DELETE_ATTEMPTS,
     MIN_RENEWAL_GAP,
@@ -75,6 +83,7 @@ from portbroker.lifecycle import (
 )
 from portbroker.methods import LinkFactory, Method, MethodSet, open_methods
 from portbroker.probe import create_by_preference, probe_all
+from portbroker.reachability import Reachability
 from portbroker.transport import Response, Transport, listen_announcements
 from portbroker.transport import budget as transport_budget
 from portbroker.types import (
@@ -158,6 +167,12 @@ class Mapping:
     @property
     def internal_address(self) -> IPAddress:
         return self._lease().internal_address
+
+    @property
+    def reachability(self) -> Reachability:
+        """Whether the Internet can reach the external endpoint, and if not why
+        (``.public``, ``.reason``; docs/double-nat.md)."""
+        return self._lease().reachability
 
     @property
     def internal_port(self) -> int:
@@ -268,8 +283,11 @@ class Broker:
         probe_timeout: float,
         recovery_delay: float,
         rng: random.Random,
+        pcp_server: PcpServerChoice | None = None,
     ) -> None:
         self.gateway = gateway
+        # The PCP server in use and where it came from (docs/double-nat.md).
+        self.pcp_server = pcp_server or PcpServerChoice(gateway, "the gateway")
         self.probe_timeout = probe_timeout
         self.recovery_delay = recovery_delay
         self._nursery = nursery
@@ -1268,6 +1286,8 @@ async def open_broker(
     announce_port: int | None = ANNOUNCE_PORT,
     link_factory: LinkFactory | None = None,
     seed: int | None = None,
+    dhcp_leases: Sequence[str | os.PathLike[str]] | None = None,
+    pcp_client_address: str | IPAddress | None = None,
 ) -> AsyncIterator[Broker]:
     """A broker for one gateway; everything it holds is released on exit.
 
@@ -1277,7 +1297,8 @@ async def open_broker(
         methods: the methods to use, most preferred first.
         probe_timeout: how long any one probe may take. Real routers answer
             UPnP slowly; 2 s keeps them.
-        pcp_server: a PCP server other than the gateway (RFC 7488).
+        pcp_server: a PCP server other than the gateway (RFC 7488). It wins
+            over one DHCP announced (docs/double-nat.md).
         port: the PCP/NAT-PMP server port (5351; tests use others).
         upnp_port: the gateway's SSDP port for unicast searches (1900).
         ssdp_multicast: also search by multicast (239.255.255.250). Off means
@@ -1290,6 +1311,14 @@ async def open_broker(
         link_factory: makes the datagram link to (address, port); tests pass
             :meth:`FakeGateway.link_factory`.
         seed: seeds the jitter (renewal times, recovery delays) for tests.
+        dhcp_leases: DHCP lease files (or directories of them) to learn a PCP
+            server from (RFC 7291, docs/double-nat.md). None: the system's
+            lease files, read only when the gateway is the default route
+            (neither *gateway* nor $PORTBROKER_GATEWAY given); ``()``: never.
+        pcp_client_address: the PCP client address field to send (RFC 6887
+            §8.1) instead of this host's address toward the server: behind
+            another NAT, the address that NAT maps us to, which is where the
+            server sees us come from (docs/double-nat.md, nested mappings).
 
     Raises:
         GatewayNotFound: no gateway given and no default route.
@@ -1305,7 +1334,23 @@ async def open_broker(
     if not probe_timeout > 0:
         raise ValueError(f"probe_timeout must be positive, got {probe_timeout}")
     gateway_address = resolve_gateway(gateway)
-    server = resolve_gateway(pcp_server) if pcp_server is not None else gateway_address
+    # RFC 7291 discovery reads the host's lease files only for the host's own
+    # network (the default route): a named gateway is a choice of network,
+    # and tests, which always name theirs, never read this machine's leases.
+    default_route = gateway is None and not os.environ.get(ENV_GATEWAY, "").strip()
+    discovered = []
+    if pcp_server is None and "pcp" in methods:
+        if dhcp_leases is not None:
+            discovered = discover_pcp_servers(dhcp_leases) if dhcp_leases else []
+        elif default_route:
+            discovered = discover_pcp_servers(None)
+    choice = choose_pcp_server(pcp_server, gateway_address, discovered)
+    server = choice.address
+    client_address = (
+        None
+        if pcp_client_address is None
+        else checked_address(pcp_client_address, "pcp_client_address")
+    )
     rng = random.Random(seed)
     broker: Broker | None = None
 
@@ -1332,6 +1377,7 @@ async def open_broker(
                 observe=observe,
                 report=report,
                 link_factory=link_factory,
+                pcp_client_address=client_address,
             ) as method_set,
             trio.open_nursery() as nursery,
         ):
@@ -1342,6 +1388,7 @@ async def open_broker(
                 probe_timeout=probe_timeout,
                 recovery_delay=recovery_delay,
                 rng=rng,
+                pcp_server=choice,
             )
             await nursery.start(broker._scheduler)
             if announce_port is not None and method_set.transports:

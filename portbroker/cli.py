@@ -174,6 +174,13 @@ def _parser() -> argparse.ArgumentParser:
         help="a PCP server other than the gateway (RFC 7488); NAT-PMP and UPnP still ask the gateway",
     )
     common.add_argument(
+        "--dhcp-leases",
+        action="append",
+        metavar="PATH",
+        help="learn the PCP server from these DHCP lease files or directories (RFC 7291; "
+        "repeatable; default: the system's, when the gateway is the default route)",
+    )
+    common.add_argument(
         "--timeout",
         type=_seconds,
         default=2.0,
@@ -251,6 +258,12 @@ def _parser() -> argparse.ArgumentParser:
         "--hold",
         action="store_true",
         help="keep it renewed (and restored) until Ctrl-C, SIGTERM or SIGHUP, then delete it",
+    )
+    map_cmd.add_argument(
+        "--outer-gateway",
+        metavar="IP",
+        help="double NAT: also map through this outer NAT (PCP, else UPnP IGD) for the "
+        "gateway's external endpoint (needs --hold; docs/double-nat.md)",
     )
     map_cmd.add_argument(
         "--persist",
@@ -501,6 +514,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "browse":
         return trio.run(_browse, args)
     methods = _methods(args.methods)
+    if args.command == "map" and args.outer_gateway:
+        if not args.hold:
+            raise UsageError(
+                "--outer-gateway needs --hold (the two mappings live as long as the command)"
+            )
+        from portbroker.gateway import checked_address
+
+        checked_address(args.outer_gateway, "--outer-gateway")
     if args.command == "map" and args.exact and args.external_port is None:
         raise UsageError("--exact needs --external-port")
     if args.command == "map" and args.via and args.via not in methods:
@@ -578,9 +599,10 @@ async def _run(args: argparse.Namespace, methods: tuple[str, ...]) -> int:
             upnp_port=args.ssdp_port,
             ssdp_multicast=not args.no_multicast,
             announce_port=5350 if args.command in ("map", "peer") and args.hold else None,
+            dhcp_leases=args.dhcp_leases,
         ) as broker:
             if args.command == "probe":
-                return _print_probe(await broker.probe(), as_json=args.json)
+                return _print_probe(await broker.probe(), as_json=args.json, broker=broker)
             if args.command == "peer":
                 return await _peer(broker, args)
             if args.command == "map":
@@ -873,13 +895,19 @@ def _describe_daemon_mapping(mapping: dict[str, Any]) -> str:
 # -- probe ----------------------------------------------------------------------
 
 
-def _print_probe(report: ProbeReport, *, as_json: bool) -> int:
+def _print_probe(report: ProbeReport, *, as_json: bool, broker: Broker | None = None) -> int:
+    server = broker.pcp_server if broker is not None else None
     if as_json:
         from portbroker.probe import report_json
 
-        print(json.dumps(report_json(report)))
+        out = report_json(report)
+        if server is not None:
+            out["pcp_server"] = {"address": str(server.address), "source": server.source}
+        print(json.dumps(out))
     else:
         print(f"gateway {report.gateway}: {report.selected or 'no method works'}")
+        if server is not None and server.address != report.gateway:
+            print(f"  PCP server {server.address} ({server.source})")
         for o in report.outcomes:
             if o.available:
                 details = [f"{o.rtt * 1000:.1f} ms" if o.rtt is not None else ""]
@@ -888,6 +916,8 @@ def _print_probe(report: ProbeReport, *, as_json: bool) -> int:
                 if o.epoch is not None:
                     details.append(f"epoch {o.epoch}")
                 print(f"  {o.method:7} yes  {', '.join(d for d in details if d)}")
+                if o.reachability is not None and not o.reachability.public:
+                    print(f"  {'':7}      {o.reachability.reason}")
             else:
                 print(f"  {o.method:7} no   {o.error}")
     return 0 if report.selected else 1
@@ -924,6 +954,8 @@ def _describe_lease(lease: Lease) -> str:
 
 
 async def _map(broker: Broker, args: argparse.Namespace) -> int:
+    if args.hold and args.outer_gateway:
+        return await _hold_nested(broker, args)
     if args.hold:
         return await _hold(broker, args)
     port, proto = args.spec
@@ -943,10 +975,22 @@ async def _map(broker: Broker, args: argparse.Namespace) -> int:
     store.add(lease)
     broker.detach(mapping)
     if args.json:
-        print(json.dumps(_lease_json(lease)))
+        print(json.dumps({**_lease_json(lease), **_reachability_json(lease)}))
     else:
         print(_describe_lease(lease))
+        _print_unreachable(lease)
     return 0
+
+
+def _reachability_json(lease: Lease) -> dict[str, Any]:
+    """``public`` and (when not) ``reachability``'s reason (docs/double-nat.md)."""
+    reachability = lease.reachability
+    return {"public": reachability.public, "reachability": reachability.reason}
+
+
+def _print_unreachable(lease: Lease) -> None:
+    if not lease.reachability.public:
+        print(f"  {lease.reachability.reason}", flush=True)
 
 
 async def _peer(broker: Broker, args: argparse.Namespace) -> int:
@@ -1092,9 +1136,15 @@ async def _hold(broker: Broker, args: argparse.Namespace) -> int:
             lease = mapping.lease
             assert lease is not None
             if args.json:
-                print(json.dumps({"event": "Acquired", **_lease_json(lease)}), flush=True)
+                print(
+                    json.dumps(
+                        {"event": "Acquired", **_lease_json(lease), **_reachability_json(lease)}
+                    ),
+                    flush=True,
+                )
             else:
                 print(f"mapped {_describe_lease(lease)}; holding until Ctrl-C", flush=True)
+                _print_unreachable(lease)
             async with contextlib.AsyncExitStack() as stack:
                 if args.publish:
                     # Withdrawn (goodbye packets) before the mapping is deleted.
@@ -1116,6 +1166,75 @@ async def _hold(broker: Broker, args: argparse.Namespace) -> int:
         await mapping.release()
         async for event in events:  # the Released event
             _print_event(event, as_json=args.json)
+    return 0
+
+
+async def _hold_nested(broker: Broker, args: argparse.Namespace) -> int:
+    """map --hold --outer-gateway: the gateway's mapping and the outer NAT's
+    for it (portbroker.nested, by PCP or UPnP), until a signal; then both
+    are deleted."""
+    import trio
+
+    from portbroker._util import collapse_single
+    from portbroker.nested import open_nested_mapping
+
+    port, proto = args.spec
+    outer_options = {
+        "port": args.server_port,
+        "upnp_port": args.ssdp_port,
+        "probe_timeout": args.timeout,
+    }
+    with trio.open_signal_receiver(*_hold_signals()) as signals, collapse_single():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
+            async with open_nested_mapping(
+                broker,
+                port,
+                proto,
+                outer_gateway=args.outer_gateway,
+                lifetime=args.lifetime,
+                external_port=args.external_port,
+                via=args.via,
+                outer_options=outer_options,
+            ) as nested:
+                events = nested.events()
+                while True:  # where each stands now: printed below, in one line
+                    try:
+                        events.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                inner = nested.inner._lease()
+                outer = nested.outer._lease() if nested.outer else None
+                assert outer is not None
+                if args.json:
+                    print(
+                        json.dumps(
+                            {
+                                "event": "Acquired",
+                                "inner": {**_lease_json(inner), **_reachability_json(inner)},
+                                "outer": {**_lease_json(outer), **_reachability_json(outer)},
+                            }
+                        ),
+                        flush=True,
+                    )
+                else:
+                    print(f"mapped {_describe_lease(inner)}", flush=True)
+                    print(
+                        f"  and {_describe_lease(outer)} on {nested.outer_server};"
+                        " holding until Ctrl-C",
+                        flush=True,
+                    )
+                    _print_unreachable(outer)
+                async for item in events:
+                    if args.json:
+                        print(
+                            json.dumps({"layer": item.layer, **_event_json(item.event)}),
+                            flush=True,
+                        )
+                    else:
+                        print(f"{item.layer}: {type(item.event).__name__}", flush=True)
+    # Leaving open_nested_mapping deleted the outer mapping, then the inner one.
+    print(json.dumps({"event": "Released"}) if args.json else "deleted both mappings")
     return 0
 
 

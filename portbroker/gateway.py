@@ -1,24 +1,40 @@
 """Which gateway to ask: an explicit address, PORTBROKER_GATEWAY, or the default route.
 
 RFC 6887 §8.1 and RFC 6886 §3.1: with nothing configured, the PCP server and
-the NAT-PMP gateway are the default router.
+the NAT-PMP gateway are the default router. The PCP server may be another
+box (a carrier-grade NAT): :func:`choose_pcp_server` takes an explicit one
+first, then one DHCP announced (RFC 7291, read by :func:`discover_pcp_servers`
+from the DHCP client's lease files), then the gateway (docs/double-nat.md).
 """
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
 import struct
 import subprocess
 import sys
+import time
+from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
+from typing import Final
+
+import attrs
 
 from portbroker.errors import GatewayNotFound
+from portbroker.pcp_discovery import PcpServer, parse_dhclient_leases
 from portbroker.types import IPAddress
 from portbroker.wire._fields import to_address
 
 __all__ = [
+    "DHCP_LEASE_GLOBS",
     "ENV_GATEWAY",
+    "PcpServerChoice",
+    "checked_address",
+    "choose_pcp_server",
+    "discover_pcp_servers",
     "find_gateway",
     "parse_ipv6_route",
     "parse_macos_route",
@@ -156,6 +172,11 @@ def resolve_gateway(explicit: str | IPAddress | None = None) -> IPAddress:
     return find_gateway()
 
 
+def checked_address(value: str | IPAddress, what: str) -> IPAddress:
+    """*value* as an address a server or client can have; ValueError naming *what*."""
+    return _checked(value, what)
+
+
 def _checked(value: str | IPAddress, what: str) -> IPAddress:
     if isinstance(value, str):
         # "[fd77::1]", as IPv6 addresses are written in URLs (RFC 3986 §3.2.2).
@@ -174,3 +195,83 @@ def _checked(value: str | IPAddress, what: str) -> IPAddress:
             " or better the gateway's global or ULA address (docs/ipv6.md)"
         )
     return address
+
+
+# -- the PCP server (RFC 7291 discovery) ---------------------------------------------
+
+logger = logging.getLogger("portbroker")
+
+# Where DHCP clients that record option 158 / 86 keep their leases: ISC
+# dhclient (Debian, Ubuntu; Fedora, RHEL) and NetworkManager's dhclient
+# backend. systemd-networkd and NetworkManager's internal client do not
+# record these options at all (docs/double-nat.md).
+DHCP_LEASE_GLOBS: Final = (
+    "/var/lib/dhcp/dhclient*.leases",
+    "/var/lib/dhclient/dhclient*.lease*",
+    "/var/lib/NetworkManager/dhclient*.lease",
+)
+
+
+def discover_pcp_servers(
+    sources: Sequence[str | os.PathLike[str]] | None = None, *, now: float | None = None
+) -> list[PcpServer]:
+    """The PCP servers DHCP announced, from dhclient-format lease files.
+
+    *sources* are files or directories (every file in a directory, sorted);
+    None means the system's (:data:`DHCP_LEASE_GLOBS`). Unreadable files and
+    malformed options are skipped, and logged; *now* (seconds since the
+    epoch, default the current time) rules out expired leases.
+    """
+    when = time.time() if now is None else now
+    if sources is None:
+        paths = [Path(p) for pattern in DHCP_LEASE_GLOBS for p in sorted(glob.glob(pattern))]
+    else:
+        paths = []
+        for source in sources:
+            path = Path(source)
+            paths += sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    found: list[PcpServer] = []
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            logger.info("PCP server discovery: cannot read %s: %s", path, exc)
+            continue
+        servers, problems = parse_dhclient_leases(text, source=str(path), now=when)
+        for problem in problems:
+            logger.warning("PCP server discovery: %s", problem)
+        found += servers
+    return found
+
+
+@attrs.frozen
+class PcpServerChoice:
+    """The PCP server to use and why (``source``, in words)."""
+
+    address: IPAddress
+    source: str
+
+
+def choose_pcp_server(
+    explicit: str | IPAddress | None,
+    gateway: IPAddress,
+    discovered: Sequence[PcpServer] = (),
+) -> PcpServerChoice:
+    """An explicit server, else the first DHCP-announced one of the gateway's
+    family, else the gateway (RFC 6887 §8.1).
+
+    Explicit configuration wins over DHCP: it is the only way to overrule a
+    stale or wrong lease, and RFC 7488 §4 leaves the order of configured
+    and discovered servers to the implementation (docs/double-nat.md). Of a
+    server's addresses the first of the gateway's family is used.
+
+    Raises:
+        ValueError: *explicit* is not a usable address.
+    """
+    if explicit is not None:
+        return PcpServerChoice(_checked(explicit, "pcp_server"), "configured (--pcp-server)")
+    for server in discovered:
+        for address in server.addresses:
+            if address.version == gateway.version:
+                return PcpServerChoice(address, server.source)
+    return PcpServerChoice(gateway, "the gateway")

@@ -88,6 +88,11 @@ Rules:
     attempts in all (the only bound for a permanent UPnP lease). A new
     mapping that the pending delete would remove (:func:`supersedes`) ends
     it: deleting it then would delete the new one.
+11. **Reachability** (docs/double-nat.md): a grant whose external address is
+    not global (:func:`portbroker.reachability.classify`: private, shared
+    100.64.0.0/10, ULA...) is published with a :class:`ReachabilityChanged`
+    after its Acquired; a later grant (renewal, restoration, a new address)
+    publishes one whenever the address moves between public and not public.
 """
 
 from __future__ import annotations
@@ -99,6 +104,7 @@ from typing import Any, Final
 import attrs
 
 from portbroker.errors import MappingError, MethodUnavailable, NoAnswer, PortBrokerError
+from portbroker.reachability import Reachability
 from portbroker.types import IPAddress, Lease, MappingRequest
 
 __all__ = [
@@ -122,6 +128,7 @@ __all__ = [
     "MappingEvent",
     "MappingLifecycle",
     "PendingDelete",
+    "ReachabilityChanged",
     "Recreate",
     "Released",
     "Renew",
@@ -244,6 +251,26 @@ class ExternalAddressChanged:
 
 
 @attrs.frozen
+class ReachabilityChanged:
+    """The external address is not publicly reachable, or no longer / again is.
+
+    Published right after the first grant when its external address is not
+    global (a private, shared or other special-purpose address: there is
+    another NAT beyond the gateway, docs/double-nat.md), and after any later
+    grant whose address moved between public and not public (rule 11).
+    ``public`` and ``reason`` are ``lease.reachability``'s.
+    """
+
+    lease: Lease
+    public: bool
+    reason: str | None
+
+    @property
+    def reachability(self) -> Reachability:
+        return self.lease.reachability
+
+
+@attrs.frozen
 class Lost:
     """The mapping stopped working; portbroker is restoring it."""
 
@@ -275,13 +302,30 @@ class Failed:
     reason: str
 
 
-MappingEvent = Acquired | Renewed | ExternalAddressChanged | Lost | Restored | Released | Failed
+MappingEvent = (
+    Acquired
+    | Renewed
+    | ExternalAddressChanged
+    | ReachabilityChanged
+    | Lost
+    | Restored
+    | Released
+    | Failed
+)
 
 
 def event_detail(event: MappingEvent) -> dict[str, Any]:
     """An event's fields other than its lease, as JSON values."""
     detail: dict[str, Any] = {}
-    for name in ("reason", "confirmed", "detached", "retrying", "old_address", "old_port"):
+    for name in (
+        "reason",
+        "confirmed",
+        "detached",
+        "retrying",
+        "old_address",
+        "old_port",
+        "public",
+    ):
         if hasattr(event, name):
             value = getattr(event, name)
             if name in ("detached", "retrying") and not value:
@@ -571,6 +615,11 @@ class MappingLifecycle:
             events.append(
                 ExternalAddressChanged(previous.external_address, previous.external_port, lease)
             )
+        # Rule 11: say when the Internet cannot reach it, and when that changes.
+        reachable = lease.reachability
+        was_public = True if previous is None else previous.reachability.public
+        if reachable.public != was_public:
+            events.append(ReachabilityChanged(lease, reachable.public, reachable.reason))
         return Step(events, self._schedule_renewal(now))
 
     def _on_timer(self, now: float, **_: Any) -> Step:

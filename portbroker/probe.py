@@ -248,6 +248,9 @@ def report_json(report: ProbeReport) -> dict[str, Any]:
                 "external_address": None if o.external_address is None else str(o.external_address),
                 "epoch": o.epoch,
                 "error": o.error,
+                # docs/double-nat.md: None when no address was reported.
+                "public": None if o.reachability is None else o.reachability.public,
+                "reachability": None if o.reachability is None else o.reachability.reason,
             }
             for o in report.outcomes
         },

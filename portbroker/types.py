@@ -12,6 +12,7 @@ from typing import Any, Final
 
 import attrs
 
+from portbroker.reachability import Reachability, classify
 from portbroker.wire._fields import IPAddress, to_address, uint
 
 __all__ = [
@@ -298,6 +299,11 @@ class Lease:
     def expires_at(self) -> float:
         return self.granted_at + self.lifetime
 
+    @property
+    def reachability(self) -> Reachability:
+        """Whether the Internet can reach the external address (docs/double-nat.md)."""
+        return classify(self.external_address)
+
 
 @attrs.frozen
 class ProbeOutcome:
@@ -312,6 +318,11 @@ class ProbeOutcome:
     # Unavailable only because nothing came back in time (not a refusal): on a
     # lossy link another try may well get through.
     silent: bool = False
+
+    @property
+    def reachability(self) -> Reachability | None:
+        """Whether the reported external address is publicly reachable (None: none reported)."""
+        return None if self.external_address is None else classify(self.external_address)
 
 
 @attrs.frozen

@@ -232,7 +232,15 @@ def test_probe_json(fake_gateway: int, tmp_path: Path) -> None:
     assert report["selected"] == "pcp"
     assert set(report["methods"]) == {"pcp", "natpmp", "upnp"}
     for outcome in report["methods"].values():
-        assert set(outcome) == {"available", "rtt_ms", "external_address", "epoch", "error"}
+        assert set(outcome) == {
+            "available",
+            "rtt_ms",
+            "external_address",
+            "epoch",
+            "error",
+            "public",
+            "reachability",
+        }
     assert report["methods"]["natpmp"]["external_address"] == "203.0.113.7"
     assert report["methods"]["upnp"]["available"] is False
     assert (
@@ -255,6 +263,10 @@ def test_map_leaves_the_mapping_and_unmap_deletes_it(fake_gateway: int, tmp_path
         "lifetime": 7200,
         "gateway": "127.0.0.1",
         "permanent": False,
+        # FakeGateway's address is a documentation one (RFC 5737).
+        "public": False,
+        "reachability": "not publicly reachable: 203.0.113.7 is a documentation address"
+        " (RFC 5737), not an address the Internet can reach",
     }
     record = json.loads(state.read_text())["mappings"][0]
     assert len(bytes.fromhex(record["nonce"])) == 12

@@ -119,12 +119,15 @@ async def open_methods(
     observe: ResponseObserver,
     report: SignalSink,
     link_factory: LinkFactory | None = None,
+    pcp_client_address: IPAddress | None = None,
 ) -> AsyncIterator[MethodSet]:
     """Build the methods named in *names* and run their transports until exit.
 
     PCP and NAT-PMP share one transport per server address (one connected UDP
     socket to port 5351); every response on it is shown to *observe*. UPnP
     reports what it sees (BOOTID, uptime, missing entries) to *report*.
+    *pcp_client_address* overrides the PCP client address field (RFC 6887
+    §8.1; docs/double-nat.md).
     """
     from portbroker.methods.natpmp import NatPmpMethod
     from portbroker.methods.pcp import PcpMethod
@@ -150,7 +153,12 @@ async def open_methods(
 
             for name in names:
                 if name == "pcp":
-                    methods[name] = PcpMethod(await transport_for(pcp_server), pcp_server, rng=rng)
+                    methods[name] = PcpMethod(
+                        await transport_for(pcp_server),
+                        pcp_server,
+                        rng=rng,
+                        client_address=pcp_client_address,
+                    )
                 elif name == "natpmp":
                     methods[name] = NatPmpMethod(await transport_for(gateway), gateway)
                 else:

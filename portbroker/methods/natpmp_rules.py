@@ -76,7 +76,8 @@ RESULT_RULES: Final[tuple[CodeRule, ...]] = (
         ResultCode.NETWORK_FAILURE,
         Scope.REQUEST,
         30.0,
-        "the gateway has a network failure, e.g. no external address yet (NETWORK_FAILURE)",
+        "the gateway has a network failure, e.g. no external address yet, or (miniupnpd) a"
+        " private one: another NAT beyond it (NETWORK_FAILURE; docs/double-nat.md)",
         "§3.5",
     ),
     CodeRule(

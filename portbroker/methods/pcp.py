@@ -46,8 +46,13 @@ class PcpMethod:
         server: IPAddress,
         *,
         rng: random.Random | None = None,
+        client_address: IPAddress | None = None,
     ) -> None:
         self.transport = transport
+        # RFC 6887 §8.1: the server compares this field with the request's
+        # source (ADDRESS_MISMATCH). Behind another NAT that source is the
+        # NAT's external address, not ours (docs/double-nat.md).
+        self._client_address = client_address
         self.server = server
         self._rng = rng or random.Random()
         self.answered = False
@@ -63,7 +68,7 @@ class PcpMethod:
 
     @property
     def client_address(self) -> IPAddress:
-        return self.transport.link.local_address
+        return self._client_address or self.transport.link.local_address
 
     def _schedule(self) -> Iterator[float]:
         return rfc6887_schedule(self._rng) if self.answered else probe_schedule()

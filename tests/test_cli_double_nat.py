@@ -1,0 +1,100 @@
+"""The command's double-NAT output and options against a FakeGateway process on
+127.0.0.1 (docs/double-nat.md). FakeGateway's 203.0.113.7 is a documentation
+address: not publicly reachable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.test_cli import cli
+
+
+def test_probe_and_map_say_not_publicly_reachable(gateway_port: int, tmp_path: Path) -> None:
+    state = tmp_path / "s"
+    probe = cli("probe", server_port=gateway_port, state=state, check_rc=0)
+    lines = probe.stdout.splitlines()
+    natpmp = next(i for i, line in enumerate(lines) if line.strip().startswith("natpmp"))
+    assert "external 203.0.113.7" in lines[natpmp]
+    assert lines[natpmp + 1].strip() == (
+        "not publicly reachable: 203.0.113.7 is a documentation address (RFC 5737),"
+        " not an address the Internet can reach"
+    )
+    assert "PCP server" not in probe.stdout  # the gateway itself
+    mapped = cli("map", "7301/udp", server_port=gateway_port, state=state, check_rc=0)
+    first, second = mapped.stdout.splitlines()
+    assert first.endswith("-> 203.0.113.7:7301 via pcp (lifetime 7200 s)")
+    assert second.strip().startswith("not publicly reachable: 203.0.113.7")
+    cli("unmap", "7301/udp", server_port=gateway_port, state=state, check_rc=0)
+
+
+def test_dhcp_leases_name_the_pcp_server(gateway_port: int, tmp_path: Path) -> None:
+    lease = tmp_path / "dhclient.eth0.leases"
+    lease.write_text('lease {\n  interface "eth0";\n  option unknown-158 4:7f:0:0:1;\n}\n')
+    done = cli(
+        "probe",
+        "--json",
+        "--dhcp-leases",
+        str(lease),
+        server_port=gateway_port,
+        state=tmp_path / "s",
+        check_rc=0,
+    )
+    server = json.loads(done.stdout)["pcp_server"]
+    assert server == {
+        "address": "127.0.0.1",
+        "source": f"DHCPv4 option 158 in {lease} (eth0)",
+    }
+    # --pcp-server wins over the lease.
+    done = cli(
+        "probe",
+        "--json",
+        "--dhcp-leases",
+        str(lease),
+        "--pcp-server",
+        "127.0.0.1",
+        server_port=gateway_port,
+        state=tmp_path / "s",
+        check_rc=0,
+    )
+    assert json.loads(done.stdout)["pcp_server"]["source"] == "configured (--pcp-server)"
+
+
+def test_outer_gateway_usage(tmp_path: Path) -> None:
+    done = cli("map", "7302/tcp", "--outer-gateway", "127.0.0.1", server_port=9, state=tmp_path)
+    assert done.returncode == 2
+    assert "--outer-gateway needs --hold" in done.stderr
+    done = cli(
+        "map", "7302/tcp", "--hold", "--outer-gateway", "nowhere", server_port=9, state=tmp_path
+    )
+    assert done.returncode == 2
+    assert "--outer-gateway: 'nowhere' is not an IP address" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_an_outer_server_that_sees_another_address_fails_clearly(
+    gateway_port: int, tmp_path: Path
+) -> None:
+    """The "outer" server here is the gateway itself: our requests reach it from
+    127.0.0.1, not from the inner mapping's 203.0.113.7, so it answers
+    ADDRESS_MISMATCH (RFC 6887 §8.1). One line, and the inner mapping deleted."""
+    state = tmp_path / "s"
+    done = cli(
+        "map",
+        "7303/tcp",
+        "--hold",
+        "--json",
+        "--outer-gateway",
+        "127.0.0.1",
+        server_port=gateway_port,
+        state=state,
+    )
+    assert done.returncode == 1, done.stdout
+    assert "ADDRESS_MISMATCH" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    # Nothing left: mapping 7303 again with a fresh nonce is not refused
+    # as another client's (PCP NOT_AUTHORIZED) by the fake.
+    again = cli("map", "7303/tcp", "--json", server_port=gateway_port, state=state, check_rc=0)
+    assert json.loads(again.stdout)["method"] == "pcp"
+    cli("unmap", "7303/tcp", server_port=gateway_port, state=state, check_rc=0)
