@@ -71,6 +71,7 @@ from portbroker.lifecycle import (
     Restored,
     State,
 )
+from portbroker.reachability import classify
 from portbroker.types import DEFAULT_LIFETIME, IPAddress, Lease, TransportProtocol
 from portbroker.wire._fields import to_address
 
@@ -154,13 +155,11 @@ def local_preference(public: bool, address: IPAddress, rank: int) -> int:
 def _is_public(address: IPAddress) -> bool:
     """Whether *address* is reachable from the whole internet (not private, shared, reserved).
 
-    Python's ``is_global`` follows the IANA special-purpose registries
-    (RFC 6890): 10/8, 172.16/12 and 192.168/16 (RFC 1918), 100.64/10 (a CGN's
-    shared space, RFC 6598), the documentation ranges, fc00::/7 (ULA) are not
-    global. The cgnat work classifies external addresses for the broker; this
-    one function is where the candidates ask, so it can follow that rule.
+    The broker's one rule (:func:`portbroker.reachability.classify`, the IANA
+    special-purpose registries of RFC 6890 as a table), so a candidate and
+    its mapping never disagree.
     """
-    return address.is_global and not address.is_multicast
+    return classify(address).public
 
 
 @attrs.frozen

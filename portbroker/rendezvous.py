@@ -52,6 +52,7 @@ from portbroker.lifecycle import (
     Renewed,
     Restored,
 )
+from portbroker.reachability import classify
 from portbroker.types import IPAddress, Lease
 
 if TYPE_CHECKING:
@@ -191,10 +192,9 @@ def check_txt(extra: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def _is_public(address: IPAddress | None) -> bool:
-    """Whether *address* is globally routable: not private, shared (100.64/10,
-    RFC 6598), loopback, link-local or reserved. The cgnat work adds the full
-    classification; this is enough for the TXT ``public`` key."""
-    return address is not None and address.is_global
+    """Whether *address* is globally routable (the TXT ``public`` key): the
+    broker's one rule, :func:`portbroker.reachability.classify`."""
+    return address is not None and classify(address).public
 
 
 # -- what is published ------------------------------------------------------------
