@@ -106,6 +106,24 @@ class MethodSet:
         return transport if isinstance(transport, Transport) else None
 
 
+async def _receive_until_closed(
+    transport: Transport,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run *transport*'s receive loop, shielded from outside cancellation.
+
+    Only *scope* (cancelled when :func:`open_methods` exits) ends it. If a
+    cancellation of the surrounding scope reached the loop, the broker's
+    shielded release would send its deletes and never read their answers:
+    each would wait out its budget and be reported undeleted although the
+    gateway did delete it.
+    """
+    with scope:
+        await transport.run(task_status=task_status)
+
+
 @contextlib.asynccontextmanager
 async def open_methods(
     names: Sequence[str],
@@ -133,6 +151,9 @@ async def open_methods(
     from portbroker.methods.pcp import PcpMethod
 
     make_link = link_factory or open_udp_link
+    # The receive loops outlive a cancellation of the caller's scope: the
+    # broker's shielded release still needs the answers to its deletes.
+    receiving: list[trio.CancelScope] = []
     transports: dict[IPAddress, Transport] = {}
     methods: dict[str, Method] = {}
     async with trio.open_nursery() as nursery:
@@ -148,7 +169,9 @@ async def open_methods(
 
                     transport = Transport(await make_link(address, port), observer)
                     transports[address] = transport
-                    await nursery.start(transport.run)
+                    scope = trio.CancelScope(shield=True)
+                    receiving.append(scope)
+                    await nursery.start(_receive_until_closed, transport, scope)
                 return transports[address]
 
             for name in names:
@@ -174,6 +197,8 @@ async def open_methods(
                     )
             yield MethodSet(methods, transports)
         finally:
+            for scope in receiving:
+                scope.cancel()
             nursery.cancel_scope.cancel()
             for transport in transports.values():
                 transport.link.close()
