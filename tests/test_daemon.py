@@ -675,3 +675,20 @@ def test_the_hold_limit_follows_the_mapping_limit() -> None:
     # able to hold them: before, holds stopped at 1,024 whatever the quota.
     assert DaemonConfig(max_mappings=10_010).policy().max_holds == 20_020
     assert DaemonConfig().policy().max_holds == 1024
+
+
+@pytest.mark.parametrize(("address", "public"), [("203.0.113.7", False), ("11.0.0.1", True)])
+async def test_a_mapping_says_whether_it_is_publicly_reachable(
+    short_dir: Path, address: str, public: bool
+) -> None:
+    # A daemon client behind a double NAT must learn what `map --json` says
+    # (203.0.113.7 is a documentation address: not public).
+    gateway = FakeGateway(external_address=address)
+    async with running(short_dir, gateway), open_client(short_dir / "pb.sock") as client:
+        mapping = await client.map(8080, "tcp")
+        assert mapping["public"] is public
+        if public:
+            assert mapping["reachability"] is None
+        else:
+            assert "not publicly reachable" in mapping["reachability"]
+            assert address in mapping["reachability"]

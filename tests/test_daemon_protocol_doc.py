@@ -25,6 +25,10 @@ VOLATILE = {
     "internal_address",
     "external_address",
     "message",
+    # Whether the example's external address is publicly reachable depends
+    # on the gateway too (the fake reports a documentation address).
+    "public",
+    "reachability",
 }
 
 

@@ -380,6 +380,10 @@ def describe(entry: Entry) -> dict[str, Any]:
             lifetime=lease.lifetime,
             gateway=str(lease.gateway),
             permanent=lease.permanent,
+            # As `map --json` says it (docs/double-nat.md): a client behind a
+            # double NAT learns that its mapping reaches no further than the ISP.
+            public=lease.reachability.public,
+            reachability=lease.reachability.reason,
         )
         if lease.filters:
             out["filters"] = [str(f) for f in lease.filters]

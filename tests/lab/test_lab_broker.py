@@ -7,10 +7,12 @@ exec``), exactly as an app on a LAN host would.
 from __future__ import annotations
 
 import json
-import select
+import queue
 import subprocess
 import sys
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -122,18 +124,37 @@ def agent(
                 pipe.close()
 
 
+_LINES: weakref.WeakKeyDictionary[subprocess.Popen[str], queue.Queue[str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _read_lines(process: subprocess.Popen[str], lines: queue.Queue[str]) -> None:
+    assert process.stdout is not None
+    for line in process.stdout:
+        lines.put(line)
+    lines.put("")  # the end
+
+
 def next_event(
     process: subprocess.Popen[str], *wanted: str, timeout: float = 90.0
 ) -> dict[str, Any]:
     """The agent's next event of a *wanted* kind; fails (never hangs) after *timeout*."""
-    assert process.stdout is not None
+    # A thread reads the lines: select() on a buffered text stream misses
+    # lines readline() already pulled into the buffer (two events in one
+    # read), and the test then timed out with its event unread.
+    lines = _LINES.get(process)
+    if lines is None:
+        lines = _LINES[process] = queue.Queue()
+        threading.Thread(target=_read_lines, args=(process, lines), daemon=True).start()
     deadline = time.monotonic() + timeout
     while True:
-        ready, _, _ = select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            raise AssertionError(f"no {wanted} event from the agent within {timeout:g} s")
-        line = process.stdout.readline()
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"no {wanted} event from the agent within {timeout:g} s") from None
         if not line:
+            lines.put("")  # every later call sees the end too
             assert process.stderr is not None
             raise AssertionError(f"agent ended before {wanted}: {process.stderr.read()}")
         event: dict[str, Any] = json.loads(line)
