@@ -270,6 +270,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="ADDRESS:PORT",
         help="delete the PEER made by `portbroker peer` to this remote peer",
     )
+    unmap.add_argument(
+        "--third-party",
+        type=_third_party,
+        metavar="IP",
+        help="delete the mapping made by `map --third-party IP` for that host",
+    )
 
     sub.add_parser(
         "list", parents=[daemon_only], help="the daemon's mappings (yours; all for root)"
@@ -655,6 +661,10 @@ async def _daemon_client(args: argparse.Namespace) -> int:
                 return 0
             port, proto = args.spec
             if args.command == "unmap":
+                if args.third_party is not None:
+                    # The daemon holds one mapping per port, whichever host:
+                    # unmap it only if it is the one for that host.
+                    await _check_daemon_host(client, port, proto, args.third_party)
                 unmapped = await client.unmap(port, proto)
                 print(json.dumps({"unmapped": unmapped}) if args.json else f"unmapped {unmapped}")
                 return 0
@@ -687,6 +697,18 @@ async def _daemon_client(args: argparse.Namespace) -> int:
         raise Failure(f"{args.command} failed: {exc}") from exc
     except DaemonRequestError as exc:
         raise Failure(f"{args.command} failed: {exc.code}: {exc.message}") from exc
+
+
+async def _check_daemon_host(client: Any, port: int, proto: str, host: str) -> None:
+    """``unmap --third-party HOST`` through the daemon: its mapping must be for HOST."""
+    for mapping in await client.list():
+        if mapping.get("id") == f"{port}/{proto}":
+            if mapping.get("internal_address") != host:
+                raise Failure(
+                    f"unmap failed: the daemon's {port}/{proto} is for"
+                    f" {mapping.get('internal_address')}, not {host}; left in place"
+                )
+            return
 
 
 async def _daemon_map(client: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -794,7 +816,7 @@ async def _map(broker: Broker, args: argparse.Namespace) -> int:
     lease = mapping.lease
     assert lease is not None
     store = StateFile.locate(args.state_file)
-    store.add(lease)
+    store.add(lease, third_party=args.third_party is not None)
     broker.detach(mapping)
     if args.json:
         print(json.dumps(_lease_json(lease)))
@@ -973,19 +995,32 @@ async def _unmap(broker: Broker, args: argparse.Namespace) -> int:
     port, proto = args.spec
     store = StateFile.locate(args.state_file)
     remote = getattr(args, "remote", None)
-    lease = store.find(str(broker.gateway), port, proto, remote)
+    host = getattr(args, "third_party", None)
+    lease = store.find(str(broker.gateway), port, proto, remote, host)
+    others = [] if host else store.other_hosts(str(broker.gateway), port, proto, remote)
+    if lease is None and len(others) == 1:
+        # None of this host's own, one for another host: that one is meant.
+        host = others[0]
+        lease = store.find(str(broker.gateway), port, proto, remote, host)
     if lease is None:
         what = f"{port}/{proto}" + (f" to {remote[0]}:{remote[1]}" if remote else "")
+        what += f" for {host}" if host else ""
         raise Failure(
             f"unmap failed: no record of {what} on {broker.gateway} in {store.path}; "
-            "only mappings made by `portbroker map` or `peer` (without --hold) can be unmapped"
+            + (
+                f"there are records of it for other hosts ({', '.join(others)}):"
+                " name one with --third-party"
+                if others
+                else "only mappings made by `portbroker map` or `peer` (without --hold)"
+                " can be unmapped"
+            )
         )
     if lease.method not in broker.methods:
         raise Failure(
             f"unmap failed: {port}/{proto} was made with {lease.method}, not enabled here"
         )
     await broker.delete(lease)
-    store.remove(lease)
+    store.remove(lease, host=host)
     if args.json:
         print(json.dumps({"deleted": _lease_json(lease)}))
     else:
@@ -1032,7 +1067,9 @@ class StateFile:
             raise Failure(str(exc)) from exc
 
     @staticmethod
-    def _same(entry: Any, gateway: str, port: int, proto: str, remote: Any = None) -> bool:
+    def _same(
+        entry: Any, gateway: str, port: int, proto: str, remote: Any = None, host: Any = None
+    ) -> bool:
         # A PEER's record names its remote peer; a MAP's none (docs/peer.md).
         wanted = (None, None) if remote is None else (str(remote[0]), remote[1])
         return (
@@ -1041,27 +1078,44 @@ class StateFile:
             and entry.get("internal_port") == port
             and entry.get("protocol") == proto
             and (entry.get("remote_address"), entry.get("remote_port")) == wanted
+            and StateFile._host(entry) == (None if host is None else str(host))
         )
 
-    def add(self, lease: Lease) -> None:
+    @staticmethod
+    def _host(entry: dict[str, Any]) -> Any:
+        """The other host a third-party record is for; None for this host's own.
+
+        Two cameras both serve 554, beside this host's own 554: each is its
+        own mapping on the gateway, so each needs its own record (marked
+        ``"third_party"``, as the daemon marks its records), or unmap could
+        delete only the last one made.
+        """
+        return entry.get("internal_address") if entry.get("third_party") is True else None
+
+    def add(self, lease: Lease, *, third_party: bool = False) -> None:
         from portbroker.state import lease_record
 
+        host = str(lease.internal_address) if third_party else None
+        record = lease_record(lease)
+        if third_party:
+            record["third_party"] = True
         with self._locked() as entries:
-            entries[:] = [
-                e
-                for e in entries
-                if not self._same(
-                    e, str(lease.gateway), lease.internal_port, lease.protocol.value, lease.remote
-                )
-            ]
-            entries.append(lease_record(lease))
+            entries[:] = [e for e in entries if not self._same_lease(e, lease, host)]
+            entries.append(record)
 
-    def find(self, gateway: str, port: int, proto: str, remote: Any = None) -> Lease | None:
+    def _same_lease(self, entry: Any, lease: Lease, host: str | None) -> bool:
+        return self._same(
+            entry, str(lease.gateway), lease.internal_port, lease.protocol.value, lease.remote, host
+        )
+
+    def find(
+        self, gateway: str, port: int, proto: str, remote: Any = None, host: Any = None
+    ) -> Lease | None:
         from portbroker.state import RecordError, lease_from_record
 
         with self._locked() as entries:
             for entry in entries:
-                if self._same(entry, gateway, port, proto, remote):
+                if self._same(entry, gateway, port, proto, remote, host):
                     try:
                         return lease_from_record(entry)
                     except RecordError as exc:
@@ -1070,15 +1124,20 @@ class StateFile:
                         ) from exc
         return None
 
-    def remove(self, lease: Lease) -> None:
+    def other_hosts(self, gateway: str, port: int, proto: str, remote: Any = None) -> list[str]:
+        """The other hosts (``map --third-party``) with a record of this port."""
         with self._locked() as entries:
-            entries[:] = [
-                e
+            return [
+                str(self._host(e))
                 for e in entries
-                if not self._same(
-                    e, str(lease.gateway), lease.internal_port, lease.protocol.value, lease.remote
-                )
+                if isinstance(e, dict)
+                and self._host(e) is not None
+                and self._same(e, gateway, port, proto, remote, self._host(e))
             ]
+
+    def remove(self, lease: Lease, *, host: str | None = None) -> None:
+        with self._locked() as entries:
+            entries[:] = [e for e in entries if not self._same_lease(e, lease, host)]
 
 
 if __name__ == "__main__":

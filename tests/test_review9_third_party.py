@@ -1,0 +1,103 @@
+"""Review of issue 9's THIRD_PARTY and FILTER surface: a hostile local user, a careless admin.
+
+Each test failed on the code before its fix (the review's report names them).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from portbroker.cli import Failure, _check_daemon_host
+from tests.test_cli import GatewayThread, cli
+
+CAMERAS = ("192.168.77.3", "192.168.77.4")
+
+
+@pytest.fixture
+def served() -> Iterator[GatewayThread]:
+    gateway = GatewayThread()
+    gateway.start()
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+def _held(served: GatewayThread, port: int) -> set[str]:
+    return served.call(
+        lambda: {
+            str(m.internal_address)
+            for m in served.gateway.mappings.values()
+            if m.internal_port == port
+        }
+    )
+
+
+def test_two_cameras_and_this_host_on_one_port_each_keep_a_record_and_unmap(
+    served: GatewayThread, tmp_path: Path
+) -> None:
+    # Two cameras both serve RTSP on 554 (mapped above 1023 here), beside this
+    # host's own: three mappings on the gateway. The CLI's state file kept one
+    # record per port, the last one made, so unmap could delete only that one.
+    state = tmp_path / "state.json"
+    cli("map", "8554/tcp", server_port=served.port, state=state, check_rc=0)
+    for camera in CAMERAS:
+        cli(
+            "map",
+            "8554/tcp",
+            "--third-party",
+            camera,
+            server_port=served.port,
+            state=state,
+            check_rc=0,
+        )
+    assert _held(served, 8554) == {"127.0.0.1", *CAMERAS}
+    assert len(json.loads(state.read_text())["mappings"]) == 3
+    # Without --third-party: this host's own, whichever was made last.
+    done = cli("unmap", "8554/tcp", server_port=served.port, state=state, check_rc=0)
+    assert "127.0.0.1:8554/tcp" in done.stdout
+    assert _held(served, 8554) == set(CAMERAS)
+    again = cli("unmap", "8554/tcp", server_port=served.port, state=state, check_rc=1)
+    lines = again.stderr.strip().splitlines()
+    assert len(lines) == 1, again.stderr
+    assert f"for other hosts ({', '.join(CAMERAS)}): name one with --third-party" in lines[0]
+    done = cli(
+        "unmap",
+        "8554/tcp",
+        "--third-party",
+        CAMERAS[0],
+        server_port=served.port,
+        state=state,
+        check_rc=0,
+    )
+    assert f"deleted {CAMERAS[0]}:8554/tcp" in done.stdout
+    # The one record left is for the other camera: unmap means that one.
+    done = cli("unmap", "8554/tcp", server_port=served.port, state=state, check_rc=0)
+    assert f"deleted {CAMERAS[1]}:8554/tcp" in done.stdout
+    assert _held(served, 8554) == set()
+    assert json.loads(state.read_text())["mappings"] == []
+
+
+class _Lister:
+    def __init__(self, mappings: list[dict[str, object]]) -> None:
+        self.mappings = mappings
+
+    async def list(self) -> list[dict[str, object]]:
+        return self.mappings
+
+
+def test_unmap_third_party_through_the_daemon_leaves_another_hosts_mapping() -> None:
+    # The daemon holds one mapping per port, whichever host: `unmap 8554/tcp
+    # --third-party CAMERA` must not end this host's own 8554 instead.
+    own = _Lister([{"id": "8554/tcp", "internal_address": "192.168.77.2"}])
+    with pytest.raises(
+        Failure, match=r"is for 192\.168\.77\.2, not 192\.168\.77\.3; left in place"
+    ):
+        trio.run(_check_daemon_host, own, 8554, "tcp", CAMERAS[0])
+    camera = _Lister([{"id": "8554/tcp", "internal_address": CAMERAS[0]}])
+    trio.run(_check_daemon_host, camera, 8554, "tcp", CAMERAS[0])
