@@ -11,9 +11,23 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from portbroker.cli import Failure, _check_daemon_host
+from portbroker.daemon.server import describe
+from portbroker.testing import FakeGateway
+from portbroker.wire import pcp
 from tests.test_cli import GatewayThread, cli
+from tests.test_daemon_restore import (
+    mock_time,
+    record,
+    requests_for,
+    running,
+    short_dir,
+    write_state,
+)
+
+__all__ = ["mock_time", "short_dir"]  # fixtures, re-used
 
 CAMERAS = ("192.168.77.3", "192.168.77.4")
 
@@ -101,3 +115,39 @@ def test_unmap_third_party_through_the_daemon_leaves_another_hosts_mapping() -> 
         trio.run(_check_daemon_host, own, 8554, "tcp", CAMERAS[0])
     camera = _Lister([{"id": "8554/tcp", "internal_address": CAMERAS[0]}])
     trio.run(_check_daemon_host, camera, 8554, "tcp", CAMERAS[0])
+
+
+# -- the daemon's restore ---------------------------------------------------------------
+
+
+async def test_a_restored_record_not_marked_third_party_is_mapped_for_this_host(
+    short_dir: Path, mock_time: trio.testing.MockClock
+) -> None:
+    # A user's own mapping, recorded while this host was 192.168.1.50 (DHCP
+    # has moved it to .100 since, and .50 may be another machine now), or a
+    # record edited by hand. It is not marked "third_party", so no policy
+    # check applied: restored with internal_address .50, it went out as a
+    # THIRD_PARTY MAP for that other host, for a user who may not map for
+    # other hosts. It is this host's own: mapped for this host, no THIRD_PARTY.
+    stranger = 4242  # not root, in no --third-party-group
+    write_state(
+        short_dir,
+        [
+            record(
+                7300,
+                internal_address="192.168.1.50",
+                owner_uid=stranger,
+                holds=[{"uid": stranger, "pid": 1, "persist": True}],
+            )
+        ],
+    )
+    gateway = FakeGateway()
+    async with running(short_dir, gateway) as daemon:
+        await daemon.restored.wait()
+        sent = requests_for(gateway, 7300)
+        assert sent
+        assert not any(isinstance(o, pcp.ThirdParty) for r in sent for o in r.options)
+        live = gateway.mapping_for("tcp", 7300)
+        assert live is not None
+        assert str(live.internal_address) == "192.168.1.100"  # this host (the memory link's)
+        assert describe(daemon.shared[("tcp", 7300)])["state"] == "active"

@@ -616,11 +616,17 @@ class Daemon:
                     raise RecordError(f"a second record of {parsed.key[1]}/{parsed.key[0]}")
                 seen.add(parsed.key)
             lease = parsed.lease
+            # Only a record marked third-party (whose owner restore() checks
+            # against --third-party-group) names another host. Any other is
+            # this host's own, whatever address it had then: renewed with
+            # that address, a record from before a DHCP change (or edited by
+            # hand) would go out as THIRD_PARTY for whoever holds it now.
+            third_party = record.get("third_party") is True
             request = MappingRequest(
                 lease.internal_port,
                 lease.protocol,
                 parsed.lifetime_requested,
-                internal_address=lease.internal_address,
+                internal_address=lease.internal_address if third_party else None,
                 filters=lease.filters,
             )
             return record, parsed, request
