@@ -60,16 +60,20 @@ def _port_spec(text: str) -> tuple[int, str]:
 
 def _third_party(text: str) -> str:
     """--third-party's value: another lan host's IP address (RFC 6887 §13.1)."""
-    import ipaddress
+    from portbroker.types import no_host_reason
+    from portbroker.wire._fields import to_address
 
     try:
-        address = ipaddress.ip_address(text.strip())
+        # ::ffff:192.168.1.50 (as dual-stack sockets spell it) is IPv4: PCP
+        # sends it so anyway, and its checks below must see the IPv4 address.
+        address = to_address(text.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an IP address (the lan host to map for, e.g. 192.168.1.50)"
         ) from None
-    if address.is_unspecified or address.is_multicast or address.is_loopback:
-        raise argparse.ArgumentTypeError(f"{address} is no lan host to map for")
+    reason = no_host_reason(address)
+    if reason is not None:
+        raise argparse.ArgumentTypeError(f"{address} is no lan host to map for ({reason})")
     return str(address)
 
 

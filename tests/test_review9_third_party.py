@@ -5,6 +5,7 @@ Each test failed on the code before its fix (the review's report names them).
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,9 +14,11 @@ import pytest
 import trio
 import trio.testing
 
-from portbroker.cli import Failure, _check_daemon_host
-from portbroker.daemon.server import describe
+from portbroker.cli import Failure, _check_daemon_host, _third_party
+from portbroker.daemon.protocol import ErrorCode, ProtocolError, Request
+from portbroker.daemon.server import _third_party_params, describe
 from portbroker.testing import FakeGateway
+from portbroker.types import MappingRequest, RemoteFilter
 from portbroker.wire import pcp
 from tests.test_cli import GatewayThread, cli
 from tests.test_daemon_restore import (
@@ -151,3 +154,44 @@ async def test_a_restored_record_not_marked_third_party_is_mapped_for_this_host(
         assert live is not None
         assert str(live.internal_address) == "192.168.1.100"  # this host (the memory link's)
         assert describe(daemon.shared[("tcp", 7300)])["state"] == "active"
+
+
+# -- spellings of an address ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        # Dual-stack sockets spell IPv4 so: the loopback check must see it.
+        ("::ffff:127.0.0.1", "loopback"),
+        ("::ffff:0.0.0.0", "unspecified"),
+        ("255.255.255.255", "broadcast"),
+    ],
+)
+def test_no_spelling_of_a_non_host_passes_as_another_host(text: str, reason: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=f"is no lan host to map for.*{reason}"):
+        _third_party(text)
+    with pytest.raises(ProtocolError, match=f"names no lan host.*{reason}") as caught:
+        _third_party_params(Request("map", 1, {"port": 8554, "internal_address": text}))
+    assert caught.value.code is ErrorCode.BAD_REQUEST
+
+
+def test_an_ipv4_mapped_camera_address_is_the_ipv4_address() -> None:
+    # What the library maps it as (MappingRequest normalises it), and prints.
+    assert _third_party("::ffff:192.168.77.3") == CAMERAS[0]
+
+
+def test_an_ipv4_mapped_filter_is_an_ipv4_filter() -> None:
+    assert RemoteFilter.parse("::ffff:11.0.0.2") == RemoteFilter.parse("11.0.0.2")
+    assert str(RemoteFilter.parse("[::ffff:11.0.0.0/120]:443")) == "11.0.0.0/24:443"
+    with pytest.raises(ValueError, match="admits every remote host"):
+        RemoteFilter.parse("::ffff:0.0.0.0/96")  # every IPv4 host: the /0 refused
+    with pytest.raises(ValueError, match="the same filter is given twice"):
+        MappingRequest(8443, "tcp", filters=["11.0.0.2", "::ffff:11.0.0.2"])
+
+
+def test_a_filter_port_in_other_digits_is_refused_in_words() -> None:
+    # SUPERSCRIPT TWO, and 5000 in ARABIC-INDIC DIGITs: str.isdigit() says yes.
+    for text in ("11.0.0.2:\u00b2", "11.0.0.2:\u0665\u0660\u0660\u0660"):
+        with pytest.raises(ValueError, match=r"the remote port must be 1\.\.65535"):
+            RemoteFilter.parse(text)

@@ -77,6 +77,7 @@ from portbroker.types import (
     Lease,
     MappingRequest,
     RemoteFilter,
+    no_host_reason,
 )
 from portbroker.wire._fields import to_address
 
@@ -329,9 +330,10 @@ def _third_party_params(
             raise ProtocolError(
                 ErrorCode.BAD_REQUEST, f"'internal_address' must be an IP address, not {text!r}"
             ) from None
-        if address.is_unspecified or address.is_multicast or address.is_loopback:
+        reason = no_host_reason(address)
+        if reason is not None:
             raise ProtocolError(
-                ErrorCode.BAD_REQUEST, f"'internal_address' {address} names no lan host"
+                ErrorCode.BAD_REQUEST, f"'internal_address' {address} names no lan host ({reason})"
             )
     texts = request.get("filters", list, [])
     if len(texts) > MAX_FILTERS:
