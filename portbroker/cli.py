@@ -117,7 +117,7 @@ def _lifetime(text: str) -> int:
 
 def _remote_spec(text: str) -> tuple[str, int]:
     """``ADDRESS:PORT`` (``[v6]:PORT`` for IPv6) of a PEER's remote peer."""
-    import ipaddress
+    from portbroker.wire._fields import to_address
 
     example = "e.g. 11.0.0.2:7000 or [2001:db8::2]:7000"
     if text.startswith("["):
@@ -134,7 +134,9 @@ def _remote_spec(text: str) -> tuple[str, int]:
                 + (": put an IPv6 address in brackets" if ":" in address else "")
             )
     try:
-        parsed = ipaddress.ip_address(address)
+        # As the library keeps it (::ffff:11.0.0.2 is 11.0.0.2), so that unmap
+        # --remote finds the record `peer` made with the same spelling.
+        parsed = to_address(address)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--remote: {address!r} is not an IP address ({example}); names are not looked up"
@@ -860,9 +862,9 @@ async def _peer(broker: Broker, args: argparse.Namespace) -> int:
 def _describe_peer(lease: Lease) -> str:
     assert lease.remote is not None
     return (
-        f"{lease.internal_address}:{lease.internal_port}/{lease.protocol.value} to "
-        f"{lease.remote[0]}:{lease.remote[1]} leaves as "
-        f"{lease.external_address}:{lease.external_port} via {lease.method}"
+        f"{format_endpoint(lease.internal_address, lease.internal_port)}/{lease.protocol.value}"
+        f" to {format_endpoint(*lease.remote)} leaves as "
+        f"{format_endpoint(lease.external_address, lease.external_port)} via {lease.method}"
         f" (lifetime {lease.lifetime} s)"
     )
 
@@ -1007,7 +1009,7 @@ async def _unmap(broker: Broker, args: argparse.Namespace) -> int:
         host = others[0]
         lease = store.find(str(broker.gateway), port, proto, remote, host)
     if lease is None:
-        what = f"{port}/{proto}" + (f" to {remote[0]}:{remote[1]}" if remote else "")
+        what = f"{port}/{proto}" + (f" to {format_endpoint(*remote)}" if remote else "")
         what += f" for {host}" if host else ""
         raise Failure(
             f"unmap failed: no record of {what} on {broker.gateway} in {store.path}; "

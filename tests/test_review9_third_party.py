@@ -14,11 +14,11 @@ import pytest
 import trio
 import trio.testing
 
-from portbroker.cli import Failure, _check_daemon_host, _third_party
+from portbroker.cli import Failure, _check_daemon_host, _describe_peer, _third_party
 from portbroker.daemon.protocol import ErrorCode, ProtocolError, Request
 from portbroker.daemon.server import _third_party_params, describe
 from portbroker.testing import FakeGateway
-from portbroker.types import MappingRequest, RemoteFilter
+from portbroker.types import Lease, MappingRequest, RemoteFilter, TransportProtocol
 from portbroker.wire import pcp
 from tests.test_cli import GatewayThread, cli
 from tests.test_daemon_restore import (
@@ -195,3 +195,48 @@ def test_a_filter_port_in_other_digits_is_refused_in_words() -> None:
     for text in ("11.0.0.2:\u00b2", "11.0.0.2:\u0665\u0660\u0660\u0660"):
         with pytest.raises(ValueError, match=r"the remote port must be 1\.\.65535"):
             RemoteFilter.parse(text)
+
+
+# -- peer and unmap --remote --------------------------------------------------------------
+
+
+def test_unmap_remote_finds_the_peer_in_the_spelling_peer_was_given(
+    served: GatewayThread, tmp_path: Path
+) -> None:
+    # `peer` records the library's 11.0.0.2; `unmap --remote` looked for
+    # ::ffff:b00:2, found nothing, and the PEER stayed until it lapsed.
+    state = tmp_path / "state.json"
+    remote = ("--remote", "[::ffff:11.0.0.2]:7000")
+    cli("peer", "5200/udp", *remote, server_port=served.port, state=state, check_rc=0)
+    assert served.call(lambda: len(served.gateway.peers)) == 1
+    done = cli("unmap", "5200/udp", *remote, server_port=served.port, state=state, check_rc=0)
+    assert "deleted 127.0.0.1:5200/udp" in done.stdout
+    assert served.call(lambda: len(served.gateway.peers)) == 0
+    missing = cli(
+        "unmap",
+        "5200/udp",
+        "--remote",
+        "[2001:db8::2]:7000",
+        server_port=served.port,
+        state=state,
+        check_rc=1,
+    )
+    assert "no record of 5200/udp to [2001:db8::2]:7000 on" in missing.stderr
+
+
+def test_a_peer_line_brackets_ipv6_endpoints() -> None:
+    lease = Lease(
+        method="pcp",
+        protocol=TransportProtocol.UDP,
+        internal_address="fd77::2",
+        internal_port=5000,
+        external_address="fd77::2",
+        external_port=5000,
+        lifetime=600,
+        granted_at=0.0,
+        gateway="fd77::1",
+        remote=("fd11::2", 7000),
+    )
+    assert _describe_peer(lease) == (
+        "[fd77::2]:5000/udp to [fd11::2]:7000 leaves as [fd77::2]:5000 via pcp (lifetime 600 s)"
+    )
