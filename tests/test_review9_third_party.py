@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pwd
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,10 +18,13 @@ import trio.testing
 from portbroker.cli import Failure, _check_daemon_host, _describe_peer, _third_party
 from portbroker.daemon.protocol import ErrorCode, ProtocolError, Request
 from portbroker.daemon.server import _third_party_params, describe
+from portbroker.p2p import interface_addresses
 from portbroker.testing import FakeGateway
 from portbroker.types import Lease, MappingRequest, RemoteFilter, TransportProtocol
 from portbroker.wire import pcp
 from tests.test_cli import GatewayThread, cli
+from tests.test_daemon_policy import as_user
+from tests.test_daemon_processes import start_daemon, stop
 from tests.test_daemon_restore import (
     mock_time,
     record,
@@ -29,8 +33,10 @@ from tests.test_daemon_restore import (
     short_dir,
     write_state,
 )
+from tests.test_daemon_third_party import Users, users
+from tests.test_daemon_third_party import pytestmark as needs_users
 
-__all__ = ["mock_time", "short_dir"]  # fixtures, re-used
+__all__ = ["mock_time", "short_dir", "users"]  # fixtures, re-used
 
 CAMERAS = ("192.168.77.3", "192.168.77.4")
 
@@ -240,3 +246,76 @@ def test_a_peer_line_brackets_ipv6_endpoints() -> None:
     assert _describe_peer(lease) == (
         "[fd77::2]:5000/udp to [fd11::2]:7000 leaves as [fd77::2]:5000 via pcp (lifetime 600 s)"
     )
+
+
+# -- the privileged-port rule and this host's own addresses -------------------------------
+
+
+def _own_address() -> str:
+    own = [
+        str(e.address) for e in interface_addresses() if not e.loopback and e.address.version == 4
+    ]
+    if not own:
+        pytest.skip("this host has no IPv4 address but the loopback")
+    return own[0]
+
+
+@needs_users
+def test_naming_this_hosts_own_address_keeps_the_privileged_port_rule(
+    short_dir: Path, users: Users, gateway_port: int
+) -> None:
+    # A --third-party-group member is let map other hosts' ports, below 1024
+    # too (a camera's 554). Naming this host's own address as the "other
+    # host" mapped this host's sshd for her all the same, past the
+    # privileged-port rule she is not exempt from.
+    own = _own_address()
+    short_dir.chmod(0o755)  # her client must reach the socket inside
+    sock = short_dir / "pb.sock"
+    daemon = start_daemon(
+        short_dir,
+        gateway_port,
+        "--group",
+        users.sock_group,
+        "--third-party-group",
+        users.third_group,
+    )
+    try:
+        carol = as_user(
+            users.carol,
+            sock,
+            ("map", {"port": 22, "internal_address": own}),
+            ("map", {"port": 554, "internal_address": CAMERAS[0]}),  # still hers to map
+            ("map", {"port": 8622, "internal_address": own}),  # this host, above 1023
+        )
+        assert carol[0].get("code") == "privileged_port", carol
+        assert carol[1]["ok"], carol
+        assert carol[2]["ok"], carol
+    finally:
+        stop(daemon)
+
+
+@needs_users
+async def test_a_restored_third_party_record_of_this_hosts_own_port_22_is_deleted(
+    short_dir: Path, users: Users, mock_time: trio.testing.MockClock
+) -> None:
+    # The same rule at a restart: her record "for another host" that names
+    # this host's address and port 22 is not renewed for her.
+    carol = pwd.getpwnam(users.carol).pw_uid
+    own = _own_address()
+    holds = [{"uid": carol, "pid": 1, "persist": True}]
+    write_state(
+        short_dir,
+        [
+            record(22, internal_address=own, third_party=True, owner_uid=carol, holds=holds),
+            record(
+                554, internal_address=CAMERAS[0], third_party=True, owner_uid=carol, holds=holds
+            ),
+        ],
+    )
+    gateway = FakeGateway()
+    async with running(short_dir, gateway, third_party_groups=(users.third_group,)) as daemon:
+        await daemon.restored.wait()
+        assert ("tcp", 22) not in daemon.shared
+        assert describe(daemon.shared[("tcp", 554)])["state"] == "active"
+        deletes = [r for r in requests_for(gateway, 22) if r.lifetime == 0]
+        assert deletes  # deleted on the gateway, not only forgotten

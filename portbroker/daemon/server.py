@@ -355,6 +355,23 @@ def _third_party_params(
     return address, tuple(filters)
 
 
+def _is_this_host(address: IPAddress) -> bool:
+    """Is *address* one of this host's own (getifaddrs(3))?
+
+    A map naming one is no third party's: PCP sends no THIRD_PARTY for the
+    address it sends from, and maps another of this host's addresses with it;
+    either way the port is this host's (its sshd), under the privileged-port
+    rule. When the interfaces cannot be read, every address counts as this
+    host's: the stricter rule.
+    """
+    from portbroker.p2p import interface_addresses
+
+    try:
+        return any(entry.address == address for entry in interface_addresses())
+    except OSError:
+        return True
+
+
 def describe(entry: Entry) -> dict[str, Any]:
     """A ``mapping`` object of the protocol (docs/daemon-protocol.md)."""
     mapping = _handle(entry)
@@ -695,7 +712,10 @@ class Daemon:
                 )
                 first.append(self._retire(parsed.lease, record))
                 continue
-            if not third_party and not self._may_keep_port(parsed.owner_uid, parsed.key[1]):
+            this_host = third_party and _is_this_host(parsed.lease.internal_address)
+            if (not third_party or this_host) and not self._may_keep_port(
+                parsed.owner_uid, parsed.key[1]
+            ):
                 # Allowed when it was made (--allow-privileged-ports, a group),
                 # not under this daemon's policy: it is not renewed for good.
                 logger.warning(
@@ -1020,6 +1040,7 @@ class Daemon:
             external_port=external_port,
             now=trio.current_time(),
             third_party=internal_address is not None,
+            this_host=internal_address is not None and _is_this_host(internal_address),
         )
         if not entry.creating:
             self._save(entry)  # joined
