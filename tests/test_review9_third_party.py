@@ -16,6 +16,7 @@ import trio
 import trio.testing
 
 from portbroker.cli import Failure, _check_daemon_host, _describe_peer, _third_party
+from portbroker.client import open_client
 from portbroker.daemon.protocol import ErrorCode, ProtocolError, Request
 from portbroker.daemon.server import _third_party_params, describe
 from portbroker.p2p import interface_addresses
@@ -319,3 +320,32 @@ async def test_a_restored_third_party_record_of_this_hosts_own_port_22_is_delete
         assert describe(daemon.shared[("tcp", 554)])["state"] == "active"
         deletes = [r for r in requests_for(gateway, 22) if r.lifetime == 0]
         assert deletes  # deleted on the gateway, not only forgotten
+
+
+async def test_mapping_this_hosts_port_does_not_cancel_the_retried_delete_of_a_cameras(
+    short_dir: Path, mock_time: trio.testing.MockClock
+) -> None:
+    # The camera's 8554 is unmapped while the gateway drops deletes: the
+    # broker retries it. Then this host's own 8554 is mapped, and the broker
+    # ended that retry (a new mapping "takes its place": lifecycle rule 10),
+    # though the camera's mapping is another gateway entry: it stayed open
+    # to the internet, and off the state file, until its lease ran out.
+    gateway = FakeGateway()
+    async with running(short_dir, gateway) as daemon, open_client(short_dir / "pb.sock") as client:
+        await client.map(8554, "tcp", internal_address=CAMERAS[0], lifetime=7200)
+        gateway.silent_deletes = True
+        await client.unmap(8554, "tcp")
+        assert _gateway_holds(gateway, 8554) == {
+            CAMERAS[0],
+        }
+        gateway.silent_deletes = False
+        await client.map(8554, "tcp", lifetime=7200)
+        with trio.fail_after(3600):
+            while CAMERAS[0] in _gateway_holds(gateway, 8554):  # noqa: ASYNC110
+                await trio.sleep(1)
+        assert _gateway_holds(gateway, 8554) == {"192.168.1.100"}  # this host's, kept
+        await daemon.synced()
+
+
+def _gateway_holds(gateway: FakeGateway, port: int) -> set[str]:
+    return {str(m.internal_address) for m in gateway.mappings.values() if m.internal_port == port}

@@ -1045,6 +1045,10 @@ class Daemon:
         if not entry.creating:
             self._save(entry)  # joined
             return entry
+        # Retried deletes of another host's mapping of this port, which the
+        # broker would drop as superseded by this map (lifecycle rule 10):
+        # taken over below, see _keep_deleting.
+        others = self._other_hosts_undeleted(key, internal_address)
         if internal_address is not None:
             self._third_party.add(key)
         else:
@@ -1080,6 +1084,7 @@ class Daemon:
         finally:
             del self._pending[key]
             done.set()
+        self._keep_deleting(others)
         lease = mapping.lease
         self._check_hung_up(client)  # then created() rolls it back
         kept = self.owners.created(key, mapping, lease.external_port if lease else None)
@@ -1091,6 +1096,48 @@ class Daemon:
             raise ProtocolError(ErrorCode.GONE, "the connection closed before the map was made")
         self._save(kept)
         return kept
+
+    def _other_hosts_undeleted(
+        self, key: tuple[str, int], internal_address: IPAddress | None
+    ) -> list[Lease]:
+        """The broker's retried deletes at *key* of a mapping for another host
+        than *internal_address* (None: this host) names.
+
+        The broker ends a retried delete when the port is mapped again, since
+        deleting the old entry would delete the new one: true of this host's
+        own old mapping (PCP and NAT-PMP name it by the internal endpoint),
+        not of a camera's, another gateway entry, which would then stay open
+        until its lease ran out. Only the daemon knows whose a key was last
+        (:attr:`_third_party`).
+        """
+        if key not in self._third_party and internal_address is None:
+            return []  # this host's before and now: rule 10 is right
+        return [
+            lease
+            for lease in self.broker.undeleted()
+            if (lease.protocol.value, lease.internal_port) == key
+            and lease.internal_address != internal_address
+            # An older mapping of this host's own: superseded indeed.
+            and not (internal_address is None and _is_this_host(lease.internal_address))
+        ]
+
+    def _keep_deleting(self, leases: list[Lease]) -> None:
+        """Deletes of :meth:`_other_hosts_undeleted` the broker dropped: the
+        daemon's, tried again (and kept in the state file) like a restore's."""
+        if not leases:
+            return
+        left = set(self.broker.undeleted())
+        for lease in leases:
+            if lease not in left:
+                logger.info(
+                    "%d/%s: still deleting %s's old mapping (another gateway entry)",
+                    lease.internal_port,
+                    lease.protocol.value,
+                    lease.internal_address,
+                )
+                self._retry_later(
+                    self._retire(lease, _pending_delete_record(lease)), None, quiet=True
+                )
 
     def _check_same_target(
         self,
