@@ -20,6 +20,7 @@ from portbroker.client import open_client
 from portbroker.daemon.protocol import ErrorCode, ProtocolError, Request
 from portbroker.daemon.server import _third_party_params, describe
 from portbroker.p2p import interface_addresses
+from portbroker.state import RecordError, check_lease_record, lease_record
 from portbroker.testing import FakeGateway
 from portbroker.types import Lease, MappingRequest, RemoteFilter, TransportProtocol
 from portbroker.wire import pcp
@@ -349,3 +350,35 @@ async def test_mapping_this_hosts_port_does_not_cancel_the_retried_delete_of_a_c
 
 def _gateway_holds(gateway: FakeGateway, port: int) -> set[str]:
     return {str(m.internal_address) for m in gateway.mappings.values() if m.internal_port == port}
+
+
+# -- state-file records -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "address"),
+    [("upnp", "192.168.1.100"), ("pcp", "fd77::2"), ("natpmp", "192.168.1.100")],
+)
+def test_a_pinhole_id_on_a_record_that_is_no_upnp_pinhole_is_refused(
+    method: str, address: str
+) -> None:
+    # Its lease would be deleted by DeletePinhole (UPnP), whose "no such
+    # pinhole" answer counts as deleted: the port mapping would stay open
+    # and its record go. Refused in words instead, like any damaged record.
+    good = lease_record(
+        Lease(
+            method=method,
+            protocol=TransportProtocol.TCP,
+            internal_address=address,
+            internal_port=8080,
+            external_address="203.0.113.7",
+            external_port=8080,
+            lifetime=600,
+            granted_at=0.0,
+            gateway="192.168.1.1",
+            nonce=b"\x01" * 12 if method == "pcp" else None,
+        )
+    )
+    check_lease_record(good)
+    with pytest.raises(RecordError, match="'pinhole_id' is only for a UPnP IPv6 pinhole"):
+        check_lease_record({**good, "pinhole_id": 7})
