@@ -16,6 +16,7 @@ from portbroker.wire._fields import IPAddress, to_address, uint
 
 __all__ = [
     "DEFAULT_LIFETIME",
+    "MAX_FILTERS",
     "MAX_LIFETIME",
     "METHOD_NAMES",
     "MIN_LIFETIME",
@@ -236,11 +237,19 @@ def _filter_port_number(text: str, port_text: str) -> int:
     return int(port_text)
 
 
+# At most this many remote-peer filters per mapping: PCP fits about 42 in
+# 1,100 bytes (RFC 6887 §7; more would fail in the encoder, an "internal
+# error"), UPnP takes one.
+MAX_FILTERS: Final = 32
+
+
 def _to_filters(value: object) -> tuple[RemoteFilter, ...]:
     if isinstance(value, str | RemoteFilter):
         value = (value,)
     if not isinstance(value, tuple | list | frozenset | set):
         raise TypeError(f"filters must be a sequence of RemoteFilter, got {type(value).__name__}")
+    if len(value) > MAX_FILTERS:
+        raise ValueError(f"at most {MAX_FILTERS} remote-peer filters, not {len(value)}")
     out = tuple(v if isinstance(v, RemoteFilter) else RemoteFilter.parse(v) for v in value)
     if len(set(out)) != len(out):
         raise ValueError("the same filter is given twice")

@@ -382,3 +382,17 @@ def test_a_pinhole_id_on_a_record_that_is_no_upnp_pinhole_is_refused(
     check_lease_record(good)
     with pytest.raises(RecordError, match="'pinhole_id' is only for a UPnP IPv6 pinhole"):
         check_lease_record({**good, "pinhole_id": 7})
+
+
+def test_more_filters_than_a_pcp_message_holds_are_a_usage_error(
+    served: GatewayThread, tmp_path: Path
+) -> None:
+    # 60 --filter options made a PCP message of 1,504 bytes: the encoder's
+    # "internal error in method pcp" and a usage line, two lines, no limit named.
+    many = [arg for i in range(60) for arg in ("--filter", f"11.0.{i}.1")]
+    done = cli("map", "5460/tcp", *many, server_port=served.port, state=tmp_path / "s", check_rc=2)
+    assert "at most 32 remote-peer filters, not 60" in done.stderr
+    assert "internal error" not in done.stderr
+    assert served.call(lambda: len(served.gateway.requests)) == 0  # nothing sent
+    with pytest.raises(ValueError, match="at most 32 remote-peer filters"):
+        MappingRequest(8080, "tcp", filters=[f"11.0.{i}.1" for i in range(33)])

@@ -71,6 +71,7 @@ from portbroker.lifecycle import (
 from portbroker.probe import NoMethodAvailable, report_json
 from portbroker.types import (
     DEFAULT_LIFETIME,
+    MAX_FILTERS,
     MAX_LIFETIME,
     MIN_LIFETIME,
     IPAddress,
@@ -306,11 +307,6 @@ def _handle(entry: Entry) -> Mapping | Restoring:
     stand-in of a state-file record still being restored."""
     assert isinstance(entry.handle, Mapping | Restoring), f"{entry.id} has no mapping yet"
     return entry.handle
-
-
-# At most this many remote-peer filters per map (PCP fits about 50 in 1,100
-# bytes, RFC 6887 §7; UPnP takes one).
-MAX_FILTERS: Final = 32
 
 
 def _third_party_params(
