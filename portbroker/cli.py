@@ -60,16 +60,20 @@ def _port_spec(text: str) -> tuple[int, str]:
 
 def _third_party(text: str) -> str:
     """--third-party's value: another lan host's IP address (RFC 6887 §13.1)."""
-    import ipaddress
+    from portbroker.types import no_host_reason
+    from portbroker.wire._fields import to_address
 
     try:
-        address = ipaddress.ip_address(text.strip())
+        # ::ffff:192.168.1.50 (as dual-stack sockets spell it) is IPv4: PCP
+        # sends it so anyway, and its checks below must see the IPv4 address.
+        address = to_address(text.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an IP address (the lan host to map for, e.g. 192.168.1.50)"
         ) from None
-    if address.is_unspecified or address.is_multicast or address.is_loopback:
-        raise argparse.ArgumentTypeError(f"{address} is no lan host to map for")
+    reason = no_host_reason(address)
+    if reason is not None:
+        raise argparse.ArgumentTypeError(f"{address} is no lan host to map for ({reason})")
     return str(address)
 
 
@@ -113,7 +117,7 @@ def _lifetime(text: str) -> int:
 
 def _remote_spec(text: str) -> tuple[str, int]:
     """``ADDRESS:PORT`` (``[v6]:PORT`` for IPv6) of a PEER's remote peer."""
-    import ipaddress
+    from portbroker.wire._fields import to_address
 
     example = "e.g. 11.0.0.2:7000 or [2001:db8::2]:7000"
     if text.startswith("["):
@@ -130,7 +134,9 @@ def _remote_spec(text: str) -> tuple[str, int]:
                 + (": put an IPv6 address in brackets" if ":" in address else "")
             )
     try:
-        parsed = ipaddress.ip_address(address)
+        # As the library keeps it (::ffff:11.0.0.2 is 11.0.0.2), so that unmap
+        # --remote finds the record `peer` made with the same spelling.
+        parsed = to_address(address)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--remote: {address!r} is not an IP address ({example}); names are not looked up"
@@ -297,6 +303,12 @@ def _parser() -> argparse.ArgumentParser:
         type=_remote_spec,
         metavar="ADDRESS:PORT",
         help="delete the PEER made by `portbroker peer` to this remote peer",
+    )
+    unmap.add_argument(
+        "--third-party",
+        type=_third_party,
+        metavar="IP",
+        help="delete the mapping made by `map --third-party IP` for that host",
     )
 
     sub.add_parser(
@@ -729,6 +741,10 @@ async def _daemon_client(args: argparse.Namespace) -> int:
                 return 0
             port, proto = args.spec
             if args.command == "unmap":
+                if args.third_party is not None:
+                    # The daemon holds one mapping per port, whichever host:
+                    # unmap it only if it is the one for that host.
+                    await _check_daemon_host(client, port, proto, args.third_party)
                 unmapped = await client.unmap(port, proto)
                 print(json.dumps({"unmapped": unmapped}) if args.json else f"unmapped {unmapped}")
                 return 0
@@ -763,6 +779,18 @@ async def _daemon_client(args: argparse.Namespace) -> int:
         raise Failure(f"{args.command} failed: {exc}") from exc
     except DaemonRequestError as exc:
         raise Failure(f"{args.command} failed: {exc.code}: {exc.message}") from exc
+
+
+async def _check_daemon_host(client: Any, port: int, proto: str, host: str) -> None:
+    """``unmap --third-party HOST`` through the daemon: its mapping must be for HOST."""
+    for mapping in await client.list():
+        if mapping.get("id") == f"{port}/{proto}":
+            if mapping.get("internal_address") != host:
+                raise Failure(
+                    f"unmap failed: the daemon's {port}/{proto} is for"
+                    f" {mapping.get('internal_address')}, not {host}; left in place"
+                )
+            return
 
 
 async def _daemon_map(client: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -972,7 +1000,7 @@ async def _map(broker: Broker, args: argparse.Namespace) -> int:
     lease = mapping.lease
     assert lease is not None
     store = StateFile.locate(args.state_file)
-    store.add(lease)
+    store.add(lease, third_party=args.third_party is not None)
     broker.detach(mapping)
     if args.json:
         print(json.dumps({**_lease_json(lease), **_reachability_json(lease)}))
@@ -1024,9 +1052,9 @@ async def _peer(broker: Broker, args: argparse.Namespace) -> int:
 def _describe_peer(lease: Lease) -> str:
     assert lease.remote is not None
     return (
-        f"{lease.internal_address}:{lease.internal_port}/{lease.protocol.value} to "
-        f"{lease.remote[0]}:{lease.remote[1]} leaves as "
-        f"{lease.external_address}:{lease.external_port} via {lease.method}"
+        f"{format_endpoint(lease.internal_address, lease.internal_port)}/{lease.protocol.value}"
+        f" to {format_endpoint(*lease.remote)} leaves as "
+        f"{format_endpoint(lease.external_address, lease.external_port)} via {lease.method}"
         f" (lifetime {lease.lifetime} s)"
     )
 
@@ -1266,19 +1294,32 @@ async def _unmap(broker: Broker, args: argparse.Namespace) -> int:
     port, proto = args.spec
     store = StateFile.locate(args.state_file)
     remote = getattr(args, "remote", None)
-    lease = store.find(str(broker.gateway), port, proto, remote)
+    host = getattr(args, "third_party", None)
+    lease = store.find(str(broker.gateway), port, proto, remote, host)
+    others = [] if host else store.other_hosts(str(broker.gateway), port, proto, remote)
+    if lease is None and len(others) == 1:
+        # None of this host's own, one for another host: that one is meant.
+        host = others[0]
+        lease = store.find(str(broker.gateway), port, proto, remote, host)
     if lease is None:
-        what = f"{port}/{proto}" + (f" to {remote[0]}:{remote[1]}" if remote else "")
+        what = f"{port}/{proto}" + (f" to {format_endpoint(*remote)}" if remote else "")
+        what += f" for {host}" if host else ""
         raise Failure(
             f"unmap failed: no record of {what} on {broker.gateway} in {store.path}; "
-            "only mappings made by `portbroker map` or `peer` (without --hold) can be unmapped"
+            + (
+                f"there are records of it for other hosts ({', '.join(others)}):"
+                " name one with --third-party"
+                if others
+                else "only mappings made by `portbroker map` or `peer` (without --hold)"
+                " can be unmapped"
+            )
         )
     if lease.method not in broker.methods:
         raise Failure(
             f"unmap failed: {port}/{proto} was made with {lease.method}, not enabled here"
         )
     await broker.delete(lease)
-    store.remove(lease)
+    store.remove(lease, host=host)
     if args.json:
         print(json.dumps({"deleted": _lease_json(lease)}))
     else:
@@ -1325,7 +1366,9 @@ class StateFile:
             raise Failure(str(exc)) from exc
 
     @staticmethod
-    def _same(entry: Any, gateway: str, port: int, proto: str, remote: Any = None) -> bool:
+    def _same(
+        entry: Any, gateway: str, port: int, proto: str, remote: Any = None, host: Any = None
+    ) -> bool:
         # A PEER's record names its remote peer; a MAP's none (docs/peer.md).
         wanted = (None, None) if remote is None else (str(remote[0]), remote[1])
         return (
@@ -1334,27 +1377,44 @@ class StateFile:
             and entry.get("internal_port") == port
             and entry.get("protocol") == proto
             and (entry.get("remote_address"), entry.get("remote_port")) == wanted
+            and StateFile._host(entry) == (None if host is None else str(host))
         )
 
-    def add(self, lease: Lease) -> None:
+    @staticmethod
+    def _host(entry: dict[str, Any]) -> Any:
+        """The other host a third-party record is for; None for this host's own.
+
+        Two cameras both serve 554, beside this host's own 554: each is its
+        own mapping on the gateway, so each needs its own record (marked
+        ``"third_party"``, as the daemon marks its records), or unmap could
+        delete only the last one made.
+        """
+        return entry.get("internal_address") if entry.get("third_party") is True else None
+
+    def add(self, lease: Lease, *, third_party: bool = False) -> None:
         from portbroker.state import lease_record
 
+        host = str(lease.internal_address) if third_party else None
+        record = lease_record(lease)
+        if third_party:
+            record["third_party"] = True
         with self._locked() as entries:
-            entries[:] = [
-                e
-                for e in entries
-                if not self._same(
-                    e, str(lease.gateway), lease.internal_port, lease.protocol.value, lease.remote
-                )
-            ]
-            entries.append(lease_record(lease))
+            entries[:] = [e for e in entries if not self._same_lease(e, lease, host)]
+            entries.append(record)
 
-    def find(self, gateway: str, port: int, proto: str, remote: Any = None) -> Lease | None:
+    def _same_lease(self, entry: Any, lease: Lease, host: str | None) -> bool:
+        return self._same(
+            entry, str(lease.gateway), lease.internal_port, lease.protocol.value, lease.remote, host
+        )
+
+    def find(
+        self, gateway: str, port: int, proto: str, remote: Any = None, host: Any = None
+    ) -> Lease | None:
         from portbroker.state import RecordError, lease_from_record
 
         with self._locked() as entries:
             for entry in entries:
-                if self._same(entry, gateway, port, proto, remote):
+                if self._same(entry, gateway, port, proto, remote, host):
                     try:
                         return lease_from_record(entry)
                     except RecordError as exc:
@@ -1363,15 +1423,20 @@ class StateFile:
                         ) from exc
         return None
 
-    def remove(self, lease: Lease) -> None:
+    def other_hosts(self, gateway: str, port: int, proto: str, remote: Any = None) -> list[str]:
+        """The other hosts (``map --third-party``) with a record of this port."""
         with self._locked() as entries:
-            entries[:] = [
-                e
+            return [
+                str(self._host(e))
                 for e in entries
-                if not self._same(
-                    e, str(lease.gateway), lease.internal_port, lease.protocol.value, lease.remote
-                )
+                if isinstance(e, dict)
+                and self._host(e) is not None
+                and self._same(e, gateway, port, proto, remote, self._host(e))
             ]
+
+    def remove(self, lease: Lease, *, host: str | None = None) -> None:
+        with self._locked() as entries:
+            entries[:] = [e for e in entries if not self._same_lease(e, lease, host)]
 
 
 if __name__ == "__main__":

@@ -170,9 +170,17 @@ def check_lease_record(record: Any) -> None:
 
 def _check_pinhole_id(record: dict[str, Any], method: object) -> None:
     """A UPnP IPv6 lease is a pinhole, named by its UniqueID (docs/ipv6.md)."""
+    pinhole = method == "upnp" and _address(record, "internal_address").version == 6
     if record.get("pinhole_id") is not None:
         _int(record, "pinhole_id", 0, 65535)
-    elif method == "upnp" and _address(record, "internal_address").version == 6:
+        if not pinhole:
+            # A lease with one is deleted by DeletePinhole, whose "no such
+            # pinhole" counts as done: the mapping itself would stay.
+            raise RecordError(
+                f"'pinhole_id' is only for a UPnP IPv6 pinhole, not a {method} mapping"
+                f" of {record.get('internal_address')}"
+            )
+    elif pinhole:
         raise RecordError("'pinhole_id' must be given for a UPnP IPv6 pinhole (0..65535)")
 
 

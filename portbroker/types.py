@@ -7,7 +7,7 @@ here, at the edge, with a message that names the field.
 from __future__ import annotations
 
 import enum
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_network
 from typing import Any, Final
 
 import attrs
@@ -17,6 +17,7 @@ from portbroker.wire._fields import IPAddress, to_address, uint
 
 __all__ = [
     "DEFAULT_LIFETIME",
+    "MAX_FILTERS",
     "MAX_LIFETIME",
     "METHOD_NAMES",
     "MIN_LIFETIME",
@@ -29,6 +30,7 @@ __all__ = [
     "TransportProtocol",
     "format_endpoint",
     "lease_json",
+    "no_host_reason",
 ]
 
 METHOD_NAMES: Final = ("pcp", "natpmp", "upnp")
@@ -132,11 +134,34 @@ def _network(value: object) -> IPv4Network | IPv6Network:
             ) from None
     else:
         raise TypeError(f"expected an address prefix, got {type(value).__name__}")
+    if isinstance(network, IPv6Network) and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            # ::ffff:11.0.0.2 is 11.0.0.2 (RFC 4291 §2.5.5.2): an IPv4
+            # filter, so that UPnP's NewRemoteHost and duplicates see it so,
+            # and ::ffff:0.0.0.0/96 is the /0 refused below.
+            network = IPv4Network((mapped, network.prefixlen - 96))
     if network.prefixlen == 0:
         # RFC 6887 §13.3: prefix length 0 means "no filter" (and clears the
         # others): never a filter that admits one peer.
         raise ValueError(f"{network} admits every remote host; leave the filter out instead")
     return network
+
+
+def no_host_reason(address: IPAddress) -> str | None:
+    """Why *address* cannot be another lan host's (a third-party mapping), or None."""
+    if address.is_unspecified:
+        return "unspecified"
+    if address.is_multicast:
+        return "multicast"
+    if address.is_loopback:
+        return "loopback: every host's own"
+    if address == _LIMITED_BROADCAST:
+        return "the broadcast address"
+    return None
+
+
+_LIMITED_BROADCAST: Final = IPv4Address("255.255.255.255")
 
 
 def _filter_port(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -205,11 +230,18 @@ class RemoteFilter:
 
 
 def _filter_port_number(text: str, port_text: str) -> int:
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    # isascii: str.isdigit() admits "²", which int() then refuses with a traceback's words.
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise ValueError(
             f"bad filter {text!r}: the remote port must be 1..65535 (leave it out for any port)"
         )
     return int(port_text)
+
+
+# At most this many remote-peer filters per mapping: PCP fits about 42 in
+# 1,100 bytes (RFC 6887 §7; more would fail in the encoder, an "internal
+# error"), UPnP takes one.
+MAX_FILTERS: Final = 32
 
 
 def _to_filters(value: object) -> tuple[RemoteFilter, ...]:
@@ -217,6 +249,8 @@ def _to_filters(value: object) -> tuple[RemoteFilter, ...]:
         value = (value,)
     if not isinstance(value, tuple | list | frozenset | set):
         raise TypeError(f"filters must be a sequence of RemoteFilter, got {type(value).__name__}")
+    if len(value) > MAX_FILTERS:
+        raise ValueError(f"at most {MAX_FILTERS} remote-peer filters, not {len(value)}")
     out = tuple(v if isinstance(v, RemoteFilter) else RemoteFilter.parse(v) for v in value)
     if len(set(out)) != len(out):
         raise ValueError("the same filter is given twice")

@@ -215,6 +215,7 @@ class Ownership:
         external_port: int | None,
         now: float,
         third_party: bool = False,
+        this_host: bool = False,
     ) -> Entry:
         """A map request. Returns the entry: joined (``creating`` False, nothing
         to do at the gateway) or reserved (``creating`` True: make it, then
@@ -237,7 +238,9 @@ class Ownership:
             # root's hands; a third-party port is another host's, and the
             # right to map for other hosts is checked instead.
             self.check_third_party(peer)
-        else:
+        if not third_party or this_host:
+            # An internal_address that is one of this host's own addresses
+            # (*this_host*) names this host's services all the same.
             self.check_port(peer, port)
         entry = self.entries.get(key)
         if entry is not None:

@@ -72,12 +72,14 @@ from portbroker.lifecycle import (
 from portbroker.probe import NoMethodAvailable, report_json
 from portbroker.types import (
     DEFAULT_LIFETIME,
+    MAX_FILTERS,
     MAX_LIFETIME,
     MIN_LIFETIME,
     IPAddress,
     Lease,
     MappingRequest,
     RemoteFilter,
+    no_host_reason,
 )
 from portbroker.wire._fields import to_address
 
@@ -312,11 +314,6 @@ def _handle(entry: Entry) -> Mapping | Restoring:
     return entry.handle
 
 
-# At most this many remote-peer filters per map (PCP fits about 50 in 1,100
-# bytes, RFC 6887 §7; UPnP takes one).
-MAX_FILTERS: Final = 32
-
-
 def _third_party_params(
     request: Request,
 ) -> tuple[IPAddress | None, tuple[RemoteFilter, ...]]:
@@ -334,9 +331,10 @@ def _third_party_params(
             raise ProtocolError(
                 ErrorCode.BAD_REQUEST, f"'internal_address' must be an IP address, not {text!r}"
             ) from None
-        if address.is_unspecified or address.is_multicast or address.is_loopback:
+        reason = no_host_reason(address)
+        if reason is not None:
             raise ProtocolError(
-                ErrorCode.BAD_REQUEST, f"'internal_address' {address} names no lan host"
+                ErrorCode.BAD_REQUEST, f"'internal_address' {address} names no lan host ({reason})"
             )
     texts = request.get("filters", list, [])
     if len(texts) > MAX_FILTERS:
@@ -356,6 +354,23 @@ def _third_party_params(
     if len(set(filters)) != len(filters):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'filters' names the same filter twice")
     return address, tuple(filters)
+
+
+def _is_this_host(address: IPAddress) -> bool:
+    """Is *address* one of this host's own (getifaddrs(3))?
+
+    A map naming one is no third party's: PCP sends no THIRD_PARTY for the
+    address it sends from, and maps another of this host's addresses with it;
+    either way the port is this host's (its sshd), under the privileged-port
+    rule. When the interfaces cannot be read, every address counts as this
+    host's: the stricter rule.
+    """
+    from portbroker.p2p import interface_addresses
+
+    try:
+        return any(entry.address == address for entry in interface_addresses())
+    except OSError:
+        return True
 
 
 def describe(entry: Entry) -> dict[str, Any]:
@@ -629,11 +644,17 @@ class Daemon:
                     raise RecordError(f"a second record of {parsed.key[1]}/{parsed.key[0]}")
                 seen.add(parsed.key)
             lease = parsed.lease
+            # Only a record marked third-party (whose owner restore() checks
+            # against --third-party-group) names another host. Any other is
+            # this host's own, whatever address it had then: renewed with
+            # that address, a record from before a DHCP change (or edited by
+            # hand) would go out as THIRD_PARTY for whoever holds it now.
+            third_party = record.get("third_party") is True
             request = MappingRequest(
                 lease.internal_port,
                 lease.protocol,
                 parsed.lifetime_requested,
-                internal_address=lease.internal_address,
+                internal_address=lease.internal_address if third_party else None,
                 filters=lease.filters,
             )
             return record, parsed, request
@@ -700,7 +721,10 @@ class Daemon:
                 )
                 first.append(self._retire(parsed.lease, record))
                 continue
-            if not third_party and not self._may_keep_port(parsed.owner_uid, parsed.key[1]):
+            this_host = third_party and _is_this_host(parsed.lease.internal_address)
+            if (not third_party or this_host) and not self._may_keep_port(
+                parsed.owner_uid, parsed.key[1]
+            ):
                 # Allowed when it was made (--allow-privileged-ports, a group),
                 # not under this daemon's policy: it is not renewed for good.
                 logger.warning(
@@ -1027,10 +1051,15 @@ class Daemon:
             external_port=external_port,
             now=trio.current_time(),
             third_party=internal_address is not None,
+            this_host=internal_address is not None and _is_this_host(internal_address),
         )
         if not entry.creating:
             self._save(entry)  # joined
             return entry
+        # Retried deletes of another host's mapping of this port, which the
+        # broker would drop as superseded by this map (lifecycle rule 10):
+        # taken over below, see _keep_deleting.
+        others = self._other_hosts_undeleted(key, internal_address)
         if internal_address is not None:
             self._third_party.add(key)
         else:
@@ -1066,6 +1095,7 @@ class Daemon:
         finally:
             del self._pending[key]
             done.set()
+        self._keep_deleting(others)
         lease = mapping.lease
         self._check_hung_up(client)  # then created() rolls it back
         kept = self.owners.created(key, mapping, lease.external_port if lease else None)
@@ -1077,6 +1107,48 @@ class Daemon:
             raise ProtocolError(ErrorCode.GONE, "the connection closed before the map was made")
         self._save(kept)
         return kept
+
+    def _other_hosts_undeleted(
+        self, key: tuple[str, int], internal_address: IPAddress | None
+    ) -> list[Lease]:
+        """The broker's retried deletes at *key* of a mapping for another host
+        than *internal_address* (None: this host) names.
+
+        The broker ends a retried delete when the port is mapped again, since
+        deleting the old entry would delete the new one: true of this host's
+        own old mapping (PCP and NAT-PMP name it by the internal endpoint),
+        not of a camera's, another gateway entry, which would then stay open
+        until its lease ran out. Only the daemon knows whose a key was last
+        (:attr:`_third_party`).
+        """
+        if key not in self._third_party and internal_address is None:
+            return []  # this host's before and now: rule 10 is right
+        return [
+            lease
+            for lease in self.broker.undeleted()
+            if (lease.protocol.value, lease.internal_port) == key
+            and lease.internal_address != internal_address
+            # An older mapping of this host's own: superseded indeed.
+            and not (internal_address is None and _is_this_host(lease.internal_address))
+        ]
+
+    def _keep_deleting(self, leases: list[Lease]) -> None:
+        """Deletes of :meth:`_other_hosts_undeleted` the broker dropped: the
+        daemon's, tried again (and kept in the state file) like a restore's."""
+        if not leases:
+            return
+        left = set(self.broker.undeleted())
+        for lease in leases:
+            if lease not in left:
+                logger.info(
+                    "%d/%s: still deleting %s's old mapping (another gateway entry)",
+                    lease.internal_port,
+                    lease.protocol.value,
+                    lease.internal_address,
+                )
+                self._retry_later(
+                    self._retire(lease, _pending_delete_record(lease)), None, quiet=True
+                )
 
     def _check_same_target(
         self,
