@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from portbroker.p2p import host_addresses, interface_addresses
 from portbroker.testing.fake_gateway import FakeGateway
@@ -350,3 +352,48 @@ async def test_interactive_lines_go_to_the_peer_and_the_peers_lines_are_printed(
     assert results["bob"].returncode == 0, results["bob"].stderr
     assert json.loads(results["bob"].stdout.decode().splitlines()[-1])["heard"] == ["typed"]
     assert all(gateway.mappings == {} for gateway in gateways)
+
+
+# -- a rendezvous that lies ---------------------------------------------------------------
+
+p2p_chat = load("p2p_chat")
+
+
+async def test_a_reply_too_deep_to_parse_is_a_chat_error_not_a_traceback() -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    directory = p2p_chat.Rendezvous(ours)
+    await theirs.send_all(b'{"ok": true, "candidates": ' + b"[" * 100_000 + b"\n")
+    with pytest.raises(p2p_chat.ChatError, match="something else than JSON"):
+        await directory.ask({"op": "fetch", "name": "bob"})
+
+
+async def test_a_reply_line_that_never_ends_is_refused_before_it_fills_memory() -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    directory = p2p_chat.Rendezvous(ours)
+    sent = 0
+
+    async def answer() -> None:
+        nonlocal sent
+        while sent < 16 * p2p_chat.MAX_REPLY:  # and then silence, never a newline
+            await theirs.send_all(b"x" * 65536)
+            sent += 65536
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer)
+        with trio.fail_after(10), pytest.raises(p2p_chat.ChatError, match="longer than"):
+            await directory.ask({"op": "fetch", "name": "bob"})
+        nursery.cancel_scope.cancel()
+    assert len(directory.buffer) <= p2p_chat.MAX_REPLY + 65536
+
+
+def test_lying_candidates_are_skipped_and_capped() -> None:
+    items = json.loads(
+        '[{"address": "127.0.0.1", "port": 1e400},'
+        ' {"address": "127.0.0.1", "port": 4000, "priority": -1e400}]'
+    )
+    assert p2p_chat.parse_candidates(items, socket.AF_INET) == []
+    many = [{"address": "127.0.0.1", "port": 1000 + i, "priority": i} for i in range(5000)]
+    remotes = p2p_chat.parse_candidates(many, socket.AF_INET)
+    assert len(remotes) == p2p_chat.MAX_REMOTES
+    assert remotes[0].port == 1000 + 4999  # the highest priorities are the ones kept
