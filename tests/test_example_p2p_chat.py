@@ -397,3 +397,56 @@ def test_lying_candidates_are_skipped_and_capped() -> None:
     remotes = p2p_chat.parse_candidates(many, socket.AF_INET)
     assert len(remotes) == p2p_chat.MAX_REMOTES
     assert remotes[0].port == 1000 + 4999  # the highest priorities are the ones kept
+
+
+# -- a rendezvous against hostile clients ------------------------------------------------
+
+
+async def test_one_hostile_line_does_not_stop_the_rendezvous(autojump_clock: Any) -> None:
+    async with trio.open_nursery() as nursery:
+        address = await start_rendezvous(nursery)
+        # An integer wait too large for a float (json has no limit on integers).
+        (huge,) = await converse(
+            address, [b'{"op": "fetch", "name": "a", "wait": 1' + b"0" * 400 + b"}"]
+        )
+        (registered,) = await converse(address, [{"op": "register", "name": "a", "candidates": []}])
+        nursery.cancel_scope.cancel()
+    assert huge == {"ok": False, "error": "a did not register within 120 s"}
+    assert registered["ok"] is True
+
+
+async def test_a_client_that_trickles_or_says_nothing_is_dropped(autojump_clock: Any) -> None:
+    async with trio.open_nursery() as nursery:
+        address = await start_rendezvous(nursery)
+        host, port = address.rsplit(":", 1)
+        for opening in (b"", b'{"op": "fet'):
+            stream = await trio.open_tcp_stream(host, int(port))
+            async with stream:
+                await stream.send_all(opening)
+                received = b""
+                with trio.fail_after(10 * rendezvous_server.REQUEST_TIMEOUT):
+                    while chunk := await stream.receive_some(4096):
+                        received += chunk
+            assert json.loads(received) == {"ok": False, "error": "no request line in time"}
+        nursery.cancel_scope.cancel()
+
+
+async def test_clients_beyond_the_limit_are_told_to_come_back() -> None:
+    directory = rendezvous_server.Directory(600.0)
+    directory.connections = rendezvous_server.MAX_CONNECTIONS
+    ours, theirs = trio.testing.memory_stream_pair()
+    await rendezvous_server.serve_client(directory, ours)  # type: ignore[arg-type]
+    reply = json.loads(await theirs.receive_some(4096))
+    assert reply == {"ok": False, "error": "too many clients; try again later"}
+    assert await theirs.receive_some(4096) == b""  # and closed
+    assert directory.connections == rendezvous_server.MAX_CONNECTIONS
+
+
+async def test_a_name_is_not_taken_over_from_another_address() -> None:
+    directory = rendezvous_server.Directory(600.0)
+    mine = [{"address": "192.0.2.1", "port": 4000}]
+    directory.register("bob", mine, "192.0.2.1:40000")
+    with pytest.raises(ValueError, match="bob is registered from another address"):
+        directory.register("bob", [{"address": "198.51.100.9", "port": 1}], "198.51.100.9:5000")
+    directory.register("bob", mine * 2, "192.0.2.1:40001")  # bob again, a new connection
+    assert directory.peers["bob"][0] == mine * 2
