@@ -435,7 +435,7 @@ async def test_clients_beyond_the_limit_are_told_to_come_back() -> None:
     directory = rendezvous_server.Directory(600.0)
     directory.connections = rendezvous_server.MAX_CONNECTIONS
     ours, theirs = trio.testing.memory_stream_pair()
-    await rendezvous_server.serve_client(directory, ours)  # type: ignore[arg-type]
+    await rendezvous_server.serve_client(directory, ours)
     reply = json.loads(await theirs.receive_some(4096))
     assert reply == {"ok": False, "error": "too many clients; try again later"}
     assert await theirs.receive_some(4096) == b""  # and closed
