@@ -97,6 +97,22 @@ def parse_candidates(items: Any, family: int) -> list[Remote]:
     return out[:MAX_REMOTES]
 
 
+def offered(candidates: tuple[portbroker.p2p.Candidate, ...]) -> list[portbroker.p2p.Candidate]:
+    """The candidates to register: at most MAX_REMOTES, the mapped ones always among them.
+
+    The rendezvous keeps 32 per peer (and the peer checks no more). A host
+    with many addresses (container bridges, VPNs) has more host candidates
+    than that, and host candidates outrank server-reflexive ones (RFC 8445
+    §5.1.2.2), so the first 32 would leave out the mapping: the one
+    candidate a peer behind another NAT can reach (or, for a pinhole, the host
+    candidate that carries the mapping's method).
+    """
+    mapped = [c for c in candidates if c.method is not None]
+    hosts = [c for c in candidates if c.method is None]
+    kept = mapped[:MAX_REMOTES] + hosts[: max(0, MAX_REMOTES - len(mapped))]
+    return sorted(kept, key=lambda c: -c.priority)
+
+
 def endpoint(text: str, what: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); ChatError naming *what*."""
     host, sep, port = text.rpartition(":")
@@ -315,7 +331,7 @@ async def _chat(
     gatherer: portbroker.p2p.CandidateGatherer,
     rendezvous: tuple[str, int],
 ) -> dict[str, Any]:
-    candidates = gatherer.candidates()
+    candidates = offered(gatherer.candidates())
     if gatherer.mapping_error is not None:
         out.say(
             "no-mapping",

@@ -450,3 +450,31 @@ async def test_a_name_is_not_taken_over_from_another_address() -> None:
         directory.register("bob", [{"address": "198.51.100.9", "port": 1}], "198.51.100.9:5000")
     directory.register("bob", mine * 2, "192.0.2.1:40001")  # bob again, a new connection
     assert directory.peers["bob"][0] == mine * 2
+
+
+def test_a_host_with_many_addresses_still_offers_its_mapped_endpoint() -> None:
+    from portbroker.p2p import CandidateKind, InterfaceAddress, build_candidates
+    from portbroker.types import Lease, TransportProtocol
+
+    # 40 container bridges: more host candidates than the rendezvous keeps.
+    hosts = [InterfaceAddress(f"br{i}", i + 2, f"172.17.{i}.1", 24) for i in range(40)]
+    lease = Lease(
+        method="pcp",
+        protocol=TransportProtocol.UDP,
+        internal_address="172.17.0.1",
+        internal_port=4000,
+        external_address="203.0.113.7",
+        external_port=40000,
+        lifetime=600,
+        granted_at=0.0,
+        gateway="172.17.0.254",
+    )
+    candidates = build_candidates(4000, TransportProtocol.UDP, hosts, lease)
+    assert (
+        len(candidates) > rendezvous_server.MAX_CANDIDATES
+    )  # all: "at most 32" from the rendezvous
+    offered = p2p_chat.offered(candidates)
+    assert len(offered) == rendezvous_server.MAX_CANDIDATES == p2p_chat.MAX_REMOTES
+    (reflexive,) = [c for c in offered if c.kind is CandidateKind.SERVER_REFLEXIVE]
+    assert (str(reflexive.address), reflexive.port) == ("203.0.113.7", 40000)
+    assert [c.priority for c in offered] == sorted((c.priority for c in offered), reverse=True)
