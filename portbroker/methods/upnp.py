@@ -841,7 +841,11 @@ class UpnpMethod:
                     service=firewall,
                 )
             except UpnpError as exc:
-                if exc.code not in rules.PINHOLE_GONE:
+                # 606: the UniqueID names another host's pinhole. UniqueIDs
+                # count from 1 again after a restart (miniupnpd), so ours may
+                # now be someone else's, which miniupnpd's secure mode refuses
+                # to touch: ours is gone all the same; add it again.
+                if exc.code not in rules.PINHOLE_GONE and exc.code != NOT_AUTHORIZED:
                     raise MappingError(
                         self.name, f"UpdatePinhole refused: {exc.message}", result_code=exc.code
                     ) from None
