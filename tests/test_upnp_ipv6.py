@@ -265,3 +265,15 @@ async def test_a_unique_id_reused_for_another_host_after_a_restart_is_added_agai
         assert igd.pinhole_for("fd00::99", 22, 6) == 1  # theirs untouched
         await method.delete(again)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_filtered_pinhole_admits_only_that_remote_host() -> None:
+    igd = FakeIgd(description=MINIUPNPD_V2, address="::1")
+    async with igd_and_broker(igd) as broker:
+        mapping = await broker.map(8080, "tcp", filters=["2001:db8::5"])
+        assert mapping.lease is not None
+        assert [str(f) for f in mapping.lease.filters] == ["2001:db8::5/128"]
+        (add,) = [dict(args) for name, args in igd.actions if name == "AddPinhole"]
+        assert add["RemoteHost"] == "2001:db8::5"  # not "" (anyone)
+        await mapping.release()
+        assert igd.pinholes == {}

@@ -52,7 +52,7 @@ from portbroker.errors import (
     UpnpError,
 )
 from portbroker.methods import upnp_rules as rules
-from portbroker.methods.rules import unusable_address
+from portbroker.methods.rules import filter_family_problem, unusable_address
 from portbroker.methods.upnp_rules import MAX_LEASE, Remedy, upnp_error_code
 from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome, TransportProtocol
 from portbroker.wire import ssdp
@@ -568,6 +568,9 @@ class UpnpMethod:
         remote_host = upnp_remote_host(request)  # before anything is sent
         igd = await self._ensure_igd()
         client = request.internal_address or igd.lan_address
+        problem = filter_family_problem(client, request.filters)
+        if problem is not None:
+            raise MappingError(self.name, problem)  # nothing sent
         if isinstance(client, IPv6Address):
             return await self._create_pinhole(igd, request, previous, client)
         if previous is not None:
@@ -869,7 +872,10 @@ class UpnpMethod:
         self._unsettled_pinholes[(request.protocol, request.internal_port)] = client
         try:
             values = await self._soap(
-                igd, "AddPinhole", rules.pinhole_args(request, str(client), lease_time), firewall
+                igd,
+                "AddPinhole",
+                rules.pinhole_args(request, str(client), lease_time, upnp_remote_host(request)),
+                firewall,
             )
         except UpnpError as exc:
             hint = ""
@@ -911,7 +917,10 @@ class UpnpMethod:
             return
         with contextlib.suppress(PortBrokerError, ValueError):
             values = await self._soap(
-                igd, "AddPinhole", rules.pinhole_args(request, str(client), 1), igd.firewall
+                igd,
+                "AddPinhole",
+                rules.pinhole_args(request, str(client), 1, upnp_remote_host(request)),
+                igd.firewall,
             )
             await self._soap(
                 igd,
