@@ -88,6 +88,11 @@ def parse_candidates(items: Any, family: int) -> list[Remote]:
             continue
         if not 1 <= port <= 65535 or address.is_unspecified or address.is_multicast:
             continue
+        if address.is_loopback or address.is_link_local:
+            # No peer offers these (RFC 8445 §5.1.1.1 leaves loopback out, and a
+            # link-local one needs a zone JSON does not carry): only a lying
+            # rendezvous would, to aim our hellos at this host's own services.
+            continue
         if item.get("protocol", "udp") != "udp" or address.version != (
             6 if family == socket.AF_INET6 else 4
         ):

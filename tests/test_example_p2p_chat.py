@@ -389,11 +389,15 @@ async def test_a_reply_line_that_never_ends_is_refused_before_it_fills_memory() 
 
 def test_lying_candidates_are_skipped_and_capped() -> None:
     items = json.loads(
-        '[{"address": "127.0.0.1", "port": 1e400},'
-        ' {"address": "127.0.0.1", "port": 4000, "priority": -1e400}]'
+        '[{"address": "192.168.2.7", "port": 1e400},'
+        ' {"address": "192.168.2.7", "port": 4000, "priority": -1e400}]'
     )
     assert p2p_chat.parse_candidates(items, socket.AF_INET) == []
-    many = [{"address": "127.0.0.1", "port": 1000 + i, "priority": i} for i in range(5000)]
+    # Never this host's own services, nor a link-local address without its zone.
+    for address in ("127.0.0.1", "::1", "169.254.1.1", "fe80::1"):
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        assert p2p_chat.parse_candidates([{"address": address, "port": 4000}], family) == []
+    many = [{"address": "192.168.2.7", "port": 1000 + i, "priority": i} for i in range(5000)]
     remotes = p2p_chat.parse_candidates(many, socket.AF_INET)
     assert len(remotes) == p2p_chat.MAX_REMOTES
     assert remotes[0].port == 1000 + 4999  # the highest priorities are the ones kept
