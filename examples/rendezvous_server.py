@@ -19,7 +19,8 @@ belongs to the address that registered it (another address cannot replace
 it). Bad requests get an ``{"ok": false, "error": ...}`` line; the
 connection stays open. A client gets :data:`REQUEST_TIMEOUT` seconds for
 each request line and for reading each reply,
-and at most :data:`MAX_CONNECTIONS` clients are served at once: the server
+at most :data:`MAX_CONNECTIONS` clients are served at once, and one address
+holds at most :data:`MAX_NAMES_PER_ADDRESS` names: the server
 is on the wan side, open to anyone, and must stay up and bounded.
 """
 
@@ -36,6 +37,8 @@ import trio
 
 MAX_LINE = 64 * 1024  # bytes; a candidate list is a few hundred
 MAX_PEERS = 1000
+# Names one address may hold at once: one client must not fill the directory.
+MAX_NAMES_PER_ADDRESS = 16
 MAX_CANDIDATES = 32
 MAX_WAIT = 120.0
 # A silent or trickling client (slowloris) would hold its socket forever:
@@ -63,6 +66,12 @@ class Directory:
         self._expire()
         if name not in self.peers and len(self.peers) >= MAX_PEERS:
             raise ValueError(f"the directory is full ({MAX_PEERS} peers)")
+        mine = sum(1 for _c, s, _a in self.peers.values() if _host(s) == _host(seen_from))
+        if name not in self.peers and mine >= MAX_NAMES_PER_ADDRESS:
+            raise ValueError(
+                f"this address holds {MAX_NAMES_PER_ADDRESS} names already; they expire"
+                f" {self.ttl:g} s after their last registration"
+            )
         held = self.peers.get(name)
         if held is not None and _host(held[1]) != _host(seen_from):
             # Someone else's name: replacing it would send its peer to us.

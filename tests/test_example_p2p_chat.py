@@ -482,3 +482,13 @@ def test_a_host_with_many_addresses_still_offers_its_mapped_endpoint() -> None:
     (reflexive,) = [c for c in offered if c.kind is CandidateKind.SERVER_REFLEXIVE]
     assert (str(reflexive.address), reflexive.port) == ("203.0.113.7", 40000)
     assert [c.priority for c in offered] == sorted((c.priority for c in offered), reverse=True)
+
+
+async def test_one_address_cannot_fill_the_directory() -> None:
+    directory = rendezvous_server.Directory(600.0)
+    for i in range(rendezvous_server.MAX_NAMES_PER_ADDRESS):
+        directory.register(f"peer{i}", [], f"198.51.100.9:{5000 + i}")
+    with pytest.raises(ValueError, match="holds 16 names already"):
+        directory.register("one-more", [], "198.51.100.9:6000")
+    directory.register("peer0", [], "198.51.100.9:6001")  # its own names stay renewable
+    directory.register("alice", [], "192.0.2.1:40000")  # and others still get in
