@@ -317,6 +317,7 @@ async def test_natpmp_refuses_filters_and_third_party_without_asking(
 def test_upnp_expresses_one_remote_host_only() -> None:
     assert upnp_remote_host(MappingRequest(80, "tcp")) == ""
     assert upnp_remote_host(MappingRequest(80, "tcp", filters=["11.0.0.2"])) == "11.0.0.2"
+    assert upnp_remote_host(MappingRequest(80, "tcp", filters=["::ffff:11.0.0.2"])) == "11.0.0.2"
     for filters, words in (
         (["11.0.0.0/24"], "not the prefix 11.0.0.0/24"),
         (["11.0.0.2:5000"], "not remote port 5000"),

@@ -981,7 +981,11 @@ def upnp_remote_host(request: MappingRequest | Lease) -> str:
             f"UPnP IGD can restrict a mapping to one remote host (any port) only, not {problem};"
             " nothing was mapped (PCP FILTER can express it where the gateway enforces it)",
         )
-    return str(filters[0].network.network_address)
+    address = filters[0].network.network_address
+    # ::ffff:11.0.0.2 (RFC 6887 §5's wire form of IPv4) is 11.0.0.2 to an IGD,
+    # whose NewRemoteHost for an IPv4 mapping is a dotted quad.
+    mapped = address.ipv4_mapped if isinstance(address, IPv6Address) else None
+    return str(mapped or address)
 
 
 def third_party_refusal(client: IPAddress, own: IPAddress, message: str) -> str:
