@@ -177,10 +177,13 @@ async def _converse(directory: Directory, stream: trio.SocketStream) -> None:
             line, buffer = buffer.split(b"\n", 1)
             try:
                 reply = await answer(directory, json.loads(line), seen_from)
+                # Encoded here: a registration nested nearly as deep as json
+                # can parse may be one level too deep to encode inside a reply.
+                data = json.dumps(reply).encode() + b"\n"
             except (ValueError, RecursionError, OverflowError) as exc:
-                reply = {"ok": False, "error": str(exc)}
+                data = json.dumps({"ok": False, "error": str(exc)}).encode() + b"\n"
             with trio.fail_after(REQUEST_TIMEOUT):  # a client that reads no replies
-                await _send(stream, reply)
+                await stream.send_all(data)
         if len(buffer) > MAX_LINE:
             with trio.move_on_after(REQUEST_TIMEOUT):
                 await _send(stream, {"ok": False, "error": "line too long"})
