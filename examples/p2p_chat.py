@@ -43,6 +43,14 @@ from portbroker.types import METHOD_NAMES
 PACE = 0.05  # s between two hellos of one round (RFC 8445 §14.2: Ta = 50 ms)
 ROUND = 0.5  # s between rounds over the whole list
 LINGER = 2.0  # s to keep answering after done: the peer may not have our ack yet
+# What a rendezvous may send us: it is not trusted (it may lie, or be someone
+# else's). One reply line is at most this long (the server's own limit on a
+# request is 64 KiB, and a fetch reply is one registration plus a few fields),
+# and at most this many of the peer's candidates are tried (the server keeps
+# 32 per peer), so a lying rendezvous can neither fill our memory nor turn the
+# checks into a flood of hellos toward addresses of its choosing.
+MAX_REPLY = 256 * 1024
+MAX_REMOTES = 32
 
 
 class ChatError(Exception):
@@ -75,9 +83,15 @@ def parse_candidates(items: Any, family: int) -> list[Remote]:
             address = ipaddress.ip_address(item["address"])
             port = int(item["port"])
             priority = int(item.get("priority", 0))
-        except (KeyError, TypeError, ValueError):
-            continue  # a peer's junk is skipped, not trusted
+        except (KeyError, TypeError, ValueError, OverflowError):
+            # A peer's junk is skipped, not trusted (OverflowError: JSON's 1e400 is inf).
+            continue
         if not 1 <= port <= 65535 or address.is_unspecified or address.is_multicast:
+            continue
+        if address.is_loopback or address.is_link_local:
+            # No peer offers these (RFC 8445 §5.1.1.1 leaves loopback out, and a
+            # link-local one needs a zone JSON does not carry): only a lying
+            # rendezvous would, to aim our hellos at this host's own services.
             continue
         if item.get("protocol", "udp") != "udp" or address.version != (
             6 if family == socket.AF_INET6 else 4
@@ -85,7 +99,23 @@ def parse_candidates(items: Any, family: int) -> list[Remote]:
             continue
         out.append(Remote(str(address), port, priority, str(item.get("kind", "?"))))
     out.sort(key=lambda r: -r.priority)
-    return out
+    return out[:MAX_REMOTES]
+
+
+def offered(candidates: tuple[portbroker.p2p.Candidate, ...]) -> list[portbroker.p2p.Candidate]:
+    """The candidates to register: at most MAX_REMOTES, the mapped ones always among them.
+
+    The rendezvous keeps 32 per peer (and the peer checks no more). A host
+    with many addresses (container bridges, VPNs) has more host candidates
+    than that, and host candidates outrank server-reflexive ones (RFC 8445
+    §5.1.2.2), so the first 32 would leave out the mapping: the one
+    candidate a peer behind another NAT can reach (or, for a pinhole, the host
+    candidate that carries the mapping's method).
+    """
+    mapped = [c for c in candidates if c.method is not None]
+    hosts = [c for c in candidates if c.method is None]
+    kept = mapped[:MAX_REMOTES] + hosts[: max(0, MAX_REMOTES - len(mapped))]
+    return sorted(kept, key=lambda c: -c.priority)
 
 
 def endpoint(text: str, what: str) -> tuple[str, int]:
@@ -123,6 +153,8 @@ class Rendezvous:
     async def ask(self, request: dict[str, Any]) -> dict[str, Any]:
         await self.stream.send_all(json.dumps(request).encode() + b"\n")
         while b"\n" not in self.buffer:
+            if len(self.buffer) > MAX_REPLY:
+                raise ChatError(f"the rendezvous sent a line longer than {MAX_REPLY} bytes")
             chunk = await self.stream.receive_some(65536)
             if not chunk:
                 raise ChatError("the rendezvous closed the connection")
@@ -130,7 +162,7 @@ class Rendezvous:
         line, self.buffer = self.buffer.split(b"\n", 1)
         try:
             reply = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting too deep to parse
             raise ChatError(
                 f"the rendezvous answered something else than JSON: {line[:80]!r}"
             ) from None
@@ -304,7 +336,7 @@ async def _chat(
     gatherer: portbroker.p2p.CandidateGatherer,
     rendezvous: tuple[str, int],
 ) -> dict[str, Any]:
-    candidates = gatherer.candidates()
+    candidates = offered(gatherer.candidates())
     if gatherer.mapping_error is not None:
         out.say(
             "no-mapping",

@@ -47,7 +47,6 @@ import functools
 import hashlib
 import ipaddress
 import logging
-import math
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -76,6 +75,7 @@ from portbroker.types import DEFAULT_LIFETIME, IPAddress, Lease, TransportProtoc
 from portbroker.wire._fields import to_address
 
 __all__ = [
+    "CHANGES_BUFFER",
     "DEBOUNCE",
     "POLL_INTERVAL",
     "REMAP_INTERVAL",
@@ -106,6 +106,10 @@ DEBOUNCE: Final = 2.0
 # up on (Failed), ask again this often: a gateway switched on later, or UPnP
 # enabled, still yields a server-reflexive candidate.
 REMAP_INTERVAL: Final = 60.0
+# Changes one stream holds unread. Each carries the whole list, so a stream
+# left unread (a forgotten changes() call) under an address or mapping event
+# storm would grow without end; one this far behind is ended instead.
+CHANGES_BUFFER: Final = 256
 
 
 class CandidateKind(enum.Enum):
@@ -548,8 +552,13 @@ class CandidateGatherer:
         return self._candidates
 
     def changes(self) -> trio.MemoryReceiveChannel[CandidateChange]:
-        """Every change from now on, until the gatherer closes (then the stream ends)."""
-        send, receive = trio.open_memory_channel[CandidateChange](math.inf)
+        """Every change from now on, until the gatherer closes (then the stream ends).
+
+        A stream that falls :data:`CHANGES_BUFFER` changes behind ends too
+        (logged as a warning): its reader can take :meth:`candidates` and
+        call ``changes()`` again.
+        """
+        send, receive = trio.open_memory_channel[CandidateChange](CHANGES_BUFFER)
         if self._closed:
             send.close()
         else:
@@ -598,6 +607,12 @@ class CandidateGatherer:
         for channel in list(self._subscribers):
             try:
                 channel.send_nowait(change)
+            except trio.WouldBlock:
+                logger.warning(
+                    "a candidate change stream fell %d changes behind: ended", CHANGES_BUFFER
+                )
+                channel.close()
+                self._subscribers.remove(channel)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._subscribers.remove(channel)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from portbroker.p2p import host_addresses, interface_addresses
 from portbroker.testing.fake_gateway import FakeGateway
@@ -350,3 +352,143 @@ async def test_interactive_lines_go_to_the_peer_and_the_peers_lines_are_printed(
     assert results["bob"].returncode == 0, results["bob"].stderr
     assert json.loads(results["bob"].stdout.decode().splitlines()[-1])["heard"] == ["typed"]
     assert all(gateway.mappings == {} for gateway in gateways)
+
+
+# -- a rendezvous that lies ---------------------------------------------------------------
+
+p2p_chat = load("p2p_chat")
+
+
+async def test_a_reply_too_deep_to_parse_is_a_chat_error_not_a_traceback() -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    directory = p2p_chat.Rendezvous(ours)
+    await theirs.send_all(b'{"ok": true, "candidates": ' + b"[" * 100_000 + b"\n")
+    with pytest.raises(p2p_chat.ChatError, match="something else than JSON"):
+        await directory.ask({"op": "fetch", "name": "bob"})
+
+
+async def test_a_reply_line_that_never_ends_is_refused_before_it_fills_memory() -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    directory = p2p_chat.Rendezvous(ours)
+    sent = 0
+
+    async def answer() -> None:
+        nonlocal sent
+        while sent < 16 * p2p_chat.MAX_REPLY:  # and then silence, never a newline
+            await theirs.send_all(b"x" * 65536)
+            sent += 65536
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer)
+        with trio.fail_after(10), pytest.raises(p2p_chat.ChatError, match="longer than"):
+            await directory.ask({"op": "fetch", "name": "bob"})
+        nursery.cancel_scope.cancel()
+    assert len(directory.buffer) <= p2p_chat.MAX_REPLY + 65536
+
+
+def test_lying_candidates_are_skipped_and_capped() -> None:
+    items = json.loads(
+        '[{"address": "192.168.2.7", "port": 1e400},'
+        ' {"address": "192.168.2.7", "port": 4000, "priority": -1e400}]'
+    )
+    assert p2p_chat.parse_candidates(items, socket.AF_INET) == []
+    # Never this host's own services, nor a link-local address without its zone.
+    for address in ("127.0.0.1", "::1", "169.254.1.1", "fe80::1"):
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        assert p2p_chat.parse_candidates([{"address": address, "port": 4000}], family) == []
+    many = [{"address": "192.168.2.7", "port": 1000 + i, "priority": i} for i in range(5000)]
+    remotes = p2p_chat.parse_candidates(many, socket.AF_INET)
+    assert len(remotes) == p2p_chat.MAX_REMOTES
+    assert remotes[0].port == 1000 + 4999  # the highest priorities are the ones kept
+
+
+# -- a rendezvous against hostile clients ------------------------------------------------
+
+
+async def test_one_hostile_line_does_not_stop_the_rendezvous(autojump_clock: Any) -> None:
+    async with trio.open_nursery() as nursery:
+        address = await start_rendezvous(nursery)
+        # An integer wait too large for a float (json has no limit on integers).
+        (huge,) = await converse(
+            address, [b'{"op": "fetch", "name": "a", "wait": 1' + b"0" * 400 + b"}"]
+        )
+        (registered,) = await converse(address, [{"op": "register", "name": "a", "candidates": []}])
+        nursery.cancel_scope.cancel()
+    assert huge == {"ok": False, "error": "a did not register within 120 s"}
+    assert registered["ok"] is True
+
+
+async def test_a_client_that_trickles_or_says_nothing_is_dropped(autojump_clock: Any) -> None:
+    async with trio.open_nursery() as nursery:
+        address = await start_rendezvous(nursery)
+        host, port = address.rsplit(":", 1)
+        for opening in (b"", b'{"op": "fet'):
+            stream = await trio.open_tcp_stream(host, int(port))
+            async with stream:
+                await stream.send_all(opening)
+                received = b""
+                with trio.fail_after(10 * rendezvous_server.REQUEST_TIMEOUT):
+                    while chunk := await stream.receive_some(4096):
+                        received += chunk
+            assert json.loads(received) == {"ok": False, "error": "no request line in time"}
+        nursery.cancel_scope.cancel()
+
+
+async def test_clients_beyond_the_limit_are_told_to_come_back() -> None:
+    directory = rendezvous_server.Directory(600.0)
+    directory.connections = rendezvous_server.MAX_CONNECTIONS
+    ours, theirs = trio.testing.memory_stream_pair()
+    await rendezvous_server.serve_client(directory, ours)
+    reply = json.loads(await theirs.receive_some(4096))
+    assert reply == {"ok": False, "error": "too many clients; try again later"}
+    assert await theirs.receive_some(4096) == b""  # and closed
+    assert directory.connections == rendezvous_server.MAX_CONNECTIONS
+
+
+async def test_a_name_is_not_taken_over_from_another_address() -> None:
+    directory = rendezvous_server.Directory(600.0)
+    mine = [{"address": "192.0.2.1", "port": 4000}]
+    directory.register("bob", mine, "192.0.2.1:40000")
+    with pytest.raises(ValueError, match="bob is registered from another address"):
+        directory.register("bob", [{"address": "198.51.100.9", "port": 1}], "198.51.100.9:5000")
+    directory.register("bob", mine * 2, "192.0.2.1:40001")  # bob again, a new connection
+    assert directory.peers["bob"][0] == mine * 2
+
+
+def test_a_host_with_many_addresses_still_offers_its_mapped_endpoint() -> None:
+    from portbroker.p2p import CandidateKind, InterfaceAddress, build_candidates
+    from portbroker.types import Lease, TransportProtocol
+
+    # 40 container bridges: more host candidates than the rendezvous keeps.
+    hosts = [InterfaceAddress(f"br{i}", i + 2, f"172.17.{i}.1", 24) for i in range(40)]
+    lease = Lease(
+        method="pcp",
+        protocol=TransportProtocol.UDP,
+        internal_address="172.17.0.1",
+        internal_port=4000,
+        external_address="203.0.113.7",
+        external_port=40000,
+        lifetime=600,
+        granted_at=0.0,
+        gateway="172.17.0.254",
+    )
+    candidates = build_candidates(4000, TransportProtocol.UDP, hosts, lease)
+    assert (
+        len(candidates) > rendezvous_server.MAX_CANDIDATES
+    )  # all: "at most 32" from the rendezvous
+    offered = p2p_chat.offered(candidates)
+    assert len(offered) == rendezvous_server.MAX_CANDIDATES == p2p_chat.MAX_REMOTES
+    (reflexive,) = [c for c in offered if c.kind is CandidateKind.SERVER_REFLEXIVE]
+    assert (str(reflexive.address), reflexive.port) == ("203.0.113.7", 40000)
+    assert [c.priority for c in offered] == sorted((c.priority for c in offered), reverse=True)
+
+
+async def test_one_address_cannot_fill_the_directory() -> None:
+    directory = rendezvous_server.Directory(600.0)
+    for i in range(rendezvous_server.MAX_NAMES_PER_ADDRESS):
+        directory.register(f"peer{i}", [], f"198.51.100.9:{5000 + i}")
+    with pytest.raises(ValueError, match="holds 16 names already"):
+        directory.register("one-more", [], "198.51.100.9:6000")
+    directory.register("peer0", [], "198.51.100.9:6001")  # its own names stay renewable
+    directory.register("alice", [], "192.0.2.1:40000")  # and others still get in

@@ -16,6 +16,7 @@ import trio
 from portbroker.errors import AlreadyMapped, PortBrokerError
 from portbroker.lifecycle import State
 from portbroker.p2p import (
+    CHANGES_BUFFER,
     TYPE_PREFERENCE,
     Candidate,
     CandidateChange,
@@ -582,3 +583,27 @@ async def test_a_mapping_given_up_on_ends_its_candidate_and_is_made_again_later(
         assert kinds(gatherer.candidates())[1] == ("server-reflexive", "203.0.113.7", 5000)
         nursery.cancel_scope.cancel()
     assert gateway.mapping_for("udp", 5000) is None
+
+
+async def test_a_stream_left_unread_is_ended_not_grown_without_end(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    addresses = Addresses(LAN)
+    flap = InterfaceAddress("eth1", 3, "192.168.7.1", 24)
+    async with open_candidates(
+        None, 5000, "udp", addresses=addresses, poll_interval=5, debounce=0
+    ) as g:
+        unread = g.changes()  # and never read while the storm goes on
+        for _ in range(2 * CHANGES_BUFFER):  # an address that comes and goes
+            addresses.entries = [LAN, flap] if flap not in addresses.entries else [LAN]
+            await trio.sleep(10)  # two polls: each flip is seen
+        held = unread.statistics().current_buffer_used
+        assert held == CHANGES_BUFFER
+        got = [change async for change in unread]  # what it holds, then the end
+        assert len(got) == CHANGES_BUFFER
+        # The gatherer goes on: a new stream hears the next change.
+        fresh = g.changes()
+        addresses.entries = [LAN, flap] if flap not in addresses.entries else [LAN]
+        with trio.fail_after(60):
+            change = await fresh.receive()
+        assert change.candidates == g.candidates()

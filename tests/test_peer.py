@@ -464,3 +464,34 @@ async def test_the_fallback_to_a_map_already_held_says_so(
         await broker.map(5000, "udp")
         with pytest.raises(AlreadyMapped, match="the fallback, a MAP of 5000/udp, is held"):
             await broker.peer(5000, "udp", remote=REMOTE)
+
+
+# -- THIRD_PARTY on a PEER (RFC 6887 §13.1) ---------------------------------------------
+
+CAMERA = "192.168.1.77"
+
+
+async def test_a_refused_third_party_peer_leaves_our_own_peers_alone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway(pcp_third_party=False)  # miniupnpd without pcp_allow_thirdparty
+    async with broker_for(gateway) as broker:
+        with pytest.raises(MappingError, match=r"peer refused: .*another host \(192\.168\.1\.77\)"):
+            await broker.peer(5000, "udp", remote=REMOTE, internal_address=CAMERA)
+        assert gateway.mappings == {}  # no MAP for the camera made instead
+        # The refusal was about that request: this host's own PEER is a PEER.
+        own = await broker.peer(5001, "udp", remote=REMOTE)
+        assert own.remote is not None
+        assert gateway.peer_for("udp", 5001, REMOTE) is not None
+
+
+async def test_a_third_party_peer_answered_without_third_party_is_undone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The server bound the sender's flow, not the camera's: the lease would lie.
+    gateway = FakeGateway(pcp_ignore_third_party=True)
+    async with broker_for(gateway) as broker:
+        with pytest.raises(MappingError, match="without the THIRD_PARTY option"):
+            await broker.peer(5000, "udp", remote=REMOTE, internal_address=CAMERA)
+    assert gateway.peers == {}  # and the binding it made was deleted
+    assert gateway.mappings == {}

@@ -317,6 +317,7 @@ async def test_natpmp_refuses_filters_and_third_party_without_asking(
 def test_upnp_expresses_one_remote_host_only() -> None:
     assert upnp_remote_host(MappingRequest(80, "tcp")) == ""
     assert upnp_remote_host(MappingRequest(80, "tcp", filters=["11.0.0.2"])) == "11.0.0.2"
+    assert upnp_remote_host(MappingRequest(80, "tcp", filters=["::ffff:11.0.0.2"])) == "11.0.0.2"
     for filters, words in (
         (["11.0.0.0/24"], "not the prefix 11.0.0.0/24"),
         (["11.0.0.2:5000"], "not remote port 5000"),
@@ -530,3 +531,28 @@ def test_the_daemons_mappings_print_their_filters() -> None:
     assert "only from" not in _describe_daemon_mapping(mapping)
     shown = _describe_daemon_mapping({**mapping, "filters": ["11.0.0.2/32"]})
     assert shown == "8554/tcp -> 11.0.0.1:8554 via upnp only from 11.0.0.2/32 (uid 0, 1 holder(s))"
+
+
+async def test_a_filter_of_the_other_family_is_refused_before_anything_is_sent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway()
+    async with broker_for(gateway) as broker:
+        # An IPv4 mapping no IPv6 peer can ever reach: a mistake, said in words.
+        with pytest.raises(MappingError, match="filter 2001:db8::1/128 is IPv6 but the mapping"):
+            await broker.map(8080, "tcp", filters=["2001:db8::1"], via="pcp")
+        assert gateway.mappings == {}
+        assert not [r for r in gateway.requests if getattr(r, "options", ())]
+        # IPv4-mapped is RFC 6887 §5's wire form of IPv4: the same filter as 11.0.0.0/24.
+        mapping = await broker.map(8080, "tcp", filters=["::ffff:11.0.0.0/120"], via="pcp")
+        (held,) = gateway.mappings.values()
+        assert held.filters == (pcp.Filter(120, 0, "11.0.0.0"),)
+        await mapping.release()
+
+
+async def test_upnp_refuses_a_remote_host_of_the_other_family() -> None:
+    igd = FakeIgd(description=MINIUPNPD_V2)
+    async with igd_and_broker(igd) as broker:
+        with pytest.raises(MappingError, match="is IPv6 but the mapping is for the IPv4"):
+            await broker.map(8080, "tcp", filters=["2001:db8::1"], via="upnp")
+    assert "AddPortMapping" not in [name for name, _ in igd.actions]

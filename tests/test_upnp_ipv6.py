@@ -236,3 +236,44 @@ async def test_a_pinhole_asked_over_ipv4_that_the_gateway_refuses_says_what_to_d
             assert mapping.lease is not None
             assert mapping.lease.pinhole_id is None
         nursery.cancel_scope.cancel()
+
+
+async def test_a_unique_id_reused_for_another_host_after_a_restart_is_added_again() -> None:
+    # miniupnpd counts UniqueIDs from 1 after a restart and, in secure mode,
+    # answers 606 to an UpdatePinhole of another host's pinhole.
+    igd = FakeIgd(description=MINIUPNPD_V2, address="::1", secure_mode=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(igd.serve)
+        method = UpnpMethod(LOOPBACK6, ssdp_port=igd.ssdp_port, multicast=False)
+        request = MappingRequest(9000, "udp", lifetime=600)
+        first = await method.create(request, None)
+        assert first.pinhole_id == 1
+        igd.reboot()
+        # Another lan host re-adds its pinhole first, and gets UniqueID 1.
+        theirs = await method._soap(
+            await method._ensure_igd(),
+            "AddPinhole",
+            upnp_rules.pinhole_args(MappingRequest(22, "tcp"), "::1", 3600),
+            service=(await method._ensure_igd()).firewall,
+        )
+        assert theirs["UniqueID"] == "1"
+        igd.pinholes[1].client = "fd00::99"
+        again = await method.create(request, first)  # the renewal
+        assert again.pinhole_id is not None
+        assert again.pinhole_id != 1
+        assert igd.pinhole_for("::1", 9000, 17) == again.pinhole_id
+        assert igd.pinhole_for("fd00::99", 22, 6) == 1  # theirs untouched
+        await method.delete(again)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_filtered_pinhole_admits_only_that_remote_host() -> None:
+    igd = FakeIgd(description=MINIUPNPD_V2, address="::1")
+    async with igd_and_broker(igd) as broker:
+        mapping = await broker.map(8080, "tcp", filters=["2001:db8::5"])
+        assert mapping.lease is not None
+        assert [str(f) for f in mapping.lease.filters] == ["2001:db8::5/128"]
+        (add,) = [dict(args) for name, args in igd.actions if name == "AddPinhole"]
+        assert add["RemoteHost"] == "2001:db8::5"  # not "" (anyone)
+        await mapping.release()
+        assert igd.pinholes == {}

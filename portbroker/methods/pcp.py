@@ -18,7 +18,7 @@ import trio
 from portbroker.errors import LinkError, MappingError, MethodUnavailable
 from portbroker.methods import pcp_rules, undo_grant
 from portbroker.methods.pcp_rules import error_hold_off
-from portbroker.methods.rules import Undo
+from portbroker.methods.rules import Undo, filter_family_problem
 from portbroker.transport import Transport, pcp_key, probe_schedule, rfc6887_schedule
 from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome
 from portbroker.wire import pcp
@@ -132,6 +132,10 @@ class PcpMethod:
         problem = pcp_rules.family_problem(
             self.client_address, request.internal_address, self.server
         )
+        if problem is None:
+            problem = filter_family_problem(
+                request.internal_address or self.client_address, request.filters
+            )
         if problem is not None:
             raise MappingError(self.name, problem)  # nothing sent
         if request.remote is not None:

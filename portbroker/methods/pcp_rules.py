@@ -544,7 +544,11 @@ def interpret_peer(
             an answer about another remote peer.
     """
     if response.result_code != ResultCode.SUCCESS:
-        error = refusal(response, renewal=renewal, what="peer")
+        # A refused THIRD_PARTY is about this request (a PEER for another
+        # host), not the server: the host's own PEERs still work there.
+        error = option_refusal(response, sent, what="peer") or refusal(
+            response, renewal=renewal, what="peer"
+        )
         if isinstance(error, MethodUnavailable):
             # The table's words name MAP (UNSUPP_OPCODE: "does not support MAP").
             error = MethodUnavailable(NAME, error.reason.replace("MAP", "PEER"))
@@ -581,6 +585,11 @@ def interpret_peer(
     problem = grant_problem(data.external_port, data.external_address)
     if problem is not None:
         return Undo(lease, f"the PCP server {problem}")
+    missing = options_problem(response, sent)
+    if missing is not None:
+        # §13.1 as for MAP: the binding may be the sender's flow, not the
+        # other host's this lease would name. Delete it and say so.
+        return Undo(lease, f"the PCP server {missing}", move_on=False, unsupported=True)
     return lease
 
 
@@ -592,7 +601,9 @@ def _sent_filters(sent: pcp.PcpRequest) -> list[pcp.Filter]:
     return [o for o in sent.options if isinstance(o, pcp.Filter)]
 
 
-def option_refusal(response: pcp.PcpResponse, sent: pcp.PcpRequest) -> MappingError | None:
+def option_refusal(
+    response: pcp.PcpResponse, sent: pcp.PcpRequest, *, what: str = "map"
+) -> MappingError | None:
     """The error for a refusal of THIRD_PARTY or FILTER, or None for the table's.
 
     These refusals are about the request, not the client: the same server
@@ -605,9 +616,9 @@ def option_refusal(response: pcp.PcpResponse, sent: pcp.PcpRequest) -> MappingEr
     code = response.result_code
     third = _sent_third_party(sent)
     filters = _sent_filters(sent)
-    what: str | None = None
+    why: str | None = None
     if third is not None and code == ResultCode.UNSUPP_OPTION:
-        what = (
+        why = (
             f"the PCP server does not allow mapping for another host ({third.internal_address})"
             " (UNSUPP_OPTION to THIRD_PARTY, RFC 6887 §13.1"
             + ("; or it lacks FILTER" if filters else "")
@@ -617,23 +628,23 @@ def option_refusal(response: pcp.PcpResponse, sent: pcp.PcpRequest) -> MappingEr
         # Both readings are the server's to pick: a policy against third
         # parties (§13.1), or that mapping held under another nonce (§11.3).
         port = sent.data.internal_port if sent.data is not None else 0
-        what = (
+        why = (
             f"the PCP server refused a mapping for another host ({third.internal_address}:{port})"
             " (NOT_AUTHORIZED: it does not allow third-party mappings, RFC 6887 §13.1,"
             " or another client holds that mapping, §11.3)"
         )
     elif filters and code in (ResultCode.UNSUPP_OPTION, ResultCode.MALFORMED_OPTION):
-        what = f"the PCP server does not support these remote-peer filters ({code.name} to FILTER)"
+        why = f"the PCP server does not support these remote-peer filters ({code.name} to FILTER)"
     elif filters and code == ResultCode.EXCESSIVE_REMOTE_PEERS:
-        what = (
+        why = (
             f"the PCP server cannot install {len(filters)} remote-peer filter(s)"
             " (EXCESSIVE_REMOTE_PEERS, RFC 6887 §13.3)"
         )
-    if what is None:
+    if why is None:
         return None
     return RequestUnsupported(
         NAME,
-        f"map refused: {what}",
+        f"{what} refused: {why}",
         result_code=int(code),
         retry_after=error_hold_off(response),
     )

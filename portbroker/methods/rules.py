@@ -9,14 +9,16 @@ have, and the checks on what a gateway *granted*.
 from __future__ import annotations
 
 import enum
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Network
 
 import attrs
 
 from portbroker.errors import MappingError, MethodUnavailable, RequestUnsupported
-from portbroker.types import IPAddress, Lease
+from portbroker.types import IPAddress, Lease, RemoteFilter
 
-__all__ = ["Scope", "Undo", "grant_problem", "unusable_address"]
+_IPV4_MAPPED = IPv6Network("::ffff:0:0/96")
+
+__all__ = ["Scope", "Undo", "filter_family_problem", "grant_problem", "unusable_address"]
 
 
 class Scope(enum.Enum):
@@ -93,4 +95,27 @@ def grant_problem(external_port: int, external_address: IPAddress | None) -> str
         why = unusable_address(external_address)
         if why is not None:
             return f"granted an unusable ({why}) external address {external_address}"
+    return None
+
+
+def filter_family_problem(internal: IPAddress, filters: tuple[RemoteFilter, ...]) -> str | None:
+    """Why *filters* admit no remote peer of a mapping of *internal*, or None.
+
+    An IPv4 mapping (NAT44) is reached by IPv4 peers only and an IPv6
+    pinhole by IPv6 peers only, so a filter of the other family leaves a
+    mapping nobody can use: a mistake to say, not a request to send. An
+    IPv4-mapped IPv6 prefix (::ffff:a.b.c.d/n, RFC 6887 §5's wire form) counts
+    as IPv4.
+    """
+    for remote in filters:
+        network = remote.network
+        version = network.version
+        if version == 6 and network.subnet_of(_IPV4_MAPPED):  # type: ignore[arg-type]
+            version = 4
+        if version != internal.version:
+            return (
+                f"filter {remote} is IPv{version} but the mapping is for the IPv{internal.version}"
+                f" address {internal}: no IPv{version} peer can reach it; give IPv{internal.version}"
+                " remote peers"
+            )
     return None

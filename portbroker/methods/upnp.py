@@ -52,7 +52,7 @@ from portbroker.errors import (
     UpnpError,
 )
 from portbroker.methods import upnp_rules as rules
-from portbroker.methods.rules import unusable_address
+from portbroker.methods.rules import filter_family_problem, unusable_address
 from portbroker.methods.upnp_rules import MAX_LEASE, Remedy, upnp_error_code
 from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome, TransportProtocol
 from portbroker.wire import ssdp
@@ -568,6 +568,9 @@ class UpnpMethod:
         remote_host = upnp_remote_host(request)  # before anything is sent
         igd = await self._ensure_igd()
         client = request.internal_address or igd.lan_address
+        problem = filter_family_problem(client, request.filters)
+        if problem is not None:
+            raise MappingError(self.name, problem)  # nothing sent
         if isinstance(client, IPv6Address):
             return await self._create_pinhole(igd, request, previous, client)
         if previous is not None:
@@ -841,7 +844,11 @@ class UpnpMethod:
                     service=firewall,
                 )
             except UpnpError as exc:
-                if exc.code not in rules.PINHOLE_GONE:
+                # 606: the UniqueID names another host's pinhole. UniqueIDs
+                # count from 1 again after a restart (miniupnpd), so ours may
+                # now be someone else's, which miniupnpd's secure mode refuses
+                # to touch: ours is gone all the same; add it again.
+                if exc.code not in rules.PINHOLE_GONE and exc.code != NOT_AUTHORIZED:
                     raise MappingError(
                         self.name, f"UpdatePinhole refused: {exc.message}", result_code=exc.code
                     ) from None
@@ -865,7 +872,10 @@ class UpnpMethod:
         self._unsettled_pinholes[(request.protocol, request.internal_port)] = client
         try:
             values = await self._soap(
-                igd, "AddPinhole", rules.pinhole_args(request, str(client), lease_time), firewall
+                igd,
+                "AddPinhole",
+                rules.pinhole_args(request, str(client), lease_time, upnp_remote_host(request)),
+                firewall,
             )
         except UpnpError as exc:
             hint = ""
@@ -907,7 +917,10 @@ class UpnpMethod:
             return
         with contextlib.suppress(PortBrokerError, ValueError):
             values = await self._soap(
-                igd, "AddPinhole", rules.pinhole_args(request, str(client), 1), igd.firewall
+                igd,
+                "AddPinhole",
+                rules.pinhole_args(request, str(client), 1, upnp_remote_host(request)),
+                igd.firewall,
             )
             await self._soap(
                 igd,
@@ -968,7 +981,11 @@ def upnp_remote_host(request: MappingRequest | Lease) -> str:
             f"UPnP IGD can restrict a mapping to one remote host (any port) only, not {problem};"
             " nothing was mapped (PCP FILTER can express it where the gateway enforces it)",
         )
-    return str(filters[0].network.network_address)
+    address = filters[0].network.network_address
+    # ::ffff:11.0.0.2 (RFC 6887 §5's wire form of IPv4) is 11.0.0.2 to an IGD,
+    # whose NewRemoteHost for an IPv4 mapping is a dotted quad.
+    mapped = address.ipv4_mapped if isinstance(address, IPv6Address) else None
+    return str(mapped or address)
 
 
 def third_party_refusal(client: IPAddress, own: IPAddress, message: str) -> str:

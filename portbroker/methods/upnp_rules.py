@@ -635,13 +635,18 @@ def firewall_status_problem(values: dict[str, str]) -> str | None:
     return None
 
 
-def pinhole_args(request: MappingRequest, client: str, lease: int) -> list[tuple[str, str]]:
-    """AddPinhole's arguments in §2.4.3's order: any remote host and port.
+def pinhole_args(
+    request: MappingRequest, client: str, lease: int, remote_host: str = ""
+) -> list[tuple[str, str]]:
+    """AddPinhole's arguments in §2.4.3's order: *remote_host* ("" = any), any port.
 
-    Protocol is the IANA number (6, 17), not "TCP" as in AddPortMapping.
+    *remote_host* is the one-host filter, as for AddPortMapping's
+    NewRemoteHost (``upnp_remote_host``): without it a filtered pinhole would
+    be open to everyone. Protocol is the IANA number (6, 17), not "TCP" as
+    in AddPortMapping.
     """
     return [
-        ("RemoteHost", ""),
+        ("RemoteHost", remote_host),
         ("RemotePort", "0"),
         ("InternalClient", client),
         ("InternalPort", str(request.internal_port)),
@@ -682,4 +687,5 @@ def build_pinhole_lease(
         gateway=gateway,
         epoch=epoch,
         pinhole_id=pinhole_id,
+        filters=request.filters,
     )

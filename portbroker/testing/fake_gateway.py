@@ -190,6 +190,9 @@ class FakeGateway:
     # THIRD_PARTY (RFC 6887 §13.1): False answers UNSUPP_OPTION, as miniupnpd
     # does without pcp_allow_thirdparty=yes.
     pcp_third_party: bool = True
+    # A server that ignores THIRD_PARTY (a bug, §13.1 makes it mandatory):
+    # it maps the sender and leaves the option out of its answer.
+    pcp_ignore_third_party: bool = False
     # FILTER (§13.3): "enforce" keeps them and echoes only processed options
     # (the RFC); "echo_all" echoes every option, an unknown optional one too,
     # and ignores FILTER (miniupnpd 2.3.1); "omit" grants without echoing
@@ -448,7 +451,12 @@ class FakeGateway:
         assert isinstance(data, pcp.PeerData)
         internal = request.client_address
         for option in request.options:
-            if isinstance(option, pcp.ThirdParty):
+            if isinstance(option, pcp.ThirdParty) and not self.pcp_ignore_third_party:
+                # As for MAP (§13.1; miniupnpd checks THIRD_PARTY for both opcodes).
+                if option.internal_address == request.client_address:
+                    return self._pcp_error(request, ResultCode.MALFORMED_REQUEST)
+                if not self.pcp_third_party:
+                    return self._pcp_error(request, ResultCode.UNSUPP_OPTION)
                 internal = option.internal_address
         if any(isinstance(o, pcp.PreferFailure) for o in request.options):
             return self._pcp_error(request, ResultCode.MALFORMED_REQUEST)  # §12.1
@@ -526,7 +534,7 @@ class FakeGateway:
                     remote_port,
                     data.remote_peer_address,
                 ),
-                request.options,
+                self._answered_options(request),
             )
         )
 
@@ -535,7 +543,7 @@ class FakeGateway:
         assert isinstance(data, pcp.MapData)
         internal = request.client_address
         for option in request.options:
-            if isinstance(option, pcp.ThirdParty):
+            if isinstance(option, pcp.ThirdParty) and not self.pcp_ignore_third_party:
                 if option.internal_address == request.client_address:
                     return self._pcp_error(request, ResultCode.MALFORMED_REQUEST)  # §13.1
                 if not self.pcp_third_party:
@@ -644,6 +652,7 @@ class FakeGateway:
             o
             for o in request.options
             if not (isinstance(o, pcp.UnknownOption) and not o.code.is_mandatory)
+            and not (isinstance(o, pcp.ThirdParty) and self.pcp_ignore_third_party)
             and not (isinstance(o, pcp.Filter) and self.pcp_filter == "omit")
         )
 

@@ -140,7 +140,9 @@ class FakeIgd:
     pinholes: dict[int, Pinhole] = attrs.Factory(dict)
     _next_pinhole: int = 1
     # miniupnpd's secure_mode=yes: an AddPortMapping for a NewInternalClient
-    # other than the requester (127.0.0.1 here) gets 718 (tests/data capture).
+    # other than the requester (127.0.0.1 here) gets 718 (tests/data capture),
+    # and a pinhole action on another host's pinhole (its InternalClient not
+    # the requester, ``address`` here) gets 606 (upnpsoap.c PinholeVerification).
     secure_mode: bool = False
 
     entries: dict[tuple[int, str], IgdEntry] = attrs.Factory(dict)
@@ -411,6 +413,8 @@ class FakeIgd:
         uid = int(args["UniqueID"])
         if uid not in self.pinholes:
             return self._fault(self.pinhole_gone_code)
+        if self.secure_mode and self.pinholes[uid].client != self.address:
+            return self._fault(606)
         if action == "UpdatePinhole":
             lease = int(args["NewLeaseTime"])
             if not 1 <= lease <= 86400:
@@ -439,5 +443,6 @@ class FakeIgd:
         """Lose every entry, bump BOOTID, restart the uptime."""
         self.entries.clear()
         self.pinholes.clear()
+        self._next_pinhole = 1  # miniupnpd's UniqueIDs count from 1 again
         self.boot_id += 1
         self.uptime_origin = time.monotonic()

@@ -119,6 +119,31 @@ def test_a_mapping_opens_a_pinhole_and_unmap_closes_it(
         assert inbound(lab6, listener, host, port) is None, "still open after unmap"
 
 
+def test_a_filtered_upnp_pinhole_admits_only_its_remote_host(lab6: Lab, tmp_path: Path) -> None:
+    """--filter on a UPnP pinhole is AddPinhole's RemoteHost, enforced by miniupnpd."""
+    host = str(LAN_ADDRESS6)
+    for port, allowed, opens in ((22003, "fd11::99", False), (22004, str(WAN_ADDRESS6), True)):
+        state = tmp_path / f"state-{port}.json"
+        with listen6(lab6, port) as listener:
+            done = cli(
+                lab6,
+                "map",
+                f"{port}/tcp",
+                "--json",
+                "--methods",
+                "upnp",
+                "--filter",
+                allowed,
+                state=state,
+            )
+            assert done.returncode == 0, done.stderr + lab6.log_text()
+            assert json.loads(done.stdout)["filters"] == [f"{allowed}/128"]
+            got = inbound(lab6, listener, host, port)
+            assert got == (b"inside says hello" if opens else None), lab6.nft_rules()
+            done = cli(lab6, "unmap", f"{port}/tcp", state=state)
+            assert done.returncode == 0, done.stderr + lab6.log_text()
+
+
 PINHOLE_SCRIPT = """
 import json, sys, attrs, trio
 from ipaddress import IPv6Address
