@@ -144,6 +144,8 @@ def pytest_runtest_makereport(
     if report.failed:
         # When a lab test fails, miniupnpd's log is the first thing to read.
         labs = [*getattr(item, "funcargs", {}).values(), *_factory_labs.get(item.nodeid, [])]
+        # A Sites or Series fixture holds several labs (its .labs).
+        labs = [lab for value in labs for lab in getattr(value, "labs", (value,))]
         for value in labs:
             if isinstance(value, Lab):
                 report.sections.append(
