@@ -421,6 +421,21 @@ def interpret_map(
     assert sent.data is not None
     if response.lifetime == 0:
         raise MappingError(NAME, "SUCCESS with lifetime 0: the server deleted it")
+    return _granted(response, data, request=request, sent=sent, server=server, now=now)
+
+
+def _granted(
+    response: pcp.PcpResponse,
+    data: pcp.MapData | pcp.PeerData,
+    *,
+    request: MappingRequest,
+    sent: pcp.PcpRequest,
+    server: IPAddress,
+    now: float,
+    remote: tuple[IPAddress, int] | None = None,
+) -> Lease | Undo:
+    """The lease of a SUCCESS to a MAP or PEER, or what to undo (MAP and PEER alike)."""
+    assert sent.data is not None
     lease = Lease(
         method=NAME,
         protocol=request.protocol,
@@ -433,6 +448,7 @@ def interpret_map(
         gateway=server,
         epoch=response.epoch,
         nonce=sent.data.nonce,
+        remote=remote,
     )
     problem = grant_problem(data.external_port, data.external_address)
     if problem is not None:
@@ -441,9 +457,10 @@ def interpret_map(
         return Undo(lease, f"the PCP server {problem}")
     missing = options_problem(response, sent)
     if missing is not None:
-        # Not what was asked: a mapping for the wrong host, or open to every
-        # remote peer when the app asked for a few. Delete it and say so; no
-        # other method would do better with the same request.
+        # Not what was asked: a mapping (or a PEER binding, §13.1) for the
+        # wrong host, or open to every remote peer when the app asked for a
+        # few. Delete it and say so; no other method would do better with the
+        # same request.
         return Undo(lease, f"the PCP server {missing}", move_on=False, unsupported=True)
     if request.filters:
         lease = attrs.evolve(lease, filters=request.filters)
@@ -568,29 +585,9 @@ def interpret_peer(
         )
     if response.lifetime == 0:
         raise MappingError(NAME, "PEER SUCCESS with lifetime 0: the server dropped the binding")
-    lease = Lease(
-        method=NAME,
-        protocol=request.protocol,
-        internal_address=request.internal_address or sent.client_address,
-        internal_port=request.internal_port,
-        external_address=data.external_address,
-        external_port=data.external_port,
-        lifetime=response.lifetime,
-        granted_at=now,
-        gateway=server,
-        epoch=response.epoch,
-        nonce=sent_data.nonce,
-        remote=asked,
+    return _granted(
+        response, data, request=request, sent=sent, server=server, now=now, remote=asked
     )
-    problem = grant_problem(data.external_port, data.external_address)
-    if problem is not None:
-        return Undo(lease, f"the PCP server {problem}")
-    missing = options_problem(response, sent)
-    if missing is not None:
-        # §13.1 as for MAP: the binding may be the sender's flow, not the
-        # other host's this lease would name. Delete it and say so.
-        return Undo(lease, f"the PCP server {missing}", move_on=False, unsupported=True)
-    return lease
 
 
 def _sent_third_party(sent: pcp.PcpRequest) -> pcp.ThirdParty | None:
