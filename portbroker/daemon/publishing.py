@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import attrs
 import trio
@@ -51,6 +51,9 @@ logger = logging.getLogger("portbroker.daemon")
 # Each is a few records re-announced on every change: a bound keeps one user
 # from flooding the LAN's multicast through the daemon.
 MAX_PUBLICATIONS: Final = 16
+# A mapping in these states is over for good (Failed) or going (release):
+# nothing to publish.
+_ENDED: Final = (State.FAILED, State.RELEASED, State.RELEASING)
 
 
 @attrs.define(eq=False)
@@ -108,6 +111,13 @@ class Publishing:
         if not all(isinstance(v, str) for v in txt.values()):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "'txt' values must be strings")
         lease: Lease | None = handle.lease
+        if handle.state in _ENDED:
+            # A Failed mapping keeps its last lease: published, it would
+            # advertise an external endpoint the gateway no longer holds.
+            raise ProtocolError(
+                ErrorCode.NOT_FOUND,
+                f"{entry.id} has ended ({handle.state.value}): map it again, then publish",
+            )
         if lease is None:
             raise ProtocolError(
                 ErrorCode.BAD_REQUEST, f"{entry.id} is not granted yet: publish it once mapped"
@@ -154,6 +164,13 @@ class Publishing:
                 await publication.withdraw()
             raise ProtocolError(ErrorCode.NOT_FOUND, f"{entry.id} ended before it was published")
         self._by_key.setdefault(entry.key, {})[advert.key] = placeholder
+        # Events while zeroconf probed went to no publication (changed() skips
+        # placeholders): catch up with the mapping as it is now.
+        now: Literal["up", "lost"] = "lost" if handle.state is State.LOST else "up"
+        if handle.lease is not None and (handle.lease, now) != (lease, advert.state):
+            self._nursery.start_soon(
+                self._quietly, publication.update_lease(handle.lease, state=now)
+            )
         logger.info("uid %d: published %s as %r (%s)", uid, entry.id, name, advert.service_type)
         return {"published": placeholder.describe(entry.id)}
 
@@ -173,13 +190,14 @@ class Publishing:
 
     def changed(self, key: Key, event: MappingEvent, lease: Lease | None) -> None:
         """A mapping event: its publications follow (module docstring of rendezvous)."""
+        if isinstance(event, Failed):
+            # Also a publish still probing (a placeholder): it finds itself gone.
+            self.gone(key)
+            return
         for published in self.of(key):
             publication = published.publication
             if publication is None:
                 continue
-            if isinstance(event, Failed):
-                self.gone(key)
-                return
             if isinstance(event, Lost):
                 self._nursery.start_soon(self._quietly, publication.mark_lost())
             elif isinstance(event, Restored | ExternalAddressChanged | Renewed) and lease:
