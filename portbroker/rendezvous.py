@@ -88,6 +88,8 @@ T = TypeVar("T")
 # not reuse them.
 TXT_KEYS: Final = ("txtvers", "ext_addr", "ext_port", "method", "public", "state", "rev")
 TXT_VERSION: Final = "1"
+# The TXT ``method`` values portbroker writes (a lease's method).
+_METHODS: Final = frozenset({"pcp", "natpmp", "upnp"})
 # RFC 6763 §6.2: a TXT record should stay under 1300 bytes to fit in a packet.
 MAX_TXT_BYTES: Final = 1300
 # Peers one browser keeps (a table in the zeroconf thread): past this, new
@@ -185,7 +187,13 @@ def check_txt(extra: Mapping[str, str] | None) -> dict[str, str]:
             )
         if key.lower() in {k.lower() for k in out}:
             raise RendezvousError(f"TXT key {key!r} given twice (keys are case-insensitive)")
-        if len(key) + 1 + len(value.encode()) > 255:
+        try:
+            encoded = value.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate: a JSON "\udcff", or a command-line byte that
+            # is not UTF-8 (Python's surrogateescape).
+            raise RendezvousError(f"TXT value of {key!r} is not valid UTF-8 text") from None
+        if len(key) + 1 + len(encoded) > 255:
             raise RendezvousError(f"TXT entry {key!r} is longer than 255 bytes (RFC 6763 §6.1)")
         out[key] = value
     return out
@@ -327,30 +335,38 @@ def peer_from_txt(
     port: int | None,
     txt: Mapping[str, str | None],
 ) -> Peer:
-    """A :class:`Peer` from resolved records; malformed TXT values read as absent."""
+    """A :class:`Peer` from resolved records; malformed TXT values read as absent.
+
+    Any LAN host can send any TXT: ``method`` and ``state`` are one of the
+    values portbroker writes or None (never a stranger's text, which a shell
+    would print), ``ext_port`` is ASCII digits (``int`` would take " 80",
+    "+80" or Arabic-Indic digits), and ``public`` is what the broker's rule
+    says of ``ext_addr``, not what the peer claims (None without one).
+    """
     lowered = {k.lower(): v for k, v in txt.items()}
     external: tuple[IPAddress, int] | None = None
-    try:
-        ext_port = int(lowered.get("ext_port") or "")
-        if 1 <= ext_port <= 65535:
-            external = (ipaddress.ip_address(lowered.get("ext_addr") or ""), ext_port)
-    except ValueError:
-        pass
+    port_text = lowered.get("ext_port") or ""
+    if port_text.isascii() and port_text.isdigit() and len(port_text) <= 5:
+        ext_port = int(port_text)
+        with contextlib.suppress(ValueError):
+            if 1 <= ext_port <= 65535:
+                external = (ipaddress.ip_address(lowered.get("ext_addr") or ""), ext_port)
     internal: list[tuple[IPAddress, int]] = []
     if port:
         for text in addresses:
             with contextlib.suppress(ValueError):
                 internal.append((ipaddress.ip_address(text.split("%")[0]), port))
-    public = {"1": True, "0": False}.get(lowered.get("public") or "")
+    method = lowered.get("method")
+    state = lowered.get("state")
     return Peer(
         name,
         service_type,
         host,
         tuple(internal),
         external,
-        lowered.get("method"),
-        public,
-        lowered.get("state"),
+        method if method in _METHODS else None,
+        None if external is None else _is_public(external[0]),
+        state if state in ("up", "lost") else None,
         dict(txt),
     )
 

@@ -31,6 +31,8 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
             "portbroker's own",
         ),
         (["map", "8080", "--publish", "_http._tcp:web", "--txt", "novalue"], 2, "KEY=VALUE"),
+        # A byte that is not UTF-8 on the command line (surrogateescape).
+        (["map", "8080", "--publish", "_http._tcp:web", "--txt", "k=\udcff"], 2, "not valid UTF-8"),
         (["map", "8080", "--txt", "a=b", "--no-daemon"], 2, "--txt goes with --publish"),
         (
             ["map", "8080", "--publish", "_http._tcp:web", "--no-daemon", "--gateway", "127.0.0.1"],

@@ -177,14 +177,14 @@ def test_peers_are_parsed_from_records_and_bad_values_read_as_absent() -> None:
         "h.local.",
         ["192.168.1.100", "fe80::1%2"],
         8080,
-        {"ext_addr": "203.0.113.7", "ext_port": "9000", "method": "pcp", "public": "1"},
+        {"ext_addr": "11.0.0.1", "ext_port": "9000", "method": "pcp", "public": "1"},
     )
     assert peer.internal == (
         (ipaddress.ip_address("192.168.1.100"), 8080),
         (ipaddress.ip_address("fe80::1"), 8080),
     )
-    assert peer.external == (ipaddress.ip_address("203.0.113.7"), 9000)
-    assert (peer.method, peer.public) == ("pcp", True)
+    assert peer.external == (ipaddress.ip_address("11.0.0.1"), 9000)
+    assert (peer.method, peer.public, peer.state) == ("pcp", True, None)
     for txt in (
         {"ext_addr": "nonsense", "ext_port": "9000"},
         {"ext_addr": "203.0.113.7", "ext_port": "99999"},
@@ -193,6 +193,36 @@ def test_peers_are_parsed_from_records_and_bad_values_read_as_absent() -> None:
         {"ext_addr": None, "ext_port": None},
     ):
         assert peer_from_txt("x", "_a._tcp.local.", None, [], 1, txt).external is None
+
+
+def test_a_hostile_peers_txt_gives_clean_values() -> None:
+    # Any LAN host sends any TXT: what a Peer says is portbroker's values or
+    # None, never a stranger's text (a terminal escape `browse` would print).
+    def peer(**txt: str) -> Peer:
+        return peer_from_txt("x", "_a._tcp.local.", None, [], 1, txt)
+
+    hostile = peer(
+        ext_addr="10.0.0.5", ext_port="9000", public="1", method="\x1b[2J", state="x" * 5000
+    )
+    assert hostile.external == (ipaddress.ip_address("10.0.0.5"), 9000)
+    # A private address is not public whatever the peer claims.
+    assert (hostile.method, hostile.state, hostile.public) == (None, None, False)
+    assert hostile.txt["state"] == "x" * 5000  # the raw record is still there
+    assert peer(public="1").public is None  # no external endpoint: nothing to say
+    assert peer(state="lost", method="upnp").state == "lost"
+    assert peer(state="lost", method="upnp").method == "upnp"
+    # int() would read these as ports; they are not ASCII digits.
+    for port in (" 80", "+80", "\u0668\u0660", "8_0", "0080000"):
+        assert peer(ext_addr="11.0.0.1", ext_port=port).external is None, port
+
+
+def test_txt_that_is_not_utf8_is_refused_in_words() -> None:
+    # A lone surrogate: a JSON "\udcff" to the daemon, or `--txt k=$'\xff'`
+    # (Python's surrogateescape reads the byte that way).
+    with pytest.raises(RendezvousError, match="not valid UTF-8"):
+        check_txt({"k": "\udcff"})
+    with pytest.raises(RendezvousError, match="not valid UTF-8"):
+        advert_for(lease(), "_http._tcp", "web", extra={"k": "a\ud800"})
 
 
 def test_the_srv_target_is_unique_per_address() -> None:
