@@ -668,11 +668,7 @@ class _PeerTable:
                     return
             else:
                 if name not in self._peers and len(self._peers) >= self._limit:
-                    self.dropped += 1
-                    if self.dropped == 1:
-                        logger.warning(
-                            "more than %d peers of one service type: ignoring new ones", self._limit
-                        )
+                    self._drop()
                     return
                 self._peers[name] = peer
             self._dirty.add(name)
@@ -681,6 +677,25 @@ class _PeerTable:
             self._wake_pending = True
             self.wakeups += 1
         self._wake()
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        if self.dropped == 1:
+            logger.warning("more than %d peers of one service type: ignoring new ones", self._limit)
+
+    def admits(self, name: str, resolving: int) -> bool:
+        """From zeroconf's thread: whether to resolve *name*, with *resolving*
+        resolves in flight. A known peer always is; a new name only while both
+        the table and the resolves in flight are under the limit, so that a
+        LAN host announcing 10,000 names gets no 10,000 queries sent and no
+        10,000 tasks (the name is dropped and counted instead)."""
+        with self._lock:
+            if name in self._peers:
+                return True
+            if len(self._peers) < self._limit and resolving < self._limit:
+                return True
+            self._drop()
+            return False
 
     def close(self) -> None:
         with self._lock:
@@ -919,7 +934,7 @@ class _Thread(ZeroconfThread):
                 table.put(_instance(name, service_type), None)
             elif name in resolving:
                 resolving[name][0] = True  # once more when the one in flight ends
-            else:
+            elif table.admits(_instance(name, service_type), len(resolving)):
                 resolving[name] = again = [False]
                 _background(asyncio.ensure_future(resolve(name, again)))
 

@@ -18,6 +18,7 @@ import trio
 from portbroker.broker import open_broker
 from portbroker.lifecycle import ExternalAddressChanged, Lost, Restored
 from portbroker.rendezvous import (
+    CACHE_FLUSH_DELAY,
     MAX_PEERS,
     Advert,
     Peer,
@@ -392,6 +393,35 @@ def test_a_name_in_use_on_the_network_is_refused_clearly(netns: str) -> None:
                 await one.publish_advert(web("taken"))
             assert len(one.publications) == 1
             assert two.publications == ()
+
+    run_isolated(netns, main)
+
+
+def test_names_past_the_limit_are_not_resolved(netns: str, monkeypatch: Any) -> None:
+    """A LAN host announcing more names than a browser keeps gets no query
+    for the ones past the limit (10,000 names would be 10,000 queries and
+    tasks), only a count in ``dropped``."""
+    from zeroconf.asyncio import AsyncServiceInfo
+
+    monkeypatch.setattr(_PeerTable.__init__, "__defaults__", (2,))  # limit=2
+    asked: set[str] = set()
+    real = AsyncServiceInfo.async_request
+
+    async def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        asked.add(self.name)
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncServiceInfo, "async_request", counted)
+
+    async def main() -> None:
+        async with open_rendezvous(LOOPBACK) as publisher:
+            async with trio.open_nursery() as nursery:
+                for i in range(5):
+                    nursery.start_soon(publisher.publish_advert, web(f"n{i}"))
+            async with open_rendezvous(LOOPBACK) as seer, seer.browse("_pbtest._tcp") as browser:
+                await until(lambda: browser.dropped >= 3 and len(browser.snapshot()) == 2)
+                await trio.sleep(CACHE_FLUSH_DELAY * 2)  # any resolve still to start has
+                assert len(asked) == 2, asked
 
     run_isolated(netns, main)
 
