@@ -602,7 +602,15 @@ class ZeroconfThread:
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(loop.stop)
             self._closed = True
-            await trio.to_thread.run_sync(self._thread.join)
+            # Bounded too: a zeroconf thread stuck in a call never sees the
+            # stop, and a daemon's shutdown must not wait for it forever (the
+            # thread is a daemon thread: it dies with the process).
+            thread = self._thread
+            await trio.to_thread.run_sync(thread.join, CLOSE_TIMEOUT)
+            if thread.is_alive():
+                logger.warning(
+                    "zeroconf's thread did not stop within %g s; left behind", CLOSE_TIMEOUT
+                )
 
 
 def _close_sockets_of(error: BaseException) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import trio
 
+from portbroker import rendezvous as rendezvous_module
 from portbroker.broker import open_broker
 from portbroker.lifecycle import ExternalAddressChanged, Lost, Restored
 from portbroker.rendezvous import (
@@ -424,6 +425,34 @@ def test_names_past_the_limit_are_not_resolved(netns: str, monkeypatch: Any) -> 
                 assert len(asked) == 2, asked
 
     run_isolated(netns, main)
+
+
+def test_closing_is_bounded_when_zeroconfs_thread_hangs(
+    netns: str, monkeypatch: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A zeroconf thread stuck in a call (it never sees the stop) does not
+    hold the close, nor a daemon's shutdown, forever."""
+    monkeypatch.setattr(rendezvous_module, "CLOSE_TIMEOUT", 0.5)
+    gate = threading.Event()
+    # The test's own bound: the close waited for the thread (the fault) only
+    # ends when this lets the thread go.
+    safety = threading.Timer(60, gate.set)
+    safety.start()
+    stuck: list[bool] = []
+
+    async def main() -> None:
+        async with open_rendezvous(LOOPBACK) as rendezvous:
+            await rendezvous.publish_advert(web())
+            rendezvous.thread.post(lambda: gate.wait() and None)
+        stuck.append(not gate.is_set())  # the close returned, the thread still stuck
+
+    try:
+        run_isolated(netns, main)
+    finally:
+        gate.set()
+        safety.cancel()
+    assert stuck == [True]
+    assert "did not stop" in caplog.text
 
 
 def test_many_concurrent_publish_update_withdraw_lose_no_update(netns: str) -> None:
