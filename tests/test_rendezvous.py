@@ -443,7 +443,11 @@ def test_closing_is_bounded_when_zeroconfs_thread_hangs(
     async def main() -> None:
         async with open_rendezvous(LOOPBACK) as rendezvous:
             await rendezvous.publish_advert(web())
-            rendezvous.thread.post(lambda: gate.wait() and None)
+
+            def hang() -> None:
+                gate.wait()
+
+            rendezvous.thread.post(hang)
         stuck.append(not gate.is_set())  # the close returned, the thread still stuck
 
     try:
