@@ -9,7 +9,9 @@ thing in a network namespace.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, Literal
 
 import attrs
@@ -17,12 +19,17 @@ import pytest
 import trio
 import trio.testing
 
+from portbroker.client import open_client
 from portbroker.daemon.ownership import Entry
 from portbroker.daemon.protocol import ErrorCode, ProtocolError, Request
 from portbroker.daemon.publishing import Publishing
 from portbroker.lifecycle import Failed, Lost, State
 from portbroker.rendezvous import Advert
+from portbroker.testing import FakeGateway
 from portbroker.types import Lease, TransportProtocol
+from tests.test_daemon_restore import ROOT_UID, eventually, record, running, write_state
+from tests.test_daemon_restore import mock_time as mock_time  # the fixtures
+from tests.test_daemon_restore import short_dir as short_dir
 
 TYPE = "_pbtest._tcp"
 
@@ -164,3 +171,32 @@ async def test_a_mapping_lost_or_moved_while_its_publish_probes_is_published_as_
         assert publication.advert.external_port == 9001
 
     await with_publishing(body)
+
+
+async def test_a_restored_mapping_the_gateway_refuses_takes_its_publication_with_it(
+    short_dir: Path, mock_time: trio.testing.MockClock
+) -> None:
+    # After a restart an app publishes its mapping while the daemon is still
+    # taking it over from the state file; the gateway then refuses it for
+    # good and the daemon forgets it. Its publication must go too, not stay
+    # on the LAN (and in the user's count) for a mapping nobody has.
+    write_state(short_dir, [record(8080, expires_at_unix=round(time.time() + 600, 3))])
+    gateway = FakeGateway(drop_rate=1.0)  # silent: the record stays "restoring"
+    rv = FakeRendezvous()
+    rv.probed.set()
+
+    @contextlib.asynccontextmanager
+    async def opener(_interfaces: list[str]) -> AsyncIterator[Any]:
+        yield rv
+
+    async with running(short_dir, gateway) as daemon:
+        daemon.publishing._open = opener
+        async with open_client(short_dir / "pb.sock") as client:
+            await client.publish(8080, "tcp", service_type=TYPE, name="web")
+        assert len(rv.live) == 1
+        gateway.drop_rate = 0.0
+        gateway.forced_result = 2  # NOT_AUTHORIZED, for 1800 s: a refusal for good
+        await eventually(lambda: ("tcp", 8080) not in daemon.shared)
+        await trio.testing.wait_all_tasks_blocked()
+        assert rv.live == {}
+        assert daemon.publishing.count(ROOT_UID) == 0
