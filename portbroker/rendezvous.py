@@ -161,6 +161,14 @@ def check_instance_name(value: object) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise RendezvousError("the instance name is not valid Unicode text") from None
+    if value.startswith(".") or value.endswith(".") or ".." in value:
+        # zeroconf sends a dot as a label separator (no RFC 6763 §4.3 escape):
+        # an empty label makes a name no browser resolves, though its
+        # registration succeeds.
+        raise RendezvousError(
+            f"the instance name {value!r} may not start or end with '.' or hold '..'"
+            " (zeroconf sends each dot as a label break)"
+        )
     return value
 
 

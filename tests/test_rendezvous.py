@@ -218,6 +218,15 @@ def test_a_hostile_peers_txt_gives_clean_values() -> None:
         assert peer(ext_addr="11.0.0.1", ext_port=port).external is None, port
 
 
+def test_an_instance_name_with_an_empty_label_is_refused() -> None:
+    # zeroconf registers "web." or "a..b" without complaint, but no browser
+    # ever sees them (an empty label on the wire); one dot inside is fine.
+    for name in ("web.", ".web", "a..b", "."):
+        with pytest.raises(RendezvousError, match="may not start or end with"):
+            check_instance_name(name)
+    assert check_instance_name("a.b") == "a.b"
+
+
 def test_txt_that_is_not_utf8_is_refused_in_words() -> None:
     # A lone surrogate: a JSON "\udcff" to the daemon, or `--txt k=$'\xff'`
     # (Python's surrogateescape reads the byte that way).
