@@ -354,11 +354,14 @@ def peer_from_txt(
     lowered = {k.lower(): v for k, v in txt.items()}
     external: tuple[IPAddress, int] | None = None
     port_text = lowered.get("ext_port") or ""
-    if port_text.isascii() and port_text.isdigit() and len(port_text) <= 5:
+    addr_text = lowered.get("ext_addr") or ""
+    # No zone: a gateway's external address has none, and ipaddress keeps any
+    # text after a '%' (a terminal escape too) as the scope.
+    if port_text.isascii() and port_text.isdigit() and len(port_text) <= 5 and "%" not in addr_text:
         ext_port = int(port_text)
         with contextlib.suppress(ValueError):
             if 1 <= ext_port <= 65535:
-                external = (ipaddress.ip_address(lowered.get("ext_addr") or ""), ext_port)
+                external = (ipaddress.ip_address(addr_text), ext_port)
     internal: list[tuple[IPAddress, int]] = []
     if port:
         for text in addresses:

@@ -216,6 +216,8 @@ def test_a_hostile_peers_txt_gives_clean_values() -> None:
     # int() would read these as ports; they are not ASCII digits.
     for port in (" 80", "+80", "\u0668\u0660", "8_0", "0080000"):
         assert peer(ext_addr="11.0.0.1", ext_port=port).external is None, port
+    # ipaddress keeps any text after '%' as an IPv6 zone: no zone is taken.
+    assert peer(ext_addr="2001:db8::1%\x1b[2J", ext_port="80").external is None
 
 
 def test_an_instance_name_with_an_empty_label_is_refused() -> None:
