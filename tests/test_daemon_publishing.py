@@ -23,7 +23,7 @@ from portbroker.client import open_client
 from portbroker.daemon.ownership import Entry
 from portbroker.daemon.protocol import ErrorCode, ProtocolError, Request
 from portbroker.daemon.publishing import Publishing
-from portbroker.lifecycle import Failed, Lost, State
+from portbroker.lifecycle import Acquired, Failed, Lost, State
 from portbroker.rendezvous import Advert
 from portbroker.testing import FakeGateway
 from portbroker.types import Lease, TransportProtocol
@@ -200,3 +200,18 @@ async def test_a_restored_mapping_the_gateway_refuses_takes_its_publication_with
         await trio.testing.wait_all_tasks_blocked()
         assert rv.live == {}
         assert daemon.publishing.count(ROOT_UID) == 0
+
+
+async def test_a_restored_mapping_granted_another_port_is_republished_with_it() -> None:
+    # Published while restoring (the state file's lease, port 9000); the
+    # gateway then grants the take-over port 9001 (an Acquired event).
+    async def body(publishing: Publishing, rv: FakeRendezvous) -> None:
+        rv.probed.set()
+        entry = Entry(("tcp", 8080), 0)
+        await publishing.publish(0, entry, Handle(lease(9000)), request())
+        publishing.changed(entry.key, Acquired(lease(9001)), lease(9001))
+        await trio.testing.wait_all_tasks_blocked()
+        (publication,) = rv.live.values()
+        assert publication.advert.external_port == 9001
+
+    await with_publishing(body)

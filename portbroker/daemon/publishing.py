@@ -24,6 +24,7 @@ import trio
 from portbroker.daemon.ownership import Entry, Key
 from portbroker.daemon.protocol import ErrorCode, ProtocolError, Request
 from portbroker.lifecycle import (
+    Acquired,
     ExternalAddressChanged,
     Failed,
     Lost,
@@ -200,9 +201,14 @@ class Publishing:
                 continue
             if isinstance(event, Lost):
                 self._nursery.start_soon(self._quietly, publication.mark_lost())
-            elif isinstance(event, Restored | ExternalAddressChanged | Renewed) and lease:
+            elif (
+                isinstance(event, Restored | ExternalAddressChanged | Renewed | Acquired) and lease
+            ):
+                # Acquired: a mapping taken over from the state file after a
+                # restart (published while it was restoring, from the file's
+                # lease) may have been granted another external port.
                 advert = publication.advert
-                if isinstance(event, Renewed) and (
+                if isinstance(event, Renewed | Acquired) and (
                     advert.external_address,
                     advert.external_port,
                     advert.state,
