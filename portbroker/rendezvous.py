@@ -92,6 +92,9 @@ TXT_VERSION: Final = "1"
 _METHODS: Final = frozenset({"pcp", "natpmp", "upnp"})
 # RFC 6763 §6.2: a TXT record should stay under 1300 bytes to fit in a packet.
 MAX_TXT_BYTES: Final = 1300
+# Extra entries that could fit at all: each takes at least 3 bytes (a length
+# byte, a one-character key, '=').
+MAX_TXT_ENTRIES: Final = MAX_TXT_BYTES // 3
 # Peers one browser keeps (a table in the zeroconf thread): past this, new
 # names are ignored and counted in Browser.dropped (logged once). It bounds
 # both the table and the set of changes waiting for trio.
@@ -178,7 +181,15 @@ def check_txt(extra: Mapping[str, str] | None) -> dict[str, str]:
         return {}
     if not isinstance(extra, Mapping):
         raise RendezvousError("extra TXT must be a mapping of key to value")
+    if len(extra) > MAX_TXT_ENTRIES:
+        # Refused before each is looked at: a 64 KiB daemon request holds
+        # thousands, and the daemon serves everyone from one thread.
+        raise RendezvousError(
+            f"{len(extra)} extra TXT entries; at most {MAX_TXT_ENTRIES} fit in a TXT record"
+            f" of {MAX_TXT_BYTES} bytes (RFC 6763 §6.2)"
+        )
     out: dict[str, str] = {}
+    seen: set[str] = set()  # keys lowered (RFC 6763 §6.4: case-insensitive)
     for key, value in extra.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise RendezvousError("extra TXT keys and values must be strings")
@@ -193,8 +204,9 @@ def check_txt(extra: Mapping[str, str] | None) -> dict[str, str]:
             raise RendezvousError(
                 f"TXT key {key!r} is portbroker's own ({', '.join(TXT_KEYS)}); pick another"
             )
-        if key.lower() in {k.lower() for k in out}:
+        if key.lower() in seen:
             raise RendezvousError(f"TXT key {key!r} given twice (keys are case-insensitive)")
+        seen.add(key.lower())
         try:
             encoded = value.encode("utf-8")
         except UnicodeEncodeError:

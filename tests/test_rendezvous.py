@@ -229,6 +229,24 @@ def test_an_instance_name_with_an_empty_label_is_refused() -> None:
     assert check_instance_name("a.b") == "a.b"
 
 
+def test_thousands_of_txt_entries_are_refused_before_each_is_checked() -> None:
+    # A 64 KiB daemon request holds ~7,000 of them; checking each against the
+    # ones before took seconds of the daemon's only thread.
+    class Counting(dict[str, str]):
+        read = 0
+
+        def items(self) -> Any:
+            for item in super().items():
+                Counting.read += 1
+                yield item
+
+    many = Counting({f"k{i}": "" for i in range(7000)})
+    with pytest.raises(RendezvousError, match="at most 433 fit"):
+        check_txt(many)
+    assert Counting.read == 0
+    assert len(check_txt({f"k{i}": "" for i in range(433)})) == 433
+
+
 def test_txt_that_is_not_utf8_is_refused_in_words() -> None:
     # A lone surrogate: a JSON "\udcff" to the daemon, or `--txt k=$'\xff'`
     # (Python's surrogateescape reads the byte that way).
