@@ -99,6 +99,9 @@ MAX_TXT_ENTRIES: Final = MAX_TXT_BYTES // 3
 # names are ignored and counted in Browser.dropped (logged once). It bounds
 # both the table and the set of changes waiting for trio.
 MAX_PEERS: Final = 1024
+# Internal addresses kept of one peer (zeroconf caches every A/AAAA record a
+# host sends for its SRV target): a host has a few, not thousands.
+MAX_PEER_ADDRESSES: Final = 16
 # How long a goodbye and zeroconf's own close may take when a Rendezvous
 # closes (shielded: closing always unregisters).
 CLOSE_TIMEOUT: Final = 10.0
@@ -378,7 +381,11 @@ def peer_from_txt(
     if port:
         for text in addresses:
             with contextlib.suppress(ValueError):
-                internal.append((ipaddress.ip_address(text.split("%")[0]), port))
+                endpoint = (ipaddress.ip_address(text.split("%")[0]), port)
+                if endpoint not in internal:
+                    internal.append(endpoint)
+            if len(internal) >= MAX_PEER_ADDRESSES:
+                break  # a LAN host may pile up A/AAAA records for its SRV target
     method = lowered.get("method")
     state = lowered.get("state")
     return Peer(

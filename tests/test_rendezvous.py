@@ -216,6 +216,13 @@ def test_a_hostile_peers_txt_gives_clean_values() -> None:
     # int() would read these as ports; they are not ASCII digits.
     for port in (" 80", "+80", "\u0668\u0660", "8_0", "0080000"):
         assert peer(ext_addr="11.0.0.1", ext_port=port).external is None, port
+    # A host piling up address records for its SRV target: a few are kept.
+    many = peer_from_txt(
+        "x", "_a._tcp.local.", None, [f"10.0.{i // 256}.{i % 256}" for i in range(5000)], 80, {}
+    )
+    assert len(many.internal) == 16
+    twice = peer_from_txt("x", "_a._tcp.local.", None, ["fe80::1%2", "fe80::1%3"], 80, {})
+    assert twice.internal == ((ipaddress.ip_address("fe80::1"), 80),)
     # ipaddress keeps any text after '%' as an IPv6 zone: no zone is taken.
     assert peer(ext_addr="2001:db8::1%\x1b[2J", ext_port="80").external is None
 
