@@ -78,6 +78,7 @@ __all__ = [
     "check_txt",
     "open_rendezvous",
     "peer_from_txt",
+    "shielded",
 ]
 
 logger = logging.getLogger("portbroker.rendezvous")
@@ -643,6 +644,15 @@ class ZeroconfThread:
                 )
 
 
+def shielded() -> trio.CancelScope:
+    """A shield for a withdraw or a browser's end, bounded by :data:`CLOSE_TIMEOUT`:
+    a withdraw waits behind what zeroconf's thread is doing, and a thread
+    stuck in a call would otherwise hold its caller (a daemon's request,
+    its shutdown) forever. A withdraw cut short is still queued
+    (:meth:`Publication.withdraw`)."""
+    return trio.move_on_after(CLOSE_TIMEOUT, shield=True)
+
+
 def _close_sockets_of(error: BaseException) -> None:
     """Close the sockets zeroconf made before it failed (its create_sockets
     leaves the 0.0.0.0:5353 one open when joining an interface fails); they
@@ -1045,7 +1055,7 @@ class Rendezvous:
         try:
             await publication._apply(advert)
         except BaseException:
-            with trio.CancelScope(shield=True):
+            with shielded():
                 await publication.withdraw()
             raise
         return publication
@@ -1109,7 +1119,7 @@ class Rendezvous:
                         logger.warning("%s: could not update: %s", publication.advert.name, exc)
         if not publication.withdrawn:
             publication.follower = None
-            with trio.CancelScope(shield=True):
+            with shielded():
                 await publication.withdraw()
 
     @contextlib.asynccontextmanager
@@ -1127,7 +1137,7 @@ class Rendezvous:
             yield browser
         finally:
             self._browsers.discard(browser)
-            with trio.CancelScope(shield=True):
+            with shielded():
                 await browser.aclose()
 
     async def aclose(self) -> None:

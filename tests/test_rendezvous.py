@@ -495,6 +495,38 @@ def test_closing_is_bounded_when_zeroconfs_thread_hangs(
     assert "did not stop" in caplog.text
 
 
+def test_a_publish_cancelled_while_zeroconfs_thread_hangs_returns(
+    netns: str, monkeypatch: Any
+) -> None:
+    """The withdraw after a cancelled publish is shielded but bounded: a
+    stuck zeroconf thread does not hold the caller (a daemon's request, and
+    so its shutdown) forever."""
+    monkeypatch.setattr(rendezvous_module, "CLOSE_TIMEOUT", 0.5)
+    gate = threading.Event()
+    safety = threading.Timer(60, gate.set)  # the fault: only this ends the wait
+    safety.start()
+    returned: list[bool] = []
+
+    async def main() -> None:
+        async with open_rendezvous(LOOPBACK) as rendezvous:
+
+            def hang() -> None:
+                gate.wait()
+
+            rendezvous.thread.post(hang)
+            with trio.move_on_after(0.5):
+                await rendezvous.publish_advert(web())
+            returned.append(not gate.is_set())
+            assert rendezvous.publications == ()
+
+    try:
+        run_isolated(netns, main)
+    finally:
+        gate.set()
+        safety.cancel()
+    assert returned == [True]
+
+
 def test_many_concurrent_publish_update_withdraw_lose_no_update(netns: str) -> None:
     """40 names, 25 updates each from concurrent tasks, every third name
     withdrawn: zeroconf's registry ends with exactly each name's last state,

@@ -41,6 +41,7 @@ from portbroker.rendezvous import (
     check_instance_name,
     check_service_type,
     open_rendezvous,
+    shielded,
 )
 from portbroker.types import Lease
 
@@ -161,7 +162,7 @@ class Publishing:
         placeholder.publication = publication
         if self._by_name.get(advert.key) is not placeholder:
             # Its mapping ended while zeroconf probed (gone() dropped it).
-            with trio.CancelScope(shield=True):
+            with shielded():
                 await publication.withdraw()
             raise ProtocolError(ErrorCode.NOT_FOUND, f"{entry.id} ended before it was published")
         self._by_key.setdefault(entry.key, {})[advert.key] = placeholder
@@ -185,7 +186,7 @@ class Publishing:
             )
         self._forget(full)
         if published.publication is not None:
-            with trio.CancelScope(shield=True):
+            with shielded():
                 await published.publication.withdraw()
         return {"unpublished": published.describe(entry.id)}
 
