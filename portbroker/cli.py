@@ -540,6 +540,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         methods = (args.via,)
     if args.command == "map" and args.txt and not args.publish:
         raise UsageError("--txt goes with --publish")
+    if args.command == "map" and args.publish:
+        # Before anything is mapped: through the daemon the map would stay
+        # (persistent without --hold) under a "map failed" for the publish.
+        proto = args.publish[0].split(".")[1][1:]
+        if proto != args.spec[1]:
+            raise UsageError(
+                f"--publish {args.publish[0]} is {proto.upper()}, but {args.spec[0]}/"
+                f"{args.spec[1]} is {args.spec[1].upper()}: use '_name._{args.spec[1]}'"
+            )
     # The daemon has no PEER op: `unmap --remote` deletes a `peer` record itself.
     if args.command in ("map", "unmap") and not getattr(args, "remote", None) and _use_daemon(args):
         return trio.run(_daemon_client, args)
@@ -813,13 +822,27 @@ async def _daemon_map(client: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 async def _daemon_publish(client: Any, args: argparse.Namespace) -> None:
     """map --publish through the daemon: it publishes, and withdraws with the mapping."""
+    from portbroker.client import DaemonRequestError
+
     if not args.publish:
         return
     port, proto = args.spec
     service_type, name = args.publish
-    published = await client.publish(
-        port, proto, service_type=service_type, name=name, txt=dict(args.txt)
-    )
+    try:
+        published = await client.publish(
+            port, proto, service_type=service_type, name=name, txt=dict(args.txt)
+        )
+    except DaemonRequestError as exc:
+        # The mapping is made: say so, and whether it outlives this command.
+        stays = (
+            f"it stays mapped (`portbroker unmap {port}/{proto}` ends it)"
+            if args.persist or not args.hold
+            else "it ends with this command"
+        )
+        raise Failure(
+            f"{port}/{proto} is mapped, but publishing it failed: {exc.code}: {exc.message};"
+            f" {stays}"
+        ) from exc
     _print_published(published, as_json=args.json)
 
 

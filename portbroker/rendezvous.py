@@ -78,6 +78,7 @@ __all__ = [
     "check_txt",
     "open_rendezvous",
     "peer_from_txt",
+    "shielded",
 ]
 
 logger = logging.getLogger("portbroker.rendezvous")
@@ -88,12 +89,20 @@ T = TypeVar("T")
 # not reuse them.
 TXT_KEYS: Final = ("txtvers", "ext_addr", "ext_port", "method", "public", "state", "rev")
 TXT_VERSION: Final = "1"
+# The TXT ``method`` values portbroker writes (a lease's method).
+_METHODS: Final = frozenset({"pcp", "natpmp", "upnp"})
 # RFC 6763 §6.2: a TXT record should stay under 1300 bytes to fit in a packet.
 MAX_TXT_BYTES: Final = 1300
+# Extra entries that could fit at all: each takes at least 3 bytes (a length
+# byte, a one-character key, '=').
+MAX_TXT_ENTRIES: Final = MAX_TXT_BYTES // 3
 # Peers one browser keeps (a table in the zeroconf thread): past this, new
 # names are ignored and counted in Browser.dropped (logged once). It bounds
 # both the table and the set of changes waiting for trio.
 MAX_PEERS: Final = 1024
+# Internal addresses kept of one peer (zeroconf caches every A/AAAA record a
+# host sends for its SRV target): a host has a few, not thousands.
+MAX_PEER_ADDRESSES: Final = 16
 # How long a goodbye and zeroconf's own close may take when a Rendezvous
 # closes (shielded: closing always unregisters).
 CLOSE_TIMEOUT: Final = 10.0
@@ -159,6 +168,14 @@ def check_instance_name(value: object) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise RendezvousError("the instance name is not valid Unicode text") from None
+    if value.startswith(".") or value.endswith(".") or ".." in value:
+        # zeroconf sends a dot as a label separator (no RFC 6763 §4.3 escape):
+        # an empty label makes a name no browser resolves, though its
+        # registration succeeds.
+        raise RendezvousError(
+            f"the instance name {value!r} may not start or end with '.' or hold '..'"
+            " (zeroconf sends each dot as a label break)"
+        )
     return value
 
 
@@ -168,7 +185,15 @@ def check_txt(extra: Mapping[str, str] | None) -> dict[str, str]:
         return {}
     if not isinstance(extra, Mapping):
         raise RendezvousError("extra TXT must be a mapping of key to value")
+    if len(extra) > MAX_TXT_ENTRIES:
+        # Refused before each is looked at: a 64 KiB daemon request holds
+        # thousands, and the daemon serves everyone from one thread.
+        raise RendezvousError(
+            f"{len(extra)} extra TXT entries; at most {MAX_TXT_ENTRIES} fit in a TXT record"
+            f" of {MAX_TXT_BYTES} bytes (RFC 6763 §6.2)"
+        )
     out: dict[str, str] = {}
+    seen: set[str] = set()  # keys lowered (RFC 6763 §6.4: case-insensitive)
     for key, value in extra.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise RendezvousError("extra TXT keys and values must be strings")
@@ -183,9 +208,16 @@ def check_txt(extra: Mapping[str, str] | None) -> dict[str, str]:
             raise RendezvousError(
                 f"TXT key {key!r} is portbroker's own ({', '.join(TXT_KEYS)}); pick another"
             )
-        if key.lower() in {k.lower() for k in out}:
+        if key.lower() in seen:
             raise RendezvousError(f"TXT key {key!r} given twice (keys are case-insensitive)")
-        if len(key) + 1 + len(value.encode()) > 255:
+        seen.add(key.lower())
+        try:
+            encoded = value.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate: a JSON "\udcff", or a command-line byte that
+            # is not UTF-8 (Python's surrogateescape).
+            raise RendezvousError(f"TXT value of {key!r} is not valid UTF-8 text") from None
+        if len(key) + 1 + len(encoded) > 255:
             raise RendezvousError(f"TXT entry {key!r} is longer than 255 bytes (RFC 6763 §6.1)")
         out[key] = value
     return out
@@ -327,30 +359,45 @@ def peer_from_txt(
     port: int | None,
     txt: Mapping[str, str | None],
 ) -> Peer:
-    """A :class:`Peer` from resolved records; malformed TXT values read as absent."""
+    """A :class:`Peer` from resolved records; malformed TXT values read as absent.
+
+    Any LAN host can send any TXT: ``method`` and ``state`` are one of the
+    values portbroker writes or None (never a stranger's text, which a shell
+    would print), ``ext_port`` is ASCII digits (``int`` would take " 80",
+    "+80" or Arabic-Indic digits), and ``public`` is what the broker's rule
+    says of ``ext_addr``, not what the peer claims (None without one).
+    """
     lowered = {k.lower(): v for k, v in txt.items()}
     external: tuple[IPAddress, int] | None = None
-    try:
-        ext_port = int(lowered.get("ext_port") or "")
-        if 1 <= ext_port <= 65535:
-            external = (ipaddress.ip_address(lowered.get("ext_addr") or ""), ext_port)
-    except ValueError:
-        pass
+    port_text = lowered.get("ext_port") or ""
+    addr_text = lowered.get("ext_addr") or ""
+    # No zone: a gateway's external address has none, and ipaddress keeps any
+    # text after a '%' (a terminal escape too) as the scope.
+    if port_text.isascii() and port_text.isdigit() and len(port_text) <= 5 and "%" not in addr_text:
+        ext_port = int(port_text)
+        with contextlib.suppress(ValueError):
+            if 1 <= ext_port <= 65535:
+                external = (ipaddress.ip_address(addr_text), ext_port)
     internal: list[tuple[IPAddress, int]] = []
     if port:
         for text in addresses:
             with contextlib.suppress(ValueError):
-                internal.append((ipaddress.ip_address(text.split("%")[0]), port))
-    public = {"1": True, "0": False}.get(lowered.get("public") or "")
+                endpoint = (ipaddress.ip_address(text.split("%")[0]), port)
+                if endpoint not in internal:
+                    internal.append(endpoint)
+            if len(internal) >= MAX_PEER_ADDRESSES:
+                break  # a LAN host may pile up A/AAAA records for its SRV target
+    method = lowered.get("method")
+    state = lowered.get("state")
     return Peer(
         name,
         service_type,
         host,
         tuple(internal),
         external,
-        lowered.get("method"),
-        public,
-        lowered.get("state"),
+        method if method in _METHODS else None,
+        None if external is None else _is_public(external[0]),
+        state if state in ("up", "lost") else None,
         dict(txt),
     )
 
@@ -586,7 +633,24 @@ class ZeroconfThread:
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(loop.stop)
             self._closed = True
-            await trio.to_thread.run_sync(self._thread.join)
+            # Bounded too: a zeroconf thread stuck in a call never sees the
+            # stop, and a daemon's shutdown must not wait for it forever (the
+            # thread is a daemon thread: it dies with the process).
+            thread = self._thread
+            await trio.to_thread.run_sync(thread.join, CLOSE_TIMEOUT)
+            if thread.is_alive():
+                logger.warning(
+                    "zeroconf's thread did not stop within %g s; left behind", CLOSE_TIMEOUT
+                )
+
+
+def shielded() -> trio.CancelScope:
+    """A shield for a withdraw or a browser's end, bounded by :data:`CLOSE_TIMEOUT`:
+    a withdraw waits behind what zeroconf's thread is doing, and a thread
+    stuck in a call would otherwise hold its caller (a daemon's request,
+    its shutdown) forever. A withdraw cut short is still queued
+    (:meth:`Publication.withdraw`)."""
+    return trio.move_on_after(CLOSE_TIMEOUT, shield=True)
 
 
 def _close_sockets_of(error: BaseException) -> None:
@@ -652,11 +716,7 @@ class _PeerTable:
                     return
             else:
                 if name not in self._peers and len(self._peers) >= self._limit:
-                    self.dropped += 1
-                    if self.dropped == 1:
-                        logger.warning(
-                            "more than %d peers of one service type: ignoring new ones", self._limit
-                        )
+                    self._drop()
                     return
                 self._peers[name] = peer
             self._dirty.add(name)
@@ -665,6 +725,25 @@ class _PeerTable:
             self._wake_pending = True
             self.wakeups += 1
         self._wake()
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        if self.dropped == 1:
+            logger.warning("more than %d peers of one service type: ignoring new ones", self._limit)
+
+    def admits(self, name: str, resolving: int) -> bool:
+        """From zeroconf's thread: whether to resolve *name*, with *resolving*
+        resolves in flight. A known peer always is; a new name only while both
+        the table and the resolves in flight are under the limit, so that a
+        LAN host announcing 10,000 names gets no 10,000 queries sent and no
+        10,000 tasks (the name is dropped and counted instead)."""
+        with self._lock:
+            if name in self._peers:
+                return True
+            if len(self._peers) < self._limit and resolving < self._limit:
+                return True
+            self._drop()
+            return False
 
     def close(self) -> None:
         with self._lock:
@@ -903,7 +982,7 @@ class _Thread(ZeroconfThread):
                 table.put(_instance(name, service_type), None)
             elif name in resolving:
                 resolving[name][0] = True  # once more when the one in flight ends
-            else:
+            elif table.admits(_instance(name, service_type), len(resolving)):
                 resolving[name] = again = [False]
                 _background(asyncio.ensure_future(resolve(name, again)))
 
@@ -976,7 +1055,7 @@ class Rendezvous:
         try:
             await publication._apply(advert)
         except BaseException:
-            with trio.CancelScope(shield=True):
+            with shielded():
                 await publication.withdraw()
             raise
         return publication
@@ -1040,7 +1119,7 @@ class Rendezvous:
                         logger.warning("%s: could not update: %s", publication.advert.name, exc)
         if not publication.withdrawn:
             publication.follower = None
-            with trio.CancelScope(shield=True):
+            with shielded():
                 await publication.withdraw()
 
     @contextlib.asynccontextmanager
@@ -1058,7 +1137,7 @@ class Rendezvous:
             yield browser
         finally:
             self._browsers.discard(browser)
-            with trio.CancelScope(shield=True):
+            with shielded():
                 await browser.aclose()
 
     async def aclose(self) -> None:

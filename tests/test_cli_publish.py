@@ -31,7 +31,16 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
             "portbroker's own",
         ),
         (["map", "8080", "--publish", "_http._tcp:web", "--txt", "novalue"], 2, "KEY=VALUE"),
+        # A byte that is not UTF-8 on the command line (surrogateescape).
+        (["map", "8080", "--publish", "_http._tcp:web", "--txt", "k=\udcff"], 2, "not valid UTF-8"),
         (["map", "8080", "--txt", "a=b", "--no-daemon"], 2, "--txt goes with --publish"),
+        # Refused before anything is mapped: through the daemon, the map
+        # stayed (persistent) under a "map failed" for the publish.
+        (
+            ["map", "5000/udp", "--publish", "_http._tcp:web", "--gateway", "127.0.0.1"],
+            2,
+            "is TCP, but 5000/udp is UDP",
+        ),
         (
             ["map", "8080", "--publish", "_http._tcp:web", "--no-daemon", "--gateway", "127.0.0.1"],
             2,
@@ -49,3 +58,42 @@ def test_bad_publish_options_are_refused_in_one_line(
     assert got == status
     assert words in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("hold", "persist", "words"),
+    [
+        (False, False, "it stays mapped (`portbroker unmap 8080/tcp` ends it)"),
+        (True, False, "it ends with this command"),
+        (True, True, "it stays mapped"),
+    ],
+)
+async def test_a_daemon_publish_that_fails_says_the_mapping_is_made(
+    hold: bool, persist: bool, words: str
+) -> None:
+    # The map went through: "map failed" alone would hide a mapping that
+    # (without --hold) outlives the command.
+    import argparse
+
+    from portbroker.cli import Failure, _daemon_publish
+    from portbroker.client import DaemonRequestError
+
+    class Refusing:
+        async def publish(self, *_args: object, **_kwargs: object) -> None:
+            raise DaemonRequestError(
+                "conflict", "'web' (_http._tcp.local.) is published already", {}
+            )
+
+    args = argparse.Namespace(
+        spec=(8080, "tcp"),
+        publish=("_http._tcp.local.", "web"),
+        txt=[],
+        hold=hold,
+        persist=persist,
+        json=False,
+    )
+    with pytest.raises(Failure) as failed:
+        await _daemon_publish(Refusing(), args)
+    message = str(failed.value)
+    assert message.startswith("8080/tcp is mapped, but publishing it failed: conflict: ")
+    assert words in message

@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 import trio
 
+from portbroker import rendezvous as rendezvous_module
 from portbroker.broker import open_broker
 from portbroker.lifecycle import ExternalAddressChanged, Lost, Restored
 from portbroker.rendezvous import (
+    CACHE_FLUSH_DELAY,
     MAX_PEERS,
     Advert,
     Peer,
@@ -177,14 +179,14 @@ def test_peers_are_parsed_from_records_and_bad_values_read_as_absent() -> None:
         "h.local.",
         ["192.168.1.100", "fe80::1%2"],
         8080,
-        {"ext_addr": "203.0.113.7", "ext_port": "9000", "method": "pcp", "public": "1"},
+        {"ext_addr": "11.0.0.1", "ext_port": "9000", "method": "pcp", "public": "1"},
     )
     assert peer.internal == (
         (ipaddress.ip_address("192.168.1.100"), 8080),
         (ipaddress.ip_address("fe80::1"), 8080),
     )
-    assert peer.external == (ipaddress.ip_address("203.0.113.7"), 9000)
-    assert (peer.method, peer.public) == ("pcp", True)
+    assert peer.external == (ipaddress.ip_address("11.0.0.1"), 9000)
+    assert (peer.method, peer.public, peer.state) == ("pcp", True, None)
     for txt in (
         {"ext_addr": "nonsense", "ext_port": "9000"},
         {"ext_addr": "203.0.113.7", "ext_port": "99999"},
@@ -193,6 +195,72 @@ def test_peers_are_parsed_from_records_and_bad_values_read_as_absent() -> None:
         {"ext_addr": None, "ext_port": None},
     ):
         assert peer_from_txt("x", "_a._tcp.local.", None, [], 1, txt).external is None
+
+
+def test_a_hostile_peers_txt_gives_clean_values() -> None:
+    # Any LAN host sends any TXT: what a Peer says is portbroker's values or
+    # None, never a stranger's text (a terminal escape `browse` would print).
+    def peer(**txt: str) -> Peer:
+        return peer_from_txt("x", "_a._tcp.local.", None, [], 1, txt)
+
+    hostile = peer(
+        ext_addr="10.0.0.5", ext_port="9000", public="1", method="\x1b[2J", state="x" * 5000
+    )
+    assert hostile.external == (ipaddress.ip_address("10.0.0.5"), 9000)
+    # A private address is not public whatever the peer claims.
+    assert (hostile.method, hostile.state, hostile.public) == (None, None, False)
+    assert hostile.txt["state"] == "x" * 5000  # the raw record is still there
+    assert peer(public="1").public is None  # no external endpoint: nothing to say
+    assert peer(state="lost", method="upnp").state == "lost"
+    assert peer(state="lost", method="upnp").method == "upnp"
+    # int() would read these as ports; they are not ASCII digits.
+    for port in (" 80", "+80", "\u0668\u0660", "8_0", "0080000"):
+        assert peer(ext_addr="11.0.0.1", ext_port=port).external is None, port
+    # A host piling up address records for its SRV target: a few are kept.
+    many = peer_from_txt(
+        "x", "_a._tcp.local.", None, [f"10.0.{i // 256}.{i % 256}" for i in range(5000)], 80, {}
+    )
+    assert len(many.internal) == 16
+    twice = peer_from_txt("x", "_a._tcp.local.", None, ["fe80::1%2", "fe80::1%3"], 80, {})
+    assert twice.internal == ((ipaddress.ip_address("fe80::1"), 80),)
+    # ipaddress keeps any text after '%' as an IPv6 zone: no zone is taken.
+    assert peer(ext_addr="2001:db8::1%\x1b[2J", ext_port="80").external is None
+
+
+def test_an_instance_name_with_an_empty_label_is_refused() -> None:
+    # zeroconf registers "web." or "a..b" without complaint, but no browser
+    # ever sees them (an empty label on the wire); one dot inside is fine.
+    for name in ("web.", ".web", "a..b", "."):
+        with pytest.raises(RendezvousError, match="may not start or end with"):
+            check_instance_name(name)
+    assert check_instance_name("a.b") == "a.b"
+
+
+def test_thousands_of_txt_entries_are_refused_before_each_is_checked() -> None:
+    # A 64 KiB daemon request holds ~7,000 of them; checking each against the
+    # ones before took seconds of the daemon's only thread.
+    class Counting(dict[str, str]):
+        read = 0
+
+        def items(self) -> Any:
+            for item in super().items():
+                Counting.read += 1
+                yield item
+
+    many = Counting({f"k{i}": "" for i in range(7000)})
+    with pytest.raises(RendezvousError, match="at most 433 fit"):
+        check_txt(many)
+    assert Counting.read == 0
+    assert len(check_txt({f"k{i}": "" for i in range(433)})) == 433
+
+
+def test_txt_that_is_not_utf8_is_refused_in_words() -> None:
+    # A lone surrogate: a JSON "\udcff" to the daemon, or `--txt k=$'\xff'`
+    # (Python's surrogateescape reads the byte that way).
+    with pytest.raises(RendezvousError, match="not valid UTF-8"):
+        check_txt({"k": "\udcff"})
+    with pytest.raises(RendezvousError, match="not valid UTF-8"):
+        advert_for(lease(), "_http._tcp", "web", extra={"k": "a\ud800"})
 
 
 def test_the_srv_target_is_unique_per_address() -> None:
@@ -364,6 +432,99 @@ def test_a_name_in_use_on_the_network_is_refused_clearly(netns: str) -> None:
             assert two.publications == ()
 
     run_isolated(netns, main)
+
+
+def test_names_past_the_limit_are_not_resolved(netns: str, monkeypatch: Any) -> None:
+    """A LAN host announcing more names than a browser keeps gets no query
+    for the ones past the limit (10,000 names would be 10,000 queries and
+    tasks), only a count in ``dropped``."""
+    from zeroconf.asyncio import AsyncServiceInfo
+
+    monkeypatch.setattr(_PeerTable.__init__, "__defaults__", (2,))  # limit=2
+    asked: set[str] = set()
+    real = AsyncServiceInfo.async_request
+
+    async def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        asked.add(self.name)
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncServiceInfo, "async_request", counted)
+
+    async def main() -> None:
+        async with open_rendezvous(LOOPBACK) as publisher:
+            async with trio.open_nursery() as nursery:
+                for i in range(5):
+                    nursery.start_soon(publisher.publish_advert, web(f"n{i}"))
+            async with open_rendezvous(LOOPBACK) as seer, seer.browse("_pbtest._tcp") as browser:
+                await until(lambda: browser.dropped >= 3 and len(browser.snapshot()) == 2)
+                await trio.sleep(CACHE_FLUSH_DELAY * 2)  # any resolve still to start has
+                assert len(asked) == 2, asked
+
+    run_isolated(netns, main)
+
+
+def test_closing_is_bounded_when_zeroconfs_thread_hangs(
+    netns: str, monkeypatch: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A zeroconf thread stuck in a call (it never sees the stop) does not
+    hold the close, nor a daemon's shutdown, forever."""
+    monkeypatch.setattr(rendezvous_module, "CLOSE_TIMEOUT", 0.5)
+    gate = threading.Event()
+    # The test's own bound: the close waited for the thread (the fault) only
+    # ends when this lets the thread go.
+    safety = threading.Timer(60, gate.set)
+    safety.start()
+    stuck: list[bool] = []
+
+    async def main() -> None:
+        async with open_rendezvous(LOOPBACK) as rendezvous:
+            await rendezvous.publish_advert(web())
+
+            def hang() -> None:
+                gate.wait()
+
+            rendezvous.thread.post(hang)
+        stuck.append(not gate.is_set())  # the close returned, the thread still stuck
+
+    try:
+        run_isolated(netns, main)
+    finally:
+        gate.set()
+        safety.cancel()
+    assert stuck == [True]
+    assert "did not stop" in caplog.text
+
+
+def test_a_publish_cancelled_while_zeroconfs_thread_hangs_returns(
+    netns: str, monkeypatch: Any
+) -> None:
+    """The withdraw after a cancelled publish is shielded but bounded: a
+    stuck zeroconf thread does not hold the caller (a daemon's request, and
+    so its shutdown) forever."""
+    monkeypatch.setattr(rendezvous_module, "CLOSE_TIMEOUT", 0.5)
+    gate = threading.Event()
+    safety = threading.Timer(60, gate.set)  # the fault: only this ends the wait
+    safety.start()
+    returned: list[bool] = []
+
+    async def main() -> None:
+        async with open_rendezvous(LOOPBACK) as rendezvous:
+
+            def hang() -> None:
+                gate.wait()
+
+            rendezvous.thread.post(hang)
+            with trio.move_on_after(0.5):
+                await rendezvous.publish_advert(web())
+            returned.append(not gate.is_set())
+            assert rendezvous.publications == ()
+
+    try:
+        run_isolated(netns, main)
+    finally:
+        gate.set()
+        safety.cancel()
+    assert returned == [True]
 
 
 def test_many_concurrent_publish_update_withdraw_lose_no_update(netns: str) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import attrs
 import trio
@@ -24,6 +24,7 @@ import trio
 from portbroker.daemon.ownership import Entry, Key
 from portbroker.daemon.protocol import ErrorCode, ProtocolError, Request
 from portbroker.lifecycle import (
+    Acquired,
     ExternalAddressChanged,
     Failed,
     Lost,
@@ -40,6 +41,7 @@ from portbroker.rendezvous import (
     check_instance_name,
     check_service_type,
     open_rendezvous,
+    shielded,
 )
 from portbroker.types import Lease
 
@@ -51,6 +53,9 @@ logger = logging.getLogger("portbroker.daemon")
 # Each is a few records re-announced on every change: a bound keeps one user
 # from flooding the LAN's multicast through the daemon.
 MAX_PUBLICATIONS: Final = 16
+# A mapping in these states is over for good (Failed) or going (release):
+# nothing to publish.
+_ENDED: Final = (State.FAILED, State.RELEASED, State.RELEASING)
 
 
 @attrs.define(eq=False)
@@ -108,6 +113,13 @@ class Publishing:
         if not all(isinstance(v, str) for v in txt.values()):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "'txt' values must be strings")
         lease: Lease | None = handle.lease
+        if handle.state in _ENDED:
+            # A Failed mapping keeps its last lease: published, it would
+            # advertise an external endpoint the gateway no longer holds.
+            raise ProtocolError(
+                ErrorCode.NOT_FOUND,
+                f"{entry.id} has ended ({handle.state.value}): map it again, then publish",
+            )
         if lease is None:
             raise ProtocolError(
                 ErrorCode.BAD_REQUEST, f"{entry.id} is not granted yet: publish it once mapped"
@@ -150,10 +162,17 @@ class Publishing:
         placeholder.publication = publication
         if self._by_name.get(advert.key) is not placeholder:
             # Its mapping ended while zeroconf probed (gone() dropped it).
-            with trio.CancelScope(shield=True):
+            with shielded():
                 await publication.withdraw()
             raise ProtocolError(ErrorCode.NOT_FOUND, f"{entry.id} ended before it was published")
         self._by_key.setdefault(entry.key, {})[advert.key] = placeholder
+        # Events while zeroconf probed went to no publication (changed() skips
+        # placeholders): catch up with the mapping as it is now.
+        now: Literal["up", "lost"] = "lost" if handle.state is State.LOST else "up"
+        if handle.lease is not None and (handle.lease, now) != (lease, advert.state):
+            self._nursery.start_soon(
+                self._quietly, publication.update_lease(handle.lease, state=now)
+            )
         logger.info("uid %d: published %s as %r (%s)", uid, entry.id, name, advert.service_type)
         return {"published": placeholder.describe(entry.id)}
 
@@ -167,24 +186,30 @@ class Publishing:
             )
         self._forget(full)
         if published.publication is not None:
-            with trio.CancelScope(shield=True):
+            with shielded():
                 await published.publication.withdraw()
         return {"unpublished": published.describe(entry.id)}
 
     def changed(self, key: Key, event: MappingEvent, lease: Lease | None) -> None:
         """A mapping event: its publications follow (module docstring of rendezvous)."""
+        if isinstance(event, Failed):
+            # Also a publish still probing (a placeholder): it finds itself gone.
+            self.gone(key)
+            return
         for published in self.of(key):
             publication = published.publication
             if publication is None:
                 continue
-            if isinstance(event, Failed):
-                self.gone(key)
-                return
             if isinstance(event, Lost):
                 self._nursery.start_soon(self._quietly, publication.mark_lost())
-            elif isinstance(event, Restored | ExternalAddressChanged | Renewed) and lease:
+            elif (
+                isinstance(event, Restored | ExternalAddressChanged | Renewed | Acquired) and lease
+            ):
+                # Acquired: a mapping taken over from the state file after a
+                # restart (published while it was restoring, from the file's
+                # lease) may have been granted another external port.
                 advert = publication.advert
-                if isinstance(event, Renewed) and (
+                if isinstance(event, Renewed | Acquired) and (
                     advert.external_address,
                     advert.external_port,
                     advert.state,

@@ -867,6 +867,7 @@ class Daemon:
                     return
                 logger.warning("%s: the gateway refuses it (%s); forgetting it", entry.id, exc)
                 if self.shared.get(key) is entry:
+                    self.publishing.gone(key)  # published while restoring: it is gone
                     self.owners.forget(key)
                     self._save(entry)
                 return
