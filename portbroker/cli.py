@@ -15,7 +15,7 @@ import errno
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -1084,54 +1084,32 @@ def _describe_peer(lease: Lease) -> str:
 
 async def _hold_peer(broker: Broker, args: argparse.Namespace) -> int:
     """peer --hold: as map --hold (signals first, then the gateway), for a PEER."""
-    import trio
-
-    from portbroker._util import collapse_single
-    from portbroker.lifecycle import Failed
-
     port, proto = args.spec
-    mapping: Mapping | None = None
-    failed: Failed | None = None
-    with trio.open_signal_receiver(*_hold_signals()) as signals, collapse_single():
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
-            mapping = await broker.peer(
-                port,
-                proto,
-                remote=args.remote,
-                lifetime=args.lifetime,
-                fallback=None if args.peer_only else "map",
+
+    async def make() -> Mapping:
+        return await broker.peer(
+            port,
+            proto,
+            remote=args.remote,
+            lifetime=args.lifetime,
+            fallback=None if args.peer_only else "map",
+        )
+
+    def announce(mapping: Mapping, lease: Lease) -> None:
+        is_peer = mapping.remote is not None
+        if args.json:
+            print(
+                json.dumps({"event": "Acquired", "peer": is_peer, **_lease_json(lease)}), flush=True
             )
-            events = mapping.events()
-            lease = mapping.lease
-            assert lease is not None
-            is_peer = mapping.remote is not None
-            if args.json:
-                print(
-                    json.dumps({"event": "Acquired", "peer": is_peer, **_lease_json(lease)}),
-                    flush=True,
-                )
-            elif is_peer:
-                print(f"peer {_describe_peer(lease)}; holding until Ctrl-C", flush=True)
-            else:
-                print(
-                    f"no PEER on this gateway; mapped {_describe_lease(lease)};"
-                    " holding until Ctrl-C",
-                    flush=True,
-                )
-            async for event in events:
-                _print_event(event, as_json=args.json)
-                if isinstance(event, Failed):
-                    failed = event
-            nursery.cancel_scope.cancel()
-        if mapping is None:
-            raise Failure("peer interrupted before the binding was made")
-        if failed is not None:
-            raise Failure(f"peer failed: the binding could not be kept: {failed.reason}")
-        await mapping.release()
-        async for event in events:  # the Released event
-            _print_event(event, as_json=args.json)
-    return 0
+        elif is_peer:
+            print(f"peer {_describe_peer(lease)}; holding until Ctrl-C", flush=True)
+        else:
+            print(
+                f"no PEER on this gateway; mapped {_describe_lease(lease)}; holding until Ctrl-C",
+                flush=True,
+            )
+
+    return await _hold_until_signal(args, make, announce, what="peer", noun="binding")
 
 
 def _hold_signals() -> tuple[int, ...]:
@@ -1154,7 +1132,48 @@ def _print_event(event: MappingEvent, *, as_json: bool) -> None:
 
 
 async def _hold(broker: Broker, args: argparse.Namespace) -> int:
-    """map --hold: keep the mapping until a signal, then delete it.
+    """map --hold: keep the mapping until a signal, then delete it."""
+    port, proto = args.spec
+
+    async def make() -> Mapping:
+        return await broker.map(
+            port,
+            proto,
+            lifetime=args.lifetime,
+            external_port=args.external_port,
+            exact=args.exact,
+            via=args.via,
+            internal_address=args.third_party,
+            filters=args.filter,
+        )
+
+    def announce(_mapping: Mapping, lease: Lease) -> None:
+        if args.json:
+            print(
+                json.dumps(
+                    {"event": "Acquired", **_lease_json(lease), **_reachability_json(lease)}
+                ),
+                flush=True,
+            )
+        else:
+            print(f"mapped {_describe_lease(lease)}; holding until Ctrl-C", flush=True)
+            _print_unreachable(lease)
+
+    return await _hold_until_signal(
+        args, make, announce, what="map", noun="mapping", publish=bool(args.publish)
+    )
+
+
+async def _hold_until_signal(
+    args: argparse.Namespace,
+    make: Callable[[], Awaitable[Mapping]],
+    announce: Callable[[Mapping, Lease], None],
+    *,
+    what: str,
+    noun: str,
+    publish: bool = False,
+) -> int:
+    """Make a mapping (*make*), hold it until a signal, then delete it: map and peer --hold.
 
     The signal handlers are installed before the gateway is even asked: a
     SIGTERM (SIGINT, SIGHUP) that arrives the instant the mapping is printed,
@@ -1167,37 +1186,18 @@ async def _hold(broker: Broker, args: argparse.Namespace) -> int:
     from portbroker._util import collapse_single
     from portbroker.lifecycle import Failed
 
-    port, proto = args.spec
     mapping: Mapping | None = None
     failed: Failed | None = None
     with trio.open_signal_receiver(*_hold_signals()) as signals, collapse_single():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
-            mapping = await broker.map(
-                port,
-                proto,
-                lifetime=args.lifetime,
-                external_port=args.external_port,
-                exact=args.exact,
-                via=args.via,
-                internal_address=args.third_party,
-                filters=args.filter,
-            )
+            mapping = await make()
             events = mapping.events()
             lease = mapping.lease
             assert lease is not None
-            if args.json:
-                print(
-                    json.dumps(
-                        {"event": "Acquired", **_lease_json(lease), **_reachability_json(lease)}
-                    ),
-                    flush=True,
-                )
-            else:
-                print(f"mapped {_describe_lease(lease)}; holding until Ctrl-C", flush=True)
-                _print_unreachable(lease)
+            announce(mapping, lease)
             async with contextlib.AsyncExitStack() as stack:
-                if args.publish:
+                if publish:
                     # Withdrawn (goodbye packets) before the mapping is deleted.
                     await _publish_held(stack, mapping, lease, args)
                 async for event in events:
@@ -1209,9 +1209,9 @@ async def _hold(broker: Broker, args: argparse.Namespace) -> int:
         if mapping is None:
             # Signalled before the gateway answered: the broker's exit deletes
             # whatever it was granted meanwhile.
-            raise Failure("map interrupted before the mapping was made")
+            raise Failure(f"{what} interrupted before the {noun} was made")
         if failed is not None:
-            raise Failure(f"map failed: the mapping could not be kept: {failed.reason}")
+            raise Failure(f"{what} failed: the {noun} could not be kept: {failed.reason}")
         # Still inside the signal receiver: a second SIGTERM during the delete
         # does not kill us half-way (the delete has its own time limit).
         await mapping.release()
