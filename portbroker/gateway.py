@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import stat
 import struct
 import subprocess
 import sys
@@ -229,19 +230,66 @@ def discover_pcp_servers(
         paths = []
         for source in sources:
             path = Path(source)
-            paths += sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+            try:
+                paths += (
+                    sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+                )
+            except OSError as exc:
+                logger.warning("PCP server discovery: cannot read %s: %s", path, exc)
+    # A file the user named that cannot be read is theirs to hear of; the
+    # system's are looked for on every start, and often absent.
+    level = logging.INFO if sources is None else logging.WARNING
     found: list[PcpServer] = []
     for path in paths:
         try:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = _read_lease_file(path)
         except OSError as exc:
-            logger.info("PCP server discovery: cannot read %s: %s", path, exc)
+            logger.log(level, "PCP server discovery: cannot read %s: %s", path, exc)
             continue
         servers, problems = parse_dhclient_leases(text, source=str(path), now=when)
         for problem in problems:
             logger.warning("PCP server discovery: %s", problem)
         found += servers
     return found
+
+
+# dhclient appends a lease block per renewal and rewrites the file when it
+# starts, so a file is a few KiB; a long-lived one can grow. Its tail holds the
+# current leases (the last block of each interface counts).
+MAX_LEASE_FILE = 1 << 20
+
+
+def _read_lease_file(path: Path) -> str:
+    """A lease file's text, or its last :data:`MAX_LEASE_FILE` octets from
+    the first whole ``lease`` block on.
+
+    Opened non-blocking and read only when it is a regular file: a path that
+    is a fifo (which would block the open and every read) or a device
+    (/dev/zero: an endless read) raises OSError, as an unreadable file does.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        tail = info.st_size > MAX_LEASE_FILE
+        if tail:
+            file.seek(info.st_size - MAX_LEASE_FILE)
+        data = file.read(MAX_LEASE_FILE)
+    if tail:
+        # Cut mid-block: start at the first block that begins in what was read.
+        start = min(
+            (i for i in (data.find(b"\nlease {"), data.find(b"\nlease6 {")) if i >= 0),
+            default=len(data),
+        )
+        data = data[start:]
+        logger.info(
+            "PCP server discovery: %s is %d octets; reading its last %d",
+            path,
+            info.st_size,
+            MAX_LEASE_FILE,
+        )
+    return data.decode("utf-8", errors="replace")
 
 
 @attrs.frozen

@@ -284,3 +284,46 @@ def test_dhclient_quoted_form_of_an_unknown_option() -> None:
     # "expire never" is no expiry.
     never = text.replace("}\n", "  expire never;\n}\n")
     assert len(parse_dhclient_leases(never, source="q", now=NOW)[0]) == 1
+
+
+def test_a_fifo_or_a_device_is_no_lease_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--dhcp-leases naming a fifo (or a symlink to /dev/zero) must not block
+    the command for ever, nor read without end: each is skipped, and said."""
+    import os
+    import threading
+
+    fifo = tmp_path / "fifo.leases"
+    os.mkfifo(fifo)
+    (tmp_path / "zero.leases").symlink_to("/dev/zero")
+    found: list[list[PcpServer]] = []
+    reader = threading.Thread(
+        target=lambda: found.append(
+            discover_pcp_servers([fifo, tmp_path / "zero.leases"], now=NOW)
+        ),
+        daemon=True,
+    )
+    reader.start()
+    reader.join(30)
+    if reader.is_alive():  # blocked in open(): a writer releases it
+        with open(fifo, "wb"):
+            pass
+        reader.join(30)
+        pytest.fail("reading a fifo blocked")
+    assert found == [[]]
+    said = caplog.text
+    assert f"cannot read {fifo}: {fifo} is not a regular file" in said
+    assert "zero.leases is not a regular file" in said
+
+
+def test_a_huge_lease_file_is_read_from_its_tail(tmp_path: Path) -> None:
+    """A lease file grown by years of renewals: its last MiB holds the current
+    lease, read from the first whole block in it."""
+    from portbroker import gateway
+
+    old = 'lease {\n  interface "eth0";\n  option unknown-158 4:64:40:0:1;\n}\n'
+    current = 'lease {\n  interface "eth0";\n  option unknown-158 4:64:40:0:9;\n}\n'
+    path = tmp_path / "dhclient.leases"
+    path.write_text(old * (2 * gateway.MAX_LEASE_FILE // len(old)) + current)
+    assert [s.addresses for s in discover_pcp_servers([path], now=NOW)] == [(V4("100.64.0.9"),)]
