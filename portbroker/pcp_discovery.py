@@ -10,8 +10,9 @@ client records, and which cases work, is in docs/double-nat.md.
 - DHCPv6 OPTION_V6_PCP_SERVER (86), RFC 7291 §3: 16 octets per address; each
   option instance is one server; an IPv4-mapped address (RFC 4291 §2.5.5.2)
   names an IPv4 PCP server.
-- Unusable addresses (unspecified, multicast, the broadcast address) are
-  dropped (RFC 7291 §5); a malformed option is discarded whole.
+- Unusable addresses (unspecified, multicast, loopback, the broadcast
+  address) are dropped (RFC 7291 §3.2, §4.2); a malformed option is
+  discarded whole.
 
 ISC dhclient (and NetworkManager's dhclient backend, which writes the same
 format) records an option it has no definition for as ``option unknown-158
@@ -69,8 +70,15 @@ class PcpServer:
 
 
 def _usable(address: IPAddr) -> bool:
+    # RFC 7291 §3.2 / §4.2: "MUST silently discard multicast and host loopback
+    # addresses"; unspecified and broadcast cannot be a server either. A DHCP
+    # server (or a rogue one on the link) must not make us send PCP to a
+    # service on this host.
     return not (
-        address.is_unspecified or address.is_multicast or address == IPv4Address("255.255.255.255")
+        address.is_unspecified
+        or address.is_multicast
+        or address.is_loopback
+        or address == IPv4Address("255.255.255.255")
     )
 
 

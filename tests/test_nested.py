@@ -27,12 +27,13 @@ from portbroker.types import IPAddress
 from portbroker.wire import pcp
 from tests.broker_harness import wait_for
 
-INNER, OUTER = IPv4Address("127.0.0.1"), IPv4Address("127.0.0.2")
+# Memory links only: nothing is sent to 100.64.0.1.
+INNER, OUTER = IPv4Address("127.0.0.1"), IPv4Address("100.64.0.1")
 
 
 class TwoNats:
     """The inner fake at 127.0.0.1 (external: an address on the outer's lan),
-    the outer at 127.0.0.2 (external 11.0.0.1), which sees our requests come
+    the outer at 100.64.0.1 (external 11.0.0.1), which sees our requests come
     from the inner's external address, as a real NAT makes it."""
 
     def __init__(self) -> None:
@@ -138,7 +139,7 @@ async def test_no_outer_server_is_a_clear_error(tmp_path: Path) -> None:
             async with open_nested_mapping(inner, 8080):
                 pass
         lease = tmp_path / "l"
-        lease.write_text("lease {\n  option unknown-158 4:7f:0:0:2;\n}\n")
+        lease.write_text("lease {\n  option unknown-158 4:64:40:0:1;\n}\n")
         async with open_nested_mapping(
             inner,
             8081,

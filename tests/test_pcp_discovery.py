@@ -56,6 +56,26 @@ def test_v4_option_drops_unusable_addresses() -> None:
     assert decode_v4_option(body) == ((V4("100.64.0.9"),),)
 
 
+def test_loopback_pcp_servers_are_discarded(tmp_path: Path) -> None:
+    """RFC 7291 §3.2 / §4.2: a DHCP client MUST silently discard host loopback
+    addresses: a lease (or a rogue DHCP server) naming 127.0.0.1 or ::1 must
+    not make us send PCP to a service on this host."""
+    assert decode_v4_option(bytes([8, 127, 0, 0, 1, 100, 64, 0, 9, 4, 127, 9, 9, 9])) == (
+        (V4("100.64.0.9"),),
+    )
+    assert decode_v6_option(IPv6Address("::1").packed) == ()
+    assert decode_v6_option(IPv6Address("::ffff:127.0.0.1").packed) == ()
+    text = (
+        'lease {\n  interface "eth0";\n  option unknown-158 4:7f:0:0:1;\n}\n'
+        'lease6 {\n  interface "eth0";\n  option dhcp6.v6-pcp-server ::1,::ffff:127.0.0.2;\n}\n'
+    )
+    assert parse_dhclient_leases(text, source="l", now=NOW) == ([], [])
+    lease = tmp_path / "dhclient.leases"
+    lease.write_text(text)
+    choice = choose_pcp_server(None, to_address("192.168.1.1"), discover_pcp_servers([lease]))
+    assert choice.source == "the gateway"
+
+
 @pytest.mark.parametrize(
     ("body", "why"),
     [
@@ -177,7 +197,8 @@ def _recording(gateway: FakeGateway, seen: list[IPAddress]) -> Any:
 
 async def test_open_broker_uses_the_dhcp_server_for_pcp(tmp_path: Path) -> None:
     lease = tmp_path / "dhclient.leases"
-    lease.write_text('lease {\n  interface "lan0";\n  option unknown-158 4:7f:0:0:5;\n}\n')
+    # A memory link: nothing is sent to 100.64.0.5.
+    lease.write_text('lease {\n  interface "lan0";\n  option unknown-158 4:64:40:0:5;\n}\n')
     gateway = FakeGateway()
     seen: list[IPAddress] = []
     async with portbroker.broker.open_broker(
@@ -187,13 +208,13 @@ async def test_open_broker_uses_the_dhcp_server_for_pcp(tmp_path: Path) -> None:
         announce_port=None,
         dhcp_leases=[lease],
     ) as broker:
-        assert broker.pcp_server.address == V4("127.0.0.5")
+        assert broker.pcp_server.address == V4("100.64.0.5")
         assert broker.pcp_server.source == f"DHCPv4 option 158 in {lease} (lan0)"
         mapping = await broker.map(7100, "udp", via="pcp")
         assert mapping.lease is not None
-        assert mapping.lease.gateway == V4("127.0.0.5")  # the PCP server's lease
+        assert mapping.lease.gateway == V4("100.64.0.5")  # the PCP server's lease
     # PCP went to the announced server, NAT-PMP to the gateway (RFC 6886).
-    assert seen == [V4("127.0.0.5"), V4("127.0.0.1")]
+    assert seen == [V4("100.64.0.5"), V4("127.0.0.1")]
     # An explicit --pcp-server wins over the lease.
     async with broker_for(gateway, dhcp_leases=[lease], pcp_server="127.0.0.7") as broker:
         assert broker.pcp_server.address == V4("127.0.0.7")
