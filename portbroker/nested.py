@@ -183,7 +183,16 @@ async def open_nested_mapping(
     mapping = await inner.map(internal_port, protocol, lifetime=lifetime, via=via)
     nested: NestedMapping | None = None
     try:
-        choice = choose_pcp_server(outer_gateway, mapping._lease().external_address, discovered)
+        external = mapping._lease().external_address
+        choice = choose_pcp_server(outer_gateway, external, discovered)
+        if outer_gateway is None and choice.address == external:
+            # choose_pcp_server falls back on its "gateway", here the inner
+            # external address: none of the servers announced is of its family.
+            raise ValueError(
+                f"no outer NAT: the DHCP lease files announce no IPv{external.version} PCP"
+                f" server for the inner external address {external}; name it"
+                " (outer_gateway, --outer-gateway)"
+            )
         nested = NestedMapping(mapping, choice.address, choice.source)
         inner_events = mapping.events()
         options = dict(outer_options or {})

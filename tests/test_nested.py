@@ -151,6 +151,25 @@ async def test_no_outer_server_is_a_clear_error(tmp_path: Path) -> None:
             assert nested.outer_server_source.startswith("DHCPv4 option 158 in")
 
 
+async def test_a_lease_of_the_other_family_is_no_outer_server(tmp_path: Path) -> None:
+    """Only a DHCPv6-announced server for an IPv4 inner external address: a
+    clear error, not PCP sent to the inner NAT's own external address."""
+    nats = TwoNats()
+    lease = tmp_path / "l6"
+    lease.write_text("lease6 {\n  option dhcp6.v6-pcp-server 2001:db8::1;\n}\n")
+    async with nats.broker() as inner:
+        with pytest.raises(ValueError, match="announce no IPv4 PCP server for the inner"):
+            async with open_nested_mapping(
+                inner,
+                8083,
+                dhcp_leases=[lease],
+                outer_methods=("pcp",),
+                outer_options={"link_factory": nats.link},
+            ):
+                pass
+        assert nats.inner.mappings == {}
+
+
 async def test_an_outer_refusal_deletes_the_inner_mapping(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
