@@ -5,9 +5,21 @@ address: not publicly reachable."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
+from typing import Any
 
+import pytest
+import trio
+import trio.testing
+
+import portbroker.cli as cli_module
+from portbroker.cli import Failure
+from portbroker.wire import pcp
+from tests.broker_harness import wait_for
 from tests.test_cli import cli
+from tests.test_nested import OUTER, TwoNats
 
 
 def test_probe_and_map_say_not_publicly_reachable(gateway_port: int, tmp_path: Path) -> None:
@@ -98,3 +110,80 @@ def test_an_outer_server_that_sees_another_address_fails_clearly(
     again = cli("map", "7303/tcp", "--json", server_port=gateway_port, state=state, check_rc=0)
     assert json.loads(again.stdout)["method"] == "pcp"
     cli("unmap", "7303/tcp", server_port=gateway_port, state=state, check_rc=0)
+
+
+def _nested_args(port: int) -> Any:
+    import argparse
+
+    return argparse.Namespace(
+        spec=(port, "tcp"),
+        server_port=5351,
+        ssdp_port=1900,
+        timeout=2.0,
+        outer_gateway=str(OUTER),
+        lifetime=7200,
+        external_port=None,
+        via=None,
+        json=False,
+    )
+
+
+@pytest.fixture
+def two_nats(monkeypatch: pytest.MonkeyPatch) -> TwoNats:
+    """map --hold --outer-gateway's code in this process, both NATs on memory
+    links: the outer broker it opens gets the link factory (nothing is sent)."""
+    import portbroker.nested
+
+    nats = TwoNats()
+    real = portbroker.nested.open_broker
+
+    def outer_broker(*args: Any, **kwargs: Any) -> Any:
+        return real(*args, **{**kwargs, "link_factory": nats.link})
+
+    monkeypatch.setattr(portbroker.nested, "open_broker", outer_broker)
+    monkeypatch.setattr(cli_module, "_hold_signals", lambda: (signal.SIGUSR1,))
+    return nats
+
+
+async def test_hold_nested_ends_when_the_inner_mapping_fails_for_good(
+    two_nats: TwoNats, autojump_clock: trio.testing.MockClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As map --hold does: a mapping failed for good ends the command with one
+    line (and both deleted), rather than holding an outer mapping for nothing."""
+    async with two_nats.broker() as inner, trio.open_nursery() as nursery:
+
+        async def fail_the_inner() -> None:
+            await wait_for(lambda: two_nats.outer.mappings != {})
+            two_nats.inner.forced_result = pcp.ResultCode.NOT_AUTHORIZED
+            two_nats.inner.forced_natpmp_result = 2
+            two_nats.inner.reset()
+
+        nursery.start_soon(fail_the_inner)
+        with trio.fail_after(6 * 3600), pytest.raises(Failure) as failure:
+            await cli_module._hold_nested(inner, _nested_args(8086))
+    assert str(failure.value).startswith("map failed: the inner mapping could not be kept:")
+    assert two_nats.outer.mappings == {}
+    assert two_nats.inner.mappings == {}
+    assert "inner: Failed" in capsys.readouterr().out
+
+
+async def test_hold_nested_interrupted_before_the_mappings_are_made(
+    two_nats: TwoNats, autojump_clock: trio.testing.MockClock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A signal while the outer NAT is asked: nothing left on either, and the
+    command says it was interrupted (not "deleted both mappings", exit 0)."""
+    two_nats.outer.delay = 1.0
+    async with two_nats.broker() as inner:
+        async with trio.open_nursery() as nursery:
+
+            async def interrupt() -> None:
+                await wait_for(lambda: two_nats.inner.mappings != {})
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+            nursery.start_soon(interrupt)
+            with trio.fail_after(60), pytest.raises(Failure, match="interrupted before"):
+                await cli_module._hold_nested(inner, _nested_args(8087))
+        await trio.sleep(30)  # a grant that was on its way is deleted too
+    assert two_nats.outer.mappings == {}
+    assert two_nats.inner.mappings == {}
+    assert "deleted both mappings" not in capsys.readouterr().out

@@ -17,6 +17,7 @@ from portbroker.errors import MethodUnavailable
 from portbroker.lifecycle import (
     Acquired,
     ExternalAddressChanged,
+    Failed,
     ReachabilityChanged,
     Released,
 )
@@ -130,6 +131,32 @@ async def test_the_inner_endpoint_moves(autojump_clock: trio.testing.MockClock) 
         assert ("inner", ExternalAddressChanged) in kinds
         assert kinds.count(("outer", Acquired)) == 2  # the replay, then the new one
         assert ("outer", Released) in kinds
+
+
+async def test_the_inner_mapping_fails_for_good(autojump_clock: trio.testing.MockClock) -> None:
+    """The inner NAT restarts and refuses to map again: the outer mapping, which
+    would forward the Internet to an inner port now free for any other host,
+    is deleted at once, not renewed for as long as the block lasts."""
+    nats = TwoNats()
+    async with (
+        nats.broker() as inner,
+        open_nested_mapping(
+            inner,
+            8084,
+            outer_gateway=OUTER,
+            outer_methods=("pcp",),
+            outer_options={"link_factory": nats.link},
+        ) as nested,
+    ):
+        events = nested.events()
+        nats.inner.forced_result = pcp.ResultCode.NOT_AUTHORIZED
+        nats.inner.forced_natpmp_result = 2  # NOT_AUTHORIZED (RFC 6886 §3.5)
+        nats.inner.reset()
+        await wait_for(lambda: nats.outer.mappings == {}, 5 * 3600)
+        kinds = [(e.layer, type(e.event)) for e in _drain(events)]
+        assert ("inner", Failed) in kinds
+        assert kinds[-1] == ("outer", Released)
+        assert nested.outer is None
 
 
 async def test_no_outer_server_is_a_clear_error(tmp_path: Path) -> None:
