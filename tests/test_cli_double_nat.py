@@ -132,10 +132,11 @@ def _nested_args(port: int) -> Any:
 def two_nats(monkeypatch: pytest.MonkeyPatch) -> TwoNats:
     """map --hold --outer-gateway's code in this process, both NATs on memory
     links: the outer broker it opens gets the link factory (nothing is sent)."""
+    import portbroker.broker
     import portbroker.nested
 
     nats = TwoNats()
-    real = portbroker.nested.open_broker
+    real = portbroker.broker.open_broker
 
     def outer_broker(*args: Any, **kwargs: Any) -> Any:
         return real(*args, **{**kwargs, "link_factory": nats.link})
