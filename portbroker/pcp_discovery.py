@@ -130,7 +130,10 @@ def decode_v6_option(data: bytes) -> tuple[IPAddr, ...]:
 
 # -- ISC dhclient lease files -----------------------------------------------------
 
-_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{};]|[^\s{};"]+')
+# A quoted string's closing quote is optional: an unterminated one (a
+# truncated file, garbage) then ends the file in one token instead of being
+# tried again from every later quote, which is quadratic in a file of ``\"``.
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"?|[{};]|[^\s{};"]+', re.DOTALL)
 _ESCAPE = re.compile(rb"\\([0-7]{1,3}|.)", re.DOTALL)
 
 

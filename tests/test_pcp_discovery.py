@@ -348,3 +348,29 @@ def test_a_huge_lease_file_is_read_from_its_tail(tmp_path: Path) -> None:
     path = tmp_path / "dhclient.leases"
     path.write_text(old * (2 * gateway.MAX_LEASE_FILE // len(old)) + current)
     assert [s.addresses for s in discover_pcp_servers([path], now=NOW)] == [(V4("100.64.0.9"),)]
+
+
+def test_an_unterminated_string_is_read_in_one_pass() -> None:
+    """A truncated or garbage file of ``\\"``: every quote opened a string that
+    never closed and was tried again to the end, quadratic (hours for a MiB,
+    holding the GIL). Now the unterminated string runs to the end of the file
+    and is discarded. In a child process, so that a hang fails the test."""
+    import subprocess
+    import sys
+
+    script = (
+        "from portbroker.pcp_discovery import parse_dhclient_leases\n"
+        "text = 'lease {\\n  option unknown-158 \"' + '\\\\\"' * 200_000\n"
+        "print(parse_dhclient_leases(text, source='t', now=0))\n"
+        "print(parse_dhclient_leases(text + '\";\\n}\\n', source='t', now=0))\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("parsing an unterminated string did not end")
+    assert done.returncode == 0, done.stderr
+    unclosed, closed = done.stdout.splitlines()
+    assert unclosed == "([], [])"  # no lease block ended: nothing, and nothing said
+    assert closed.startswith("([], ['t (?): option unknown-158 discarded")
