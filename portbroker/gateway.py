@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 ENV_GATEWAY = "PORTBROKER_GATEWAY"
+_BROADCAST: Final = IPv4Address("255.255.255.255")
 _RTF_GATEWAY = 0x2
 
 
@@ -188,7 +189,9 @@ def _checked(value: str | IPAddress, what: str) -> IPAddress:
         address = to_address(value)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{what}: {value!r} is not an IP address") from exc
-    if address.is_unspecified or address.is_multicast:
+    # The limited broadcast address is no server either: a request to it
+    # goes to every host of the link (or fails with EACCES).
+    if address.is_unspecified or address.is_multicast or address == _BROADCAST:
         raise ValueError(f"{what}: {address} cannot be a gateway")
     if isinstance(address, IPv6Address) and address.is_link_local and not address.scope_id:
         raise ValueError(

@@ -9,6 +9,7 @@ machine's own leases are never read.
 from __future__ import annotations
 
 import calendar
+import re
 import shutil
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
@@ -183,6 +184,22 @@ def test_choice_order() -> None:
     assert choose_pcp_server(None, gateway).source == "the gateway"
     with pytest.raises(ValueError, match="pcp_server"):
         choose_pcp_server("224.0.0.1", gateway)
+
+
+@pytest.mark.parametrize(
+    ("spelling", "why"),
+    [
+        ("255.255.255.255", "255.255.255.255 cannot be a gateway"),  # broadcast
+        ("ff02::1", "ff02::1 cannot be a gateway"),
+        ("0.0.0.0", "0.0.0.0 cannot be a gateway"),
+        ("127.0.0.1:5351", "'127.0.0.1:5351' is not an IP address"),
+        ("", "'' is not an IP address"),
+        ("fe80::1", "fe80::1 is link-local: name its interface"),
+    ],
+)
+def test_a_bad_pcp_server_is_said_before_anything_is_sent(spelling: str, why: str) -> None:
+    with pytest.raises(ValueError, match=f"^pcp_server: {re.escape(why)}"):
+        choose_pcp_server(spelling, to_address("192.168.1.1"))
 
 
 def _recording(gateway: FakeGateway, seen: list[IPAddress]) -> Any:
