@@ -309,7 +309,10 @@ def choose_pcp_server(
     discovered: Sequence[PcpServer] = (),
 ) -> PcpServerChoice:
     """An explicit server, else the first DHCP-announced one of the gateway's
-    family, else the gateway (RFC 6887 §8.1).
+    family, else the gateway (RFC 6887 §8.1). Of the announced servers, one
+    from a lease whose routers (option 3) include *gateway* comes first: with
+    leases on several interfaces (wired and Wi-Fi), the default route's
+    network is the one whose NAT we map on.
 
     Explicit configuration wins over DHCP: it is the only way to overrule a
     stale or wrong lease, and RFC 7488 §4 leaves the order of configured
@@ -321,7 +324,8 @@ def choose_pcp_server(
     """
     if explicit is not None:
         return PcpServerChoice(_checked(explicit, "pcp_server"), "configured (--pcp-server)")
-    for server in discovered:
+    ours = [s for s in discovered if gateway in s.routers]
+    for server in ours + [s for s in discovered if s not in ours]:
         for address in server.addresses:
             if address.version == gateway.version:
                 return PcpServerChoice(address, server.source)

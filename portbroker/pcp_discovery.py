@@ -63,10 +63,12 @@ IPAddr = IPv4Address | IPv6Address
 @attrs.frozen
 class PcpServer:
     """One PCP server announced by DHCP: its addresses (alternatives of the
-    same server, RFC 7291 §4) and where it was learned, in words."""
+    same server, RFC 7291 §4), where it was learned, in words, and the
+    routers (option 3) of the lease that announced it: which network it is."""
 
     addresses: tuple[IPAddr, ...]
     source: str
+    routers: tuple[IPAddr, ...] = ()
 
 
 def _usable(address: IPAddr) -> bool:
@@ -224,6 +226,7 @@ class _Lease:
     family: str  # "lease" (DHCPv4) or "lease6"
     interface: str = "?"
     expires: float | None = None
+    routers: tuple[IPAddr, ...] = ()
     servers: list[tuple[IPAddr, ...]] = attrs.Factory(list)
     problems: list[str] = attrs.Factory(list)
 
@@ -259,6 +262,8 @@ def parse_dhclient_leases(
             lease.interface = tokens[1].strip('"')
         elif keyword == "expire":
             lease.expires = _expiry(tokens)
+        elif keyword == "option" and len(tokens) >= 3 and tokens[1] == "routers":
+            lease.routers = _routers(tokens[2:])
         elif keyword == "option" and len(tokens) >= 3:
             _read_option(lease, tokens[1], tokens[2:])
     servers: list[PcpServer] = []
@@ -272,10 +277,18 @@ def parse_dhclient_leases(
                 continue
             what = "DHCPv4 option 158" if family == "lease" else "DHCPv6 option 86"
             servers += [
-                PcpServer(addresses, f"{what} in {source} ({interface})")
+                PcpServer(addresses, f"{what} in {source} ({interface})", found.routers)
                 for addresses in found.servers
             ]
     return servers, problems
+
+
+def _routers(tokens: list[str]) -> tuple[IPAddr, ...]:
+    """``option routers 192.168.1.1, 192.168.1.2;``; nothing if malformed."""
+    try:
+        return tuple(ip_address(part) for part in "".join(tokens).split(",") if part)
+    except ValueError:
+        return ()
 
 
 def _read_option(lease: _Lease, name: str, value: list[str]) -> None:

@@ -186,6 +186,27 @@ def test_choice_order() -> None:
         choose_pcp_server("224.0.0.1", gateway)
 
 
+def test_of_several_interfaces_the_default_routes_lease_wins(tmp_path: Path) -> None:
+    """Leases on Wi-Fi and on the wire, each with a PCP server: the one whose
+    routers include the gateway (the default route's network) is used,
+    whichever file sorts first; without such a lease, the first one."""
+    (tmp_path / "dhclient-1111-wlan0.lease").write_text(
+        'lease {\n  interface "wlan0";\n  option routers 10.1.0.1;\n'
+        "  option unknown-158 4:a:1:0:2;\n}\n"
+    )
+    (tmp_path / "dhclient-2222-eth0.lease").write_text(
+        'lease {\n  interface "eth0";\n  option routers 192.168.1.1, 192.168.1.254;\n'
+        "  option unknown-158 4:64:40:0:1;\n}\n"
+    )
+    found = discover_pcp_servers([tmp_path], now=NOW)
+    wired = choose_pcp_server(None, to_address("192.168.1.254"), found)
+    assert (str(wired.address), wired.source.endswith("(eth0)")) == ("100.64.0.1", True)
+    wifi = choose_pcp_server(None, to_address("10.1.0.1"), found)
+    assert str(wifi.address) == "10.1.0.2"
+    other = choose_pcp_server(None, to_address("172.16.0.1"), found)
+    assert str(other.address) == "10.1.0.2"  # the first file's
+
+
 @pytest.mark.parametrize(
     ("spelling", "why"),
     [
