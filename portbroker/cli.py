@@ -532,6 +532,25 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise UsageError(
                 "--outer-gateway needs --hold (the two mappings live as long as the command)"
             )
+        # A nested mapping is made without these: ignoring one silently would
+        # open to everyone a port the user restricted (--filter), or map this
+        # host instead of the camera (--third-party).
+        unsupported = [
+            option
+            for option, given in (
+                ("--filter", args.filter),
+                ("--third-party", args.third_party),
+                ("--exact", args.exact),
+                ("--publish", args.publish),
+                ("--persist", args.persist),
+            )
+            if given
+        ]
+        if unsupported:
+            raise UsageError(
+                f"{', '.join(unsupported)} cannot go with --outer-gateway: a mapping through"
+                " two NATs does not support them (docs/double-nat.md)"
+            )
         from portbroker.gateway import checked_address
 
         checked_address(args.outer_gateway, "--outer-gateway")

@@ -82,6 +82,27 @@ def test_outer_gateway_usage(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "--outer-gateway: 'nowhere' is not an IP address" in done.stderr
     assert "Traceback" not in done.stderr
+    # Options a nested mapping does not carry are refused, not dropped: a
+    # --filter ignored would leave the port open to every remote host.
+    done = cli(
+        "map",
+        "7302/tcp",
+        "--hold",
+        "--outer-gateway",
+        "127.0.0.1",
+        "--filter",
+        "11.0.0.2/32",
+        "--third-party",
+        "192.168.1.50",
+        server_port=9,
+        state=tmp_path,
+    )
+    assert done.returncode == 2
+    assert (
+        "--filter, --third-party cannot go with --outer-gateway: a mapping through two NATs"
+        " does not support them"
+    ) in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_an_outer_server_that_sees_another_address_fails_clearly(
