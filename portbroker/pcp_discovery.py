@@ -277,10 +277,30 @@ def parse_dhclient_leases(
                 continue
             what = "DHCPv4 option 158" if family == "lease" else "DHCPv6 option 86"
             servers += [
-                PcpServer(addresses, f"{what} in {source} ({interface})", found.routers)
+                PcpServer(
+                    tuple(_scoped(a, interface) for a in addresses),
+                    f"{what} in {source} ({interface})",
+                    found.routers,
+                )
                 for addresses in found.servers
             ]
     return servers, problems
+
+
+def _scoped(address: IPAddr, interface: str) -> IPAddr:
+    """A link-local server is reachable only on the lease's interface: without
+    the scope (fe80::1%eth0) no socket can send to it."""
+    if (
+        isinstance(address, IPv6Address)
+        and address.is_link_local
+        and not address.scope_id
+        and interface != "?"
+    ):
+        try:
+            return IPv6Address(f"{address}%{interface}")
+        except ValueError:
+            return address
+    return address
 
 
 def _routers(tokens: list[str]) -> tuple[IPAddr, ...]:

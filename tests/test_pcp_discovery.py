@@ -186,6 +186,15 @@ def test_choice_order() -> None:
         choose_pcp_server("224.0.0.1", gateway)
 
 
+def test_a_link_local_server_gets_its_interface() -> None:
+    """DHCPv6 on eth0 naming fe80::1: usable only as fe80::1%eth0."""
+    text = 'lease6 {\n  interface "eth0";\n  option dhcp6.v6-pcp-server fe80::1;\n}\n'
+    servers, _ = parse_dhclient_leases(text, source="l", now=NOW)
+    assert [str(a) for a in servers[0].addresses] == ["fe80::1%eth0"]
+    choice = choose_pcp_server(None, to_address("fe80::2%eth0"), servers)
+    assert str(choice.address) == "fe80::1%eth0"
+
+
 def test_of_several_interfaces_the_default_routes_lease_wins(tmp_path: Path) -> None:
     """Leases on Wi-Fi and on the wire, each with a PCP server: the one whose
     routers include the gateway (the default route's network) is used,
