@@ -253,7 +253,35 @@ def discover_pcp_servers(
         for problem in problems:
             logger.warning("PCP server discovery: %s", problem)
         found += servers
-    return found
+    return _not_this_host(found) if found else found
+
+
+def _not_this_host(servers: list[PcpServer]) -> list[PcpServer]:
+    """*servers* without this host's own addresses: a lease (or a rogue DHCP
+    server) naming the host itself would have us map on whatever listens on
+    its port 5351, as a loopback address would (RFC 7291 §4.2)."""
+    from portbroker.p2p import interface_addresses  # p2p imports the broker
+
+    try:
+        own = {entry.address for entry in interface_addresses()}
+    except OSError:
+        return servers  # cannot tell; the family and usability checks still hold
+    out = []
+    for server in servers:
+        kept = tuple(a for a in server.addresses if _unscoped(a) not in own)
+        if len(kept) < len(server.addresses):
+            logger.warning(
+                "PCP server discovery: %s names this host's own address; ignored", server.source
+            )
+        if kept:
+            out.append(attrs.evolve(server, addresses=kept))
+    return out
+
+
+def _unscoped(address: IPAddress) -> IPAddress:
+    if isinstance(address, IPv6Address) and address.scope_id:
+        return IPv6Address(str(address).split("%")[0])
+    return address
 
 
 # dhclient appends a lease block per renewal and rewrites the file when it

@@ -186,6 +186,29 @@ def test_choice_order() -> None:
         choose_pcp_server("224.0.0.1", gateway)
 
 
+def test_a_lease_naming_this_host_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PCP server at one of this host's own addresses is ignored (said),
+    as a loopback one is: we would map on whatever listens on our port 5351."""
+    import portbroker.p2p
+    from portbroker.p2p import InterfaceAddress
+
+    own = [
+        InterfaceAddress("eth0", 2, "192.168.1.100", 24),
+        InterfaceAddress("eth0", 2, "fe80::5", 64),
+    ]
+    monkeypatch.setattr(portbroker.p2p, "interface_addresses", lambda: own)
+    lease = tmp_path / "dhclient.leases"
+    lease.write_text(
+        'lease {\n  interface "eth0";\n  option unknown-158 8:c0:a8:1:64:64:40:0:1;\n}\n'
+        'lease6 {\n  interface "eth0";\n  option dhcp6.v6-pcp-server fe80::5;\n}\n'
+    )
+    found = discover_pcp_servers([lease], now=NOW)
+    assert [s.addresses for s in found] == [(V4("100.64.0.1"),)]
+    assert "names this host's own address; ignored" in caplog.text
+
+
 def test_a_link_local_server_gets_its_interface() -> None:
     """DHCPv6 on eth0 naming fe80::1: usable only as fe80::1%eth0."""
     text = 'lease6 {\n  interface "eth0";\n  option dhcp6.v6-pcp-server fe80::1;\n}\n'
