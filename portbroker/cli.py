@@ -27,6 +27,7 @@ from portbroker.types import DEFAULT_LIFETIME, MAX_LIFETIME, MIN_LIFETIME, forma
 if TYPE_CHECKING:
     from portbroker.broker import Broker, Mapping
     from portbroker.lifecycle import MappingEvent
+    from portbroker.nested import NestedEvent
     from portbroker.types import Lease, ProbeReport
 
 __all__ = ["main"]
@@ -530,6 +531,25 @@ def _dispatch(args: argparse.Namespace) -> int:
         if not args.hold:
             raise UsageError(
                 "--outer-gateway needs --hold (the two mappings live as long as the command)"
+            )
+        # A nested mapping is made without these: ignoring one silently would
+        # open to everyone a port the user restricted (--filter), or map this
+        # host instead of the camera (--third-party).
+        unsupported = [
+            option
+            for option, given in (
+                ("--filter", args.filter),
+                ("--third-party", args.third_party),
+                ("--exact", args.exact),
+                ("--publish", args.publish),
+                ("--persist", args.persist),
+            )
+            if given
+        ]
+        if unsupported:
+            raise UsageError(
+                f"{', '.join(unsupported)} cannot go with --outer-gateway: a mapping through"
+                " two NATs does not support them (docs/double-nat.md)"
             )
         from portbroker.gateway import checked_address
 
@@ -1227,6 +1247,7 @@ async def _hold_nested(broker: Broker, args: argparse.Namespace) -> int:
     import trio
 
     from portbroker._util import collapse_single
+    from portbroker.lifecycle import Failed
     from portbroker.nested import open_nested_mapping
 
     port, proto = args.spec
@@ -1235,6 +1256,8 @@ async def _hold_nested(broker: Broker, args: argparse.Namespace) -> int:
         "upnp_port": args.ssdp_port,
         "probe_timeout": args.timeout,
     }
+    made = False
+    failed: NestedEvent | None = None
     with trio.open_signal_receiver(*_hold_signals()) as signals, collapse_single():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
@@ -1248,6 +1271,7 @@ async def _hold_nested(broker: Broker, args: argparse.Namespace) -> int:
                 via=args.via,
                 outer_options=outer_options,
             ) as nested:
+                made = True
                 events = nested.events()
                 while True:  # where each stands now: printed below, in one line
                     try:
@@ -1284,7 +1308,21 @@ async def _hold_nested(broker: Broker, args: argparse.Namespace) -> int:
                         )
                     else:
                         print(f"{item.layer}: {type(item.event).__name__}", flush=True)
+                    if isinstance(item.event, Failed):
+                        # One of the two is gone for good: holding the other
+                        # reaches nobody (as map --hold ends on Failed).
+                        failed = item
+                        break
+            nursery.cancel_scope.cancel()
     # Leaving open_nested_mapping deleted the outer mapping, then the inner one.
+    if not made:
+        raise Failure("map interrupted before the mappings were made")
+    if failed is not None:
+        assert isinstance(failed.event, Failed)
+        raise Failure(
+            f"map failed: the {failed.layer} mapping could not be kept: {failed.event.reason}"
+            " (both deleted)"
+        )
     print(json.dumps({"event": "Released"}) if args.json else "deleted both mappings")
     return 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import stat
 import struct
 import subprocess
 import sys
@@ -43,6 +44,7 @@ __all__ = [
 ]
 
 ENV_GATEWAY = "PORTBROKER_GATEWAY"
+_BROADCAST: Final = IPv4Address("255.255.255.255")
 _RTF_GATEWAY = 0x2
 
 
@@ -187,7 +189,9 @@ def _checked(value: str | IPAddress, what: str) -> IPAddress:
         address = to_address(value)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{what}: {value!r} is not an IP address") from exc
-    if address.is_unspecified or address.is_multicast:
+    # The limited broadcast address is no server either: a request to it
+    # goes to every host of the link (or fails with EACCES).
+    if address.is_unspecified or address.is_multicast or address == _BROADCAST:
         raise ValueError(f"{what}: {address} cannot be a gateway")
     if isinstance(address, IPv6Address) and address.is_link_local and not address.scope_id:
         raise ValueError(
@@ -229,19 +233,94 @@ def discover_pcp_servers(
         paths = []
         for source in sources:
             path = Path(source)
-            paths += sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+            try:
+                paths += (
+                    sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+                )
+            except OSError as exc:
+                logger.warning("PCP server discovery: cannot read %s: %s", path, exc)
+    # A file the user named that cannot be read is theirs to hear of; the
+    # system's are looked for on every start, and often absent.
+    level = logging.INFO if sources is None else logging.WARNING
     found: list[PcpServer] = []
     for path in paths:
         try:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = _read_lease_file(path)
         except OSError as exc:
-            logger.info("PCP server discovery: cannot read %s: %s", path, exc)
+            logger.log(level, "PCP server discovery: cannot read %s: %s", path, exc)
             continue
         servers, problems = parse_dhclient_leases(text, source=str(path), now=when)
         for problem in problems:
             logger.warning("PCP server discovery: %s", problem)
         found += servers
-    return found
+    return _not_this_host(found) if found else found
+
+
+def _not_this_host(servers: list[PcpServer]) -> list[PcpServer]:
+    """*servers* without this host's own addresses: a lease (or a rogue DHCP
+    server) naming the host itself would have us map on whatever listens on
+    its port 5351, as a loopback address would (RFC 7291 §4.2)."""
+    from portbroker.p2p import interface_addresses  # p2p imports the broker
+
+    try:
+        own = {entry.address for entry in interface_addresses()}
+    except OSError:
+        return servers  # cannot tell; the family and usability checks still hold
+    out = []
+    for server in servers:
+        kept = tuple(a for a in server.addresses if _unscoped(a) not in own)
+        if len(kept) < len(server.addresses):
+            logger.warning(
+                "PCP server discovery: %s names this host's own address; ignored", server.source
+            )
+        if kept:
+            out.append(attrs.evolve(server, addresses=kept))
+    return out
+
+
+def _unscoped(address: IPAddress) -> IPAddress:
+    if isinstance(address, IPv6Address) and address.scope_id:
+        return IPv6Address(str(address).split("%")[0])
+    return address
+
+
+# dhclient appends a lease block per renewal and rewrites the file when it
+# starts, so a file is a few KiB; a long-lived one can grow. Its tail holds the
+# current leases (the last block of each interface counts).
+MAX_LEASE_FILE = 1 << 20
+
+
+def _read_lease_file(path: Path) -> str:
+    """A lease file's text, or its last :data:`MAX_LEASE_FILE` octets from
+    the first whole ``lease`` block on.
+
+    Opened non-blocking and read only when it is a regular file: a path that
+    is a fifo (which would block the open and every read) or a device
+    (/dev/zero: an endless read) raises OSError, as an unreadable file does.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        tail = info.st_size > MAX_LEASE_FILE
+        if tail:
+            file.seek(info.st_size - MAX_LEASE_FILE)
+        data = file.read(MAX_LEASE_FILE)
+    if tail:
+        # Cut mid-block: start at the first block that begins in what was read.
+        start = min(
+            (i for i in (data.find(b"\nlease {"), data.find(b"\nlease6 {")) if i >= 0),
+            default=len(data),
+        )
+        data = data[start:]
+        logger.info(
+            "PCP server discovery: %s is %d octets; reading its last %d",
+            path,
+            info.st_size,
+            MAX_LEASE_FILE,
+        )
+    return data.decode("utf-8", errors="replace")
 
 
 @attrs.frozen
@@ -258,7 +337,10 @@ def choose_pcp_server(
     discovered: Sequence[PcpServer] = (),
 ) -> PcpServerChoice:
     """An explicit server, else the first DHCP-announced one of the gateway's
-    family, else the gateway (RFC 6887 §8.1).
+    family, else the gateway (RFC 6887 §8.1). Of the announced servers, one
+    from a lease whose routers (option 3) include *gateway* comes first: with
+    leases on several interfaces (wired and Wi-Fi), the default route's
+    network is the one whose NAT we map on.
 
     Explicit configuration wins over DHCP: it is the only way to overrule a
     stale or wrong lease, and RFC 7488 §4 leaves the order of configured
@@ -270,7 +352,8 @@ def choose_pcp_server(
     """
     if explicit is not None:
         return PcpServerChoice(_checked(explicit, "pcp_server"), "configured (--pcp-server)")
-    for server in discovered:
+    ours = [s for s in discovered if gateway in s.routers]
+    for server in ours + [s for s in discovered if s not in ours]:
         for address in server.addresses:
             if address.version == gateway.version:
                 return PcpServerChoice(address, server.source)

@@ -17,8 +17,8 @@ from the inner NAT's external address, which RFC 6887 §8.1 requires the
 client address field to carry (ADDRESS_MISMATCH otherwise): it is opened
 with ``pcp_client_address`` set to it, and MAPs the inner external port.
 When the inner mapping's external endpoint moves, the outer mapping is made
-again for the new one. Leaving the block deletes the outer mapping, then
-the inner one.
+again for the new one; when the inner mapping fails for good, the outer one
+is deleted. Leaving the block deletes the outer mapping, then the inner one.
 """
 
 from __future__ import annotations
@@ -124,6 +124,13 @@ class NestedMapping:
     async def _follow_inner(self, events: trio.MemoryReceiveChannel[MappingEvent]) -> None:
         async for event in events:
             self._publish("inner", event)
+            if isinstance(event, Failed):
+                # The inner mapping is gone for good (its last event): the
+                # outer one would forward the Internet to an inner port the
+                # inner NAT may give to another host. Delete it now.
+                self._closing = True
+                self._moved.set()
+                return
             wanted = self._wanted()
             if wanted is not None and wanted != self._outer_for:
                 # The inner NAT maps us elsewhere now: the outer mapping
@@ -183,7 +190,16 @@ async def open_nested_mapping(
     mapping = await inner.map(internal_port, protocol, lifetime=lifetime, via=via)
     nested: NestedMapping | None = None
     try:
-        choice = choose_pcp_server(outer_gateway, mapping._lease().external_address, discovered)
+        external = mapping._lease().external_address
+        choice = choose_pcp_server(outer_gateway, external, discovered)
+        if outer_gateway is None and choice.address == external:
+            # choose_pcp_server falls back on its "gateway", here the inner
+            # external address: none of the servers announced is of its family.
+            raise ValueError(
+                f"no outer NAT: the DHCP lease files announce no IPv{external.version} PCP"
+                f" server for the inner external address {external}; name it"
+                " (outer_gateway, --outer-gateway)"
+            )
         nested = NestedMapping(mapping, choice.address, choice.source)
         inner_events = mapping.events()
         options = dict(outer_options or {})

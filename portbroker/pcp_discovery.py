@@ -10,8 +10,9 @@ client records, and which cases work, is in docs/double-nat.md.
 - DHCPv6 OPTION_V6_PCP_SERVER (86), RFC 7291 §3: 16 octets per address; each
   option instance is one server; an IPv4-mapped address (RFC 4291 §2.5.5.2)
   names an IPv4 PCP server.
-- Unusable addresses (unspecified, multicast, the broadcast address) are
-  dropped (RFC 7291 §5); a malformed option is discarded whole.
+- Unusable addresses (unspecified, multicast, loopback, the broadcast
+  address) are dropped (RFC 7291 §3.2, §4.2); a malformed option is
+  discarded whole.
 
 ISC dhclient (and NetworkManager's dhclient backend, which writes the same
 format) records an option it has no definition for as ``option unknown-158
@@ -62,15 +63,24 @@ IPAddr = IPv4Address | IPv6Address
 @attrs.frozen
 class PcpServer:
     """One PCP server announced by DHCP: its addresses (alternatives of the
-    same server, RFC 7291 §4) and where it was learned, in words."""
+    same server, RFC 7291 §4), where it was learned, in words, and the
+    routers (option 3) of the lease that announced it: which network it is."""
 
     addresses: tuple[IPAddr, ...]
     source: str
+    routers: tuple[IPAddr, ...] = ()
 
 
 def _usable(address: IPAddr) -> bool:
+    # RFC 7291 §3.2 / §4.2: "MUST silently discard multicast and host loopback
+    # addresses"; unspecified and broadcast cannot be a server either. A DHCP
+    # server (or a rogue one on the link) must not make us send PCP to a
+    # service on this host.
     return not (
-        address.is_unspecified or address.is_multicast or address == IPv4Address("255.255.255.255")
+        address.is_unspecified
+        or address.is_multicast
+        or address.is_loopback
+        or address == IPv4Address("255.255.255.255")
     )
 
 
@@ -122,7 +132,10 @@ def decode_v6_option(data: bytes) -> tuple[IPAddr, ...]:
 
 # -- ISC dhclient lease files -----------------------------------------------------
 
-_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{};]|[^\s{};"]+')
+# A quoted string's closing quote is optional: an unterminated one (a
+# truncated file, garbage) then ends the file in one token instead of being
+# tried again from every later quote, which is quadratic in a file of ``\"``.
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"?|[{};]|[^\s{};"]+', re.DOTALL)
 _ESCAPE = re.compile(rb"\\([0-7]{1,3}|.)", re.DOTALL)
 
 
@@ -213,6 +226,7 @@ class _Lease:
     family: str  # "lease" (DHCPv4) or "lease6"
     interface: str = "?"
     expires: float | None = None
+    routers: tuple[IPAddr, ...] = ()
     servers: list[tuple[IPAddr, ...]] = attrs.Factory(list)
     problems: list[str] = attrs.Factory(list)
 
@@ -248,6 +262,8 @@ def parse_dhclient_leases(
             lease.interface = tokens[1].strip('"')
         elif keyword == "expire":
             lease.expires = _expiry(tokens)
+        elif keyword == "option" and len(tokens) >= 3 and tokens[1] == "routers":
+            lease.routers = _routers(tokens[2:])
         elif keyword == "option" and len(tokens) >= 3:
             _read_option(lease, tokens[1], tokens[2:])
     servers: list[PcpServer] = []
@@ -261,10 +277,38 @@ def parse_dhclient_leases(
                 continue
             what = "DHCPv4 option 158" if family == "lease" else "DHCPv6 option 86"
             servers += [
-                PcpServer(addresses, f"{what} in {source} ({interface})")
+                PcpServer(
+                    tuple(_scoped(a, interface) for a in addresses),
+                    f"{what} in {source} ({interface})",
+                    found.routers,
+                )
                 for addresses in found.servers
             ]
     return servers, problems
+
+
+def _scoped(address: IPAddr, interface: str) -> IPAddr:
+    """A link-local server is reachable only on the lease's interface: without
+    the scope (fe80::1%eth0) no socket can send to it."""
+    if (
+        isinstance(address, IPv6Address)
+        and address.is_link_local
+        and not address.scope_id
+        and interface != "?"
+    ):
+        try:
+            return IPv6Address(f"{address}%{interface}")
+        except ValueError:
+            return address
+    return address
+
+
+def _routers(tokens: list[str]) -> tuple[IPAddr, ...]:
+    """``option routers 192.168.1.1, 192.168.1.2;``; nothing if malformed."""
+    try:
+        return tuple(ip_address(part) for part in "".join(tokens).split(",") if part)
+    except ValueError:
+        return ()
 
 
 def _read_option(lease: _Lease, name: str, value: list[str]) -> None:

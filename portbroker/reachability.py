@@ -98,6 +98,7 @@ _V6: Final[tuple[tuple[IPv6Network, AddressKind, str], ...]] = tuple(
         ("100::/64", AddressKind.RESERVED, "discard-only (RFC 6666)"),
         ("2001:1::1/128", AddressKind.GLOBAL, ""),  # PCP anycast, RFC 7723
         ("2001:1::2/128", AddressKind.GLOBAL, ""),  # TURN anycast, RFC 8155
+        ("2001:1::3/128", AddressKind.GLOBAL, ""),  # DNS-SD SRP anycast, RFC 9665
         ("2001:3::/32", AddressKind.GLOBAL, ""),  # AMT, RFC 7450
         ("2001:4:112::/48", AddressKind.GLOBAL, ""),  # AS112, RFC 7535
         ("2001:20::/28", AddressKind.GLOBAL, ""),  # ORCHIDv2, RFC 7343
@@ -121,6 +122,8 @@ def classify(address: IPv4Address | IPv6Address | str) -> Reachability:
 
     An IPv4-mapped IPv6 address (``::ffff:a.b.c.d``, RFC 4291 §2.5.5.2, as
     PCP carries every IPv4 address) is judged as its IPv4 address.
+    A 6to4 address (2002::/16) or one in NAT64's well-known prefix
+    (64:ff9b::/96) is judged by the IPv4 address it embeds.
 
     Raises:
         ValueError: *address* is not an IP address.
@@ -128,14 +131,39 @@ def classify(address: IPv4Address | IPv6Address | str) -> Reachability:
     parsed = ip_address(address) if isinstance(address, str) else address
     if isinstance(parsed, IPv6Address) and parsed.ipv4_mapped is not None:
         parsed = parsed.ipv4_mapped
-    kind, what = _lookup(parsed)
+    embedded = _embedded_ipv4(parsed)
+    if embedded is not None:
+        # A 6to4 (RFC 3056 §2) or NAT64 well-known-prefix (RFC 6052 §2.1)
+        # address reaches the Internet only through its IPv4 address: a
+        # 6to4 prefix built from a router's private WAN address (behind
+        # another NAT) leads nowhere, whatever 2002::/16's place in 2000::/3.
+        kind, what = _lookup(embedded)
+        what = f"the IPv4 address {embedded} within it is {what}"
+        subject = f"{parsed}:"
+    else:
+        kind, what = _lookup(parsed)
+        subject = f"{parsed} is"
     if kind is AddressKind.GLOBAL:
         return Reachability(parsed, kind, True, None)
     if kind in (AddressKind.PRIVATE, AddressKind.SHARED, AddressKind.UNIQUE_LOCAL):
-        why = f"{parsed} is {what}: {_BEHIND}"
+        why = f"{subject} {what}: {_BEHIND}"
     else:
-        why = f"{parsed} is {what}, not an address the Internet can reach"
+        why = f"{subject} {what}, not an address the Internet can reach"
     return Reachability(parsed, kind, False, f"not publicly reachable: {why}")
+
+
+_6TO4: Final = IPv6Network("2002::/16")
+_NAT64_WKP: Final = IPv6Network("64:ff9b::/96")
+
+
+def _embedded_ipv4(address: IPv4Address | IPv6Address) -> IPv4Address | None:
+    if isinstance(address, IPv4Address):
+        return None
+    if address in _6TO4:
+        return address.sixtofour
+    if address in _NAT64_WKP:
+        return IPv4Address(address.packed[12:])
+    return None
 
 
 def _lookup(address: IPv4Address | IPv6Address) -> tuple[AddressKind, str]:

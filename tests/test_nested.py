@@ -17,6 +17,7 @@ from portbroker.errors import MethodUnavailable
 from portbroker.lifecycle import (
     Acquired,
     ExternalAddressChanged,
+    Failed,
     ReachabilityChanged,
     Released,
 )
@@ -27,12 +28,13 @@ from portbroker.types import IPAddress
 from portbroker.wire import pcp
 from tests.broker_harness import wait_for
 
-INNER, OUTER = IPv4Address("127.0.0.1"), IPv4Address("127.0.0.2")
+# Memory links only: nothing is sent to 100.64.0.1.
+INNER, OUTER = IPv4Address("127.0.0.1"), IPv4Address("100.64.0.1")
 
 
 class TwoNats:
     """The inner fake at 127.0.0.1 (external: an address on the outer's lan),
-    the outer at 127.0.0.2 (external 11.0.0.1), which sees our requests come
+    the outer at 100.64.0.1 (external 11.0.0.1), which sees our requests come
     from the inner's external address, as a real NAT makes it."""
 
     def __init__(self) -> None:
@@ -131,6 +133,32 @@ async def test_the_inner_endpoint_moves(autojump_clock: trio.testing.MockClock) 
         assert ("outer", Released) in kinds
 
 
+async def test_the_inner_mapping_fails_for_good(autojump_clock: trio.testing.MockClock) -> None:
+    """The inner NAT restarts and refuses to map again: the outer mapping, which
+    would forward the Internet to an inner port now free for any other host,
+    is deleted at once, not renewed for as long as the block lasts."""
+    nats = TwoNats()
+    async with (
+        nats.broker() as inner,
+        open_nested_mapping(
+            inner,
+            8084,
+            outer_gateway=OUTER,
+            outer_methods=("pcp",),
+            outer_options={"link_factory": nats.link},
+        ) as nested,
+    ):
+        events = nested.events()
+        nats.inner.forced_result = pcp.ResultCode.NOT_AUTHORIZED
+        nats.inner.forced_natpmp_result = 2  # NOT_AUTHORIZED (RFC 6886 §3.5)
+        nats.inner.reset()
+        await wait_for(lambda: nats.outer.mappings == {}, 5 * 3600)
+        kinds = [(e.layer, type(e.event)) for e in _drain(events)]
+        assert ("inner", Failed) in kinds
+        assert kinds[-1] == ("outer", Released)
+        assert nested.outer is None
+
+
 async def test_no_outer_server_is_a_clear_error(tmp_path: Path) -> None:
     nats = TwoNats()
     async with nats.broker() as inner:
@@ -138,7 +166,7 @@ async def test_no_outer_server_is_a_clear_error(tmp_path: Path) -> None:
             async with open_nested_mapping(inner, 8080):
                 pass
         lease = tmp_path / "l"
-        lease.write_text("lease {\n  option unknown-158 4:7f:0:0:2;\n}\n")
+        lease.write_text("lease {\n  option unknown-158 4:64:40:0:1;\n}\n")
         async with open_nested_mapping(
             inner,
             8081,
@@ -148,6 +176,25 @@ async def test_no_outer_server_is_a_clear_error(tmp_path: Path) -> None:
         ) as nested:
             assert nested.outer_server == OUTER
             assert nested.outer_server_source.startswith("DHCPv4 option 158 in")
+
+
+async def test_a_lease_of_the_other_family_is_no_outer_server(tmp_path: Path) -> None:
+    """Only a DHCPv6-announced server for an IPv4 inner external address: a
+    clear error, not PCP sent to the inner NAT's own external address."""
+    nats = TwoNats()
+    lease = tmp_path / "l6"
+    lease.write_text("lease6 {\n  option dhcp6.v6-pcp-server 2001:db8::1;\n}\n")
+    async with nats.broker() as inner:
+        with pytest.raises(ValueError, match="announce no IPv4 PCP server for the inner"):
+            async with open_nested_mapping(
+                inner,
+                8083,
+                dhcp_leases=[lease],
+                outer_methods=("pcp",),
+                outer_options={"link_factory": nats.link},
+            ):
+                pass
+        assert nats.inner.mappings == {}
 
 
 async def test_an_outer_refusal_deletes_the_inner_mapping(

@@ -9,6 +9,7 @@ machine's own leases are never read.
 from __future__ import annotations
 
 import calendar
+import re
 import shutil
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
@@ -54,6 +55,26 @@ def test_v4_option_several_lists_are_several_servers() -> None:
 def test_v4_option_drops_unusable_addresses() -> None:
     body = bytes([12, 0, 0, 0, 0, 224, 0, 0, 1, 100, 64, 0, 9, 4, 255, 255, 255, 255])
     assert decode_v4_option(body) == ((V4("100.64.0.9"),),)
+
+
+def test_loopback_pcp_servers_are_discarded(tmp_path: Path) -> None:
+    """RFC 7291 §3.2 / §4.2: a DHCP client MUST silently discard host loopback
+    addresses: a lease (or a rogue DHCP server) naming 127.0.0.1 or ::1 must
+    not make us send PCP to a service on this host."""
+    assert decode_v4_option(bytes([8, 127, 0, 0, 1, 100, 64, 0, 9, 4, 127, 9, 9, 9])) == (
+        (V4("100.64.0.9"),),
+    )
+    assert decode_v6_option(IPv6Address("::1").packed) == ()
+    assert decode_v6_option(IPv6Address("::ffff:127.0.0.1").packed) == ()
+    text = (
+        'lease {\n  interface "eth0";\n  option unknown-158 4:7f:0:0:1;\n}\n'
+        'lease6 {\n  interface "eth0";\n  option dhcp6.v6-pcp-server ::1,::ffff:127.0.0.2;\n}\n'
+    )
+    assert parse_dhclient_leases(text, source="l", now=NOW) == ([], [])
+    lease = tmp_path / "dhclient.leases"
+    lease.write_text(text)
+    choice = choose_pcp_server(None, to_address("192.168.1.1"), discover_pcp_servers([lease]))
+    assert choice.source == "the gateway"
 
 
 @pytest.mark.parametrize(
@@ -165,6 +186,75 @@ def test_choice_order() -> None:
         choose_pcp_server("224.0.0.1", gateway)
 
 
+def test_a_lease_naming_this_host_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PCP server at one of this host's own addresses is ignored (said),
+    as a loopback one is: we would map on whatever listens on our port 5351."""
+    import portbroker.p2p
+    from portbroker.p2p import InterfaceAddress
+
+    own = [
+        InterfaceAddress("eth0", 2, "192.168.1.100", 24),
+        InterfaceAddress("eth0", 2, "fe80::5", 64),
+    ]
+    monkeypatch.setattr(portbroker.p2p, "interface_addresses", lambda: own)
+    lease = tmp_path / "dhclient.leases"
+    lease.write_text(
+        'lease {\n  interface "eth0";\n  option unknown-158 8:c0:a8:1:64:64:40:0:1;\n}\n'
+        'lease6 {\n  interface "eth0";\n  option dhcp6.v6-pcp-server fe80::5;\n}\n'
+    )
+    found = discover_pcp_servers([lease], now=NOW)
+    assert [s.addresses for s in found] == [(V4("100.64.0.1"),)]
+    assert "names this host's own address; ignored" in caplog.text
+
+
+def test_a_link_local_server_gets_its_interface() -> None:
+    """DHCPv6 on eth0 naming fe80::1: usable only as fe80::1%eth0."""
+    text = 'lease6 {\n  interface "eth0";\n  option dhcp6.v6-pcp-server fe80::1;\n}\n'
+    servers, _ = parse_dhclient_leases(text, source="l", now=NOW)
+    assert [str(a) for a in servers[0].addresses] == ["fe80::1%eth0"]
+    choice = choose_pcp_server(None, to_address("fe80::2%eth0"), servers)
+    assert str(choice.address) == "fe80::1%eth0"
+
+
+def test_of_several_interfaces_the_default_routes_lease_wins(tmp_path: Path) -> None:
+    """Leases on Wi-Fi and on the wire, each with a PCP server: the one whose
+    routers include the gateway (the default route's network) is used,
+    whichever file sorts first; without such a lease, the first one."""
+    (tmp_path / "dhclient-1111-wlan0.lease").write_text(
+        'lease {\n  interface "wlan0";\n  option routers 10.1.0.1;\n'
+        "  option unknown-158 4:a:1:0:2;\n}\n"
+    )
+    (tmp_path / "dhclient-2222-eth0.lease").write_text(
+        'lease {\n  interface "eth0";\n  option routers 192.168.1.1, 192.168.1.254;\n'
+        "  option unknown-158 4:64:40:0:1;\n}\n"
+    )
+    found = discover_pcp_servers([tmp_path], now=NOW)
+    wired = choose_pcp_server(None, to_address("192.168.1.254"), found)
+    assert (str(wired.address), wired.source.endswith("(eth0)")) == ("100.64.0.1", True)
+    wifi = choose_pcp_server(None, to_address("10.1.0.1"), found)
+    assert str(wifi.address) == "10.1.0.2"
+    other = choose_pcp_server(None, to_address("172.16.0.1"), found)
+    assert str(other.address) == "10.1.0.2"  # the first file's
+
+
+@pytest.mark.parametrize(
+    ("spelling", "why"),
+    [
+        ("255.255.255.255", "255.255.255.255 cannot be a gateway"),  # broadcast
+        ("ff02::1", "ff02::1 cannot be a gateway"),
+        ("0.0.0.0", "0.0.0.0 cannot be a gateway"),
+        ("127.0.0.1:5351", "'127.0.0.1:5351' is not an IP address"),
+        ("", "'' is not an IP address"),
+        ("fe80::1", "fe80::1 is link-local: name its interface"),
+    ],
+)
+def test_a_bad_pcp_server_is_said_before_anything_is_sent(spelling: str, why: str) -> None:
+    with pytest.raises(ValueError, match=f"^pcp_server: {re.escape(why)}"):
+        choose_pcp_server(spelling, to_address("192.168.1.1"))
+
+
 def _recording(gateway: FakeGateway, seen: list[IPAddress]) -> Any:
     factory = gateway.link_factory()
 
@@ -177,7 +267,8 @@ def _recording(gateway: FakeGateway, seen: list[IPAddress]) -> Any:
 
 async def test_open_broker_uses_the_dhcp_server_for_pcp(tmp_path: Path) -> None:
     lease = tmp_path / "dhclient.leases"
-    lease.write_text('lease {\n  interface "lan0";\n  option unknown-158 4:7f:0:0:5;\n}\n')
+    # A memory link: nothing is sent to 100.64.0.5.
+    lease.write_text('lease {\n  interface "lan0";\n  option unknown-158 4:64:40:0:5;\n}\n')
     gateway = FakeGateway()
     seen: list[IPAddress] = []
     async with portbroker.broker.open_broker(
@@ -187,13 +278,13 @@ async def test_open_broker_uses_the_dhcp_server_for_pcp(tmp_path: Path) -> None:
         announce_port=None,
         dhcp_leases=[lease],
     ) as broker:
-        assert broker.pcp_server.address == V4("127.0.0.5")
+        assert broker.pcp_server.address == V4("100.64.0.5")
         assert broker.pcp_server.source == f"DHCPv4 option 158 in {lease} (lan0)"
         mapping = await broker.map(7100, "udp", via="pcp")
         assert mapping.lease is not None
-        assert mapping.lease.gateway == V4("127.0.0.5")  # the PCP server's lease
+        assert mapping.lease.gateway == V4("100.64.0.5")  # the PCP server's lease
     # PCP went to the announced server, NAT-PMP to the gateway (RFC 6886).
-    assert seen == [V4("127.0.0.5"), V4("127.0.0.1")]
+    assert seen == [V4("100.64.0.5"), V4("127.0.0.1")]
     # An explicit --pcp-server wins over the lease.
     async with broker_for(gateway, dhcp_leases=[lease], pcp_server="127.0.0.7") as broker:
         assert broker.pcp_server.address == V4("127.0.0.7")
@@ -284,3 +375,72 @@ def test_dhclient_quoted_form_of_an_unknown_option() -> None:
     # "expire never" is no expiry.
     never = text.replace("}\n", "  expire never;\n}\n")
     assert len(parse_dhclient_leases(never, source="q", now=NOW)[0]) == 1
+
+
+def test_a_fifo_or_a_device_is_no_lease_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--dhcp-leases naming a fifo (or a symlink to /dev/zero) must not block
+    the command for ever, nor read without end: each is skipped, and said."""
+    import os
+    import threading
+
+    fifo = tmp_path / "fifo.leases"
+    os.mkfifo(fifo)
+    (tmp_path / "zero.leases").symlink_to("/dev/zero")
+    found: list[list[PcpServer]] = []
+    reader = threading.Thread(
+        target=lambda: found.append(
+            discover_pcp_servers([fifo, tmp_path / "zero.leases"], now=NOW)
+        ),
+        daemon=True,
+    )
+    reader.start()
+    reader.join(30)
+    if reader.is_alive():  # blocked in open(): a writer releases it
+        with open(fifo, "wb"):
+            pass
+        reader.join(30)
+        pytest.fail("reading a fifo blocked")
+    assert found == [[]]
+    said = caplog.text
+    assert f"cannot read {fifo}: {fifo} is not a regular file" in said
+    assert "zero.leases is not a regular file" in said
+
+
+def test_a_huge_lease_file_is_read_from_its_tail(tmp_path: Path) -> None:
+    """A lease file grown by years of renewals: its last MiB holds the current
+    lease, read from the first whole block in it."""
+    from portbroker import gateway
+
+    old = 'lease {\n  interface "eth0";\n  option unknown-158 4:64:40:0:1;\n}\n'
+    current = 'lease {\n  interface "eth0";\n  option unknown-158 4:64:40:0:9;\n}\n'
+    path = tmp_path / "dhclient.leases"
+    path.write_text(old * (2 * gateway.MAX_LEASE_FILE // len(old)) + current)
+    assert [s.addresses for s in discover_pcp_servers([path], now=NOW)] == [(V4("100.64.0.9"),)]
+
+
+def test_an_unterminated_string_is_read_in_one_pass() -> None:
+    """A truncated or garbage file of ``\\"``: every quote opened a string that
+    never closed and was tried again to the end, quadratic (hours for a MiB,
+    holding the GIL). Now the unterminated string runs to the end of the file
+    and is discarded. In a child process, so that a hang fails the test."""
+    import subprocess
+    import sys
+
+    script = (
+        "from portbroker.pcp_discovery import parse_dhclient_leases\n"
+        "text = 'lease {\\n  option unknown-158 \"' + '\\\\\"' * 200_000\n"
+        "print(parse_dhclient_leases(text, source='t', now=0))\n"
+        "print(parse_dhclient_leases(text + '\";\\n}\\n', source='t', now=0))\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("parsing an unterminated string did not end")
+    assert done.returncode == 0, done.stderr
+    unclosed, closed = done.stdout.splitlines()
+    assert unclosed == "([], [])"  # no lease block ended: nothing, and nothing said
+    assert closed.startswith("([], ['t (?): option unknown-158 discarded")

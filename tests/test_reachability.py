@@ -71,6 +71,15 @@ K = AddressKind
         ("fec0::1", K.RESERVED),  # deprecated site-local
         ("::ffff:192.168.1.1", K.PRIVATE),  # IPv4-mapped: judged as IPv4
         ("::ffff:11.0.0.1", K.GLOBAL),
+        # 6to4 and NAT64's well-known prefix are as reachable as the IPv4
+        # address they embed (RFC 3056 §2, RFC 6052 §3.1).
+        ("2002:c0a8:101::1", K.PRIVATE),  # 6to4 from a private WAN address
+        ("2002:6440:2::1", K.SHARED),
+        ("2002:b00:1::1", K.GLOBAL),  # 11.0.0.1
+        ("64:ff9b::b00:1", K.GLOBAL),
+        ("64:ff9b::a00:1", K.PRIVATE),
+        ("64:ff9b:1::1", K.RESERVED),  # local-use NAT64 (RFC 8215)
+        ("2001:1::3", K.GLOBAL),  # DNS-SD SRP anycast (RFC 9665)
     ],
 )
 def test_classify(address: str, kind: AddressKind) -> None:
@@ -93,6 +102,11 @@ def test_reasons_name_the_cause() -> None:
     assert shared is not None
     assert "RFC 6598" in shared
     assert "carrier-grade NAT" in shared
+    six_to_four = classify("2002:c0a8:101::1").reason
+    assert six_to_four == (
+        "not publicly reachable: 2002:c0a8:101::1: the IPv4 address 192.168.1.1 within it"
+        " is a private address (RFC 1918): another NAT lies beyond this gateway (double NAT)"
+    )
     assert isinstance(classify("::ffff:10.0.0.1").address, IPv4Address)
     assert isinstance(classify("fd00::1").address, IPv6Address)
     with pytest.raises(ValueError, match="does not appear to be an IPv4 or IPv6 address"):
