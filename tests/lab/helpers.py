@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import queue
 import socket
+import subprocess
+import threading
+import weakref
+from typing import IO
 
 from portbroker.testing.lab import EXTERNAL_ADDRESS, LAN_ADDRESS, Lab
 
@@ -38,3 +43,50 @@ def udp_to_gateway(lab: Lab, port: int) -> socket.socket:
     sock = lab.socket(lab.lan_ns)
     sock.connect((str(GATEWAY_ADDRESS), port))
     return sock
+
+
+class LineReader:
+    """A subprocess's stdout, line by line, with a timeout that never misses a line.
+
+    select() on a buffered text stream misses lines that a readline() already
+    pulled into the buffer (two JSON events written together: the second one
+    then "never came" and the test timed out). A thread reads the pipe and
+    queues each line instead.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._ended = False
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: IO[str]) -> None:
+        try:
+            for line in stream:
+                self._lines.put(line)
+        except (OSError, ValueError):
+            pass  # closed under us (communicate() at a test's end): that is the end too
+        self._lines.put("")  # the end
+
+    def next(self, timeout: float) -> str | None:
+        """The next line; "" once the stream ended; None after *timeout* seconds."""
+        if self._ended:
+            return ""
+        try:
+            line = self._lines.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return None
+        if not line:
+            self._ended = True
+        return line
+
+
+_READERS: weakref.WeakKeyDictionary[subprocess.Popen[str], LineReader] = weakref.WeakKeyDictionary()
+
+
+def lines_of(process: subprocess.Popen[str]) -> LineReader:
+    """The one LineReader of *process*'s stdout (made on first use)."""
+    reader = _READERS.get(process)
+    if reader is None:
+        assert process.stdout is not None
+        reader = _READERS[process] = LineReader(process.stdout)
+    return reader

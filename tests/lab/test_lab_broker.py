@@ -7,12 +7,9 @@ exec``), exactly as an app on a LAN host would.
 from __future__ import annotations
 
 import json
-import queue
 import subprocess
 import sys
-import threading
 import time
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +18,7 @@ from typing import Any
 import pytest
 
 from portbroker.testing.lab import EXTERNAL_ADDRESS, GATEWAY_ADDRESS, Lab, Variant, open_lab
-from tests.lab.helpers import connect_from_wan, listen_in_lan
+from tests.lab.helpers import connect_from_wan, lines_of, listen_in_lan
 
 AGENT = Path(__file__).with_name("agent.py")
 PORTBROKER = [sys.executable, "-m", "portbroker.cli"]
@@ -124,37 +121,19 @@ def agent(
                 pipe.close()
 
 
-_LINES: weakref.WeakKeyDictionary[subprocess.Popen[str], queue.Queue[str]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _read_lines(process: subprocess.Popen[str], lines: queue.Queue[str]) -> None:
-    assert process.stdout is not None
-    for line in process.stdout:
-        lines.put(line)
-    lines.put("")  # the end
-
-
 def next_event(
     process: subprocess.Popen[str], *wanted: str, timeout: float = 90.0
 ) -> dict[str, Any]:
     """The agent's next event of a *wanted* kind; fails (never hangs) after *timeout*."""
-    # A thread reads the lines: select() on a buffered text stream misses
-    # lines readline() already pulled into the buffer (two events in one
-    # read), and the test then timed out with its event unread.
-    lines = _LINES.get(process)
-    if lines is None:
-        lines = _LINES[process] = queue.Queue()
-        threading.Thread(target=_read_lines, args=(process, lines), daemon=True).start()
+    # lines_of: select() on a buffered text stream misses lines readline()
+    # already pulled in (two events in one read).
+    lines = lines_of(process)
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            raise AssertionError(f"no {wanted} event from the agent within {timeout:g} s") from None
+        line = lines.next(deadline - time.monotonic())
+        if line is None:
+            raise AssertionError(f"no {wanted} event from the agent within {timeout:g} s")
         if not line:
-            lines.put("")  # every later call sees the end too
             assert process.stderr is not None
             raise AssertionError(f"agent ended before {wanted}: {process.stderr.read()}")
         event: dict[str, Any] = json.loads(line)

@@ -12,7 +12,6 @@ retries as done, not after an hour of them.
 from __future__ import annotations
 
 import json
-import select
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 
 from portbroker.testing.lab import GATEWAY_ADDRESS, Lab
 from tests.lab.faults import REPO, dnat_rules, stop
+from tests.lab.helpers import lines_of
 
 pytestmark = [pytest.mark.faults]
 
@@ -55,11 +55,8 @@ def next_event(process: subprocess.Popen[str], kind: str, timeout: float) -> dic
     assert process.stdout is not None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stdout], [], [], deadline - time.monotonic())
-        if not ready:
-            break
-        text = process.stdout.readline()
-        if not text:
+        text = lines_of(process).next(deadline - time.monotonic())
+        if not text:  # None: the time is up; "": the agent ended
             break
         event: dict[str, Any] = json.loads(text)
         if event["event"] == kind:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -30,6 +29,7 @@ import pytest
 
 from portbroker.testing.lab import EXTERNAL_ADDRESS, GATEWAY_ADDRESS, Lab, LanHost, open_lab
 from tests.conftest import _require_lab
+from tests.lab.helpers import lines_of
 
 PORTBROKER = [sys.executable, "-m", "portbroker.cli"]
 SERVICE = "_pbtest._tcp"
@@ -67,10 +67,9 @@ class Lines:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"not seen within {limit} s; got {self.raw}")
-            ready, _, _ = select.select([out], [], [], left)
-            if not ready:
+            line = lines_of(self.process).next(left)
+            if line is None:
                 continue
-            line = out.readline()
             if not line:
                 raise AssertionError(f"the process ended; got {self.raw}")
             self.raw.append(line.rstrip())

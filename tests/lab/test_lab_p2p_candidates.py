@@ -9,7 +9,6 @@ gateway restart — and reads the changes the agent prints.
 from __future__ import annotations
 
 import json
-import select
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 
 from portbroker.testing.lab import GATEWAY_ADDRESS, LAN_ADDRESS, Lab, open_lab
 from tests.conftest import _require_lab
+from tests.lab.helpers import lines_of
 
 AGENT = Path(__file__).with_name("candidates_agent.py")
 PORT = 41000
@@ -49,9 +49,8 @@ class Agent:
 
     def next(self, timeout: float = 30.0) -> dict[str, Any]:
         assert self.process.stdout is not None
-        ready, _w, _x = select.select([self.process.stdout], [], [], timeout)
-        assert ready, f"the agent said nothing within {timeout} s; so far: {self.seen}"
-        text = self.process.stdout.readline()
+        text = lines_of(self.process).next(timeout)
+        assert text is not None, f"the agent said nothing within {timeout} s; so far: {self.seen}"
         assert text, f"the agent ended: {self.process.stderr.read() if self.process.stderr else ''}"
         message: dict[str, Any] = json.loads(text)
         self.seen.append(message)

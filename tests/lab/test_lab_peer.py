@@ -26,7 +26,6 @@ NO_RESOURCES and its rule stays: its nft backend cannot read peer rules back.
 from __future__ import annotations
 
 import json
-import select
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from portbroker.testing.lab import EXTERNAL_ADDRESS, GATEWAY_ADDRESS, WAN_ADDRESS, Lab
+from tests.lab.helpers import lines_of
 
 AGENT = Path(__file__).with_name("peer_agent.py")
 RESTART_MARK = "===== portbroker lab: restart"
@@ -96,10 +96,9 @@ def next_event(
     assert process.stdout is not None
     deadline = time.monotonic() + timeout
     while True:
-        ready, _, _ = select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
+        line = lines_of(process).next(deadline - time.monotonic())
+        if line is None:
             raise AssertionError(f"no {wanted} event from the agent within {timeout:g} s")
-        line = process.stdout.readline()
         if not line:
             assert process.stderr is not None
             raise AssertionError(f"agent ended before {wanted}: {process.stderr.read()}")
