@@ -12,7 +12,6 @@ import secrets
 from collections.abc import Iterator
 from typing import Final
 
-import attrs
 import trio
 
 from portbroker.errors import LinkError, MappingError, MethodUnavailable
@@ -160,6 +159,10 @@ class PcpMethod:
             now=trio.current_time(),
             renewal=renewal,
         )
+        return await self._settle(result)
+
+    async def _settle(self, result: Lease | Undo) -> Lease:
+        """A MAP's or PEER's interpreted answer: the lease, or the undone grant's error."""
         if isinstance(result, Undo):
             raise await undo_grant(self.delete, result)
         self.last_external_address = result.external_address
@@ -189,14 +192,7 @@ class PcpMethod:
             # §12.3: PEER behaves as with PREFER_FAILURE, so a suggestion (the
             # previous endpoint, after a restart) the server cannot give again
             # fails; the flow is what matters, not its old port: ask with none.
-            sent = attrs.evolve(
-                sent,
-                data=attrs.evolve(
-                    sent.data,
-                    external_port=0,
-                    external_address=pcp.no_preference(self.client_address),
-                ),
-            )
+            sent = pcp_rules.retry_without_suggestion(sent)
             response = await self._call(sent)
         result = pcp_rules.interpret_peer(
             response,
@@ -206,10 +202,7 @@ class PcpMethod:
             now=trio.current_time(),
             renewal=renewal,
         )
-        if isinstance(result, Undo):
-            raise await undo_grant(self.delete, result)
-        self.last_external_address = result.external_address
-        return result
+        return await self._settle(result)
 
     async def delete(self, lease: Lease) -> None:
         """MAP with lifetime 0 and the mapping's nonce (RFC 6887 §15); PEER for a PEER."""

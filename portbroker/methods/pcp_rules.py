@@ -342,18 +342,19 @@ def map_request(
 
 
 def retry_without_suggestion(sent: pcp.PcpRequest) -> pcp.PcpRequest:
-    """*sent* again with no suggested port or address, same nonce.
+    """*sent* (a MAP or a PEER) again with no suggested port or address, same nonce.
 
     For CANNOT_PROVIDE_EXTERNAL to a plain MAP: §11.3 allows it only with
     PREFER_FAILURE, so it is a server bug, and asking with no suggestion is
     the way round it (§11.3 step "if the suggested ... cannot be provided").
+    A PEER behaves as with PREFER_FAILURE (§12.3), so a suggestion it cannot
+    give again fails the same way; its remote peer is kept.
     """
     assert sent.data is not None
-    data = sent.data
     return attrs.evolve(
         sent,
-        data=pcp.MapData(
-            data.nonce, data.protocol, data.internal_port, 0, pcp.no_preference(sent.client_address)
+        data=attrs.evolve(
+            sent.data, external_port=0, external_address=pcp.no_preference(sent.client_address)
         ),
     )
 
