@@ -87,17 +87,19 @@ named as such (docs/double-nat.md).""",
         """\
 Ask the gateway to forward PORT (TCP unless /udp) from its external address to
 this host, print the external address and port, and exit: the mapping stays
-on the gateway for --lifetime seconds and is recorded in the state file so
-that `portbroker unmap` can delete it. With --hold the command instead keeps
+on the gateway for --lifetime seconds (until deleted, where a UPnP gateway
+grants only permanent ones) and is recorded in the state file so that
+`portbroker unmap` can delete it. With --hold the command instead keeps
 it renewed, and restores it when the gateway loses it, until Ctrl-C, SIGTERM
 or SIGHUP, then deletes it.
 
-When a portbroker daemon runs (and no --gateway is given), the daemon makes
-and keeps the mapping: without --hold it lasts until `portbroker unmap`.
+When a portbroker daemon runs (and neither --gateway nor --no-daemon is
+given), the daemon makes and keeps the mapping: without --hold it lasts until
+`portbroker unmap`.
 
-Methods are tried in --methods order (PCP, then NAT-PMP, then UPnP IGD);
---via picks one. The gateway may give another external port than the one
-asked for unless --exact.""",
+The most preferred method (--methods: PCP, then NAT-PMP, then UPnP IGD) that
+the gateway answers is used; --via picks one. The gateway may give another
+external port than the one asked for, unless --exact.""",
         (
             (
                 "portbroker map 8080/tcp --gateway 192.168.1.1",
@@ -136,13 +138,12 @@ Without --hold the binding lapses after --lifetime; `portbroker unmap PORT
 --remote ADDRESS:PORT` deletes it (docs/peer.md).""",
         (
             (
-                "portbroker peer 5000/udp --gateway 192.168.1.1 --remote 203.0.113.9:7000",
+                "portbroker peer 5000/udp --gateway 192.168.1.1 --remote 192.0.2.9:7000",
                 "the binding to that peer",
             ),
             (
-                "portbroker peer 5000/udp --gateway 192.168.1.1 --remote 203.0.113.9:7000"
-                " --hold --peer-only",
-                "PEER or nothing, kept until Ctrl-C",
+                "portbroker peer 5000/udp --gateway 192.168.1.1 --remote 192.0.2.9:7000 --hold",
+                "kept until Ctrl-C, then deleted",
             ),
         ),
     ),
@@ -158,7 +159,7 @@ when its command ends.""",
             ("portbroker unmap 8080/tcp --gateway 192.168.1.1", "delete what map made"),
             ("portbroker unmap 8080/tcp", "through the running daemon"),
             (
-                "portbroker unmap 5000/udp --gateway 192.168.1.1 --remote 203.0.113.9:7000",
+                "portbroker unmap 5000/udp --gateway 192.168.1.1 --remote 192.0.2.9:7000",
                 "delete a PEER binding",
             ),
             (

@@ -80,6 +80,16 @@ def test_every_subcommand_help_has_a_description_and_an_example(
     assert f"  portbroker {name}" in examples or f"  sudo portbroker {name}" in examples
 
 
+@pytest.mark.parametrize("name", ["", *SUBCOMMANDS])
+def test_help_fits_an_80_column_terminal(
+    name: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # argparse wraps to $COLUMNS; the descriptions and EXAMPLES are kept as written.
+    monkeypatch.setenv("COLUMNS", "80")
+    text = _help(capsys, *([name] if name else []))
+    assert [line for line in text.splitlines() if len(line) > 80] == []
+
+
 @pytest.mark.parametrize("name", SUBCOMMANDS)
 def test_every_example_parses_as_that_subcommand(name: str) -> None:
     """An example that drifts from the options fails here, not in a user's shell."""
