@@ -232,13 +232,14 @@ runs in the foreground and logs to stderr; stop it with SIGTERM or Ctrl-C.""",
     "completion": (
         "print a shell completion script",
         """\
-Print a completion script for SHELL generated from this version's options.
-zsh can load the bash script after `autoload -U bashcompinit; bashcompinit`.""",
+Print a completion script for SHELL (bash only, for now), generated from this
+version's subcommands and options: it completes subcommands, options, the
+values of options with a fixed set (--via) and paths (--state-file).""",
         (
             ('eval "$(portbroker completion bash)"', "in ~/.bashrc"),
             (
-                "portbroker completion bash > /etc/bash_completion.d/portbroker",
-                "for every user",
+                "portbroker completion bash | sudo tee /etc/bash_completion.d/portbroker",
+                "for every user (with the bash-completion package)",
             ),
         ),
     ),

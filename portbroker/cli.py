@@ -446,7 +446,7 @@ def _parser() -> argparse.ArgumentParser:
         "shell",
         choices=("bash",),
         metavar="SHELL",
-        help="bash (zsh: through bashcompinit)",
+        help="the shell: bash",
         action=_cli_help.completion_action(parser),
     )
     return parser

@@ -11,6 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -205,6 +206,13 @@ def test_completion_offers_an_options_choices(script: str) -> None:
     assert _complete(script, "portbroker map 8080/tcp --via ") == ["pcp", "natpmp", "upnp"]
     assert _complete(script, "portbroker map --gateway ") == []
     assert _complete(script, "portbroker completion ") == ["bash"]
+
+
+@needs_bash
+def test_completion_offers_paths_for_a_path_option(script: str, tmp_path: Path) -> None:
+    (tmp_path / "state.json").write_text("[]")
+    offered = _complete(script, f"portbroker unmap 8080/tcp --state-file {tmp_path}/st")
+    assert offered == [f"{tmp_path}/state.json"]
 
 
 @needs_bash
