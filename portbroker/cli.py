@@ -240,7 +240,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("probe", parents=[common], **_cli_help.command_help("probe"))
 
     map_cmd = sub.add_parser("map", parents=[common, via_daemon], **_cli_help.command_help("map"))
-    map_cmd.add_argument("spec", metavar="PORT[/tcp|/udp]", type=_port_spec)
+    map_cmd.add_argument(
+        "spec",
+        metavar="PORT[/tcp|/udp]",
+        type=_port_spec,
+        help="the port on this host to map, TCP unless /udp: 8080, 8080/tcp, 5000/udp",
+    )
     map_cmd.add_argument(
         "--external-port",
         type=_positive_int(65535),
@@ -311,7 +316,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_peer_parser(sub, common)
 
     unmap = sub.add_parser("unmap", parents=[common, via_daemon], **_cli_help.command_help("unmap"))
-    unmap.add_argument("spec", metavar="PORT[/tcp|/udp]", type=_port_spec)
+    unmap.add_argument(
+        "spec",
+        metavar="PORT[/tcp|/udp]",
+        type=_port_spec,
+        help="the internal port of the mapping, as given to map or peer",
+    )
     unmap.add_argument(
         "--remote",
         type=_remote_spec,
@@ -457,7 +467,12 @@ def _add_peer_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     from portbroker import _cli_help
 
     peer_cmd = sub.add_parser("peer", parents=[common], **_cli_help.command_help("peer"))
-    peer_cmd.add_argument("spec", metavar="PORT[/tcp|/udp]", type=_port_spec)
+    peer_cmd.add_argument(
+        "spec",
+        metavar="PORT[/tcp|/udp]",
+        type=_port_spec,
+        help="the flow's port on this host, TCP unless /udp",
+    )
     peer_cmd.add_argument(
         "--remote",
         required=True,

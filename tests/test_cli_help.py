@@ -138,12 +138,12 @@ def test_option_groups_sort_the_map_options(capsys: pytest.CaptureFixture[str]) 
     assert "--gateway" not in sections["options"]
 
 
-def test_every_daemon_option_has_help(capsys: pytest.CaptureFixture[str]) -> None:
-    daemon = _subcommands()["daemon"]
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_every_argument_has_help(name: str) -> None:
     undocumented = [
-        action.option_strings
-        for action in daemon._actions
-        if action.option_strings and not action.help
+        action.option_strings or action.metavar or action.dest
+        for action in _subcommands()[name]._actions
+        if not action.help
     ]
     assert undocumented == []
 
