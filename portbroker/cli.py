@@ -164,43 +164,53 @@ def _seconds(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
+    # The manual's prose (descriptions, EXAMPLES) is in _cli_help; here, the options.
+    from portbroker import __version__, _cli_help
+
     parser = argparse.ArgumentParser(
         prog="portbroker",
-        description="Make this host reachable from outside its NAT: ask the gateway for a "
+        description="Make this host reachable from outside its NAT: ask the gateway for a\n"
         "port mapping with PCP, NAT-PMP or UPnP IGD, and keep it alive.",
+        epilog=_cli_help.MAIN_EPILOG,
+        formatter_class=_cli_help.ManFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"portbroker {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+    # Groups of a parent parser are copied into each child (argparse merges
+    # them by title), so probe, map, unmap and peer list these alike.
+    gateway = common.add_argument_group("gateway options")
+    output = common.add_argument_group("output options")
+    gateway.add_argument(
         "--gateway",
         metavar="IP",
         help="the gateway to ask (default: $PORTBROKER_GATEWAY, else the default route)",
     )
-    common.add_argument(
+    gateway.add_argument(
         "--pcp-server",
         metavar="IP",
         help="a PCP server other than the gateway (RFC 7488); NAT-PMP and UPnP still ask the gateway",
     )
-    common.add_argument(
+    gateway.add_argument(
         "--dhcp-leases",
         action="append",
         metavar="PATH",
         help="learn the PCP server from these DHCP lease files or directories (RFC 7291; "
         "repeatable; default: the system's, when the gateway is the default route)",
     )
-    common.add_argument(
+    gateway.add_argument(
         "--timeout",
         type=_seconds,
         default=2.0,
         metavar="S",
         help="how long any one probe may take (default 2 s)",
     )
-    common.add_argument(
+    gateway.add_argument(
         "--methods",
         default="pcp,natpmp,upnp",
         help="methods to use, most preferred first (default pcp,natpmp,upnp)",
     )
-    common.add_argument("--json", action="store_true", help="print JSON")
-    common.add_argument(
+    output.add_argument("--json", action="store_true", help="print JSON")
+    output.add_argument(
         "--state-file", metavar="PATH", help=f"where map records mappings for unmap (${ENV_STATE})"
     )
     common.add_argument(
@@ -211,12 +221,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--no-multicast", action="store_true", help=argparse.SUPPRESS)
     via_daemon = argparse.ArgumentParser(add_help=False)
-    via_daemon.add_argument(
+    through = via_daemon.add_argument_group("daemon options")
+    through.add_argument(
         "--socket",
         metavar="PATH",
         help="the daemon's socket ($PORTBROKER_SOCKET, else the default)",
     )
-    via_daemon.add_argument(
+    through.add_argument(
         "--no-daemon",
         action="store_true",
         help="talk to the gateway directly even if a daemon runs",
@@ -226,15 +237,22 @@ def _parser() -> argparse.ArgumentParser:
     daemon_only.add_argument("--json", action="store_true", help="print JSON, one object a line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser(
-        "probe",
-        parents=[common],
-        help="ask every method at once and report what the gateway speaks",
-    )
+    sub.add_parser("probe", parents=[common], **_cli_help.command_help("probe"))
 
-    map_cmd = sub.add_parser("map", parents=[common, via_daemon], help="create a mapping")
-    map_cmd.add_argument("spec", metavar="PORT[/tcp|/udp]", type=_port_spec)
-    map_cmd.add_argument("--external-port", type=_positive_int(65535), metavar="N")
+    map_cmd = sub.add_parser("map", parents=[common, via_daemon], **_cli_help.command_help("map"))
+    map_cmd.add_argument(
+        "spec",
+        metavar="PORT[/tcp|/udp]",
+        type=_port_spec,
+        help="the port on this host to map, TCP unless /udp: 8080, 8080/tcp, 5000/udp",
+    )
+    map_cmd.add_argument(
+        "--external-port",
+        type=_positive_int(65535),
+        metavar="N",
+        help="the external port to ask for (default: PCP lets the gateway choose;"
+        " NAT-PMP and UPnP ask for PORT)",
+    )
     map_cmd.add_argument(
         "--exact", action="store_true", help="fail rather than take another external port"
     )
@@ -261,30 +279,32 @@ def _parser() -> argparse.ArgumentParser:
         help="only this remote prefix (and port) may connect, e.g. 11.0.0.2/32 (repeatable;"
         " refused where the gateway cannot enforce it)",
     )
-    map_cmd.add_argument(
+    keeping = map_cmd.add_argument_group("keeping it alive")
+    keeping.add_argument(
         "--hold",
         action="store_true",
         help="keep it renewed (and restored) until Ctrl-C, SIGTERM or SIGHUP, then delete it",
     )
-    map_cmd.add_argument(
+    keeping.add_argument(
         "--outer-gateway",
         metavar="IP",
         help="double NAT: also map through this outer NAT (PCP, else UPnP IGD) for the "
         "gateway's external endpoint (needs --hold; docs/double-nat.md)",
     )
-    map_cmd.add_argument(
+    keeping.add_argument(
         "--persist",
         action="store_true",
         help="through the daemon: keep it after --hold ends, until an explicit unmap",
     )
-    map_cmd.add_argument(
+    dnssd = map_cmd.add_argument_group("DNS-SD options (docs/dnssd.md)")
+    dnssd.add_argument(
         "--publish",
         type=_publish_spec,
         metavar="TYPE:NAME",
         help="also publish it on the LAN with DNS-SD, e.g. _http._tcp:web (docs/dnssd.md);"
         " without the daemon it needs --hold",
     )
-    map_cmd.add_argument(
+    dnssd.add_argument(
         "--txt",
         action="append",
         default=[],
@@ -295,10 +315,13 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_peer_parser(sub, common)
 
-    unmap = sub.add_parser(
-        "unmap", parents=[common, via_daemon], help="delete a mapping made by map"
+    unmap = sub.add_parser("unmap", parents=[common, via_daemon], **_cli_help.command_help("unmap"))
+    unmap.add_argument(
+        "spec",
+        metavar="PORT[/tcp|/udp]",
+        type=_port_spec,
+        help="the internal port of the mapping, as given to map or peer",
     )
-    unmap.add_argument("spec", metavar="PORT[/tcp|/udp]", type=_port_spec)
     unmap.add_argument(
         "--remote",
         type=_remote_spec,
@@ -312,14 +335,10 @@ def _parser() -> argparse.ArgumentParser:
         help="delete the mapping made by `map --third-party IP` for that host",
     )
 
-    sub.add_parser(
-        "list", parents=[daemon_only], help="the daemon's mappings (yours; all for root)"
-    )
-    sub.add_parser("watch", parents=[daemon_only], help="print the daemon's mapping events")
+    sub.add_parser("list", parents=[daemon_only], **_cli_help.command_help("list"))
+    sub.add_parser("watch", parents=[daemon_only], **_cli_help.command_help("watch"))
 
-    browse = sub.add_parser(
-        "browse", help="DNS-SD peers of a service type on the LAN, with their external endpoints"
-    )
+    browse = sub.add_parser("browse", **_cli_help.command_help("browse"))
     browse.add_argument("service_type", metavar="TYPE", help="for example _http._tcp")
     browse.add_argument(
         "--interface",
@@ -337,8 +356,11 @@ def _parser() -> argparse.ArgumentParser:
         help="print the peers seen after S seconds and exit (default: changes until Ctrl-C)",
     )
 
-    daemon = sub.add_parser("daemon", help="run the broker that every app on this host shares")
-    daemon.add_argument(
+    daemon = sub.add_parser("daemon", **_cli_help.command_help("daemon"))
+    access = daemon.add_argument_group("socket and access")
+    limits = daemon.add_argument_group("limits")
+    asking = daemon.add_argument_group("gateway options")
+    access.add_argument(
         "--socket",
         metavar="PATH",
         help="default: $PORTBROKER_SOCKET, else "
@@ -350,52 +372,60 @@ def _parser() -> argparse.ArgumentParser:
         help="state file (default /var/lib/portbroker/"
         "daemon-state.json for root, else under $XDG_STATE_HOME)",
     )
-    daemon.add_argument("--gateway", metavar="IP")
-    daemon.add_argument("--methods", default="pcp,natpmp,upnp")
-    daemon.add_argument(
+    asking.add_argument(
+        "--gateway",
+        metavar="IP",
+        help="the gateway to ask (default: $PORTBROKER_GATEWAY, else the default route)",
+    )
+    asking.add_argument(
+        "--methods",
+        default="pcp,natpmp,upnp",
+        help="methods to use, most preferred first (default pcp,natpmp,upnp)",
+    )
+    access.add_argument(
         "--group", metavar="NAME", help="socket mode 0660 for this group (default 0600)"
     )
-    daemon.add_argument(
+    limits.add_argument(
         "--grace",
         type=_seconds,
         default=10.0,
         metavar="S",
         help="how long a mapping outlives its app's connection (default 10 s)",
     )
-    daemon.add_argument(
+    limits.add_argument(
         "--max-mappings",
         type=_positive_int(100000),
         default=64,
         metavar="N",
         help="mappings one user may hold (default 64)",
     )
-    daemon.add_argument(
+    limits.add_argument(
         "--max-connections",
         type=_positive_int(100000),
         default=64,
         metavar="N",
         help="connections one user may have open at once (default 64)",
     )
-    daemon.add_argument(
+    limits.add_argument(
         "--idle-timeout",
         type=_seconds,
         default=60.0,
         metavar="S",
         help="close connections that hold, watch and ask nothing for this long (default 60 s)",
     )
-    daemon.add_argument(
+    access.add_argument(
         "--allow-privileged-ports",
         action="store_true",
         help="let every user map internal ports below 1024 (default: root only)",
     )
-    daemon.add_argument(
+    access.add_argument(
         "--privileged-group",
         action="append",
         default=[],
         metavar="NAME",
         help="let members of this group map internal ports below 1024 (repeatable)",
     )
-    daemon.add_argument(
+    access.add_argument(
         "--third-party-group",
         action="append",
         default=[],
@@ -403,14 +433,14 @@ def _parser() -> argparse.ArgumentParser:
         help="let members of this group map ports of other lan hosts (default: root only;"
         " repeatable)",
     )
-    daemon.add_argument(
+    limits.add_argument(
         "--max-publications",
         type=_positive_int(100000),
         default=16,
         metavar="N",
         help="DNS-SD publications one user may have (default 16)",
     )
-    daemon.add_argument("--timeout", type=_seconds, default=2.0, metavar="S", help="probe timeout")
+    asking.add_argument("--timeout", type=_seconds, default=2.0, metavar="S", help="probe timeout")
     daemon.add_argument(
         "--server-port", type=_positive_int(65535), default=5351, help=argparse.SUPPRESS
     )
@@ -420,21 +450,29 @@ def _parser() -> argparse.ArgumentParser:
     daemon.add_argument("--no-multicast", action="store_true", help=argparse.SUPPRESS)
     daemon.add_argument("--no-announcements", action="store_true", help=argparse.SUPPRESS)
     daemon.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+
+    completion = sub.add_parser("completion", **_cli_help.command_help("completion"))
+    completion.add_argument(
+        "shell",
+        choices=("bash",),
+        metavar="SHELL",
+        help="the shell: bash",
+        action=_cli_help.completion_action(parser),
+    )
     return parser
 
 
 def _add_peer_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     """``portbroker peer``: keep an outbound flow's NAT binding (PCP PEER, docs/peer.md)."""
-    peer_cmd = sub.add_parser(
-        "peer",
-        parents=[common],
-        help="keep the NAT binding of an outbound flow to one remote peer (PCP PEER)",
-        description="Create or extend the gateway's binding of PORT's flow to --remote "
-        "(PCP PEER, RFC 6887 §12) and print the external address and port the remote "
-        "peer sees. Without PEER on the gateway, the port is mapped instead "
-        "(unless --peer-only). Without --hold the binding lapses after --lifetime.",
+    from portbroker import _cli_help
+
+    peer_cmd = sub.add_parser("peer", parents=[common], **_cli_help.command_help("peer"))
+    peer_cmd.add_argument(
+        "spec",
+        metavar="PORT[/tcp|/udp]",
+        type=_port_spec,
+        help="the flow's port on this host, TCP unless /udp",
     )
-    peer_cmd.add_argument("spec", metavar="PORT[/tcp|/udp]", type=_port_spec)
     peer_cmd.add_argument(
         "--remote",
         required=True,
