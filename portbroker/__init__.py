@@ -13,54 +13,123 @@ This is the one public import surface; modules not re-exported here are
 internal unless documented (``portbroker.wire``, ``portbroker.testing``).
 """
 
-from portbroker.broker import Broker, BrokerEvent, Mapping, open_broker
-from portbroker.epoch import (
-    EpochCheck,
-    EpochObservation,
-    EpochTracker,
-    check_natpmp_epoch,
-    check_pcp_epoch,
-)
-from portbroker.errors import (
-    GatewayNotFound,
-    LinkError,
-    MalformedMessage,
-    MappingError,
-    MethodUnavailable,
-    NoAnswer,
-    NoMethodAvailable,
-    PortBrokerError,
-    RequestUnsupported,
-    UnsupportedOpcode,
-    UnsupportedVersion,
-    UpnpError,
-)
-from portbroker.lifecycle import (
-    Acquired,
-    ExternalAddressChanged,
-    Failed,
-    LifecycleError,
-    Lost,
-    MappingEvent,
-    ReachabilityChanged,
-    Released,
-    Renewed,
-    Restored,
-    State,
-)
-from portbroker.reachability import Reachability
-from portbroker.types import (
-    DEFAULT_LIFETIME,
-    MAX_LIFETIME,
-    METHOD_NAMES,
-    MIN_LIFETIME,
-    Lease,
-    MappingRequest,
-    ProbeOutcome,
-    ProbeReport,
-    RemoteFilter,
-    TransportProtocol,
-)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from portbroker.broker import Broker, BrokerEvent, Mapping, open_broker
+    from portbroker.epoch import (
+        EpochCheck,
+        EpochObservation,
+        EpochTracker,
+        check_natpmp_epoch,
+        check_pcp_epoch,
+    )
+    from portbroker.errors import (
+        GatewayNotFound,
+        LinkError,
+        MalformedMessage,
+        MappingError,
+        MethodUnavailable,
+        NoAnswer,
+        NoMethodAvailable,
+        PortBrokerError,
+        RequestUnsupported,
+        UnsupportedOpcode,
+        UnsupportedVersion,
+        UpnpError,
+    )
+    from portbroker.lifecycle import (
+        Acquired,
+        ExternalAddressChanged,
+        Failed,
+        LifecycleError,
+        Lost,
+        MappingEvent,
+        ReachabilityChanged,
+        Released,
+        Renewed,
+        Restored,
+        State,
+    )
+    from portbroker.reachability import Reachability
+    from portbroker.types import (
+        DEFAULT_LIFETIME,
+        MAX_LIFETIME,
+        METHOD_NAMES,
+        MIN_LIFETIME,
+        Lease,
+        MappingRequest,
+        ProbeOutcome,
+        ProbeReport,
+        RemoteFilter,
+        TransportProtocol,
+    )
+
+# The names above are imported when first used (PEP 562), not with the
+# package: `portbroker list` through the daemon imports portbroker.cli, and
+# the broker (trio and every method) would be most of its run time
+# (docs/performance.md, benchmarks/cli_daemon.py).
+_LAZY: dict[str, str] = {
+    "Broker": "portbroker.broker",
+    "BrokerEvent": "portbroker.broker",
+    "Mapping": "portbroker.broker",
+    "open_broker": "portbroker.broker",
+    "EpochCheck": "portbroker.epoch",
+    "EpochObservation": "portbroker.epoch",
+    "EpochTracker": "portbroker.epoch",
+    "check_natpmp_epoch": "portbroker.epoch",
+    "check_pcp_epoch": "portbroker.epoch",
+    "GatewayNotFound": "portbroker.errors",
+    "LinkError": "portbroker.errors",
+    "MalformedMessage": "portbroker.errors",
+    "MappingError": "portbroker.errors",
+    "MethodUnavailable": "portbroker.errors",
+    "NoAnswer": "portbroker.errors",
+    "NoMethodAvailable": "portbroker.errors",
+    "PortBrokerError": "portbroker.errors",
+    "RequestUnsupported": "portbroker.errors",
+    "UnsupportedOpcode": "portbroker.errors",
+    "UnsupportedVersion": "portbroker.errors",
+    "UpnpError": "portbroker.errors",
+    "Acquired": "portbroker.lifecycle",
+    "ExternalAddressChanged": "portbroker.lifecycle",
+    "Failed": "portbroker.lifecycle",
+    "LifecycleError": "portbroker.lifecycle",
+    "Lost": "portbroker.lifecycle",
+    "MappingEvent": "portbroker.lifecycle",
+    "ReachabilityChanged": "portbroker.lifecycle",
+    "Released": "portbroker.lifecycle",
+    "Renewed": "portbroker.lifecycle",
+    "Restored": "portbroker.lifecycle",
+    "State": "portbroker.lifecycle",
+    "Reachability": "portbroker.reachability",
+    "DEFAULT_LIFETIME": "portbroker.types",
+    "MAX_LIFETIME": "portbroker.types",
+    "METHOD_NAMES": "portbroker.types",
+    "MIN_LIFETIME": "portbroker.types",
+    "Lease": "portbroker.types",
+    "MappingRequest": "portbroker.types",
+    "ProbeOutcome": "portbroker.types",
+    "ProbeReport": "portbroker.types",
+    "RemoteFilter": "portbroker.types",
+    "TransportProtocol": "portbroker.types",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0.dev0"
 

@@ -19,10 +19,12 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-# Importing portbroker.cli imports the portbroker package (and trio) anyway, so
-# the lifetime range costs nothing here; it is named once, in types.
+from portbroker._basics import DEFAULT_LIFETIME, MAX_LIFETIME, MIN_LIFETIME, format_endpoint
+
+# Light (no trio, no broker: the package imports those when first used), so
+# that a command through the daemon stays quick; the lifetime range is named
+# once, in types.
 from portbroker.errors import PortBrokerError
-from portbroker.types import DEFAULT_LIFETIME, MAX_LIFETIME, MIN_LIFETIME, format_endpoint
 
 if TYPE_CHECKING:
     from portbroker.broker import Broker, Mapping
@@ -551,19 +553,10 @@ def _one_line_handler() -> Any:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "daemon":
         return _daemon(args)
-    import logging
-
-    import trio
-
-    # The library's warnings (a failed delete, a gateway that lost state) are
-    # the user's to read too: say whose they are, without logging's "WARNING:root",
-    # and one line each: an internal error's traceback only with PORTBROKER_DEBUG.
-    logging.basicConfig(level=logging.WARNING, handlers=[_one_line_handler()])
-
     if args.command in ("list", "watch"):
-        return trio.run(_daemon_client, args)
+        return _through_daemon(args)
     if args.command == "browse":
-        return trio.run(_browse, args)
+        return _trio_run(_browse, args)
     methods = _methods(args.methods)
     if args.command == "map" and args.outer_gateway:
         if not args.hold:
@@ -609,13 +602,28 @@ def _dispatch(args: argparse.Namespace) -> int:
             )
     # The daemon has no PEER op: `unmap --remote` deletes a `peer` record itself.
     if args.command in ("map", "unmap") and not getattr(args, "remote", None) and _use_daemon(args):
-        return trio.run(_daemon_client, args)
+        return _through_daemon(args)
     if args.command == "map" and args.publish and not args.hold:
         raise UsageError(
             "--publish without the daemon needs --hold: the publication lasts as long as"
             " this command"
         )
-    return trio.run(_run, args, methods)
+    return _trio_run(_run, args, methods)
+
+
+def _trio_run(function: Callable[..., Awaitable[int]], *args: Any) -> int:
+    """Run the library (every command but the daemon's, and the blocking
+    client's: that logs nothing)."""
+    import logging
+
+    import trio
+
+    # The library's warnings (a failed delete, a gateway that lost state) are
+    # the user's to read too: say whose they are, without logging's "WARNING:root",
+    # and one line each: an internal error's traceback only with PORTBROKER_DEBUG.
+    logging.basicConfig(level=logging.WARNING, handlers=[_one_line_handler()])
+
+    return trio.run(function, *args)
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -777,7 +785,61 @@ def _daemon(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _daemon_client(args: argparse.Namespace) -> int:
+def _through_daemon(args: argparse.Namespace) -> int:
+    """A command through the daemon: with the blocking client, without trio,
+    unless it waits for events or signals (watch, map --hold).
+
+    A short command is mostly its imports: trio and the broker would triple
+    the time of `portbroker list` (benchmarks/cli_daemon.py).
+    """
+    if args.command == "watch" or (args.command == "map" and args.hold):
+        return _trio_run(_daemon_client, args)
+    # The blocking client's calls, wrapped as coroutines, never suspend: the
+    # coroutine runs to its end in one step, with no event loop.
+    coroutine = _daemon_client(args, _open_blocking_client)
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return int(done.value)
+    coroutine.close()
+    raise RuntimeError(f"{args.command} through the daemon waited for an event loop")
+
+
+class _AwaitableBlockingClient:
+    """A BlockingClient behind the trio Client's coroutine methods (those
+    :func:`_daemon_client` uses); each returns without suspending."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    async def list(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._client.list()
+        return result
+
+    async def map(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        result: dict[str, Any] = self._client.map(*args, **kwargs)
+        return result
+
+    async def unmap(self, *args: Any, **kwargs: Any) -> str:
+        result: str = self._client.unmap(*args, **kwargs)
+        return result
+
+    async def publish(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        result: dict[str, Any] = self._client.publish(*args, **kwargs)
+        return result
+
+
+@contextlib.asynccontextmanager
+async def _open_blocking_client(path: str | None) -> Any:
+    from portbroker.client import BlockingClient
+
+    # No timeout, as the trio client has none: a map may wait for a slow
+    # gateway as long as the daemon lets it.
+    with BlockingClient(path, timeout=None) as client:
+        yield _AwaitableBlockingClient(client)
+
+
+async def _daemon_client(args: argparse.Namespace, connect: Any = None) -> int:
     from portbroker.client import (
         DaemonAccessDenied,
         DaemonNotRunning,
@@ -787,7 +849,7 @@ async def _daemon_client(args: argparse.Namespace) -> int:
     )
 
     try:
-        async with open_client(args.socket) as client:
+        async with (connect or open_client)(args.socket) as client:
             if args.command == "list":
                 mappings = await client.list()
                 for mapping in mappings:

@@ -12,6 +12,7 @@ from typing import Any, Final
 
 import attrs
 
+from portbroker._basics import DEFAULT_LIFETIME, MAX_LIFETIME, MIN_LIFETIME, format_endpoint
 from portbroker.reachability import Reachability, classify
 from portbroker.wire._fields import IPAddress, to_address, uint
 
@@ -102,14 +103,6 @@ def _optional_port(
 ) -> None:
     if value is not None:
         _port(_inst, attribute, value)  # type: ignore[arg-type]
-
-
-# Lifetimes, named once: the library, the CLI and the daemon accept the same
-# range. 7200 s is RFC 6886 §3.3's recommendation; a week is IGD v2's cap on
-# leases (protocols.md §4.5), and no gateway we know grants longer.
-DEFAULT_LIFETIME: Final = 7200
-MIN_LIFETIME: Final = 1
-MAX_LIFETIME: Final = 604800
 
 
 def _lifetime(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -369,12 +362,6 @@ class ProbeReport:
 
     def outcome(self, method: str) -> ProbeOutcome | None:
         return next((o for o in self.outcomes if o.method == method), None)
-
-
-def format_endpoint(address: object, port: object) -> str:
-    """``address:port``, with an IPv6 address in brackets (``[fd77::2]:8080``, RFC 3986 §3.2.2)."""
-    text = str(address)
-    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
 
 
 def lease_json(lease: Lease) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import trio
 import portbroker.client
 from portbroker.daemon import client as client_module
 from portbroker.daemon import framing
+from portbroker.daemon import paths as daemon_paths
 from portbroker.daemon import server as daemon_server
 from portbroker.daemon.client import (
     BlockingClient,
@@ -287,7 +288,8 @@ def test_a_user_connects_to_the_system_socket_when_it_exists_but_binds_their_own
     short_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     system = short_dir / "system.sock"
-    monkeypatch.setattr(daemon_server, "SYSTEM_SOCKET_PATH", system, raising=False)
+    # Where the paths live (clients must not import the server for them).
+    monkeypatch.setattr(daemon_paths, "SYSTEM_SOCKET_PATH", system)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(short_dir / "user"))
     monkeypatch.delenv("PORTBROKER_SOCKET", raising=False)
@@ -367,8 +369,8 @@ CLI = "import sys; from portbroker.cli import main; sys.exit(main(sys.argv[1:]))
 CLI_WITH_SYSTEM_SOCKET = """
 import sys
 from pathlib import Path
-import portbroker.daemon.server as server
-server.SYSTEM_SOCKET_PATH = Path(sys.argv[1])
+import portbroker.daemon.paths as paths
+paths.SYSTEM_SOCKET_PATH = Path(sys.argv[1])
 from portbroker.cli import main
 sys.exit(main(sys.argv[2:]))
 """

@@ -33,16 +33,19 @@ import socket
 import stat
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
-import attrs
-import trio
-
-from portbroker._util import collapse_single
+from portbroker._basics import DEFAULT_LIFETIME
 from portbroker.daemon import framing
-from portbroker.daemon.protocol import ENV_SOCKET, MAX_LINE
+from portbroker.daemon.framing import MAX_LINE
+from portbroker.daemon.paths import ENV_SOCKET
 from portbroker.errors import PortBrokerError
-from portbroker.types import DEFAULT_LIFETIME
+
+# trio only where the trio client runs (and no attrs, no portbroker.types): the blocking client (and so
+# `portbroker list` and `map` through the daemon) does without it, and
+# importing it is most of a short command's time (benchmarks/cli_daemon.py).
+if TYPE_CHECKING:
+    import trio
 
 __all__ = [
     "ENV_SOCKET",
@@ -106,7 +109,8 @@ def socket_path(explicit: str | Path | None = None) -> Path:
         return Path(explicit)
     if os.environ.get(ENV_SOCKET):
         return Path(os.environ[ENV_SOCKET])
-    from portbroker.daemon.server import connect_socket_path
+    # Not from the server module, which imports the broker (and trio).
+    from portbroker.daemon.paths import connect_socket_path
 
     return connect_socket_path()
 
@@ -136,16 +140,14 @@ def access_denied(path: Path) -> DaemonAccessDenied:
     return DaemonAccessDenied(path, None, "its directory cannot be read")
 
 
-@attrs.frozen
-class Reply:
+class Reply(NamedTuple):
     """The reply to request ``id`` (the whole line, ``ok`` included)."""
 
     id: int
     message: dict[str, Any]
 
 
-@attrs.frozen
-class Event:
+class Event(NamedTuple):
     """An event line (after ``watch``)."""
 
     message: dict[str, Any]
@@ -312,6 +314,8 @@ class Client:
     """A trio client; create it with :func:`open_client`."""
 
     def __init__(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
+        import trio
+
         self._stream = stream
         self._core = ClientCore()
         self._waiting: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
@@ -323,6 +327,8 @@ class Client:
         nursery.start_soon(self._read)
 
     async def _read(self) -> None:
+        import trio
+
         try:
             while True:
                 chunk = await self._stream.receive_some(RECEIVE_SIZE)
@@ -363,6 +369,8 @@ class Client:
             DaemonNotRunning: the connection closed.
             DaemonProtocolError: the daemon sent something malformed.
         """
+        import trio
+
         request_id, line = self._core.request(op, params)
         send, receive = trio.open_memory_channel[dict[str, Any]](1)
         self._waiting[request_id] = send
@@ -476,6 +484,10 @@ async def open_client(path: str | Path | None = None) -> AsyncIterator[Client]:
     An exception raised in the block leaves it as itself (not in an
     ExceptionGroup).
     """
+    import trio
+
+    from portbroker._util import collapse_single
+
     target = socket_path(path)
     try:
         stream = await trio.open_unix_socket(str(target))
@@ -496,10 +508,10 @@ class BlockingClient:
 
     Raises (from the constructor) DaemonNotRunning or DaemonAccessDenied as
     :func:`open_client` does; a request that outlives *timeout* raises
-    TimeoutError.
+    TimeoutError (None: no timeout, as the trio client).
     """
 
-    def __init__(self, path: str | Path | None = None, *, timeout: float = 60.0) -> None:
+    def __init__(self, path: str | Path | None = None, *, timeout: float | None = 60.0) -> None:
         self.path = socket_path(path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)

@@ -25,9 +25,7 @@ import itertools
 import json
 import math
 import re
-from typing import Any, Final
-
-import attrs
+from typing import Any, Final, NamedTuple
 
 __all__ = [
     "MAX_DEPTH",
@@ -58,8 +56,9 @@ class FramingError(Exception):
     """
 
 
-@attrs.frozen
-class LineTooLong:
+# Not attrs: the daemon's clients import this module, and a short command
+# should not pay for attrs (benchmarks/cli_daemon.py).
+class LineTooLong(NamedTuple):
     """A line longer than ``limit`` bytes was received and is being skipped."""
 
     limit: int

@@ -19,6 +19,7 @@ from typing import Any, Final
 import attrs
 
 from portbroker.daemon import framing
+from portbroker.daemon.paths import ENV_SOCKET  # the socket path, for clients and the daemon
 
 __all__ = [
     "ENV_SOCKET",
@@ -36,7 +37,6 @@ __all__ = [
     "parse_request",
 ]
 
-ENV_SOCKET: Final = "PORTBROKER_SOCKET"  # the socket path, for clients and the daemon
 MAX_LINE: Final = framing.MAX_LINE
 MAX_DEPTH: Final = framing.MAX_DEPTH
 MAX_ID: Final = 256  # characters in a string request id

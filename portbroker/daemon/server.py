@@ -44,6 +44,12 @@ from portbroker.broker import Broker, Mapping, open_broker
 from portbroker.daemon import framing
 from portbroker.daemon import protocol as proto
 from portbroker.daemon.ownership import PRIVILEGED_PORTS, Entry, Hold, Ownership, Peer, Policy
+from portbroker.daemon.paths import (
+    SYSTEM_SOCKET_PATH,
+    connect_socket_path,
+    default_socket_path,
+    user_socket_path,
+)
 from portbroker.daemon.protocol import ErrorCode, ProtocolError, Request
 from portbroker.daemon.publishing import MAX_PUBLICATIONS, Publishing
 from portbroker.daemon.state import (
@@ -110,30 +116,6 @@ class DaemonError(PortBrokerError):
     """The daemon cannot start (socket in use, bad path, bad group)."""
 
 
-SYSTEM_SOCKET_PATH: Final = Path("/run/portbroker/portbroker.sock")
-
-
-def user_socket_path() -> Path:
-    """A user's own daemon: ``$XDG_RUNTIME_DIR/portbroker.sock``, else under ~/.cache."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return Path(runtime) / "portbroker.sock"
-    # No per-user runtime directory (no systemd login session): a private one.
-    return Path.home() / ".cache" / "portbroker" / "portbroker.sock"
-
-
-def default_socket_path() -> Path:
-    """Where a daemon started without ``--socket`` binds: :data:`SYSTEM_SOCKET_PATH`
-    for root, :func:`user_socket_path` otherwise (a user's daemon never tries
-    the system path, even when the system daemon runs).
-
-    Clients look elsewhere first: :func:`connect_socket_path`.
-    """
-    if os.geteuid() == 0:
-        return SYSTEM_SOCKET_PATH
-    return user_socket_path()
-
-
 def bind_socket_path(explicit: str | Path | None = None) -> Path:
     """The daemon's socket: *explicit* (``--socket``), ``$PORTBROKER_SOCKET``, or
     :func:`default_socket_path`."""
@@ -142,22 +124,6 @@ def bind_socket_path(explicit: str | Path | None = None) -> Path:
     if os.environ.get(proto.ENV_SOCKET):
         return Path(os.environ[proto.ENV_SOCKET])
     return default_socket_path()
-
-
-def connect_socket_path() -> Path:
-    """Where a client connects by default: the system daemon's socket whenever it
-    exists, for every user (the daemon the host shares); otherwise the user's
-    own (:func:`user_socket_path`), or the system one for root.
-    """
-    try:
-        SYSTEM_SOCKET_PATH.stat()
-    except PermissionError:
-        # Its directory is closed to us: the system daemon is there, and
-        # connecting will say who may use it (DaemonAccessDenied).
-        return SYSTEM_SOCKET_PATH
-    except OSError:
-        return default_socket_path()
-    return SYSTEM_SOCKET_PATH
 
 
 def default_state_path() -> Path:

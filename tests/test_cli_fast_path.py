@@ -1,0 +1,175 @@
+"""`portbroker map` / `list` / `unmap` through a running daemon import only what they need.
+
+Issue 10: a short command through the daemon is mostly its imports, and trio,
+attrs and the broker (with every method behind it) were most of that. Each
+case runs in a fresh interpreter, so that what this test process imported
+does not hide what the command imports; the figure itself is
+benchmarks/cli_daemon.py's (tests assert behaviour, never time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_daemon_processes import start_daemon, stop
+
+PYTHON = sys.executable
+ROOT = Path(__file__).resolve().parents[1]
+
+# What the daemon path must not import: the event loop, attrs, the broker and
+# what only the library needs (zeroconf, miniupnpc).
+RUN_COMMANDS = """
+import contextlib, io, json, sys
+from portbroker.cli import main
+
+results = []
+for argv in json.loads(sys.argv[1]):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(argv)
+    results.append({"argv": argv, "code": code, "out": out.getvalue()})
+heavy = sorted(
+    name for name in sys.modules
+    if name.split(".")[0] in {"trio", "attr", "attrs", "zeroconf", "miniupnpc"}
+    or name == "portbroker.broker"
+)
+print(json.dumps({"results": results, "heavy": heavy}))
+"""
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="pbf-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_commands(*argvs: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    done = subprocess.run(
+        [PYTHON, "-c", RUN_COMMANDS, json.dumps(argvs)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    result["stderr"] = done.stderr
+    return result
+
+
+def test_map_list_unmap_through_the_daemon_import_no_trio_attrs_or_broker(
+    short_dir: Path, gateway_port: int
+) -> None:
+    sock = str(short_dir / "pb.sock")
+    daemon = start_daemon(short_dir, gateway_port)
+    try:
+        run = run_commands(
+            ["map", "8080/tcp", "--socket", sock],
+            ["list", "--socket", sock, "--json"],
+            ["unmap", "8080/tcp", "--socket", sock],
+            ["list", "--socket", sock],
+        )
+    finally:
+        stop(daemon)
+    mapped, listed, unmapped, after = run["results"]
+    # The commands did their work, through the daemon (the FakeGateway's
+    # documentation address, by PCP), with the usual output.
+    assert mapped["code"] == 0, mapped
+    assert mapped["out"].startswith("8080/tcp -> 203.0.113.7:8080 via pcp"), mapped
+    assert listed["code"] == 0, listed
+    (record,) = [json.loads(line) for line in listed["out"].splitlines()]
+    assert record["id"] == "8080/tcp"
+    assert record["persist"] is True  # without --hold, the mapping outlives map
+    assert unmapped == {**unmapped, "code": 0, "out": "unmapped 8080/tcp\n"}
+    assert after == {**after, "code": 0, "out": ""}
+    assert run["heavy"] == []
+
+
+def test_the_default_socket_path_imports_no_server_or_trio(short_dir: Path) -> None:
+    # No --socket, no $PORTBROKER_SOCKET: the path is looked up
+    # (portbroker.daemon.paths), not through the server module. No daemon
+    # listens there: the usual one-line failure.
+    env = {k: v for k, v in os.environ.items() if k != "PORTBROKER_SOCKET"}
+    env["XDG_RUNTIME_DIR"] = str(short_dir)
+    done = subprocess.run(
+        [
+            PYTHON,
+            "-c",
+            "import sys\n"
+            "from portbroker.client import socket_path\n"
+            "import portbroker.daemon.paths as paths\n"
+            "paths.SYSTEM_SOCKET_PATH = paths.Path(sys.argv[1])  # not the host's\n"
+            "print(socket_path())\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('trio', 'attr')"
+            " or m in ('portbroker.daemon.server', 'portbroker.broker')))\n",
+            str(short_dir / "no-system.sock"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    path, heavy = done.stdout.splitlines()
+    # A user's own socket; root's is the system one (moved into short_dir).
+    expected = "portbroker.sock" if os.geteuid() != 0 else "no-system.sock"
+    assert path == str(short_dir / expected)
+    assert heavy == "[]"
+
+
+def test_a_missing_daemon_is_still_one_line_without_trio(short_dir: Path) -> None:
+    run = run_commands(["list", "--socket", str(short_dir / "none.sock")])
+    (listed,) = run["results"]
+    assert listed["code"] == 1
+    assert run["stderr"].splitlines() == [
+        f"portbroker: list failed: no portbroker daemon at {short_dir / 'none.sock'};"
+        " start one with `portbroker daemon`"
+    ]
+    assert run["heavy"] == []
+
+
+def test_the_package_imports_the_broker_only_when_a_name_needs_it() -> None:
+    done = subprocess.run(
+        [
+            PYTHON,
+            "-c",
+            "import sys, portbroker\n"
+            "print('trio' in sys.modules, 'portbroker.broker' in sys.modules)\n"
+            "names = {name: getattr(portbroker, name) for name in portbroker.__all__}\n"
+            "from portbroker import Broker, open_broker\n"
+            "import portbroker.broker as broker\n"
+            "print(Broker is broker.Broker and open_broker is broker.open_broker)\n"
+            "print(set(portbroker.__all__) <= set(dir(portbroker)))\n"
+            "try:\n    portbroker.no_such_name\n"
+            "except AttributeError as exc:\n    print(exc)\n",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "False False",
+        "True",
+        "True",
+        "module 'portbroker' has no attribute 'no_such_name'",
+    ]
