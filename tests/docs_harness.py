@@ -22,12 +22,15 @@ runs in this process under trio's MockClock (autojump); every
 default route, gets a :class:`~portbroker.testing.FakeGateway` in memory
 (one per gateway named), no announcement listener, no SSDP multicast and
 UPnP's unicast search sent to a closed port on the loopback address. A block
-that passes its own ``link_factory`` (a test, as in docs/usage.md) keeps it.
+that names a loopback gateway brings fakes of its own (a FakeGateway's
+``link_factory``, a FakeIgd's ``upnp_port``, as in docs/testing.md) and keeps
+them. A block runs in a scratch directory holding ``rootDesc.xml``, a real
+IGD's root description (miniupnpd 2.3.1's, from tests/data), for a FakeIgd.
 A block using the daemon (``portbroker.client``) runs with the real clock
 against a daemon process the harness starts on a FakeGateway over UDP on
 127.0.0.1, found through ``$PORTBROKER_SOCKET``. A block that defines
-``async def test_*`` functions has them called, as pytest-trio would, with
-an autojump clock for an ``autojump_clock`` argument. A block that waits
+``async def test_*`` functions has them called, as pytest-trio would: with
+an autojump MockClock for an ``autojump_clock`` argument, else the real clock. A block that waits
 forever (``async for event in mapping.events()``) is cancelled after three
 hours of virtual time, as a user's Ctrl-C would, and counts as run when it
 raised nothing. DNS-SD (zeroconf, multicast DNS) never runs here.
@@ -173,19 +176,23 @@ class Pinned:
         options["ssdp_multicast"] = False
         options["announce_port"] = None
         options["dhcp_leases"] = ()
-        if options.get("link_factory") is not None:
-            # The block is a test with its own FakeGateway: it must name loopback.
-            if gateway is None or not ip_address(str(gateway)).is_loopback:
-                raise AssertionError(f"a block with its own link_factory names {gateway!r}")
-            address: Any = gateway
-        else:
-            fake = self.fake_for(gateway)
-            address = fake.address
-            client = options.get("pcp_client_address")
-            if client is None:
-                client = "fd77::2" if isinstance(fake.address, IPv6Address) else "192.168.1.100"
-            options["link_factory"] = fake.link_factory(client)
-            options.pop("pcp_server", None)
+        own = gateway is not None and ip_address(str(gateway).strip("[]")).is_loopback
+        if options.get("link_factory") is not None and not own:
+            raise AssertionError(f"a block with its own link_factory names {gateway!r}")
+        if own:
+            # The block is a test with fakes of its own (a FakeGateway's
+            # link_factory, a FakeIgd's upnp_port) on loopback: it keeps them.
+            self.opened += 1
+            async with self.real(gateway, *args, **options) as broker:
+                yield broker
+            return
+        fake = self.fake_for(gateway)
+        address = fake.address
+        client = options.get("pcp_client_address")
+        if client is None:
+            client = "fd77::2" if isinstance(fake.address, IPv6Address) else "192.168.1.100"
+        options["link_factory"] = fake.link_factory(client)
+        options.pop("pcp_server", None)
         family = socket.AF_INET6 if ip_address(str(address)).version == 6 else socket.AF_INET
         options["upnp_port"] = free_port(family)
         self.opened += 1
@@ -261,14 +268,20 @@ def run_python(block: Block, *, daemon: bool) -> dict[str, Any]:
             trio.run = real_run
     for name, value in list(namespace.items()):
         if name.startswith("test_") and inspect.iscoroutinefunction(value):
-            mock = trio.testing.MockClock(autojump_threshold=0)
+            # As pytest-trio: MockClock for a test that asks for autojump_clock,
+            # the real clock (a FakeIgd's real sockets) for one that does not.
             wanted = inspect.signature(value).parameters
+            mock = trio.testing.MockClock(autojump_threshold=0)
             kwargs = {"autojump_clock": mock} if "autojump_clock" in wanted else {}
+            test_limit = VIRTUAL_LIMIT if kwargs else REAL_LIMIT
 
-            async def call(test: Any = value, kw: dict[str, Any] = kwargs) -> None:
-                await test(**kw)
+            async def call(
+                test: Any = value, kw: dict[str, Any] = kwargs, limit: float = test_limit
+            ) -> None:
+                with trio.fail_after(limit):
+                    await test(**kw)
 
-            real_run(call, clock=mock)
+            real_run(call, clock=mock if kwargs else None)
     return namespace
 
 

@@ -20,12 +20,14 @@ import ast
 import contextlib
 import importlib
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
 from tests import docs_harness
 from tests.docs_harness import Block, Gateways, blocks, pinned_library, run_python
+from tests.realdata import realdata
 
 ROOT = docs_harness.ROOT
 BLOCKS = [b for b in blocks() if b.kind != "directive"]
@@ -103,8 +105,13 @@ def _uses_daemon(block: Block) -> bool:
 
 @pytest.mark.parametrize("block", RUN_PYTHON, ids=_ids(RUN_PYTHON))
 def test_the_python_example_runs(
-    block: Block, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    block: Block,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
+    shutil.copy(realdata("miniupnpd-2.3.1-live", "rootDesc.xml"), tmp_path / "rootDesc.xml")
+    monkeypatch.chdir(tmp_path)
     with pinned_library(monkeypatch) as pinned, contextlib.ExitStack() as stack:
         gateways = None
         if _uses_daemon(block):
