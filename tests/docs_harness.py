@@ -33,7 +33,10 @@ against a daemon process the harness starts on a FakeGateway over UDP on
 an autojump MockClock for an ``autojump_clock`` argument, else the real clock. A block that waits
 forever (``async for event in mapping.events()``) is cancelled after three
 hours of virtual time, as a user's Ctrl-C would, and counts as run when it
-raised nothing. DNS-SD (zeroconf, multicast DNS) never runs here.
+raised nothing; a block without ``async for`` that is still running then fails. A DNS-SD block (zeroconf, multicast DNS) runs on the real
+clock, for at most a few seconds, in a network namespace of its own that has
+only ``lo``: its multicast never reaches this machine's LAN (as root; DNS-SD
+is refused everywhere else).
 
 A shell command runs as a subprocess (``python -m portbroker.cli``): one that
 names ``--gateway`` asks a FakeGateway (and a FakeIgd) on the loopback
@@ -50,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import shlex
 import shutil
 import socket
@@ -200,6 +204,31 @@ class Pinned:
             yield broker
 
 
+# A block that waits for DNS-SD changes forever runs this long (real time).
+MDNS_LIMIT = 3.0
+
+
+@contextlib.contextmanager
+def mdns_namespace() -> Iterator[str]:
+    """A network namespace with only ``lo``, for a block that runs zeroconf.
+
+    Multicast DNS must not reach this machine's LAN (tests/rendezvous_harness.py
+    says why binding to 127.0.0.1 is not enough in the root namespace). ``lo``
+    also holds 192.168.1.100, the internal address the in-memory FakeGateways
+    report, so a block that publishes on ``mapping.internal_address`` can.
+    """
+    name = f"pbdocs-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        subprocess.run(
+            ["ip", "-n", name, "addr", "add", "192.168.1.100/32", "dev", "lo"], check=True
+        )
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
 def _no_mdns(*_args: Any, **_kwargs: Any) -> Any:
     raise AssertionError(
         "DNS-SD sends multicast DNS, which never leaves a lab namespace: mark the block"
@@ -208,8 +237,11 @@ def _no_mdns(*_args: Any, **_kwargs: Any) -> Any:
 
 
 @contextlib.contextmanager
-def pinned_library(monkeypatch: Any) -> Iterator[Pinned]:
-    """Patch every way a block could reach a gateway; yield the FakeGateways' keeper."""
+def pinned_library(monkeypatch: Any, *, mdns: bool = False) -> Iterator[Pinned]:
+    """Patch every way a block could reach a gateway; yield the FakeGateways' keeper.
+
+    DNS-SD stays refused unless *mdns* (the block runs in :func:`mdns_namespace`).
+    """
     import portbroker
     import portbroker.broker
     import portbroker.nested
@@ -218,7 +250,8 @@ def pinned_library(monkeypatch: Any) -> Iterator[Pinned]:
     pinned = Pinned(portbroker.broker.open_broker)
     for module in (portbroker, portbroker.broker, portbroker.nested):
         monkeypatch.setattr(module, "open_broker", pinned.open_broker)
-    monkeypatch.setattr(portbroker.rendezvous, "open_rendezvous", _no_mdns)
+    if not mdns:
+        monkeypatch.setattr(portbroker.rendezvous, "open_rendezvous", _no_mdns)
 
     def no_discovery() -> Any:
         raise AssertionError("a docs example looked for this machine's default gateway")
@@ -228,11 +261,12 @@ def pinned_library(monkeypatch: Any) -> Iterator[Pinned]:
     yield pinned
 
 
-def run_python(block: Block, *, daemon: bool) -> dict[str, Any]:
+def run_python(block: Block, *, real_clock: bool, limit: float | None = None) -> dict[str, Any]:
     """Run *block* (a Python example); returns its namespace.
 
-    Under MockClock unless *daemon* (the block talks to a daemon process, whose
-    replies take real time). Raises whatever the block raises.
+    Under MockClock unless *real_clock* (the block talks to a daemon process or
+    zeroconf, whose replies take real time), cancelled after *limit* seconds
+    (default: three virtual hours, or REAL_LIMIT). Raises what the block raises.
     """
     flags = __import__("ast").PyCF_ALLOW_TOP_LEVEL_AWAIT
     code = compile(block.source, block.where, "exec", flags=flags)
@@ -240,14 +274,20 @@ def run_python(block: Block, *, daemon: bool) -> dict[str, Any]:
     real_run = trio.run
 
     def clock() -> Any:
-        return None if daemon else trio.testing.MockClock(autojump_threshold=0)
+        return None if real_clock else trio.testing.MockClock(autojump_threshold=0)
 
-    limit = REAL_LIMIT if daemon else VIRTUAL_LIMIT
+    if limit is None:
+        limit = REAL_LIMIT if real_clock else VIRTUAL_LIMIT
 
     def bounded_run(afn: Any, *args: Any, **kwargs: Any) -> Any:
         async def bounded() -> Any:
-            with trio.move_on_after(limit):
+            assert limit is not None
+            with trio.move_on_after(limit) as scope:
                 return await afn(*args)
+            if scope.cancelled_caught and "async for" not in block.source:
+                # Only a block that waits on a stream may run on until stopped.
+                raise AssertionError(f"{block.where} did not finish within {limit} s")
+            return None
 
         kwargs.setdefault("clock", clock())
         return real_run(bounded, **kwargs)

@@ -19,12 +19,14 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib
+import os
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 
+from portbroker.testing.lab import in_netns
 from tests import docs_harness
 from tests.docs_harness import Block, Gateways, blocks, pinned_library, run_python
 from tests.realdata import realdata
@@ -84,7 +86,7 @@ def test_a_failing_example_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     # working cannot pass.
     block = Block("page.md:1", "python", "import portbroker\nportbroker.no_such_name\n", None, "")
     with pinned_library(monkeypatch), pytest.raises(AttributeError):
-        run_python(block, daemon=False)
+        run_python(block, real_clock=False)
 
 
 def test_a_docs_example_never_finds_this_machines_gateway(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -96,7 +98,14 @@ def test_a_docs_example_never_finds_this_machines_gateway(monkeypatch: pytest.Mo
         "",
     )
     with pinned_library(monkeypatch), pytest.raises(AssertionError, match="default gateway"):
-        run_python(block, daemon=False)
+        run_python(block, real_clock=False)
+
+
+def test_an_example_that_hangs_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only a block that waits on a stream (``async for``) may be stopped at the limit.
+    block = Block("page.md:1", "python", "import trio\n\nawait trio.sleep_forever()\n", None, "")
+    with pinned_library(monkeypatch), pytest.raises(AssertionError, match="did not finish"):
+        run_python(block, real_clock=False)
 
 
 def _uses_daemon(block: Block) -> bool:
@@ -112,7 +121,10 @@ def test_the_python_example_runs(
 ) -> None:
     shutil.copy(realdata("miniupnpd-2.3.1-live", "rootDesc.xml"), tmp_path / "rootDesc.xml")
     monkeypatch.chdir(tmp_path)
-    with pinned_library(monkeypatch) as pinned, contextlib.ExitStack() as stack:
+    mdns = "open_rendezvous" in block.source
+    if mdns and os.geteuid() != 0:
+        pytest.skip("needs root: zeroconf runs in a network namespace of its own")
+    with pinned_library(monkeypatch, mdns=mdns) as pinned, contextlib.ExitStack() as stack:
         gateways = None
         if _uses_daemon(block):
             gateways = stack.enter_context(Gateways())
@@ -120,7 +132,14 @@ def test_the_python_example_runs(
                 "PORTBROKER_SOCKET", str(stack.enter_context(docs_harness.daemon(gateways)))
             )
         try:
-            run_python(block, daemon=gateways is not None)
+            if mdns:
+                netns = stack.enter_context(docs_harness.mdns_namespace())
+                in_netns(
+                    netns,
+                    lambda: run_python(block, real_clock=True, limit=docs_harness.MDNS_LIMIT),
+                )
+            else:
+                run_python(block, real_clock=gateways is not None)
         except BaseException as exc:
             out = capsys.readouterr()
             raise AssertionError(

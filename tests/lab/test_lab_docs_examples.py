@@ -26,7 +26,7 @@ def test_the_lab_example_runs(block: Block, capsys: pytest.CaptureFixture[str]) 
     reason = lab_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-    namespace = run_python(block, daemon=True)
+    namespace = run_python(block, real_clock=True)
     out = capsys.readouterr().out
     if "open_lab" in block.source:
         # docs/lab.md: a socket in the lan namespace, a restart, miniupnpd's
