@@ -13,7 +13,9 @@ comment on the line just above it (invisible on GitHub and on the site):
   the reason is required, and a test file it names must exist (the one
   that covers what the block shows, in the lab say).
 - ``<!-- run: lab -->`` runs the block in tests/lab/test_lab_docs_examples.py
-  (as root, with the lab); a block that opens a lab itself.
+  (as root): a Python block that opens a lab itself; a shell block's
+  commands in the lan namespace of a lab (``<!-- run: lab ipv6 -->``: one
+  with IPv6), with its addresses as written (192.168.77.1, fd77::1).
 - ```` ```{...} ```` is a MyST directive (toctree, eval-rst): not an example.
 
 Where the blocks run: never against this machine's gateway. A Python block
@@ -106,7 +108,7 @@ class Block:
             return "directive"
         if self.mark == "norun":
             return "norun"
-        if self.mark == "run" and self.reason == "lab":
+        if self.mark == "run" and self.reason.split()[:1] == ["lab"]:
             return "lab"
         if self.mark is not None:
             return "unknown"
