@@ -246,11 +246,13 @@ def pinned_library(monkeypatch: Any, *, mdns: bool = False) -> Iterator[Pinned]:
     """
     import portbroker
     import portbroker.broker
+    import portbroker.daemon.server
     import portbroker.nested
     import portbroker.rendezvous
 
     pinned = Pinned(portbroker.broker.open_broker)
-    for module in (portbroker, portbroker.broker, portbroker.nested):
+    # Every module that holds open_broker by name (an in-process daemon too).
+    for module in (portbroker, portbroker.broker, portbroker.nested, portbroker.daemon.server):
         monkeypatch.setattr(module, "open_broker", pinned.open_broker)
     if not mdns:
         monkeypatch.setattr(portbroker.rendezvous, "open_rendezvous", _no_mdns)
