@@ -18,36 +18,43 @@ comment on the line just above it (invisible on GitHub and on the site):
   with IPv6), with its addresses as written (192.168.77.1, fd77::1).
 - ```` ```{...} ```` is a MyST directive (toctree, eval-rst): not an example.
 
-Where the blocks run: never against this machine's gateway. A Python block
-runs in this process under trio's MockClock (autojump); every
-``open_broker(...)`` it makes, with whatever gateway it names or the
-default route, gets a :class:`~portbroker.testing.FakeGateway` in memory
-(one per gateway named), no announcement listener, no SSDP multicast and
-UPnP's unicast search sent to a closed port on the loopback address. A block
-that names a loopback gateway brings fakes of its own (a FakeGateway's
-``link_factory``, a FakeIgd's ``upnp_port``, as in docs/testing.md) and keeps
-them. A block runs in a scratch directory holding ``rootDesc.xml``, a real
-IGD's root description (miniupnpd 2.3.1's, from tests/data), for a FakeIgd.
-A block using the daemon (``portbroker.client``) runs with the real clock
-against a daemon process the harness starts on a FakeGateway over UDP on
-127.0.0.1, found through ``$PORTBROKER_SOCKET``. A block that defines
-``async def test_*`` functions has them called, as pytest-trio would: with
-an autojump MockClock for an ``autojump_clock`` argument, else the real clock. A block that waits
-forever (``async for event in mapping.events()``) is cancelled after three
-hours of virtual time, as a user's Ctrl-C would, and counts as run when it
-raised nothing; a block without ``async for`` that is still running then fails. A DNS-SD block (zeroconf, multicast DNS) runs on the real
-clock, for at most a few seconds, in a network namespace of its own that has
-only ``lo``: its multicast never reaches this machine's LAN (as root; DNS-SD
-is refused everywhere else).
+Where the blocks run: never against this machine's gateway.
 
-A shell command runs as a subprocess (``python -m portbroker.cli``): one that
-names ``--gateway`` asks a FakeGateway (and a FakeIgd) on the loopback
+A Python block runs in this process under trio's MockClock (autojump). Every
+``open_broker(...)`` it makes, with whatever gateway it names or the default
+route, gets a :class:`~portbroker.testing.FakeGateway` in memory (one per
+gateway named), no announcement listener, no SSDP multicast, and UPnP's
+unicast search sent to a closed port on the loopback address; looking up the
+default route raises. A block that names a loopback gateway brings fakes of
+its own (a FakeGateway's ``link_factory``, a FakeIgd's ``upnp_port``, as in
+docs/testing.md) and keeps them. A block runs in a scratch directory holding
+``rootDesc.xml``, a real IGD's root description (miniupnpd 2.3.1's, from
+tests/data), for a FakeIgd.
+
+- A block using the daemon (``portbroker.client``) runs on the real clock
+  against a daemon process the harness starts on a FakeGateway over UDP on
+  127.0.0.1, found through ``$PORTBROKER_SOCKET``.
+- A block that defines ``async def test_*`` functions has them called, as
+  pytest-trio would: with an autojump MockClock for an ``autojump_clock``
+  argument, else on the real clock.
+- A block that waits forever (``async for event in mapping.events()``) is
+  cancelled after three hours of virtual time, as a user's Ctrl-C would, and
+  counts as run when it raised nothing; a block without ``async for`` that
+  is still running then fails.
+- A DNS-SD block (zeroconf, multicast DNS) runs on the real clock, for at
+  most a few seconds, in a network namespace of its own that has only
+  ``lo``: its multicast never reaches this machine's LAN (as root; DNS-SD is
+  refused anywhere else).
+
+A shell command runs as a subprocess (``python -m portbroker.cli``). One
+that names ``--gateway`` asks a FakeGateway (and a FakeIgd) on the loopback
 address of the same family instead, through the command's test-only flags
-(``--server-port``, ``--ssdp-port``, ``--no-multicast``); one that names
-none goes through the harness's daemon, which stands in for a
-``portbroker daemon`` line. A command that runs until stopped (``--hold``,
-``watch``) is stopped after a few seconds and counts as run when it printed
-and had not failed; any other must exit 0.
+(``--server-port``, ``--ssdp-port``, ``--no-multicast``). One that names
+none goes through the harness's daemon when the block has a ``portbroker
+daemon`` line (the harness's daemon stands in for it), else is pinned like
+the first. A command that runs until stopped (``--hold``, ``watch``) is
+stopped after a few seconds and counts as run when it had not failed (and,
+for ``--hold``, had printed its mapping); any other must exit 0.
 """
 
 from __future__ import annotations
@@ -512,5 +519,7 @@ def run_command(
             raise AssertionError(f"{command.line!r} did not finish: {out}{err}") from None
         process.terminate()
         out, err = process.communicate(timeout=REAL_LIMIT)
+        if "--hold" in argv and not out.strip():
+            raise AssertionError(f"{command.line!r} held nothing it printed: {err}") from None
         return subprocess.CompletedProcess(process.args, 0, out, err)
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
