@@ -310,7 +310,7 @@ def main() -> int:
             report += [markdown, "", f"({section.script}: {took:.0f} s)"]
     report += ["", "## Targets", "", targets(figures)]
     text = "\n".join(report) + "\n"
-    print(text)
+    print(text, end="")
     if args.out:
         args.out.write_text(text)
     if args.json:
