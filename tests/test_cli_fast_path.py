@@ -9,12 +9,15 @@ benchmarks/cli_daemon.py's (tests assert behaviour, never time).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -173,3 +176,76 @@ def test_the_package_imports_the_broker_only_when_a_name_needs_it() -> None:
         "True",
         "module 'portbroker' has no attribute 'no_such_name'",
     ]
+
+
+# -- a daemon that does not speak the protocol (review of issue 10) ------------------
+
+
+@contextlib.contextmanager
+def answering(path: Path, answer: bytes) -> Iterator[None]:
+    """Something on *path* that answers every request line with *answer*, then closes."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+    listener.settimeout(0.1)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(10)
+                received = b""
+                with contextlib.suppress(OSError):
+                    while b"\n" not in received and (chunk := conn.recv(65536)):
+                        received += chunk
+                    if received:
+                        conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(10)
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    ("argv", "answer"),
+    [
+        (["list"], b'{"id": 1, "ok": true}\n'),
+        (["list", "--json"], b'{"id": 1, "ok": true, "mappings": [1]}\n'),
+        (["map", "8080/tcp"], b'{"id": 1, "ok": true, "mapping": []}\n'),
+        (["unmap", "8080/tcp"], b'{"id": 1, "ok": true}\n'),
+        (["list"], b'{"id": 1, "ok": false, "error": "boom"}\n'),
+        (["list"], b'{"error": {"code": ["idle"]}}\n'),
+    ],
+    ids=[
+        "no-mappings",
+        "mapping-not-object",
+        "mapping-list",
+        "no-unmapped",
+        "error-string",
+        "odd-code",
+    ],
+)
+def test_a_daemon_that_answers_out_of_protocol_gets_one_line_naming_it(
+    short_dir: Path, argv: list[str], answer: bytes
+) -> None:
+    # Not "internal error KeyError ... (a bug in portbroker)": the fault is
+    # the daemon's, and the line says so, still without trio.
+    sock = short_dir / "odd.sock"
+    with answering(sock, answer):
+        run = run_commands([*argv, "--socket", str(sock)])
+    (result,) = run["results"]
+    assert result["code"] == 1
+    (line,) = run["stderr"].splitlines()
+    assert line.startswith(f"portbroker: {argv[0]} failed: "), line
+    assert "internal error" not in line
+    assert "is this a portbroker daemon?" in line or "closed the connection" in line, line
+    assert run["heavy"] == []

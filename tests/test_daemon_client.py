@@ -432,3 +432,109 @@ def test_a_group_member_reaches_the_system_daemon_without_saying_where(
             assert [json.loads(line)["id"] for line in listed.stdout.splitlines()] == ["7401/tcp"]
         finally:
             stop(daemon)
+
+
+# -- replies of a shape the protocol does not have (review of issue 10) ----------------
+
+
+def test_a_closing_notice_with_a_code_of_another_type_is_no_crash() -> None:
+    # A line with no id and an "error" whose code is a list or an object (not
+    # hashable): nothing waits for it, and no TypeError escapes the core.
+    core = ClientCore()
+    request_id, _ = core.request("list", {})
+    stream = (
+        b'{"error": {"code": ["too_many_connections"]}}\n'
+        b'{"error": {"code": {"a": 1}}}\n'
+        b'{"id": %d, "ok": true, "mappings": []}\n' % request_id
+    )
+    assert core.receive(stream) == [
+        Reply(request_id, {"id": request_id, "ok": True, "mappings": []})
+    ]
+    assert core.closing is None
+
+
+def _reply(body: dict[str, Any]) -> Script:
+    def script(request: dict[str, Any]) -> bytes:
+        return json.dumps({"id": request["id"], **body}).encode() + b"\n"
+
+    return script
+
+
+# (what is asked, the daemon's answer to it): each a line of JSON, none of the
+# protocol's (docs/daemon-protocol.md's table of ops and replies).
+ODD_REPLIES: list[tuple[str, dict[str, Any]]] = [
+    ("list", {"ok": True}),
+    ("list", {"ok": True, "mappings": 5}),
+    ("list", {"ok": True, "mappings": [1]}),
+    ("list", {"ok": True, "mappings": [{"state": "active"}]}),
+    ("map", {"ok": True}),
+    ("map", {"ok": True, "mapping": []}),
+    ("map", {"ok": True, "mapping": {"id": 7}}),
+    ("unmap", {"ok": True}),
+    ("unmap", {"ok": True, "unmapped": None}),
+    ("publish", {"ok": True, "published": "yes"}),
+    ("list", {"ok": False}),
+    ("list", {"ok": False, "error": "boom"}),
+    ("list", {"ok": False, "error": {"code": ["conflict"], "message": "x"}}),
+]
+
+
+def _ask_blocking(client: BlockingClient, op: str) -> object:
+    if op == "list":
+        return client.list()
+    if op == "map":
+        return client.map(8080, "tcp")
+    if op == "unmap":
+        return client.unmap(8080, "tcp")
+    return client.publish(8080, "tcp", service_type="_http._tcp", name="web")
+
+
+async def _ask_trio(client: portbroker.client.Client, op: str) -> object:
+    if op == "list":
+        return await client.list()
+    if op == "map":
+        return await client.map(8080, "tcp")
+    if op == "unmap":
+        return await client.unmap(8080, "tcp")
+    return await client.publish(8080, "tcp", service_type="_http._tcp", name="web")
+
+
+@pytest.mark.parametrize(
+    ("op", "body"), ODD_REPLIES, ids=[f"{op}:{json.dumps(b)}" for op, b in ODD_REPLIES]
+)
+async def test_a_reply_of_the_wrong_shape_is_a_protocol_error_in_both_clients(
+    short_dir: Path, op: str, body: dict[str, Any]
+) -> None:
+    # Not a KeyError or TypeError (the CLI's "internal error ... a bug in
+    # portbroker"): the daemon, not portbroker, is at fault, and the one line
+    # says so.
+    path = short_dir / "fake.sock"
+
+    def ask() -> object:
+        with BlockingClient(path, timeout=20) as client:
+            return _ask_blocking(client, op)
+
+    with trio.fail_after(30):
+        async with fake_daemon(path, _reply(body)):
+            with pytest.raises(DaemonProtocolError, match="is this a portbroker daemon"):
+                await trio.to_thread.run_sync(ask)
+            with pytest.raises(DaemonProtocolError, match="is this a portbroker daemon"):
+                async with open_client(path) as client:
+                    await _ask_trio(client, op)
+
+
+async def test_a_well_formed_error_is_still_the_daemons_request_error(short_dir: Path) -> None:
+    path = short_dir / "fake.sock"
+    body = {"ok": False, "error": {"code": "conflict", "message": "8080/tcp is in use"}}
+
+    def ask() -> tuple[str, str]:
+        with BlockingClient(path, timeout=20) as client:
+            try:
+                client.list()
+            except DaemonRequestError as exc:
+                return exc.code, exc.message
+        return "", ""
+
+    with trio.fail_after(30):
+        async with fake_daemon(path, _reply(body)):
+            assert await trio.to_thread.run_sync(ask) == ("conflict", "8080/tcp is in use")
