@@ -290,12 +290,18 @@ def _options(parser: argparse.ArgumentParser) -> tuple[list[str], dict[str, str]
         if action.choices:
             value = f"compgen -W {shlex.quote(' '.join(map(str, action.choices)))}"
         elif action.metavar == "PATH":
-            value = "compgen -f"
+            value = _PATHS
         else:
             value = ""  # an address, a number: nothing to offer
         for option in action.option_strings:
             values[option] = value
     return words, values
+
+
+# Paths, one a line into COMPREPLY: `COMPREPLY=($(compgen -f ...))` would split
+# a name at its spaces and expand a `*` in it; -o filenames quotes what is
+# inserted and marks directories (compopt works only while completing).
+_PATHS = 'compopt -o filenames 2>/dev/null; mapfile -t COMPREPLY < <(compgen -f -- "$cur"); '
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -315,7 +321,7 @@ def bash_completion(parser: argparse.ArgumentParser) -> str:
         words, values = _options(sub)
         value_cases = "".join(
             f"                {option}) "
-            + (f'COMPREPLY=($({how} -- "$cur")); ' if how else "")
+            + (_PATHS if how == _PATHS else f'COMPREPLY=($({how} -- "$cur")); ' if how else "")
             + "return ;;\n"
             for option, how in values.items()
         )

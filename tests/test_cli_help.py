@@ -218,3 +218,37 @@ def test_completion_offers_paths_for_a_path_option(script: str, tmp_path: Path) 
 @needs_bash
 def test_completion_offers_top_level_options(script: str) -> None:
     assert _complete(script, "portbroker --ver") == ["--version"]
+
+
+def _complete_words(script: str, words: list[str]) -> list[str]:
+    """As :func:`_complete`, for words that hold spaces (each a shell word)."""
+    program = (
+        f"{script}\n"
+        f"COMP_WORDS=({' '.join(shlex.quote(w) for w in words)})\n"
+        f"COMP_CWORD={len(words) - 1}\n"
+        "_portbroker\n"
+        'printf "%s\\n" "${COMPREPLY[@]}"\n'
+    )
+    done = subprocess.run(
+        ["bash", "--norc", "--noprofile", "-c", program],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return [w for w in done.stdout.split("\n") if w]
+
+
+@needs_bash
+def test_completion_offers_a_path_with_spaces_or_a_star_as_one_word(
+    script: str, tmp_path: Path
+) -> None:
+    # Review of issue 10: `COMPREPLY=($(compgen -f ...))` splits a name at its
+    # spaces and expands a `*` in it against the current directory.
+    (tmp_path / "my states").mkdir()
+    (tmp_path / "my states" / "a*b.json").write_text("{}")
+    (tmp_path / "decoy.json").write_text("{}")
+    words = ["portbroker", "map", "8080/tcp", "--state-file", f"{tmp_path}/my"]
+    assert _complete_words(script, words) == [f"{tmp_path}/my states"]
+    words[-1] = f"{tmp_path}/my states/a"
+    assert _complete_words(script, words) == [f"{tmp_path}/my states/a*b.json"]
