@@ -711,8 +711,13 @@ def _use_daemon(args: argparse.Namespace) -> bool:
     if args.no_daemon or args.gateway is not None:
         return False
     from portbroker.client import socket_path
+    from portbroker.daemon.paths import NoSocketPath
 
-    return _daemon_listening(socket_path(args.socket))
+    try:
+        path = socket_path(args.socket)
+    except NoSocketPath:
+        return False  # nowhere a user's daemon could listen: none does
+    return _daemon_listening(path)
 
 
 def _daemon_listening(path: Path) -> bool:

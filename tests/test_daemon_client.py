@@ -538,3 +538,83 @@ async def test_a_well_formed_error_is_still_the_daemons_request_error(short_dir:
     with trio.fail_after(30):
         async with fake_daemon(path, _reply(body)):
             assert await trio.to_thread.run_sync(ask) == ("conflict", "8080/tcp is in use")
+
+
+# -- where a user's socket is, in odd environments (review of issue 10) -----------------
+
+
+@pytest.fixture
+def a_user(short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This process as uid 1000 (whose home is short_dir/home), with no socket set."""
+    monkeypatch.setattr(daemon_paths, "SYSTEM_SOCKET_PATH", short_dir / "no-system.sock")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("HOME", str(short_dir / "home"))
+    monkeypatch.delenv("PORTBROKER_SOCKET", raising=False)
+    return short_dir / "home" / ".cache" / "portbroker" / "portbroker.sock"
+
+
+def test_a_runtime_dir_of_someone_else_or_open_to_others_is_not_where_sockets_are(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch, a_user: Path
+) -> None:
+    # $XDG_RUNTIME_DIR=/tmp (or anything another user can write, or owns):
+    # whoever put portbroker.sock there first would be this user's daemon.
+    # A relative one would move with the working directory.
+    mine = short_dir / "mine"
+    mine.mkdir(mode=0o700)
+    if os.getuid() == 0:
+        os.chown(mine, 1000, -1)  # uid 1000's (a_user's), as its login session makes it
+    uid = mine.stat().st_uid
+    monkeypatch.setattr(os, "geteuid", lambda: uid)
+    shared = short_dir / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    for runtime in (str(shared), "run/user", "", str(short_dir / "home" / "x" / ".." / "y")):
+        monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
+        # (A directory still to be made, the last, is the daemon's to make: its own.)
+        expected = (
+            a_user
+            if runtime in (str(shared), "run/user", "")
+            else Path(runtime) / "portbroker.sock"
+        )
+        assert socket_path() == expected, runtime
+        assert daemon_server.default_socket_path() == expected, runtime
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(mine))
+    assert socket_path() == mine / "portbroker.sock"
+    # Someone else's private directory is not this user's either.
+    monkeypatch.setattr(os, "geteuid", lambda: uid + 1)
+    assert socket_path() == a_user
+
+
+def test_a_relative_home_is_not_where_sockets_are(
+    monkeypatch: pytest.MonkeyPatch, a_user: Path
+) -> None:
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("HOME", "relative/home")
+    # The password database's home instead (uid 1000 may have none here).
+    try:
+        home = pwd.getpwuid(1000).pw_dir
+    except KeyError:
+        with pytest.raises(daemon_paths.NoSocketPath, match="--socket PATH"):
+            socket_path()
+    else:
+        assert socket_path() == Path(home) / ".cache" / "portbroker" / "portbroker.sock"
+
+
+def test_no_home_and_no_runtime_dir_is_one_line_for_list_and_no_daemon_for_map(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], a_user: Path
+) -> None:
+    from portbroker import cli
+
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.delenv("HOME")
+    monkeypatch.setattr(os, "geteuid", lambda: 2**31 - 7)  # in no password database
+    # Not `internal error RuntimeError: Could not determine home directory`.
+    assert cli.main(["list"]) == 1
+    assert capsys.readouterr().err == (
+        "portbroker: list failed: no socket path for a user's daemon: $XDG_RUNTIME_DIR is"
+        " not set (or not a private directory of yours) and there is no home directory;"
+        " give one with --socket PATH or $PORTBROKER_SOCKET\n"
+    )
+    # map: no daemon can be listening, so it asks the gateway itself.
+    args = cli._parser().parse_args(["map", "8080/tcp"])
+    assert cli._use_daemon(args) is False
