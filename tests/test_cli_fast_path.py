@@ -249,3 +249,19 @@ def test_a_daemon_that_answers_out_of_protocol_gets_one_line_naming_it(
     assert "internal error" not in line
     assert "is this a portbroker daemon?" in line or "closed the connection" in line, line
     assert run["heavy"] == []
+
+
+def test_a_socket_path_no_daemon_can_be_at_is_no_daemon_in_words(short_dir: Path) -> None:
+    # A symlink loop, a file where a directory should be, a path too long for
+    # AF_UNIX: not "cannot use the network: Not a directory (ENOTDIR)".
+    (short_dir / "file").touch()
+    (short_dir / "loop").symlink_to(short_dir / "loop")
+    paths = [short_dir / "file" / "pb.sock", short_dir / "loop", short_dir / ("x" * 120)]
+    run = run_commands(*[["list", "--socket", str(p)] for p in paths])
+    assert [r["code"] for r in run["results"]] == [1, 1, 1]
+    lines = run["stderr"].splitlines()
+    assert len(lines) == 3, lines
+    for path, line in zip(paths, lines, strict=True):
+        assert line.startswith(f"portbroker: list failed: no portbroker daemon at {path} ("), line
+        assert line.endswith("); start one with `portbroker daemon`"), line
+    assert run["heavy"] == []

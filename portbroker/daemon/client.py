@@ -141,6 +141,13 @@ def access_denied(path: Path) -> DaemonAccessDenied:
     return DaemonAccessDenied(path, None, "its directory cannot be read")
 
 
+def _unusable(path: Path, exc: OSError) -> DaemonNotRunning:
+    """No daemon can listen at *path* (a symlink loop, a file where a directory
+    should be, a path too long for a Unix socket): said of the path, not as
+    "cannot use the network"."""
+    return DaemonNotRunning(f"no portbroker daemon at {path} ({exc.strerror or exc})")
+
+
 class Reply(NamedTuple):
     """The reply to request ``id`` (the whole line, ``ok`` included)."""
 
@@ -546,6 +553,8 @@ async def open_client(path: str | Path | None = None) -> AsyncIterator[Client]:
         raise DaemonNotRunning(f"no portbroker daemon at {target}") from exc
     except PermissionError as exc:
         raise access_denied(target) from exc
+    except OSError as exc:
+        raise _unusable(target, exc) from exc
     # The nursery is the client's own (its reader): what the caller's block
     # raises comes out as itself, not wrapped in an ExceptionGroup.
     with collapse_single():
@@ -574,6 +583,9 @@ class BlockingClient:
         except PermissionError as exc:
             self._sock.close()
             raise access_denied(self.path) from exc
+        except OSError as exc:
+            self._sock.close()
+            raise _unusable(self.path, exc) from exc
         self._core = ClientCore()
         self._received: collections.deque[Reply | Event] = collections.deque()
         self._ended = False
