@@ -60,3 +60,38 @@ def test_python_dash_m_portbroker_is_the_command() -> None:
         f"portbroker {portbroker.__version__}\n",
         "",
     )
+
+
+def test_submodules_are_attributes_of_the_package_as_before_it_went_lazy() -> None:
+    # `import portbroker` used to import the broker and with it errors, wire,
+    # lifecycle...: code that then wrote `portbroker.errors.MappingError` must
+    # keep working. (A subpackage's own modules, `portbroker.wire.pcp`, still
+    # need importing.) A dunder or private name imports nothing (`__main__`
+    # would run the command).
+    code = (
+        "import sys, portbroker\n"
+        "for name in ('__main__', '_util', 'no_such_module'):\n"
+        "    try:\n"
+        "        getattr(portbroker, name)\n"
+        "    except AttributeError as exc:\n"
+        "        print(exc)\n"
+        "print('portbroker.__main__' in sys.modules, 'portbroker._util' in sys.modules)\n"
+        "print(portbroker.errors.MappingError.__name__, portbroker.wire.__name__,"
+        " portbroker.lifecycle.TRANSITIONS is not None, portbroker.testing.FakeGateway.__name__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "module 'portbroker' has no attribute '__main__'",
+        "module 'portbroker' has no attribute '_util'",
+        "module 'portbroker' has no attribute 'no_such_module'",
+        "False False",
+        "MappingError portbroker.wire True FakeGateway",
+    ]
