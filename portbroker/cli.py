@@ -518,6 +518,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
             print("portbroker: interrupted", file=sys.stderr)
             return 1
+        if any(isinstance(leaf, BrokenPipeError) for leaf in leaves) and _stdout_gone():
+            return 1  # `portbroker list | head`: the reader has what it wanted
         lines = list(
             dict.fromkeys(
                 _explain(args.command, leaf)
@@ -527,6 +529,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"portbroker: {'; '.join(lines)}", file=sys.stderr)
         return 1
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll says POLLERR
+    of its write end); if so, stdout is pointed at /dev/null, so that Python's
+    flush at exit does not complain of it again (the recipe of the signal
+    module's documentation, "Note on SIGPIPE")."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real file (a test's StringIO)
+        return False
+    if gone:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    return gone
 
 
 def _one_line_handler() -> Any:

@@ -265,3 +265,31 @@ def test_a_socket_path_no_daemon_can_be_at_is_no_daemon_in_words(short_dir: Path
         assert line.startswith(f"portbroker: list failed: no portbroker daemon at {path} ("), line
         assert line.endswith("); start one with `portbroker daemon`"), line
     assert run["heavy"] == []
+
+
+def test_a_reader_that_stops_reading_ends_list_quietly(short_dir: Path) -> None:
+    # `portbroker list | head -1`: the pipe closes while list still writes.
+    # Not "list failed: cannot use the network: Broken pipe (EPIPE)", nor
+    # Python's "Exception ignored ... BrokenPipeError" at exit.
+    mappings = [
+        {"id": f"{port}/tcp", "external_address": "203.0.113.7", "external_port": port}
+        for port in range(1024, 9024)  # some 500 kB: more than a pipe holds
+    ]
+    answer = json.dumps({"id": 1, "ok": True, "mappings": mappings}).encode() + b"\n"
+    sock = short_dir / "many.sock"
+    with answering(sock, answer):
+        process = subprocess.Popen(
+            [PYTHON, "-m", "portbroker", "list", "--socket", str(sock)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        assert process.stdout is not None
+        assert process.stderr is not None
+        first = process.stdout.readline()
+        process.stdout.close()
+        stderr = process.stderr.read()
+        process.stderr.close()
+        code = process.wait(timeout=60)
+    assert first.startswith(b"1024/tcp -> 203.0.113.7:1024")
+    assert (code, stderr) == (1, b"")
