@@ -95,7 +95,8 @@ or SIGHUP, then deletes it.
 
 When a portbroker daemon runs (and neither --gateway nor --no-daemon is
 given), the daemon makes and keeps the mapping: without --hold it lasts until
-`portbroker unmap`.
+`portbroker unmap`. A daemon named with --socket or $PORTBROKER_SOCKET must
+be running: without it, map fails rather than ask the gateway itself.
 
 The most preferred method (--methods: PCP, then NAT-PMP, then UPnP IGD) that
 the gateway answers is used; --via picks one. The gateway may give another

@@ -730,9 +730,19 @@ async def _run(args: argparse.Namespace, methods: tuple[str, ...]) -> int:
 
 
 def _use_daemon(args: argparse.Namespace) -> bool:
-    """Go through a running daemon unless told not to (or given a gateway to ask)."""
+    """Go through a running daemon unless told not to (or given a gateway to ask).
+
+    A socket named with --socket or $PORTBROKER_SOCKET is the daemon to use,
+    running or not: with none there, asking the gateway instead would map on
+    whatever gateway this host has (a benchmark's or test's own daemon gone,
+    the real one), so the command fails and says so.
+    """
     if args.no_daemon or args.gateway is not None:
         return False
+    from portbroker.daemon.paths import ENV_SOCKET
+
+    if args.socket or os.environ.get(ENV_SOCKET):
+        return True
     from portbroker.client import socket_path
     from portbroker.daemon.paths import NoSocketPath
 
@@ -931,7 +941,14 @@ async def _daemon_client(args: argparse.Namespace, connect: Any = None) -> int:
                     break
             return 0
     except DaemonNotRunning as exc:
-        raise Failure(f"{args.command} failed: {exc}; start one with `portbroker daemon`") from exc
+        instead = (
+            ", or use --no-daemon to ask the gateway directly"
+            if args.command in ("map", "unmap")
+            else ""
+        )
+        raise Failure(
+            f"{args.command} failed: {exc}; start one with `portbroker daemon`{instead}"
+        ) from exc
     except (DaemonAccessDenied, DaemonProtocolError) as exc:
         raise Failure(f"{args.command} failed: {exc}") from exc
     except DaemonRequestError as exc:

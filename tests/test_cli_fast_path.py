@@ -293,3 +293,31 @@ def test_a_reader_that_stops_reading_ends_list_quietly(short_dir: Path) -> None:
         code = process.wait(timeout=60)
     assert first.startswith(b"1024/tcp -> 203.0.113.7:1024")
     assert (code, stderr) == (1, b"")
+
+
+def test_a_named_socket_with_no_daemon_fails_rather_than_asking_the_gateway(
+    short_dir: Path, gateway_port: int
+) -> None:
+    # --socket PATH (or $PORTBROKER_SOCKET) names the daemon to use: with none
+    # there, map must not quietly ask the gateway itself, which a benchmark or
+    # test that named its own daemon would then do on the host's real gateway
+    # (here: tests/conftest.py's FakeGateway, through $PORTBROKER_GATEWAY, so
+    # that the old behaviour, when this fails, asks nobody else).
+    env = {**os.environ, "PORTBROKER_GATEWAY": "127.0.0.1"}
+    hidden = ["--server-port", str(gateway_port), "--ssdp-port", "9", "--no-multicast"]
+    state = ["--state-file", str(short_dir / "state.json"), "--methods", "pcp", *hidden]
+    missing = short_dir / "none.sock"
+    env_named = {**env, "PORTBROKER_SOCKET": str(missing)}
+    run = run_commands(["map", "8080/tcp", "--socket", str(missing), *state], env=env)
+    by_env = run_commands(["map", "8080/tcp", *state], env=env_named)
+    expected = (
+        f"portbroker: map failed: no portbroker daemon at {missing}; start one with"
+        " `portbroker daemon`, or use --no-daemon to ask the gateway directly"
+    )
+    for done in (run, by_env):
+        (mapped,) = done["results"]
+        assert (mapped["code"], mapped["out"]) == (1, ""), done
+        assert done["stderr"].splitlines() == [expected]
+    # --no-daemon still asks the gateway (the FakeGateway), socket or not.
+    direct = run_commands(["map", "8080/tcp", "--no-daemon", *state], env=env_named)
+    assert direct["results"][0]["code"] == 0, direct
