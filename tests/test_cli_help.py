@@ -156,7 +156,11 @@ needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 def _complete(script: str, line: str) -> list[str]:
     """What bash offers for *line* (the word being completed is its last,
     empty after a trailing space), with the generated script loaded."""
-    words = line.split(" ")
+    return _complete_words(script, line.split(" "))
+
+
+def _complete_words(script: str, words: list[str]) -> list[str]:
+    """As :func:`_complete`, for words that hold spaces (each a shell word)."""
     program = (
         f"{script}\n"
         f"COMP_WORDS=({' '.join(shlex.quote(w) for w in words)})\n"
@@ -218,25 +222,6 @@ def test_completion_offers_paths_for_a_path_option(script: str, tmp_path: Path) 
 @needs_bash
 def test_completion_offers_top_level_options(script: str) -> None:
     assert _complete(script, "portbroker --ver") == ["--version"]
-
-
-def _complete_words(script: str, words: list[str]) -> list[str]:
-    """As :func:`_complete`, for words that hold spaces (each a shell word)."""
-    program = (
-        f"{script}\n"
-        f"COMP_WORDS=({' '.join(shlex.quote(w) for w in words)})\n"
-        f"COMP_CWORD={len(words) - 1}\n"
-        "_portbroker\n"
-        'printf "%s\\n" "${COMPREPLY[@]}"\n'
-    )
-    done = subprocess.run(
-        ["bash", "--norc", "--noprofile", "-c", program],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    )
-    return [w for w in done.stdout.split("\n") if w]
 
 
 @needs_bash
