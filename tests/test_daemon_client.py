@@ -618,3 +618,53 @@ def test_no_home_and_no_runtime_dir_is_one_line_for_list_and_no_daemon_for_map(
     # map: no daemon can be listening, so it asks the gateway itself.
     args = cli._parser().parse_args(["map", "8080/tcp"])
     assert cli._use_daemon(args) is False
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"event": "Renewed"}\n',
+        b'{"event": "Renewed", "mapping": "8080/tcp"}\n',
+        b'{"event": ["Renewed"], "mapping": {"id": "8080/tcp"}}\n',
+    ],
+    ids=["no-mapping", "mapping-string", "event-list"],
+)
+def test_an_event_of_the_wrong_shape_is_a_protocol_error(line: bytes) -> None:
+    # `portbroker watch` prints event["event"] and the mapping's fields: an
+    # event without them is the daemon's fault, not a KeyError of the CLI's.
+    with pytest.raises(DaemonProtocolError, match="is this a portbroker daemon"):
+        ClientCore().receive(line)
+
+
+def test_watch_through_the_cli_names_an_odd_event_in_one_line(short_dir: Path) -> None:
+    answer = b'{"id": 1, "ok": true, "watching": "own"}\n{"event": "Renewed"}\n'
+    script = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen()\n"
+        "print('ready', flush=True)\n"
+        "c, _ = s.accept(); c.recv(65536); c.sendall(sys.argv[2].encode()); c.recv(1)\n"
+    )
+    sock = short_dir / "odd.sock"
+    fake = subprocess.Popen(
+        [PYTHON, "-c", script, str(sock), answer.decode()], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert fake.stdout is not None
+        assert fake.stdout.readline() == "ready\n"
+        done = subprocess.run(
+            [PYTHON, "-m", "portbroker", "watch", "--socket", str(sock)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            check=False,
+        )
+    finally:
+        fake.kill()
+        fake.wait()
+        if fake.stdout is not None:
+            fake.stdout.close()
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("portbroker: watch failed: the daemon sent an event"), line
+    assert line.endswith("is this a portbroker daemon?"), line

@@ -257,6 +257,18 @@ class ClientCore:
                 f"the daemon sent a JSON {type(message).__name__}, not an object"
             )
         if "event" in message:
+            # {"event": NAME, "mapping": {...}, "detail": {...}}
+            # (docs/daemon-protocol.md): what watchers print from.
+            mapping = message.get("mapping")
+            if not (
+                isinstance(message["event"], str)
+                and isinstance(mapping, dict)
+                and isinstance(mapping.get("id"), str)
+            ):
+                raise DaemonProtocolError(
+                    f"the daemon sent an event without a name and a mapping"
+                    f" ({_clipped(message)}); is this a portbroker daemon?"
+                )
             return Event(message)
         request_id = message.get("id")
         if type(request_id) is int and request_id in self._pending:
