@@ -123,15 +123,20 @@ if not TYPE_CHECKING:
 
     def __getattr__(name: str) -> object:
         import importlib
-        import importlib.util
 
         module = _LAZY.get(name)
         if module is None:
             # A submodule, as `import portbroker` made them attributes before
             # the names went lazy (`portbroker.errors.MappingError`,
             # `portbroker.wire.pcp`). Never a private or dunder name: a tool
-            # probing `__main__` or `__wrapped__` must not import (or run) one.
-            if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}"):
+            # probing `__main__` or `__wrapped__` must not import (or run) one,
+            # and `from portbroker import _cli_help` (the CLI's every start)
+            # comes here first: it must not pay for importlib.util.
+            if name.startswith("_"):
+                raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+            import importlib.util
+
+            if importlib.util.find_spec(f"{__name__}.{name}"):
                 return importlib.import_module(f"{__name__}.{name}")
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
         value = getattr(importlib.import_module(module), name)
