@@ -301,8 +301,12 @@ def _options(parser: argparse.ArgumentParser) -> tuple[list[str], dict[str, str]
 
 # Paths, one a line into COMPREPLY: `COMPREPLY=($(compgen -f ...))` would split
 # a name at its spaces and expand a `*` in it; -o filenames quotes what is
-# inserted and marks directories (compopt works only while completing).
-_PATHS = 'compopt -o filenames 2>/dev/null; mapfile -t COMPREPLY < <(compgen -f -- "$cur"); '
+# inserted and marks directories (compopt works only while completing, and
+# from bash 4). A read loop, not mapfile, which macOS's bash 3.2 lacks.
+_PATHS = (
+    "compopt -o filenames 2>/dev/null; local path; COMPREPLY=();"
+    ' while IFS= read -r path; do COMPREPLY+=("$path"); done < <(compgen -f -- "$cur"); '
+)
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
