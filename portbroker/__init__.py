@@ -116,15 +116,32 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
+# Hidden from type checkers: a module __getattr__ they can see makes every
+# unknown name an `object` (a misspelt `portbroker.open_brokr` would pass);
+# they know the real names from the TYPE_CHECKING imports above.
+if not TYPE_CHECKING:
 
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # once: later lookups do not come here
-    return value
+    def __getattr__(name: str) -> object:
+        import importlib
+
+        module = _LAZY.get(name)
+        if module is None:
+            # A submodule, as `import portbroker` made them attributes before
+            # the names went lazy (`portbroker.errors.MappingError`,
+            # `portbroker.wire.pcp`). Never a private or dunder name: a tool
+            # probing `__main__` or `__wrapped__` must not import (or run) one,
+            # and `from portbroker import _cli_help` (the CLI's every start)
+            # comes here first: it must not pay for importlib.util.
+            if name.startswith("_"):
+                raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+            import importlib.util
+
+            if importlib.util.find_spec(f"{__name__}.{name}"):
+                return importlib.import_module(f"{__name__}.{name}")
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value  # once: later lookups do not come here
+        return value
 
 
 def __dir__() -> list[str]:

@@ -95,7 +95,8 @@ or SIGHUP, then deletes it.
 
 When a portbroker daemon runs (and neither --gateway nor --no-daemon is
 given), the daemon makes and keeps the mapping: without --hold it lasts until
-`portbroker unmap`.
+`portbroker unmap`. A daemon named with --socket or $PORTBROKER_SOCKET must
+be running: without it, map fails rather than ask the gateway itself.
 
 The most preferred method (--methods: PCP, then NAT-PMP, then UPnP IGD) that
 the gateway answers is used; --via picks one. The gateway may give another
@@ -290,12 +291,22 @@ def _options(parser: argparse.ArgumentParser) -> tuple[list[str], dict[str, str]
         if action.choices:
             value = f"compgen -W {shlex.quote(' '.join(map(str, action.choices)))}"
         elif action.metavar == "PATH":
-            value = "compgen -f"
+            value = _PATHS
         else:
             value = ""  # an address, a number: nothing to offer
         for option in action.option_strings:
             values[option] = value
     return words, values
+
+
+# Paths, one a line into COMPREPLY: `COMPREPLY=($(compgen -f ...))` would split
+# a name at its spaces and expand a `*` in it; -o filenames quotes what is
+# inserted and marks directories (compopt works only while completing, and
+# from bash 4). A read loop, not mapfile, which macOS's bash 3.2 lacks.
+_PATHS = (
+    "compopt -o filenames 2>/dev/null; local path; COMPREPLY=();"
+    ' while IFS= read -r path; do COMPREPLY+=("$path"); done < <(compgen -f -- "$cur"); '
+)
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -315,7 +326,7 @@ def bash_completion(parser: argparse.ArgumentParser) -> str:
         words, values = _options(sub)
         value_cases = "".join(
             f"                {option}) "
-            + (f'COMPREPLY=($({how} -- "$cur")); ' if how else "")
+            + (_PATHS if how == _PATHS else f'COMPREPLY=($({how} -- "$cur")); ' if how else "")
             + "return ;;\n"
             for option, how in values.items()
         )

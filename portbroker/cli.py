@@ -518,6 +518,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
             print("portbroker: interrupted", file=sys.stderr)
             return 1
+        if any(isinstance(leaf, BrokenPipeError) for leaf in leaves) and _stdout_gone():
+            return 1  # `portbroker list | head`: the reader has what it wanted
         lines = list(
             dict.fromkeys(
                 _explain(args.command, leaf)
@@ -527,6 +529,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"portbroker: {'; '.join(lines)}", file=sys.stderr)
         return 1
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll says POLLERR
+    of its write end); if so, stdout is pointed at /dev/null, so that Python's
+    flush at exit does not complain of it again (the recipe of the signal
+    module's documentation, "Note on SIGPIPE")."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real file (a test's StringIO)
+        return False
+    if gone:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    return gone
 
 
 def _one_line_handler() -> Any:
@@ -707,12 +730,27 @@ async def _run(args: argparse.Namespace, methods: tuple[str, ...]) -> int:
 
 
 def _use_daemon(args: argparse.Namespace) -> bool:
-    """Go through a running daemon unless told not to (or given a gateway to ask)."""
+    """Go through a running daemon unless told not to (or given a gateway to ask).
+
+    A socket named with --socket or $PORTBROKER_SOCKET is the daemon to use,
+    running or not: with none there, asking the gateway instead would map on
+    whatever gateway this host has (a benchmark's or test's own daemon gone,
+    the real one), so the command fails and says so.
+    """
     if args.no_daemon or args.gateway is not None:
         return False
-    from portbroker.client import socket_path
+    from portbroker.daemon.paths import ENV_SOCKET
 
-    return _daemon_listening(socket_path(args.socket))
+    if args.socket or os.environ.get(ENV_SOCKET):
+        return True
+    from portbroker.client import socket_path
+    from portbroker.daemon.paths import NoSocketPath
+
+    try:
+        path = socket_path(args.socket)
+    except NoSocketPath:
+        return False  # nowhere a user's daemon could listen: none does
+    return _daemon_listening(path)
 
 
 def _daemon_listening(path: Path) -> bool:
@@ -903,7 +941,14 @@ async def _daemon_client(args: argparse.Namespace, connect: Any = None) -> int:
                     break
             return 0
     except DaemonNotRunning as exc:
-        raise Failure(f"{args.command} failed: {exc}; start one with `portbroker daemon`") from exc
+        instead = (
+            ", or use --no-daemon to ask the gateway directly"
+            if args.command in ("map", "unmap")
+            else ""
+        )
+        raise Failure(
+            f"{args.command} failed: {exc}; start one with `portbroker daemon`{instead}"
+        ) from exc
     except (DaemonAccessDenied, DaemonProtocolError) as exc:
         raise Failure(f"{args.command} failed: {exc}") from exc
     except DaemonRequestError as exc:

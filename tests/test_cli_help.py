@@ -156,7 +156,11 @@ needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 def _complete(script: str, line: str) -> list[str]:
     """What bash offers for *line* (the word being completed is its last,
     empty after a trailing space), with the generated script loaded."""
-    words = line.split(" ")
+    return _complete_words(script, line.split(" "))
+
+
+def _complete_words(script: str, words: list[str]) -> list[str]:
+    """As :func:`_complete`, for words that hold spaces (each a shell word)."""
     program = (
         f"{script}\n"
         f"COMP_WORDS=({' '.join(shlex.quote(w) for w in words)})\n"
@@ -218,3 +222,18 @@ def test_completion_offers_paths_for_a_path_option(script: str, tmp_path: Path) 
 @needs_bash
 def test_completion_offers_top_level_options(script: str) -> None:
     assert _complete(script, "portbroker --ver") == ["--version"]
+
+
+@needs_bash
+def test_completion_offers_a_path_with_spaces_or_a_star_as_one_word(
+    script: str, tmp_path: Path
+) -> None:
+    # Review of issue 10: `COMPREPLY=($(compgen -f ...))` splits a name at its
+    # spaces and expands a `*` in it against the current directory.
+    (tmp_path / "my states").mkdir()
+    (tmp_path / "my states" / "a*b.json").write_text("{}")
+    (tmp_path / "decoy.json").write_text("{}")
+    words = ["portbroker", "map", "8080/tcp", "--state-file", f"{tmp_path}/my"]
+    assert _complete_words(script, words) == [f"{tmp_path}/my states"]
+    words[-1] = f"{tmp_path}/my states/a"
+    assert _complete_words(script, words) == [f"{tmp_path}/my states/a*b.json"]

@@ -432,3 +432,239 @@ def test_a_group_member_reaches_the_system_daemon_without_saying_where(
             assert [json.loads(line)["id"] for line in listed.stdout.splitlines()] == ["7401/tcp"]
         finally:
             stop(daemon)
+
+
+# -- replies of a shape the protocol does not have (review of issue 10) ----------------
+
+
+def test_a_closing_notice_with_a_code_of_another_type_is_no_crash() -> None:
+    # A line with no id and an "error" whose code is a list or an object (not
+    # hashable): nothing waits for it, and no TypeError escapes the core.
+    core = ClientCore()
+    request_id, _ = core.request("list", {})
+    stream = (
+        b'{"error": {"code": ["too_many_connections"]}}\n'
+        b'{"error": {"code": {"a": 1}}}\n'
+        b'{"id": %d, "ok": true, "mappings": []}\n' % request_id
+    )
+    assert core.receive(stream) == [
+        Reply(request_id, {"id": request_id, "ok": True, "mappings": []})
+    ]
+    assert core.closing is None
+
+
+def _reply(body: dict[str, Any]) -> Script:
+    def script(request: dict[str, Any]) -> bytes:
+        return json.dumps({"id": request["id"], **body}).encode() + b"\n"
+
+    return script
+
+
+# (what is asked, the daemon's answer to it): each a line of JSON, none of the
+# protocol's (docs/daemon-protocol.md's table of ops and replies).
+ODD_REPLIES: list[tuple[str, dict[str, Any]]] = [
+    ("list", {"ok": True}),
+    ("list", {"ok": True, "mappings": 5}),
+    ("list", {"ok": True, "mappings": [1]}),
+    ("list", {"ok": True, "mappings": [{"state": "active"}]}),
+    ("map", {"ok": True}),
+    ("map", {"ok": True, "mapping": []}),
+    ("map", {"ok": True, "mapping": {"id": 7}}),
+    ("unmap", {"ok": True}),
+    ("unmap", {"ok": True, "unmapped": None}),
+    ("publish", {"ok": True, "published": "yes"}),
+    ("list", {"ok": False}),
+    ("list", {"ok": False, "error": "boom"}),
+    ("list", {"ok": False, "error": {"code": ["conflict"], "message": "x"}}),
+]
+
+
+def _ask_blocking(client: BlockingClient, op: str) -> object:
+    if op == "list":
+        return client.list()
+    if op == "map":
+        return client.map(8080, "tcp")
+    if op == "unmap":
+        return client.unmap(8080, "tcp")
+    return client.publish(8080, "tcp", service_type="_http._tcp", name="web")
+
+
+async def _ask_trio(client: portbroker.client.Client, op: str) -> object:
+    if op == "list":
+        return await client.list()
+    if op == "map":
+        return await client.map(8080, "tcp")
+    if op == "unmap":
+        return await client.unmap(8080, "tcp")
+    return await client.publish(8080, "tcp", service_type="_http._tcp", name="web")
+
+
+@pytest.mark.parametrize(
+    ("op", "body"), ODD_REPLIES, ids=[f"{op}:{json.dumps(b)}" for op, b in ODD_REPLIES]
+)
+async def test_a_reply_of_the_wrong_shape_is_a_protocol_error_in_both_clients(
+    short_dir: Path, op: str, body: dict[str, Any]
+) -> None:
+    # Not a KeyError or TypeError (the CLI's "internal error ... a bug in
+    # portbroker"): the daemon, not portbroker, is at fault, and the one line
+    # says so.
+    path = short_dir / "fake.sock"
+
+    def ask() -> object:
+        with BlockingClient(path, timeout=20) as client:
+            return _ask_blocking(client, op)
+
+    with trio.fail_after(30):
+        async with fake_daemon(path, _reply(body)):
+            with pytest.raises(DaemonProtocolError, match="is this a portbroker daemon"):
+                await trio.to_thread.run_sync(ask)
+            with pytest.raises(DaemonProtocolError, match="is this a portbroker daemon"):
+                async with open_client(path) as client:
+                    await _ask_trio(client, op)
+
+
+async def test_a_well_formed_error_is_still_the_daemons_request_error(short_dir: Path) -> None:
+    path = short_dir / "fake.sock"
+    body = {"ok": False, "error": {"code": "conflict", "message": "8080/tcp is in use"}}
+
+    def ask() -> tuple[str, str]:
+        with BlockingClient(path, timeout=20) as client:
+            try:
+                client.list()
+            except DaemonRequestError as exc:
+                return exc.code, exc.message
+        return "", ""
+
+    with trio.fail_after(30):
+        async with fake_daemon(path, _reply(body)):
+            assert await trio.to_thread.run_sync(ask) == ("conflict", "8080/tcp is in use")
+
+
+# -- where a user's socket is, in odd environments (review of issue 10) -----------------
+
+
+@pytest.fixture
+def a_user(short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This process as uid 1000 (whose home is short_dir/home), with no socket set."""
+    monkeypatch.setattr(daemon_paths, "SYSTEM_SOCKET_PATH", short_dir / "no-system.sock")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("HOME", str(short_dir / "home"))
+    monkeypatch.delenv("PORTBROKER_SOCKET", raising=False)
+    return short_dir / "home" / ".cache" / "portbroker" / "portbroker.sock"
+
+
+def test_a_runtime_dir_of_someone_else_or_open_to_others_is_not_where_sockets_are(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch, a_user: Path
+) -> None:
+    # $XDG_RUNTIME_DIR=/tmp (or anything another user can write, or owns):
+    # whoever put portbroker.sock there first would be this user's daemon.
+    # A relative one would move with the working directory.
+    mine = short_dir / "mine"
+    mine.mkdir(mode=0o700)
+    if os.getuid() == 0:
+        os.chown(mine, 1000, -1)  # uid 1000's (a_user's), as its login session makes it
+    uid = mine.stat().st_uid
+    monkeypatch.setattr(os, "geteuid", lambda: uid)
+    shared = short_dir / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    for runtime in (str(shared), "run/user", "", str(short_dir / "home" / "x" / ".." / "y")):
+        monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
+        # (A directory still to be made, the last, is the daemon's to make: its own.)
+        expected = (
+            a_user
+            if runtime in (str(shared), "run/user", "")
+            else Path(runtime) / "portbroker.sock"
+        )
+        assert socket_path() == expected, runtime
+        assert daemon_server.default_socket_path() == expected, runtime
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(mine))
+    assert socket_path() == mine / "portbroker.sock"
+    # Someone else's private directory is not this user's either.
+    monkeypatch.setattr(os, "geteuid", lambda: uid + 1)
+    assert socket_path() == a_user
+
+
+def test_a_relative_home_is_not_where_sockets_are(
+    monkeypatch: pytest.MonkeyPatch, a_user: Path
+) -> None:
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("HOME", "relative/home")
+    # The password database's home instead (uid 1000 may have none here).
+    try:
+        home = pwd.getpwuid(1000).pw_dir
+    except KeyError:
+        with pytest.raises(daemon_paths.NoSocketPath, match="--socket PATH"):
+            socket_path()
+    else:
+        assert socket_path() == Path(home) / ".cache" / "portbroker" / "portbroker.sock"
+
+
+def test_no_home_and_no_runtime_dir_is_one_line_for_list_and_no_daemon_for_map(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], a_user: Path
+) -> None:
+    from portbroker import cli
+
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.delenv("HOME")
+    monkeypatch.setattr(os, "geteuid", lambda: 2**31 - 7)  # in no password database
+    # Not `internal error RuntimeError: Could not determine home directory`.
+    assert cli.main(["list"]) == 1
+    assert capsys.readouterr().err == (
+        "portbroker: list failed: no socket path for a user's daemon: $XDG_RUNTIME_DIR is"
+        " not set (or not a private directory of yours) and there is no home directory;"
+        " give one with --socket PATH or $PORTBROKER_SOCKET\n"
+    )
+    # map: no daemon can be listening, so it asks the gateway itself.
+    args = cli._parser().parse_args(["map", "8080/tcp"])
+    assert cli._use_daemon(args) is False
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"event": "Renewed"}\n',
+        b'{"event": "Renewed", "mapping": "8080/tcp"}\n',
+        b'{"event": ["Renewed"], "mapping": {"id": "8080/tcp"}}\n',
+    ],
+    ids=["no-mapping", "mapping-string", "event-list"],
+)
+def test_an_event_of_the_wrong_shape_is_a_protocol_error(line: bytes) -> None:
+    # `portbroker watch` prints event["event"] and the mapping's fields: an
+    # event without them is the daemon's fault, not a KeyError of the CLI's.
+    with pytest.raises(DaemonProtocolError, match="is this a portbroker daemon"):
+        ClientCore().receive(line)
+
+
+def test_watch_through_the_cli_names_an_odd_event_in_one_line(short_dir: Path) -> None:
+    answer = b'{"id": 1, "ok": true, "watching": "own"}\n{"event": "Renewed"}\n'
+    script = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen()\n"
+        "print('ready', flush=True)\n"
+        "c, _ = s.accept(); c.recv(65536); c.sendall(sys.argv[2].encode()); c.recv(1)\n"
+    )
+    sock = short_dir / "odd.sock"
+    fake = subprocess.Popen(
+        [PYTHON, "-c", script, str(sock), answer.decode()], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert fake.stdout is not None
+        assert fake.stdout.readline() == "ready\n"
+        done = subprocess.run(
+            [PYTHON, "-m", "portbroker", "watch", "--socket", str(sock)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            check=False,
+        )
+    finally:
+        fake.kill()
+        fake.wait()
+        if fake.stdout is not None:
+            fake.stdout.close()
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("portbroker: watch failed: the daemon sent an event"), line
+    assert line.endswith("is this a portbroker daemon?"), line

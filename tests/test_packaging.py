@@ -134,3 +134,16 @@ def test_installed_command_probes_a_fake_gateway(
     report = json.loads(done.stdout)
     assert report["gateway"] == "127.0.0.1"
     assert report["selected"] == "pcp"
+
+
+def test_installed_python_dash_m_and_completion(installed: Installed) -> None:
+    # Review of issue 10: `python -m portbroker` (a venv without its bin/ on
+    # PATH), and the completion script the installed command prints is bash.
+    assert installed.run("python", "-m", "portbroker", "--version").stdout == (
+        f"portbroker {portbroker.__version__}\n"
+    )
+    script = installed.run("portbroker", "completion", "bash").stdout
+    done = subprocess.run(
+        ["bash", "-n"], input=script, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (done.returncode, done.stderr) == (0, "")

@@ -27,6 +27,7 @@ import collections
 import contextlib
 import grp
 import itertools
+import json
 import math
 import os
 import socket
@@ -140,6 +141,13 @@ def access_denied(path: Path) -> DaemonAccessDenied:
     return DaemonAccessDenied(path, None, "its directory cannot be read")
 
 
+def _unusable(path: Path, exc: OSError) -> DaemonNotRunning:
+    """No daemon can listen at *path* (a symlink loop, a file where a directory
+    should be, a path too long for a Unix socket): said of the path, not as
+    "cannot use the network"."""
+    return DaemonNotRunning(f"no portbroker daemon at {path} ({exc.strerror or exc})")
+
+
 class Reply(NamedTuple):
     """The reply to request ``id`` (the whole line, ``ok`` included)."""
 
@@ -249,13 +257,32 @@ class ClientCore:
                 f"the daemon sent a JSON {type(message).__name__}, not an object"
             )
         if "event" in message:
+            # {"event": NAME, "mapping": {...}, "detail": {...}}
+            # (docs/daemon-protocol.md): what watchers print from.
+            mapping = message.get("mapping")
+            if not (
+                isinstance(message["event"], str)
+                and isinstance(mapping, dict)
+                and isinstance(mapping.get("id"), str)
+            ):
+                raise DaemonProtocolError(
+                    f"the daemon sent an event without a name and a mapping"
+                    f" ({_clipped(message)}); is this a portbroker daemon?"
+                )
             return Event(message)
         request_id = message.get("id")
         if type(request_id) is int and request_id in self._pending:
             self._pending.discard(request_id)
             return Reply(request_id, message)
         error = message.get("error")
-        if request_id is None and isinstance(error, dict) and error.get("code") in CLOSING_CODES:
+        # The code is checked to be a string first: a list or an object is
+        # no closing notice (and not hashable).
+        if (
+            request_id is None
+            and isinstance(error, dict)
+            and isinstance(error.get("code"), str)
+            and error["code"] in CLOSING_CODES
+        ):
             self.closing = DaemonRequestError(str(error["code"]), str(error.get("message")), error)
         # A reply to no request of ours (an error about a line we never sent):
         # nothing waits for it.
@@ -305,9 +332,51 @@ def _result(reply: dict[str, Any]) -> dict[str, Any]:
     if reply.get("ok"):
         return reply
     error = reply.get("error")
-    if not isinstance(error, dict):
-        error = {}
-    raise DaemonRequestError(str(error.get("code")), str(error.get("message")), error)
+    # An error is {"code": "...", "message": "..."} (docs/daemon-protocol.md):
+    # anything else is not the daemon's protocol, and "None: None" would be
+    # no explanation.
+    if not isinstance(error, dict) or not isinstance(error.get("code"), str):
+        raise DaemonProtocolError(
+            f"the daemon refused a request without an error code ({_clipped(error)});"
+            " is this a portbroker daemon?"
+        )
+    raise DaemonRequestError(error["code"], str(error.get("message")), error)
+
+
+def _clipped(value: object, limit: int = 80) -> str:
+    """*value* as JSON, cut to *limit* characters (it may be a daemon's whole line)."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _field(reply: dict[str, Any], op: str, key: str, kind: type) -> Any:
+    """``reply[key]``, which the protocol makes a *kind* (docs/daemon-protocol.md's
+    table of ops): a daemon that answers otherwise is not speaking it, which is
+    DaemonProtocolError, not a KeyError or TypeError of ours."""
+    value = reply.get(key)
+    if not isinstance(value, kind):
+        raise DaemonProtocolError(
+            f"the daemon's reply to {op} has no {key!r} {_KINDS[kind]}"
+            f" ({_clipped(value)}); is this a portbroker daemon?"
+        )
+    return value
+
+
+_KINDS: Final[dict[type, str]] = {dict: "object", list: "list", str: "string"}
+
+
+def _mapping(value: object, op: str) -> dict[str, Any]:
+    """A mapping object of a reply: an object with a string ``id`` at least."""
+    if not isinstance(value, dict) or not isinstance(value.get("id"), str):
+        raise DaemonProtocolError(
+            f"the daemon's reply to {op} holds {_clipped(value)}, not a mapping;"
+            " is this a portbroker daemon?"
+        )
+    return dict(value)
+
+
+def _mappings(reply: dict[str, Any]) -> list[dict[str, Any]]:
+    return [_mapping(item, "list") for item in _field(reply, "list", "mappings", list)]
 
 
 class Client:
@@ -426,13 +495,14 @@ class Client:
                 filters,
             ),
         )
-        return dict(reply["mapping"])
+        return _mapping(reply.get("mapping"), "map")
 
     async def unmap(self, port: int, protocol: str = "tcp") -> str:
-        return str((await self.request("unmap", port=port, protocol=protocol))["unmapped"])
+        reply = await self.request("unmap", port=port, protocol=protocol)
+        return str(_field(reply, "unmap", "unmapped", str))
 
     async def list(self) -> list[dict[str, Any]]:
-        return list((await self.request("list"))["mappings"])
+        return _mappings(await self.request("list"))
 
     async def watch(self) -> AsyncIterator[dict[str, Any]]:
         """Events of the caller's mappings (all, for root) until the connection ends.
@@ -462,7 +532,7 @@ class Client:
         reply = await self.request(
             "publish", **_publish_params(port, protocol, service_type, name, txt)
         )
-        return dict(reply["published"])
+        return dict(_field(reply, "publish", "published", dict))
 
     async def unpublish(
         self, port: int, protocol: str = "tcp", *, service_type: str, name: str
@@ -470,7 +540,7 @@ class Client:
         reply = await self.request(
             "unpublish", **_publish_params(port, protocol, service_type, name, None)
         )
-        return dict(reply["unpublished"])
+        return dict(_field(reply, "unpublish", "unpublished", dict))
 
 
 @contextlib.asynccontextmanager
@@ -495,6 +565,8 @@ async def open_client(path: str | Path | None = None) -> AsyncIterator[Client]:
         raise DaemonNotRunning(f"no portbroker daemon at {target}") from exc
     except PermissionError as exc:
         raise access_denied(target) from exc
+    except OSError as exc:
+        raise _unusable(target, exc) from exc
     # The nursery is the client's own (its reader): what the caller's block
     # raises comes out as itself, not wrapped in an ExceptionGroup.
     with collapse_single():
@@ -523,6 +595,9 @@ class BlockingClient:
         except PermissionError as exc:
             self._sock.close()
             raise access_denied(self.path) from exc
+        except OSError as exc:
+            self._sock.close()
+            raise _unusable(self.path, exc) from exc
         self._core = ClientCore()
         self._received: collections.deque[Reply | Event] = collections.deque()
         self._ended = False
@@ -636,13 +711,14 @@ class BlockingClient:
                 filters,
             ),
         )
-        return dict(reply["mapping"])
+        return _mapping(reply.get("mapping"), "map")
 
     def unmap(self, port: int, protocol: str = "tcp") -> str:
-        return str(self.request("unmap", port=port, protocol=protocol)["unmapped"])
+        reply = self.request("unmap", port=port, protocol=protocol)
+        return str(_field(reply, "unmap", "unmapped", str))
 
     def list(self) -> list[dict[str, Any]]:
-        return list(self.request("list")["mappings"])
+        return _mappings(self.request("list"))
 
     def watch(self) -> Iterator[dict[str, Any]]:
         """Events until the connection ends (blocks between them)."""
@@ -664,7 +740,7 @@ class BlockingClient:
     ) -> dict[str, Any]:
         """As :meth:`Client.publish`."""
         reply = self.request("publish", **_publish_params(port, protocol, service_type, name, txt))
-        return dict(reply["published"])
+        return dict(_field(reply, "publish", "published", dict))
 
     def unpublish(
         self, port: int, protocol: str = "tcp", *, service_type: str, name: str
@@ -672,4 +748,4 @@ class BlockingClient:
         reply = self.request(
             "unpublish", **_publish_params(port, protocol, service_type, name, None)
         )
-        return dict(reply["unpublished"])
+        return dict(_field(reply, "unpublish", "unpublished", dict))
