@@ -436,6 +436,9 @@ class Transport:
         self._refused_at: float | None = None
         self._target = _target(link.remote)
         self._logged_errnos: set[int] = set()
+        # The server's (address, port) as the link last wrote a datagram's
+        # source that passed _foreign; one per datagram is otherwise parsed.
+        self._server_source: tuple[str, int] | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The receive loop; runs until cancelled (or the link is closed), whatever
@@ -551,6 +554,8 @@ class Transport:
 
     def _foreign(self, source: tuple[str, int]) -> str | None:
         """None if *source* is the server; else why not (RFC 6887 §8.3, RFC 6886 §3.1)."""
+        if source == self._server_source:
+            return None  # as the last datagram that passed: no need to parse it again
         try:
             address = to_address(ip_address(source[0].split("%")[0]))
         except ValueError:
@@ -559,6 +564,7 @@ class Transport:
             return "wrong source address"
         if source[1] != self.link.remote[1]:
             return "wrong source port"
+        self._server_source = source
         return None
 
     def _fail_all(self, error: BaseException) -> None:
@@ -607,8 +613,10 @@ class Transport:
             )
         waiter = _Waiter(key)
         self._waiters.setdefault(key, set()).add(waiter)
+        sends = 0
         try:
             for wait in schedule:
+                sends += 1
                 if not math.isfinite(wait) or wait <= 0:
                     raise ValueError(f"bad retransmission interval {wait!r}")
                 self.stats.sent += 1
@@ -651,7 +659,13 @@ class Transport:
             group.discard(waiter)
             if not group:
                 del self._waiters[key]
-            if waiter.response is None and waiter.asked_at is not None:
+            # Unanswered, or answered after a retransmission: an answer to an
+            # earlier send (stamped then) may still come, and the next request
+            # with this key (a PCP renewal keeps its nonce) would take it. A
+            # broker too busy to read its socket for a while (benchmarks/
+            # scale.py, 10,000 creates) got such copies in a renewal and saw
+            # "pcp epoch too-fast" on a healthy server.
+            if waiter.asked_at is not None and (waiter.response is None or sends > 1):
                 self._remember_unanswered(key, waiter.asked_at)
 
     def _remember_unanswered(self, key: tuple[Hashable, ...], asked_at: float) -> None:
