@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/scale.py [--quick] [--sizes 1000,10000,50000]
         [--lifetimes 20-60] [--window 120] [--json PATH] [--profile PATH]
 
-For each size N, one :func:`portbroker.open_broker` in this process (pinned
+For each size N (each in a process of its own when there are several), one
+:func:`portbroker.open_broker` in the measuring process (pinned
 to 127.0.0.1:<port>, PCP only, no announcement listener) maps N ports
 (``tcp`` then ``udp``, 1024 upwards) against a lean PCP server in **another
 process** (its CPU is not counted): it answers every MAP at once with a
@@ -47,6 +48,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -434,6 +436,32 @@ def _stop_gateway(process: subprocess.Popen[str]) -> None:
     process.stdout.close()
 
 
+def _run_apart(size: int, low: int, high: int, window: float, min_renewals: int) -> Any:
+    with tempfile.TemporaryDirectory(prefix="pb-scale-") as directory:
+        out = Path(directory) / "size.json"
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--sizes",
+                str(size),
+                "--lifetimes",
+                f"{low}-{high}",
+                "--window",
+                str(window),
+                "--min-renewals",
+                str(min_renewals),
+                "--json",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            check=False,
+        )
+        if not out.exists():
+            raise SystemExit(f"the run of {size:,} mappings ended without figures")
+        return json.loads(out.read_text())["results"][0]
+
+
 def _lifetimes(text: str) -> tuple[int, int]:
     try:
         low_text, _, high_text = text.partition("-")
@@ -463,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument(
-        "--profile", type=Path, help="cProfile the window of the last size into PATH"
+        "--profile", type=Path, help="cProfile the window into PATH (one size only)"
     )
     parser.add_argument("--serve-gateway", type=_lifetimes, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -477,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sizes wants comma-separated counts, got {sizes_text!r}")
     if any(s < 1 for s in sizes):
         parser.error("--sizes must be positive")
+    if args.profile is not None and len(sizes) > 1:
+        parser.error("--profile takes one size (--sizes N)")
     low, high = args.lifetimes or ((8, 12) if args.quick else (20, 60))
     window = args.window or (30.0 if args.quick else 120.0)
     if window < high * 5 / 8 + 1 and args.min_renewals > 0:
@@ -487,10 +517,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     results = []
     for size in sizes:
+        if len(sizes) > 1:
+            # Each size in a process of its own: memory a larger run freed
+            # stays in this one and would hide what the next one allocates.
+            results.append(_run_apart(size, low, high, window, args.min_renewals))
+            continue
         process, port = _start_gateway(low, high)
         try:
-            profile = args.profile if size == sizes[-1] else None
-            result = trio.run(run_size, size, port, window, low, high, args.min_renewals, profile)
+            result = trio.run(
+                run_size, size, port, window, low, high, args.min_renewals, args.profile
+            )
             results.append(result)
             print(f"{size:,} mappings: {json.dumps(result)}", file=sys.stderr, flush=True)
         finally:
