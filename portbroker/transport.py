@@ -59,6 +59,8 @@ __all__ = [
 
 Response = pcp.PcpResponse | natpmp.NatPmpResponse
 MAX_DATAGRAM: Final = 2048
+# Datagrams the receive loop reads in one go when more are queued (Transport._drain).
+MAX_DRAIN: Final = 256
 # After an ICMP refusal, further requests within this time fail without being
 # sent: PCP and NAT-PMP share the port, so one refusal answers both, and
 # gateways rate-limit ICMP errors (Linux: one per second per peer after a
@@ -170,6 +172,8 @@ class UdpLink:
         self._sock = sock
         self._remote = remote
         self._local = to_address(sock.getsockname()[0])
+        # The (non-blocking) stdlib socket under trio's, for receive_nowait.
+        self._raw: socket.socket | None = getattr(sock, "_sock", None)
 
     @property
     def local_address(self) -> IPAddress:
@@ -184,6 +188,16 @@ class UdpLink:
 
     async def receive(self) -> tuple[bytes, tuple[str, int]]:
         data, source = await self._sock.recvfrom(MAX_DATAGRAM)
+        return data, (source[0], source[1])
+
+    def receive_nowait(self) -> tuple[bytes, tuple[str, int]] | None:
+        """A datagram already queued, or None; errors as :meth:`receive` raises them."""
+        if self._raw is None:
+            return None
+        try:
+            data, source = self._raw.recvfrom(MAX_DATAGRAM)
+        except BlockingIOError:
+            return None
         return data, (source[0], source[1])
 
     def close(self) -> None:
@@ -461,6 +475,30 @@ class Transport:
                 continue
             failures = 0
             self._deliver(data, source)
+            self._drain()
+
+    def _drain(self) -> None:
+        """Deliver what the link holds already (up to :data:`MAX_DRAIN`) without yielding.
+
+        One datagram per pass through trio's scheduler starves this loop when
+        thousands of requests are in flight: each pass runs every task that
+        is ready, answers wait in the socket until their requests time out,
+        and the retransmissions add to the load (benchmarks/scale.py saw
+        50,000 mappings collapse so). A link without ``receive_nowait`` (a
+        memory link) is read one datagram at a time, as before.
+        """
+        receive_nowait = getattr(self.link, "receive_nowait", None)
+        if receive_nowait is None:
+            return
+        for _ in range(MAX_DRAIN):
+            try:
+                got = receive_nowait()
+            except OSError as exc:
+                self._receive_failed(exc)
+                return
+            if got is None:
+                return
+            self._deliver(*got)
 
     def _receive_failed(self, exc: OSError) -> None:
         if exc.errno == errno.ECONNREFUSED:
