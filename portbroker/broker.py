@@ -192,8 +192,11 @@ class Mapping:
         return receive
 
     def _publish(self, events: Sequence[MappingEvent]) -> None:
+        # Formatting an event is not free: skip it unless it is logged.
+        logging_info = logger.isEnabledFor(logging.INFO)
         for event in events:
-            logger.info("%s: %s", self._label(), _describe(event))
+            if logging_info:
+                logger.info("%s: %s", self._label(), _describe(event))
             for channel in list(self._subscribers):
                 try:
                     channel.send_nowait(event)
@@ -302,6 +305,11 @@ class Broker:
         self._given_up: list[Lease] = []
         self._seq = 0
         self._wake = trio.Event()
+        # When the scheduler wakes next on its own (the heap's head when it
+        # went to sleep): a push later than that needs no wake-up. Renewals
+        # are pushed minutes ahead, so thousands of them cost the scheduler
+        # nothing until one is due (benchmarks/scale.py).
+        self._wake_at = -math.inf
         self._unavailable: dict[str, tuple[str, float]] = {}  # method -> (why, since)
         self._report: ProbeReport | None = None
         self._deciding: _Decision | None = None
@@ -311,6 +319,10 @@ class Broker:
         self._confirming = False
         self._subscribers: list[trio.MemorySendChannel[BrokerEvent]] = []
         self._claims: set[_Endpoint] = set()
+        # The live mappings by endpoint (as _mappings holds them): _claim
+        # looks one up instead of scanning them all, or creating N mappings
+        # would take N**2 / 2 comparisons (benchmarks/scale.py).
+        self._held: dict[_Endpoint, Mapping] = {}
         # Why the gateway has no PEER, and since when (not asked again for
         # UNAVAILABLE_TTL): peer() falls back or fails at once meanwhile.
         self._peer_unavailable: tuple[str, float] | None = None
@@ -424,13 +436,13 @@ class Broker:
     def _claim(self, request: MappingRequest) -> Iterator[None]:
         """One mapping per internal endpoint in this broker (errors.AlreadyMapped)."""
         key = _endpoint(request)
-        for mapping in self._mappings:
-            if _endpoint(mapping.request) == key:
-                raise AlreadyMapped(
-                    f"{request.internal_port}/{request.protocol.value}{_to_remote(request.remote)}"
-                    f" is already mapped by this broker ({mapping.state.value}); use that"
-                    " mapping or release it first"
-                )
+        mapping = self._held.get(key)
+        if mapping is not None:
+            raise AlreadyMapped(
+                f"{request.internal_port}/{request.protocol.value}{_to_remote(request.remote)}"
+                f" is already mapped by this broker ({mapping.state.value}); use that"
+                " mapping or release it first"
+            )
         if key in self._claims:
             raise AlreadyMapped(
                 f"{request.internal_port}/{request.protocol.value}{_to_remote(request.remote)}"
@@ -477,6 +489,7 @@ class Broker:
         )
         mapping = Mapping(self, request, lifecycle)
         self._mappings.add(mapping)
+        self._held[_endpoint(request)] = mapping
         self._apply(
             mapping, lifecycle.fire(Trigger.GRANTED, trio.current_time(), token=0, lease=lease)
         )
@@ -876,8 +889,8 @@ class Broker:
         A deadline that every response from the same server pushes back by
         *budget* (bounded by :data:`MAX_PATIENCE`, and never past *until*: a
         renewal must not outlive its lease, lifecycle rule 2): a slow server
-        working through a queue is alive; only silence for a whole budget is
-        NoAnswer.
+        working through a queue is alive; only silence for a whole budget
+        (less at most 1/16 of it, see _observe) is NoAnswer.
         """
         transport = self._method_set.transport_of(method.name)
         server = transport.link.remote[0] if transport is not None else None
@@ -907,6 +920,8 @@ class Broker:
         action = step.action
         if mapping.state in (State.RELEASED, State.FAILED) and mapping in self._mappings:
             self._mappings.discard(mapping)
+            if self._held.get(_endpoint(mapping.request)) is mapping:
+                del self._held[_endpoint(mapping.request)]
             mapping._close_subscribers()
             mapping._released.set()
         if action is None:
@@ -1110,7 +1125,8 @@ class Broker:
     def _push(self, sleep: Sleep, target: Mapping | PendingDelete) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (sleep.until, self._seq, sleep.token, target))
-        self._wake.set()
+        if sleep.until < self._wake_at:
+            self._wake.set()
 
     async def _scheduler(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -1130,8 +1146,11 @@ class Broker:
                 self._apply(target, self._fire_safely(target, Trigger.TIMER, token=token))
             self._wake = trio.Event()
             wake = self._wake
-            with trio.move_on_at(self._heap[0][0] if self._heap else math.inf):
+            self._wake_at = self._heap[0][0] if self._heap else math.inf
+            with trio.move_on_at(self._wake_at):
                 await wake.wait()
+            # Awake: every push until the next sleep is seen by the loop above.
+            self._wake_at = -math.inf
 
     # -- state loss -------------------------------------------------------------
 
@@ -1147,7 +1166,13 @@ class Broker:
     ) -> None:
         """Every PCP / NAT-PMP response from *server*: patience, then the tracker."""
         for scope, budget, latest in self._patience.get(server, ()):
-            scope.deadline = min(max(scope.deadline, now + budget), latest)
+            target = min(now + budget, latest)
+            # Moving a deadline costs trio a re-registration, and a burst of
+            # answers would move every waiting one per answer (O(n**2) at
+            # scale, benchmarks/scale.py): move it only once it has fallen
+            # 1/16 of its budget behind. It never moves back.
+            if scope.deadline < target - budget / 16:
+                scope.deadline = target
         verdict = self.tracker(server).response(
             response, now, solicited=matched, announcement=announcement, asked_at=asked_at
         )

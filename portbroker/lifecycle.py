@@ -616,10 +616,13 @@ class MappingLifecycle:
                 ExternalAddressChanged(previous.external_address, previous.external_port, lease)
             )
         # Rule 11: say when the Internet cannot reach it, and when that changes.
-        reachable = lease.reachability
-        was_public = True if previous is None else previous.reachability.public
-        if reachable.public != was_public:
-            events.append(ReachabilityChanged(lease, reachable.public, reachable.reason))
+        # Reachability is a function of the address alone, so a renewal on
+        # the same address (nearly every grant) need not classify it again.
+        if previous is None or previous.external_address != lease.external_address:
+            reachable = lease.reachability
+            was_public = True if previous is None else previous.reachability.public
+            if reachable.public != was_public:
+                events.append(ReachabilityChanged(lease, reachable.public, reachable.reason))
         return Step(events, self._schedule_renewal(now))
 
     def _on_timer(self, now: float, **_: Any) -> Step:

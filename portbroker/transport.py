@@ -59,6 +59,8 @@ __all__ = [
 
 Response = pcp.PcpResponse | natpmp.NatPmpResponse
 MAX_DATAGRAM: Final = 2048
+# Datagrams the receive loop reads in one go when more are queued (Transport._drain).
+MAX_DRAIN: Final = 256
 # After an ICMP refusal, further requests within this time fail without being
 # sent: PCP and NAT-PMP share the port, so one refusal answers both, and
 # gateways rate-limit ICMP errors (Linux: one per second per peer after a
@@ -170,6 +172,8 @@ class UdpLink:
         self._sock = sock
         self._remote = remote
         self._local = to_address(sock.getsockname()[0])
+        # The (non-blocking) stdlib socket under trio's, for receive_nowait.
+        self._raw: socket.socket | None = getattr(sock, "_sock", None)
 
     @property
     def local_address(self) -> IPAddress:
@@ -184,6 +188,16 @@ class UdpLink:
 
     async def receive(self) -> tuple[bytes, tuple[str, int]]:
         data, source = await self._sock.recvfrom(MAX_DATAGRAM)
+        return data, (source[0], source[1])
+
+    def receive_nowait(self) -> tuple[bytes, tuple[str, int]] | None:
+        """A datagram already queued, or None; errors as :meth:`receive` raises them."""
+        if self._raw is None:
+            return None
+        try:
+            data, source = self._raw.recvfrom(MAX_DATAGRAM)
+        except BlockingIOError:
+            return None
         return data, (source[0], source[1])
 
     def close(self) -> None:
@@ -436,6 +450,9 @@ class Transport:
         self._refused_at: float | None = None
         self._target = _target(link.remote)
         self._logged_errnos: set[int] = set()
+        # The server's (address, port) as the link last wrote a datagram's
+        # source that passed _foreign; one per datagram is otherwise parsed.
+        self._server_source: tuple[str, int] | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The receive loop; runs until cancelled (or the link is closed), whatever
@@ -458,6 +475,30 @@ class Transport:
                 continue
             failures = 0
             self._deliver(data, source)
+            self._drain()
+
+    def _drain(self) -> None:
+        """Deliver what the link holds already (up to :data:`MAX_DRAIN`) without yielding.
+
+        One datagram per pass through trio's scheduler starves this loop when
+        thousands of requests are in flight: each pass runs every task that
+        is ready, answers wait in the socket until their requests time out,
+        and the retransmissions add to the load (benchmarks/scale.py saw
+        50,000 mappings collapse so). A link without ``receive_nowait`` (a
+        memory link) is read one datagram at a time, as before.
+        """
+        receive_nowait = getattr(self.link, "receive_nowait", None)
+        if receive_nowait is None:
+            return
+        for _ in range(MAX_DRAIN):
+            try:
+                got = receive_nowait()
+            except OSError as exc:
+                self._receive_failed(exc)
+                return
+            if got is None:
+                return
+            self._deliver(*got)
 
     def _receive_failed(self, exc: OSError) -> None:
         if exc.errno == errno.ECONNREFUSED:
@@ -551,6 +592,8 @@ class Transport:
 
     def _foreign(self, source: tuple[str, int]) -> str | None:
         """None if *source* is the server; else why not (RFC 6887 §8.3, RFC 6886 §3.1)."""
+        if source == self._server_source:
+            return None  # as the last datagram that passed: no need to parse it again
         try:
             address = to_address(ip_address(source[0].split("%")[0]))
         except ValueError:
@@ -559,6 +602,7 @@ class Transport:
             return "wrong source address"
         if source[1] != self.link.remote[1]:
             return "wrong source port"
+        self._server_source = source
         return None
 
     def _fail_all(self, error: BaseException) -> None:
@@ -607,8 +651,10 @@ class Transport:
             )
         waiter = _Waiter(key)
         self._waiters.setdefault(key, set()).add(waiter)
+        sends = 0
         try:
             for wait in schedule:
+                sends += 1
                 if not math.isfinite(wait) or wait <= 0:
                     raise ValueError(f"bad retransmission interval {wait!r}")
                 self.stats.sent += 1
@@ -651,7 +697,13 @@ class Transport:
             group.discard(waiter)
             if not group:
                 del self._waiters[key]
-            if waiter.response is None and waiter.asked_at is not None:
+            # Unanswered, or answered after a retransmission: an answer to an
+            # earlier send (stamped then) may still come, and the next request
+            # with this key (a PCP renewal keeps its nonce) would take it. A
+            # broker too busy to read its socket for a while (benchmarks/
+            # scale.py, 10,000 creates) got such copies in a renewal and saw
+            # "pcp epoch too-fast" on a healthy server.
+            if waiter.asked_at is not None and (waiter.response is None or sends > 1):
                 self._remember_unanswered(key, waiter.asked_at)
 
     def _remember_unanswered(self, key: tuple[Hashable, ...], asked_at: float) -> None:
