@@ -81,8 +81,11 @@ def chat_argv(
         "--announce-port",
         "0",
         "--no-host-candidates",
+        # How long a peer waits for the other to register: the two start
+        # side by side, and on a loaded CI machine one peer's interpreter and
+        # imports took over 15 s (seen); the chat itself is what is tested.
         "--timeout",
-        "15",
+        "60",
         *extra,
     ]
 
