@@ -35,7 +35,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final, TypeVar
 
 import attrs
@@ -294,6 +294,8 @@ class Broker:
         self.probe_timeout = probe_timeout
         self.recovery_delay = recovery_delay
         self._nursery = nursery
+        # Set once open_broker has cancelled the nursery: see _spawn.
+        self._closed = False
         self._method_set = method_set
         self._methods: dict[str, Method] = method_set.methods
         self._rng = rng
@@ -423,7 +425,7 @@ class Broker:
                 # The old entry may well be there still (a gateway down makes
                 # deletes pending and creates fail): its delete starts again.
                 for old in dropped:
-                    self._nursery.start_soon(self._delete_again, old)
+                    self._spawn(self._delete_again, old)
                 if not isinstance(exc, Exception):
                     # Cancelled (or interrupted) after the request may have
                     # reached the gateway: delete what it may have made, since
@@ -619,7 +621,7 @@ class Broker:
                 lease = await self._create_with(method, request)
             except (MethodUnavailable, NoAnswer) as exc:
                 for old in dropped:
-                    self._nursery.start_soon(self._delete_again, old)
+                    self._spawn(self._delete_again, old)
                 if isinstance(exc, NoAnswer):
                     # The PEER may have been made and its answer lost.
                     await self._abandon_on(method, request)
@@ -628,7 +630,7 @@ class Broker:
                 return why
             except BaseException as exc:
                 for old in dropped:
-                    self._nursery.start_soon(self._delete_again, old)
+                    self._spawn(self._delete_again, old)
                 if not isinstance(exc, Exception):
                     await self._abandon(request)
                 raise
@@ -907,6 +909,21 @@ class Broker:
                     self._patience[server].discard(entry)
         raise trio.TooSlowError
 
+    def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Start *fn* in the broker's nursery, unless the broker has closed.
+
+        The transports' receive loops are shielded from the broker's
+        cancellation (a delete's answer must still be read while the broker
+        releases), so an answer or announcement read after the nursery closed
+        can still ask for a confirmation, a renewal or a delete retry; that
+        work is moot then (everything was released), and starting it raised
+        RuntimeError in the receive loop (tests/test_broker_teardown.py).
+        """
+        if self._closed:
+            logger.debug("broker closed: not starting %s", getattr(fn, "__name__", fn))
+            return
+        self._nursery.start_soon(fn, *args)
+
     def _forget(self, method: str, reason: str) -> None:
         self._unavailable[method] = (reason, trio.current_time())
         if self._report is not None and self._report.selected == method:
@@ -929,7 +946,7 @@ class Broker:
         if isinstance(action, Sleep):
             self._push(action, mapping)
         elif isinstance(action, Renew | Recreate) or (isinstance(action, Delete) and action.quiet):
-            self._nursery.start_soon(self._execute, mapping, action)
+            self._spawn(self._execute, mapping, action)
         elif isinstance(action, RetryDelete):
             self._apply_delete(action.pending, action.first)
         # A Delete that is not quiet comes from RELEASE; _release runs it
@@ -1063,7 +1080,7 @@ class Broker:
             )
             self._push(action, pending)
         elif isinstance(action, Delete):
-            self._nursery.start_soon(self._retry_delete, pending, action)
+            self._spawn(self._retry_delete, pending, action)
         else:
             if pending in self._pending:
                 self._pending.remove(pending)
@@ -1187,7 +1204,7 @@ class Broker:
             self._state_lost(box, verdict.reason)
         elif isinstance(verdict, Confirm) and not self._confirming:
             self._confirming = True
-            self._nursery.start_soon(self._confirm, box, verdict)
+            self._spawn(self._confirm, box, verdict)
 
     async def _confirm(self, box: IPAddress, confirm: Confirm) -> None:
         """Settle a hint with one solicited request (its answer reaches the tracker)."""
@@ -1444,3 +1461,4 @@ async def open_broker(
                 for channel in broker._subscribers:
                     channel.close()
                 nursery.cancel_scope.cancel()
+                broker._closed = True
