@@ -49,6 +49,7 @@ Tailscale) is seen through its addresses and link, not as a route change.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import ipaddress
@@ -387,8 +388,10 @@ class Source(Protocol):
         """The current state, read now."""
         ...
 
-    async def watch(self, poke: Callable[[], None]) -> None:
-        """Call *poke* on every sign of change, until cancelled."""
+    async def watch(
+        self, poke: Callable[[], None], *, task_status: trio.TaskStatus[None] = ...
+    ) -> None:
+        """Call *poke* on every sign of change, until cancelled; started once listening."""
         ...
 
 
@@ -528,11 +531,17 @@ class NetlinkSource:
         """A fresh dump (raises NetworkMonitorError if the kernel refuses or never answers)."""
         return await _netlink_dump()
 
-    async def watch(self, poke: Callable[[], None]) -> None:
+    async def watch(
+        self,
+        poke: Callable[[], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Poke on every relevant kernel message and on every overflow, until cancelled."""
         self.open()
         sock = self._socket
         assert sock is not None
+        task_status.started()
         while True:
             await trio.lowlevel.wait_readable(sock)
             while True:
@@ -607,9 +616,15 @@ class PollingSource:
         """The current state (getifaddrs is quick; it runs in the event loop's thread)."""
         return self.read()
 
-    async def watch(self, poke: Callable[[], None]) -> None:
+    async def watch(
+        self,
+        poke: Callable[[], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Compare a fresh snapshot with the last one every *interval* seconds, until cancelled."""
         last = self.read()
+        task_status.started()
         while True:
             await trio.sleep(self.interval)
             now = self.read()
@@ -638,9 +653,10 @@ class NetworkMonitor:
     _send: trio.MemorySendChannel[NetworkChanged]
     _receive: trio.MemoryReceiveChannel[NetworkChanged]
     _wakeup: trio.Event = attrs.Factory(trio.Event)
+    _pending: collections.deque[NetworkChange] = attrs.Factory(collections.deque)
 
     def snapshot(self) -> NetworkSnapshot:
-        """The last settled state: the one the latest change led to (or the first snapshot)."""
+        """The state the consumer has been told about: the last batch's *after* (or the first)."""
         return self._current
 
     @property
@@ -648,41 +664,62 @@ class NetworkMonitor:
         """How often the kernel's messages overflowed the socket (each one resynced by a dump)."""
         return self.source.overruns
 
-    async def batches(self) -> AsyncIterator[NetworkChanged]:
-        """Each settled burst, as a whole."""
-        async for batch in self._receive:
-            yield batch
+    def batches(self) -> AsyncIterator[NetworkChanged]:
+        """Each settled burst, as a whole: ``async for batch in monitor.batches()``."""
+        return _Batches(self)
 
-    async def _changes(self) -> AsyncIterator[NetworkChange]:
-        async for batch in self._receive:
-            for change in batch.changes:
-                yield change
+    async def next_batch(self) -> NetworkChanged:
+        """Wait for the next settled burst (raises StopAsyncIteration once the monitor is closed)."""
+        try:
+            batch = await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+        self._current = batch.after
+        return batch
 
-    def __aiter__(self) -> AsyncIterator[NetworkChange]:
-        return self._changes()
+    def __aiter__(self) -> NetworkMonitor:
+        return self
+
+    async def __anext__(self) -> NetworkChange:
+        while not self._pending:
+            self._pending.extend((await self.next_batch()).changes)
+        return self._pending.popleft()
 
     def _poke(self) -> None:
         self.settler.poke(trio.current_time())
         self._wakeup.set()
 
     async def _settle(self) -> None:
-        while True:
-            deadline = self.settler.deadline()
-            if deadline is None or trio.current_time() < deadline:
-                with trio.move_on_at(math.inf if deadline is None else deadline):
-                    await self._wakeup.wait()
-                    self._wakeup = trio.Event()
-                continue
-            if not self.settler.take(trio.current_time()):
-                continue
-            after = await self.source.snapshot()
-            changes = changes_between(self._current, after)
-            if changes:
-                # A rendezvous (buffer 0): while the consumer is busy this
-                # waits, pokes pile up in the settler, and the next
-                # difference is taken from what the consumer saw.
-                await self._send.send(NetworkChanged(self._current, after, changes))
-                self._current = after
+        seen = self._current  # what the consumer has (or is being handed)
+        with self._send:
+            while True:
+                deadline = self.settler.deadline()
+                if deadline is None or trio.current_time() < deadline:
+                    with trio.move_on_at(math.inf if deadline is None else deadline):
+                        await self._wakeup.wait()
+                        self._wakeup = trio.Event()
+                    continue
+                if not self.settler.take(trio.current_time()):
+                    continue
+                after = await self.source.snapshot()
+                changes = changes_between(seen, after)
+                if changes:
+                    # A rendezvous (buffer 0): while the consumer is busy this
+                    # waits, pokes pile up in the settler, and the next
+                    # difference is taken from what the consumer got.
+                    await self._send.send(NetworkChanged(seen, after, changes))
+                    seen = after
+
+
+@attrs.define
+class _Batches:
+    monitor: NetworkMonitor
+
+    def __aiter__(self) -> _Batches:
+        return self
+
+    async def __anext__(self) -> NetworkChanged:
+        return await self.monitor.next_batch()
 
 
 def _pick_source(poll_interval: float) -> Source:
@@ -724,7 +761,7 @@ async def open_network_monitor(
         send, receive = trio.open_memory_channel[NetworkChanged](0)
         monitor = NetworkMonitor(source, settler, first, send, receive)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(source.watch, monitor._poke)
+            await nursery.start(source.watch, monitor._poke)
             nursery.start_soon(monitor._settle)
             try:
                 yield monitor

@@ -41,6 +41,10 @@ __all__ = [
     "Record",
     "RouteRecord",
     "dump_request",
+    "encode_address",
+    "encode_done",
+    "encode_link",
+    "encode_route",
     "parse_messages",
 ]
 
