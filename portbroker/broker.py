@@ -35,7 +35,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final, TypeVar
 
 import attrs
@@ -45,6 +45,7 @@ from portbroker._util import collapse_single
 from portbroker.epoch import Confirm, EpochTracker, GatewaySignal, StateLoss, Verdict
 from portbroker.errors import (
     AlreadyMapped,
+    GatewayNotFound,
     MappingError,
     MethodUnavailable,
     NoAnswer,
@@ -68,6 +69,7 @@ from portbroker.lifecycle import (
     DeleteStep,
     Failure,
     FailureKind,
+    GatewayChanged,
     MappingEvent,
     MappingLifecycle,
     PendingDelete,
@@ -84,6 +86,7 @@ from portbroker.lifecycle import (
 from portbroker.methods import LinkFactory, Method, MethodSet, open_methods
 from portbroker.probe import create_by_preference, probe_all
 from portbroker.reachability import Reachability
+from portbroker.roaming import FOLLOW_SETTLE, NetworkWatch
 from portbroker.transport import Response, Transport, listen_announcements
 from portbroker.transport import budget as transport_budget
 from portbroker.types import (
@@ -271,6 +274,25 @@ class _Decision:
     failed: NoMethodAvailable | NoAnswer | None = None
 
 
+_Connect = Callable[
+    [IPAddress], contextlib.AbstractAsyncContextManager[tuple[MethodSet, PcpServerChoice]]
+]
+
+
+@attrs.define(eq=False)
+class _Held:
+    """One gateway's methods, open while the broker may still need them (portbroker.roaming)."""
+
+    gateway: IPAddress
+    choice: PcpServerChoice
+    method_set: MethodSet
+    done: trio.Event | None  # set to close them; None: open_broker's own, closed at its exit
+
+    @property
+    def boxes(self) -> set[IPAddress]:
+        return {self.gateway, self.choice.address}
+
+
 class Broker:
     """Port mappings on one gateway. Create with :func:`open_broker`."""
 
@@ -314,6 +336,14 @@ class Broker:
         # Why the gateway has no PEER, and since when (not asked again for
         # UNAVAILABLE_TTL): peer() falls back or fails at once meanwhile.
         self._peer_unavailable: tuple[str, float] | None = None
+        # Following the default route (portbroker.roaming): how to open another
+        # gateway's methods (set by open_broker when following), and the
+        # method sets of gateways left behind, by box, None once closed.
+        self._connect: _Connect | None = None
+        self._held: list[_Held] = []  # gateways whose methods are open (after a move)
+        self._left: set[IPAddress] = set()  # boxes of gateways left, methods closed
+        self._gateway_subscribers: list[trio.MemorySendChannel[GatewayChanged]] = []
+        self.moves = 0  # how often the broker moved to another gateway
 
     # -- public ---------------------------------------------------------------
 
@@ -357,6 +387,14 @@ class Broker:
         """Every mapping's events, from now on, until the broker closes."""
         send, receive = trio.open_memory_channel[BrokerEvent](math.inf)
         self._subscribers.append(send)
+        return receive
+
+    def gateway_changes(self) -> trio.MemoryReceiveChannel[GatewayChanged]:
+        """One ``GatewayChanged(old, new)`` per move of the broker (``open_broker(follow=True)``),
+        mappings or none, from now on, until the broker closes. Each mapping
+        also publishes its own (lifecycle rule 12)."""
+        send, receive = trio.open_memory_channel[GatewayChanged](math.inf)
+        self._gateway_subscribers.append(send)
         return receive
 
     async def map(
@@ -664,7 +702,12 @@ class Broker:
             MappingError, MethodUnavailable, NoAnswer: the delete failed
                 (only without *retry*).
         """
-        method = self._methods.get(lease.method)
+        methods = self._methods_for(lease)
+        if methods is None:
+            raise MethodUnavailable(
+                lease.method, f"the broker has left gateway {lease.gateway} (it moved)"
+            )
+        method = methods.get(lease.method)
         if method is None:
             raise ValueError(f"method {lease.method!r} is not enabled here")
         if retry:
@@ -1000,7 +1043,13 @@ class Broker:
         self, lease: Lease, budget: float, *, shield: bool = False
     ) -> Failure | None:
         """One delete attempt within *budget*: None if it worked, else how it failed."""
-        method = self._methods.get(lease.method)
+        methods = self._methods_for(lease)
+        if methods is None:
+            # A gateway the broker moved away from: off the path, forgotten.
+            return Failure(
+                FailureKind.REFUSED, f"gateway {lease.gateway} is no longer this broker's"
+            )
+        method = methods.get(lease.method)
         if method is None:
             return Failure(FailureKind.REFUSED, f"method {lease.method} is not enabled here")
         with trio.CancelScope(shield=shield), trio.move_on_after(budget):
@@ -1227,6 +1276,122 @@ class Broker:
         for mapping in affected:
             self._apply(mapping, mapping.lifecycle.fire(Trigger.STATE_LOST, now, reason=reason))
 
+    # -- following the default route (portbroker.roaming) ------------------------
+
+    def _methods_for(self, lease: Lease) -> dict[str, Method] | None:
+        """The methods that reach *lease*'s gateway; None for one left and closed."""
+        box = lease.gateway
+        if box in (self.gateway, self.pcp_server.address):
+            return self._methods
+        for held in self._held:
+            if box in held.boxes:
+                return held.method_set.methods
+        if box in self._left:
+            return None
+        return self._methods
+
+    def _network_changed(self, reason: str) -> None:
+        """Same gateway, another link or address: every mapping re-checks now (rule 13)."""
+        logger.info("network changed (%s): re-checking %d mapping(s)", reason, len(self._mappings))
+        for mapping in list(self._mappings):
+            self._apply(mapping, self._fire_safely(mapping, Trigger.NETWORK_CHANGED))
+
+    async def _move(self, new: IPAddress) -> None:
+        """Move to gateway *new*: re-create every mapping there, release them on the old one.
+
+        Opens *new*'s methods (unless still open from before), fires MOVED on
+        every mapping (lifecycle rule 12), then deletes each lease on the old
+        gateway with one attempt bounded by :data:`RELEASE_TIMEOUT`; what that
+        attempt cannot delete is forgotten (logged): the old gateway is off
+        the path, and the lease lapses there. The old gateway's methods stay
+        open until the next move (a late answer, a delete retried); the ones
+        before it close.
+        """
+        if self._connect is None:
+            raise PortBrokerError("this broker does not follow the default route")
+        old = self.gateway
+        current = next((h for h in self._held if h.gateway == old), None)
+        if current is None:
+            current = _Held(old, self.pcp_server, self._method_set, None)
+            self._held.append(current)
+        target = next((h for h in self._held if h.gateway == new), None)
+        if target is None:
+            done = trio.Event()
+            try:
+                method_set, choice = await self._nursery.start(self._hold_gateway, new, done)
+            except (OSError, PortBrokerError) as exc:
+                logger.warning(
+                    "default route now via %s, but its methods cannot be opened (%s):"
+                    " staying on %s",
+                    new,
+                    exc,
+                    old,
+                )
+                return
+            target = _Held(new, choice, method_set, done)
+            self._held.append(target)
+        left = [
+            m.lease
+            for m in self._mappings
+            if m.lease is not None and m.lease.gateway in current.boxes
+        ]
+        self.gateway, self.pcp_server = new, target.choice
+        self._method_set, self._methods = target.method_set, target.method_set.methods
+        self._report, self._unavailable, self._peer_unavailable = None, {}, None
+        self._left -= target.boxes
+        self.moves += 1
+        logger.warning(
+            "default route moved from gateway %s to %s: re-creating %d mapping(s) there",
+            old,
+            new,
+            len(self._mappings),
+        )
+        for channel in list(self._gateway_subscribers):
+            try:
+                channel.send_nowait(GatewayChanged(old, new))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._gateway_subscribers.remove(channel)
+        for mapping in list(self._mappings):
+            self._apply(
+                mapping,
+                self._fire_safely(mapping, Trigger.MOVED, old_gateway=old, new_gateway=new),
+            )
+        async with trio.open_nursery() as nursery:
+            for lease in left:
+                nursery.start_soon(self._release_left, lease)
+        for held in list(self._held):
+            if held is target or held is current or held.done is None:
+                continue
+            self._held.remove(held)
+            self._left |= held.boxes - target.boxes - current.boxes
+            held.done.set()
+
+    async def _release_left(self, lease: Lease) -> None:
+        failure = await self._delete_once(lease, RELEASE_TIMEOUT)
+        if failure is None:
+            logger.info("%s: deleted on the gateway left behind", _lease_label(lease))
+        else:
+            logger.warning(
+                "%s: not deleted on gateway %s, which the broker left (%s): forgotten;"
+                " it lapses there on its own",
+                _lease_label(lease),
+                lease.gateway,
+                failure.reason,
+            )
+
+    async def _hold_gateway(
+        self,
+        gateway: IPAddress,
+        done: trio.Event,
+        *,
+        task_status: trio.TaskStatus[tuple[MethodSet, PcpServerChoice]],
+    ) -> None:
+        """Keep *gateway*'s methods open until *done* is set (or the broker closes)."""
+        assert self._connect is not None
+        async with self._connect(gateway) as (method_set, choice):
+            task_status.started((method_set, choice))
+            await done.wait()
+
     # -- release ----------------------------------------------------------------
 
     async def _release(self, mapping: Mapping) -> None:
@@ -1272,6 +1437,26 @@ class Broker:
         self._observe(server, response, now, False, announcement=True)
 
 
+async def _follow(
+    broker: Broker,
+    watch: NetworkWatch | None,
+    pinned: bool,
+    settle: float,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run portbroker.roaming's follower, on the host's own monitor unless *watch* is given."""
+    from portbroker.roaming import follow_network
+
+    if watch is not None:
+        await follow_network(broker, watch, pinned=pinned, settle=settle, task_status=task_status)
+        return
+    from portbroker.netmon import open_network_monitor
+
+    async with open_network_monitor() as monitor:
+        await follow_network(broker, monitor, pinned=pinned, settle=settle, task_status=task_status)
+
+
 @contextlib.asynccontextmanager
 async def open_broker(
     gateway: str | IPAddress | None = None,
@@ -1288,6 +1473,9 @@ async def open_broker(
     seed: int | None = None,
     dhcp_leases: Sequence[str | os.PathLike[str]] | None = None,
     pcp_client_address: str | IPAddress | None = None,
+    follow: bool = False,
+    network_monitor: NetworkWatch | None = None,
+    follow_settle: float = FOLLOW_SETTLE,
 ) -> AsyncIterator[Broker]:
     """A broker for one gateway; everything it holds is released on exit.
 
@@ -1319,6 +1507,22 @@ async def open_broker(
             §8.1) instead of this host's address toward the server: behind
             another NAT, the address that NAT maps us to, which is where the
             server sees us come from (docs/double-nat.md, nested mappings).
+        follow: follow the host's network (:mod:`portbroker.roaming`, a
+            :func:`portbroker.netmon.open_network_monitor` of its own): when
+            the default route leads to another gateway, release the mappings
+            on the old one and re-create them on the new one
+            (``GatewayChanged``, then ``Restored``); on a link or address
+            change, re-check them. A pinned gateway (*gateway* or
+            $PORTBROKER_GATEWAY given) never moves; it re-checks. On a move
+            the PCP server becomes the new gateway, unless *pcp_server* was
+            given.
+        network_monitor: the changes to follow instead of the host's
+            (implies *follow*): anything with ``snapshot()`` and async
+            iteration of netmon changes, such as
+            :class:`portbroker.testing.FakeNetwork`. Without *gateway*, the
+            first gateway is its snapshot's IPv4 default route.
+        follow_settle: how long a new default route must hold before the
+            broker moves (a flapping route moves it once, or not at all).
 
     Raises:
         GatewayNotFound: no gateway given and no default route.
@@ -1333,6 +1537,17 @@ async def open_broker(
         raise ValueError(f"methods lists one twice: {list(methods)}")
     if not probe_timeout > 0:
         raise ValueError(f"probe_timeout must be positive, got {probe_timeout}")
+    if not follow_settle >= 0:
+        raise ValueError(f"follow_settle must be a non-negative number, got {follow_settle}")
+    pinned = gateway is not None or bool(os.environ.get(ENV_GATEWAY, "").strip())
+    if network_monitor is not None and not pinned:
+        routed = network_monitor.snapshot().default_gateway(4)
+        if routed is None:
+            raise GatewayNotFound(
+                "the network monitor shows no IPv4 default route with a gateway: name the"
+                " gateway, or wait for the network"
+            )
+        gateway = routed
     gateway_address = resolve_gateway(gateway)
     # RFC 7291 discovery reads the host's lease files only for the host's own
     # network (the default route): a named gateway is a choice of network,
@@ -1363,6 +1578,42 @@ async def open_broker(
     def report(signal: GatewaySignal) -> None:
         if broker is not None:
             broker._signal(signal)
+
+    @contextlib.asynccontextmanager
+    async def connect(new: IPAddress) -> AsyncIterator[tuple[MethodSet, PcpServerChoice]]:
+        """Another gateway's methods, as the first one's (portbroker.roaming)."""
+        new_choice = choice if pcp_server is not None else PcpServerChoice(new, "the gateway")
+
+        def report_new(signal: GatewaySignal) -> None:
+            if broker is not None:
+                broker._on_verdict(new, broker.tracker(new).signal(signal))
+
+        def deliver_new(response: Response, now: float) -> None:
+            if broker is not None:
+                broker._announced(new, response, now)
+
+        async with (
+            open_methods(
+                methods,
+                gateway=new,
+                pcp_server=new_choice.address,
+                port=port,
+                upnp_port=upnp_port,
+                ssdp_multicast=ssdp_multicast,
+                rng=rng,
+                observe=observe,
+                report=report_new,
+                link_factory=link_factory,
+                pcp_client_address=client_address,
+            ) as method_set,
+            trio.open_nursery() as listening,
+        ):
+            if announce_port is not None and method_set.transports:
+                await listening.start(listen_announcements, new, announce_port, port, deliver_new)
+            try:
+                yield method_set, new_choice
+            finally:
+                listening.cancel_scope.cancel()
 
     with collapse_single():
         async with (
@@ -1401,6 +1652,9 @@ async def open_broker(
                 await nursery.start(
                     listen_announcements, gateway_address, announce_port, port, deliver
                 )
+            if follow or network_monitor is not None:
+                broker._connect = connect
+                await nursery.start(_follow, broker, network_monitor, pinned, follow_settle)
             try:
                 yield broker
             finally:
