@@ -1451,10 +1451,17 @@ async def _follow(
     if watch is not None:
         await follow_network(broker, watch, pinned=pinned, settle=settle, task_status=task_status)
         return
-    from portbroker.netmon import open_network_monitor
+    from portbroker.netmon import NetworkMonitorError, open_network_monitor
 
-    async with open_network_monitor() as monitor:
-        await follow_network(broker, monitor, pinned=pinned, settle=settle, task_status=task_status)
+    # Started at once: the monitor's first snapshot is compared with the
+    # gateway resolved before it, so a change in between is still a move.
+    task_status.started()
+    try:
+        async with open_network_monitor() as monitor:
+            await follow_network(broker, monitor, pinned=pinned, settle=settle)
+    except NetworkMonitorError as exc:
+        # The broker still works; it just stays where it is (as without follow).
+        logger.warning("cannot watch the network (%s): not following the default route", exc)
 
 
 @contextlib.asynccontextmanager

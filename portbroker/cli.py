@@ -288,6 +288,12 @@ def _parser() -> argparse.ArgumentParser:
         help="keep it renewed (and restored) until Ctrl-C, SIGTERM or SIGHUP, then delete it",
     )
     keeping.add_argument(
+        "--no-follow",
+        action="store_true",
+        help="with --hold and no --gateway: stay on the first gateway when the default route"
+        " moves (by default the mapping moves with it)",
+    )
+    keeping.add_argument(
         "--outer-gateway",
         metavar="IP",
         help="double NAT: also map through this outer NAT (PCP, else UPnP IGD) for the "
@@ -499,6 +505,12 @@ def _add_peer_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep it renewed (and restored) until Ctrl-C, SIGTERM or SIGHUP, then delete it",
     )
+    peer_cmd.add_argument(
+        "--no-follow",
+        action="store_true",
+        help="with --hold and no --gateway: stay on the first gateway when the default route"
+        " moves (by default the binding moves with it)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -687,6 +699,7 @@ async def _run(args: argparse.Namespace, methods: tuple[str, ...]) -> int:
             ssdp_multicast=not args.no_multicast,
             announce_port=5350 if args.command in ("map", "peer") and args.hold else None,
             dhcp_leases=args.dhcp_leases,
+            follow=_follows(args),
         ) as broker:
             if args.command == "probe":
                 return _print_probe(await broker.probe(), as_json=args.json, broker=broker)
@@ -701,6 +714,21 @@ async def _run(args: argparse.Namespace, methods: tuple[str, ...]) -> int:
         raise Failure(f"{args.command} failed: {exc}") from exc
     except OSError as exc:
         raise Failure(f"{args.command} failed: {os_error_words(exc)}") from exc
+
+
+def _follows(args: argparse.Namespace) -> bool:
+    """map / peer --hold on the default route's gateway follow it (portbroker.roaming).
+
+    Not with --gateway (a pinned gateway never moves), --no-follow, or
+    --outer-gateway (the outer NAT's mapping would stay behind).
+    """
+    return (
+        args.command in ("map", "peer")
+        and bool(args.hold)
+        and args.gateway is None
+        and not getattr(args, "no_follow", False)
+        and not getattr(args, "outer_gateway", None)
+    )
 
 
 # -- the daemon ---------------------------------------------------------------------

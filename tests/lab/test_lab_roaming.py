@@ -13,17 +13,22 @@ kernel route and the source address its outbound traffic arrives from.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from portbroker.testing.lab import Lab, Roaming, open_roaming
 from tests.conftest import _require_lab
+from tests.lab.helpers import lines_of
 
 pytestmark = pytest.mark.lab
 
@@ -141,4 +146,113 @@ def test_a_mapping_follows_the_gateway_the_route_points_at(
     print(
         f"\nroaming ({method}): 11.0.0.1:{external_port} through a, then "
         f"11.0.0.3:{external_b} through b, inbound from 11.0.0.2 OK"
+    )
+
+
+def _next_line(
+    process: subprocess.Popen[str], *wanted: str, timeout: float = 30.0
+) -> dict[str, Any]:
+    """The next JSON line of *process* whose event is one of *wanted* (fails, never hangs)."""
+    lines = lines_of(process)
+    deadline = time.monotonic() + timeout
+    while True:
+        line = lines.next(deadline - time.monotonic())
+        if line is None:
+            raise AssertionError(f"no {wanted} line within {timeout:g} s")
+        if not line:
+            assert process.stderr is not None
+            raise AssertionError(f"map --hold ended before {wanted}: {process.stderr.read()}")
+        event: dict[str, Any] = json.loads(line)
+        if event["event"] in wanted:
+            return event
+
+
+def _inbound_within(
+    roaming: Roaming, listener: socket.socket, target: tuple[str, int], timeout: float
+) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _inbound(roaming, listener, target) == b"inside says hello":
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_map_hold_follows_the_default_route_to_the_other_gateway(
+    roaming: Roaming, tmp_path: Path
+) -> None:
+    port = 28101
+    roaming.use_gateway(roaming.a)
+    leases = tmp_path / "no-leases"  # no PCP server from this machine's DHCP leases
+    leases.mkdir()
+    argv = roaming.exec_argv(
+        roaming.host.ns,
+        [
+            *PORTBROKER,
+            "map",
+            f"{port}/tcp",
+            "--hold",
+            "--json",
+            "--no-daemon",
+            "--methods",
+            "pcp",
+            "--lifetime",
+            "600",
+            "--dhcp-leases",
+            str(leases),
+            "--state-file",
+            str(tmp_path / "state.json"),
+        ],
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PORTBROKER_GATEWAY"}
+    process = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env
+    )
+    try:
+        with _listen(roaming, port) as listener:
+            acquired = _next_line(process, "Acquired")
+            assert (acquired["gateway"], acquired["external_address"]) == (
+                "192.168.77.1",
+                "11.0.0.1",
+            )
+            assert _inbound(roaming, listener, ("11.0.0.1", acquired["external_port"]))
+            assert f"dport {port}" in roaming.a.nft_rules()
+
+            switched = time.monotonic()
+            roaming.use_gateway(roaming.b)
+            changed = _next_line(process, "GatewayChanged")
+            assert (changed["old_gateway"], changed["new_gateway"]) == (
+                "192.168.77.1",
+                "192.168.77.254",
+            )
+            restored = _next_line(process, "Restored")
+            assert (restored["gateway"], restored["external_address"]) == (
+                "192.168.77.254",
+                "11.0.0.3",
+            )
+            target = ("11.0.0.3", restored["external_port"])
+            assert _inbound_within(roaming, listener, target, 10.0), roaming.b.log_text()
+            took = time.monotonic() - switched
+            # Deleted on a (still on the lan), made on b.
+            deadline = time.monotonic() + 5
+            while f"dport {port}" in roaming.a.nft_rules() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert f"dport {port}" not in roaming.a.nft_rules(), roaming.a.log_text()
+            assert f"dport {port}" in roaming.b.nft_rules()
+
+            process.send_signal(signal.SIGTERM)
+            released = _next_line(process, "Released")
+            assert released["confirmed"] is True
+            assert process.wait(timeout=30) == 0
+        assert f"dport {port}" not in roaming.b.nft_rules()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+    print(
+        f"\nroaming: map --hold moved from 11.0.0.1 to 11.0.0.3:{target[1]}; route change to"
+        f" working inbound connection through b: {took:.2f} s"
     )
