@@ -716,6 +716,15 @@ async def _run(args: argparse.Namespace, methods: tuple[str, ...]) -> int:
         raise Failure(f"{args.command} failed: {os_error_words(exc)}") from exc
 
 
+def _describe_watch_event(event: dict[str, Any]) -> str:
+    """One `portbroker watch` line: the event, the mapping, and a move's two gateways."""
+    line = f"{event['event']}: {_describe_daemon_mapping(event['mapping'])}"
+    detail = event.get("detail") or {}
+    if event["event"] == "GatewayChanged" and "new_gateway" in detail:
+        line += f"; gateway {detail.get('old_gateway')} -> {detail['new_gateway']}"
+    return line
+
+
 def _follows(args: argparse.Namespace) -> bool:
     """map / peer --hold on the default route's gateway follow it (portbroker.roaming).
 
@@ -891,10 +900,7 @@ async def _daemon_client(args: argparse.Namespace, connect: Any = None) -> int:
                     if args.json:
                         print(json.dumps(event), flush=True)
                     else:
-                        print(
-                            f"{event['event']}: {_describe_daemon_mapping(event['mapping'])}",
-                            flush=True,
-                        )
+                        print(_describe_watch_event(event), flush=True)
                 return 0
             port, proto = args.spec
             if args.command == "unmap":

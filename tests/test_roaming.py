@@ -438,3 +438,40 @@ def test_network_changed_cuts_a_lost_mappings_backoff_short() -> None:
     now = machine.fire(Trigger.NETWORK_CHANGED, 111.0)
     assert isinstance(now.action, Sleep)
     assert now.action.until == 111.0
+
+
+# -- the command -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "follows"),
+    [
+        (["map", "8080/tcp", "--hold"], True),
+        (["peer", "5000/udp", "--remote", "192.0.2.9:7000", "--hold"], True),
+        (["map", "8080/tcp", "--hold", "--gateway", "127.0.0.1"], False),  # pinned
+        (["map", "8080/tcp", "--hold", "--no-follow"], False),
+        (["map", "8080/tcp"], False),  # exits at once: nothing to follow
+        (["map", "8080/tcp", "--hold", "--outer-gateway", "127.0.0.9"], False),
+        (["probe"], False),
+    ],
+)
+def test_which_commands_follow_the_default_route(argv: list[str], follows: bool) -> None:
+    from portbroker import cli
+
+    assert cli._follows(cli._parser().parse_args(argv)) is follows
+
+
+def test_watch_shows_both_gateways_of_a_move() -> None:
+    from portbroker import cli
+
+    line = cli._describe_watch_event(
+        {
+            "event": "GatewayChanged",
+            "mapping": {"id": "8080/tcp", "state": "requesting", "owner_uid": 0, "holders": 1},
+            "detail": {"old_gateway": "192.168.77.1", "new_gateway": "192.168.77.254"},
+        }
+    )
+    assert line == (
+        "GatewayChanged: 8080/tcp -> requesting (uid 0, 1 holder(s));"
+        " gateway 192.168.77.1 -> 192.168.77.254"
+    )
