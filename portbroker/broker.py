@@ -518,6 +518,16 @@ class Broker:
         self._apply(
             mapping, lifecycle.fire(Trigger.GRANTED, trio.current_time(), token=0, lease=lease)
         )
+        if self.moves and lease.gateway not in (self.gateway, self.pcp_server.address):
+            # Made on a gateway the broker moved away from meanwhile (a map()
+            # across a move): it follows, as the others did (lifecycle rule 12).
+            self._apply(
+                mapping,
+                self._fire_safely(
+                    mapping, Trigger.MOVED, old_gateway=lease.gateway, new_gateway=self.gateway
+                ),
+            )
+            self._nursery.start_soon(self._release_left, lease)
         return mapping
 
     @contextlib.asynccontextmanager

@@ -21,6 +21,7 @@ import trio.testing
 from portbroker.broker import Broker, open_broker
 from portbroker.errors import GatewayNotFound
 from portbroker.lifecycle import (
+    Acquired,
     Delete,
     ExternalAddressChanged,
     Failed,
@@ -29,6 +30,7 @@ from portbroker.lifecycle import (
     GatewayChanged,
     Lost,
     MappingLifecycle,
+    ReachabilityChanged,
     Recreate,
     Renew,
     Renewed,
@@ -226,6 +228,47 @@ async def test_a_route_change_during_a_move_moves_again(
             if isinstance(event, GatewayChanged):
                 moved.append((event.old_gateway, event.new_gateway))
         assert moved == [(A, B), (B, A)]
+
+
+async def test_a_mapping_made_across_a_move_follows_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gw_a, gw_b = gateways()
+    # a answers the map (within the 2 s probe timeout) after the route has
+    # moved and settled (0.1 s + 1 s).
+    gw_a.delay = 1.5
+    network = FakeNetwork.routed_via(A)
+    async with following(network, gw_a, gw_b) as broker, trio.open_nursery() as nursery:
+        made: list[Any] = []
+        seen = broker.events()
+
+        async def make() -> None:
+            made.append(await broker.map(8080, "tcp"))
+
+        nursery.start_soon(make)
+        await trio.sleep(0.1)
+        network.route_via(B)
+        await wait_for(lambda: bool(made))
+        mapping = made[0]
+        await wait_for(lambda: mapping.state is State.ACTIVE and on(gw_b))
+        assert broker.moves == 1
+        assert mapping.lease.gateway == B
+        await trio.sleep(10)
+        assert not on(gw_a)
+        kinds = []
+        while True:
+            try:
+                kinds.append(type(seen.receive_nowait().event))
+            except trio.WouldBlock:
+                break
+        # (203.0.113.1 and 198.51.100.2 are documentation addresses: not public.)
+        assert kinds == [
+            Acquired,
+            ReachabilityChanged,
+            GatewayChanged,
+            Restored,
+            ExternalAddressChanged,
+        ]
 
 
 async def test_an_unreachable_old_gateway_is_forgotten_after_one_attempt(
