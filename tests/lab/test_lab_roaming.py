@@ -178,10 +178,11 @@ def _inbound_within(
     return False
 
 
+@pytest.mark.parametrize("method", ["pcp", "upnp"])
 def test_map_hold_follows_the_default_route_to_the_other_gateway(
-    roaming: Roaming, tmp_path: Path
+    roaming: Roaming, method: str, tmp_path: Path
 ) -> None:
-    port = 28101
+    port = {"pcp": 28101, "upnp": 28111}[method]
     roaming.use_gateway(roaming.a)
     leases = tmp_path / "no-leases"  # no PCP server from this machine's DHCP leases
     leases.mkdir()
@@ -195,7 +196,7 @@ def test_map_hold_follows_the_default_route_to_the_other_gateway(
             "--json",
             "--no-daemon",
             "--methods",
-            "pcp",
+            method,
             "--lifetime",
             "600",
             "--dhcp-leases",
@@ -253,6 +254,6 @@ def test_map_hold_follows_the_default_route_to_the_other_gateway(
             if pipe is not None:
                 pipe.close()
     print(
-        f"\nroaming: map --hold moved from 11.0.0.1 to 11.0.0.3:{target[1]}; route change to"
-        f" working inbound connection through b: {took:.2f} s"
+        f"\nroaming ({method}): map --hold moved from 11.0.0.1 to 11.0.0.3:{target[1]};"
+        f" route change to working inbound connection through b: {took:.2f} s"
     )
