@@ -886,10 +886,11 @@ class Broker:
         """
         for race in range(1, MAX_RACES + 1):
             known = self._known_unavailable()
+            racing = self._methods  # the gateway may move meanwhile (portbroker.roaming)
             try:
                 return await create_by_preference(
                     self.gateway,
-                    list(self._methods.values()),
+                    list(racing.values()),
                     request,
                     self.probe_timeout,
                     known_unavailable=known,
@@ -898,11 +899,16 @@ class Broker:
                 asked = [o for o in exc.outcomes if o.method not in known]
                 if race == MAX_RACES or not asked or not all(o.silent for o in asked):
                     raise
+                if racing is not self._methods:
+                    # The broker moved: the next race asks another gateway, and
+                    # this one may have made what it never answered.
+                    for left in racing.values():
+                        await self._abandon_on(left, request)
                 logger.info("no method answered (%s); racing again", exc.reason)
             except NoAnswer as exc:
-                if race == MAX_RACES or exc.method not in self._methods:
+                if race == MAX_RACES or exc.method not in racing:
                     raise
-                method = self._methods[exc.method]
+                method = racing[exc.method]
                 await self._abandon_on(method, request)
                 self._forget(method.name, str(exc))
                 logger.info("%s; racing again without it", exc)

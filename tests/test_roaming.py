@@ -271,6 +271,28 @@ async def test_a_mapping_made_across_a_move_follows_it(
         ]
 
 
+async def test_a_probe_race_the_move_cut_short_leaves_nothing_on_the_old_gateway(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gw_a, gw_b = gateways()
+    gw_a.delay = 3.0  # a makes the mapping, but answers after the 2 s probe timeout
+    network = FakeNetwork.routed_via(A)
+    async with following(network, gw_a, gw_b) as broker, trio.open_nursery() as nursery:
+        made: list[Any] = []
+
+        async def make() -> None:
+            made.append(await broker.map(8080, "tcp"))
+
+        nursery.start_soon(make)
+        await trio.sleep(0.1)
+        network.route_via(B)  # moves at 1.1 s, while the first race waits for a
+        await wait_for(lambda: bool(made))
+        assert made[0].lease.gateway == B
+        await trio.sleep(30)
+        assert on(gw_b)
+        assert not on(gw_a)
+
+
 async def test_an_unreachable_old_gateway_is_forgotten_after_one_attempt(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
