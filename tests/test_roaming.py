@@ -12,6 +12,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from ipaddress import IPv4Address
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -540,3 +541,26 @@ def test_watch_shows_both_gateways_of_a_move() -> None:
         "GatewayChanged: 8080/tcp -> requesting (uid 0, 1 holder(s));"
         " gateway 192.168.77.1 -> 192.168.77.254"
     )
+
+
+# -- the lab's two-gateway lan (no namespaces needed for these) -------------------------
+
+
+def test_the_labs_roaming_moves_a_route_only_to_its_own_gateways(tmp_path: Path) -> None:
+    from portbroker.testing.lab import (
+        ROAMING_B_GATEWAY_ADDRESS,
+        Lab,
+        LabError,
+        Roaming,
+        Variant,
+    )
+
+    a = Lab(Variant.FULL, "aaaaaa", tmp_path)
+    b = Lab(Variant.FULL, "bbbbbb", tmp_path, lan_gateway=ROAMING_B_GATEWAY_ADDRESS)
+    assert (a.gateway_address, b.gateway_address) == (
+        IPv4Address("192.168.77.1"),
+        IPv4Address("192.168.77.254"),
+    )
+    roaming = Roaming(a, b, "pb-sw-x", "pb-wan-x", IPv4Address("11.0.0.2"))
+    with pytest.raises(LabError, match=r"roaming\.a or roaming\.b"):
+        roaming.use_gateway(Lab(Variant.FULL, "cccccc", tmp_path))
