@@ -178,14 +178,10 @@ def _inbound_within(
     return False
 
 
-@pytest.mark.parametrize("method", ["pcp", "upnp"])
-def test_map_hold_follows_the_default_route_to_the_other_gateway(
-    roaming: Roaming, method: str, tmp_path: Path
-) -> None:
-    port = {"pcp": 28101, "upnp": 28111}[method]
-    roaming.use_gateway(roaming.a)
+def _hold(roaming: Roaming, port: int, method: str, tmp_path: Path) -> subprocess.Popen[str]:
+    """``portbroker map PORT/tcp --hold --json`` in the lan host, on its default route's gateway."""
     leases = tmp_path / "no-leases"  # no PCP server from this machine's DHCP leases
-    leases.mkdir()
+    leases.mkdir(exist_ok=True)
     argv = roaming.exec_argv(
         roaming.host.ns,
         [
@@ -206,9 +202,55 @@ def test_map_hold_follows_the_default_route_to_the_other_gateway(
         ],
     )
     env = {k: v for k, v in os.environ.items() if k != "PORTBROKER_GATEWAY"}
-    process = subprocess.Popen(
+    return subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env
     )
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    for pipe in (process.stdout, process.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+def test_an_address_change_on_the_same_gateway_renews_at_once(
+    roaming: Roaming, tmp_path: Path
+) -> None:
+    port = 28131
+    roaming.use_gateway(roaming.a)
+    host = roaming.host
+    process = _hold(roaming, port, "pcp", tmp_path)
+    extra = "192.168.77.50/24"
+    try:
+        acquired = _next_line(process, "Acquired")
+        assert acquired["gateway"] == "192.168.77.1"
+        subprocess.run(
+            ["ip", "-n", host.ns, "addr", "add", extra, "dev", host.interface], check=True
+        )
+        # Lifetime 600 s: the renewal was due in 300-375 s, not now.
+        renewed = _next_line(process, "Renewed", "GatewayChanged", timeout=15)
+        assert renewed["event"] == "Renewed"
+        assert renewed["gateway"] == "192.168.77.1"
+        process.send_signal(signal.SIGTERM)
+        assert _next_line(process, "Released")["confirmed"] is True
+        assert process.wait(timeout=30) == 0
+    finally:
+        subprocess.run(
+            ["ip", "-n", host.ns, "addr", "del", extra, "dev", host.interface], check=False
+        )
+        _stop(process)
+
+
+@pytest.mark.parametrize("method", ["pcp", "upnp"])
+def test_map_hold_follows_the_default_route_to_the_other_gateway(
+    roaming: Roaming, method: str, tmp_path: Path
+) -> None:
+    port = {"pcp": 28101, "upnp": 28111}[method]
+    roaming.use_gateway(roaming.a)
+    process = _hold(roaming, port, method, tmp_path)
     try:
         with _listen(roaming, port) as listener:
             acquired = _next_line(process, "Acquired")
@@ -247,12 +289,7 @@ def test_map_hold_follows_the_default_route_to_the_other_gateway(
             assert process.wait(timeout=30) == 0
         assert f"dport {port}" not in roaming.b.nft_rules()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for pipe in (process.stdout, process.stderr):
-            if pipe is not None:
-                pipe.close()
+        _stop(process)
     print(
         f"\nroaming ({method}): map --hold moved from 11.0.0.1 to 11.0.0.3:{target[1]};"
         f" route change to working inbound connection through b: {took:.2f} s"
