@@ -65,7 +65,9 @@ Rules:
    deleted quietly (:class:`Delete` with ``quiet=True``) so that nothing we
    created is left behind. Also ignored: STATE_LOST while a re-creation is in
    flight or already pending (REQUESTING, LOST) or after the end (RELEASING,
-   RELEASED, FAILED); RELEASE and DETACH after the end; RECHECK outside ACTIVE.
+   RELEASED, FAILED); RELEASE and DETACH after the end; RECHECK outside ACTIVE;
+   MOVED after the end, NETWORK_CHANGED in REQUESTING and after the end
+   (rules 12, 13).
    Every other (state, trigger) pair outside :data:`TRANSITIONS` raises
    :class:`LifecycleError`.
 10. **Deletes that fail are retried, bounded** ("every mapping we create, we
