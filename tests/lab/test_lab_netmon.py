@@ -74,7 +74,7 @@ class Monitor:
 
     def burst(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The changes of the next settled burst, and its closing line."""
-        changes = []
+        changes: list[dict[str, Any]] = []
         deadline = time.monotonic() + STEP_TIMEOUT
         while True:
             line = self.line(deadline - time.monotonic())
