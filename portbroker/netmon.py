@@ -53,6 +53,7 @@ import collections
 import contextlib
 import errno
 import ipaddress
+import logging
 import math
 import socket
 import struct
@@ -89,6 +90,8 @@ __all__ = [
     "open_network_monitor",
     "snapshot_from_records",
 ]
+
+logger = logging.getLogger("portbroker")
 
 DEFAULT_QUIET: Final = 1.0
 DEFAULT_MAX_DELAY: Final = 5.0
@@ -654,6 +657,8 @@ class NetworkMonitor:
     _receive: trio.MemoryReceiveChannel[NetworkChanged]
     _wakeup: trio.Event = attrs.Factory(trio.Event)
     _pending: collections.deque[NetworkChange] = attrs.Factory(collections.deque)
+    failures: int = 0
+    """Reads of the network that failed and were retried (logged as warnings)."""
 
     def snapshot(self) -> NetworkSnapshot:
         """The state the consumer has been told about: the last batch's *after* (or the first)."""
@@ -701,7 +706,17 @@ class NetworkMonitor:
                     continue
                 if not self.settler.take(trio.current_time()):
                     continue
-                after = await self.source.snapshot()
+                try:
+                    after = await self.source.snapshot()
+                except NetworkMonitorError as exc:
+                    # A dump the kernel refused or never finished: try again
+                    # after another quiet interval rather than stop watching.
+                    logger.warning(
+                        "network monitor: reading the network failed (%s); retrying", exc
+                    )
+                    self.failures += 1
+                    self.settler.poke(trio.current_time())
+                    continue
                 changes = changes_between(seen, after)
                 if changes:
                     # A rendezvous (buffer 0): while the consumer is busy this
@@ -778,7 +793,11 @@ def current_snapshot() -> NetworkSnapshot:
     Raises NetworkMonitorError when netlink exists but cannot be read.
     """
     if sys.platform == "linux" and hasattr(socket, "AF_NETLINK"):
-        return _netlink_dump_blocking()
+        try:
+            return _netlink_dump_blocking()
+        except NetworkMonitorError as exc:
+            if exc.errno != errno.EAFNOSUPPORT:
+                raise
     return polled_snapshot()
 
 

@@ -405,3 +405,30 @@ def test_changes_print_as_json_with_addresses_as_text() -> None:
         "interface": "",
         "old_interface": "eth0",
     }
+
+
+@attrs.define
+class FlakySource(ScriptedSource):
+    """A scripted source whose next read fails *failing* times first."""
+
+    failing: int = 0
+
+    async def snapshot(self) -> NetworkSnapshot:
+        if self.snapshots_taken and self.failing:
+            self.failing -= 1
+            raise netmon.NetworkMonitorError(errno.ETIMEDOUT, "no answer")
+        return await super().snapshot()
+
+
+async def test_a_failed_read_is_retried_after_another_quiet_interval(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = FlakySource(HOME, failing=2)
+    async with open_network_monitor(quiet=1.0, source=source) as monitor:
+        start = trio.current_time()
+        source.set(OFFICE)
+        batch = await monitor.next_batch()
+        assert batch.after == OFFICE
+        assert trio.current_time() - start == pytest.approx(3.0)
+        assert monitor.failures == 2
+    assert "reading the network failed" in caplog.text
