@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import socket
 import struct
+from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 
@@ -235,3 +238,47 @@ def test_a_lying_length_anywhere_never_raises(position: int, value: int) -> None
         if isinstance(record, AddressRecord):
             assert record.prefix_length <= record.address.max_prefixlen
             assert ip_address(str(record.address)) == record.address
+
+
+def _mutations(count: int, seed: int) -> Iterator[bytes]:
+    """Captured datagrams with bits flipped, bytes overwritten, cut short or spliced."""
+    rng = random.Random(seed)
+    datagrams = [bytes.fromhex(c) for chunks in CAPTURE.values() for c in chunks]
+    for _ in range(count):
+        data = bytearray(rng.choice(datagrams))
+        for _ in range(rng.randint(1, 4)):
+            kind = rng.randrange(4)
+            if kind == 0 and data:
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+            elif kind == 1 and data:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            elif kind == 2:
+                del data[rng.randrange(len(data) + 1) :]
+            else:
+                data += rng.choice(datagrams)[: rng.randrange(64)]
+        yield bytes(data)
+
+
+def _feed(data: bytes) -> int:
+    """Parse *data* and build a snapshot of it; the number of records that parsed."""
+    from portbroker import netmon
+
+    records = wire.parse_messages(data)
+    assert all(isinstance(r, _KNOWN) for r in records)
+    snapshot = netmon.snapshot_from_records(records)
+    netmon.changes_between(netmon.NetworkSnapshot(), snapshot)
+    return sum(isinstance(r, LinkRecord | AddressRecord | RouteRecord) for r in records)
+
+
+def test_mutated_captures_never_raise_from_parse_to_snapshot() -> None:
+    parsed = sum(_feed(data) > 0 for data in _mutations(20_000, seed=3549))
+    assert parsed > 6_000  # the mutations keep reaching past the first header
+
+
+@pytest.mark.fuzz
+def test_mutated_captures_long_run() -> None:
+    count = int(os.environ.get("PORTBROKER_FUZZ_COUNT", "1000000"))
+    seed = int(os.environ.get("PORTBROKER_FUZZ_SEED", "3549"))
+    parsed = sum(_feed(data) > 0 for data in _mutations(count, seed=seed))
+    print(f"\nfuzz: {count} rtnetlink inputs (seed {seed}), {parsed} with records")
+    assert parsed > count // 3
