@@ -708,7 +708,7 @@ class NetworkMonitor:
                     continue
                 try:
                     after = await self.source.snapshot()
-                except NetworkMonitorError as exc:
+                except OSError as exc:  # NetworkMonitorError, or the socket itself
                     # A dump the kernel refused or never finished: try again
                     # after another quiet interval rather than stop watching.
                     logger.warning(
