@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -108,7 +108,9 @@ def _address(change: str, interface: str, address: str) -> dict[str, Any]:
     return {"change": change, "interface": interface, "address": address, "prefix_length": 24}
 
 
-def test_each_route_address_and_link_change_is_reported_once_settled(lab: Lab) -> None:
+def test_each_route_address_and_link_change_is_reported_once_settled(
+    lab: Lab, figure: Callable[[str], None]
+) -> None:
     host = lab.lan_if
     monitor = Monitor(lab)
     try:
@@ -123,7 +125,12 @@ def test_each_route_address_and_link_change_is_reported_once_settled(lab: Lab) -
 
         # A router replaced: the route is deleted and re-added, one burst.
         _ip(lab, "route del default", "route add default via 192.168.77.50")
+        changed = time.monotonic()
         assert monitor.burst()[0] == [_route("192.168.77.1", "192.168.77.50", host, host)]
+        figure(
+            f"netmon: route replaced -> RouteChanged printed in "
+            f"{(time.monotonic() - changed) * 1000:.0f} ms (quiet {QUIET} s + a dump)"
+        )
 
         _ip(lab, f"address add 192.168.77.200/24 dev {host}")
         assert monitor.burst()[0] == [_address("AddressAdded", host, "192.168.77.200")]
