@@ -28,11 +28,12 @@ Where the changes come from (:class:`NetlinkSource`, :class:`PollingSource`):
   resyncs (:attr:`NetworkMonitor.overruns` counts them).
 
   Why not pyroute2 (0.9.7, maintained, the usual choice): it is 5.3 MB and
-  ~54,000 lines, ``import pyroute2`` takes 0.3-0.5 s (the whole CLI through
-  the daemon takes ~90 ms), and its async API is built on asyncio, so under
-  trio it would need a thread and a second event loop. The monitor needs
-  five message types and a dozen attributes: ~300 lines, no dependency,
-  parsed without I/O so tests feed it bytes.
+  ~54,000 lines, ``import pyroute2`` took 0.25-0.5 s here (the whole CLI
+  through the daemon takes ~90 ms), and its async API is built on asyncio,
+  so under trio it would need a thread and a second event loop. The monitor
+  needs five message types and a dozen attributes: ~300 lines (and 50 of
+  encoders for tests), no dependency, parsed without I/O so tests feed it
+  bytes.
 
 - **Elsewhere, or when netlink is unavailable: polling.** Every
   *poll_interval* seconds a snapshot is taken — addresses and links from
