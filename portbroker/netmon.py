@@ -851,12 +851,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.quiet >= 0:
         parser.error(f"--quiet must be a non-negative number of seconds, not {args.quiet}")
+    if args.receive_buffer is not None and args.receive_buffer <= 0:
+        parser.error(
+            f"--receive-buffer must be a positive number of bytes, not {args.receive_buffer}"
+        )
+    failed: list[OSError] = []
     try:
-        trio.run(_print_changes, args.quiet, args.poll, args.receive_buffer)
+        try:
+            trio.run(_print_changes, args.quiet, args.poll, args.receive_buffer)
+        except* OSError as group:
+            failed.extend(e for e in group.exceptions if isinstance(e, OSError))
     except KeyboardInterrupt:
         return 0
-    except NetworkMonitorError as exc:
-        print(f"python -m portbroker.netmon: {exc}", file=sys.stderr)
+    if failed:
+        print(f"python -m portbroker.netmon: cannot read the network: {failed[0]}", file=sys.stderr)
         return 1
     return 0
 

@@ -440,3 +440,25 @@ async def test_a_failed_read_is_retried_after_another_quiet_interval(
         assert trio.current_time() - start == pytest.approx(3.0)
         assert monitor.failures == 2
     assert "reading the network failed" in caplog.text
+
+
+def test_the_command_says_what_failed_when_the_network_cannot_be_read(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def refused() -> NetworkSnapshot:
+        raise netmon.NetworkMonitorError(errno.EPERM, "the kernel refused a netlink dump: 1")
+
+    monkeypatch.setattr(netmon, "_netlink_dump", refused)
+    monkeypatch.setattr(netmon.PollingSource, "snapshot", lambda self: refused())
+    assert netmon.main([]) == 1
+    assert capsys.readouterr().err == (
+        "python -m portbroker.netmon: cannot read the network: "
+        "[Errno 1] the kernel refused a netlink dump: 1\n"
+    )
+
+
+def test_the_command_refuses_a_negative_quiet_interval(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        netmon.main(["--quiet", "-1"])
+    assert exit_.value.code == 2
+    assert "--quiet must be a non-negative number of seconds" in capsys.readouterr().err
