@@ -7,7 +7,8 @@ route, addresses and link with ``ip`` and checks that each step comes out as
 exactly one burst holding exactly the expected changes — bursts merged,
 flaps within the quiet interval invisible, nothing reported twice — and that
 an overflowed netlink socket (the monitor stopped while 300 addresses are
-added) is resynced, not fatal.
+added) is resynced, not fatal. The polling fallback (``--poll``) is run
+through a route, address and link change too.
 """
 
 from __future__ import annotations
@@ -44,21 +45,25 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         yield built
 
 
-def _ip(lab: Lab, *commands: str) -> None:
-    """Run *commands* (``ip -batch`` lines) in the lan host, back to back."""
+def _ip(lab: Lab, *commands: str, check: bool = True) -> None:
+    """Run *commands* (``ip -batch`` lines) in the lan host, back to back.
+
+    *check* False: run every one whatever fails (a cleanup after a failure).
+    """
     subprocess.run(
-        lab.exec_argv(lab.lan_ns, ["ip", "-batch", "-"]),
+        lab.exec_argv(lab.lan_ns, ["ip", "-force", "-batch", "-"]),
         input="\n".join(commands) + "\n",
         text=True,
-        check=True,
+        capture_output=not check,
+        check=check,
     )
 
 
 class Monitor:
-    def __init__(self, lab: Lab) -> None:
+    def __init__(self, lab: Lab, *, poll: bool = False) -> None:
         argv = [sys.executable, "-m", "portbroker.netmon", "--quiet", str(QUIET)]
         # A small socket buffer (the kernel doubles it) so the flood overflows it.
-        argv += ["--receive-buffer", "16384"]
+        argv += ["--poll"] if poll else ["--receive-buffer", "16384"]
         self.process = subprocess.Popen(
             lab.exec_argv(lab.lan_ns, argv), stdout=subprocess.PIPE, text=True
         )
@@ -178,4 +183,39 @@ def test_each_route_address_and_link_change_is_reported_once_settled(
         # Nothing more: every change above was reported once.
         assert monitor.line(timeout=4 * QUIET + 1) is None
     finally:
+        monitor.close()
+
+
+def test_the_polling_fallback_sees_the_route_address_and_link_change(lab: Lab) -> None:
+    # getifaddrs(3) and /proc/net/route, as on a host without netlink (1 s polls).
+    host = lab.lan_if
+    monitor = Monitor(lab, poll=True)
+    try:
+        first = monitor.line()
+        assert first is not None
+        assert first["snapshot"]["routes"] == [
+            {"family": 4, "gateway": "192.168.77.1", "interface": host, "metric": 0}
+        ]
+        _ip(
+            lab,
+            "route replace default via 192.168.77.60",
+            f"address add 192.168.77.210/24 dev {host}",
+        )
+        assert monitor.burst()[0] == [
+            _address("AddressAdded", host, "192.168.77.210"),
+            _route("192.168.77.1", "192.168.77.60", host, host),
+        ]
+        _ip(lab, f"link set {host} down")
+        assert monitor.burst()[0] == [
+            {"change": "LinkDown", "interface": host},
+            _route("192.168.77.60", None, "", host),
+        ]
+    finally:
+        _ip(
+            lab,
+            f"link set {host} up",
+            f"address del 192.168.77.210/24 dev {host}",
+            "route replace default via 192.168.77.1",
+            check=False,
+        )
         monitor.close()
