@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,7 +52,7 @@ def _datagram(per: int = 30) -> bytes:
             )
         else:
             route = wire.RouteRecord(
-                wire.Change.NEW, socket.AF_INET, 0, 254, 1, 0, IPv4Address("10.0.0.1"), 2, i
+                wire.Change.NEW, wire.AF_INET, 0, 254, 1, 0, IPv4Address("10.0.0.1"), 2, i
             )
             chunks.append(wire.encode_route(route))
     return b"".join(chunks)
@@ -80,9 +79,7 @@ def snapshot_cost(repeats: int) -> float:
             wire.AddressRecord(wire.Change.NEW, i % 50 + 1, IPv4Address(0x0A000000 + i), 24, 0x80)
         )
     records.append(
-        wire.RouteRecord(
-            wire.Change.NEW, socket.AF_INET, 0, 254, 1, 0, IPv4Address("10.0.0.1"), 1, 0
-        )
+        wire.RouteRecord(wire.Change.NEW, wire.AF_INET, 0, 254, 1, 0, IPv4Address("10.0.0.1"), 1, 0)
     )
     before = netmon.snapshot_from_records(records[:-5])
     start = time.perf_counter()

@@ -222,9 +222,9 @@ def snapshot_from_records(records: Iterable[wire.Record]) -> NetworkSnapshot:
 
     return NetworkSnapshot(
         routes=[
-            DefaultRoute(4 if r.family == socket.AF_INET else 6, r.gateway, name(r.oif), r.priority)
+            DefaultRoute(4 if r.family == wire.AF_INET else 6, r.gateway, name(r.oif), r.priority)
             for r in routes
-            if r.family in (socket.AF_INET, socket.AF_INET6)
+            if r.family in (wire.AF_INET, wire.AF_INET6)
         ],
         addresses=[
             Address(name(a.index, a.label), a.address, a.prefix_length)

@@ -325,7 +325,7 @@ async def test_messages_not_from_the_kernel_are_ignored() -> None:
 async def test_a_non_default_route_does_not_poke_but_a_default_one_does() -> None:
     def route(dst_len: int) -> bytes:
         return wire.encode_route(
-            wire.RouteRecord(wire.Change.NEW, socket.AF_INET, dst_len, 254, 1, 0, None, 3, 0)
+            wire.RouteRecord(wire.Change.NEW, wire.AF_INET, dst_len, 254, 1, 0, None, 3, 0)
         )
 
     assert await _pokes_from([(route(8), 0)]) == (0, 0)
