@@ -31,7 +31,8 @@ extensions = [
     "sphinx.ext.napoleon",
     # Async functions read as ``await f()``, context managers as ``async with``.
     "sphinxcontrib_trio",
-    "sphinxcontrib.mermaid",
+    # The lifecycle diagrams: SVG drawn by Graphviz's dot at build time.
+    "sphinx.ext.graphviz",
     "lifecycle_diagram",
 ]
 
@@ -60,6 +61,8 @@ napoleon_numpy_docstring = False
 # Never fetched at build time (the build is offline); links to the standard
 # library resolve only when an inventory is present, so none is configured.
 intersphinx_mapping: dict[str, tuple[str, str | None]] = {}
+
+graphviz_output_format = "svg"
 
 html_theme = "furo"
 html_title = f"portbroker {release}"

@@ -28,11 +28,12 @@ Where the changes come from (:class:`NetlinkSource`, :class:`PollingSource`):
   resyncs (:attr:`NetworkMonitor.overruns` counts them).
 
   Why not pyroute2 (0.9.7, maintained, the usual choice): it is 5.3 MB and
-  ~54,000 lines, ``import pyroute2`` takes 0.3-0.5 s (the whole CLI through
-  the daemon takes ~90 ms), and its async API is built on asyncio, so under
-  trio it would need a thread and a second event loop. The monitor needs
-  five message types and a dozen attributes: ~300 lines, no dependency,
-  parsed without I/O so tests feed it bytes.
+  ~54,000 lines, ``import pyroute2`` took 0.25-0.5 s here (the whole CLI
+  through the daemon takes ~90 ms), and its async API is built on asyncio,
+  so under trio it would need a thread and a second event loop. The monitor
+  needs five message types and a dozen attributes: ~300 lines (and 50 of
+  encoders for tests), no dependency, parsed without I/O so tests feed it
+  bytes.
 
 - **Elsewhere, or when netlink is unavailable: polling.** Every
   *poll_interval* seconds a snapshot is taken — addresses and links from
@@ -53,6 +54,7 @@ import collections
 import contextlib
 import errno
 import ipaddress
+import logging
 import math
 import socket
 import struct
@@ -89,6 +91,8 @@ __all__ = [
     "open_network_monitor",
     "snapshot_from_records",
 ]
+
+logger = logging.getLogger("portbroker")
 
 DEFAULT_QUIET: Final = 1.0
 DEFAULT_MAX_DELAY: Final = 5.0
@@ -218,9 +222,9 @@ def snapshot_from_records(records: Iterable[wire.Record]) -> NetworkSnapshot:
 
     return NetworkSnapshot(
         routes=[
-            DefaultRoute(4 if r.family == socket.AF_INET else 6, r.gateway, name(r.oif), r.priority)
+            DefaultRoute(4 if r.family == wire.AF_INET else 6, r.gateway, name(r.oif), r.priority)
             for r in routes
-            if r.family in (socket.AF_INET, socket.AF_INET6)
+            if r.family in (wire.AF_INET, wire.AF_INET6)
         ],
         addresses=[
             Address(name(a.index, a.label), a.address, a.prefix_length)
@@ -654,6 +658,8 @@ class NetworkMonitor:
     _receive: trio.MemoryReceiveChannel[NetworkChanged]
     _wakeup: trio.Event = attrs.Factory(trio.Event)
     _pending: collections.deque[NetworkChange] = attrs.Factory(collections.deque)
+    failures: int = 0
+    """Reads of the network that failed and were retried (logged as warnings)."""
 
     def snapshot(self) -> NetworkSnapshot:
         """The state the consumer has been told about: the last batch's *after* (or the first)."""
@@ -701,7 +707,17 @@ class NetworkMonitor:
                     continue
                 if not self.settler.take(trio.current_time()):
                     continue
-                after = await self.source.snapshot()
+                try:
+                    after = await self.source.snapshot()
+                except OSError as exc:  # NetworkMonitorError, or the socket itself
+                    # A dump the kernel refused or never finished: try again
+                    # after another quiet interval rather than stop watching.
+                    logger.warning(
+                        "network monitor: reading the network failed (%s); retrying", exc
+                    )
+                    self.failures += 1
+                    self.settler.poke(trio.current_time())
+                    continue
                 changes = changes_between(seen, after)
                 if changes:
                     # A rendezvous (buffer 0): while the consumer is busy this
@@ -778,7 +794,11 @@ def current_snapshot() -> NetworkSnapshot:
     Raises NetworkMonitorError when netlink exists but cannot be read.
     """
     if sys.platform == "linux" and hasattr(socket, "AF_NETLINK"):
-        return _netlink_dump_blocking()
+        try:
+            return _netlink_dump_blocking()
+        except NetworkMonitorError as exc:
+            if exc.errno != errno.EAFNOSUPPORT:
+                raise
     return polled_snapshot()
 
 
@@ -831,12 +851,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.quiet >= 0:
         parser.error(f"--quiet must be a non-negative number of seconds, not {args.quiet}")
+    if args.receive_buffer is not None and args.receive_buffer <= 0:
+        parser.error(
+            f"--receive-buffer must be a positive number of bytes, not {args.receive_buffer}"
+        )
+    failed: list[OSError] = []
     try:
-        trio.run(_print_changes, args.quiet, args.poll, args.receive_buffer)
+        try:
+            trio.run(_print_changes, args.quiet, args.poll, args.receive_buffer)
+        except* OSError as group:
+            failed.extend(e for e in group.exceptions if isinstance(e, OSError))
     except KeyboardInterrupt:
         return 0
-    except NetworkMonitorError as exc:
-        print(f"python -m portbroker.netmon: {exc}", file=sys.stderr)
+    if failed:
+        print(f"python -m portbroker.netmon: cannot read the network: {failed[0]}", file=sys.stderr)
         return 1
     return 0
 

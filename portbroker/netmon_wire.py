@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import socket
 import struct
 from typing import Final
 
@@ -47,6 +46,12 @@ __all__ = [
     "encode_route",
     "parse_messages",
 ]
+
+# linux/socket.h: the address families as Linux numbers them (rtnetlink is
+# Linux's; the socket module's values differ elsewhere, AF_INET6 is 30 on macOS).
+AF_UNSPEC: Final = 0
+AF_INET: Final = 2
+AF_INET6: Final = 10
 
 # linux/netlink.h
 NLMSG_ERROR: Final = 2
@@ -167,7 +172,7 @@ class RouteRecord:
     """RTM_NEWROUTE / RTM_DELROUTE, ``rtmsg``: only what tells a default route apart."""
 
     change: Change
-    family: int  # socket.AF_INET or AF_INET6
+    family: int  # AF_INET or AF_INET6 (Linux's numbers, above)
     dst_len: int
     table: int
     type: int  # RTN_*
@@ -219,7 +224,7 @@ class Malformed:
 Record = LinkRecord | AddressRecord | RouteRecord | Done | Failed | Malformed
 
 
-def dump_request(message_type: int, seq: int, family: int = socket.AF_UNSPEC) -> bytes:
+def dump_request(message_type: int, seq: int, family: int = AF_UNSPEC) -> bytes:
     """An ``RTM_GETLINK`` / ``RTM_GETADDR`` / ``RTM_GETROUTE`` dump request for *family*."""
     if message_type == RTM_GETLINK:
         body = _IFINFOMSG.pack(family, 0, 0, 0, 0)
@@ -255,9 +260,9 @@ def _attributes(data: bytes, start: int, end: int) -> tuple[dict[int, bytes], st
 def _address(family: int, raw: bytes | None) -> IPAddress | None:
     if raw is None:
         return None
-    if family == socket.AF_INET and len(raw) == 4:
+    if family == AF_INET and len(raw) == 4:
         return ipaddress.IPv4Address(raw)
-    if family == socket.AF_INET6 and len(raw) == 16:
+    if family == AF_INET6 and len(raw) == 16:
         return ipaddress.IPv6Address(raw)
     return None
 
@@ -294,7 +299,7 @@ def _addr(change: Change, data: bytes, start: int, end: int, seq: int) -> Record
     if address is None:
         return Malformed(problem or f"address message (family {family}) without an address")
     wide = _u32(attrs_.get(IFA_FLAGS))
-    max_prefix = 32 if family == socket.AF_INET else 128
+    max_prefix = 32 if family == AF_INET else 128
     if prefix_length > max_prefix:
         return Malformed(f"prefix length {prefix_length} for a /{max_prefix} address")
     label = _name(attrs_.get(IFA_LABEL))
@@ -409,7 +414,7 @@ def _message(kind: int, body: bytes, *, seq: int = 0, flags: int = 0) -> bytes:
 def encode_link(record: LinkRecord) -> bytes:
     """*record* as the kernel sends it (for tests and benchmarks)."""
     kind = RTM_NEWLINK if record.change is Change.NEW else RTM_DELLINK
-    body = _IFINFOMSG.pack(socket.AF_UNSPEC, 1, record.index, record.flags, 0)
+    body = _IFINFOMSG.pack(AF_UNSPEC, 1, record.index, record.flags, 0)
     body += _rtattr(IFLA_IFNAME, record.name.encode() + b"\0")
     return _message(kind, body, seq=record.seq, flags=NLM_F_MULTI if record.seq else 0)
 
@@ -417,10 +422,10 @@ def encode_link(record: LinkRecord) -> bytes:
 def encode_address(record: AddressRecord) -> bytes:
     """*record* as the kernel sends it (for tests and benchmarks)."""
     kind = RTM_NEWADDR if record.change is Change.NEW else RTM_DELADDR
-    family = socket.AF_INET if record.address.version == 4 else socket.AF_INET6
+    family = AF_INET if record.address.version == 4 else AF_INET6
     body = _IFADDRMSG.pack(family, record.prefix_length, record.flags & 0xFF, 0, record.index)
     body += _rtattr(IFA_ADDRESS, record.address.packed)
-    if family == socket.AF_INET:
+    if family == AF_INET:
         body += _rtattr(IFA_LOCAL, record.address.packed)
     if record.label:
         body += _rtattr(IFA_LABEL, record.label.encode() + b"\0")

@@ -325,7 +325,7 @@ async def test_messages_not_from_the_kernel_are_ignored() -> None:
 async def test_a_non_default_route_does_not_poke_but_a_default_one_does() -> None:
     def route(dst_len: int) -> bytes:
         return wire.encode_route(
-            wire.RouteRecord(wire.Change.NEW, socket.AF_INET, dst_len, 254, 1, 0, None, 3, 0)
+            wire.RouteRecord(wire.Change.NEW, wire.AF_INET, dst_len, 254, 1, 0, None, 3, 0)
         )
 
     assert await _pokes_from([(route(8), 0)]) == (0, 0)
@@ -387,12 +387,20 @@ async def test_polling_pokes_when_a_poll_differs(autojump_clock: trio.testing.Mo
 
 @pytest.mark.skipif(sys.platform != "linux", reason="rtnetlink is Linux's")
 def test_netlink_and_the_polling_fallback_agree_on_this_host() -> None:
-    # Read-only: a dump of this namespace's state and getifaddrs(3); nothing is sent.
-    by_netlink = netmon.current_snapshot()
-    by_polling = netmon.polled_snapshot()
+    # Read-only: dumps of this namespace's state and getifaddrs(3); nothing is
+    # sent. Lab tests beside this one may change the namespace between the
+    # reads: only a poll between two equal dumps is compared.
+    for _attempt in range(10):
+        by_netlink = netmon.current_snapshot()
+        by_polling = netmon.polled_snapshot()
+        if netmon.current_snapshot() == by_netlink:
+            break
     assert by_netlink.routes == by_polling.routes
     assert by_netlink.addresses == by_polling.addresses
-    assert by_polling.links <= by_netlink.links  # getifaddrs sees links with addresses only
+    # getifaddrs sees only links with addresses, and up means IFF_UP alone there.
+    assert {link.interface for link in by_polling.links} <= {
+        link.interface for link in by_netlink.links
+    }
 
 
 def test_changes_print_as_json_with_addresses_as_text() -> None:
@@ -405,3 +413,52 @@ def test_changes_print_as_json_with_addresses_as_text() -> None:
         "interface": "",
         "old_interface": "eth0",
     }
+
+
+@attrs.define
+class FlakySource(ScriptedSource):
+    """A scripted source whose next read fails *failing* times first."""
+
+    failing: int = 0
+
+    async def snapshot(self) -> NetworkSnapshot:
+        if self.snapshots_taken and self.failing:
+            self.failing -= 1
+            raise netmon.NetworkMonitorError(errno.ETIMEDOUT, "no answer")
+        return await super().snapshot()
+
+
+async def test_a_failed_read_is_retried_after_another_quiet_interval(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = FlakySource(HOME, failing=2)
+    async with open_network_monitor(quiet=1.0, source=source) as monitor:
+        start = trio.current_time()
+        source.set(OFFICE)
+        batch = await monitor.next_batch()
+        assert batch.after == OFFICE
+        assert trio.current_time() - start == pytest.approx(3.0)
+        assert monitor.failures == 2
+    assert "reading the network failed" in caplog.text
+
+
+def test_the_command_says_what_failed_when_the_network_cannot_be_read(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def refused() -> NetworkSnapshot:
+        raise netmon.NetworkMonitorError(errno.EPERM, "the kernel refused a netlink dump: 1")
+
+    monkeypatch.setattr(netmon, "_netlink_dump", refused)
+    monkeypatch.setattr(netmon.PollingSource, "snapshot", lambda self: refused())
+    assert netmon.main([]) == 1
+    assert capsys.readouterr().err == (
+        "python -m portbroker.netmon: cannot read the network: "
+        "[Errno 1] the kernel refused a netlink dump: 1\n"
+    )
+
+
+def test_the_command_refuses_a_negative_quiet_interval(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        netmon.main(["--quiet", "-1"])
+    assert exit_.value.code == 2
+    assert "--quiet must be a non-negative number of seconds" in capsys.readouterr().err

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-import socket
+import os
+import random
 import struct
+from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 
@@ -54,8 +56,8 @@ def test_a_captured_address_dump_gives_ipv4_local_and_ipv6_addresses_with_flags(
 def test_a_captured_route_dump_holds_exactly_the_two_default_routes() -> None:
     defaults = [r for r in _captured("dump_route") if isinstance(r, RouteRecord) and r.is_default]
     assert [(r.family, r.gateway, r.oif, r.priority) for r in defaults] == [
-        (socket.AF_INET, IPv4Address("10.9.0.1"), 3, 0),
-        (socket.AF_INET6, IPv6Address("fd09::1"), 3, 1024),
+        (wire.AF_INET, IPv4Address("10.9.0.1"), 3, 0),
+        (wire.AF_INET6, IPv6Address("fd09::1"), 3, 1024),
     ]
 
 
@@ -92,9 +94,9 @@ def test_a_deleted_default_route_is_not_a_default_route() -> None:
         AddressRecord(Change.NEW, 7, IPv4Address("192.168.1.20"), 24, 0x80, "wlan0", seq=9),
         AddressRecord(Change.DELETED, 7, IPv6Address("2001:db8::20"), 64, 0x100),
         RouteRecord(
-            Change.NEW, socket.AF_INET, 0, 254, 1, 0, IPv4Address("192.168.1.1"), 7, 600, seq=2
+            Change.NEW, wire.AF_INET, 0, 254, 1, 0, IPv4Address("192.168.1.1"), 7, 600, seq=2
         ),
-        RouteRecord(Change.NEW, socket.AF_INET6, 0, 1000, 1, 0, None, 8, 0),
+        RouteRecord(Change.NEW, wire.AF_INET6, 0, 1000, 1, 0, None, 8, 0),
     ],
 )
 def test_what_is_encoded_is_parsed_back(record: wire.Record) -> None:
@@ -109,20 +111,20 @@ def test_what_is_encoded_is_parsed_back(record: wire.Record) -> None:
 
 
 def test_a_route_in_a_policy_table_is_not_the_default_route() -> None:
-    vpn = RouteRecord(Change.NEW, socket.AF_INET, 0, 51820, 1, 0, None, 9, 0)
+    vpn = RouteRecord(Change.NEW, wire.AF_INET, 0, 51820, 1, 0, None, 9, 0)
     assert wire.parse_messages(wire.encode_route(vpn)) == [vpn]
     assert not vpn.is_default
 
 
 def test_an_unreachable_or_cached_default_route_is_not_a_default_route() -> None:
-    unreachable = RouteRecord(Change.NEW, socket.AF_INET6, 0, 254, 7, 0, None, 1, 0)
-    cloned = RouteRecord(Change.NEW, socket.AF_INET6, 0, 254, 1, wire.RTM_F_CLONED, None, 1, 0)
+    unreachable = RouteRecord(Change.NEW, wire.AF_INET6, 0, 254, 7, 0, None, 1, 0)
+    cloned = RouteRecord(Change.NEW, wire.AF_INET6, 0, 254, 1, wire.RTM_F_CLONED, None, 1, 0)
     assert not unreachable.is_default
     assert not cloned.is_default
 
 
 def _route_message(attributes: bytes) -> bytes:
-    body = struct.pack("=BBBBBBBBI", socket.AF_INET, 0, 0, 0, 254, 4, 0, 1, 0) + attributes
+    body = struct.pack("=BBBBBBBBI", wire.AF_INET, 0, 0, 0, 254, 4, 0, 1, 0) + attributes
     return struct.pack("=IHHII", 16 + len(body), wire.RTM_NEWROUTE, 0, 0, 0) + body
 
 
@@ -136,7 +138,7 @@ def test_an_ecmp_default_route_takes_its_first_next_hops_gateway() -> None:
 
 
 def test_an_ipv4_route_via_an_ipv6_next_hop_reports_that_next_hop() -> None:
-    via = struct.pack("=H", socket.AF_INET6) + IPv6Address("fe80::1").packed
+    via = struct.pack("=H", wire.AF_INET6) + IPv6Address("fe80::1").packed
     [route] = wire.parse_messages(_route_message(wire._rtattr(wire.RTA_VIA, via)))
     assert isinstance(route, RouteRecord)
     assert route.gateway == IPv6Address("fe80::1")
@@ -235,3 +237,47 @@ def test_a_lying_length_anywhere_never_raises(position: int, value: int) -> None
         if isinstance(record, AddressRecord):
             assert record.prefix_length <= record.address.max_prefixlen
             assert ip_address(str(record.address)) == record.address
+
+
+def _mutations(count: int, seed: int) -> Iterator[bytes]:
+    """Captured datagrams with bits flipped, bytes overwritten, cut short or spliced."""
+    rng = random.Random(seed)
+    datagrams = [bytes.fromhex(c) for chunks in CAPTURE.values() for c in chunks]
+    for _ in range(count):
+        data = bytearray(rng.choice(datagrams))
+        for _ in range(rng.randint(1, 4)):
+            kind = rng.randrange(4)
+            if kind == 0 and data:
+                data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+            elif kind == 1 and data:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            elif kind == 2:
+                del data[rng.randrange(len(data) + 1) :]
+            else:
+                data += rng.choice(datagrams)[: rng.randrange(64)]
+        yield bytes(data)
+
+
+def _feed(data: bytes) -> int:
+    """Parse *data* and build a snapshot of it; the number of records that parsed."""
+    from portbroker import netmon
+
+    records = wire.parse_messages(data)
+    assert all(isinstance(r, _KNOWN) for r in records)
+    snapshot = netmon.snapshot_from_records(records)
+    netmon.changes_between(netmon.NetworkSnapshot(), snapshot)
+    return sum(isinstance(r, LinkRecord | AddressRecord | RouteRecord) for r in records)
+
+
+def test_mutated_captures_never_raise_from_parse_to_snapshot() -> None:
+    parsed = sum(_feed(data) > 0 for data in _mutations(20_000, seed=3549))
+    assert parsed > 6_000  # the mutations keep reaching past the first header
+
+
+@pytest.mark.fuzz
+def test_mutated_captures_long_run() -> None:
+    count = int(os.environ.get("PORTBROKER_FUZZ_COUNT", "1000000"))
+    seed = int(os.environ.get("PORTBROKER_FUZZ_SEED", "3549"))
+    parsed = sum(_feed(data) > 0 for data in _mutations(count, seed=seed))
+    print(f"\nfuzz: {count} rtnetlink inputs (seed {seed}), {parsed} with records")
+    assert parsed > count // 3
