@@ -35,13 +35,14 @@ import logging
 import math
 import os
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final, TypeVar
 
 import attrs
 import trio
 
 from portbroker._util import collapse_single
+from portbroker.clockwatch import ClockWatch, ResumeCause, Resumed
 from portbroker.epoch import Confirm, EpochTracker, GatewaySignal, StateLoss, Verdict
 from portbroker.errors import (
     AlreadyMapped,
@@ -344,6 +345,7 @@ class Broker:
         self._left: set[IPAddress] = set()  # boxes of gateways left, methods closed
         self._gateway_subscribers: list[trio.MemorySendChannel[GatewayChanged]] = []
         self.moves = 0  # how often the broker moved to another gateway
+        self.resumes = 0  # how often it noticed a suspend or a stop (rule 14)
 
     # -- public ---------------------------------------------------------------
 
@@ -1312,6 +1314,28 @@ class Broker:
         for mapping in list(self._mappings):
             self._apply(mapping, self._fire_safely(mapping, Trigger.NETWORK_CHANGED))
 
+    def _resumed(self, resumed: Resumed) -> None:
+        """The host slept or this process was stopped: check every mapping (rule 14).
+
+        Each one renews (or is re-created) after its own random delay in
+        0-5 s. A stop is seen by trio's clock too (it is CLOCK_MONOTONIC,
+        which counts a SIGSTOP but not a suspend): grants since it ended
+        are fresh and left alone.
+        """
+        now = trio.current_time()
+        awake_since = now - resumed.slept_for if resumed.cause is ResumeCause.LATE_TIMERS else None
+        logger.warning(
+            "resumed (%s, %.0f s away): checking %d mapping(s)",
+            resumed.cause.value,
+            resumed.slept_for,
+            len(self._mappings),
+        )
+        self.resumes += 1
+        for mapping in list(self._mappings):
+            self._apply(
+                mapping, self._fire_safely(mapping, Trigger.RESUMED, awake_since=awake_since)
+            )
+
     async def _move(self, new: IPAddress) -> None:
         """Move to gateway *new*: re-create every mapping there, release them on the old one.
 
@@ -1480,6 +1504,19 @@ async def _follow(
         logger.warning("cannot watch the network (%s): not following the default route", exc)
 
 
+async def _watch_resume(
+    broker: Broker,
+    resumes: AsyncIterable[Resumed] | None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Tell *broker* of every resume (portbroker.clockwatch), from *resumes* or the host's clocks."""
+    watch = ClockWatch() if resumes is None else resumes
+    task_status.started()
+    async for resumed in watch:
+        broker._resumed(resumed)
+
+
 @contextlib.asynccontextmanager
 async def open_broker(
     gateway: str | IPAddress | None = None,
@@ -1499,6 +1536,8 @@ async def open_broker(
     follow: bool = False,
     network_monitor: NetworkWatch | None = None,
     follow_settle: float = FOLLOW_SETTLE,
+    watch_resume: bool | None = None,
+    resume_watch: AsyncIterable[Resumed] | None = None,
 ) -> AsyncIterator[Broker]:
     """A broker for one gateway; everything it holds is released on exit.
 
@@ -1546,6 +1585,14 @@ async def open_broker(
             first gateway is its snapshot's IPv4 default route.
         follow_settle: how long a new default route must hold before the
             broker moves (a flapping route moves it once, or not at all).
+        watch_resume: notice a suspend or a stop (a
+            :class:`portbroker.clockwatch.ClockWatch`: a wake-up every 2 s)
+            and then renew or re-create every mapping within 0-5 s
+            (lifecycle rule 14), pinned gateway or not. None (the
+            default): when following (*follow* or *network_monitor*).
+        resume_watch: the resumes to act on instead of the host's clocks
+            (implies *watch_resume*): an async iterable of
+            :class:`portbroker.clockwatch.Resumed`, for tests.
 
     Raises:
         GatewayNotFound: no gateway given and no default route.
@@ -1678,6 +1725,10 @@ async def open_broker(
             if follow or network_monitor is not None:
                 broker._connect = connect
                 await nursery.start(_follow, broker, network_monitor, pinned, follow_settle)
+            if watch_resume is None:
+                watch_resume = follow or network_monitor is not None
+            if watch_resume or resume_watch is not None:
+                await nursery.start(_watch_resume, broker, resume_watch)
             try:
                 yield broker
             finally:

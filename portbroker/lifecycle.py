@@ -66,8 +66,8 @@ Rules:
    created is left behind. Also ignored: STATE_LOST while a re-creation is in
    flight or already pending (REQUESTING, LOST) or after the end (RELEASING,
    RELEASED, FAILED); RELEASE and DETACH after the end; RECHECK outside ACTIVE;
-   MOVED after the end, NETWORK_CHANGED in REQUESTING and after the end
-   (rules 12, 13).
+   MOVED after the end, NETWORK_CHANGED and RESUMED in REQUESTING and after
+   the end (rules 12, 13, 14).
    Every other (state, trigger) pair outside :data:`TRANSITIONS` raises
    :class:`LifecycleError`.
 10. **Deletes that fail are retried, bounded** ("every mapping we create, we
@@ -115,6 +115,22 @@ Rules:
     window retries (4 s after the last attempt at the earliest), a LOST one
     waiting to be re-created is re-created. An operation in flight, and
     REQUESTING, RELEASING, RELEASED and FAILED, ignore it.
+14. **Resume** (docs/roaming.md, "Suspend and resume"): RESUMED says the host
+    slept or the process was stopped (:mod:`portbroker.clockwatch`), so any
+    lease may have expired on the gateway whatever our timers say. Every
+    mapping checks at once, each after its own random delay in
+    [0, :attr:`MappingLifecycle.recovery_delay`] (0-5 s: thousands of
+    mappings, or every host waking on one link, do not burst). An ACTIVE
+    mapping renews then — the 4 s gap of RFC 6887 §11.2.1 does not hold it
+    back: it paces renewals of a live lease, and this one may be gone — or,
+    past its expiry by our own clock, is LOST at once (``Lost``) and
+    re-created after the delay with the previous lease (rule 6). A RENEWING
+    one waiting for its next window retries after the delay (LOST at its
+    expiry, as ever); a LOST one is re-created after the delay. An operation
+    in flight, and REQUESTING, RELEASING, RELEASED and FAILED, ignore it, and
+    so does an ACTIVE mapping granted at or after *awake_since* (renewed since
+    the wake: a process stopped past a renewal's time renews on its own at
+    SIGCONT, before the resume is noticed; the check would only repeat it).
 """
 
 from __future__ import annotations
@@ -204,6 +220,7 @@ class Trigger(enum.Enum):
     DELETED = "deleted"  # the delete finished (``confirmed`` says whether it worked)
     MOVED = "moved"  # the default route leads to another gateway: re-create there (rule 12)
     NETWORK_CHANGED = "network-changed"  # a link or address changed, same gateway (rule 13)
+    RESUMED = "resumed"  # the host slept or the process was stopped: check all, spread (rule 14)
 
 
 # (state, trigger) -> new state, for the triggers of the current token. What a
@@ -236,6 +253,9 @@ TRANSITIONS: Final[dict[tuple[State, Trigger], State | tuple[State, ...]]] = {
     (State.ACTIVE, Trigger.NETWORK_CHANGED): (State.ACTIVE, State.RENEWING),
     (State.RENEWING, Trigger.NETWORK_CHANGED): State.RENEWING,
     (State.LOST, Trigger.NETWORK_CHANGED): State.LOST,
+    (State.ACTIVE, Trigger.RESUMED): (State.ACTIVE, State.LOST),
+    (State.RENEWING, Trigger.RESUMED): State.RENEWING,
+    (State.LOST, Trigger.RESUMED): State.LOST,
 }
 
 # Pairs that are ignored on purpose (rule 9), whatever the token.
@@ -260,6 +280,10 @@ _IGNORED: Final = frozenset(
         (State.RELEASING, Trigger.NETWORK_CHANGED),
         (State.RELEASED, Trigger.NETWORK_CHANGED),
         (State.FAILED, Trigger.NETWORK_CHANGED),
+        (State.REQUESTING, Trigger.RESUMED),
+        (State.RELEASING, Trigger.RESUMED),
+        (State.RELEASED, Trigger.RESUMED),
+        (State.FAILED, Trigger.RESUMED),
     }
 )
 _OUTCOMES: Final = frozenset({Trigger.GRANTED, Trigger.FAILED, Trigger.DELETED, Trigger.TIMER})
@@ -572,13 +596,15 @@ class MappingLifecycle:
         confirmed: bool = False,
         old_gateway: IPAddress | None = None,
         new_gateway: IPAddress | None = None,
+        awake_since: float | None = None,
     ) -> Step:
         """Apply *trigger* at time *now*.
 
         Outcome triggers (GRANTED, FAILED, DELETED, TIMER) carry the *token* of
         the action they answer; GRANTED carries the *lease*, FAILED the
         *failure*, STATE_LOST the *reason*, DELETED *confirmed*, MOVED
-        *old_gateway* and *new_gateway*.
+        *old_gateway* and *new_gateway*, RESUMED *awake_since* (optional: a
+        lease granted at or after it was granted after the wake, rule 14).
 
         Raises:
             LifecycleError: a (state, trigger) pair with no rule (rule 9).
@@ -605,6 +631,7 @@ class MappingLifecycle:
             confirmed=confirmed,
             old_gateway=old_gateway,
             new_gateway=new_gateway,
+            awake_since=awake_since,
         )
         return step
 
@@ -826,6 +853,27 @@ class MappingLifecycle:
             return Step([], self._sleep(min(max(now, earliest), self.lease.expires_at)))
         # LOST: the recovery delay or backoff is cut short.
         return Step([], self._sleep(now))
+
+    def _on_resumed(self, now: float, *, awake_since: float | None, **_: Any) -> Step:
+        # Rule 14: check everything, each after its own share of the spread.
+        if not self.sleeping:
+            return Step([], None)  # an operation in flight will answer
+        if self.state is State.ACTIVE:
+            assert self.lease is not None
+            if awake_since is not None and self.lease.granted_at >= awake_since:
+                # Renewed since the wake (a timer overdue in the stop fired
+                # first): it is as fresh as a check could make it.
+                return Step([], None)
+        spread = now + self.rng.uniform(0.0, self.recovery_delay)
+        if self.state is State.ACTIVE:
+            assert self.lease is not None
+            if now >= self.lease.expires_at:
+                return self._lost(now, "lease expired while the host slept or was stopped")
+            return Step([], self._sleep(spread))
+        if self.state is State.RENEWING:
+            assert self.lease is not None
+            return Step([], self._sleep(min(spread, self.lease.expires_at)))
+        return Step([], self._sleep(spread))
 
     def _on_release(self, now: float, **_: Any) -> Step:
         if self.lease is None:
