@@ -700,6 +700,7 @@ async def _run(args: argparse.Namespace, methods: tuple[str, ...]) -> int:
             announce_port=5350 if args.command in ("map", "peer") and args.hold else None,
             dhcp_leases=args.dhcp_leases,
             follow=_follows(args),
+            watch_resume=_watches_resume(args),
         ) as broker:
             if args.command == "probe":
                 return _print_probe(await broker.probe(), as_json=args.json, broker=broker)
@@ -723,6 +724,12 @@ def _describe_watch_event(event: dict[str, Any]) -> str:
     if event["event"] == "GatewayChanged" and "new_gateway" in detail:
         line += f"; gateway {detail.get('old_gateway')} -> {detail['new_gateway']}"
     return line
+
+
+def _watches_resume(args: argparse.Namespace) -> bool:
+    """map / peer --hold renew everything within 0-5 s of a suspend or a stop (lifecycle
+    rule 14), pinned gateway or not: a resume means any lease may have expired."""
+    return args.command in ("map", "peer") and bool(args.hold)
 
 
 def _follows(args: argparse.Namespace) -> bool:

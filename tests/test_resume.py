@@ -323,3 +323,20 @@ async def test_who_watches_for_resume(
     ):
         pass
     assert bool(started) is watches
+
+
+@pytest.mark.parametrize(
+    ("argv", "watches"),
+    [
+        (["map", "8080/tcp", "--hold"], True),
+        (["map", "8080/tcp", "--hold", "--gateway", "127.0.0.1"], True),  # pinned: still
+        (["map", "8080/tcp", "--hold", "--no-follow"], True),
+        (["peer", "5000/udp", "--remote", "192.0.2.9:7000", "--hold"], True),
+        (["map", "8080/tcp"], False),  # exits at once
+        (["probe"], False),
+    ],
+)
+def test_which_commands_watch_for_resume(argv: list[str], watches: bool) -> None:
+    from portbroker import cli
+
+    assert cli._watches_resume(cli._parser().parse_args(argv)) is watches
