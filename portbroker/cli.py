@@ -457,6 +457,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     daemon.add_argument("--no-multicast", action="store_true", help=argparse.SUPPRESS)
     daemon.add_argument("--no-announcements", action="store_true", help=argparse.SUPPRESS)
+    daemon.add_argument(
+        "--no-follow",
+        action="store_true",
+        help="without --gateway: stay on the first gateway when the default route moves"
+        " (by default every client's mappings move with it, docs/roaming.md)",
+    )
     daemon.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
 
     completion = sub.add_parser("completion", **_cli_help.command_help("completion"))
@@ -814,6 +820,7 @@ def _daemon(args: argparse.Namespace) -> int:
         privileged_groups=tuple(args.privileged_group),
         third_party_groups=tuple(args.third_party_group),
         max_publications=args.max_publications,
+        follow=not args.no_follow,
     )
     from portbroker.daemon.server import raise_fd_limit
 
@@ -1098,6 +1105,8 @@ def _describe_daemon_mapping(mapping: dict[str, Any]) -> str:
     filters = mapping.get("filters")
     if isinstance(filters, list) and filters:
         where += f" only from {', '.join(str(f) for f in filters)}"
+    if mapping.get("gateway") and mapping.get("external_port"):
+        where += f" at gateway {mapping['gateway']}"  # it moves with the default route
     return (
         f"{mapping['id']} -> {where} (uid {mapping.get('owner_uid')}, "
         f"{mapping.get('holders')} holder(s){flags})"
