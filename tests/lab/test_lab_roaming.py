@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -293,4 +295,113 @@ def test_map_hold_follows_the_default_route_to_the_other_gateway(
     print(
         f"\nroaming ({method}): map --hold moved from 11.0.0.1 to 11.0.0.3:{target[1]};"
         f" route change to working inbound connection through b: {took:.2f} s"
+    )
+
+
+def _wait_for_socket(path: Path, process: subprocess.Popen[str]) -> None:
+    from portbroker.client import BlockingClient
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            BlockingClient(path).close()
+            return
+        except Exception as exc:
+            if process.poll() is not None or time.monotonic() > deadline:
+                assert process.stderr is not None
+                raise AssertionError(f"daemon did not start: {process.stderr.read()!r}") from exc
+            time.sleep(0.1)
+
+
+def test_the_daemon_moves_its_clients_mappings_with_the_default_route(
+    roaming: Roaming, figure: Callable[[str], None]
+) -> None:
+    from portbroker.client import BlockingClient
+
+    port = 28141
+    roaming.use_gateway(roaming.a)
+    directory = Path(tempfile.mkdtemp(prefix="pbr-"))
+    sock = directory / "pb.sock"
+    argv = roaming.exec_argv(
+        roaming.host.ns,
+        [
+            *PORTBROKER,
+            "daemon",
+            "--socket",
+            str(sock),
+            "--state",
+            str(directory / "state.json"),
+            "--methods",
+            "pcp",
+        ],
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PORTBROKER_GATEWAY"}
+    daemon = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env
+    )
+    try:
+        _wait_for_socket(sock, daemon)
+        with (
+            _listen(roaming, port) as listener,
+            BlockingClient(sock) as app,
+            BlockingClient(sock) as watcher,
+        ):
+            mapped = app.map(port, "tcp", lifetime=600, persist=True)
+            assert (mapped["gateway"], mapped["external_address"]) == ("192.168.77.1", "11.0.0.1")
+            assert _inbound(roaming, listener, ("11.0.0.1", mapped["external_port"]))
+            events = watcher.watch()
+
+            switched = time.monotonic()
+            roaming.use_gateway(roaming.b)
+            seen: list[dict[str, Any]] = []
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                event = next(events)
+                seen.append(event)
+                if event["event"] == "Restored":
+                    break
+            kinds = [e["event"] for e in seen]
+            assert kinds[0] == "GatewayChanged", kinds
+            assert seen[0]["detail"] == {
+                "old_gateway": "192.168.77.1",
+                "new_gateway": "192.168.77.254",
+            }
+            restored = seen[-1]["mapping"]
+            assert (restored["gateway"], restored["external_address"]) == (
+                "192.168.77.254",
+                "11.0.0.3",
+            )
+            target = ("11.0.0.3", restored["external_port"])
+            assert _inbound_within(roaming, listener, target, 10.0), roaming.b.log_text()
+            took = time.monotonic() - switched
+            deadline = time.monotonic() + 5
+            while f"dport {port}" in roaming.a.nft_rules() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert f"dport {port}" not in roaming.a.nft_rules(), roaming.a.log_text()
+            assert f"dport {port}" in roaming.b.nft_rules()
+            (listed,) = app.list()
+            assert (listed["gateway"], listed["persist"]) == ("192.168.77.254", True)
+            # The state file is written behind the events (the daemon's writer).
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                saved = json.loads((directory / "state.json").read_text())
+                if [r["gateway"] for r in saved["mappings"]] == ["192.168.77.254"]:
+                    break
+                time.sleep(0.05)
+            assert [r["gateway"] for r in saved["mappings"]] == ["192.168.77.254"], saved
+            assert app.unmap(port, "tcp") == f"{port}/tcp"
+        assert f"dport {port}" not in roaming.b.nft_rules()
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=20)
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
+            if daemon.stderr is not None:
+                daemon.stderr.close()
+            shutil.rmtree(directory, ignore_errors=True)
+    figure(
+        f"roaming (daemon, pcp): route change to working inbound connection through b: {took:.2f} s"
     )
