@@ -248,7 +248,7 @@ def test_an_address_change_on_the_same_gateway_renews_at_once(
 
 @pytest.mark.parametrize("method", ["pcp", "upnp"])
 def test_map_hold_follows_the_default_route_to_the_other_gateway(
-    roaming: Roaming, method: str, tmp_path: Path
+    roaming: Roaming, method: str, tmp_path: Path, figure: Callable[[str], None]
 ) -> None:
     port = {"pcp": 28101, "upnp": 28111}[method]
     roaming.use_gateway(roaming.a)
@@ -292,8 +292,8 @@ def test_map_hold_follows_the_default_route_to_the_other_gateway(
         assert f"dport {port}" not in roaming.b.nft_rules()
     finally:
         _stop(process)
-    print(
-        f"\nroaming ({method}): map --hold moved from 11.0.0.1 to 11.0.0.3:{target[1]};"
+    figure(
+        f"roaming ({method}): map --hold moved from 11.0.0.1 to 11.0.0.3:{target[1]};"
         f" route change to working inbound connection through b: {took:.2f} s"
     )
 
