@@ -275,6 +275,10 @@ class _Decision:
     failed: NoMethodAvailable | NoAnswer | None = None
 
 
+# Above this many mappings a network change re-checks them spread over
+# recovery_delay (lifecycle rule 13), not all at once.
+NETWORK_BURST: Final = 16
+
 _Connect = Callable[
     [IPAddress], contextlib.AbstractAsyncContextManager[tuple[MethodSet, PcpServerChoice]]
 ]
@@ -1311,8 +1315,11 @@ class Broker:
     def _network_changed(self, reason: str) -> None:
         """Same gateway, another link or address: every mapping re-checks now (rule 13)."""
         logger.info("network changed (%s): re-checking %d mapping(s)", reason, len(self._mappings))
+        # A few renewals at once are nothing; a daemon's thousands would be a
+        # burst at the gateway: spread over the 0-5 s of rule 5 then.
+        spread = self.recovery_delay if len(self._mappings) > NETWORK_BURST else 0.0
         for mapping in list(self._mappings):
-            self._apply(mapping, self._fire_safely(mapping, Trigger.NETWORK_CHANGED))
+            self._apply(mapping, self._fire_safely(mapping, Trigger.NETWORK_CHANGED, spread=spread))
 
     def _resumed(self, resumed: Resumed) -> None:
         """The host slept or this process was stopped: check every mapping (rule 14).

@@ -114,7 +114,10 @@ Rules:
     after its grant, RFC 6887 §11.2.1), a RENEWING one waiting for its next
     window retries (4 s after the last attempt at the earliest), a LOST one
     waiting to be re-created is re-created. An operation in flight, and
-    REQUESTING, RELEASING, RELEASED and FAILED, ignore it.
+    REQUESTING, RELEASING, RELEASED and FAILED, ignore it. With a *spread*
+    (the broker gives one when it holds many mappings: a daemon's thousands
+    would otherwise renew in one burst) each does so after its own random
+    delay in [0, spread] instead of at once.
 14. **Resume** (docs/roaming.md, "Suspend and resume"): RESUMED says the host
     slept or the process was stopped (:mod:`portbroker.clockwatch`), so any
     lease may have expired on the gateway whatever our timers say. Every
@@ -597,6 +600,7 @@ class MappingLifecycle:
         old_gateway: IPAddress | None = None,
         new_gateway: IPAddress | None = None,
         awake_since: float | None = None,
+        spread: float = 0.0,
     ) -> Step:
         """Apply *trigger* at time *now*.
 
@@ -604,7 +608,9 @@ class MappingLifecycle:
         the action they answer; GRANTED carries the *lease*, FAILED the
         *failure*, STATE_LOST the *reason*, DELETED *confirmed*, MOVED
         *old_gateway* and *new_gateway*, RESUMED *awake_since* (optional: a
-        lease granted at or after it was granted after the wake, rule 14).
+        lease granted at or after it was granted after the wake, rule 14),
+        NETWORK_CHANGED *spread* (optional: seconds over which to spread the
+        re-checks of many mappings, rule 13).
 
         Raises:
             LifecycleError: a (state, trigger) pair with no rule (rule 9).
@@ -632,6 +638,7 @@ class MappingLifecycle:
             old_gateway=old_gateway,
             new_gateway=new_gateway,
             awake_since=awake_since,
+            spread=spread,
         )
         return step
 
@@ -836,23 +843,27 @@ class MappingLifecycle:
             Recreate(None, self.request_budget, self._busy()),
         )
 
-    def _on_network_changed(self, now: float, **_: Any) -> Step:
-        # Rule 13: what is pending, now. An operation in flight will answer.
+    def _on_network_changed(self, now: float, *, spread: float, **_: Any) -> Step:
+        # Rule 13: what is pending, now (or after this mapping's share of
+        # *spread*). An operation in flight will answer.
         if not self.sleeping:
             return Step([], None)
+        now_or_later = now + self.rng.uniform(0.0, spread) if spread > 0 else now
         if self.state is State.ACTIVE:
             assert self.lease is not None
             earliest = self.lease.granted_at + MIN_RENEWAL_GAP
-            if now < earliest:
+            if now_or_later < earliest:
                 return Step([], self._sleep(earliest))
+            if now_or_later > now:
+                return Step([], self._sleep(now_or_later))
             return self._start_renewal(now)
         if self.state is State.RENEWING:
             assert self.lease is not None
             earliest = (self.last_attempt_at or now) + MIN_RENEWAL_GAP
             # Past the expiry the TIMER declares it LOST, as it would have.
-            return Step([], self._sleep(min(max(now, earliest), self.lease.expires_at)))
+            return Step([], self._sleep(min(max(now_or_later, earliest), self.lease.expires_at)))
         # LOST: the recovery delay or backoff is cut short.
-        return Step([], self._sleep(now))
+        return Step([], self._sleep(now_or_later))
 
     def _on_resumed(self, now: float, *, awake_since: float | None, **_: Any) -> Step:
         # Rule 14: check everything, each after its own share of the spread.

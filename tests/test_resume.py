@@ -340,3 +340,63 @@ def test_which_commands_watch_for_resume(argv: list[str], watches: bool) -> None
     from portbroker import cli
 
     assert cli._watches_resume(cli._parser().parse_args(argv)) is watches
+
+
+# -- rule 13's spread, for many mappings -------------------------------------------------
+
+
+def test_network_changed_with_a_spread_re_checks_each_after_its_own_delay() -> None:
+    rng = random.Random(9)
+    wakes = []
+    for _ in range(20):
+        machine = MappingLifecycle(rng)
+        machine.fire(Trigger.GRANTED, 0.0, token=0, lease=lease())
+        step = machine.fire(Trigger.NETWORK_CHANGED, 100.0, spread=5.0)
+        assert isinstance(step.action, Sleep)
+        assert machine.state is State.ACTIVE
+        wakes.append(step.action.until)
+        renew = machine.fire(Trigger.TIMER, step.action.until, token=step.action.token)
+        assert isinstance(renew.action, Renew)
+    assert len(set(wakes)) == 20
+    assert all(100.0 <= w <= 105.0 for w in wakes)
+    # Still never within 4 s of the grant (RFC 6887 §11.2.1).
+    machine = active()
+    step = machine.fire(Trigger.NETWORK_CHANGED, 1.0, spread=0.5)
+    assert isinstance(step.action, Sleep)
+    assert step.action.until == 4.0
+
+
+async def test_a_link_bounce_under_many_mappings_renews_each_once_spread_over_5_s(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from portbroker.broker import NETWORK_BURST
+
+    fake = FakeGateway(address=GW)
+    network = FakeNetwork.routed_via(GW)
+    ports = range(20000, 20000 + NETWORK_BURST + 4)
+    async with open_broker(
+        None,
+        ("pcp",),
+        link_factory=fake.link_factory(),
+        announce_port=None,
+        seed=5,
+        dhcp_leases=(),
+        network_monitor=network,
+        watch_resume=False,
+    ) as broker:
+        mappings = [await broker.map(port, "tcp", lifetime=7200) for port in ports]
+        await trio.sleep(600)
+        network.link("eth0", False)
+        await trio.sleep(1)
+        network.link("eth0", True)
+        came_up = trio.current_time()
+        await trio.sleep(10)
+        times = []
+        for mapping in mappings:
+            after = [at for at in maps_of(fake, mapping.internal_port) if at >= came_up]
+            assert len(after) == 1, (mapping.internal_port, after)
+            assert mapping.state is State.ACTIVE
+            times.append(after[0])
+        # Spread: neither one burst nor later than the settling plus 5 s.
+        assert max(times) - min(times) > 1.0
+        assert max(times) <= came_up + 1.0 + 5.0
