@@ -265,3 +265,32 @@ def test_the_daemon_command_takes_no_follow_and_list_shows_the_gateway() -> None
     assert (
         shown == "8080/tcp -> 198.51.100.2:8080 via pcp at gateway 127.0.0.2 (uid 0, 1 holder(s))"
     )
+
+
+async def test_a_mapping_persisted_on_a_is_made_on_b_when_the_daemon_starts_on_bs_network(
+    short_dir: Path,
+) -> None:
+    # Shut down at home, started at the office: the record names gateway a,
+    # the default route now leads to b.
+    gw_a = FakeGateway(address=A, external_address="203.0.113.1")
+    gw_b = FakeGateway(address=B, external_address="198.51.100.2")
+    async with (
+        serve(config(short_dir, FakeNetwork.routed_via(A), gw_a, gw_b)),
+        open_client(short_dir / "pb.sock") as app,
+    ):
+        await app.map(8080, "tcp", lifetime=3600, persist=True)
+    assert records(short_dir)["8080/tcp"]["gateway"] == "127.0.0.1"
+    asked_a = len(gw_a.requests)
+    async with (
+        serve(config(short_dir, FakeNetwork.routed_via(B), gw_a, gw_b)) as daemon,
+        open_client(short_dir / "pb.sock") as app,
+    ):
+        with trio.fail_after(10):
+            await daemon.restored.wait()
+        listed = await app.list()
+        assert [(m["id"], m["gateway"], m["state"]) for m in listed] == [
+            ("8080/tcp", "127.0.0.2", "active")
+        ]
+        assert gw_b.mapping_for("tcp", 8080) is not None
+        assert len(gw_a.requests) == asked_a  # nothing sent to the gateway left behind
+        await until(lambda: records(short_dir)["8080/tcp"]["gateway"] == "127.0.0.2")
