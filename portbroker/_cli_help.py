@@ -91,7 +91,10 @@ on the gateway for --lifetime seconds (until deleted, where a UPnP gateway
 grants only permanent ones) and is recorded in the state file so that
 `portbroker unmap` can delete it. With --hold the command instead keeps
 it renewed, and restores it when the gateway loses it, until Ctrl-C, SIGTERM
-or SIGHUP, then deletes it.
+or SIGHUP, then deletes it; without --gateway it follows the default route:
+when that leads to another gateway (another network), it deletes the mapping
+on the old one and makes it on the new one (a GatewayChanged line, then
+Restored), unless --no-follow.
 
 When a portbroker daemon runs (and neither --gateway nor --no-daemon is
 given), the daemon makes and keeps the mapping: without --hold it lasts until

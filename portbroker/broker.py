@@ -35,16 +35,18 @@ import logging
 import math
 import os
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final, TypeVar
 
 import attrs
 import trio
 
 from portbroker._util import collapse_single
+from portbroker.clockwatch import ClockWatch, ResumeCause, Resumed
 from portbroker.epoch import Confirm, EpochTracker, GatewaySignal, StateLoss, Verdict
 from portbroker.errors import (
     AlreadyMapped,
+    GatewayNotFound,
     MappingError,
     MethodUnavailable,
     NoAnswer,
@@ -68,6 +70,7 @@ from portbroker.lifecycle import (
     DeleteStep,
     Failure,
     FailureKind,
+    GatewayChanged,
     MappingEvent,
     MappingLifecycle,
     PendingDelete,
@@ -84,6 +87,7 @@ from portbroker.lifecycle import (
 from portbroker.methods import LinkFactory, Method, MethodSet, open_methods
 from portbroker.probe import create_by_preference, probe_all
 from portbroker.reachability import Reachability
+from portbroker.roaming import FOLLOW_SETTLE, NetworkWatch
 from portbroker.transport import Response, Transport, listen_announcements
 from portbroker.transport import budget as transport_budget
 from portbroker.types import (
@@ -274,6 +278,29 @@ class _Decision:
     failed: NoMethodAvailable | NoAnswer | None = None
 
 
+# Above this many mappings a network change re-checks them spread over
+# recovery_delay (lifecycle rule 13), not all at once.
+NETWORK_BURST: Final = 16
+
+_Connect = Callable[
+    [IPAddress], contextlib.AbstractAsyncContextManager[tuple[MethodSet, PcpServerChoice]]
+]
+
+
+@attrs.define(eq=False)
+class _Held:
+    """One gateway's methods, open while the broker may still need them (portbroker.roaming)."""
+
+    gateway: IPAddress
+    choice: PcpServerChoice
+    method_set: MethodSet
+    done: trio.Event | None  # set to close them; None: open_broker's own, closed at its exit
+
+    @property
+    def boxes(self) -> set[IPAddress]:
+        return {self.gateway, self.choice.address}
+
+
 class Broker:
     """Port mappings on one gateway. Create with :func:`open_broker`."""
 
@@ -328,6 +355,15 @@ class Broker:
         # Why the gateway has no PEER, and since when (not asked again for
         # UNAVAILABLE_TTL): peer() falls back or fails at once meanwhile.
         self._peer_unavailable: tuple[str, float] | None = None
+        # Following the default route (portbroker.roaming): how to open another
+        # gateway's methods (set by open_broker when following), and the
+        # method sets of gateways left behind, by box, None once closed.
+        self._connect: _Connect | None = None
+        self._gateways_held: list[_Held] = []  # gateways whose methods are open (after a move)
+        self._left: set[IPAddress] = set()  # boxes of gateways left, methods closed
+        self._gateway_subscribers: list[trio.MemorySendChannel[GatewayChanged]] = []
+        self.moves = 0  # how often the broker moved to another gateway
+        self.resumes = 0  # how often it noticed a suspend or a stop (rule 14)
 
     # -- public ---------------------------------------------------------------
 
@@ -371,6 +407,14 @@ class Broker:
         """Every mapping's events, from now on, until the broker closes."""
         send, receive = trio.open_memory_channel[BrokerEvent](math.inf)
         self._subscribers.append(send)
+        return receive
+
+    def gateway_changes(self) -> trio.MemoryReceiveChannel[GatewayChanged]:
+        """One ``GatewayChanged(old, new)`` per move of the broker (``open_broker(follow=True)``),
+        mappings or none, from now on, until the broker closes. Each mapping
+        also publishes its own (lifecycle rule 12)."""
+        send, receive = trio.open_memory_channel[GatewayChanged](math.inf)
+        self._gateway_subscribers.append(send)
         return receive
 
     async def map(
@@ -495,6 +539,16 @@ class Broker:
         self._apply(
             mapping, lifecycle.fire(Trigger.GRANTED, trio.current_time(), token=0, lease=lease)
         )
+        if self.moves and lease.gateway not in (self.gateway, self.pcp_server.address):
+            # Made on a gateway the broker moved away from meanwhile (a map()
+            # across a move): it follows, as the others did (lifecycle rule 12).
+            self._apply(
+                mapping,
+                self._fire_safely(
+                    mapping, Trigger.MOVED, old_gateway=lease.gateway, new_gateway=self.gateway
+                ),
+            )
+            self._spawn(self._release_left, lease)
         return mapping
 
     @contextlib.asynccontextmanager
@@ -679,7 +733,12 @@ class Broker:
             MappingError, MethodUnavailable, NoAnswer: the delete failed
                 (only without *retry*).
         """
-        method = self._methods.get(lease.method)
+        methods = self._methods_for(lease)
+        if methods is None:
+            raise MethodUnavailable(
+                lease.method, f"the broker has left gateway {lease.gateway} (it moved)"
+            )
+        method = methods.get(lease.method)
         if method is None:
             raise ValueError(f"method {lease.method!r} is not enabled here")
         if retry:
@@ -848,10 +907,11 @@ class Broker:
         """
         for race in range(1, MAX_RACES + 1):
             known = self._known_unavailable()
+            racing = self._methods  # the gateway may move meanwhile (portbroker.roaming)
             try:
                 return await create_by_preference(
                     self.gateway,
-                    list(self._methods.values()),
+                    list(racing.values()),
                     request,
                     self.probe_timeout,
                     known_unavailable=known,
@@ -860,11 +920,16 @@ class Broker:
                 asked = [o for o in exc.outcomes if o.method not in known]
                 if race == MAX_RACES or not asked or not all(o.silent for o in asked):
                     raise
+                if racing is not self._methods:
+                    # The broker moved: the next race asks another gateway, and
+                    # this one may have made what it never answered.
+                    for left in racing.values():
+                        await self._abandon_on(left, request)
                 logger.info("no method answered (%s); racing again", exc.reason)
             except NoAnswer as exc:
-                if race == MAX_RACES or exc.method not in self._methods:
+                if race == MAX_RACES or exc.method not in racing:
                     raise
-                method = self._methods[exc.method]
+                method = racing[exc.method]
                 await self._abandon_on(method, request)
                 self._forget(method.name, str(exc))
                 logger.info("%s; racing again without it", exc)
@@ -1032,7 +1097,13 @@ class Broker:
         self, lease: Lease, budget: float, *, shield: bool = False
     ) -> Failure | None:
         """One delete attempt within *budget*: None if it worked, else how it failed."""
-        method = self._methods.get(lease.method)
+        methods = self._methods_for(lease)
+        if methods is None:
+            # A gateway the broker moved away from: off the path, forgotten.
+            return Failure(
+                FailureKind.REFUSED, f"gateway {lease.gateway} is no longer this broker's"
+            )
+        method = methods.get(lease.method)
         if method is None:
             return Failure(FailureKind.REFUSED, f"method {lease.method} is not enabled here")
         with trio.CancelScope(shield=shield), trio.move_on_after(budget):
@@ -1269,6 +1340,147 @@ class Broker:
         for mapping in affected:
             self._apply(mapping, mapping.lifecycle.fire(Trigger.STATE_LOST, now, reason=reason))
 
+    # -- following the default route (portbroker.roaming) ------------------------
+
+    def _methods_for(self, lease: Lease) -> dict[str, Method] | None:
+        """The methods that reach *lease*'s gateway; None for one left and closed."""
+        box = lease.gateway
+        if box in (self.gateway, self.pcp_server.address):
+            return self._methods
+        for held in self._gateways_held:
+            if box in held.boxes:
+                return held.method_set.methods
+        if box in self._left:
+            return None
+        return self._methods
+
+    def _network_changed(self, reason: str) -> None:
+        """Same gateway, another link or address: every mapping re-checks now (rule 13)."""
+        logger.info("network changed (%s): re-checking %d mapping(s)", reason, len(self._mappings))
+        # A few renewals at once are nothing; a daemon's thousands would be a
+        # burst at the gateway: spread over the 0-5 s of rule 5 then.
+        spread = self.recovery_delay if len(self._mappings) > NETWORK_BURST else 0.0
+        for mapping in list(self._mappings):
+            self._apply(mapping, self._fire_safely(mapping, Trigger.NETWORK_CHANGED, spread=spread))
+
+    def _resumed(self, resumed: Resumed) -> None:
+        """The host slept or this process was stopped: check every mapping (rule 14).
+
+        Each one renews (or is re-created) after its own random delay in
+        0-5 s. A stop is seen by trio's clock too (it is CLOCK_MONOTONIC,
+        which counts a SIGSTOP but not a suspend): grants since it ended
+        are fresh and left alone.
+        """
+        now = trio.current_time()
+        awake_since = now - resumed.slept_for if resumed.cause is ResumeCause.LATE_TIMERS else None
+        logger.warning(
+            "resumed (%s, %.0f s away): checking %d mapping(s)",
+            resumed.cause.value,
+            resumed.slept_for,
+            len(self._mappings),
+        )
+        self.resumes += 1
+        for mapping in list(self._mappings):
+            self._apply(
+                mapping, self._fire_safely(mapping, Trigger.RESUMED, awake_since=awake_since)
+            )
+
+    async def _move(self, new: IPAddress) -> None:
+        """Move to gateway *new*: re-create every mapping there, release them on the old one.
+
+        Opens *new*'s methods (unless still open from before), fires MOVED on
+        every mapping (lifecycle rule 12), then deletes each lease on the old
+        gateway with one attempt bounded by :data:`RELEASE_TIMEOUT`; what that
+        attempt cannot delete is forgotten (logged): the old gateway is off
+        the path, and the lease lapses there. The old gateway's methods stay
+        open until the next move (a late answer, a delete retried); the ones
+        before it close.
+        """
+        if self._connect is None:
+            raise PortBrokerError("this broker does not follow the default route")
+        old = self.gateway
+        current = next((h for h in self._gateways_held if h.gateway == old), None)
+        if current is None:
+            current = _Held(old, self.pcp_server, self._method_set, None)
+            self._gateways_held.append(current)
+        target = next((h for h in self._gateways_held if h.gateway == new), None)
+        if target is None:
+            done = trio.Event()
+            try:
+                method_set, choice = await self._nursery.start(self._hold_gateway, new, done)
+            except (OSError, PortBrokerError) as exc:
+                logger.warning(
+                    "default route now via %s, but its methods cannot be opened (%s):"
+                    " staying on %s",
+                    new,
+                    exc,
+                    old,
+                )
+                return
+            target = _Held(new, choice, method_set, done)
+            self._gateways_held.append(target)
+        left = [
+            m.lease
+            for m in self._mappings
+            if m.lease is not None and m.lease.gateway in current.boxes
+        ]
+        self.gateway, self.pcp_server = new, target.choice
+        self._method_set, self._methods = target.method_set, target.method_set.methods
+        self._report, self._unavailable, self._peer_unavailable = None, {}, None
+        self._left -= target.boxes
+        self.moves += 1
+        logger.warning(
+            "default route moved from gateway %s to %s: re-creating %d mapping(s) there",
+            old,
+            new,
+            len(self._mappings),
+        )
+        for channel in list(self._gateway_subscribers):
+            try:
+                channel.send_nowait(GatewayChanged(old, new))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._gateway_subscribers.remove(channel)
+        for mapping in list(self._mappings):
+            self._apply(
+                mapping,
+                self._fire_safely(mapping, Trigger.MOVED, old_gateway=old, new_gateway=new),
+            )
+        async with trio.open_nursery() as nursery:
+            for lease in left:
+                nursery.start_soon(self._release_left, lease)
+        for held in list(self._gateways_held):
+            if held is target or held is current or held.done is None:
+                continue
+            self._gateways_held.remove(held)
+            self._left |= held.boxes - target.boxes - current.boxes
+            held.done.set()
+
+    async def _release_left(self, lease: Lease) -> None:
+        failure = await self._delete_once(lease, RELEASE_TIMEOUT)
+        if failure is None:
+            logger.info("%s: deleted on the gateway left behind", _lease_label(lease))
+        else:
+            logger.warning(
+                "%s: not deleted on gateway %s, which the broker left (%s): forgotten;"
+                " it lapses there on its own",
+                _lease_label(lease),
+                lease.gateway,
+                failure.reason,
+            )
+
+    async def _hold_gateway(
+        self,
+        gateway: IPAddress,
+        done: trio.Event,
+        *,
+        task_status: trio.TaskStatus[tuple[MethodSet, PcpServerChoice]],
+    ) -> None:
+        """Keep *gateway*'s methods open until *done* is set (or the broker closes)."""
+        assert self._connect is not None
+        async with self._connect(gateway) as (method_set, choice):
+            task_status.started((method_set, choice))
+            await done.wait()
+
     # -- release ----------------------------------------------------------------
 
     async def _release(self, mapping: Mapping) -> None:
@@ -1314,6 +1526,46 @@ class Broker:
         self._observe(server, response, now, False, announcement=True)
 
 
+async def _follow(
+    broker: Broker,
+    watch: NetworkWatch | None,
+    pinned: bool,
+    settle: float,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run portbroker.roaming's follower, on the host's own monitor unless *watch* is given."""
+    from portbroker.roaming import follow_network
+
+    if watch is not None:
+        await follow_network(broker, watch, pinned=pinned, settle=settle, task_status=task_status)
+        return
+    from portbroker.netmon import NetworkMonitorError, open_network_monitor
+
+    # Started at once: the monitor's first snapshot is compared with the
+    # gateway resolved before it, so a change in between is still a move.
+    task_status.started()
+    try:
+        async with open_network_monitor() as monitor:
+            await follow_network(broker, monitor, pinned=pinned, settle=settle)
+    except NetworkMonitorError as exc:
+        # The broker still works; it just stays where it is (as without follow).
+        logger.warning("cannot watch the network (%s): not following the default route", exc)
+
+
+async def _watch_resume(
+    broker: Broker,
+    resumes: AsyncIterable[Resumed] | None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Tell *broker* of every resume (portbroker.clockwatch), from *resumes* or the host's clocks."""
+    watch = ClockWatch() if resumes is None else resumes
+    task_status.started()
+    async for resumed in watch:
+        broker._resumed(resumed)
+
+
 @contextlib.asynccontextmanager
 async def open_broker(
     gateway: str | IPAddress | None = None,
@@ -1330,6 +1582,11 @@ async def open_broker(
     seed: int | None = None,
     dhcp_leases: Sequence[str | os.PathLike[str]] | None = None,
     pcp_client_address: str | IPAddress | None = None,
+    follow: bool = False,
+    network_monitor: NetworkWatch | None = None,
+    follow_settle: float = FOLLOW_SETTLE,
+    watch_resume: bool | None = None,
+    resume_watch: AsyncIterable[Resumed] | None = None,
 ) -> AsyncIterator[Broker]:
     """A broker for one gateway; everything it holds is released on exit.
 
@@ -1361,6 +1618,30 @@ async def open_broker(
             §8.1) instead of this host's address toward the server: behind
             another NAT, the address that NAT maps us to, which is where the
             server sees us come from (docs/double-nat.md, nested mappings).
+        follow: follow the host's network (:mod:`portbroker.roaming`, a
+            :func:`portbroker.netmon.open_network_monitor` of its own): when
+            the default route leads to another gateway, release the mappings
+            on the old one and re-create them on the new one
+            (``GatewayChanged``, then ``Restored``); on a link or address
+            change, re-check them. A pinned gateway (*gateway* or
+            $PORTBROKER_GATEWAY given) never moves; it re-checks. On a move
+            the PCP server becomes the new gateway, unless *pcp_server* was
+            given.
+        network_monitor: the changes to follow instead of the host's
+            (implies *follow*): anything with ``snapshot()`` and async
+            iteration of netmon changes, such as
+            :class:`portbroker.testing.FakeNetwork`. Without *gateway*, the
+            first gateway is its snapshot's IPv4 default route.
+        follow_settle: how long a new default route must hold before the
+            broker moves (a flapping route moves it once, or not at all).
+        watch_resume: notice a suspend or a stop (a
+            :class:`portbroker.clockwatch.ClockWatch`: a wake-up every 2 s)
+            and then renew or re-create every mapping within 0-5 s
+            (lifecycle rule 14), pinned gateway or not. None (the
+            default): when following (*follow* or *network_monitor*).
+        resume_watch: the resumes to act on instead of the host's clocks
+            (implies *watch_resume*): an async iterable of
+            :class:`portbroker.clockwatch.Resumed`, for tests.
 
     Raises:
         GatewayNotFound: no gateway given and no default route.
@@ -1375,6 +1656,17 @@ async def open_broker(
         raise ValueError(f"methods lists one twice: {list(methods)}")
     if not probe_timeout > 0:
         raise ValueError(f"probe_timeout must be positive, got {probe_timeout}")
+    if not follow_settle >= 0:
+        raise ValueError(f"follow_settle must be a non-negative number, got {follow_settle}")
+    pinned = gateway is not None or bool(os.environ.get(ENV_GATEWAY, "").strip())
+    if network_monitor is not None and not pinned:
+        routed = network_monitor.snapshot().default_gateway(4)
+        if routed is None:
+            raise GatewayNotFound(
+                "the network monitor shows no IPv4 default route with a gateway: name the"
+                " gateway, or wait for the network"
+            )
+        gateway = routed
     gateway_address = resolve_gateway(gateway)
     # RFC 7291 discovery reads the host's lease files only for the host's own
     # network (the default route): a named gateway is a choice of network,
@@ -1405,6 +1697,42 @@ async def open_broker(
     def report(signal: GatewaySignal) -> None:
         if broker is not None:
             broker._signal(signal)
+
+    @contextlib.asynccontextmanager
+    async def connect(new: IPAddress) -> AsyncIterator[tuple[MethodSet, PcpServerChoice]]:
+        """Another gateway's methods, as the first one's (portbroker.roaming)."""
+        new_choice = choice if pcp_server is not None else PcpServerChoice(new, "the gateway")
+
+        def report_new(signal: GatewaySignal) -> None:
+            if broker is not None:
+                broker._on_verdict(new, broker.tracker(new).signal(signal))
+
+        def deliver_new(response: Response, now: float) -> None:
+            if broker is not None:
+                broker._announced(new, response, now)
+
+        async with (
+            open_methods(
+                methods,
+                gateway=new,
+                pcp_server=new_choice.address,
+                port=port,
+                upnp_port=upnp_port,
+                ssdp_multicast=ssdp_multicast,
+                rng=rng,
+                observe=observe,
+                report=report_new,
+                link_factory=link_factory,
+                pcp_client_address=client_address,
+            ) as method_set,
+            trio.open_nursery() as listening,
+        ):
+            if announce_port is not None and method_set.transports:
+                await listening.start(listen_announcements, new, announce_port, port, deliver_new)
+            try:
+                yield method_set, new_choice
+            finally:
+                listening.cancel_scope.cancel()
 
     with collapse_single():
         async with (
@@ -1443,6 +1771,13 @@ async def open_broker(
                 await nursery.start(
                     listen_announcements, gateway_address, announce_port, port, deliver
                 )
+            if follow or network_monitor is not None:
+                broker._connect = connect
+                await nursery.start(_follow, broker, network_monitor, pinned, follow_settle)
+            if watch_resume is None:
+                watch_resume = follow or network_monitor is not None
+            if watch_resume or resume_watch is not None:
+                await nursery.start(_watch_resume, broker, resume_watch)
             try:
                 yield broker
             finally:

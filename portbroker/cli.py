@@ -288,6 +288,12 @@ def _parser() -> argparse.ArgumentParser:
         help="keep it renewed (and restored) until Ctrl-C, SIGTERM or SIGHUP, then delete it",
     )
     keeping.add_argument(
+        "--no-follow",
+        action="store_true",
+        help="with --hold and no --gateway: stay on the first gateway when the default route"
+        " moves (by default the mapping moves with it)",
+    )
+    keeping.add_argument(
         "--outer-gateway",
         metavar="IP",
         help="double NAT: also map through this outer NAT (PCP, else UPnP IGD) for the "
@@ -451,6 +457,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     daemon.add_argument("--no-multicast", action="store_true", help=argparse.SUPPRESS)
     daemon.add_argument("--no-announcements", action="store_true", help=argparse.SUPPRESS)
+    daemon.add_argument(
+        "--no-follow",
+        action="store_true",
+        help="without --gateway: stay on the first gateway when the default route moves"
+        " (by default every client's mappings move with it, docs/roaming.md)",
+    )
     daemon.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
 
     completion = sub.add_parser("completion", **_cli_help.command_help("completion"))
@@ -498,6 +510,12 @@ def _add_peer_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "--hold",
         action="store_true",
         help="keep it renewed (and restored) until Ctrl-C, SIGTERM or SIGHUP, then delete it",
+    )
+    peer_cmd.add_argument(
+        "--no-follow",
+        action="store_true",
+        help="with --hold and no --gateway: stay on the first gateway when the default route"
+        " moves (by default the binding moves with it)",
     )
 
 
@@ -710,6 +728,8 @@ async def _run(args: argparse.Namespace, methods: tuple[str, ...]) -> int:
             ssdp_multicast=not args.no_multicast,
             announce_port=5350 if args.command in ("map", "peer") and args.hold else None,
             dhcp_leases=args.dhcp_leases,
+            follow=_follows(args),
+            watch_resume=_watches_resume(args),
         ) as broker:
             if args.command == "probe":
                 return _print_probe(await broker.probe(), as_json=args.json, broker=broker)
@@ -724,6 +744,36 @@ async def _run(args: argparse.Namespace, methods: tuple[str, ...]) -> int:
         raise Failure(f"{args.command} failed: {exc}") from exc
     except OSError as exc:
         raise Failure(f"{args.command} failed: {os_error_words(exc)}") from exc
+
+
+def _describe_watch_event(event: dict[str, Any]) -> str:
+    """One `portbroker watch` line: the event, the mapping, and a move's two gateways."""
+    line = f"{event['event']}: {_describe_daemon_mapping(event['mapping'])}"
+    detail = event.get("detail") or {}
+    if event["event"] == "GatewayChanged" and "new_gateway" in detail:
+        line += f"; gateway {detail.get('old_gateway')} -> {detail['new_gateway']}"
+    return line
+
+
+def _watches_resume(args: argparse.Namespace) -> bool:
+    """map / peer --hold renew everything within 0-5 s of a suspend or a stop (lifecycle
+    rule 14), pinned gateway or not: a resume means any lease may have expired."""
+    return args.command in ("map", "peer") and bool(args.hold)
+
+
+def _follows(args: argparse.Namespace) -> bool:
+    """map / peer --hold on the default route's gateway follow it (portbroker.roaming).
+
+    Not with --gateway (a pinned gateway never moves), --no-follow, or
+    --outer-gateway (the outer NAT's mapping would stay behind).
+    """
+    return (
+        args.command in ("map", "peer")
+        and bool(args.hold)
+        and args.gateway is None
+        and not getattr(args, "no_follow", False)
+        and not getattr(args, "outer_gateway", None)
+    )
 
 
 # -- the daemon ---------------------------------------------------------------------
@@ -808,6 +858,7 @@ def _daemon(args: argparse.Namespace) -> int:
         privileged_groups=tuple(args.privileged_group),
         third_party_groups=tuple(args.third_party_group),
         max_publications=args.max_publications,
+        follow=not args.no_follow,
     )
     from portbroker.daemon.server import raise_fd_limit
 
@@ -901,10 +952,7 @@ async def _daemon_client(args: argparse.Namespace, connect: Any = None) -> int:
                     if args.json:
                         print(json.dumps(event), flush=True)
                     else:
-                        print(
-                            f"{event['event']}: {_describe_daemon_mapping(event['mapping'])}",
-                            flush=True,
-                        )
+                        print(_describe_watch_event(event), flush=True)
                 return 0
             port, proto = args.spec
             if args.command == "unmap":
@@ -1102,6 +1150,8 @@ def _describe_daemon_mapping(mapping: dict[str, Any]) -> str:
     filters = mapping.get("filters")
     if isinstance(filters, list) and filters:
         where += f" only from {', '.join(str(f) for f in filters)}"
+    if mapping.get("gateway") and mapping.get("external_port"):
+        where += f" at gateway {mapping['gateway']}"  # it moves with the default route
     return (
         f"{mapping['id']} -> {where} (uid {mapping.get('owner_uid')}, "
         f"{mapping.get('holders')} holder(s){flags})"

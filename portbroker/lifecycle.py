@@ -65,7 +65,9 @@ Rules:
    deleted quietly (:class:`Delete` with ``quiet=True``) so that nothing we
    created is left behind. Also ignored: STATE_LOST while a re-creation is in
    flight or already pending (REQUESTING, LOST) or after the end (RELEASING,
-   RELEASED, FAILED); RELEASE and DETACH after the end; RECHECK outside ACTIVE.
+   RELEASED, FAILED); RELEASE and DETACH after the end; RECHECK outside ACTIVE;
+   MOVED after the end, NETWORK_CHANGED and RESUMED in REQUESTING and after
+   the end (rules 12, 13, 14).
    Every other (state, trigger) pair outside :data:`TRANSITIONS` raises
    :class:`LifecycleError`.
 10. **Deletes that fail are retried, bounded** ("every mapping we create, we
@@ -93,6 +95,45 @@ Rules:
     100.64.0.0/10, ULA...) is published with a :class:`ReachabilityChanged`
     after its Acquired; a later grant (renewal, restoration, a new address)
     publishes one whenever the address moves between public and not public.
+12. **Gateway moves** (docs/architecture.md, "Following the default route"):
+    MOVED says the default route now leads to another gateway (a broker that
+    follows it, never a pinned one). Whatever the mapping was doing (ACTIVE,
+    RENEWING, LOST, or a create in flight) it publishes
+    ``GatewayChanged(old, new)`` and is re-created afresh at once on the new
+    gateway (REQUESTING; no 0-5 s spread: only this host moved, rule 5's
+    burst is not there). Its grant publishes ``Restored``, then
+    ``ExternalAddressChanged`` when the endpoint differs (it nearly always
+    does); its first failure there ``Lost`` (then rule 7 as for any
+    re-creation; a refusal for good ``Failed``). An operation that started before the move and grants late was
+    made on the old gateway: its lease is deleted quietly (rule 9). The old
+    gateway's lease is the broker's to delete (one bounded attempt, or
+    forgotten). RELEASING, RELEASED and FAILED ignore MOVED.
+13. **Network changes on the same gateway**: NETWORK_CHANGED (a link went
+    down and up, an address changed, the route stayed) does what is pending
+    now instead of at its time: an ACTIVE mapping renews (not sooner than 4 s
+    after its grant, RFC 6887 §11.2.1), a RENEWING one waiting for its next
+    window retries (4 s after the last attempt at the earliest), a LOST one
+    waiting to be re-created is re-created. An operation in flight, and
+    REQUESTING, RELEASING, RELEASED and FAILED, ignore it. With a *spread*
+    (the broker gives one when it holds many mappings: a daemon's thousands
+    would otherwise renew in one burst) each does so after its own random
+    delay in [0, spread] instead of at once.
+14. **Resume** (docs/roaming.md, "Suspend and resume"): RESUMED says the host
+    slept or the process was stopped (:mod:`portbroker.clockwatch`), so any
+    lease may have expired on the gateway whatever our timers say. Every
+    mapping checks at once, each after its own random delay in
+    [0, :attr:`MappingLifecycle.recovery_delay`] (0-5 s: thousands of
+    mappings, or every host waking on one link, do not burst). An ACTIVE
+    mapping renews then — the 4 s gap of RFC 6887 §11.2.1 does not hold it
+    back: it paces renewals of a live lease, and this one may be gone — or,
+    past its expiry by our own clock, is LOST at once (``Lost``) and
+    re-created after the delay with the previous lease (rule 6). A RENEWING
+    one waiting for its next window retries after the delay (LOST at its
+    expiry, as ever); a LOST one is re-created after the delay. An operation
+    in flight, and REQUESTING, RELEASING, RELEASED and FAILED, ignore it, and
+    so does an ACTIVE mapping granted at or after *awake_since* (renewed since
+    the wake: a process stopped past a renewal's time renews on its own at
+    SIGCONT, before the resume is noticed; the check would only repeat it).
 """
 
 from __future__ import annotations
@@ -123,6 +164,7 @@ __all__ = [
     "Failed",
     "Failure",
     "FailureKind",
+    "GatewayChanged",
     "LifecycleError",
     "Lost",
     "MappingEvent",
@@ -179,6 +221,9 @@ class Trigger(enum.Enum):
     RELEASE = "release"  # the app is done: delete it
     DETACH = "detach"  # stop managing it, leave it on the gateway
     DELETED = "deleted"  # the delete finished (``confirmed`` says whether it worked)
+    MOVED = "moved"  # the default route leads to another gateway: re-create there (rule 12)
+    NETWORK_CHANGED = "network-changed"  # a link or address changed, same gateway (rule 13)
+    RESUMED = "resumed"  # the host slept or the process was stopped: check all, spread (rule 14)
 
 
 # (state, trigger) -> new state, for the triggers of the current token. What a
@@ -204,6 +249,16 @@ TRANSITIONS: Final[dict[tuple[State, Trigger], State | tuple[State, ...]]] = {
     (State.LOST, Trigger.DETACH): State.RELEASED,
     (State.RELEASING, Trigger.DELETED): State.RELEASED,
     (State.RELEASING, Trigger.FAILED): State.RELEASED,
+    (State.REQUESTING, Trigger.MOVED): State.REQUESTING,
+    (State.ACTIVE, Trigger.MOVED): State.REQUESTING,
+    (State.RENEWING, Trigger.MOVED): State.REQUESTING,
+    (State.LOST, Trigger.MOVED): State.REQUESTING,
+    (State.ACTIVE, Trigger.NETWORK_CHANGED): (State.ACTIVE, State.RENEWING),
+    (State.RENEWING, Trigger.NETWORK_CHANGED): State.RENEWING,
+    (State.LOST, Trigger.NETWORK_CHANGED): State.LOST,
+    (State.ACTIVE, Trigger.RESUMED): (State.ACTIVE, State.LOST),
+    (State.RENEWING, Trigger.RESUMED): State.RENEWING,
+    (State.LOST, Trigger.RESUMED): State.LOST,
 }
 
 # Pairs that are ignored on purpose (rule 9), whatever the token.
@@ -221,6 +276,17 @@ _IGNORED: Final = frozenset(
         (State.RELEASED, Trigger.DETACH),
         (State.FAILED, Trigger.DETACH),
         *((s, Trigger.RECHECK) for s in State if s is not State.ACTIVE),
+        (State.RELEASING, Trigger.MOVED),
+        (State.RELEASED, Trigger.MOVED),
+        (State.FAILED, Trigger.MOVED),
+        (State.REQUESTING, Trigger.NETWORK_CHANGED),
+        (State.RELEASING, Trigger.NETWORK_CHANGED),
+        (State.RELEASED, Trigger.NETWORK_CHANGED),
+        (State.FAILED, Trigger.NETWORK_CHANGED),
+        (State.REQUESTING, Trigger.RESUMED),
+        (State.RELEASING, Trigger.RESUMED),
+        (State.RELEASED, Trigger.RESUMED),
+        (State.FAILED, Trigger.RESUMED),
     }
 )
 _OUTCOMES: Final = frozenset({Trigger.GRANTED, Trigger.FAILED, Trigger.DELETED, Trigger.TIMER})
@@ -285,6 +351,18 @@ class Restored:
 
 
 @attrs.frozen
+class GatewayChanged:
+    """The default route leads to another gateway; the mapping is being re-created there.
+
+    ``Restored`` (and ``ExternalAddressChanged``: the new gateway's address)
+    follows once it works, ``Lost`` / ``Failed`` if it does not (rule 12).
+    """
+
+    old_gateway: IPAddress
+    new_gateway: IPAddress
+
+
+@attrs.frozen
 class Released:
     """The end of a mapping the app released (or detached): the last event."""
 
@@ -309,6 +387,7 @@ MappingEvent = (
     | ReachabilityChanged
     | Lost
     | Restored
+    | GatewayChanged
     | Released
     | Failed
 )
@@ -325,6 +404,8 @@ def event_detail(event: MappingEvent) -> dict[str, Any]:
         "old_address",
         "old_port",
         "public",
+        "old_gateway",
+        "new_gateway",
     ):
         if hasattr(event, name):
             value = getattr(event, name)
@@ -501,6 +582,10 @@ class MappingLifecycle:
     detached: bool = False
     recreating_previous: bool = False  # the re-creation in flight reuses the previous lease
     sleeping: bool = False  # the current token is a Sleep's (else an operation's)
+    # Rule 12: the last token issued before the latest move; a grant of an
+    # operation at or before it was made on the old gateway.
+    moved_after_token: int = -1
+    moving: bool = False  # re-creating on a new gateway, nothing granted there yet
 
     def fire(
         self,
@@ -512,12 +597,20 @@ class MappingLifecycle:
         failure: Failure | None = None,
         reason: str = "",
         confirmed: bool = False,
+        old_gateway: IPAddress | None = None,
+        new_gateway: IPAddress | None = None,
+        awake_since: float | None = None,
+        spread: float = 0.0,
     ) -> Step:
         """Apply *trigger* at time *now*.
 
         Outcome triggers (GRANTED, FAILED, DELETED, TIMER) carry the *token* of
         the action they answer; GRANTED carries the *lease*, FAILED the
-        *failure*, STATE_LOST the *reason*, DELETED *confirmed*.
+        *failure*, STATE_LOST the *reason*, DELETED *confirmed*, MOVED
+        *old_gateway* and *new_gateway*, RESUMED *awake_since* (optional: a
+        lease granted at or after it was granted after the wake, rule 14),
+        NETWORK_CHANGED *spread* (optional: seconds over which to spread the
+        re-checks of many mappings, rule 13).
 
         Raises:
             LifecycleError: a (state, trigger) pair with no rule (rule 9).
@@ -526,7 +619,7 @@ class MappingLifecycle:
             if token is None:
                 raise LifecycleError(f"{trigger.value} needs the token of its action")
             if token != self.token:
-                return self._late(trigger, lease)
+                return self._late(trigger, lease, token)
             if (trigger is Trigger.TIMER) != self.sleeping:
                 # A timer while an operation is in flight, or an operation's
                 # outcome while sleeping: the token names the other kind.
@@ -536,7 +629,17 @@ class MappingLifecycle:
         if (self.state, trigger) not in TRANSITIONS:
             raise LifecycleError(f"no rule for {trigger.value} in state {self.state.value}")
         handler = getattr(self, f"_on_{trigger.name.lower()}")
-        step: Step = handler(now, lease=lease, failure=failure, reason=reason, confirmed=confirmed)
+        step: Step = handler(
+            now,
+            lease=lease,
+            failure=failure,
+            reason=reason,
+            confirmed=confirmed,
+            old_gateway=old_gateway,
+            new_gateway=new_gateway,
+            awake_since=awake_since,
+            spread=spread,
+        )
         return step
 
     # -- helpers --------------------------------------------------------------
@@ -553,14 +656,18 @@ class MappingLifecycle:
         self.sleeping = False
         return self._next_token()
 
-    def _late(self, trigger: Trigger, lease: Lease | None) -> Step:
+    def _late(self, trigger: Trigger, lease: Lease | None, token: int) -> Step:
         # Rule 9: a superseded outcome. Only a grant after the end needs work:
-        # it may have created a mapping nobody holds.
+        # it may have created a mapping nobody holds; so may a grant from the
+        # gateway the mapping moved away from (rule 12).
         if (
             trigger is Trigger.GRANTED
             and lease is not None
             and not self.detached
-            and self.state in (State.RELEASING, State.RELEASED, State.FAILED)
+            and (
+                self.state in (State.RELEASING, State.RELEASED, State.FAILED)
+                or token <= self.moved_after_token
+            )
         ):
             return Step([], Delete(lease, self.token, quiet=True))
         return Step([], None)
@@ -596,6 +703,7 @@ class MappingLifecycle:
             raise LifecycleError("GRANTED needs the lease")
         old_state, previous = self.state, self.lease
         self.state, self.lease = State.ACTIVE, lease
+        self.moving = False
         self.renew_attempt = 0
         self.last_attempt_at = None
         self.recovery_failures = 0
@@ -667,6 +775,7 @@ class MappingLifecycle:
             return self._retry_renewal(now, failure)
         # REQUESTING: a re-creation failed (rule 7).
         if failure.kind is FailureKind.REFUSED:
+            self.moving = False
             return self._final(State.FAILED, [Failed(f"re-creation refused: {failure.reason}")])
         self.recovery_failures += 1
         if self.recovery_failures >= MAX_RECOVERY_ATTEMPTS:
@@ -680,13 +789,20 @@ class MappingLifecycle:
                 ],
             )
         self.state = State.LOST
+        events: list[MappingEvent] = []
+        if self.moving:
+            # Rule 12: the app hears that the new gateway does not have it (yet).
+            self.moving = False
+            events.append(Lost(f"re-creation on the new gateway failed: {failure.reason}"))
         if failure.kind is FailureKind.UNAVAILABLE and self.recreating_previous:
             # The previous method is gone: choose afresh, at once. (Once the
             # choice afresh is unavailable too, at once would burn every
             # attempt in a moment: the broker rules methods out for 30 s.)
-            return Step([], self._sleep(now))
+            return Step(events, self._sleep(now))
         index = min(self.recovery_failures, len(RECOVERY_BACKOFF)) - 1
-        return Step([], self._sleep(now + max(RECOVERY_BACKOFF[index], failure.retry_after or 0.0)))
+        return Step(
+            events, self._sleep(now + max(RECOVERY_BACKOFF[index], failure.retry_after or 0.0))
+        )
 
     def _retry_renewal(self, now: float, failure: Failure) -> Step:
         assert self.lease is not None
@@ -707,6 +823,71 @@ class MappingLifecycle:
     def _on_state_lost(self, now: float, *, reason: str, **_: Any) -> Step:
         self.last_failure = None
         return self._lost(now, reason or "the gateway lost its mappings")
+
+    def _on_moved(
+        self,
+        now: float,
+        *,
+        old_gateway: IPAddress | None,
+        new_gateway: IPAddress | None,
+        **_: Any,
+    ) -> Step:
+        # Rule 12: re-create afresh on the new gateway, at once.
+        if old_gateway is None or new_gateway is None:
+            raise LifecycleError("MOVED needs old_gateway and new_gateway")
+        self.moved_after_token = self.token
+        self.moving = True
+        self.state = State.REQUESTING
+        self.recovery_failures = 0
+        self.last_failure = None
+        self.recreating_previous = False
+        return Step(
+            [GatewayChanged(old_gateway, new_gateway)],
+            Recreate(None, self.request_budget, self._busy()),
+        )
+
+    def _on_network_changed(self, now: float, *, spread: float, **_: Any) -> Step:
+        # Rule 13: what is pending, now (or after this mapping's share of
+        # *spread*). An operation in flight will answer.
+        if not self.sleeping:
+            return Step([], None)
+        now_or_later = now + self.rng.uniform(0.0, spread) if spread > 0 else now
+        if self.state is State.ACTIVE:
+            assert self.lease is not None
+            earliest = self.lease.granted_at + MIN_RENEWAL_GAP
+            if now_or_later < earliest:
+                return Step([], self._sleep(earliest))
+            if now_or_later > now:
+                return Step([], self._sleep(now_or_later))
+            return self._start_renewal(now)
+        if self.state is State.RENEWING:
+            assert self.lease is not None
+            earliest = (self.last_attempt_at or now) + MIN_RENEWAL_GAP
+            # Past the expiry the TIMER declares it LOST, as it would have.
+            return Step([], self._sleep(min(max(now_or_later, earliest), self.lease.expires_at)))
+        # LOST: the recovery delay or backoff is cut short.
+        return Step([], self._sleep(now_or_later))
+
+    def _on_resumed(self, now: float, *, awake_since: float | None, **_: Any) -> Step:
+        # Rule 14: check everything, each after its own share of the spread.
+        if not self.sleeping:
+            return Step([], None)  # an operation in flight will answer
+        if self.state is State.ACTIVE:
+            assert self.lease is not None
+            if awake_since is not None and self.lease.granted_at >= awake_since:
+                # Renewed since the wake (a timer overdue in the stop fired
+                # first): it is as fresh as a check could make it.
+                return Step([], None)
+        spread = now + self.rng.uniform(0.0, self.recovery_delay)
+        if self.state is State.ACTIVE:
+            assert self.lease is not None
+            if now >= self.lease.expires_at:
+                return self._lost(now, "lease expired while the host slept or was stopped")
+            return Step([], self._sleep(spread))
+        if self.state is State.RENEWING:
+            assert self.lease is not None
+            return Step([], self._sleep(min(spread, self.lease.expires_at)))
+        return Step([], self._sleep(spread))
 
     def _on_release(self, now: float, **_: Any) -> Step:
         if self.lease is None:

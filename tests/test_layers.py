@@ -60,6 +60,7 @@ SANS_IO = {
     "portbroker.daemon.ownership",
     "portbroker.daemon.protocol",
     "portbroker.daemon.framing",
+    "portbroker.netmon_wire",
 }
 
 

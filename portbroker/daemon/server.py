@@ -156,6 +156,11 @@ class DaemonConfig:
     # binds (None: the interface of each mapping's internal address).
     max_publications: int = MAX_PUBLICATIONS
     publish_interfaces: tuple[str, ...] | None = None
+    # Following the network (docs/roaming.md): without *gateway*, every
+    # client's mappings move with the default route; whatever the gateway, a
+    # suspend or a stop renews them all within 0-5 s (lifecycle rule 14).
+    follow: bool = True
+    watch_resume: bool = True
 
     def policy(self) -> Policy:
         """The ownership policy; unknown group names are a DaemonError."""
@@ -1802,8 +1807,14 @@ async def serve(config: DaemonConfig) -> AsyncIterator[Daemon]:
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     try:
         with collapse_single():
+            options: dict[str, Any] = {
+                # One monitor and one ClockWatch for every client (the broker's).
+                "follow": config.follow and config.gateway is None,
+                "watch_resume": config.watch_resume,
+                **config.broker_options,
+            }
             async with open_broker(
-                config.gateway, config.methods, config.probe_timeout, **config.broker_options
+                config.gateway, config.methods, config.probe_timeout, **options
             ) as broker:
                 daemon: Daemon | None = None
                 final: list[dict[str, Any]] | None = None
@@ -1864,6 +1875,9 @@ async def serve(config: DaemonConfig) -> AsyncIterator[Daemon]:
                 )
                 daemon._write(records=final + [_pending_delete_record(x) for x in undeleted])
     finally:
+        # Closed here too: a broker that failed to open (no gateway) never
+        # served it, and the socket would leak until the garbage collector.
+        listener.socket.close()
         with contextlib.suppress(OSError):
             if config.socket_path.is_socket():
                 config.socket_path.unlink()

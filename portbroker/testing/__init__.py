@@ -2,6 +2,8 @@
 
 - :class:`FakeGateway` — an in-process PCP + NAT-PMP server with fault knobs,
   in memory (for MockClock) or on UDP.
+- :class:`FakeNetwork` — a network monitor whose default route, links and
+  addresses the test changes (``open_broker(network_monitor=...)``).
 - :class:`FakeIgd` — a UPnP IGD on 127.0.0.1 that serves a real device's
   description.
 - :mod:`portbroker.testing.lab` — a real NAT gateway (miniupnpd + nftables) in
@@ -18,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from portbroker.testing.fake_gateway import FakeGateway, MemoryLink
     from portbroker.testing.fake_igd import FakeIgd
+    from portbroker.testing.fake_network import FakeNetwork
 
-__all__ = ["FakeGateway", "FakeIgd", "MemoryLink"]
+__all__ = ["FakeGateway", "FakeIgd", "FakeNetwork", "MemoryLink"]
 
 
 def __getattr__(name: str) -> Any:
@@ -31,4 +34,8 @@ def __getattr__(name: str) -> Any:
         from portbroker.testing import fake_igd
 
         return fake_igd.FakeIgd
+    if name == "FakeNetwork":
+        from portbroker.testing import fake_network
+
+        return fake_network.FakeNetwork
     raise AttributeError(f"module 'portbroker.testing' has no attribute {name!r}")

@@ -35,6 +35,9 @@ A test maps a port from a lan host, then connects from the wan namespace to
   :meth:`Lab.start_nat_server` runs :class:`NatServer` (PCP + NAT-PMP of the
   lab's own, over those nftables mappings), for gateways miniupnpd cannot
   serve (behind a non-global external address).
+- :func:`open_roaming` puts two gateways on one lan (a bridge in a namespace
+  of its own) and moves a lan host's default route between them, as a
+  laptop that changes networks.
 
 Safety: everything stays inside the namespaces; veths are created directly
 in their namespaces, never in the root one. The wan side is 11.0.0.0/24
@@ -95,6 +98,7 @@ __all__ = [
     "LanHost",
     "NatMapping",
     "NatServer",
+    "Roaming",
     "Series",
     "Sites",
     "Variant",
@@ -102,6 +106,7 @@ __all__ = [
     "lab_unavailable_reason",
     "main",
     "open_lab",
+    "open_roaming",
     "open_series",
     "open_sites",
 ]
@@ -504,6 +509,8 @@ class Lab:
     ipv6: bool = attrs.field(default=False, kw_only=True)
     lan_network6: IPv6Network = attrs.field(default=LAN_NETWORK6, kw_only=True)
     name: str = attrs.field(default="", kw_only=True)  # a site's label ("a", "inner")
+    lan_gateway: IPv4Address | None = attrs.field(default=None, kw_only=True)
+    """The gateway's lan address when it is not host 1 of the lan (:func:`open_roaming`'s b)."""
     lan_ns: str = attrs.field(init=False)
     gw_ns: str = attrs.field(init=False)
     wan_ns: str = attrs.field(init=False)
@@ -556,6 +563,8 @@ class Lab:
     @property
     def gateway_address(self) -> IPv4Address:
         """The gateway's lan address (192.168.77.1 for the default lan)."""
+        if self.lan_gateway is not None:
+            return self.lan_gateway
         return self.lan_network[1]
 
     @property
@@ -593,8 +602,13 @@ class Lab:
         *,
         upstream: IPv4Address | None = None,
         first_host: bool = True,
+        lan: _Segment | None = None,
     ) -> None:
         """Build the site; its wan side plugs into *uplink*.
+
+        *lan*, when given, is a lan segment in a namespace of its own that
+        this gateway joins with a veth (``gw_lan_if``) instead of holding the
+        lan bridge itself: several gateways on one lan (:func:`open_roaming`).
 
         Without *uplink* the site gets a wan segment of its own (:class:`_Wan`).
         A :class:`_Wan` holds the wan host; a bare :class:`_Segment` is another
@@ -625,7 +639,13 @@ class Lab:
         self.external_address6 = segment.add_host_address(gw, self.gw_wan_if, self.external_address)
         if upstream is not None:
             _ip(gw, "route", "add", "default", "via", str(upstream))
-        self._lan.create()
+        if lan is None:
+            self._lan.create()
+        else:
+            if self.ipv6:
+                raise LabError("a gateway on a shared lan segment is IPv4 only")
+            self._lan = lan
+            lan.attach(gw, self.gw_lan_if)
         self._lan.claim(self.gateway_address)
         self._lan.add_host_address(gw, self.gw_lan_if, self.gateway_address)
         _sysctl(gw, "net.ipv4.ip_forward=1")
@@ -1569,6 +1589,150 @@ def open_series(
         outer.lan_hosts.append(LanHost(inner.gw_ns, inner.external_address, inner.gw_wan_if))
         outer.lan_ns, outer.lan_if = inner.gw_ns, inner.gw_wan_if
         yield Series(inner, outer, outer.wan_ns, outer.wan_address)
+
+
+@attrs.define(eq=False)
+class Roaming:
+    """One lan with two NAT gateways on it (:func:`open_roaming`): ``a`` and ``b``.
+
+    The lan is a bridge in a namespace of its own (``lan_switch_ns``); each
+    gateway joins it with a veth (its ``gw_lan_if``, miniupnpd's
+    ``listening_ip``), so each miniupnpd sees only its own lan interface and
+    bridged traffic crosses no gateway's forward chain. ``host`` (also
+    ``a.lan_hosts[0]`` and ``b.lan_hosts[0]``) starts with its default route
+    via ``a``; :meth:`use_gateway` moves it, as a laptop that joins another
+    network does. Both gateways' wan sides are on one segment with the wan
+    host (``wan_ns``, 11.0.0.2), which reaches each external address directly.
+    """
+
+    a: Lab
+    b: Lab
+    lan_switch_ns: str
+    wan_ns: str
+    wan_address: IPv4Address
+
+    @property
+    def labs(self) -> tuple[Lab, Lab]:
+        return (self.a, self.b)
+
+    @property
+    def host(self) -> LanHost:
+        """The lan host (192.168.77.2) in ``a.lan_ns``."""
+        return self.a.lan_hosts[0]
+
+    def default_gateway(self, host: LanHost | None = None) -> IPv4Address | None:
+        """The gateway of *host*'s IPv4 default route, as its kernel shows it (None: no route)."""
+        host = self.host if host is None else host
+        words = _ip(host.ns, "-4", "route", "show", "default").split()
+        if "via" not in words:
+            return None
+        return IPv4Address(words[words.index("via") + 1])
+
+    def current_gateway(self, host: LanHost | None = None) -> Lab | None:
+        """Which of ``a`` and ``b`` *host*'s default route goes through (None: neither)."""
+        gateway = self.default_gateway(host)
+        for lab in self.labs:
+            if lab.gateway_address == gateway:
+                return lab
+        return None
+
+    def use_gateway(self, gateway: Lab, host: LanHost | None = None) -> None:
+        """Point *host*'s default route at *gateway* (``ip route replace default via ...``).
+
+        One netlink request, so the host is never without a default route:
+        the kernel sends RTM_NEWROUTE for the replaced route, which is what
+        a network monitor sees when a laptop changes networks.
+        """
+        if gateway is not self.a and gateway is not self.b:
+            raise LabError("use_gateway takes roaming.a or roaming.b")
+        host = self.host if host is None else host
+        _ip(
+            host.ns,
+            "route",
+            "replace",
+            "default",
+            "via",
+            str(gateway.gateway_address),
+            "dev",
+            host.interface,
+        )
+
+    def socket(
+        self, netns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_DGRAM
+    ) -> socket.socket:
+        """A new socket that lives in *netns* (any of the topology's namespaces)."""
+        return in_netns(netns, lambda: socket.socket(family, kind))
+
+    def exec_argv(self, netns: str, argv: Sequence[str]) -> list[str]:
+        """*argv* prefixed to run inside *netns*."""
+        return ["ip", "netns", "exec", netns, *argv]
+
+
+ROAMING_B_GATEWAY_ADDRESS: Final = IPv4Address("192.168.77.254")
+
+
+@contextlib.contextmanager
+def open_roaming(
+    variant_a: Variant = Variant.FULL,
+    variant_b: Variant = Variant.FULL,
+    *,
+    workdir: Path | None = None,
+    extra_config: Sequence[str] = (),
+) -> Iterator[Roaming]:
+    """Build one lan with two NAT gateways, yield it (:class:`Roaming`), tear it down.
+
+    ::
+
+                                      +-- gw a: lan 192.168.77.1, ext 11.0.0.1 --+
+        lan host 192.168.77.2 -- lan switch                                      +-- wan ns, 11.0.0.2
+                                      +-- gw b: lan 192.168.77.254, ext 11.0.0.3 -+
+
+    Each gateway is a :class:`Lab` built by the same code as
+    :func:`open_lab` (its own gw namespace, nftables, masquerade and
+    miniupnpd; logs under ``workdir/a`` and ``workdir/b``); *extra_config*
+    goes to both miniupnpds. The lan switch is a bridge in a namespace with
+    no nftables rules, so even with br_netfilter loaded (bridged packets then
+    traverse the namespace's IP hooks) nothing filters lan traffic between
+    the host and either gateway. IPv4 only. All of 11.0.0.0/24 is
+    blackholed in the root namespace while it is up, as for every lab.
+    """
+    _check_lab_possible()
+    with _workdir(workdir) as root, contextlib.ExitStack() as stack:
+        suffix = secrets.token_hex(3)
+        wan = _Wan.build(suffix, ipv6=False)
+        stack.callback(wan.close)
+        switch_ns = f"pb-sw-{suffix}"
+        switch_created: list[str] = []
+        stack.callback(_delete_namespaces, switch_created)
+        _run(["ip", "netns", "add", switch_ns])
+        switch_created.append(switch_ns)
+        _prepare_ns(switch_ns, False)
+        switch = _Segment(switch_ns, f"pb{suffix}s", f"pb{suffix}p", LAN_NETWORK)
+        switch.create()
+        a = Lab(
+            variant_a,
+            secrets.token_hex(3),
+            _subdir(root, "a"),
+            tuple(extra_config),
+            name="a",
+        )
+        stack.callback(a.close)
+        a._build(wan, lan=switch)
+        b = Lab(
+            variant_b,
+            secrets.token_hex(3),
+            _subdir(root, "b"),
+            tuple(extra_config),
+            external_address=SITE_B_EXTERNAL_ADDRESS,
+            lan_gateway=ROAMING_B_GATEWAY_ADDRESS,
+            name="b",
+        )
+        stack.callback(b.close)
+        b._build(wan, lan=switch, first_host=False)
+        # The lan host is b's too (a built it); its default route stays via a.
+        b.lan_hosts.append(a.lan_hosts[0])
+        b.lan_ns, b.lan_if = a.lan_ns, a.lan_if
+        yield Roaming(a, b, switch_ns, wan.ns, wan.host.address)
 
 
 # -- the demo -----------------------------------------------------------------
