@@ -103,6 +103,7 @@ class Tool:
 
 TOOLS = (
     Tool("portbroker map", "command", "PCP, NAT-PMP, UPnP", holds=True),
+    Tool("portbroker map (daemon)", "command", "PCP, NAT-PMP, UPnP", holds=True),
     Tool("natpmpc", "command", "NAT-PMP"),
     Tool("upnpc", "command", "UPnP"),
     Tool("portbroker", "library", "PCP, NAT-PMP, UPnP", holds=True),
@@ -124,6 +125,7 @@ class Attempt:
     external_port: int | None = None
     error: str = ""
     deleted: bool | None = None
+    rules_while_mapped: int = 0  # its DNAT rules before the delete: the leftover check sees them
     left_rules: int = 0
     restored_after: float | None = None  # restart section: seconds, None = never
 
@@ -249,6 +251,52 @@ table inet pbbenchloss {{
     )
 
 
+# -- the daemon behind "portbroker map (daemon)" ---------------------------------
+
+DAEMON_SOCKETS: dict[str, Path] = {}  # lan namespace -> its daemon's socket
+
+
+@contextlib.contextmanager
+def daemon_in(lab: Lab, directory: Path) -> Iterator[None]:
+    """``portbroker daemon`` in the lab's lan namespace (finding the gateway itself)."""
+    sock = directory / f"daemon-{lab.suffix}.sock"
+    process = subprocess.Popen(
+        lab.exec_argv(
+            lab.lan_ns,
+            [
+                *(PORTBROKER_CLI, "daemon", "-q", "--socket", str(sock)),
+                *("--state", str(directory / f"daemon-{lab.suffix}.json")),
+            ],
+        ),
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=clean_env(),
+        cwd=REPO,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not _accepting(sock):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("benchmarks/peers.py: portbroker daemon did not start")
+            time.sleep(0.05)
+        DAEMON_SOCKETS[lab.lan_ns] = sock
+        yield
+    finally:
+        DAEMON_SOCKETS.pop(lab.lan_ns, None)
+        stop(process)
+
+
+def _accepting(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
 # -- one tool: map (timed), then delete ------------------------------------------
 
 
@@ -263,13 +311,21 @@ def _command_map(
     tool: Tool, lab: Lab, port: int, lifetime: int, bound: float, state: Path, hold: bool
 ) -> tuple[Attempt, Running | None]:
     attempt = Attempt("", tool.name, 0, port)
-    program = PORTBROKER_CLI if tool.name == "portbroker map" else tool.name
+    program = PORTBROKER_CLI if tool.name.startswith("portbroker") else tool.name
     if shutil.which(program) is None:
         attempt.outcome = "unavailable"
         attempt.error = f"{program} is not installed (scripts/setup installs it)"
         return attempt, None
     gateway = str(GATEWAY_ADDRESS)
-    if tool.name == "portbroker map":
+    env = clean_env()
+    if tool.name == "portbroker map (daemon)":
+        # Through the lab's running daemon (its socket named by the
+        # environment, as a user's shell would): the daemon makes the
+        # mapping and keeps it until unmap, so it also holds.
+        env["PORTBROKER_SOCKET"] = str(DAEMON_SOCKETS[lab.lan_ns])
+        argv = [PORTBROKER_CLI, "map", f"{port}/tcp", "--json", "--lifetime", str(lifetime)]
+        delete_argv = [PORTBROKER_CLI, "unmap", f"{port}/tcp"]
+    elif tool.name == "portbroker map":
         argv = [PORTBROKER_CLI, "map", f"{port}/tcp", "--no-daemon", "--json"]
         argv += ["--state-file", str(state), "--lifetime", str(lifetime)]
         if hold:
@@ -290,15 +346,15 @@ def _command_map(
             text=True,
             timeout=bound,
             check=False,
-            env=clean_env(),
+            env=env,
             cwd=REPO,
         )
     except subprocess.TimeoutExpired:
         attempt.outcome, attempt.seconds = "timeout", bound
         attempt.error = f"no answer within {bound:g} s"
-        return attempt, None
-    attempt.seconds = time.perf_counter() - started
-    attempt.external_port, attempt.error = _parse_command(tool.name, done)
+    else:
+        attempt.seconds = time.perf_counter() - started
+        attempt.external_port, attempt.error = _parse_command(tool.name, done)
 
     def delete() -> tuple[bool, str]:
         try:
@@ -308,7 +364,7 @@ def _command_map(
                 text=True,
                 timeout=max(bound, 30),
                 check=False,
-                env=clean_env(),
+                env=env,
                 cwd=REPO,
             )
         except subprocess.TimeoutExpired:
@@ -316,13 +372,14 @@ def _command_map(
         ok = gone.returncode == 0 if tool.name != "upnpc" else "returned : 0" in gone.stdout
         return ok, "" if ok else (gone.stdout + gone.stderr).strip()[-200:]
 
-    # A tool that failed may still have left something: delete all the same.
+    # A tool that failed or was stopped at the bound may still have left
+    # something: delete all the same.
     return attempt, Running(delete)
 
 
 def _parse_command(name: str, done: subprocess.CompletedProcess[str]) -> tuple[int | None, str]:
     out = done.stdout
-    if name == "portbroker map":
+    if name.startswith("portbroker map"):
         if done.returncode == 0:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 return int(json.loads(out)["external_port"]), ""
@@ -488,6 +545,7 @@ def one_attempt(
             attempt.outcome = "worked" if not why else "wrong"
             if why:
                 attempt.error = f"reported {EXTERNAL_ADDRESS}:{attempt.external_port} but {why}"
+            attempt.rules_while_mapped = dnat_left(lab, port)
         finish(lab, attempt, running)
     return attempt
 
@@ -754,12 +812,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pb-peers-") as directory:
         state = Path(directory)
         for variant in plan.variants:
-            with open_lab(variant) as lab:
+            with open_lab(variant) as lab, daemon_in(lab, state):
                 sections[f"variant:{variant.value}"] = variant_section(
                     lab, variant, plan, state, log
                 )
         if plan.losses or plan.restart_runs:
-            with open_lab(Variant.FULL, extra_config=FAULT_CONFIG) as lab:
+            with open_lab(Variant.FULL, extra_config=FAULT_CONFIG) as lab, daemon_in(lab, state):
                 for percent in plan.losses:
                     sections[f"loss:{percent}"] = loss_section(lab, percent, plan, state, log)
                 if plan.restart_runs:

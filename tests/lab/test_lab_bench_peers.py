@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 BENCHMARK = REPO / "benchmarks" / "peers.py"
 TOOLS = [
     ("portbroker map", "command"),
+    ("portbroker map (daemon)", "command"),
     ("natpmpc", "command"),
     ("upnpc", "command"),
     ("portbroker", "library"),
@@ -59,12 +60,17 @@ def test_peers_benchmark_smoke_has_every_tool_and_portbroker_works(tmp_path: Pat
         row["tool"]: row for row in json.loads(figures.read_text())["summaries"]["variant:full"]
     }
     assert [(name, summary[name]["kind"]) for name, _ in TOOLS] == TOOLS
-    for name in ("portbroker map", "portbroker"):
+    attempts = json.loads(figures.read_text())["attempts"]["variant:full"]
+    for name in ("portbroker map", "portbroker map (daemon)", "portbroker"):
         row = summary[name]
         # Worked means a connection from the wan host reached the lan listener;
         # then portbroker deleted its mapping and nothing was left in nftables.
         assert (row["n"], row["worked"], row["wrong"], row["left_rules"]) == (1, 1, 0, 0), row
         assert row["median_s"] is not None
+        (attempt,) = [a for a in attempts if a["tool"] == name]
+        # The leftover check looks where the mapping was: its rule was seen.
+        assert attempt["rules_while_mapped"] >= 1, attempt
+        assert attempt["deleted"] is True, attempt
     # scripts/setup and the bench extra install every peer: none may be missing.
     missing = {name: row["errors"] for name, row in summary.items() if row["unavailable"]}
     assert not missing, missing
