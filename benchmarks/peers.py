@@ -773,6 +773,10 @@ def machine_line(info: dict[str, Any]) -> str:
 Log = Callable[[Attempt], None]
 
 
+def _interrupted(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group()
@@ -806,6 +810,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 flush=True,
             )
 
+    # SIGTERM (and SIGINT, even where a background shell ignored it) end the
+    # run through the labs' finally blocks: namespaces, miniupnpd, the daemon
+    # and the blackhole route go with it.
+    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     info = machine()
     sections: dict[str, list[Attempt]] = {}
@@ -876,4 +885,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("benchmarks/peers.py: interrupted; the labs were torn down", file=sys.stderr)
+        sys.exit(130)
