@@ -855,8 +855,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Run: {plan.runs} round(s) per variant, {plan.loss_runs} per loss level, "
         f"{plan.restart_runs} restart(s); bound {plan.bound:g} s per attempt "
         f"({plan.loss_bound:g} s under loss); took {elapsed:.0f} s. Commands are timed "
-        f"whole-process, libraries inside their process; ratios compare each with "
-        f"portbroker of its own kind."
+        f"whole-process, libraries inside their process; 'vs portbroker' is the "
+        f"tool's median over that of portbroker of its own kind (above 1: slower); "
+        f"'left' counts DNAT rules still on the gateway after the tool's own delete; "
+        f"'gave up after' is the median time of the failures."
     )
     print("\n\n".join(out))
     if args.json:
