@@ -43,9 +43,9 @@ round runs each tool once, in a new seeded order, so drift hits all alike):
 Each attempt has a bound (30 s; 15 s in --quick, 10 s under loss there); one
 that passes it is a failure at the bound. Nothing is dropped: failures, wrong
 answers and leftovers are counted in the tables and every attempt is in
---json. Full mode (8 rounds per variant, 5 per loss level, 3 restarts) takes
-about 25 minutes on 2 cores; --quick (one round of each, 30 % loss only) about
-3 minutes; --smoke (one round, full gateway) about 20 s.
+--json. Full mode (8 rounds per variant, 5 per loss level, 3 restarts) took
+29 minutes on 2 shared cores; --quick (one round of each, 30 % loss only)
+4 minutes; --smoke (one round, full gateway) 20 s.
 """
 
 from __future__ import annotations
