@@ -271,6 +271,13 @@ def main() -> int:
     parser.add_argument(
         "--only", action="append", metavar="SCRIPT", help="run only this section (repeatable)"
     )
+    parser.add_argument(
+        "--peers-runs",
+        type=int,
+        metavar="N",
+        help="rounds per gateway variant and per loss level in the peers section"
+        " (default: its full mode, 8 and 5; a full run takes about 30 minutes there)",
+    )
     args = parser.parse_args()
     sections = [
         s
@@ -293,6 +300,12 @@ def main() -> int:
         "",
         f"Machine: {machine()}",
     ]
+    if args.peers_runs is not None:
+        if args.peers_runs < 1:
+            parser.error("--peers-runs must be at least 1")
+        for section in SECTIONS:
+            if section.script == "peers.py":
+                section.full = ["--runs", str(args.peers_runs), "--loss-runs", str(args.peers_runs)]
     figures: dict[str, Any] = {}
     failed = False
     with tempfile.TemporaryDirectory(prefix="pb-bench-") as tmp:
