@@ -102,3 +102,17 @@ def test_lab_sections_need_root_and_say_so(
     monkeypatch.setattr(sys, "argv", ["run.py", "--quick"])
     assert run.main() == 2
     assert "run as root" in capsys.readouterr().err
+
+
+def test_scale_rows_become_the_three_targets_at_each_size() -> None:
+    run = _load()
+    row = {
+        "mappings": 10000,
+        "cpu_ms_per_1000": 728.6,
+        "rss_per_mapping_kib": 1.7,
+        "lateness_p99_ms": 9.5,
+    }
+    text = run.targets({"scale": {"results": [row]}})
+    assert "| CPU per 1,000 renewals, 10,000 mappings | 728.6 ms | < 50 ms: MISSED" in text
+    assert "| RSS per mapping, 10,000 mappings | 1.7 KiB | < 4 KiB: met |" in text
+    assert "| renewal lateness p99, 10,000 mappings | 9.5 ms | < 50 ms: met |" in text
