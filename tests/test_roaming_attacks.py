@@ -211,3 +211,65 @@ async def test_the_hosts_monitor_breaking_is_reopened_and_a_move_in_between_foll
         assert not on(gw_a)
         assert on(gw_b)
     assert "Bad file descriptor" in caplog.text
+
+
+@pytest.mark.parametrize("refusal", ["not-authorized", "silent"])
+async def test_an_old_gateway_refusing_deletes_costs_one_attempt_each(
+    autojump_clock: trio.testing.MockClock, refusal: str
+) -> None:
+    gw_a, gw_b = gateways()
+    network = FakeNetwork.routed_via(A)
+    async with following(network, gw_a, gw_b) as broker:
+        mappings = [await broker.map(8080 + i, "tcp") for i in range(3)]
+        if refusal == "silent":
+            gw_a.silent_deletes = True
+        else:
+            gw_a.forced_result = 2  # NOT_AUTHORIZED, to every request
+        before = len(gw_a.requests)
+        network.route_via(B)
+        await wait_for(lambda: all(m.lease is not None and m.lease.gateway == B for m in mappings))
+        await trio.sleep(600)
+        assert all(m.state is State.ACTIVE for m in mappings)
+        assert len(gw_b.mappings) == 3
+        # One bounded attempt per lease left behind (a few retransmissions
+        # of it at most), then forgotten: no retry loop at the old gateway.
+        assert 3 <= len(gw_a.requests) - before <= 3 * 5
+        settled = len(gw_a.requests)
+        await trio.sleep(3600)
+        assert len(gw_a.requests) == settled
+    assert gw_b.mappings == {}
+
+
+async def test_a_gateway_pinned_by_the_environment_never_moves(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PORTBROKER_GATEWAY", str(A))
+    gw_a, gw_b = gateways()
+    network = FakeNetwork.routed_via(A)
+    async with following(network, gw_a, gw_b) as broker:
+        await broker.map(8080, "tcp")
+        for flip in range(6):
+            network.route_via(B if flip % 2 == 0 else A)
+            await trio.sleep(10)
+        network.route_via(B)
+        await trio.sleep(60)
+        assert broker.gateway == A
+        assert broker.moves == 0
+        assert on(gw_a)
+        assert gw_b.requests == []
+
+
+async def test_a_third_party_mapping_moves_with_its_internal_address(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gw_a, gw_b = gateways()
+    network = FakeNetwork.routed_via(A)
+    async with following(network, gw_a, gw_b) as broker:
+        mapping = await broker.map(8080, "tcp", internal_address="192.168.1.50")
+        network.route_via(B)
+        await wait_for(lambda: mapping.lease is not None and mapping.lease.gateway == B)
+        await trio.sleep(30)
+        assert gw_a.mappings == {}
+        (key,) = gw_b.mappings
+        assert "192.168.1.50" in str(key)
+    assert gw_b.mappings == {}
