@@ -279,3 +279,51 @@ async def test_a_third_party_mapping_moves_with_its_internal_address(
         (key,) = gw_b.mappings
         assert "192.168.1.50" in str(key)
     assert gw_b.mappings == {}
+
+
+async def test_the_monitor_breaking_mid_move_still_deletes_what_the_move_left_behind(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import contextlib
+
+    import portbroker.netmon
+
+    gw_a, gw_b = gateways()
+    network = FakeNetwork.routed_via(A)
+    breaks = trio.Event()
+
+    @contextlib.asynccontextmanager
+    async def monitors(**_kwargs: Any) -> AsyncIterator[Any]:
+        async with trio.open_nursery() as nursery:
+
+            async def socket_breaks() -> None:
+                await breaks.wait()
+                raise OSError(9, "Bad file descriptor")
+
+            nursery.start_soon(socket_breaks)
+            yield network
+
+    monkeypatch.setattr(portbroker.netmon, "open_network_monitor", monitors)
+    monkeypatch.setattr("portbroker.broker.resolve_gateway", lambda _gateway: A)
+    from portbroker.broker import open_broker
+    from tests.test_roaming import links_to
+
+    async with open_broker(
+        None,
+        ("pcp", "natpmp"),
+        link_factory=links_to(gw_a, gw_b),
+        announce_port=None,
+        seed=7,
+        dhcp_leases=(),
+        follow=True,
+    ) as broker:
+        mappings = [await broker.map(8080 + i, "tcp") for i in range(3)]
+        gw_a.delay = 1.0  # the deletes on the old gateway are in flight...
+        network.route_via(B)
+        await wait_for(lambda: broker.gateway == B)
+        await trio.sleep(0.2)
+        breaks.set()  # ...when the monitor's socket fails
+        await trio.sleep(30)
+        assert all(m.lease is not None and m.lease.gateway == B for m in mappings)
+        assert gw_a.mappings == {}
+        assert len(gw_b.mappings) == 3
