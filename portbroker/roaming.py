@@ -140,7 +140,9 @@ async def follow_network(
                 if isinstance(change, RouteChanged):
                     if change.family != family:
                         continue
-                    interface = change.interface
+                    # No route now: keep the last one's interface, whose link coming back
+                    # matters (a container's veth does not).
+                    interface = change.interface or interface
                     if pinned:
                         if change.new_gateway is not None:
                             logger.info(

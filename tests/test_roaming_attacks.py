@@ -50,6 +50,7 @@ async def test_a_route_flapping_slower_than_the_settle_time_leaves_nothing_behin
             assert mapping.lease.gateway == broker.gateway
         assert len(home.mappings) == 3
         assert away.mappings == {}
+        assert len(broker._gateways_held) <= 2  # no methods pile up per move
         # Bounded: a move costs a create per mapping and a delete per
         # mapping left behind, a few retries at most.
         print(
@@ -327,3 +328,28 @@ async def test_the_monitor_breaking_mid_move_still_deletes_what_the_move_left_be
         assert all(m.lease is not None and m.lease.gateway == B for m in mappings)
         assert gw_a.mappings == {}
         assert len(gw_b.mappings) == 3
+
+
+async def test_container_chatter_while_offline_does_not_re_check_the_mappings(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gw_a, gw_b = gateways()
+    network = FakeNetwork.routed_via(A, "wlan0")
+    async with following(network, gw_a, gw_b) as broker:
+        mapping = await broker.map(8080, "tcp", lifetime=7200)
+        network.route_via(None)  # Wi-Fi lost: no default route
+        await trio.sleep(10)
+        before = len(gw_a.requests)
+        for i in range(30):  # a container restarting in a loop meanwhile
+            network.link(f"veth{i}", True)
+            network.address(f"veth{i}", f"172.17.0.{i + 2}", 16, added=True)
+            await trio.sleep(2)
+            network.link(f"veth{i}", False)
+            await trio.sleep(2)
+        # Its links and addresses are not the way to any gateway: nothing to re-check.
+        assert len(gw_a.requests) == before
+        network.link("wlan0", False)
+        await trio.sleep(2)
+        network.link("wlan0", True)  # the Wi-Fi's own link is: it re-checks
+        await wait_for(lambda: len(gw_a.requests) > before)
+        assert mapping.state is State.ACTIVE
