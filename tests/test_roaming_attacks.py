@@ -353,3 +353,59 @@ async def test_container_chatter_while_offline_does_not_re_check_the_mappings(
         network.link("wlan0", True)  # the Wi-Fi's own link is: it re-checks
         await wait_for(lambda: len(gw_a.requests) > before)
         assert mapping.state is State.ACTIVE
+
+
+async def test_an_ipv6_only_host_does_not_move_off_its_link_local_router(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # RFC 4861 routers are link-local: gateway.py names the router with its
+    # interface (fe80::1%eth0), and so must the monitor, or the two never
+    # agree and the broker "moves" to an unscoped fe80::1 no socket reaches.
+    import contextlib
+    from ipaddress import IPv6Address
+
+    import portbroker.netmon
+    from portbroker import netmon_wire as nl
+    from portbroker.netmon import snapshot_from_records
+
+    router = IPv6Address("fe80::1%eth0")
+    fake = FakeGateway(address=router, external_address="2001:db8::1")
+    records: list[nl.Record] = [
+        nl.LinkRecord(nl.Change.NEW, 2, "eth0", nl.IFF_UP | nl.IFF_RUNNING),
+        nl.RouteRecord(
+            nl.Change.NEW,
+            nl.AF_INET6,
+            0,
+            nl.RT_TABLE_MAIN,
+            nl.RTN_UNICAST,
+            0,
+            IPv6Address("fe80::1"),
+            2,
+            1024,
+        ),
+    ]
+    network = FakeNetwork(snapshot_from_records(records))
+    assert network.snapshot().default_gateway(6) == router
+
+    @contextlib.asynccontextmanager
+    async def monitors(**_kwargs: Any) -> AsyncIterator[Any]:
+        yield network
+
+    monkeypatch.setattr(portbroker.netmon, "open_network_monitor", monitors)
+    monkeypatch.setattr("portbroker.broker.resolve_gateway", lambda _gateway: router)
+    from portbroker.broker import open_broker
+
+    reached: list[Any] = []
+
+    async def link(address: Any, _port: int) -> Any:
+        await trio.lowlevel.checkpoint()
+        reached.append(address)
+        return fake.memory_link("fe80::100")
+
+    async with open_broker(
+        None, ("pcp",), link_factory=link, announce_port=None, seed=7, dhcp_leases=(), follow=True
+    ) as broker:
+        await trio.sleep(30)
+        assert broker.moves == 0
+        assert broker.gateway == router
+        assert set(reached) == {router}  # never an unscoped fe80::1
