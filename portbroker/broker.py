@@ -1526,6 +1526,12 @@ class Broker:
         self._observe(server, response, now, False, announcement=True)
 
 
+# A network monitor that broke is opened again after this long, doubling up to
+# the maximum while it keeps breaking.
+MONITOR_REOPEN_DELAY: Final = 5.0
+MONITOR_REOPEN_MAX: Final = 300.0
+
+
 async def _follow(
     broker: Broker,
     watch: NetworkWatch | None,
@@ -1540,17 +1546,38 @@ async def _follow(
     if watch is not None:
         await follow_network(broker, watch, pinned=pinned, settle=settle, task_status=task_status)
         return
-    from portbroker.netmon import NetworkMonitorError, open_network_monitor
+    from portbroker.netmon import open_network_monitor
 
     # Started at once: the monitor's first snapshot is compared with the
     # gateway resolved before it, so a change in between is still a move.
     task_status.started()
-    try:
-        async with open_network_monitor() as monitor:
-            await follow_network(broker, monitor, pinned=pinned, settle=settle)
-    except NetworkMonitorError as exc:
-        # The broker still works; it just stays where it is (as without follow).
-        logger.warning("cannot watch the network (%s): not following the default route", exc)
+    opened = False
+    delay = MONITOR_REOPEN_DELAY
+    while True:
+        failure: OSError | None = None
+        try:
+            async with open_network_monitor() as monitor:
+                opened = True
+                await follow_network(broker, monitor, pinned=pinned, settle=settle)
+        except* OSError as group:  # the first snapshot, or the monitor's socket later
+            first = group.exceptions[0]
+            failure = first if isinstance(first, OSError) else OSError(str(first))
+        if not opened:
+            # The broker still works; it just stays where it is (as without follow).
+            reason = failure if failure is not None else "no network monitor"
+            logger.warning("cannot watch the network (%s): not following the default route", reason)
+            return
+        # It ran, then broke (a socket error): the app must not go down with
+        # it, nor silently stop following. Open a new one; its first snapshot
+        # against the broker's gateway catches a move made in between.
+        logger.warning(
+            "network monitor failed (%s): watching the network again in %.0f s",
+            failure or "its stream ended",
+            delay,
+        )
+        await trio.sleep(delay)
+        opened = False
+        delay = min(delay * 2, MONITOR_REOPEN_MAX)
 
 
 async def _watch_resume(

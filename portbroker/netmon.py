@@ -202,6 +202,23 @@ class NetworkSnapshot:
         }
 
 
+def _scoped(gateway: IPAddress | None, interface: str) -> IPAddress | None:
+    """A link-local IPv6 router with its interface as the zone (``fe80::1%eth0``).
+
+    Routers advertise from link-local addresses (RFC 4861 §4.2), which no
+    socket reaches without the zone, and :func:`portbroker.gateway.resolve_gateway`
+    names them so: a broker compares its gateway with the monitor's.
+    """
+    if (
+        isinstance(gateway, ipaddress.IPv6Address)
+        and gateway.is_link_local
+        and not gateway.scope_id
+        and interface
+    ):
+        return ipaddress.IPv6Address(f"{gateway}%{interface}")
+    return gateway
+
+
 def snapshot_from_records(records: Iterable[wire.Record]) -> NetworkSnapshot:
     """The snapshot a link, address and route dump describes (records in any order)."""
     names: dict[int, str] = {}
@@ -222,7 +239,12 @@ def snapshot_from_records(records: Iterable[wire.Record]) -> NetworkSnapshot:
 
     return NetworkSnapshot(
         routes=[
-            DefaultRoute(4 if r.family == wire.AF_INET else 6, r.gateway, name(r.oif), r.priority)
+            DefaultRoute(
+                4 if r.family == wire.AF_INET else 6,
+                _scoped(r.gateway, name(r.oif)),
+                name(r.oif),
+                r.priority,
+            )
             for r in routes
             if r.family in (wire.AF_INET, wire.AF_INET6)
         ],
@@ -587,7 +609,8 @@ def _proc_default_routes(proc: Path = Path("/proc/net")) -> list[DefaultRoute]:
                 if flags & (rtf_reject | rtf_cache):
                     continue
                 hop6 = ipaddress.IPv6Address(bytes.fromhex(f[4]))
-                routes.append(DefaultRoute(6, hop6 if int(hop6) else None, f[9], int(f[5], 16)))
+                router = _scoped(hop6, f[9]) if int(hop6) else None
+                routes.append(DefaultRoute(6, router, f[9], int(f[5], 16)))
     return routes
 
 

@@ -87,7 +87,7 @@ async def follow_network(
 
     *pinned* (the caller named the gateway) turns moves off; re-checks stay.
     Never raises but Cancelled: a failed move is logged and the next change
-    tries again.
+    tries again. Returns when *watch* fails (an OSError, logged).
     """
     # Imported here: a broker that does not follow never loads the monitor.
     from portbroker.netmon import AddressAdded, AddressRemoved, LinkDown, LinkUp, RouteChanged
@@ -135,33 +135,44 @@ async def follow_network(
                 # The route moved between resolving the gateway and now.
                 route_moved(target)
         task_status.started()
-        async for change in watch:
-            if isinstance(change, RouteChanged):
-                if change.family != family:
+        try:
+            async for change in watch:
+                if isinstance(change, RouteChanged):
+                    if change.family != family:
+                        continue
+                    # No route now: keep the last one's interface, whose link coming back
+                    # matters (a container's veth does not).
+                    interface = change.interface or interface
+                    if pinned:
+                        if change.new_gateway is not None:
+                            logger.info(
+                                "default route now via %s; the gateway %s is pinned: staying",
+                                change.new_gateway,
+                                broker.gateway,
+                            )
+                            broker._network_changed(
+                                f"default route changed to {change.new_gateway}"
+                            )
+                        continue
+                    route_moved(change.new_gateway)
+                    if change.new_gateway == broker.gateway:
+                        # Back to (or, another interface, still) the same gateway.
+                        broker._network_changed(f"default route via {broker.gateway} again")
                     continue
-                interface = change.interface
-                if pinned:
-                    if change.new_gateway is not None:
-                        logger.info(
-                            "default route now via %s; the gateway %s is pinned: staying",
-                            change.new_gateway,
-                            broker.gateway,
-                        )
-                        broker._network_changed(f"default route changed to {change.new_gateway}")
-                    continue
-                route_moved(change.new_gateway)
-                if change.new_gateway == broker.gateway:
-                    # Back to (or, another interface, still) the same gateway.
-                    broker._network_changed(f"default route via {broker.gateway} again")
-                continue
-            if isinstance(change, LinkUp | LinkDown | AddressAdded | AddressRemoved):
-                if interface and change.interface != interface:
-                    continue  # another interface (a container bridge, a VPN): not our path
-                if target is not None and target != broker.gateway and not pinned:
-                    continue  # a move is coming: it re-creates everything anyway
-                if isinstance(change, LinkDown):
-                    continue  # nothing gets through now; the LinkUp re-checks
-                broker._network_changed(_describe(change))
+                if isinstance(change, LinkUp | LinkDown | AddressAdded | AddressRemoved):
+                    if interface and change.interface != interface:
+                        continue  # another interface (a container bridge, a VPN): not our path
+                    if target is not None and target != broker.gateway and not pinned:
+                        continue  # a move is coming: it re-creates everything anyway
+                    if isinstance(change, LinkDown):
+                        continue  # nothing gets through now; the LinkUp re-checks
+                    broker._network_changed(_describe(change))
+
+        except OSError as exc:
+            # The stream broke (its socket, say): the broker keeps working
+            # where it is, and broker._follow opens a new monitor.
+            logger.warning("network monitor failed (%s): not following the network", exc)
+            nursery.cancel_scope.cancel()
 
 
 def _describe(change: NetworkChange) -> str:

@@ -368,7 +368,7 @@ def test_proc_routes_give_the_default_routes_of_both_families(tmp_path: Path) ->
     )
     assert netmon._proc_default_routes(tmp_path) == [
         DefaultRoute(4, IPv4Address("192.168.1.1"), "eth0", 100),
-        DefaultRoute(6, IPv6Address("fe80::1"), "eth0", 1024),
+        DefaultRoute(6, IPv6Address("fe80::1%eth0"), "eth0", 1024),  # scoped, as gateway.py
     ]
 
 
