@@ -1258,8 +1258,12 @@ class Broker:
             # Moving a deadline costs trio a re-registration, and a burst of
             # answers would move every waiting one per answer (O(n**2) at
             # scale, benchmarks/scale.py): move it only once it has fallen
-            # 1/16 of its budget behind. It never moves back.
-            if scope.deadline < target - budget / 16:
+            # 1/16 of its budget behind. It never moves back. At the cap it
+            # moves at once (once): else a request whose cap is within 1/16
+            # of its deadline gave up short of it while the server answered.
+            if scope.deadline < target - budget / 16 or (
+                target == latest and scope.deadline < latest
+            ):
                 scope.deadline = target
         verdict = self.tracker(server).response(
             response, now, solicited=matched, announcement=announcement, asked_at=asked_at
