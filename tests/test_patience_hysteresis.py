@@ -87,3 +87,53 @@ async def test_silence_for_the_budget_ends_a_request(
         waited = await _wait_unanswered(broker, trio.current_time() + 200, 1000.0)
         # The chatter's one answer (at once) moves nothing: the budget.
         assert waited == pytest.approx(BUDGET, abs=0.01)
+
+
+async def test_a_burst_of_answers_does_not_look_at_every_waiting_request_each_time(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: each answer read every waiting request's deadline (the 1/16
+    rule spared trio the moves, not the loop): WAITING answers to WAITING
+    waiting requests read WAITING**2 deadlines (10,000 of each: about 50 s of
+    CPU here). Now the requests wait in a heap by when an answer could first
+    move them: each is looked at about once per 1/16 of its budget."""
+    waiting = 300
+    reads = 0
+    deadline = trio.CancelScope.deadline
+
+    def counted(scope: trio.CancelScope) -> float:
+        nonlocal reads
+        reads += 1
+        return deadline.fget(scope)  # type: ignore[attr-defined,no-any-return]
+
+    gateway = FakeGateway()
+    async with broker_for(gateway, ("pcp",)) as broker:
+        await broker.map(5000, "udp", lifetime=600, via="pcp")
+        method = broker._methods["pcp"]
+        ended: list[float] = []
+
+        async def wait() -> None:
+            with pytest.raises(trio.TooSlowError):
+                await broker._patiently(method, BUDGET, _forever(), until=trio.current_time() + 60)
+            ended.append(trio.current_time())
+
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for _ in range(waiting):
+                nursery.start_soon(wait)
+            await trio.sleep(0.001)
+            monkeypatch.setattr(
+                trio.CancelScope,
+                "deadline",
+                property(counted, deadline.fset),  # type: ignore[attr-defined]
+            )
+            with trio.move_on_after(waiting * 0.01):
+                await _chatter(broker, 0.01)  # one answer every 10 ms: `waiting` of them
+            monkeypatch.undo()
+        # The answers (for 3 s) kept them waiting, and the silence after
+        # ended them: no earlier than the budget, no later than the last
+        # answer's time plus the budget.
+        assert len(ended) == waiting
+        assert all(started + BUDGET <= t <= started + 3 + BUDGET + 0.01 for t in ended)
+    print(f"{waiting} waiting, {waiting} answers: {reads} deadline reads")
+    assert reads < 20 * waiting, reads
