@@ -263,6 +263,25 @@ def _to_remote(remote: tuple[IPAddress, int] | None) -> str:
 _Endpoint = tuple[TransportProtocol, IPAddress | None, int, tuple[IPAddress, int] | None]
 
 
+# A request waiting patiently (Broker._patiently): its cancel scope, budget
+# and cap.
+_Patience = tuple[trio.CancelScope, float, float]
+
+
+def _patience_due(entry: _Patience) -> float:
+    """The first time an answer could move *entry*'s deadline (Broker._observe).
+
+    Once an answer at *now* finds the deadline more than 1/16 of the budget
+    short of now + budget, or finds now + budget past the cap with the
+    deadline short of it; never (inf) once the deadline is at the cap.
+    """
+    scope, budget, latest = entry
+    deadline = scope.deadline
+    if deadline >= latest:
+        return math.inf
+    return min(deadline - budget + budget / 16, latest - budget)
+
+
 def _endpoint(request: MappingRequest) -> _Endpoint:
     # A PEER is one flow's binding, a gateway entry of its own (RFC 6887 §12):
     # its remote peer is part of what it claims, so a MAP of the port and
@@ -345,6 +364,9 @@ class Broker:
         self._trackers: dict[IPAddress, EpochTracker] = {}
         # server -> {(scope, budget, latest deadline)} of the requests waiting on it
         self._patience: dict[IPAddress, set[tuple[trio.CancelScope, float, float]]] = {}
+        # The same entries per server in a heap by when an answer could first
+        # move their deadline (_patience_due): _observe looks at those only.
+        self._patience_heap: dict[IPAddress, list[tuple[float, int, _Patience]]] = {}
         self._confirming = False
         self._subscribers: list[trio.MemorySendChannel[BrokerEvent]] = []
         self._claims: set[_Endpoint] = set()
@@ -967,12 +989,28 @@ class Broker:
             entry = (scope, budget, latest)
             if server is not None:
                 self._patience.setdefault(server, set()).add(entry)
+                self._wait_patiently(server, entry)
             try:
                 return await call
             finally:
                 if server is not None:
                     self._patience[server].discard(entry)
         raise trio.TooSlowError
+
+    def _wait_patiently(self, server: IPAddress, entry: _Patience) -> None:
+        """Put *entry* (of _patience) on *server*'s heap at :func:`_patience_due`."""
+        due = _patience_due(entry)
+        if due == math.inf:
+            return  # at its cap: no answer moves it again
+        heap = self._patience_heap.setdefault(server, [])
+        if len(heap) > 2 * len(self._patience[server]) + 64:
+            # Entries that ended stay until popped; a server that stopped
+            # answering pops none, so they are dropped here now and then.
+            live = self._patience[server]
+            heap[:] = [item for item in heap if item[2] in live]
+            heapq.heapify(heap)
+        self._seq += 1
+        heapq.heappush(heap, (due, self._seq, entry))
 
     def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         """Start *fn* in the broker's nursery, unless the broker has closed.
@@ -1253,14 +1291,28 @@ class Broker:
         asked_at: float | None = None,
     ) -> None:
         """Every PCP / NAT-PMP response from *server*: patience, then the tracker."""
-        for scope, budget, latest in self._patience.get(server, ()):
+        live = self._patience.get(server)
+        heap = self._patience_heap.get(server)
+        later: list[_Patience] = []
+        while live and heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)[2]
+            if entry not in live:
+                continue  # ended meanwhile
+            scope, budget, latest = entry
             target = min(now + budget, latest)
             # Moving a deadline costs trio a re-registration, and a burst of
             # answers would move every waiting one per answer (O(n**2) at
             # scale, benchmarks/scale.py): move it only once it has fallen
-            # 1/16 of its budget behind. It never moves back.
-            if scope.deadline < target - budget / 16:
+            # 1/16 of its budget behind. It never moves back. At the cap it
+            # moves at once (once): else a request whose cap is within 1/16
+            # of its deadline gave up short of it while the server answered.
+            if scope.deadline < target - budget / 16 or (
+                target == latest and scope.deadline < latest
+            ):
                 scope.deadline = target
+            later.append(entry)
+        for entry in later:
+            self._wait_patiently(server, entry)
         verdict = self.tracker(server).response(
             response, now, solicited=matched, announcement=announcement, asked_at=asked_at
         )

@@ -61,6 +61,11 @@ Response = pcp.PcpResponse | natpmp.NatPmpResponse
 MAX_DATAGRAM: Final = 2048
 # Datagrams the receive loop reads in one go when more are queued (Transport._drain).
 MAX_DRAIN: Final = 256
+# Of those, how many no request takes (foreign, malformed, unmatched) before
+# it yields anyway: each costs a pass over every waiting request
+# (Transport._ignore_all, _count_rejected), so a flood of them, spoofed or
+# stale, would hold the event loop for 256 of those passes at a time.
+MAX_DRAIN_REJECTED: Final = 16
 # After an ICMP refusal, further requests within this time fail without being
 # sent: PCP and NAT-PMP share the port, so one refusal answers both, and
 # gateways rate-limit ICMP errors (Linux: one per second per peer after a
@@ -490,6 +495,8 @@ class Transport:
         receive_nowait = getattr(self.link, "receive_nowait", None)
         if receive_nowait is None:
             return
+        stats = self.stats
+        rejected = 0
         for _ in range(MAX_DRAIN):
             try:
                 got = receive_nowait()
@@ -498,7 +505,12 @@ class Transport:
                 return
             if got is None:
                 return
+            before = stats.foreign + stats.malformed + stats.unmatched
             self._deliver(*got)
+            if stats.foreign + stats.malformed + stats.unmatched != before:
+                rejected += 1
+                if rejected >= MAX_DRAIN_REJECTED:
+                    return  # the rest waits for the next pass (see MAX_DRAIN_REJECTED)
 
     def _receive_failed(self, exc: OSError) -> None:
         if exc.errno == errno.ECONNREFUSED:
