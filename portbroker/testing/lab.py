@@ -477,8 +477,25 @@ class _Wan:
         return errors
 
 
+class _InNamespaces:
+    """What a lab, two sites, a series and a roaming lan offer alike: sockets
+    and commands inside any of their namespaces."""
+
+    __slots__ = ()
+
+    def socket(
+        self, netns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_DGRAM
+    ) -> socket.socket:
+        """A new socket that lives in *netns* (``lab.lan_ns`` and friends)."""
+        return in_netns(netns, lambda: socket.socket(family, kind))
+
+    def exec_argv(self, netns: str, argv: Sequence[str]) -> list[str]:
+        """*argv* prefixed to run inside *netns*."""
+        return ["ip", "netns", "exec", netns, *argv]
+
+
 @attrs.define(eq=False)
-class Lab:
+class Lab(_InNamespaces):
     """One gateway site, built: gw ns + lan bridge + wan link + nftables + miniupnpd.
 
     Create it with :func:`open_lab` (a site with a wan namespace of its own),
@@ -1014,16 +1031,6 @@ class Lab:
         """
         return _run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input_text=script)
 
-    def socket(
-        self, netns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_DGRAM
-    ) -> socket.socket:
-        """A new socket that lives in *netns* (use ``lab.lan_ns`` and friends)."""
-        return in_netns(netns, lambda: socket.socket(family, kind))
-
-    def exec_argv(self, netns: str, argv: Sequence[str]) -> list[str]:
-        """*argv* prefixed to run inside *netns*."""
-        return ["ip", "netns", "exec", netns, *argv]
-
     # -- teardown ---------------------------------------------------------
 
     def close(self) -> None:
@@ -1390,7 +1397,7 @@ class NatServer:
 
 
 @attrs.define(eq=False)
-class Sites:
+class Sites(_InNamespaces):
     """Two gateway sites whose wan sides share one segment (:func:`open_sites`).
 
     ``a`` and ``b`` are complete :class:`Lab` sites (their own gw namespace,
@@ -1408,19 +1415,9 @@ class Sites:
     def labs(self) -> tuple[Lab, Lab]:
         return (self.a, self.b)
 
-    def socket(
-        self, netns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_DGRAM
-    ) -> socket.socket:
-        """A new socket that lives in *netns* (any of the sites' namespaces)."""
-        return in_netns(netns, lambda: socket.socket(family, kind))
-
-    def exec_argv(self, netns: str, argv: Sequence[str]) -> list[str]:
-        """*argv* prefixed to run inside *netns*."""
-        return ["ip", "netns", "exec", netns, *argv]
-
 
 @attrs.define(eq=False)
-class Series:
+class Series(_InNamespaces):
     """Two NAT gateways in series (:func:`open_series`): ``inner`` behind ``outer``.
 
     ``inner``'s wan side is a host on ``outer``'s lan: ``inner.wan_ns`` is
@@ -1438,16 +1435,6 @@ class Series:
     @property
     def labs(self) -> tuple[Lab, Lab]:
         return (self.inner, self.outer)
-
-    def socket(
-        self, netns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_DGRAM
-    ) -> socket.socket:
-        """A new socket that lives in *netns* (any of the series' namespaces)."""
-        return in_netns(netns, lambda: socket.socket(family, kind))
-
-    def exec_argv(self, netns: str, argv: Sequence[str]) -> list[str]:
-        """*argv* prefixed to run inside *netns*."""
-        return ["ip", "netns", "exec", netns, *argv]
 
 
 SITE_B_LAN_NETWORK: Final = IPv4Network("192.168.78.0/24")
@@ -1592,7 +1579,7 @@ def open_series(
 
 
 @attrs.define(eq=False)
-class Roaming:
+class Roaming(_InNamespaces):
     """One lan with two NAT gateways on it (:func:`open_roaming`): ``a`` and ``b``.
 
     The lan is a bridge in a namespace of its own (``lan_switch_ns``); each
@@ -1656,16 +1643,6 @@ class Roaming:
             "dev",
             host.interface,
         )
-
-    def socket(
-        self, netns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_DGRAM
-    ) -> socket.socket:
-        """A new socket that lives in *netns* (any of the topology's namespaces)."""
-        return in_netns(netns, lambda: socket.socket(family, kind))
-
-    def exec_argv(self, netns: str, argv: Sequence[str]) -> list[str]:
-        """*argv* prefixed to run inside *netns*."""
-        return ["ip", "netns", "exec", netns, *argv]
 
 
 ROAMING_B_GATEWAY_ADDRESS: Final = IPv4Address("192.168.77.254")
