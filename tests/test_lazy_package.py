@@ -11,12 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import portbroker
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_type_checker_sees_every_name_and_rejects_a_misspelt_one(tmp_path: Path) -> None:
+    pytest.importorskip("mypy", reason="mypy is in the dev extra, not in test")
     # A module-level __getattr__ that mypy (or an IDE) can see makes every
     # unknown name of the module an `object`: `portbroker.open_brokr` would
     # type-check. Names exist for type checkers through the TYPE_CHECKING imports.
