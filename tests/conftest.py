@@ -32,6 +32,15 @@ def _interrupt(_signum: int, _frame: object) -> None:
 # down: namespaces, miniupnpd and the blackhole route are removed in finally.
 signal.signal(signal.SIGTERM, _interrupt)
 
+# A shell without job control starts its background jobs with SIGINT ignored
+# (POSIX; `.ci/run` starts the lab session that way), and exec() passes an
+# ignored signal on: every CLI and daemon a test starts would shrug off the
+# SIGINT (Ctrl-C) the test sends it. Seen in CI: the netmon monitor ignored
+# its stop and the test hung. A handler of our own is reset to the default in
+# each child by exec(), so children get Ctrl-C as a user's would.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
-from tests.lab.helpers import lines_of
+from tests.lab.helpers import lines_of, stop_read_process
 
 # Two JSON events in one write, then silence: what a broker agent does when a
 # Lost and a Restored come within one moment (seen in CI: select() plus a
@@ -29,3 +32,76 @@ def test_two_lines_written_together_are_both_read() -> None:
         process.wait()
         assert process.stdout is not None
         process.stdout.close()
+
+
+# Ignores SIGINT and SIGTERM; on each one prints a burst of lines, as the
+# netmon monitor printed a last change while a test stopped it.
+STUBBORN = """
+import signal, sys, time
+def burst(*_):
+    sys.stdout.write("".join(f"late {i}\\n" for i in range(200)))
+    sys.stdout.flush()
+signal.signal(signal.SIGINT, burst)
+signal.signal(signal.SIGTERM, burst)
+sys.stdout.write("ready\\n"); sys.stdout.flush()
+sys.stderr.write("said on stderr\\n"); sys.stderr.flush()
+while True:
+    time.sleep(1)
+"""
+
+
+def test_stopping_a_read_process_leaves_every_line_to_its_reader_and_returns() -> None:
+    """The stop used to be communicate(): it read stdout beside the reader and
+    could block in a read no timeout bounds (CI hung 80 minutes in test_lab_netmon)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", STUBBORN],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        reader = lines_of(process)
+        assert reader.next(20) == "ready\n"
+        stopped: list[str] = []
+        stopper = threading.Thread(
+            target=lambda: stopped.append(stop_read_process(process, signal.SIGINT, timeout=2)),
+            daemon=True,
+        )
+        stopper.start()
+        stopper.join(60)
+        assert stopped, "the stop hung"
+        [err] = stopped
+        assert process.returncode == -signal.SIGKILL  # ignored SIGINT: killed
+        assert err == "said on stderr\n"
+        late = []
+        while (line := reader.next(20)) not in ("", None):
+            late.append(line)
+        assert late == [f"late {i}\n" for i in range(200)]  # none taken by the stop
+        assert process.stdout is not None  # given back
+    finally:
+        process.kill()
+        process.wait()
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def test_children_of_a_session_started_in_a_background_shell_take_sigint() -> None:
+    """`.ci/run` starts the lab session with `&`: SIGINT ignored, and inherited by
+    every child unless tests/conftest.py undoes it (CI: a stop by SIGINT hung)."""
+    probe = (
+        "import subprocess, sys\n"
+        "import tests.conftest\n"
+        "status = subprocess.run(['cat', '/proc/self/status'], capture_output=True, text=True)\n"
+        "print(next(l for l in status.stdout.splitlines() if l.startswith('SigIgn:')))\n"
+    )
+    done = subprocess.run(
+        ["bash", "-c", f'"{sys.executable}" -c "$0" & wait', probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parents[1],
+    )
+    assert done.returncode == 0, done.stderr
+    ignored = int(done.stdout.split()[1], 16)
+    assert not ignored & (1 << (signal.SIGINT - 1)), done.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import signal
 import socket
 import subprocess
 import threading
@@ -57,7 +58,12 @@ class LineReader:
     def __init__(self, stream: IO[str]) -> None:
         self._lines: queue.Queue[str] = queue.Queue()
         self._ended = False
-        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        """Wait up to *timeout* s for the stream's end to be read (every line queued)."""
+        self._thread.join(timeout)
 
     def _read(self, stream: IO[str]) -> None:
         try:
@@ -90,3 +96,35 @@ def lines_of(process: subprocess.Popen[str]) -> LineReader:
         assert process.stdout is not None
         reader = _READERS[process] = LineReader(process.stdout)
     return reader
+
+
+def stop_read_process(
+    process: subprocess.Popen[str], signum: int = signal.SIGTERM, timeout: float = 15.0
+) -> str:
+    """Stop *process* (SIGCONT, then *signum*; SIGKILL after *timeout* s) and return its stderr.
+
+    Its stdout is left to its LineReader: ``communicate()`` would read the same
+    pipe. When both wait on it, communicate's select() can report a line that
+    the reader thread then takes, leaving communicate in a blocking read that
+    no timeout bounds, until the child writes again or exits. That hung CI for
+    80 minutes: a monitor that ignored its SIGINT (inherited from a background
+    shell) printed one last change while being stopped.
+    """
+    stdout, process.stdout = process.stdout, None  # communicate() then reads stderr only
+    try:
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)  # a stopped process cannot act on signum
+            process.send_signal(signum)
+        try:
+            _out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _out, err = process.communicate(timeout=30)
+    finally:
+        process.stdout = stdout
+    if stdout is not None:
+        reader = _READERS.get(process)
+        if reader is not None:
+            reader.join(5)  # the exited child's last lines, queued before the pipe closes
+        stdout.close()
+    return err or ""

@@ -29,7 +29,7 @@ import pytest
 
 from portbroker.testing.lab import EXTERNAL_ADDRESS, GATEWAY_ADDRESS, Lab, LanHost, open_lab
 from tests.conftest import _require_lab
-from tests.lab.helpers import lines_of
+from tests.lab.helpers import lines_of, stop_read_process
 
 PORTBROKER = [sys.executable, "-m", "portbroker.cli"]
 SERVICE = "_pbtest._tcp"
@@ -97,14 +97,7 @@ def spawn(lab: Lab, ns: str, *args: str) -> subprocess.Popen[str]:
 
 def stop(process: subprocess.Popen[str]) -> str:
     """SIGTERM (the CLI's clean stop), then its stderr; SIGKILL if it hangs."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        _out, err = process.communicate(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        _out, err = process.communicate()
-    return err
+    return stop_read_process(process, signal.SIGTERM, timeout=15)
 
 
 def test_a_browser_on_another_lan_host_sees_the_external_endpoint_move(

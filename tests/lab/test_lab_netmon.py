@@ -25,7 +25,7 @@ import pytest
 
 from portbroker.testing.lab import Lab, Variant, open_lab
 from tests.conftest import _require_lab
-from tests.lab.helpers import lines_of
+from tests.lab.helpers import lines_of, stop_read_process
 
 QUIET = 0.3
 STEP_TIMEOUT = 5.0
@@ -89,13 +89,7 @@ class Monitor:
             changes.append(line)
 
     def close(self) -> None:
-        self.process.send_signal(signal.SIGCONT)
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.communicate()
+        stop_read_process(self.process, signal.SIGINT, timeout=10)
 
 
 def _route(old: str | None, new: str | None, interface: str, old_interface: str) -> dict[str, Any]:
