@@ -540,6 +540,8 @@ class Lab(_InNamespaces):
     external_address6: IPv6Address | None = attrs.field(init=False, default=None)
     """The gateway's wan-side IPv6 address (fd11::1) with ``ipv6=True``."""
     miniupnpd_pid: int | None = None
+    miniupnpd_started: float | None = None
+    """When miniupnpd last started (``time.monotonic()``): its PCP epoch counts from here."""
     restarts: int = 0
     _process: subprocess.Popen[bytes] | None = None
     _created_ns: list[str] = attrs.Factory(list)
@@ -937,6 +939,7 @@ class Lab(_InNamespaces):
             )
         # `ip netns exec` execs miniupnpd in place, so this pid is miniupnpd's.
         self.miniupnpd_pid = self._process.pid
+        self.miniupnpd_started = time.monotonic()
         self._wait_ready()
 
     def _listening(self) -> tuple[set[int], set[int]]:
