@@ -370,6 +370,8 @@ class Broker:
         self._confirming = False
         self._subscribers: list[trio.MemorySendChannel[BrokerEvent]] = []
         self._claims: set[_Endpoint] = set()
+        # Failed maps' background deletes, by endpoint (map waits for its own).
+        self._cleanups: dict[_Endpoint, trio.Event] = {}
         # The live mappings by endpoint (as _mappings holds them): _claim
         # looks one up instead of scanning them all, or creating N mappings
         # would take N**2 / 2 comparisons (benchmarks/scale.py).
@@ -482,6 +484,12 @@ class Broker:
             raise ValueError(
                 f"method {via!r} is not enabled here; enabled: {', '.join(self._methods)}"
             )
+        key = _endpoint(request)
+        while (cleanup := self._cleanups.get(key)) is not None:
+            # A failed map of this endpoint is still deleting what the gateway
+            # may have made (below): with PCP this map reuses that nonce, and
+            # that delete would remove what this one makes.
+            await cleanup.wait()
         with self._claim(request):
             # No retried delete of this port may go out while its create does.
             dropped = self._supersede(request)
@@ -497,8 +505,29 @@ class Broker:
                     # reached the gateway: delete what it may have made, since
                     # no Mapping will ever name it.
                     await self._abandon(request)
+                elif isinstance(exc, NoAnswer | NoMethodAvailable):
+                    # Silence is not a refusal: the request may have been
+                    # served and only its answers lost (the peers benchmark at
+                    # 60 % loss left DNAT rules so). The delete runs in the
+                    # background, so a failure against a gateway that is down
+                    # is not RELEASE_TIMEOUT slower.
+                    self._clean_up_later(request, key)
                 raise
             return self._start(request, lease)
+
+    def _clean_up_later(self, request: MappingRequest, key: _Endpoint) -> None:
+        if self._closed:
+            return
+        done = self._cleanups[key] = trio.Event()
+        self._spawn(self._clean_up, request, key, done)
+
+    async def _clean_up(self, request: MappingRequest, key: _Endpoint, done: trio.Event) -> None:
+        try:
+            await self._abandon(request)
+        finally:
+            if self._cleanups.get(key) is done:
+                del self._cleanups[key]
+            done.set()
 
     @contextlib.contextmanager
     def _claim(self, request: MappingRequest) -> Iterator[None]:

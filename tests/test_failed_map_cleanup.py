@@ -1,0 +1,52 @@
+"""A map that fails for silence deletes what the gateway may have made all the same.
+
+Seen in the peers benchmark at 60 % loss: the MAP got through, every answer was
+lost, ``map`` raised NoAnswer, and the gateway kept a DNAT rule that no Mapping
+would ever name or delete (1 in 5 through the daemon, 1 in 5 from the
+library). The request reached a gateway whose answers were lost: what it made is
+deleted in the background, and a new map of the same port waits for that
+delete, so it cannot delete the new mapping (PCP reuses the nonce).
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from portbroker.errors import NoAnswer
+from portbroker.testing.fake_gateway import FakeGateway
+from tests.broker_harness import broker_for, wait_for
+
+
+@pytest.mark.parametrize("method", ["pcp", "natpmp"])
+async def test_a_map_whose_answers_were_all_lost_leaves_nothing_on_the_gateway(
+    autojump_clock: trio.testing.MockClock, method: str
+) -> None:
+    gateway = FakeGateway()
+    async with broker_for(gateway, methods=(method,)) as broker:
+        await (await broker.map(9000, "udp", via=method)).release()  # the method is known
+        gateway.drop_rate = 1.0  # from now every request is served, every answer lost
+        with pytest.raises(NoAnswer):
+            await broker.map(8080, "tcp", lifetime=7200, via=method)
+        assert gateway.mappings, "the gateway made the mapping it never told us about"
+        # Its answers still lost: the delete needs only to arrive.
+        await wait_for(lambda: not gateway.mappings, limit=60)
+
+
+async def test_a_map_retried_at_once_after_such_a_failure_is_not_deleted_by_the_cleanup(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gateway = FakeGateway()
+    async with broker_for(gateway, methods=("pcp",)) as broker:
+        await (await broker.map(9000, "udp", via="pcp")).release()
+        gateway.drop_rate = 1.0
+        with pytest.raises(NoAnswer):
+            await broker.map(8080, "tcp", lifetime=7200, via="pcp")
+        gateway.drop_rate = 0.0  # the loss ends; the app tries again at once
+        mapping = await broker.map(8080, "tcp", lifetime=7200, via="pcp")
+        await trio.sleep(120)  # any cleanup still due has run by now
+        assert [m.internal_port for m in gateway.mappings.values()] == [8080]
+        assert mapping.lease is not None
+        await mapping.release()
+        assert not gateway.mappings
