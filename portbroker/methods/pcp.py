@@ -7,6 +7,7 @@ this class sends, waits, and turns transport failures into method failures.
 
 from __future__ import annotations
 
+import logging
 import random
 import secrets
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from portbroker.transport import Transport, pcp_key, probe_schedule, rfc6887_sch
 from portbroker.types import IPAddress, Lease, MappingRequest, ProbeOutcome
 from portbroker.wire import pcp
 from portbroker.wire.pcp import ResultCode
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["PcpMethod", "error_hold_off"]
 
@@ -219,6 +222,8 @@ class PcpMethod:
                 # such mapping": gone, the goal of a delete (like UPnP's 714).
                 # A retried delete whose first answer was lost gets this.
                 break
+            if response.result_code == ResultCode.NOT_AUTHORIZED and await self._cut_short(lease):
+                return  # the nonce is kept: a map of the port meanwhile renews it again
             if response.result_code != ResultCode.SUCCESS:
                 # A short-lifetime error (NETWORK_FAILURE, USER_EX_QUOTA:
                 # RFC 6887 §7.4) may clear, so it says when to ask again (the
@@ -241,6 +246,26 @@ class PcpMethod:
                 self.name, f"delete answered with lifetime {response.lifetime}, not 0"
             )
         self._forget_nonce(lease)
+
+    async def _cut_short(self, lease: Lease) -> bool:
+        """After a refused delete, renew *lease* for the server's minimum lifetime instead.
+
+        True if the server took it (the mapping then closes within that
+        lifetime; logged as a warning). See :func:`pcp_rules.shorten_request`.
+        """
+        response = await self._call(pcp_rules.shorten_request(self.client_address, lease))
+        if response.result_code != ResultCode.SUCCESS or response.lifetime == 0:
+            return False
+        logger.warning(
+            "%s %d/%s: the gateway refused the delete (NOT_AUTHORIZED) but took a renewal"
+            " for %d s, so the mapping closes then (miniupnpd 2.3.1 does this to an IPv6"
+            " pinhole it has renewed)",
+            self.name,
+            lease.internal_port,
+            lease.protocol.value,
+            response.lifetime,
+        )
+        return True
 
     def _forget_nonce(self, lease: Lease) -> None:
         key = self._lease_key(lease)

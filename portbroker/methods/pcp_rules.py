@@ -377,6 +377,31 @@ def delete_request(client: IPAddress, lease: Lease) -> pcp.PcpRequest:
     )
 
 
+def shorten_request(client: IPAddress, lease: Lease) -> pcp.PcpRequest:
+    """A MAP renewing *lease* for 1 s (the server raises it to its minimum), same nonce.
+
+    What is left when a server refuses to delete a mapping it granted us:
+    miniupnpd 2.3.1's nftables backend answers NOT_AUTHORIZED to the delete of
+    an IPv6 pinhole it has renewed (its renewal drops the description that
+    names the nonce), yet renews it with that nonce. Cut short, the pinhole
+    closes at the server's minimum lifetime instead of at the end of its lease.
+    """
+    assert lease.nonce is not None, "a PCP lease always has its nonce"
+    return pcp.PcpRequest(
+        pcp.Opcode.MAP,
+        1,
+        client,
+        pcp.MapData(
+            lease.nonce,
+            lease.protocol.number,
+            lease.internal_port,
+            lease.external_port,
+            lease.external_address,
+        ),
+        _options(client, lease.internal_address, exact=False),
+    )
+
+
 # -- answers --------------------------------------------------------------------
 
 

@@ -59,6 +59,7 @@ class FakeMapping:
     via: str  # "pcp" | "natpmp"
     remote: tuple[IPAddress, int] | None = None  # a PCP PEER's remote peer (RFC 6887 §12)
     filters: tuple[pcp.Filter, ...] = ()  # PCP FILTER options it was granted with
+    renewed: bool = False  # granted again at least once (a PCP pinhole)
 
 
 @attrs.define(eq=False)
@@ -179,6 +180,10 @@ class FakeGateway:
     grant_port_zero: bool = False  # a PCP MAP succeeds with external port 0 (kept inside)
     natpmp_grant_port_zero: bool = False  # the same for a NAT-PMP map
     silent_deletes: bool = False  # PCP MAP requests with lifetime 0 go unanswered
+    # miniupnpd 2.3.1 (nftables, seen in the lab): once an IPv6 pinhole has been
+    # renewed, its delete (same nonce) is answered NOT_AUTHORIZED; a MAP with
+    # that nonce still updates it.
+    renewed_pinholes_undeletable: bool = False
     granted_address: IPAddress | None = attrs.field(  # PCP MAP replies name this address
         default=None, converter=attrs.converters.optional(to_address)
     )
@@ -564,6 +569,8 @@ class FakeGateway:
             return self._pcp_error(request, ResultCode.NOT_AUTHORIZED)
         now = self._now()
         if request.lifetime == 0:
+            if existing is not None and existing.renewed and self.renewed_pinholes_undeletable:
+                return self._pcp_error(request, ResultCode.NOT_AUTHORIZED)
             self._forget(key)
             return self._pcp_reply(request, data.external_port, data.external_address, 0)
         prefer_failure = any(isinstance(o, pcp.PreferFailure) for o in request.options)
@@ -623,6 +630,7 @@ class FakeGateway:
                 self._now() + lifetime,
                 data.nonce,
                 "pcp",
+                renewed=key in self.mappings,
             ),
         )
         return self._pcp_reply(request, data.internal_port, internal, lifetime)

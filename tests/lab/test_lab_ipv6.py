@@ -145,6 +145,56 @@ def test_a_filtered_upnp_pinhole_admits_only_its_remote_host(lab6: Lab, tmp_path
             assert inbound(lab6, listener, host, port) is None, "open after unmap"
 
 
+RENEW_THEN_RELEASE = """
+import sys, trio
+from ipaddress import IPv6Address
+import portbroker
+
+async def main():
+    async with portbroker.open_broker(IPv6Address(sys.argv[1]), ("pcp",)) as broker:
+        mapping = await broker.map(int(sys.argv[2]), "tcp", lifetime=40)
+        events = mapping.events()
+        print("mapped", flush=True)
+        async for event in events:  # at 20-25 s: a lease of 40 s more
+            if type(event).__name__ == "Renewed":
+                break
+        await mapping.release()
+        print("released", flush=True)
+
+trio.run(main)
+"""
+
+
+def test_a_renewed_pcp_pinhole_is_closed_though_miniupnpd_refuses_its_delete(
+    lab6: Lab, figure: Callable[[str], None]
+) -> None:
+    """miniupnpd 2.3.1 (nftables) answers NOT_AUTHORIZED to the delete of an IPv6
+    pinhole it has renewed (its log: "Unauthorized to remove PCP mapping"); the
+    broker then renews it for the minimum lifetime (10 s here), and it closes then,
+    not at the end of its 40 s lease."""
+    port = 22006
+    host = str(LAN_ADDRESS6)
+    argv = lab6.exec_argv(
+        lab6.lan_ns, [sys.executable, "-c", RENEW_THEN_RELEASE, str(GATEWAY_ADDRESS6), str(port)]
+    )
+    with listen6(lab6, port) as listener:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=90, cwd=Path(__file__).parents[2]
+        )
+        released = time.monotonic()
+        assert done.returncode == 0, done.stderr + lab6.log_text()
+        assert done.stdout.split() == ["mapped", "released"]
+        assert "refused the delete (NOT_AUTHORIZED) but took a renewal" in done.stderr
+        assert "Unauthorized to remove PCP mapping internal port 22006" in lab6.log_text()
+        deadline = released + 15  # the minimum lifetime, and miniupnpd's sweep
+        while inbound(lab6, listener, host, port) is not None:
+            assert time.monotonic() < deadline, f"still open: {lab6.nft_rules()}"
+            time.sleep(1)
+        closed = time.monotonic() - released
+    assert f"dport {port} " not in lab6.nft_rules()
+    figure(f"ipv6 pcp: renewed pinhole, delete refused, cut short: closed {closed:.1f} s later")
+
+
 PINHOLE_SCRIPT = """
 import json, sys, attrs, trio
 from ipaddress import IPv6Address

@@ -1,0 +1,63 @@
+"""A delete the gateway refuses though the mapping is ours: cut its lease short instead.
+
+miniupnpd 2.3.1's nftables backend (seen in the lab, tests/lab/test_lab_ipv6.py)
+answers NOT_AUTHORIZED to the delete of an IPv6 pinhole it has renewed: its
+renewal drops the description that names the nonce. Before, the pinhole stayed
+open to the whole internet for the rest of its lease (two hours by default).
+"""
+
+from __future__ import annotations
+
+import logging
+from ipaddress import IPv6Address
+
+import pytest
+import trio
+import trio.testing
+
+from portbroker.broker import open_broker
+from portbroker.errors import MappingError
+from portbroker.testing.fake_gateway import FakeGateway
+from portbroker.wire import pcp
+from tests.broker_harness import broker_for
+
+GATEWAY6 = IPv6Address("fd77::1")
+HOST6 = IPv6Address("fd77::2")
+
+
+async def test_a_renewed_pinhole_whose_delete_is_refused_is_cut_to_the_minimum_lifetime(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = FakeGateway(address=GATEWAY6, renewed_pinholes_undeletable=True)
+    async with open_broker(
+        GATEWAY6, ("pcp",), link_factory=gateway.link_factory(HOST6), announce_port=None, seed=7
+    ) as broker:
+        mapping = await broker.map(8080, "tcp", lifetime=7200)
+        await trio.sleep(4000)  # past the renewal at half the lifetime
+        entry = gateway.mapping_for("tcp", 8080)
+        assert entry is not None
+        assert entry.renewed
+        with caplog.at_level(logging.WARNING):
+            await mapping.release()
+        entry = gateway.mapping_for("tcp", 8080)
+        assert entry is not None
+        # The server's minimum (120 s, RFC 6887 §15's advice), not 3,200 s away.
+        assert entry.expires_at <= trio.current_time() + gateway.min_lifetime
+        sent = [r for r in gateway.requests if isinstance(r, pcp.PcpRequest)][-2:]
+        assert [r.lifetime for r in sent] == [0, 1]  # the delete, then the cut
+        assert len({r.data.nonce for r in sent if r.data is not None}) == 1
+        assert "refused the delete (NOT_AUTHORIZED) but took a renewal" in caplog.text
+        await trio.sleep(gateway.min_lifetime + 1)
+        assert gateway.mapping_for("tcp", 8080) is None
+
+
+async def test_a_refusal_of_the_cut_too_is_the_delete_refused() -> None:
+    gateway = FakeGateway(renewed_pinholes_undeletable=True)
+    async with broker_for(gateway, methods=("pcp",)) as broker:
+        mapping = await broker.map(8080, "tcp", lifetime=7200)
+        assert mapping.lease is not None
+        method = broker._methods["pcp"]
+        gateway.forced_result = int(pcp.ResultCode.NOT_AUTHORIZED)
+        with pytest.raises(MappingError, match="NOT_AUTHORIZED"):
+            await method.delete(mapping.lease)
+        gateway.forced_result = None
