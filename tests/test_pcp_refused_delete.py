@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from ipaddress import IPv6Address
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -61,3 +62,27 @@ async def test_a_refusal_of_the_cut_too_is_the_delete_refused() -> None:
         with pytest.raises(MappingError, match="NOT_AUTHORIZED"):
             await method.delete(mapping.lease)
         gateway.forced_result = None
+
+
+async def test_a_refused_delete_of_a_lapsed_lease_is_not_cut_short(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """After our lease lapsed the endpoint may be another client's (another
+    nonce): its refusal is right, and cutting would shorten that client's pinhole."""
+    gateway = FakeGateway(address=GATEWAY6, renewed_pinholes_undeletable=True)
+    async with open_broker(
+        GATEWAY6, ("pcp",), link_factory=gateway.link_factory(HOST6), announce_port=None, seed=7
+    ) as broker:
+        mapping = await broker.map(8080, "tcp", lifetime=7200)
+        await trio.sleep(4000)
+        lease = mapping.lease
+        assert lease is not None
+        method = broker._methods["pcp"]
+        lapsed = attrs.evolve(lease, granted_at=trio.current_time() - lease.lifetime)
+        with pytest.raises(MappingError, match="NOT_AUTHORIZED"):
+            await method.delete(lapsed)
+        sent = [r for r in gateway.requests if isinstance(r, pcp.PcpRequest)]
+        assert sent[-1].lifetime == 0  # no cut followed the refusal
+        entry = gateway.mapping_for("tcp", 8080)
+        assert entry is not None
+        assert entry.expires_at > trio.current_time() + 3000

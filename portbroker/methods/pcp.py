@@ -252,7 +252,13 @@ class PcpMethod:
 
         True if the server took it (the mapping then closes within that
         lifetime; logged as a warning). See :func:`pcp_rules.shorten_request`.
+        Only while the lease is live: then the server's entry for that internal
+        endpoint is ours. After it lapsed, another client (another nonce) may
+        hold the endpoint, the refusal is right, and miniupnpd 2.3.1 would let
+        this MAP cut that client's pinhole short.
         """
+        if trio.current_time() >= lease.granted_at + lease.lifetime:
+            return False
         response = await self._call(pcp_rules.shorten_request(self.client_address, lease))
         if response.result_code != ResultCode.SUCCESS or response.lifetime == 0:
             return False
