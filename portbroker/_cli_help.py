@@ -51,6 +51,9 @@ ENVIRONMENT
   PORTBROKER_STATE     the state file of map/unmap (--state-file)
   PORTBROKER_SOCKET    the daemon's socket (--socket)
   PORTBROKER_DEBUG     set: internal errors show their traceback
+  PORTBROKER_DAEMON_TIMEOUT
+                       seconds list/map/unmap wait for the daemon to answer
+                       (default 120)
 
 EXIT STATUS
   0 success, 1 failure (one line on stderr says which method failed and why),

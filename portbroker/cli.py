@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import errno
 import json
+import math
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -918,14 +919,44 @@ class _AwaitableBlockingClient:
         return result
 
 
+ENV_DAEMON_TIMEOUT = "PORTBROKER_DAEMON_TIMEOUT"
+# How long list/map/unmap wait for the daemon to send anything. A map through
+# a silent gateway takes the daemon under a minute (three probe races, each
+# within its request budget, then the cleanup of what silence may have made);
+# a daemon that is stopped (SIGSTOP), deadlocked, or sent half a line would
+# otherwise keep the command waiting for ever.
+DAEMON_TIMEOUT = 120.0
+
+
+def _daemon_timeout() -> float:
+    text = os.environ.get(ENV_DAEMON_TIMEOUT)
+    if text is None or not text.strip():
+        return DAEMON_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise UsageError(
+            f"${ENV_DAEMON_TIMEOUT} must be a positive number of seconds, not {text!r}"
+        )
+    return value
+
+
 @contextlib.asynccontextmanager
 async def _open_blocking_client(path: str | None) -> Any:
     from portbroker.client import BlockingClient
 
-    # No timeout, as the trio client has none: a map may wait for a slow
-    # gateway as long as the daemon lets it.
-    with BlockingClient(path, timeout=None) as client:
-        yield _AwaitableBlockingClient(client)
+    timeout = _daemon_timeout()
+    with BlockingClient(path, timeout=timeout) as client:
+        try:
+            yield _AwaitableBlockingClient(client)
+        except TimeoutError as exc:
+            raise Failure(
+                f"the daemon at {client.path} sent no answer within {timeout:g} s: it may be"
+                f" stopped or stuck (its log says why; ${ENV_DAEMON_TIMEOUT} sets how long to"
+                " wait). A map may still complete there: `portbroker list` shows what it holds"
+            ) from exc
 
 
 async def _daemon_client(args: argparse.Namespace, connect: Any = None) -> int:

@@ -1,0 +1,74 @@
+"""A daemon that stops answering does not keep `portbroker list/map/unmap` waiting for ever.
+
+Before, the CLI waited with no timeout: a daemon stopped with SIGSTOP, stuck,
+or that sent half a line and no more kept every command hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def half_line_daemon(tmp_path: Path) -> Iterator[Path]:
+    """A Unix socket that reads a request, sends half a reply line, then nothing."""
+    path = tmp_path / "pb.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            held.append(conn)
+            conn.recv(4096)
+            conn.sendall(b'{"id": 1, "ok": tr')
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield path
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+
+
+def _cli(*args: str, timeout: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PORTBROKER_DAEMON_TIMEOUT": timeout}
+    return subprocess.run(
+        [sys.executable, "-m", "portbroker", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("command", [["list"], ["map", "8080/tcp"], ["unmap", "8080/tcp"]])
+def test_a_daemon_that_sends_half_a_line_and_stops_fails_the_command_clearly(
+    half_line_daemon: Path, command: list[str]
+) -> None:
+    done = _cli(*command, "--socket", str(half_line_daemon), timeout="1")
+    assert done.returncode == 1, done.stderr
+    assert f"the daemon at {half_line_daemon} sent no answer within 1 s" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "soon", "inf", "nan"])
+def test_a_bad_daemon_timeout_is_a_usage_error(half_line_daemon: Path, value: str) -> None:
+    done = _cli("list", "--socket", str(half_line_daemon), timeout=value)
+    assert done.returncode == 2, done.stderr
+    assert "$PORTBROKER_DAEMON_TIMEOUT must be a positive number of seconds" in done.stderr
