@@ -59,7 +59,9 @@ def test_a_map_whose_every_answer_is_lost_leaves_no_rule_on_the_gateway(
     try:
         assert process.stdout is not None
         assert process.stdin is not None
-        assert process.stdout.readline() == "warm\n", process.stderr.read() if process.stderr else ""
+        assert process.stdout.readline() == "warm\n", (
+            process.stderr.read() if process.stderr else ""
+        )
         lab_full.nft(lab_full.gw_ns, ANSWERS_LOST)
         process.stdin.write("go\n")
         process.stdin.flush()
