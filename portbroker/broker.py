@@ -368,6 +368,8 @@ class Broker:
         # move their deadline (_patience_due): _observe looks at those only.
         self._patience_heap: dict[IPAddress, list[tuple[float, int, _Patience]]] = {}
         self._confirming = False
+        self._deferring: set[IPAddress] = set()  # boxes with a _confirm_later task
+        self._confirm_ended = trio.Event()  # set (and renewed) as each _confirm ends
         self._subscribers: list[trio.MemorySendChannel[BrokerEvent]] = []
         self._claims: set[_Endpoint] = set()
         # Failed maps' background deletes, by endpoint (map waits for its own).
@@ -1354,9 +1356,31 @@ class Broker:
     def _on_verdict(self, box: IPAddress, verdict: Verdict) -> None:
         if isinstance(verdict, StateLoss):
             self._state_lost(box, verdict.reason)
-        elif isinstance(verdict, Confirm) and not self._confirming:
-            self._confirming = True
-            self._spawn(self._confirm, box, verdict)
+        elif isinstance(verdict, Confirm):
+            if self._confirming:
+                # One confirmation at a time; this one's turn comes after it.
+                self.tracker(box).defer(verdict, trio.current_time())
+            else:
+                self._confirming = True
+                self._spawn(self._confirm, box, verdict)
+        if self.tracker(box).deferred_until() is not None and box not in self._deferring:
+            self._deferring.add(box)
+            self._spawn(self._confirm_later, box)
+
+    async def _confirm_later(self, box: IPAddress) -> None:
+        """Confirm a hint that came too soon after the last confirmation, once it may be."""
+        try:
+            tracker = self.tracker(box)
+            while (due := tracker.deferred_until()) is not None:
+                await trio.sleep_until(due)
+                while self._confirming:  # the one in flight goes first
+                    await self._confirm_ended.wait()
+                confirm = tracker.take_deferred(trio.current_time())
+                if confirm is not None:
+                    self._confirming = True
+                    self._spawn(self._confirm, box, confirm)
+        finally:
+            self._deferring.discard(box)
 
     async def _confirm(self, box: IPAddress, confirm: Confirm) -> None:
         """Settle a hint with one solicited request (its answer reaches the tracker)."""
@@ -1399,6 +1423,8 @@ class Broker:
             logger.exception("gateway %s: confirming a hint failed", box)
         finally:
             self._confirming = False
+            self._confirm_ended.set()
+            self._confirm_ended = trio.Event()
 
     def _recheck_if_moved(self, address: IPAddress) -> None:
         now = trio.current_time()

@@ -260,6 +260,11 @@ class EpochTracker:
     _boot_id: int | None = None
     _uptime: EpochObservation | None = None
     _last_confirm: float | None = None
+    # A hint that came within CONFIRM_INTERVAL of the last confirmation:
+    # (reason, family, when). Dropping it lost a real restart announced just
+    # after a confirmation (a spoofed hint, say) until the next renewal; it is
+    # confirmed once the interval is over (deferred_until, take_deferred).
+    _deferred: tuple[str, str, float] | None = None
     _natpmp_address: object = None  # the last external address NAT-PMP told us, asked
 
     def epoch(
@@ -303,6 +308,13 @@ class EpochTracker:
                 return self._confirm(now, f"unsolicited {family} epoch {epoch}", family)
             return None
         self._epochs[family] = _Stamp(epoch, earliest, now)
+        if (
+            self._deferred is not None
+            and self._deferred[1] == family
+            and earliest >= self._deferred[2]
+        ):
+            # A fact asked for after the hint came settles it (a loss, or none).
+            self._deferred = None
         if check.state_lost:
             assert previous is not None
             return self._incident(
@@ -392,15 +404,42 @@ class EpochTracker:
             return None
         return self._incident(f"entry missing: {signal.detail}", signal.at)
 
+    def deferred_until(self) -> float | None:
+        """When a hint that came too soon after the last confirmation may be confirmed."""
+        if self._deferred is None or self._last_confirm is None:
+            return None
+        return self._last_confirm + CONFIRM_INTERVAL
+
+    def take_deferred(self, now: float) -> Confirm | None:
+        """The deferred hint's confirmation, once :meth:`deferred_until` has come."""
+        due = self.deferred_until()
+        if due is None or now < due or self._deferred is None:
+            return None
+        reason, family, _at = self._deferred
+        self._deferred = None
+        return self._confirm(now, reason, family)
+
+    def defer(self, confirm: Confirm, now: float) -> None:
+        """*confirm* could not be sent now (another is in flight): confirm it after the interval."""
+        family = confirm.families[0] if confirm.families else "upnp"
+        self._deferred = (confirm.reason, family, now)
+        if self._last_confirm is None:
+            self._last_confirm = now
+
     def _confirm(self, now: float, reason: str, family: str) -> Confirm | None:
         if self._last_confirm is not None and now - self._last_confirm < CONFIRM_INTERVAL:
+            # Not now (a flood must cost a bounded number of requests), but
+            # not never: the latest such hint is confirmed after the interval.
+            self._deferred = (reason, family, now)
             return None
         self._last_confirm = now
+        self._deferred = None
         order = (family, *(f for f in ("pcp", "natpmp") if f != family))
         return Confirm(reason, tuple(f for f in order if f in self._epochs))
 
     def _incident(self, reason: str, now: float) -> StateLoss:
         self.incidents += 1
+        self._deferred = None  # a loss settles every hint
         self._epochs.clear()
         self._boot_id = None
         self._uptime = None
