@@ -79,6 +79,8 @@ def test_wheel_holds_the_package_with_py_typed_and_no_tests(installed: Installed
         (entry_points,) = (n for n in names if n.endswith(".dist-info/entry_points.txt"))
         scripts = wheel.read(entry_points).decode()
     assert "portbroker/py.typed" in names  # PEP 561: users' mypy reads our annotations
+    # The licence pyproject declares, as text (PEP 639: .dist-info/licenses/).
+    assert [n for n in names if n.endswith(".dist-info/licenses/LICENSE")], sorted(names)
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "examples/"))]
     assert not [n for n in names if "/tests/" in n or "conftest" in n]
     source = {p.relative_to(CHECKOUT).as_posix() for p in (CHECKOUT / "portbroker").rglob("*.py")}
