@@ -361,20 +361,7 @@ def retry_without_suggestion(sent: pcp.PcpRequest) -> pcp.PcpRequest:
 
 def delete_request(client: IPAddress, lease: Lease) -> pcp.PcpRequest:
     """MAP with lifetime 0 and the mapping's nonce (RFC 6887 §15)."""
-    assert lease.nonce is not None, "a PCP lease always has its nonce"
-    return pcp.PcpRequest(
-        pcp.Opcode.MAP,
-        0,
-        client,
-        pcp.MapData(
-            lease.nonce,
-            lease.protocol.number,
-            lease.internal_port,
-            0,
-            pcp.no_preference(client),
-        ),
-        _options(client, lease.internal_address, exact=False),
-    )
+    return _lease_map(client, lease, 0, suggest=False)
 
 
 def shorten_request(client: IPAddress, lease: Lease) -> pcp.PcpRequest:
@@ -386,17 +373,22 @@ def shorten_request(client: IPAddress, lease: Lease) -> pcp.PcpRequest:
     names the nonce), yet renews it with that nonce. Cut short, the pinhole
     closes at the server's minimum lifetime instead of at the end of its lease.
     """
+    return _lease_map(client, lease, 1, suggest=True)
+
+
+def _lease_map(client: IPAddress, lease: Lease, lifetime: int, *, suggest: bool) -> pcp.PcpRequest:
+    """A MAP with *lease*'s nonce for *lifetime*, suggesting its external endpoint or none."""
     assert lease.nonce is not None, "a PCP lease always has its nonce"
     return pcp.PcpRequest(
         pcp.Opcode.MAP,
-        1,
+        lifetime,
         client,
         pcp.MapData(
             lease.nonce,
             lease.protocol.number,
             lease.internal_port,
-            lease.external_port,
-            lease.external_address,
+            lease.external_port if suggest else 0,
+            lease.external_address if suggest else pcp.no_preference(client),
         ),
         _options(client, lease.internal_address, exact=False),
     )
