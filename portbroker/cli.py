@@ -952,11 +952,19 @@ async def _open_blocking_client(path: str | None) -> Any:
         try:
             yield _AwaitableBlockingClient(client)
         except TimeoutError as exc:
-            raise Failure(
-                f"the daemon at {client.path} sent no answer within {timeout:g} s: it may be"
-                f" stopped or stuck (its log says why; ${ENV_DAEMON_TIMEOUT} sets how long to"
-                " wait). A map may still complete there: `portbroker list` shows what it holds"
-            ) from exc
+            raise Failure(_no_answer(client.path, timeout)) from exc
+
+
+def _no_answer(path: object, timeout: float) -> str:
+    if path is None:
+        from portbroker.client import socket_path
+
+        path = socket_path(None)
+    return (
+        f"the daemon at {path} sent no answer within {timeout:g} s: it may be"
+        f" stopped or stuck (its log says why; ${ENV_DAEMON_TIMEOUT} sets how long to"
+        " wait). A map may still complete there: `portbroker list` shows what it holds"
+    )
 
 
 async def _daemon_client(args: argparse.Namespace, connect: Any = None) -> int:
@@ -1010,7 +1018,12 @@ async def _daemon_client(args: argparse.Namespace, connect: Any = None) -> int:
             # cancelling it: the daemon then has the hold, and releases it
             # after its grace period once we are gone.
             with trio.open_signal_receiver(*_hold_signals()) as signals:
-                mapping = await _daemon_map(client, args)
+                timeout = _daemon_timeout()
+                try:
+                    with trio.fail_after(timeout):
+                        mapping = await _daemon_map(client, args)
+                except trio.TooSlowError as exc:
+                    raise Failure(_no_answer(args.socket, timeout)) from exc
                 print(
                     json.dumps(mapping) if args.json else _describe_daemon_mapping(mapping),
                     flush=True,

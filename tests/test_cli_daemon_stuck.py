@@ -57,7 +57,9 @@ def _cli(*args: str, timeout: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("command", [["list"], ["map", "8080/tcp"], ["unmap", "8080/tcp"]])
+@pytest.mark.parametrize(
+    "command", [["list"], ["map", "8080/tcp"], ["unmap", "8080/tcp"], ["map", "8080/tcp", "--hold"]]
+)
 def test_a_daemon_that_sends_half_a_line_and_stops_fails_the_command_clearly(
     half_line_daemon: Path, command: list[str]
 ) -> None:
