@@ -157,6 +157,7 @@ class ClockWatch:
     threshold: float = DEFAULT_THRESHOLD
     clocks: Callable[[], ClockReading] = read_clocks
     _detector: ResumeDetector = attrs.field(init=False)
+    _handed_out: bool = attrs.field(init=False, default=False)
 
     @interval.validator
     def _check_interval(self, _attribute: object, value: float) -> None:
@@ -175,13 +176,17 @@ class ClockWatch:
 
         The time the consumer spent since the last one counts as expected,
         not as lateness (renewing every mapping may take a while); a
-        suspend in that time is still seen, as the clocks' gap.
+        suspend in that time is still seen, as the clocks' gap. Before the
+        first one there is no consumer's time: a stop between the watch's
+        creation and its first tick is lateness (CI hung on a stop that
+        landed there and was counted as the consumer's).
         """
         while True:
-            busy = self._detector.elapsed(self.clocks())
+            busy = self._detector.elapsed(self.clocks()) if self._handed_out else 0.0
             await trio.sleep(self.interval)
             resumed = self._detector.observe(self.clocks(), busy + self.interval)
             if resumed is not None:
+                self._handed_out = True
                 return resumed
 
 
@@ -202,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--interval and --threshold must be positive numbers of seconds")
 
     async def run() -> None:
+        # "watching" once the watch counts: a stop right after it is seen.
+        watch = ClockWatch(args.interval, args.threshold)
         print(json.dumps({"watching": True}), flush=True)
-        async for resumed in ClockWatch(args.interval, args.threshold):
+        async for resumed in watch:
             line = {"slept_for": round(resumed.slept_for, 3), "cause": resumed.cause.value}
             print(json.dumps(line), flush=True)
 

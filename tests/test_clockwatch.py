@@ -149,6 +149,20 @@ async def test_the_time_a_consumer_spends_is_not_lateness_but_a_suspend_in_it_is
     assert second.slept_for == pytest.approx(900.0)
 
 
+async def test_a_stop_before_the_first_tick_is_lateness_not_the_consumers_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """`python -m portbroker.clockwatch` prints "watching", then iterates: a SIGSTOP
+    landing in between was counted as time the consumer spent (CI hung on it)."""
+    clocks = FakeClocks()
+    watch = ClockWatch(interval=2.0, threshold=1.0, clocks=clocks)
+    clocks.stalled += 2.5  # stopped before the first anext()
+    with trio.fail_after(30):  # (mock time) it was never reported
+        first = await anext(watch)
+    assert first.cause is ResumeCause.LATE_TIMERS
+    assert first.slept_for == pytest.approx(2.5, abs=0.1)
+
+
 def test_a_stopped_process_reports_its_timers_late_after_sigcont() -> None:
     # The issue 11 lab's stand-in for suspend: SIGSTOP does not stop
     # CLOCK_MONOTONIC, so the signal is lateness, not a clock gap.
