@@ -321,7 +321,10 @@ class PcpMethod:
         The MAP may have reached the server before its caller was cancelled;
         the nonce remembered for the internal endpoint names that mapping, so
         a delete with it (RFC 6887 §15) removes it, and is harmless when
-        nothing was made.
+        nothing was made. It is named as a lease of the lifetime asked for,
+        from now: each retransmission that reached the server renewed it, so
+        miniupnpd 2.3.1 may refuse the delete of an IPv6 pinhole, and then
+        it is cut short as a release's would be (:meth:`_cut_short`).
         """
         key = self._nonce_key(request)
         nonce = self._nonces.get(key)
@@ -333,9 +336,9 @@ class PcpMethod:
                 protocol=request.protocol,
                 internal_address=request.internal_address or self.client_address,
                 internal_port=request.internal_port,
-                external_address=self.client_address,
+                external_address=pcp.no_preference(self.client_address),
                 external_port=0,
-                lifetime=0,
+                lifetime=request.lifetime,
                 granted_at=trio.current_time(),
                 gateway=self.server,
                 nonce=nonce,
