@@ -261,6 +261,7 @@ def _to_remote(remote: tuple[IPAddress, int] | None) -> str:
 
 
 _Endpoint = tuple[TransportProtocol, IPAddress | None, int, tuple[IPAddress, int] | None]
+_Entry = tuple[TransportProtocol, int, tuple[IPAddress, int] | None]
 
 
 # A request waiting patiently (Broker._patiently): its cancel scope, budget
@@ -287,6 +288,17 @@ def _endpoint(request: MappingRequest) -> _Endpoint:
     # its remote peer is part of what it claims, so a MAP of the port and
     # PEERs of it to other remote peers coexist (docs/peer.md).
     return (request.protocol, request.internal_address, request.internal_port, request.remote)
+
+
+def _entry_of(request: MappingRequest) -> _Entry:
+    """What a failed map's cleanup may delete on the gateway, whoever it maps to.
+
+    Not :func:`_endpoint`: ``internal_address=`` this host's own address and
+    none are one gateway entry (PCP: one nonce, NAT-PMP: one internal port),
+    though two claims. A map of another host's port waits too (at most
+    RELEASE_TIMEOUT), which costs less than knowing every address of ours.
+    """
+    return (request.protocol, request.internal_port, request.remote)
 
 
 @attrs.define(eq=False)
@@ -372,8 +384,9 @@ class Broker:
         self._confirm_ended = trio.Event()  # set (and renewed) as each _confirm ends
         self._subscribers: list[trio.MemorySendChannel[BrokerEvent]] = []
         self._claims: set[_Endpoint] = set()
-        # Failed maps' background deletes, by endpoint (map waits for its own).
-        self._cleanups: dict[_Endpoint, trio.Event] = {}
+        # Failed maps' background deletes, by gateway entry (map waits for
+        # those of its own; two claims can name one entry, see _entry_of).
+        self._cleanups: dict[_Entry, set[trio.Event]] = {}
         # The live mappings by endpoint (as _mappings holds them): _claim
         # looks one up instead of scanning them all, or creating N mappings
         # would take N**2 / 2 comparisons (benchmarks/scale.py).
@@ -486,12 +499,12 @@ class Broker:
             raise ValueError(
                 f"method {via!r} is not enabled here; enabled: {', '.join(self._methods)}"
             )
-        key = _endpoint(request)
-        while (cleanup := self._cleanups.get(key)) is not None:
-            # A failed map of this endpoint is still deleting what the gateway
-            # may have made (below): with PCP this map reuses that nonce, and
-            # that delete would remove what this one makes.
-            await cleanup.wait()
+        key = _entry_of(request)
+        while cleanups := self._cleanups.get(key):
+            # A failed map of this gateway entry is still deleting what the
+            # gateway may have made (below): with PCP this map reuses that
+            # nonce, and that delete would remove what this one makes.
+            await next(iter(cleanups)).wait()
         with self._claim(request):
             # No retried delete of this port may go out while its create does.
             dropped = self._supersede(request)
@@ -506,7 +519,7 @@ class Broker:
                     # Cancelled (or interrupted) after the request may have
                     # reached the gateway: delete what it may have made, since
                     # no Mapping will ever name it.
-                    await self._abandon(request)
+                    await self._clean_up(request, key, self._cleaning(key))
                 elif isinstance(exc, NoAnswer | NoMethodAvailable):
                     # Silence is not a refusal: the request may have been
                     # served and only its answers lost (the peers benchmark at
@@ -517,18 +530,25 @@ class Broker:
                 raise
             return self._start(request, lease)
 
-    def _clean_up_later(self, request: MappingRequest, key: _Endpoint) -> None:
+    def _clean_up_later(self, request: MappingRequest, key: _Entry) -> None:
         if self._closed:
             return
-        done = self._cleanups[key] = trio.Event()
-        self._spawn(self._clean_up, request, key, done)
+        self._spawn(self._clean_up, request, key, self._cleaning(key))
 
-    async def _clean_up(self, request: MappingRequest, key: _Endpoint, done: trio.Event) -> None:
+    def _cleaning(self, key: _Entry) -> trio.Event:
+        """Register a cleanup of *key* (map waits for it); set when it is over."""
+        done = trio.Event()
+        self._cleanups.setdefault(key, set()).add(done)
+        return done
+
+    async def _clean_up(self, request: MappingRequest, key: _Entry, done: trio.Event) -> None:
         try:
             await self._abandon(request)
         finally:
-            if self._cleanups.get(key) is done:
-                del self._cleanups[key]
+            running = self._cleanups.get(key, set())
+            running.discard(done)
+            if not running:
+                self._cleanups.pop(key, None)
             done.set()
 
     @contextlib.contextmanager

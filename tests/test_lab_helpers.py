@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -105,3 +106,39 @@ def test_children_of_a_session_started_in_a_background_shell_take_sigint() -> No
     assert done.returncode == 0, done.stderr
     ignored = int(done.stdout.split()[1], 16)
     assert not ignored & (1 << (signal.SIGINT - 1)), done.stdout
+
+
+# Exits on SIGTERM, leaving a child of its own that holds its stdout open.
+LEAVES_A_CHILD = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(20)"])
+print("ready", child.pid, flush=True)
+time.sleep(100)
+"""
+
+
+def test_stopping_a_process_whose_child_holds_its_stdout_returns() -> None:
+    """The stdout pipe stays open while any process holds it: closing it under a
+    reader thread blocked in read() waits for that read, as long as the child lives."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", LEAVES_A_CHILD], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        reader = lines_of(process)
+        ready = reader.next(20)
+        assert ready is not None
+        assert ready.startswith("ready ")
+        child = int(ready.split()[1])
+        stopped: list[str] = []
+        stopper = threading.Thread(
+            target=lambda: stopped.append(stop_read_process(process, timeout=10)), daemon=True
+        )
+        stopper.start()
+        stopper.join(12)  # the child lives 20 s: a stop bound to it would not be back
+        assert stopped == [""], "the stop waited for the child's end"
+        assert process.returncode == -signal.SIGTERM
+        os.kill(child, signal.SIGKILL)
+        assert reader.next(20) == ""  # the pipe's end, once its last holder is gone
+    finally:
+        process.kill()
+        process.wait()

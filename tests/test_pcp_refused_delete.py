@@ -18,6 +18,7 @@ import trio.testing
 
 from portbroker.broker import open_broker
 from portbroker.errors import MappingError
+from portbroker.lifecycle import Released
 from portbroker.testing.fake_gateway import FakeGateway
 from portbroker.wire import pcp
 from tests.broker_harness import broker_for
@@ -62,6 +63,8 @@ async def test_a_refusal_of_the_cut_too_is_the_delete_refused() -> None:
         with pytest.raises(MappingError, match="NOT_AUTHORIZED"):
             await method.delete(mapping.lease)
         gateway.forced_result = None
+        sent = [r for r in gateway.requests if isinstance(r, pcp.PcpRequest)][-2:]
+        assert [r.lifetime for r in sent] == [0, 1]  # the cut was asked for, and refused
 
 
 async def test_a_refused_delete_of_a_lapsed_lease_is_not_cut_short(
@@ -86,3 +89,31 @@ async def test_a_refused_delete_of_a_lapsed_lease_is_not_cut_short(
         entry = gateway.mapping_for("tcp", 8080)
         assert entry is not None
         assert entry.expires_at > trio.current_time() + 3000
+
+
+async def test_a_cut_granted_past_the_leases_end_is_no_delete(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that answers the 1 s renewal with more than the lease had left
+    (its minimum is longer, it ignores the asked lifetime, or a late copy of
+    the last grant matched) has made the pinhole live longer, not shorter: the
+    release is not confirmed, and the log says until when it stays."""
+    gateway = FakeGateway(address=GATEWAY6, renewed_pinholes_undeletable=True)
+    async with open_broker(
+        GATEWAY6, ("pcp",), link_factory=gateway.link_factory(HOST6), announce_port=None, seed=7
+    ) as broker:
+        mapping = await broker.map(8080, "tcp", lifetime=7200)
+        events = mapping.events()
+        await trio.sleep(4000)  # renewed once: some 3,000 s of its lease left
+        lease = mapping.lease
+        assert lease is not None
+        assert lease.expires_at - trio.current_time() < 7200
+        gateway.min_lifetime = 86400  # every grant a day long
+        with caplog.at_level(logging.WARNING):
+            await mapping.release()
+        sent = [r for r in gateway.requests if isinstance(r, pcp.PcpRequest)][-2:]
+        assert [r.lifetime for r in sent] == [0, 1]  # the delete, then the cut
+        released = [event async for event in events if isinstance(event, Released)]
+        assert released == [Released(confirmed=False)]
+        assert "86400 s" in caplog.text
+        assert "took a renewal" not in caplog.text

@@ -255,12 +255,26 @@ class PcpMethod:
         Only while the lease is live: then the server's entry for that internal
         endpoint is ours. After it lapsed, another client (another nonce) may
         hold the endpoint, the refusal is right, and miniupnpd 2.3.1 would let
-        this MAP cut that client's pinhole short.
+        this MAP cut that client's pinhole short. A grant that outlives the
+        lease (a server's minimum above what was left, a server that ignores
+        the asked lifetime, a late copy of the last grant) shortened nothing:
+        False, logged, and the delete stays refused.
         """
-        if trio.current_time() >= lease.granted_at + lease.lifetime:
+        if trio.current_time() >= lease.expires_at:
             return False
         response = await self._call(pcp_rules.shorten_request(self.client_address, lease))
         if response.result_code != ResultCode.SUCCESS or response.lifetime == 0:
+            return False
+        if trio.current_time() + response.lifetime > lease.expires_at:
+            logger.warning(
+                "%s %d/%s: the gateway refused the delete (NOT_AUTHORIZED) and answered a"
+                " renewal for 1 s with %d s, past the lease's end: the mapping stays open"
+                " that long",
+                self.name,
+                lease.internal_port,
+                lease.protocol.value,
+                response.lifetime,
+            )
             return False
         logger.warning(
             "%s %d/%s: the gateway refused the delete (NOT_AUTHORIZED) but took a renewal"
@@ -307,7 +321,10 @@ class PcpMethod:
         The MAP may have reached the server before its caller was cancelled;
         the nonce remembered for the internal endpoint names that mapping, so
         a delete with it (RFC 6887 §15) removes it, and is harmless when
-        nothing was made.
+        nothing was made. It is named as a lease of the lifetime asked for,
+        from now: each retransmission that reached the server renewed it, so
+        miniupnpd 2.3.1 may refuse the delete of an IPv6 pinhole, and then
+        it is cut short as a release's would be (:meth:`_cut_short`).
         """
         key = self._nonce_key(request)
         nonce = self._nonces.get(key)
@@ -319,9 +336,9 @@ class PcpMethod:
                 protocol=request.protocol,
                 internal_address=request.internal_address or self.client_address,
                 internal_port=request.internal_port,
-                external_address=self.client_address,
+                external_address=pcp.no_preference(self.client_address),
                 external_port=0,
-                lifetime=0,
+                lifetime=request.lifetime,
                 granted_at=trio.current_time(),
                 gateway=self.server,
                 nonce=nonce,

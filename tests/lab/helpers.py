@@ -67,11 +67,17 @@ class LineReader:
 
     def _read(self, stream: IO[str]) -> None:
         try:
-            for line in stream:
-                self._lines.put(line)
+            with stream:  # closed here at its end: see stop_read_process
+                for line in stream:
+                    self._lines.put(line)
         except (OSError, ValueError):
             pass  # closed under us (communicate() at a test's end): that is the end too
         self._lines.put("")  # the end
+
+    @property
+    def reading(self) -> bool:
+        """The stream's end not read yet (another process may hold the pipe open)."""
+        return self._thread.is_alive()
 
     def next(self, timeout: float) -> str | None:
         """The next line; "" once the stream ended; None after *timeout* seconds."""
@@ -126,5 +132,9 @@ def stop_read_process(
         reader = _READERS.get(process)
         if reader is not None:
             reader.join(5)  # the exited child's last lines, queued before the pipe closes
-        stdout.close()
+        if reader is None or not reader.reading:
+            stdout.close()
+        # Else a process of its own still holds the pipe: close() would wait
+        # for the reader's read() as long as that one lives; the reader closes
+        # it at its end.
     return err or ""

@@ -195,6 +195,56 @@ def test_a_renewed_pcp_pinhole_is_closed_though_miniupnpd_refuses_its_delete(
     figure(f"ipv6 pcp: renewed pinhole, delete refused, cut short: closed {closed:.1f} s later")
 
 
+LOST_MAP = """
+import subprocess, sys, trio
+from ipaddress import IPv6Address
+import portbroker
+from portbroker.errors import NoAnswer
+
+LOSSY = (
+    "add table inet lossy\\n"
+    "add chain inet lossy in { type filter hook input priority -10; }\\n"
+    "add rule inet lossy in udp sport 5351 drop\\n"
+)
+
+async def main():
+    async with portbroker.open_broker(IPv6Address(sys.argv[1]), ("pcp",)) as broker:
+        await (await broker.map(22100, "tcp", lifetime=600)).release()  # PCP answers
+        subprocess.run(["nft", "-f", "-"], input=LOSSY, text=True, check=True)
+        try:
+            await broker.map(int(sys.argv[2]), "tcp", lifetime=600, via="pcp")
+        except NoAnswer:
+            print("no answer", flush=True)
+        subprocess.run(["nft", "delete", "table", "inet", "lossy"], check=True)
+        await trio.sleep(8)  # the cleanup (one attempt of at most 5 s) is over
+        print("cleaned up", flush=True)
+
+trio.run(main)
+"""
+
+
+def test_a_lost_pcp_map_is_cut_short_though_miniupnpd_refuses_its_delete(lab6: Lab) -> None:
+    """Every answer to a MAP lost (the lan host drops them): miniupnpd takes each
+    retransmission as a renewal ("updating pinhole"), then refuses the cleanup's
+    delete; the cleanup cuts the pinhole to the minimum lifetime (10 s here), or
+    it would stay open for the 600 s asked for."""
+    port = 22101
+    argv = lab6.exec_argv(
+        lab6.lan_ns, [sys.executable, "-c", LOST_MAP, str(GATEWAY_ADDRESS6), str(port)]
+    )
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2]
+    )
+    cleaned = time.monotonic()
+    assert done.returncode == 0, done.stderr + lab6.log_text()
+    assert done.stdout.split("\n")[:2] == ["no answer", "cleaned up"]
+    assert f"Unauthorized to remove PCP mapping internal port {port}" in lab6.log_text()
+    assert "refused the delete (NOT_AUTHORIZED) but took a renewal" in done.stderr
+    while f"dport {port} " in lab6.nft_rules():
+        assert time.monotonic() < cleaned + 15, f"still open: {lab6.nft_rules()}"
+        time.sleep(1)
+
+
 PINHOLE_SCRIPT = """
 import json, sys, attrs, trio
 from ipaddress import IPv6Address

@@ -1,0 +1,146 @@
+""".ci/run's pytest step, run as written with a stand-in pytest: how each session's
+end (passed, failed, hung, deaf to SIGTERM, a Ctrl-C) becomes the run's output and
+exit status. Only the limits are made short (1,500 s -> 3 s, 60 s -> 1 s)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CI_RUN = Path(__file__).parents[1] / ".ci" / "run"
+
+# .venv/bin/pytest: which session it is from its -m; what it does from
+# $LAB / $OTHERS: pass, fail, hang (SIGTERM or SIGINT stops it, as
+# tests/conftest.py makes the real one), deaf (hangs, ignores SIGTERM).
+STAND_IN = """\
+import os, signal, sys, time
+session = "lab" if "lab and not fuzz" in sys.argv else "others"
+mode = os.environ[session.upper()]
+def stop(signum, _frame):
+    print(f"{session} stopped by {signal.Signals(signum).name}", flush=True)
+    sys.exit(2)
+signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "deaf" else stop)
+print(f"{session} started", flush=True)
+open(f"{session}.started", "w").close()
+if mode == "pass":
+    print(f"{session} passed", flush=True)
+    sys.exit(0)
+if mode == "fail":
+    print(f"{session} failed", flush=True)
+    sys.exit(1)
+while True:
+    time.sleep(1)
+"""
+
+
+def _script(tmp_path: Path, limit: int) -> Path:
+    text = CI_RUN.read_text()
+    step = text[text.index("\nlimit=") :]
+    step, n = re.subn(r"\nlimit=\d+\n", f"\nlimit={limit}\n", step)
+    assert n == 1
+    step, n = re.subn(r"--kill-after=\d+", "--kill-after=1", step)
+    assert n == 1
+    stand_in = tmp_path / ".venv" / "bin" / "pytest"
+    stand_in.parent.mkdir(parents=True)
+    stand_in.write_text(f"#!{sys.executable}\n{STAND_IN}")
+    stand_in.chmod(0o755)
+    script = tmp_path / "run"
+    script.write_text(f"set -euo pipefail\ndocs_site=$(mktemp -d)\n{step}")
+    return script
+
+
+def _run(tmp_path: Path, lab: str, others: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(_script(tmp_path, 3))],
+        cwd=tmp_path,
+        env={**os.environ, "LAB": lab, "OTHERS": others},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_passing_sessions_pass_the_run(tmp_path: Path) -> None:
+    done = _run(tmp_path, "pass", "pass")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "lab passed" in done.stdout
+    assert "others passed" in done.stdout
+    assert "rc=0, the others rc=0" in done.stdout
+
+
+@pytest.mark.parametrize(("lab", "others"), [("fail", "pass"), ("pass", "fail")])
+def test_a_failing_session_fails_the_run(tmp_path: Path, lab: str, others: str) -> None:
+    done = _run(tmp_path, lab, others)
+    assert done.returncode != 0
+    assert "failed" in done.stdout
+
+
+@pytest.mark.parametrize("hung", ["lab", "others"])
+def test_a_hung_session_is_stopped_and_named_with_its_log(tmp_path: Path, hung: str) -> None:
+    done = _run(
+        tmp_path, "hang" if hung == "lab" else "pass", "hang" if hung == "others" else "pass"
+    )
+    assert done.returncode != 0
+    assert f"{hung} stopped by SIGTERM" in done.stdout  # its own teardown, in the log
+    assert f"the {hung} session did not finish within 3 s" in done.stdout
+
+
+@pytest.mark.parametrize("deaf", ["lab", "others"])
+def test_a_session_deaf_to_sigterm_is_killed_and_named(tmp_path: Path, deaf: str) -> None:
+    done = _run(
+        tmp_path, "deaf" if deaf == "lab" else "pass", "deaf" if deaf == "others" else "pass"
+    )
+    assert done.returncode != 0
+    assert f"the {deaf} session was killed" in done.stdout
+
+
+def test_ctrl_c_in_a_terminal_stops_both_sessions(tmp_path: Path) -> None:
+    """`sudo bash .ci/run` in a terminal (README): timeout puts each session in a
+    process group of its own, out of the terminal's Ctrl-C; the run passes it on."""
+    script = _script(tmp_path, 30)  # far beyond the wait below: only Ctrl-C ends it
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.chdir(tmp_path)
+        environment = {**os.environ, "LAB": "hang", "OTHERS": "hang"}
+        os.execvpe("bash", ["bash", str(script)], environment)  # noqa: S606 - bash is the point
+    output = b""
+    status = None
+    try:
+        deadline = time.monotonic() + 20
+        interrupted = False
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if ready:
+                # OSError: the terminal's other end closed, the run is over.
+                with contextlib.suppress(OSError):
+                    output += os.read(fd, 4096)
+            started = all((tmp_path / f"{s}.started").exists() for s in ("lab", "others"))
+            if not interrupted and started:
+                os.write(fd, b"\x03")  # Ctrl-C
+                interrupted = True
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+        else:
+            status = None
+    finally:
+        if status is None:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    text = output.decode(errors="replace")
+    assert status is not None, f"the run went on after Ctrl-C:\n{text}"
+    assert os.waitstatus_to_exitcode(status) != 0
+    assert "others stopped by SIGINT" in text
+    assert "lab stopped by SIGINT" in text
