@@ -20,6 +20,7 @@ from portbroker.clockwatch import (
     ResumeDetector,
     read_clocks,
 )
+from tests.lab.helpers import lines_of, stop_read_process
 
 
 def _summary(resumed: Resumed | None) -> tuple[object, object] | None:
@@ -169,17 +170,20 @@ def test_a_stopped_process_reports_its_timers_late_after_sigcont() -> None:
     watcher = subprocess.Popen(
         [sys.executable, "-m", "portbroker.clockwatch", "--interval", "0.2", "--threshold", "1"],
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
+    lines = lines_of(watcher)  # a read with a deadline: a report that never comes fails
     try:
-        assert watcher.stdout is not None
-        assert json.loads(watcher.stdout.readline()) == {"watching": True}
+        assert json.loads(lines.next(30) or "null") == {"watching": True}
         watcher.send_signal(signal.SIGSTOP)
         time.sleep(2.5)
         watcher.send_signal(signal.SIGCONT)
-        report = json.loads(watcher.stdout.readline())
+        text = lines.next(30)
+        assert text, f"no report within 30 s of SIGCONT ({text!r})"
+        report = json.loads(text)
     finally:
-        watcher.send_signal(signal.SIGINT)
-        watcher.communicate(timeout=10)
+        stop_read_process(watcher, signal.SIGINT, timeout=10)
+    assert watcher.returncode == 0  # it took the SIGINT (not killed after ignoring it)
     assert report["cause"] == "late-timers"
     assert report["slept_for"] >= 1.5

@@ -90,6 +90,9 @@ class Monitor:
 
     def close(self) -> None:
         stop_read_process(self.process, signal.SIGINT, timeout=10)
+        # Ended by its SIGINT, not killed after ignoring it (CI: SIGINT came
+        # ignored from the background shell, and the stop hung).
+        assert self.process.returncode == 0, f"the monitor ended with {self.process.returncode}"
 
 
 def _route(old: str | None, new: str | None, interface: str, old_interface: str) -> dict[str, Any]:
