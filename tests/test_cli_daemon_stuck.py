@@ -6,6 +6,7 @@ or that sent half a line and no more kept every command hanging.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -40,6 +41,9 @@ def half_line_daemon(tmp_path: Path) -> Iterator[Path]:
     try:
         yield path
     finally:
+        # shutdown() wakes the accept() in the thread (close() alone does not).
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_RDWR)
         server.close()
         for conn in held:
             conn.close()
