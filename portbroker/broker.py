@@ -485,15 +485,17 @@ class Broker:
                 (:class:`NoMethodAvailable` says why for each).
             NoAnswer: the chosen method's server stayed silent.
         """
-        request = MappingRequest(
-            internal_port,
-            protocol,
-            lifetime,
-            external_port,
-            exact,
-            internal_address,
-            description,
-            filters=tuple(filters),
+        request = self._own_as_none(
+            MappingRequest(
+                internal_port,
+                protocol,
+                lifetime,
+                external_port,
+                exact,
+                internal_address,
+                description,
+                filters=tuple(filters),
+            )
         )
         if via is not None and via not in self._methods:
             raise ValueError(
@@ -550,6 +552,21 @@ class Broker:
             if not running:
                 self._cleanups.pop(key, None)
             done.set()
+
+    def _own_as_none(self, request: MappingRequest) -> MappingRequest:
+        """*request* with an ``internal_address`` of this host's own (toward the gateway) as none.
+
+        Both name one gateway entry (PCP: one nonce, NAT-PMP: one internal
+        port), so they must be one claim: as two, a second map of the port
+        renewed the first's entry under another Mapping, and releasing either
+        (or a failed one's cleanup) deleted the other's.
+        """
+        if request.internal_address is None:
+            return request
+        own = {t.link.local_address for t in self._method_set.transports.values()}
+        if request.internal_address in own:
+            return attrs.evolve(request, internal_address=None)
+        return request
 
     @contextlib.contextmanager
     def _claim(self, request: MappingRequest) -> Iterator[None]:
@@ -681,13 +698,15 @@ class Broker:
             raise ValueError(f"fallback must be 'map' or None, got {fallback!r}")
         if remote is None:
             raise ValueError("peer() needs remote=(address, port): the flow's remote peer")
-        request = MappingRequest(
-            internal_port,
-            protocol,
-            lifetime,
-            internal_address=internal_address,
-            description=description,
-            remote=remote,
+        request = self._own_as_none(
+            MappingRequest(
+                internal_port,
+                protocol,
+                lifetime,
+                internal_address=internal_address,
+                description=description,
+                remote=remote,
+            )
         )
         outcome = await self._try_peer(request)
         if isinstance(outcome, Mapping):

@@ -17,7 +17,8 @@ import trio
 import trio.testing
 
 from portbroker.broker import open_broker
-from portbroker.errors import NoAnswer
+from portbroker.errors import AlreadyMapped, NoAnswer
+from portbroker.lifecycle import State
 from portbroker.testing.fake_gateway import FakeGateway
 from tests.broker_harness import broker_for, wait_for
 
@@ -139,3 +140,22 @@ async def test_a_lost_ipv6_map_whose_delete_miniupnpd_refuses_is_cut_short(
         assert entry is None or entry.expires_at <= trio.current_time() + gateway.min_lifetime
         await trio.sleep(gateway.min_lifetime)
         assert gateway.mapping_for("tcp", 8080) is None
+
+
+@pytest.mark.parametrize("first_names_own", [True, False])
+async def test_this_hosts_own_address_and_none_are_one_claim(
+    autojump_clock: trio.testing.MockClock, first_names_own: bool
+) -> None:
+    """Two claims for one gateway entry let a second map renew the first's entry
+    under another Mapping; a failed one's cleanup (or a release) then deleted
+    the held mapping while it stayed ACTIVE (found by the review)."""
+    gateway = FakeGateway()
+    async with broker_for(gateway, methods=("pcp",)) as broker:
+        (transport,) = broker._method_set.transports.values()
+        own = str(transport.link.local_address)
+        first, second = (own, None) if first_names_own else (None, own)
+        held = await broker.map(8080, "tcp", internal_address=first)
+        with pytest.raises(AlreadyMapped):
+            await broker.map(8080, "tcp", internal_address=second)
+        assert held.state is State.ACTIVE
+        assert gateway.mapping_for("tcp", 8080) is not None
