@@ -457,6 +457,26 @@ def test_the_command_says_what_failed_when_the_network_cannot_be_read(
     )
 
 
+def test_ctrl_c_ends_the_command_quietly_with_status_0() -> None:
+    """SIGINT comes out of the monitor's nursery in an exception group: it used
+    to end the command with a traceback and status 1."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.lab.helpers import lines_of, stop_read_process
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "portbroker.netmon", "--poll"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert "snapshot" in (lines_of(process).next(30) or "")
+    err = stop_read_process(process, signal.SIGINT, timeout=10)
+    assert (process.returncode, err) == (0, "")
+
+
 def test_the_command_refuses_a_negative_quiet_interval(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         netmon.main(["--quiet", "-1"])
