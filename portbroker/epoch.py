@@ -427,7 +427,10 @@ class EpochTracker:
             self._last_confirm = now
 
     def _confirm(self, now: float, reason: str, family: str) -> Confirm | None:
-        if self._last_confirm is not None and now - self._last_confirm < CONFIRM_INTERVAL:
+        # now < last + interval, not now - last < interval: the same sum as
+        # deferred_until's, or a hint deferred to 4.1 (last 2.1) was never due
+        # (4.1 - 2.1 < 2.0 in floating point) and _confirm_later spun on it.
+        if self._last_confirm is not None and now < self._last_confirm + CONFIRM_INTERVAL:
             # Not now (a flood must cost a bounded number of requests), but
             # not never: the latest such hint is confirmed after the interval.
             self._deferred = (reason, family, now)
