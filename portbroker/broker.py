@@ -1424,6 +1424,11 @@ class Broker:
     async def _confirm(self, box: IPAddress, confirm: Confirm) -> None:
         """Settle a hint with one solicited request (its answer reaches the tracker)."""
         try:
+            if box not in (self.gateway, self.pcp_server.address):
+                # A hint (deferred, say) from a gateway the broker has left:
+                # self._methods reach the new one, which has nothing to settle.
+                logger.info("gateway %s, left: not confirming %s", box, confirm.reason)
+                return
             logger.info("gateway %s: %s; asking it", box, confirm.reason)
             with trio.move_on_after(self._request_budget()):
                 for family in confirm.families:

@@ -8,9 +8,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
+import trio
+import trio.testing
 
 from portbroker.epoch import CONFIRM_INTERVAL, Confirm, EpochTracker
+from portbroker.lifecycle import State
+from portbroker.testing.fake_network import FakeNetwork
 from portbroker.wire import pcp
+from tests.broker_harness import wait_for
+from tests.test_roaming import A, B, following, gateways
 
 
 @pytest.fixture(autouse=True)
@@ -22,6 +28,33 @@ def _announces(requests: Sequence[object]) -> int:
     return sum(
         1 for r in requests if isinstance(r, pcp.PcpRequest) and r.opcode is pcp.Opcode.ANNOUNCE
     )
+
+
+async def test_a_hint_deferred_on_the_old_gateway_is_not_confirmed_on_the_new_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    gw_a, gw_b = gateways()
+    network = FakeNetwork.routed_via(A)
+    async with following(network, gw_a, gw_b, follow_settle=0) as broker:
+        mapping = await broker.map(8080, "tcp")
+        await trio.sleep(60)
+        spoof = pcp.encode_response(pcp.PcpResponse(pcp.Opcode.ANNOUNCE, 0, 0, 0))
+        for link in list(gw_a.links):
+            link.put(spoof, gw_a._source())
+        await trio.sleep(0.5)  # confirmed on a at once
+        for link in list(gw_a.links):
+            link.put(spoof, gw_a._source())  # inside the interval: deferred
+        await trio.sleep(0.1)
+        assert broker.tracker(A).deferred_until() is not None
+        gw_a.drop_rate = 1.0  # off the path now
+        network.route_via(B)
+        await wait_for(
+            lambda: mapping.state is State.ACTIVE and mapping.lease.gateway == B  # type: ignore[union-attr]
+        )
+        before = _announces(gw_b.requests)
+        await trio.sleep(CONFIRM_INTERVAL + 5)
+        # a's hint is a's business: b is not asked about it.
+        assert _announces(gw_b.requests) == before
 
 
 def test_a_deferred_hint_is_taken_once_it_is_due_whatever_the_float_rounding() -> None:
