@@ -6,6 +6,7 @@ Memory links and FakeGateways only (127.0.0.1, 127.0.0.2): nothing is sent anywh
 from __future__ import annotations
 
 from collections.abc import Sequence
+from ipaddress import IPv4Address
 
 import pytest
 import trio
@@ -13,9 +14,10 @@ import trio.testing
 
 from portbroker.epoch import CONFIRM_INTERVAL, Confirm, EpochTracker
 from portbroker.lifecycle import State
+from portbroker.testing.fake_gateway import FakeGateway
 from portbroker.testing.fake_network import FakeNetwork
-from portbroker.wire import pcp
-from tests.broker_harness import wait_for
+from portbroker.wire import natpmp, pcp
+from tests.broker_harness import broker_for, wait_for
 from tests.test_roaming import A, B, following, gateways
 
 
@@ -73,3 +75,32 @@ def test_a_deferred_hint_is_taken_once_it_is_due_whatever_the_float_rounding() -
     # _confirm_later sleeps until *due* and takes it then: None here would have
     # it sleep until the same moment again, for ever under a MockClock.
     assert isinstance(tracker.take_deferred(due), Confirm)
+
+
+async def test_an_address_announced_inside_the_interval_is_not_settled_by_a_map_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # NAT-PMP: a gateway may change its external address keeping its epoch and
+    # its mappings (RFC 6886 §3.2.1 announces the address; §3.6 resets the
+    # epoch only on a loss). A MAP answer carries no external address, so it
+    # cannot settle an address hint: only the address request can.
+    gateway = FakeGateway()
+    async with broker_for(gateway, methods=("natpmp",)) as broker:
+        mapping = await broker.map(8080, "tcp", lifetime=3600)
+        first = gateway.external_address
+        assert mapping.external_address == first
+        await trio.sleep(60)
+        (link,) = gateway.links
+        spoof = natpmp.encode_response(
+            natpmp.ExternalAddressResponse(0, gateway.epoch, IPv4Address("192.0.2.66"))
+        )
+        link.put(spoof, gateway._source())
+        await trio.sleep(1)  # confirmed: the address is what it was
+        assert mapping.external_address == first
+        assert any(isinstance(r, natpmp.ExternalAddressRequest) for r in gateway.requests[-2:])
+        gateway.external_address = IPv4Address("198.51.100.7")
+        await gateway.announce()  # inside the interval: deferred
+        await trio.sleep(0.1)
+        other = await broker.map(9000, "udp", lifetime=3600)  # a solicited NAT-PMP answer
+        await wait_for(lambda: mapping.external_address == IPv4Address("198.51.100.7"), limit=30)
+        await other.release()
