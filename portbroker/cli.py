@@ -926,6 +926,7 @@ ENV_DAEMON_TIMEOUT = "PORTBROKER_DAEMON_TIMEOUT"
 # a daemon that is stopped (SIGSTOP), deadlocked, or sent half a line would
 # otherwise keep the command waiting for ever.
 DAEMON_TIMEOUT = 120.0
+DAEMON_TIMEOUT_MAX = 1e9
 
 
 def _daemon_timeout() -> float:
@@ -940,7 +941,9 @@ def _daemon_timeout() -> float:
         raise UsageError(
             f"${ENV_DAEMON_TIMEOUT} must be a positive number of seconds, not {text!r}"
         )
-    return value
+    # socket.settimeout refuses what time_t cannot hold (1e10 s on Linux):
+    # a longer wait than ~30 years is one of ~30 years.
+    return min(value, DAEMON_TIMEOUT_MAX)
 
 
 @contextlib.asynccontextmanager

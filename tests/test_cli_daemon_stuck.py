@@ -78,3 +78,41 @@ def test_a_bad_daemon_timeout_is_a_usage_error(half_line_daemon: Path, value: st
     done = _cli("list", "--socket", str(half_line_daemon), timeout=value)
     assert done.returncode == 2, done.stderr
     assert "$PORTBROKER_DAEMON_TIMEOUT must be a positive number of seconds" in done.stderr
+
+
+@pytest.fixture
+def closing_daemon(tmp_path: Path) -> Iterator[Path]:
+    """A Unix socket that reads a request and closes the connection."""
+    path = tmp_path / "pb.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(4096)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_RDWR)
+        server.close()
+
+
+@pytest.mark.parametrize("command", [["list"], ["map", "8080/tcp"], ["map", "8080/tcp", "--hold"]])
+def test_a_daemon_timeout_of_practically_for_ever_is_one(
+    closing_daemon: Path, command: list[str]
+) -> None:
+    # socket.settimeout(1e10) raises OverflowError (time_t): a user's "wait
+    # for ever" must wait (here: until the daemon closes), not crash.
+    done = _cli(*command, "--socket", str(closing_daemon), timeout="1e10")
+    assert done.returncode == 1, done.stderr
+    assert "the daemon closed the connection" in done.stderr
+    assert "Traceback" not in done.stderr
