@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import json
 import math
 import os
@@ -886,7 +887,7 @@ def _through_daemon(args: argparse.Namespace) -> int:
         return _trio_run(_daemon_client, args)
     # The blocking client's calls, wrapped as coroutines, never suspend: the
     # coroutine runs to its end in one step, with no event loop.
-    coroutine = _daemon_client(args, _open_blocking_client)
+    coroutine = _daemon_client(args, functools.partial(_open_blocking_client, args.command))
     try:
         coroutine.send(None)
     except StopIteration as done:
@@ -947,7 +948,7 @@ def _daemon_timeout() -> float:
 
 
 @contextlib.asynccontextmanager
-async def _open_blocking_client(path: str | None) -> Any:
+async def _open_blocking_client(command: str, path: str | None) -> Any:
     from portbroker.client import BlockingClient
 
     timeout = _daemon_timeout()
@@ -955,18 +956,24 @@ async def _open_blocking_client(path: str | None) -> Any:
         try:
             yield _AwaitableBlockingClient(client)
         except TimeoutError as exc:
-            raise Failure(_no_answer(client.path, timeout)) from exc
+            raise Failure(_no_answer(client.path, timeout, command)) from exc
 
 
-def _no_answer(path: object, timeout: float) -> str:
+def _no_answer(path: object, timeout: float, command: str) -> str:
     if path is None:
         from portbroker.client import socket_path
 
         path = socket_path(None)
+    # A map is not left behind: the daemon rolls back the map of a client
+    # that closed its connection (tests/test_daemon.py), once it runs again.
+    then = {
+        "map": " The daemon undoes the map once it sees this command gone.",
+        "unmap": " The unmap may still complete there: `portbroker list` shows what it holds.",
+    }.get(command, "")
     return (
         f"the daemon at {path} sent no answer within {timeout:g} s: it may be"
         f" stopped or stuck (its log says why; ${ENV_DAEMON_TIMEOUT} sets how long to"
-        " wait). A map may still complete there: `portbroker list` shows what it holds"
+        f" wait).{then}"
     )
 
 
@@ -1026,7 +1033,7 @@ async def _daemon_client(args: argparse.Namespace, connect: Any = None) -> int:
                     with trio.fail_after(timeout):
                         mapping = await _daemon_map(client, args)
                 except trio.TooSlowError as exc:
-                    raise Failure(_no_answer(args.socket, timeout)) from exc
+                    raise Failure(_no_answer(args.socket, timeout, "map")) from exc
                 print(
                     json.dumps(mapping) if args.json else _describe_daemon_mapping(mapping),
                     flush=True,
