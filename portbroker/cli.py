@@ -809,8 +809,13 @@ def _daemon_listening(path: Path) -> bool:
     import socket as socket_module
 
     probe = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+    # Not blocking: a blocking connect to a stopped daemon's full listen
+    # queue waited for ever. A full queue (EAGAIN) is a daemon there.
+    probe.settimeout(0)
     try:
         probe.connect(str(path))
+    except BlockingIOError:
+        return True
     except PermissionError:
         # A daemon this user may not use: going through it says so
         # (DaemonAccessDenied), rather than silently around it.
@@ -952,7 +957,11 @@ async def _open_blocking_client(command: str, path: str | None) -> Any:
     from portbroker.client import BlockingClient
 
     timeout = _daemon_timeout()
-    with BlockingClient(path, timeout=timeout) as client:
+    try:
+        client = BlockingClient(path, timeout=timeout)
+    except TimeoutError as exc:  # its listen queue is full: stopped or stuck
+        raise Failure(_no_answer(path, timeout, command)) from exc
+    with client:
         try:
             yield _AwaitableBlockingClient(client)
         except TimeoutError as exc:

@@ -122,3 +122,48 @@ def test_a_daemon_timeout_of_practically_for_ever_is_one(
     assert done.returncode == 1, done.stderr
     assert "the daemon closed the connection" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.fixture
+def full_backlog_daemon(tmp_path: Path) -> Iterator[Path]:
+    """A daemon that stopped accepting (SIGSTOP, stuck) with its listen queue full."""
+    path = tmp_path / "pb.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(0)
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    filler.connect(str(path))  # the one queued connection a backlog of 0 holds
+    try:
+        yield path
+    finally:
+        filler.close()
+        server.close()
+
+
+def test_a_daemon_whose_listen_queue_is_full_is_stuck_not_missing(
+    full_backlog_daemon: Path,
+) -> None:
+    # A socket with a timeout connects without blocking: a full queue is
+    # EAGAIN at once, which said "no portbroker daemon ... start one".
+    done = _cli("list", "--socket", str(full_backlog_daemon), timeout="1")
+    assert done.returncode == 1, done.stderr
+    assert f"the daemon at {full_backlog_daemon} sent no answer within 1 s" in done.stderr
+    assert "start one" not in done.stderr
+
+
+def test_the_default_socket_check_does_not_block_on_a_full_listen_queue(
+    full_backlog_daemon: Path,
+) -> None:
+    # map/unmap's check for a daemon at the default path connected with no
+    # timeout: on a stuck daemon's full queue it blocked for ever. A daemon
+    # is there, so the command must go through it (and fail saying it is
+    # stuck), never around it to the gateway.
+    from portbroker.cli import _daemon_listening
+
+    result: list[bool] = []
+    thread = threading.Thread(
+        target=lambda: result.append(_daemon_listening(full_backlog_daemon)), daemon=True
+    )
+    thread.start()
+    thread.join(10)
+    assert result == [True]
