@@ -101,6 +101,7 @@ from portbroker.types import (
     RemoteFilter,
     TransportProtocol,
     format_endpoint,
+    unscoped,
 )
 
 __all__ = ["Broker", "BrokerEvent", "Mapping", "NoMethodAvailable", "open_broker"]
@@ -563,7 +564,9 @@ class Broker:
         """
         if request.internal_address is None:
             return request
-        own = {t.link.local_address for t in self._method_set.transports.values()}
+        # Unscoped: getsockname gives a link-local source with its scope, and
+        # the request's address has none (MappingRequest drops it).
+        own = {unscoped(t.link.local_address) for t in self._method_set.transports.values()}
         if request.internal_address in own:
             return attrs.evolve(request, internal_address=None)
         return request

@@ -65,13 +65,14 @@ def _port_spec(text: str) -> tuple[int, str]:
 
 def _third_party(text: str) -> str:
     """--third-party's value: another lan host's IP address (RFC 6887 §13.1)."""
-    from portbroker.types import no_host_reason
+    from portbroker.types import no_host_reason, unscoped
     from portbroker.wire._fields import to_address
 
     try:
         # ::ffff:192.168.1.50 (as dual-stack sockets spell it) is IPv4: PCP
         # sends it so anyway, and its checks below must see the IPv4 address.
-        address = to_address(text.strip())
+        # A scope (fe80::5%eth0) the gateway never sees, nor the daemon keeps.
+        address = unscoped(to_address(text.strip()))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an IP address (the lan host to map for, e.g. 192.168.1.50)"
