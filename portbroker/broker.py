@@ -564,25 +564,34 @@ class Broker:
         """
         if request.internal_address is None:
             return request
-        # Unscoped: getsockname gives a link-local source with its scope, and
-        # the request's address has none (MappingRequest drops it).
-        own = {unscoped(t.link.local_address) for t in self._method_set.transports.values()}
-        if request.internal_address in own:
+        if request.internal_address in self._own_addresses():
             return attrs.evolve(request, internal_address=None)
         return request
+
+    def _own_addresses(self) -> set[IPAddress]:
+        """This host's addresses toward the gateway now (the transports' sources)."""
+        # Unscoped: getsockname gives a link-local source with its scope, and
+        # the request's address has none (MappingRequest drops it).
+        return {unscoped(t.link.local_address) for t in self._method_set.transports.values()}
 
     @contextlib.contextmanager
     def _claim(self, request: MappingRequest) -> Iterator[None]:
         """One mapping per internal endpoint in this broker (errors.AlreadyMapped)."""
         key = _endpoint(request)
-        mapping = self._held.get(key)
+        same = [key]
+        if request.internal_address is None:
+            # One claimed for an address that has since become this host's own
+            # toward the gateway (a move to another gateway, by another
+            # interface) is this gateway entry too.
+            same += [(key[0], own, key[2], key[3]) for own in self._own_addresses()]
+        mapping = next((m for k in same if (m := self._held.get(k)) is not None), None)
         if mapping is not None:
             raise AlreadyMapped(
                 f"{request.internal_port}/{request.protocol.value}{_to_remote(request.remote)}"
                 f" is already mapped by this broker ({mapping.state.value}); use that"
                 " mapping or release it first"
             )
-        if key in self._claims:
+        if any(k in self._claims for k in same):
             raise AlreadyMapped(
                 f"{request.internal_port}/{request.protocol.value}{_to_remote(request.remote)}"
                 " is being mapped by another call on this broker"

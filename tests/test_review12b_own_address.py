@@ -18,9 +18,14 @@ from portbroker import p2p
 from portbroker.broker import open_broker
 from portbroker.daemon.protocol import Request
 from portbroker.daemon.server import _is_this_host, _third_party_params
+from portbroker.errors import AlreadyMapped
+from portbroker.lifecycle import State
 from portbroker.p2p import InterfaceAddress
-from portbroker.testing.fake_gateway import FakeGateway
-from portbroker.types import MappingRequest
+from portbroker.testing.fake_gateway import FakeGateway, MemoryLink
+from portbroker.testing.fake_network import FakeNetwork
+from portbroker.types import IPAddress, MappingRequest
+from tests.broker_harness import wait_for
+from tests.test_roaming import A, B, gateways
 
 
 def test_a_scope_on_an_internal_address_is_dropped() -> None:
@@ -71,3 +76,39 @@ def test_the_clis_third_party_host_is_spelled_as_the_daemon_keeps_it() -> None:
     from portbroker.cli import _third_party
 
     assert _third_party("fe80::5%eth0") == "fe80::5"
+
+
+async def test_after_a_move_a_held_mapping_for_the_new_own_address_and_none_are_one_claim(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On gateway a this host is 192.168.1.100, and 10.0.0.5 another address
+    # (its other interface); on b, 10.0.0.5 is its address toward the gateway.
+    # The mapping made for 10.0.0.5 and a map with none name one entry on b.
+    monkeypatch.delenv("PORTBROKER_GATEWAY", raising=False)
+    gw_a, gw_b = gateways()
+    client: dict[IPAddress, str] = {A: "192.168.1.100", B: "10.0.0.5"}
+    by_address: dict[IPAddress, FakeGateway] = {A: gw_a, B: gw_b}
+
+    async def factory(address: IPAddress, _port: int) -> MemoryLink:
+        await trio.lowlevel.checkpoint()
+        return by_address[address].memory_link(client[address])
+
+    network = FakeNetwork.routed_via(A)
+    async with open_broker(
+        None,
+        ("pcp",),
+        link_factory=factory,
+        announce_port=None,
+        seed=7,
+        dhcp_leases=(),
+        network_monitor=network,
+        follow_settle=0,
+    ) as broker:
+        held = await broker.map(8080, "tcp", internal_address="10.0.0.5")
+        network.route_via(B)
+        await wait_for(
+            lambda: held.state is State.ACTIVE and held.lease.gateway == B  # type: ignore[union-attr]
+        )
+        with pytest.raises(AlreadyMapped):
+            await broker.map(8080, "tcp")
+        assert held.state is State.ACTIVE
