@@ -1400,10 +1400,6 @@ class Broker:
         )
         self._on_verdict(server, verdict)
 
-    def _signal(self, signal: GatewaySignal) -> None:
-        """What the UPnP method saw (its SignalSink)."""
-        self._on_verdict(self.gateway, self.tracker(self.gateway).signal(signal))
-
     def _on_verdict(self, box: IPAddress, verdict: Verdict) -> None:
         if isinstance(verdict, StateLoss):
             self._state_lost(box, verdict.reason)
@@ -1885,8 +1881,10 @@ async def open_broker(
             broker._observe(address, response, now, matched, asked_at=asked_at)
 
     def report(signal: GatewaySignal) -> None:
+        # This gateway's, not whichever the broker is on: after a move its
+        # UPnP method still reports (a renewal in flight, a delete's SSDP).
         if broker is not None:
-            broker._signal(signal)
+            broker._on_verdict(gateway_address, broker.tracker(gateway_address).signal(signal))
 
     @contextlib.asynccontextmanager
     async def connect(new: IPAddress) -> AsyncIterator[tuple[MethodSet, PcpServerChoice]]:

@@ -5,14 +5,16 @@ Memory links and FakeGateways only (127.0.0.1, 127.0.0.2): nothing is sent anywh
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from portbroker.epoch import CONFIRM_INTERVAL, Confirm, EpochTracker
+import portbroker.broker as broker_module
+from portbroker.epoch import CONFIRM_INTERVAL, Confirm, EntryMissing, EpochTracker, GatewaySignal
 from portbroker.lifecycle import State
 from portbroker.testing.fake_gateway import FakeGateway
 from portbroker.testing.fake_network import FakeNetwork
@@ -104,3 +106,36 @@ async def test_an_address_announced_inside_the_interval_is_not_settled_by_a_map_
         other = await broker.map(9000, "udp", lifetime=3600)  # a solicited NAT-PMP answer
         await wait_for(lambda: mapping.external_address == IPv4Address("198.51.100.7"), limit=30)
         await other.release()
+
+
+async def test_a_signal_from_the_first_gateways_upnp_after_a_move_is_not_the_new_ones(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each gateway's UPnP method reports what it saw through the sink it was
+    # opened with. The first gateway's went to whichever gateway the broker
+    # was on at the time: after a move, a 714 from a renewal still in flight
+    # on the old gateway (or its BOOTID) was a state loss of the new one, and
+    # every mapping there was re-created.
+    sinks: list[Callable[[GatewaySignal], None]] = []
+    real = broker_module.open_methods  # type: ignore[attr-defined]
+
+    def capturing(*args: Any, **kwargs: Any) -> Any:
+        sinks.append(kwargs["report"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(broker_module, "open_methods", capturing)
+    gw_a, gw_b = gateways()
+    network = FakeNetwork.routed_via(A)
+    async with following(network, gw_a, gw_b, follow_settle=0) as broker:
+        mapping = await broker.map(8080, "tcp")
+        network.route_via(B)
+        await wait_for(
+            lambda: mapping.state is State.ACTIVE and mapping.lease.gateway == B  # type: ignore[union-attr]
+        )
+        assert len(sinks) == 2
+        granted = mapping.lease
+        first_gateways = sinks[0]
+        first_gateways(EntryMissing("entry 8080/TCP vanished (714)", trio.current_time()))
+        await trio.sleep(10)
+        assert broker.tracker(B).incidents == 0
+        assert mapping.lease == granted  # not re-created on b
