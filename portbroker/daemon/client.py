@@ -580,8 +580,10 @@ class BlockingClient:
     """For programs without an event loop. Not thread-safe; one request at a time.
 
     Raises (from the constructor) DaemonNotRunning or DaemonAccessDenied as
-    :func:`open_client` does; a request that outlives *timeout* raises
-    TimeoutError (None: no timeout, as the trio client).
+    :func:`open_client` does, or TimeoutError when the daemon accepts no
+    connection within *timeout* (its listen queue full: stopped or stuck); a
+    request that outlives *timeout* raises TimeoutError (None: no timeout, as
+    the trio client).
     """
 
     def __init__(self, path: str | Path | None = None, *, timeout: float | None = 60.0) -> None:
