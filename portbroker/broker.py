@@ -101,6 +101,7 @@ from portbroker.types import (
     RemoteFilter,
     TransportProtocol,
     format_endpoint,
+    unscoped,
 )
 
 __all__ = ["Broker", "BrokerEvent", "Mapping", "NoMethodAvailable", "open_broker"]
@@ -563,23 +564,34 @@ class Broker:
         """
         if request.internal_address is None:
             return request
-        own = {t.link.local_address for t in self._method_set.transports.values()}
-        if request.internal_address in own:
+        if request.internal_address in self._own_addresses():
             return attrs.evolve(request, internal_address=None)
         return request
+
+    def _own_addresses(self) -> set[IPAddress]:
+        """This host's addresses toward the gateway now (the transports' sources)."""
+        # Unscoped: getsockname gives a link-local source with its scope, and
+        # the request's address has none (MappingRequest drops it).
+        return {unscoped(t.link.local_address) for t in self._method_set.transports.values()}
 
     @contextlib.contextmanager
     def _claim(self, request: MappingRequest) -> Iterator[None]:
         """One mapping per internal endpoint in this broker (errors.AlreadyMapped)."""
         key = _endpoint(request)
-        mapping = self._held.get(key)
+        same = [key]
+        if request.internal_address is None:
+            # One claimed for an address that has since become this host's own
+            # toward the gateway (a move to another gateway, by another
+            # interface) is this gateway entry too.
+            same += [(key[0], own, key[2], key[3]) for own in self._own_addresses()]
+        mapping = next((m for k in same if (m := self._held.get(k)) is not None), None)
         if mapping is not None:
             raise AlreadyMapped(
                 f"{request.internal_port}/{request.protocol.value}{_to_remote(request.remote)}"
                 f" is already mapped by this broker ({mapping.state.value}); use that"
                 " mapping or release it first"
             )
-        if key in self._claims:
+        if any(k in self._claims for k in same):
             raise AlreadyMapped(
                 f"{request.internal_port}/{request.protocol.value}{_to_remote(request.remote)}"
                 " is being mapped by another call on this broker"
@@ -1388,10 +1400,6 @@ class Broker:
         )
         self._on_verdict(server, verdict)
 
-    def _signal(self, signal: GatewaySignal) -> None:
-        """What the UPnP method saw (its SignalSink)."""
-        self._on_verdict(self.gateway, self.tracker(self.gateway).signal(signal))
-
     def _on_verdict(self, box: IPAddress, verdict: Verdict) -> None:
         if isinstance(verdict, StateLoss):
             self._state_lost(box, verdict.reason)
@@ -1424,6 +1432,11 @@ class Broker:
     async def _confirm(self, box: IPAddress, confirm: Confirm) -> None:
         """Settle a hint with one solicited request (its answer reaches the tracker)."""
         try:
+            if box not in (self.gateway, self.pcp_server.address):
+                # A hint (deferred, say) from a gateway the broker has left:
+                # self._methods reach the new one, which has nothing to settle.
+                logger.info("gateway %s, left: not confirming %s", box, confirm.reason)
+                return
             logger.info("gateway %s: %s; asking it", box, confirm.reason)
             with trio.move_on_after(self._request_budget()):
                 for family in confirm.families:
@@ -1868,8 +1881,10 @@ async def open_broker(
             broker._observe(address, response, now, matched, asked_at=asked_at)
 
     def report(signal: GatewaySignal) -> None:
+        # This gateway's, not whichever the broker is on: after a move its
+        # UPnP method still reports (a renewal in flight, a delete's SSDP).
         if broker is not None:
-            broker._signal(signal)
+            broker._on_verdict(gateway_address, broker.tracker(gateway_address).signal(signal))
 
     @contextlib.asynccontextmanager
     async def connect(new: IPAddress) -> AsyncIterator[tuple[MethodSet, PcpServerChoice]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import json
 import math
 import os
@@ -64,13 +65,14 @@ def _port_spec(text: str) -> tuple[int, str]:
 
 def _third_party(text: str) -> str:
     """--third-party's value: another lan host's IP address (RFC 6887 §13.1)."""
-    from portbroker.types import no_host_reason
+    from portbroker.types import no_host_reason, unscoped
     from portbroker.wire._fields import to_address
 
     try:
         # ::ffff:192.168.1.50 (as dual-stack sockets spell it) is IPv4: PCP
         # sends it so anyway, and its checks below must see the IPv4 address.
-        address = to_address(text.strip())
+        # A scope (fe80::5%eth0) the gateway never sees, nor the daemon keeps.
+        address = unscoped(to_address(text.strip()))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an IP address (the lan host to map for, e.g. 192.168.1.50)"
@@ -808,8 +810,13 @@ def _daemon_listening(path: Path) -> bool:
     import socket as socket_module
 
     probe = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+    # Not blocking: a blocking connect to a stopped daemon's full listen
+    # queue waited for ever. A full queue (EAGAIN) is a daemon there.
+    probe.settimeout(0)
     try:
         probe.connect(str(path))
+    except BlockingIOError:
+        return True
     except PermissionError:
         # A daemon this user may not use: going through it says so
         # (DaemonAccessDenied), rather than silently around it.
@@ -886,7 +893,7 @@ def _through_daemon(args: argparse.Namespace) -> int:
         return _trio_run(_daemon_client, args)
     # The blocking client's calls, wrapped as coroutines, never suspend: the
     # coroutine runs to its end in one step, with no event loop.
-    coroutine = _daemon_client(args, _open_blocking_client)
+    coroutine = _daemon_client(args, functools.partial(_open_blocking_client, args.command))
     try:
         coroutine.send(None)
     except StopIteration as done:
@@ -926,6 +933,7 @@ ENV_DAEMON_TIMEOUT = "PORTBROKER_DAEMON_TIMEOUT"
 # a daemon that is stopped (SIGSTOP), deadlocked, or sent half a line would
 # otherwise keep the command waiting for ever.
 DAEMON_TIMEOUT = 120.0
+DAEMON_TIMEOUT_MAX = 1e9
 
 
 def _daemon_timeout() -> float:
@@ -940,30 +948,42 @@ def _daemon_timeout() -> float:
         raise UsageError(
             f"${ENV_DAEMON_TIMEOUT} must be a positive number of seconds, not {text!r}"
         )
-    return value
+    # socket.settimeout refuses what time_t cannot hold (1e10 s on Linux):
+    # a longer wait than ~30 years is one of ~30 years.
+    return min(value, DAEMON_TIMEOUT_MAX)
 
 
 @contextlib.asynccontextmanager
-async def _open_blocking_client(path: str | None) -> Any:
+async def _open_blocking_client(command: str, path: str | None) -> Any:
     from portbroker.client import BlockingClient
 
     timeout = _daemon_timeout()
-    with BlockingClient(path, timeout=timeout) as client:
+    try:
+        client = BlockingClient(path, timeout=timeout)
+    except TimeoutError as exc:  # its listen queue is full: stopped or stuck
+        raise Failure(_no_answer(path, timeout, command)) from exc
+    with client:
         try:
             yield _AwaitableBlockingClient(client)
         except TimeoutError as exc:
-            raise Failure(_no_answer(client.path, timeout)) from exc
+            raise Failure(_no_answer(client.path, timeout, command)) from exc
 
 
-def _no_answer(path: object, timeout: float) -> str:
+def _no_answer(path: object, timeout: float, command: str) -> str:
     if path is None:
         from portbroker.client import socket_path
 
         path = socket_path(None)
+    # A map is not left behind: the daemon rolls back the map of a client
+    # that closed its connection (tests/test_daemon.py), once it runs again.
+    then = {
+        "map": " The daemon undoes the map once it sees this command gone.",
+        "unmap": " The unmap may still complete there: `portbroker list` shows what it holds.",
+    }.get(command, "")
     return (
         f"the daemon at {path} sent no answer within {timeout:g} s: it may be"
         f" stopped or stuck (its log says why; ${ENV_DAEMON_TIMEOUT} sets how long to"
-        " wait). A map may still complete there: `portbroker list` shows what it holds"
+        f" wait).{then}"
     )
 
 
@@ -1023,7 +1043,7 @@ async def _daemon_client(args: argparse.Namespace, connect: Any = None) -> int:
                     with trio.fail_after(timeout):
                         mapping = await _daemon_map(client, args)
                 except trio.TooSlowError as exc:
-                    raise Failure(_no_answer(args.socket, timeout)) from exc
+                    raise Failure(_no_answer(args.socket, timeout, "map")) from exc
                 print(
                     json.dumps(mapping) if args.json else _describe_daemon_mapping(mapping),
                     flush=True,

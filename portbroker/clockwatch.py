@@ -150,7 +150,9 @@ class ClockWatch:
     first tick after the resume). Iterating forever is the point: run it in
     a task of its own and cancel that task to stop. *clocks* is for tests
     (fake readings under trio's MockClock). Not cancellation-sensitive:
-    cancelling a wait loses nothing but that tick.
+    cancelling a wait loses nothing but that tick. It counts from its
+    creation: create it where it is iterated (time before the first
+    iteration is lateness, a stop there a resume).
     """
 
     interval: float = attrs.field(default=DEFAULT_INTERVAL)

@@ -190,6 +190,11 @@ class Confirm:
 
     reason: str
     families: tuple[str, ...]
+    # Whether any solicited answer of families[0] asked for after the hint
+    # settles it (an epoch hint). An announced NAT-PMP address is settled only
+    # by the confirmation itself: a MAP answer carries no external address,
+    # and only the broker's confirmation re-checks the mappings' addresses.
+    settled_by_epoch: bool = True
 
 
 Verdict = StateLoss | Confirm | None
@@ -264,7 +269,8 @@ class EpochTracker:
     # (reason, family, when). Dropping it lost a real restart announced just
     # after a confirmation (a spoofed hint, say) until the next renewal; it is
     # confirmed once the interval is over (deferred_until, take_deferred).
-    _deferred: tuple[str, str, float] | None = None
+    # The last element: whether a solicited answer can settle it (Confirm).
+    _deferred: tuple[str, str, float, bool] | None = None
     _natpmp_address: object = None  # the last external address NAT-PMP told us, asked
 
     def epoch(
@@ -312,6 +318,7 @@ class EpochTracker:
             self._deferred is not None
             and self._deferred[1] == family
             and earliest >= self._deferred[2]
+            and self._deferred[3]
         ):
             # A fact asked for after the hint came settles it (a loss, or none).
             self._deferred = None
@@ -333,7 +340,9 @@ class EpochTracker:
         """
         if address == self._natpmp_address or (self._natpmp_address is None and not announcement):
             return None
-        return self._confirm(now, f"announced external address {address}", "natpmp")
+        return self._confirm(
+            now, f"announced external address {address}", "natpmp", settled_by_epoch=False
+        )
 
     def response(
         self,
@@ -415,27 +424,32 @@ class EpochTracker:
         due = self.deferred_until()
         if due is None or now < due or self._deferred is None:
             return None
-        reason, family, _at = self._deferred
+        reason, family, _at, settled_by_epoch = self._deferred
         self._deferred = None
-        return self._confirm(now, reason, family)
+        return self._confirm(now, reason, family, settled_by_epoch=settled_by_epoch)
 
     def defer(self, confirm: Confirm, now: float) -> None:
         """*confirm* could not be sent now (another is in flight): confirm it after the interval."""
         family = confirm.families[0] if confirm.families else "upnp"
-        self._deferred = (confirm.reason, family, now)
+        self._deferred = (confirm.reason, family, now, confirm.settled_by_epoch)
         if self._last_confirm is None:
             self._last_confirm = now
 
-    def _confirm(self, now: float, reason: str, family: str) -> Confirm | None:
-        if self._last_confirm is not None and now - self._last_confirm < CONFIRM_INTERVAL:
+    def _confirm(
+        self, now: float, reason: str, family: str, *, settled_by_epoch: bool = True
+    ) -> Confirm | None:
+        # now < last + interval, not now - last < interval: the same sum as
+        # deferred_until's, or a hint deferred to 4.1 (last 2.1) was never due
+        # (4.1 - 2.1 < 2.0 in floating point) and _confirm_later spun on it.
+        if self._last_confirm is not None and now < self._last_confirm + CONFIRM_INTERVAL:
             # Not now (a flood must cost a bounded number of requests), but
             # not never: the latest such hint is confirmed after the interval.
-            self._deferred = (reason, family, now)
+            self._deferred = (reason, family, now, settled_by_epoch)
             return None
         self._last_confirm = now
         self._deferred = None
         order = (family, *(f for f in ("pcp", "natpmp") if f != family))
-        return Confirm(reason, tuple(f for f in order if f in self._epochs))
+        return Confirm(reason, tuple(f for f in order if f in self._epochs), settled_by_epoch)
 
     def _incident(self, reason: str, now: float) -> StateLoss:
         self.incidents += 1

@@ -7,7 +7,7 @@ here, at the edge, with a message that names the field.
 from __future__ import annotations
 
 import enum
-from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from typing import Any, Final
 
 import attrs
@@ -32,6 +32,7 @@ __all__ = [
     "format_endpoint",
     "lease_json",
     "no_host_reason",
+    "unscoped",
 ]
 
 METHOD_NAMES: Final = ("pcp", "natpmp", "upnp")
@@ -71,6 +72,21 @@ def _to_protocol(value: object) -> TransportProtocol:
 
 def _optional_address(value: object) -> IPAddress | None:
     return None if value is None else to_address(value)
+
+
+def unscoped(address: IPAddress) -> IPAddress:
+    """*address* without an IPv6 scope (``fe80::5%eth0`` -> ``fe80::5``).
+
+    A gateway never sees one (the wire holds 16 bytes): two spellings that
+    differ only in it name one host, one gateway entry.
+    """
+    if isinstance(address, IPv6Address) and address.scope_id is not None:
+        return IPv6Address(address.packed)
+    return address
+
+
+def _optional_internal_address(value: object) -> IPAddress | None:
+    return None if value is None else unscoped(to_address(value))
 
 
 def _optional_remote(value: object) -> tuple[IPAddress, int] | None:
@@ -272,7 +288,9 @@ class MappingRequest:
     lifetime: int = attrs.field(default=DEFAULT_LIFETIME, validator=_lifetime)
     external_port: int | None = attrs.field(default=None, validator=_optional_port)
     exact: bool = False
-    internal_address: IPAddress | None = attrs.field(default=None, converter=_optional_address)
+    internal_address: IPAddress | None = attrs.field(
+        default=None, converter=_optional_internal_address
+    )
     description: str = "portbroker"
     remote: tuple[IPAddress, int] | None = attrs.field(default=None, converter=_optional_remote)
     filters: tuple[RemoteFilter, ...] = attrs.field(default=(), converter=_to_filters)

@@ -32,6 +32,7 @@ import math
 import os
 import socket
 import stat
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
@@ -579,8 +580,10 @@ class BlockingClient:
     """For programs without an event loop. Not thread-safe; one request at a time.
 
     Raises (from the constructor) DaemonNotRunning or DaemonAccessDenied as
-    :func:`open_client` does; a request that outlives *timeout* raises
-    TimeoutError (None: no timeout, as the trio client).
+    :func:`open_client` does, or TimeoutError when the daemon accepts no
+    connection within *timeout* (its listen queue full: stopped or stuck); a
+    request that outlives *timeout* raises TimeoutError (None: no timeout, as
+    the trio client).
     """
 
     def __init__(self, path: str | Path | None = None, *, timeout: float | None = 60.0) -> None:
@@ -588,7 +591,10 @@ class BlockingClient:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:
-            self._sock.connect(str(self.path))
+            self._connect(timeout)
+        except TimeoutError:
+            self._sock.close()
+            raise
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             self._sock.close()
             raise DaemonNotRunning(f"no portbroker daemon at {self.path}") from exc
@@ -603,6 +609,23 @@ class BlockingClient:
         self._ended = False
         self._failure: DaemonProtocolError | None = None
         self.events: list[dict[str, Any]] = []
+
+    def _connect(self, timeout: float | None) -> None:
+        """Connect, waiting up to *timeout* for a daemon whose listen queue is full.
+
+        With a timeout the socket does not block, and a Unix socket's full
+        queue (a daemon stopped or stuck, not accepting) is EAGAIN at once:
+        that is a daemon not answering (TimeoutError), not none there.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                self._sock.connect(str(self.path))
+                return
+            except BlockingIOError as exc:
+                if deadline is None or time.monotonic() >= deadline:
+                    raise TimeoutError(f"the daemon at {self.path} accepts no connection") from exc
+                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
     def __enter__(self) -> BlockingClient:
         return self

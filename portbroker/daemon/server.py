@@ -86,6 +86,7 @@ from portbroker.types import (
     MappingRequest,
     RemoteFilter,
     no_host_reason,
+    unscoped,
 )
 from portbroker.wire._fields import to_address
 
@@ -297,7 +298,10 @@ def _third_party_params(
     address = None
     if text is not None:
         try:
-            address = to_address(text.strip())
+            # Unscoped: interface_addresses() has none, and the gateway never
+            # sees one ("2001:db8::5%eth0" was no address of this host's, so
+            # past the privileged-port rule, yet mapped this host's port).
+            address = unscoped(to_address(text.strip()))
         except (ValueError, TypeError):
             raise ProtocolError(
                 ErrorCode.BAD_REQUEST, f"'internal_address' must be an IP address, not {text!r}"
@@ -338,6 +342,7 @@ def _is_this_host(address: IPAddress) -> bool:
     """
     from portbroker.p2p import interface_addresses
 
+    address = unscoped(address)  # getifaddrs gives none
     try:
         return any(entry.address == address for entry in interface_addresses())
     except OSError:
