@@ -26,7 +26,7 @@ import attrs
 
 from portbroker.errors import GatewayNotFound
 from portbroker.pcp_discovery import PcpServer, parse_dhclient_leases
-from portbroker.types import IPAddress
+from portbroker.types import IPAddress, unscoped
 from portbroker.wire._fields import to_address
 
 __all__ = [
@@ -268,7 +268,7 @@ def _not_this_host(servers: list[PcpServer]) -> list[PcpServer]:
         return servers  # cannot tell; the family and usability checks still hold
     out = []
     for server in servers:
-        kept = tuple(a for a in server.addresses if _unscoped(a) not in own)
+        kept = tuple(a for a in server.addresses if unscoped(a) not in own)
         if len(kept) < len(server.addresses):
             logger.warning(
                 "PCP server discovery: %s names this host's own address; ignored", server.source
@@ -276,12 +276,6 @@ def _not_this_host(servers: list[PcpServer]) -> list[PcpServer]:
         if kept:
             out.append(attrs.evolve(server, addresses=kept))
     return out
-
-
-def _unscoped(address: IPAddress) -> IPAddress:
-    if isinstance(address, IPv6Address) and address.scope_id:
-        return IPv6Address(str(address).split("%")[0])
-    return address
 
 
 # dhclient appends a lease block per renewal and rewrites the file when it

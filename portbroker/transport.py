@@ -40,7 +40,7 @@ import attrs
 import trio
 
 from portbroker.errors import LinkError, MalformedMessage, NoAnswer, PortBrokerError
-from portbroker.types import IPAddress
+from portbroker.types import IPAddress, unscoped
 from portbroker.wire import natpmp, pcp
 from portbroker.wire._fields import to_address
 
@@ -129,18 +129,6 @@ def _report_at() -> float:
 
 
 logger = logging.getLogger("portbroker")
-
-
-def _unscoped(address: IPAddress) -> IPAddress:
-    """*address* without its IPv6 zone (``fe80::1%eth0`` -> ``fe80::1``).
-
-    A datagram's source names the zone as the kernel does, or not at all (a
-    memory link), so sources are compared without it: a link-local gateway
-    (docs/ipv6.md) is one address whatever its zone is written as.
-    """
-    if isinstance(address, IPv6Address) and address.scope_id:
-        return IPv6Address(str(address).split("%", 1)[0])
-    return address
 
 
 def _target(remote: tuple[IPAddress, int]) -> str:
@@ -610,7 +598,7 @@ class Transport:
             address = to_address(ip_address(source[0].split("%")[0]))
         except ValueError:
             return "wrong source address"
-        if address != _unscoped(self.link.remote[0]):
+        if address != unscoped(self.link.remote[0]):
             return "wrong source address"
         if source[1] != self.link.remote[1]:
             return "wrong source port"
@@ -796,7 +784,7 @@ async def listen_announcements(
             failures = 0
             try:
                 address = to_address(ip_address(str(source[0]).split("%")[0]))
-                if (address, source[1]) != (_unscoped(gateway), server_port):
+                if (address, source[1]) != (unscoped(gateway), server_port):
                     continue
                 response = decode_datagram(data)
             except (ValueError, PortBrokerError):

@@ -78,7 +78,9 @@ def unscoped(address: IPAddress) -> IPAddress:
     """*address* without an IPv6 scope (``fe80::5%eth0`` -> ``fe80::5``).
 
     A gateway never sees one (the wire holds 16 bytes): two spellings that
-    differ only in it name one host, one gateway entry.
+    differ only in it name one host, one gateway entry. A datagram's source
+    names the zone as the kernel does, or not at all (a memory link), so the
+    transport compares sources without it too.
     """
     if isinstance(address, IPv6Address) and address.scope_id is not None:
         return IPv6Address(address.packed)
