@@ -12,16 +12,15 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 
-@pytest.fixture
-def half_line_daemon(tmp_path: Path) -> Iterator[Path]:
-    """A Unix socket that reads a request, sends half a reply line, then nothing."""
-    path = tmp_path / "pb.sock"
+@contextlib.contextmanager
+def _unix_daemon(path: Path, answer: Callable[[socket.socket], None]) -> Iterator[Path]:
+    """A Unix socket at *path* whose thread hands each connection to *answer*."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     server.listen()
@@ -34,8 +33,7 @@ def half_line_daemon(tmp_path: Path) -> Iterator[Path]:
             except OSError:
                 return
             held.append(conn)
-            conn.recv(4096)
-            conn.sendall(b'{"id": 1, "ok": tr')
+            answer(conn)
 
     threading.Thread(target=serve, daemon=True).start()
     try:
@@ -47,6 +45,23 @@ def half_line_daemon(tmp_path: Path) -> Iterator[Path]:
         server.close()
         for conn in held:
             conn.close()
+
+
+def _half_a_line(conn: socket.socket) -> None:
+    conn.recv(4096)
+    conn.sendall(b'{"id": 1, "ok": tr')  # and nothing more, the connection left open
+
+
+def _read_and_close(conn: socket.socket) -> None:
+    conn.recv(4096)
+    conn.close()
+
+
+@pytest.fixture
+def half_line_daemon(tmp_path: Path) -> Iterator[Path]:
+    """A Unix socket that reads a request, sends half a reply line, then nothing."""
+    with _unix_daemon(tmp_path / "pb.sock", _half_a_line) as path:
+        yield path
 
 
 def _cli(*args: str, timeout: str) -> subprocess.CompletedProcess[str]:
@@ -89,27 +104,8 @@ def test_a_bad_daemon_timeout_is_a_usage_error(half_line_daemon: Path, value: st
 @pytest.fixture
 def closing_daemon(tmp_path: Path) -> Iterator[Path]:
     """A Unix socket that reads a request and closes the connection."""
-    path = tmp_path / "pb.sock"
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen()
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(4096)
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
+    with _unix_daemon(tmp_path / "pb.sock", _read_and_close) as path:
         yield path
-    finally:
-        with contextlib.suppress(OSError):
-            server.shutdown(socket.SHUT_RDWR)
-        server.close()
 
 
 @pytest.mark.parametrize("command", [["list"], ["map", "8080/tcp"], ["map", "8080/tcp", "--hold"]])
