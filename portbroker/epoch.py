@@ -27,6 +27,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import attrs
 
@@ -200,6 +201,15 @@ class Confirm:
 Verdict = StateLoss | Confirm | None
 
 
+class _Deferred(NamedTuple):
+    """A hint held back by the confirmation rate limit (EpochTracker._deferred)."""
+
+    reason: str
+    family: str
+    at: float  # when it came
+    settled_by_epoch: bool  # as Confirm's: a solicited answer asked for after *at* settles it
+
+
 @attrs.frozen
 class _Stamp:
     """A server epoch and the interval of our clock in which the server read it."""
@@ -265,12 +275,11 @@ class EpochTracker:
     _boot_id: int | None = None
     _uptime: EpochObservation | None = None
     _last_confirm: float | None = None
-    # A hint that came within CONFIRM_INTERVAL of the last confirmation:
-    # (reason, family, when). Dropping it lost a real restart announced just
-    # after a confirmation (a spoofed hint, say) until the next renewal; it is
-    # confirmed once the interval is over (deferred_until, take_deferred).
-    # The last element: whether a solicited answer can settle it (Confirm).
-    _deferred: tuple[str, str, float, bool] | None = None
+    # A hint that came within CONFIRM_INTERVAL of the last confirmation.
+    # Dropping it lost a real restart announced just after a confirmation (a
+    # spoofed hint, say) until the next renewal; it is confirmed once the
+    # interval is over (deferred_until, take_deferred).
+    _deferred: _Deferred | None = None
     _natpmp_address: object = None  # the last external address NAT-PMP told us, asked
 
     def epoch(
@@ -314,11 +323,12 @@ class EpochTracker:
                 return self._confirm(now, f"unsolicited {family} epoch {epoch}", family)
             return None
         self._epochs[family] = _Stamp(epoch, earliest, now)
+        deferred = self._deferred
         if (
-            self._deferred is not None
-            and self._deferred[1] == family
-            and earliest >= self._deferred[2]
-            and self._deferred[3]
+            deferred is not None
+            and deferred.settled_by_epoch
+            and deferred.family == family
+            and earliest >= deferred.at
         ):
             # A fact asked for after the hint came settles it (a loss, or none).
             self._deferred = None
@@ -424,14 +434,15 @@ class EpochTracker:
         due = self.deferred_until()
         if due is None or now < due or self._deferred is None:
             return None
-        reason, family, _at, settled_by_epoch = self._deferred
-        self._deferred = None
-        return self._confirm(now, reason, family, settled_by_epoch=settled_by_epoch)
+        deferred, self._deferred = self._deferred, None
+        return self._confirm(
+            now, deferred.reason, deferred.family, settled_by_epoch=deferred.settled_by_epoch
+        )
 
     def defer(self, confirm: Confirm, now: float) -> None:
         """*confirm* could not be sent now (another is in flight): confirm it after the interval."""
         family = confirm.families[0] if confirm.families else "upnp"
-        self._deferred = (confirm.reason, family, now, confirm.settled_by_epoch)
+        self._deferred = _Deferred(confirm.reason, family, now, confirm.settled_by_epoch)
         if self._last_confirm is None:
             self._last_confirm = now
 
@@ -444,7 +455,7 @@ class EpochTracker:
         if self._last_confirm is not None and now < self._last_confirm + CONFIRM_INTERVAL:
             # Not now (a flood must cost a bounded number of requests), but
             # not never: the latest such hint is confirmed after the interval.
-            self._deferred = (reason, family, now, settled_by_epoch)
+            self._deferred = _Deferred(reason, family, now, settled_by_epoch)
             return None
         self._last_confirm = now
         self._deferred = None
