@@ -46,6 +46,13 @@ def cli(lab: Lab, *args: str, state: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
 
 
+def _script_in_lan(lab: Lab, script: str, port: int) -> list[str]:
+    """``python -c SCRIPT GATEWAY PORT`` in the lan host: each script's own argv."""
+    return lab.exec_argv(
+        lab.lan_ns, [sys.executable, "-c", script, str(GATEWAY_ADDRESS6), str(port)]
+    )
+
+
 def listen6(lab: Lab, port: int) -> socket.socket:
     listener = lab.socket(lab.lan_ns, socket.AF_INET6, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -174,9 +181,7 @@ def test_a_renewed_pcp_pinhole_is_closed_though_miniupnpd_refuses_its_delete(
     not at the end of its 40 s lease."""
     port = 22006
     host = str(LAN_ADDRESS6)
-    argv = lab6.exec_argv(
-        lab6.lan_ns, [sys.executable, "-c", RENEW_THEN_RELEASE, str(GATEWAY_ADDRESS6), str(port)]
-    )
+    argv = _script_in_lan(lab6, RENEW_THEN_RELEASE, port)
     with listen6(lab6, port) as listener:
         done = subprocess.run(
             argv, capture_output=True, text=True, timeout=90, cwd=Path(__file__).parents[2]
@@ -229,9 +234,7 @@ def test_a_lost_pcp_map_is_cut_short_though_miniupnpd_refuses_its_delete(lab6: L
     delete; the cleanup cuts the pinhole to the minimum lifetime (10 s here), or
     it would stay open for the 600 s asked for."""
     port = 22101
-    argv = lab6.exec_argv(
-        lab6.lan_ns, [sys.executable, "-c", LOST_MAP, str(GATEWAY_ADDRESS6), str(port)]
-    )
+    argv = _script_in_lan(lab6, LOST_MAP, port)
     done = subprocess.run(
         argv, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2]
     )
@@ -305,9 +308,7 @@ def test_a_pinhole_lost_in_a_gateway_restart_is_seen_and_added_again(
     """It restarts the module's miniupnpd: the tests after it map afresh."""
     port = 22003
     host = str(LAN_ADDRESS6)
-    argv = lab6.exec_argv(
-        lab6.lan_ns, [sys.executable, "-c", PINHOLE_SCRIPT, str(GATEWAY_ADDRESS6), str(port)]
-    )
+    argv = _script_in_lan(lab6, PINHOLE_SCRIPT, port)
     with listen6(lab6, port) as listener:
         process = subprocess.Popen(
             argv,
@@ -397,9 +398,7 @@ def test_a_pcp_pinhole_lost_in_a_gateway_restart_is_restored_at_the_renewal(
     # Renewed events). Mapping at an epoch of 5 s or more, the check is sure.
     assert lab6.miniupnpd_started is not None
     time.sleep(max(0.0, 5.0 - (time.monotonic() - lab6.miniupnpd_started)))
-    argv = lab6.exec_argv(
-        lab6.lan_ns, [sys.executable, "-c", PCP_SCRIPT, str(GATEWAY_ADDRESS6), str(port)]
-    )
+    argv = _script_in_lan(lab6, PCP_SCRIPT, port)
     with listen6(lab6, port) as listener:
         process = subprocess.Popen(
             argv,
