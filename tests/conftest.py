@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -24,7 +26,28 @@ _figures: list[str] = []
 _factory_labs: dict[str, list[Lab]] = {}
 
 
+# $PORTBROKER_TEST_DIGEST names a file that gets, for each failed test, its
+# name and the end of its report (for a hung test, pytest-timeout's: where it
+# was stuck), and for a session stopped by SIGTERM every thread's stack.
+# `.ci/run` prints it last, where a reader of CI's output (often only its
+# tail) sees it: a hang in CI once cost a run whose only trace lay in the
+# middle of a 2,000-line log.
+DIGEST = os.environ.get("PORTBROKER_TEST_DIGEST")
+DIGEST_LINES = 30  # of each failure's report: its innermost frames and the error
+_running: list[str] = []  # the test being run, for the SIGTERM digest
+
+
+def _digest(text: str) -> None:
+    if DIGEST:
+        with open(DIGEST, "a", encoding="utf-8") as file:
+            file.write(text)
+
+
 def _interrupt(_signum: int, _frame: object) -> None:
+    if DIGEST:
+        _digest(f"SIGTERM during {_running[-1] if _running else 'no test'}; every thread:\n")
+        with open(DIGEST, "a", encoding="utf-8") as file:
+            faulthandler.dump_traceback(file, all_threads=True)
     raise KeyboardInterrupt("SIGTERM")
 
 
@@ -46,6 +69,34 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if LAB_DIR in Path(str(item.path)).parents:
             item.add_marker(pytest.mark.lab)
+        # A million inputs take longer than pyproject's per-test timeout.
+        if item.get_closest_marker("fuzz") is not None:
+            item.add_marker(pytest.mark.timeout(FUZZ_TIMEOUT))
+
+
+FUZZ_TIMEOUT = 4 * 3600  # s
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    _running.append(item.nodeid)
+    try:
+        return (yield)
+    finally:
+        _running.pop()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if not report.failed:
+        return
+    lines = report.longreprtext.splitlines()[-DIGEST_LINES:]
+    text = f"FAILED {report.nodeid} ({report.when}, {report.duration:.1f} s)\n"
+    text += "".join(f"    {line}\n" for line in lines)
+    for title, content in report.sections:
+        if title.startswith("miniupnpd log"):
+            text += f"  {title}, its end:\n"
+            text += "".join(f"    {line}\n" for line in content.splitlines()[-10:])
+    _digest(text)
 
 
 def _require_lab() -> None:
@@ -181,6 +232,9 @@ settings.register_profile("portbroker", deadline=None)
 settings.load_profile("portbroker")
 
 
+STARTUP_LIMIT = 60  # s for a helper process to be ready: generous, but not for ever
+
+
 @pytest.fixture
 def gateway_port() -> Iterator[int]:
     """A FakeGateway process on 127.0.0.1 (UDP); its port."""
@@ -191,6 +245,9 @@ def gateway_port() -> Iterator[int]:
     )
     try:
         assert process.stdout is not None
+        # Bounded: a readline on a process that never prints waits for ever.
+        ready, _, _ = select.select([process.stdout], [], [], STARTUP_LIMIT)
+        assert ready, f"the FakeGateway printed nothing within {STARTUP_LIMIT} s"
         line = process.stdout.readline()
         assert line.startswith("port "), line
         yield int(line.split()[1])

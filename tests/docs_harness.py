@@ -70,7 +70,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from ipaddress import IPv6Address, ip_address
 from pathlib import Path
@@ -81,6 +80,7 @@ import trio
 
 from portbroker.testing import FakeGateway, FakeIgd
 from tests.realdata import realdata
+from tests.test_daemon_processes import wait_accepting
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
@@ -415,12 +415,7 @@ def daemon(gateways: Gateways) -> Iterator[Path]:
         cwd=ROOT,
     )
     try:
-        deadline = time.monotonic() + 20
-        while not _accepting(sock):
-            if process.poll() is not None or time.monotonic() > deadline:
-                assert process.stderr is not None
-                raise AssertionError(f"the daemon did not start: {process.stderr.read().decode()}")
-            time.sleep(0.05)
+        wait_accepting(process, sock)
         yield sock
     finally:
         if process.poll() is None:
@@ -433,17 +428,6 @@ def daemon(gateways: Gateways) -> Iterator[Path]:
         if process.stderr is not None:
             process.stderr.close()
         shutil.rmtree(directory, ignore_errors=True)
-
-
-def _accepting(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
 
 
 # -- shell blocks -----------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -221,12 +222,18 @@ def _with_alarm(seconds: float, call: Callable[[], Any]) -> Any:
 
     assert threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGALRM, interrupt)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # The one real-time timer is pytest-timeout's too (pyproject): armed again
+    # afterwards with what was left of it.
+    started = time.monotonic()
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         return call()
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer > 0:
+            left = outer - (time.monotonic() - started)
+            signal.setitimer(signal.ITIMER_REAL, max(left, 0.001))
 
 
 @pytest.mark.parametrize("size", [b"-6", b"-1", b"+6", b"0x6", b"6_0", b""])

@@ -39,6 +39,8 @@ if mode == "pass":
     sys.exit(0)
 if mode == "fail":
     print(f"{session} failed", flush=True)
+    with open(os.environ["PORTBROKER_TEST_DIGEST"], "a") as digest:
+        digest.write(f"FAILED {session}'s test (call)\\n")
     sys.exit(1)
 while True:
     time.sleep(1)
@@ -86,6 +88,12 @@ def test_a_failing_session_fails_the_run(tmp_path: Path, lab: str, others: str) 
     done = _run(tmp_path, lab, others)
     assert done.returncode != 0
     assert "failed" in done.stdout
+    # The failed session's digest comes after both logs, at the end.
+    failed = "lab" if lab == "fail" else "others"
+    tail = done.stdout[done.stdout.index("== pytest: lab tests rc=") :]
+    assert f"== what failed in the {failed} session" in tail
+    assert f"FAILED {failed}'s test (call)" in tail
+    assert "== what failed in the" not in tail.replace(f"in the {failed} session", "")
 
 
 @pytest.mark.parametrize("hung", ["lab", "others"])

@@ -66,17 +66,27 @@ def start_daemon(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+    wait_accepting(process, directory / "pb.sock")
+    return process
+
+
+def wait_accepting(process: subprocess.Popen[bytes], path: Path) -> None:
+    """Until the daemon *process* accepts on *path*; AssertionError with its
+    stderr if it ends first or is not accepting within 20 s."""
     deadline = time.monotonic() + 20
-    while not _accepting(directory / "pb.sock"):
+    while not _accepting(path):
         if process.poll() is not None or time.monotonic() > deadline:
+            # Killed first: reading the stderr of a daemon still running (slow
+            # to start, not dead) waits for ever.
+            stop(process, close=False)
             assert process.stderr is not None
             raise AssertionError(f"daemon did not start: {process.stderr.read().decode()}")
         time.sleep(0.05)
-    return process
 
 
 def _accepting(path: Path) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(5)  # a blocking connect to a full listen queue waits for ever
     try:
         probe.connect(str(path))
     except OSError:
@@ -86,11 +96,11 @@ def _accepting(path: Path) -> bool:
     return True
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
+def stop(process: subprocess.Popen[bytes], *, close: bool = True) -> None:
     if process.poll() is None:
         process.kill()
     process.wait(timeout=10)
-    if process.stderr is not None:
+    if close and process.stderr is not None:
         process.stderr.close()
 
 

@@ -1,0 +1,115 @@
+"""A hung test costs one failed test with its stack, not its session, and the
+digest `.ci/run` prints last names it (tests/conftest.py, pyproject's timeout).
+
+Seen in CI: a test of the non-lab session hung for 23 minutes until the
+session's own limit ended it; its 1,500 other tests never ran and the only
+trace of where it was stuck lay in the middle of a long log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+HANGING = """
+import subprocess
+import trio
+
+
+def test_a_readline_that_never_returns():
+    child = subprocess.Popen(["sleep", "1000"], stdout=subprocess.PIPE)
+    try:
+        child.stdout.readline()
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+
+
+async def test_a_trio_test_that_never_ends():
+    await trio.sleep_forever()
+
+
+def test_the_session_goes_on():
+    pass
+"""
+
+
+def _session(tmp_path: Path, *options: str) -> subprocess.Popen[str]:
+    (tmp_path / "test_hanging.py").write_text(HANGING)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-c",
+            str(ROOT / "pyproject.toml"),
+            "--rootdir",
+            str(tmp_path),
+            "-p",
+            "tests.conftest",
+            *options,
+            str(tmp_path / "test_hanging.py"),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PORTBROKER_TEST_DIGEST": str(tmp_path / "digest")},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_a_hung_test_fails_where_it_is_stuck_and_the_session_goes_on(tmp_path: Path) -> None:
+    session = _session(tmp_path, "-o", "timeout=3")
+    output, _ = session.communicate(timeout=120)
+    assert session.returncode == 1, output
+    assert "2 failed, 1 passed" in output, output
+    digest = (tmp_path / "digest").read_text()
+    readline, trio_test = digest.split("FAILED ")[1:]
+    assert readline.startswith("test_hanging.py::test_a_readline_that_never_returns (call, ")
+    assert "child.stdout.readline()" in readline  # where it was stuck
+    assert "Timeout (>3.0s) from pytest-timeout" in readline
+    # A trio test is stuck in its run loop (the task's own frame is not on
+    # the thread's stack); it fails all the same.
+    assert trio_test.startswith("test_hanging.py::test_a_trio_test_that_never_ends (call, ")
+    assert "Timeout (>3.0s) from pytest-timeout" in trio_test
+
+
+def test_a_session_ended_by_sigterm_leaves_every_stack_in_the_digest(tmp_path: Path) -> None:
+    session = _session(tmp_path, "-o", "timeout=0", "-k", "readline")
+    digest = tmp_path / "digest"
+    try:
+        deadline = time.monotonic() + 60
+        # Until the test is in its readline: the child it waits on is running.
+        while not any(
+            Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x001000\x00"
+            for pid in _children(session.pid)
+        ):
+            assert time.monotonic() < deadline, "the hanging test did not start"
+            time.sleep(0.1)
+        session.send_signal(signal.SIGTERM)
+        output, _ = session.communicate(timeout=60)
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait()
+    assert "KeyboardInterrupt: SIGTERM" in output, output
+    text = digest.read_text()
+    assert text.startswith(
+        "SIGTERM during test_hanging.py::test_a_readline_that_never_returns; every thread:\n"
+    )
+    assert "in test_a_readline_that_never_returns" in text  # faulthandler's frame line
+
+
+def _children(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in children.read_text().split()]
