@@ -46,7 +46,10 @@ address; while a lab is up a blackhole route for 11.0.0.0/24 (one per lab,
 told apart by its metric, so a lab removes only its own) in the root
 namespace makes sure nothing addressed there can leave the machine. Names get
 a random suffix so parallel or leftover labs never collide; teardown runs in
-``finally``; only processes the lab started are stopped, by pid.
+``finally``; only processes the lab started are stopped, by pid. A lab whose
+process was killed before its teardown (SIGKILL, a CI limit's kill-after)
+leaves its namespaces, their processes and its blackhole routes; the next lab
+opened on the machine removes them (:func:`sweep_stale_labs`).
 
 Needs Linux, root, iproute2 (``ip``, ``ss``), nftables (``nft``) and
 miniupnpd with the nftables backend (Debian: ``miniupnpd-nftables``).
@@ -455,9 +458,7 @@ class _Wan:
         segment = _Segment(ns, bridge, f"pb{suffix}q", IPv4Network(WAN_NETWORK))
         wan = cls(ns, segment, WanHost(ns, WAN_ADDRESS, bridge), created, blackholes)
         try:
-            _run(["ip", "netns", "add", ns])
-            created.append(ns)
-            _prepare_ns(ns, ipv6)
+            _add_namespace(ns, created, ipv6)
             blackholes.add(WAN_NETWORK)
             if ipv6:
                 wan.segment.network6 = WAN_NETWORK6
@@ -474,6 +475,8 @@ class _Wan:
     def close(self) -> list[str]:
         errors = _delete_namespaces(self.created_ns)
         self.blackholes.remove_all()
+        if not errors:
+            _disown(_suffix_of(self.ns))
         return errors
 
 
@@ -611,9 +614,7 @@ class Lab(_InNamespaces):
     # -- building ---------------------------------------------------------
 
     def _add_ns(self, ns: str) -> None:
-        _run(["ip", "netns", "add", ns])
-        self._created_ns.append(ns)
-        _prepare_ns(ns, self.ipv6)
+        _add_namespace(ns, self._created_ns, self.ipv6)
 
     def _build(
         self,
@@ -1054,6 +1055,117 @@ class Lab(_InNamespaces):
             errors.extend(self._own_wan.close())
         if errors:
             raise LabError("lab teardown incomplete: " + "; ".join(errors))
+        _disown(self.suffix)
+
+
+# -- what labs of ended processes left behind -------------------------------------
+
+# Who owns each lab suffix (and so the namespaces pb-*-<suffix> and the
+# blackhole routes of metric _metric(suffix)): a file per suffix naming the
+# process by pid and start time, so that a reused pid is not taken for it.
+# Written before the first namespace of the suffix exists, removed once the
+# teardown has removed everything.
+OWNERS_DIR: Final = Path("/run/portbroker-lab")
+_SUFFIX_LENGTH: Final = 6
+
+
+def _process_identity(pid: int) -> str | None:
+    """ "<pid> <start time>" of a running process; None once it has ended."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # proc(5): the state follows the parenthesized command (which may hold
+    # spaces); the start time is field 22, the 20th after the command.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):  # ended, not yet reaped
+        return None
+    return f"{pid} {fields[19]}"
+
+
+def _suffix_of(ns: str) -> str:
+    return ns.rsplit("-", 1)[1]
+
+
+def _add_namespace(ns: str, created: list[str], ipv6: bool) -> None:
+    marker = OWNERS_DIR / _suffix_of(ns)
+    if not marker.exists():
+        OWNERS_DIR.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{_process_identity(os.getpid())}\n")
+    _run(["ip", "netns", "add", ns])
+    created.append(ns)
+    _prepare_ns(ns, ipv6)
+
+
+def _disown(suffix: str) -> None:
+    (OWNERS_DIR / suffix).unlink(missing_ok=True)
+
+
+def sweep_stale_labs() -> list[str]:
+    """Remove what labs of processes that have ended left behind: their
+    namespaces (and the processes still running in them: miniupnpd, agents),
+    their blackhole routes and their owner files. A lab of a running process
+    (another test session's) is left alone. Returns the namespaces deleted.
+
+    :func:`open_lab`, :func:`open_sites` and :func:`open_series` call it first.
+    """
+    try:
+        markers = sorted(OWNERS_DIR.iterdir())
+    except FileNotFoundError:
+        return []
+    deleted: list[str] = []
+    for marker in markers:
+        suffix = marker.name
+        try:
+            owner = marker.read_text().split()
+            int(suffix, 16)
+        except (OSError, ValueError):
+            continue
+        if len(suffix) != _SUFFIX_LENGTH or len(owner) != 2 or not owner[0].isdigit():
+            continue
+        if _process_identity(int(owner[0])) == " ".join(owner):
+            continue  # its process is running: its lab is in use
+        for ns in _namespaces():
+            if ns.startswith("pb-") and _suffix_of(ns) == suffix:
+                for pid in _namespace_pids(ns):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                if not _delete_namespaces([ns]):
+                    deleted.append(ns)
+        _remove_blackholes(_metric(suffix))
+        _disown(suffix)
+    return deleted
+
+
+def _namespaces() -> list[str]:
+    done = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    # "pb-gw-1a2b3c (id: 4)" or just the name.
+    return [line.split()[0] for line in done.stdout.splitlines() if line.strip()]
+
+
+def _namespace_pids(ns: str) -> list[int]:
+    done = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False)
+    return [int(word) for word in done.stdout.split() if word.isdigit()]
+
+
+def _remove_blackholes(metric: int) -> None:
+    for family in ("-4", "-6"):
+        done = subprocess.run(
+            ["ip", family, "route", "show", "type", "blackhole"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        for line in done.stdout.splitlines():
+            # "blackhole 11.0.0.0/24 metric 1234",
+            # "blackhole fd11::/64 dev lo metric 1234 pref medium"
+            words = line.split()
+            if f" metric {metric} " in f" {line} ":
+                subprocess.run(
+                    ["ip", family, "route", "del", "blackhole", words[1], "metric", str(metric)],
+                    capture_output=True,
+                    check=False,
+                )
 
 
 def _delete_namespaces(created: list[str]) -> list[str]:
@@ -1072,6 +1184,7 @@ def _check_lab_possible() -> None:
     reason = lab_unavailable_reason()
     if reason is not None:
         raise LabError(reason)
+    sweep_stale_labs()
 
 
 @contextlib.contextmanager
@@ -1684,9 +1797,7 @@ def open_roaming(
         switch_ns = f"pb-sw-{suffix}"
         switch_created: list[str] = []
         stack.callback(_delete_namespaces, switch_created)
-        _run(["ip", "netns", "add", switch_ns])
-        switch_created.append(switch_ns)
-        _prepare_ns(switch_ns, False)
+        _add_namespace(switch_ns, switch_created, False)
         switch = _Segment(switch_ns, f"pb{suffix}s", f"pb{suffix}p", LAN_NETWORK)
         switch.create()
         a = Lab(
