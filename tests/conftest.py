@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -232,7 +233,23 @@ settings.register_profile("portbroker", deadline=None)
 settings.load_profile("portbroker")
 
 
-STARTUP_LIMIT = 60  # s for a helper process to be ready: generous, but not for ever
+# s for a helper process to be ready: generous (CI's loaded machine once took
+# over 3 s to start a bare Python), but not for ever.
+STARTUP_LIMIT = 60
+
+
+def first_line(process: subprocess.Popen[Any], what: str, limit: float = STARTUP_LIMIT) -> Any:
+    """The first line a helper *process* prints (its "ready" line), within *limit* s.
+
+    A bare ``readline()`` on a helper that never prints (stuck, or still
+    starting on a loaded machine) waits for ever: AssertionError naming
+    *what* instead. For the first line only (select() does not see what the
+    pipe's buffer already holds); ``""`` (or ``b""``) if it ended first.
+    """
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], limit)
+    assert ready, f"{what} printed nothing within {limit:g} s"
+    return process.stdout.readline()
 
 
 @pytest.fixture
@@ -244,11 +261,7 @@ def gateway_port() -> Iterator[int]:
         text=True,
     )
     try:
-        assert process.stdout is not None
-        # Bounded: a readline on a process that never prints waits for ever.
-        ready, _, _ = select.select([process.stdout], [], [], STARTUP_LIMIT)
-        assert ready, f"the FakeGateway printed nothing within {STARTUP_LIMIT} s"
-        line = process.stdout.readline()
+        line = first_line(process, "the FakeGateway")
         assert line.startswith("port "), line
         yield int(line.split()[1])
     finally:

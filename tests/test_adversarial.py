@@ -26,6 +26,7 @@ from portbroker.lifecycle import Failed, Lost, Released, Restored, State
 from portbroker.testing.fake_gateway import FakeGateway, MemoryLink
 from portbroker.wire import pcp
 from tests.broker_harness import HOUR, Recorder, broker_for
+from tests.conftest import first_line
 
 
 async def wait_for(predicate: Callable[[], bool], limit: float = HOUR) -> None:
@@ -484,8 +485,7 @@ def _serve_igd(description: str, tmp_path: Any) -> Any:
     process = subprocess.Popen(
         [sys.executable, "-c", _SERVE_IGD, str(path)], stdout=subprocess.PIPE, text=True
     )
-    assert process.stdout is not None
-    return process, int(process.stdout.readline())
+    return process, int(first_line(process, "the IGD"))
 
 
 def _free_udp_port() -> int:

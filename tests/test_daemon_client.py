@@ -41,6 +41,7 @@ from portbroker.daemon.client import (
     socket_path,
 )
 from portbroker.errors import PortBrokerError
+from tests.conftest import first_line
 from tests.test_daemon_processes import start_daemon, stop
 
 PYTHON = sys.executable
@@ -649,8 +650,7 @@ def test_watch_through_the_cli_names_an_odd_event_in_one_line(short_dir: Path) -
         [PYTHON, "-c", script, str(sock), answer.decode()], stdout=subprocess.PIPE, text=True
     )
     try:
-        assert fake.stdout is not None
-        assert fake.stdout.readline() == "ready\n"
+        assert first_line(fake, "the odd daemon") == "ready\n"
         done = subprocess.run(
             [PYTHON, "-m", "portbroker", "watch", "--socket", str(sock)],
             capture_output=True,

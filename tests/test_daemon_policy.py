@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 import pytest
 
+from tests.conftest import first_line
 from tests.test_daemon_processes import ROOT, short_dir, start_daemon, stop
 
 __all__ = ["short_dir"]  # the fixture, re-used
@@ -258,8 +259,7 @@ def test_one_users_connection_flood_costs_nobody_else_a_mapping(
             text=True,
             cwd=ROOT,
         )
-        assert flood.stdout is not None
-        assert int(flood.stdout.readline()) > 0
+        assert int(first_line(flood, "the flood")) > 0
         # ...and while her 1,100 connections are open, bob is served.
         bob = as_user(
             users.bob,

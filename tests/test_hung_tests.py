@@ -15,6 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from tests.conftest import first_line
+from tests.test_daemon_processes import wait_accepting
+
 ROOT = Path(__file__).resolve().parents[1]
 
 HANGING = """
@@ -113,3 +118,75 @@ def test_a_session_ended_by_sigterm_leaves_every_stack_in_the_digest(tmp_path: P
 def _children(pid: int) -> list[int]:
     children = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(child) for child in children.read_text().split()]
+
+
+# -- the start-up helpers: each wait has an end ----------------------------------------
+
+
+def test_a_helper_that_never_prints_fails_first_line_naming_it() -> None:
+    """A FakeGateway (or holder, or IGD) that never says it is ready: a bare
+    readline() on its stdout waited for ever."""
+    child = subprocess.Popen(["sleep", "1000"], stdout=subprocess.PIPE)
+    try:
+        with pytest.raises(AssertionError, match=r"the sleeper printed nothing within 0\.5 s"):
+            first_line(child, "the sleeper", limit=0.5)
+    finally:
+        child.kill()
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+
+
+def test_a_daemon_still_starting_at_the_limit_is_stopped_and_its_stderr_told(
+    tmp_path: Path,
+) -> None:
+    """CI's hung session: a daemon not yet listening when start_daemon's limit
+    ran out had its stderr read while it went on starting, then serving, for
+    ever (a daemon on a loaded machine, but for its speed a healthy one)."""
+    daemon = subprocess.Popen(
+        [sys.executable, "-c", STILL_STARTING],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert first_line(daemon, "the stand-in") == b"importing\n"
+        with pytest.raises(AssertionError, match="daemon did not start: still importing"):
+            wait_accepting(daemon, tmp_path / "pb.sock", limit=0.5)
+        assert daemon.poll() is not None  # stopped, not left running
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        daemon.wait()
+        if daemon.stdout is not None:
+            daemon.stdout.close()
+
+
+STILL_STARTING = """
+import sys, time
+print("still importing", file=sys.stderr, flush=True)
+print("importing", flush=True)
+time.sleep(1000)
+"""
+
+
+def test_a_daemon_whose_stderr_a_child_holds_still_fails_start_up(tmp_path: Path) -> None:
+    """start_daemon's *wrapper* (prlimit, say) with a child of its own: the
+    stderr pipe stays open after the daemon is killed, so reading it to its
+    end waited for that child."""
+    wrapper = subprocess.Popen(
+        ["sh", "-c", "echo starting >&2; sleep 1000 & echo $!; wait"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    child = int(first_line(wrapper, "the wrapper"))
+    try:
+        with pytest.raises(AssertionError, match=r"(?s)daemon did not start: starting.*held open"):
+            wait_accepting(wrapper, tmp_path / "pb.sock", limit=0.5)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        if wrapper.poll() is None:
+            wrapper.kill()
+        wrapper.wait()
+        for pipe in (wrapper.stdout, wrapper.stderr):
+            if pipe is not None:
+                pipe.close()

@@ -25,6 +25,7 @@ from portbroker.transport import Transport
 from portbroker.types import IPAddress, Lease, TransportProtocol, format_endpoint
 from portbroker.wire import natpmp, pcp
 from tests.broker_harness import HOUR
+from tests.conftest import first_line
 
 GATEWAY6 = IPv6Address("fd77::1")
 HOST6 = IPv6Address("fd77::2")
@@ -210,8 +211,7 @@ def test_cli_probe_of_an_ipv6_gateway(gateway: str, tmp_path: Path) -> None:
         text=True,
     )
     try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
+        line = first_line(process, "the FakeGateway")
         assert line.startswith("port "), line
         argv = [
             *(sys.executable, "-m", "portbroker.cli", "probe", "--json"),

@@ -28,6 +28,7 @@ from portbroker.transport import Transport, open_udp_link
 from portbroker.types import Lease, MappingRequest, TransportProtocol
 from portbroker.wire import pcp
 from portbroker.wire.pcp import ResultCode
+from tests.conftest import first_line
 from tests.method_harness import harness
 
 GATEWAY = IPv4Address("127.0.0.1")
@@ -428,9 +429,8 @@ def test_the_fake_gateway_process_refuses_announce_on_request() -> None:
         text=True,
     )
     try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith("port ")
+        line = first_line(process, "the FakeGateway")
+        assert line.startswith("port "), line
         port = int(line.split()[1])
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.settimeout(5)
