@@ -1148,7 +1148,9 @@ def _namespace_pids(ns: str) -> list[int]:
     return [int(word) for word in done.stdout.split() if word.isdigit()]
 
 
-def _remove_blackholes(metric: int) -> None:
+def blackhole_routes() -> list[tuple[str, str, int]]:
+    """The root namespace's blackhole routes: (``-4`` or ``-6``, prefix, metric)."""
+    routes = []
     for family in ("-4", "-6"):
         done = subprocess.run(
             ["ip", family, "route", "show", "type", "blackhole"],
@@ -1160,12 +1162,19 @@ def _remove_blackholes(metric: int) -> None:
             # "blackhole 11.0.0.0/24 metric 1234",
             # "blackhole fd11::/64 dev lo metric 1234 pref medium"
             words = line.split()
-            if f" metric {metric} " in f" {line} ":
-                subprocess.run(
-                    ["ip", family, "route", "del", "blackhole", words[1], "metric", str(metric)],
-                    capture_output=True,
-                    check=False,
-                )
+            if "metric" in words[:-1]:
+                routes.append((family, words[1], int(words[words.index("metric") + 1])))
+    return routes
+
+
+def _remove_blackholes(metric: int) -> None:
+    for family, prefix, route_metric in blackhole_routes():
+        if route_metric == metric:
+            subprocess.run(
+                ["ip", family, "route", "del", "blackhole", prefix, "metric", str(metric)],
+                capture_output=True,
+                check=False,
+            )
 
 
 def _delete_namespaces(created: list[str]) -> list[str]:

@@ -25,6 +25,7 @@ from portbroker.testing.lab import (
     _metric,
     _namespaces,
     _process_identity,
+    blackhole_routes,
     sweep_stale_labs,
 )
 
@@ -64,18 +65,7 @@ def lab_process(workdir: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str
 
 
 def blackhole_metrics() -> set[int]:
-    metrics = set()
-    for family in ("-4", "-6"):
-        done = subprocess.run(
-            ["ip", family, "route", "show", "type", "blackhole"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        for line in done.stdout.splitlines():
-            words = line.split()
-            metrics.add(int(words[words.index("metric") + 1]))
-    return metrics
+    return {metric for _family, _prefix, metric in blackhole_routes()}
 
 
 def ended(pid: int) -> bool:
