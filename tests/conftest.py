@@ -223,6 +223,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         )
         if reporter is not None:
             reporter.write_line(message, red=True)
+        _digest(message + "\n")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 

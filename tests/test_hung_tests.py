@@ -47,7 +47,16 @@ def test_the_session_goes_on():
 
 
 def _session(tmp_path: Path, *options: str) -> subprocess.Popen[str]:
-    (tmp_path / "test_hanging.py").write_text(HANGING)
+    return session_of(tmp_path, HANGING, *options)
+
+
+def session_of(
+    tmp_path: Path, source: str, *options: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """A pytest session with this suite's conftest and pyproject over one test
+    file of *source* (test_hanging.py in *tmp_path*); its digest is
+    ``tmp_path / "digest"``."""
+    (tmp_path / "test_hanging.py").write_text(source)
     return subprocess.Popen(
         [
             sys.executable,
@@ -65,7 +74,11 @@ def _session(tmp_path: Path, *options: str) -> subprocess.Popen[str]:
             str(tmp_path / "test_hanging.py"),
         ],
         cwd=ROOT,
-        env={**os.environ, "PORTBROKER_TEST_DIGEST": str(tmp_path / "digest")},
+        env={
+            **os.environ,
+            **(env or {}),
+            "PORTBROKER_TEST_DIGEST": str(tmp_path / "digest"),
+        },
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
