@@ -501,6 +501,13 @@ def map_with(
     return _library_map(tool, lab, port, lifetime, bound)
 
 
+# A tool may clean up after a failed map in the background (portbroker's
+# daemon answers the failure, then deletes what the map may have made, within
+# its 5 s release bound): what a failed map left is counted once that time is
+# over (or at once, when nothing is left).
+CLEANUP_GRACE = 8.0  # s
+
+
 def finish(lab: Lab, attempt: Attempt, running: Running | None) -> None:
     """Delete the mapping with the tool itself, then count what it left on the gateway."""
     if running is not None:
@@ -509,6 +516,10 @@ def finish(lab: Lab, attempt: Attempt, running: Running | None) -> None:
         if not ok and not attempt.error:
             attempt.error = f"delete: {why}"
     attempt.left_rules = dnat_left(lab, attempt.port)
+    deadline = time.monotonic() + CLEANUP_GRACE
+    while attempt.left_rules and attempt.external_port is None and time.monotonic() < deadline:
+        time.sleep(0.25)
+        attempt.left_rules = dnat_left(lab, attempt.port)
 
 
 # -- the sections ------------------------------------------------------------------
