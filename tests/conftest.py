@@ -40,14 +40,17 @@ _running: list[str] = []  # the test being run, for the SIGTERM digest
 
 def _digest(text: str) -> None:
     if DIGEST:
-        with open(DIGEST, "a", encoding="utf-8") as file:
+        # backslashreplace: a report may hold lone surrogates (a file name or
+        # a child's output decoded with surrogateescape), which strict UTF-8
+        # refuses, and an error here is pytest's INTERNALERROR: the session ends.
+        with open(DIGEST, "a", encoding="utf-8", errors="backslashreplace") as file:
             file.write(text)
 
 
 def _interrupt(_signum: int, _frame: object) -> None:
     if DIGEST:
         _digest(f"SIGTERM during {_running[-1] if _running else 'no test'}; every thread:\n")
-        with open(DIGEST, "a", encoding="utf-8") as file:
+        with open(DIGEST, "a", encoding="utf-8", errors="backslashreplace") as file:
             faulthandler.dump_traceback(file, all_threads=True)
     raise KeyboardInterrupt("SIGTERM")
 

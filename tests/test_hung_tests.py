@@ -83,6 +83,7 @@ def session_of(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        errors="replace",  # pytest writes a lone surrogate out as the byte it stood for
     )
 
 
@@ -203,3 +204,33 @@ def test_a_daemon_whose_stderr_a_child_holds_still_fails_start_up(tmp_path: Path
         for pipe in (wrapper.stdout, wrapper.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+NOT_UTF_8 = """
+import os
+
+
+def test_a_name_that_is_not_utf_8():
+    name = os.fsdecode(b"caf\\xe9")  # a lone surrogate, as surrogateescape decodes
+    assert name == "cafe"
+
+
+def test_the_session_goes_on():
+    pass
+"""
+
+
+def test_a_failure_whose_report_is_not_utf_8_is_digested_and_the_session_goes_on(
+    tmp_path: Path,
+) -> None:
+    """A failure's report holding a lone surrogate (a file name, or a child's
+    output decoded with surrogateescape): the digest's strict UTF-8 write
+    raised in pytest_runtest_logreport, pytest's INTERNALERROR, and the
+    session ended there, the rest of its tests never run."""
+    session = session_of(tmp_path, NOT_UTF_8)
+    output, _ = session.communicate(timeout=120)
+    assert "INTERNALERROR" not in output, output
+    assert "1 failed, 1 passed" in output, output
+    digest = (tmp_path / "digest").read_text(encoding="utf-8")
+    assert digest.startswith("FAILED test_hanging.py::test_a_name_that_is_not_utf_8 (call, ")
+    assert "caf\\udce9" in digest
