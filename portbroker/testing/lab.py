@@ -472,12 +472,20 @@ class _Wan:
             raise
         return wan
 
-    def close(self) -> list[str]:
+    def close(self, *, disown: bool = True) -> list[str]:
+        """Delete its namespaces and routes; the errors. Its owner file goes
+        only once all is gone (*disown* False: its lab's close decides)."""
         errors = _delete_namespaces(self.created_ns)
         self.blackholes.remove_all()
-        if not errors:
+        if disown and not errors:
             _disown(_suffix_of(self.ns))
         return errors
+
+    def close_checked(self) -> None:
+        """:meth:`close`, raising LabError if anything was left."""
+        errors = self.close()
+        if errors:
+            raise LabError("lab teardown incomplete: " + "; ".join(errors))
 
 
 class _InNamespaces:
@@ -1052,7 +1060,8 @@ class Lab(_InNamespaces):
         errors.extend(_delete_namespaces(self._created_ns))
         self._blackholes.remove_all()
         if self._own_wan is not None:
-            errors.extend(self._own_wan.close())
+            # The same suffix: its owner file stays if anything of the lab's is left.
+            errors.extend(self._own_wan.close(disown=False))
         if errors:
             raise LabError("lab teardown incomplete: " + "; ".join(errors))
         _disown(self.suffix)
@@ -1608,7 +1617,7 @@ def open_sites(
     _check_lab_possible()
     with _workdir(workdir) as root, contextlib.ExitStack() as stack:
         wan = _Wan.build(secrets.token_hex(3), ipv6=ipv6)
-        stack.callback(wan.close)
+        stack.callback(wan.close_checked)
         sites = []
         for label, variant, lan, lan6, external in (
             ("a", variant_a, LAN_NETWORK, LAN_NETWORK6, EXTERNAL_ADDRESS),
@@ -1802,11 +1811,11 @@ def open_roaming(
     with _workdir(workdir) as root, contextlib.ExitStack() as stack:
         suffix = secrets.token_hex(3)
         wan = _Wan.build(suffix, ipv6=False)
-        stack.callback(wan.close)
+        stack.callback(wan.close_checked)
+        # The wan's suffix: deleted with the wan, which keeps their owner
+        # file if either is left.
         switch_ns = f"pb-sw-{suffix}"
-        switch_created: list[str] = []
-        stack.callback(_delete_namespaces, switch_created)
-        _add_namespace(switch_ns, switch_created, False)
+        _add_namespace(switch_ns, wan.created_ns, False)
         switch = _Segment(switch_ns, f"pb{suffix}s", f"pb{suffix}p", LAN_NETWORK)
         switch.create()
         a = Lab(
