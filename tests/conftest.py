@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import inspect
 import os
 import select
 import signal
 import subprocess
 import sys
+import threading
+import traceback
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_timeout  # type: ignore[import-untyped]
+import pytest_trio  # type: ignore[import-untyped]
+import trio
 from hypothesis import settings
 
 from portbroker.testing.lab import Lab, Variant, lab_unavailable_reason, open_lab
@@ -76,9 +82,140 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         # A million inputs take longer than pyproject's per-test timeout.
         if item.get_closest_marker("fuzz") is not None:
             item.add_marker(pytest.mark.timeout(FUZZ_TIMEOUT))
+        # Before trio_mode's trio(run=trio.run): the first runner named counts.
+        test = getattr(item, "obj", None)
+        test = getattr(getattr(test, "hypothesis", None), "inner_test", test)
+        if inspect.iscoroutinefunction(test):
+            item.add_marker(pytest.mark.trio(run=_trio_run), append=False)
 
 
 FUZZ_TIMEOUT = 4 * 3600  # s
+
+
+# pytest-timeout's SIGALRM raises wherever the main thread is: in a trio test
+# that is trio's run loop (its epoll wait), outside every task. The test
+# failed, but its run stayed set up (the next trio test failed: "Attempted to
+# call run() from inside a run()"), its async fixtures were never torn down,
+# and the report showed trio's loop, not the await the test was stuck in. So a
+# trio test's timeout cancels it inside trio, noting where each task waits; if
+# it is not over TRIO_GRACE s later (the loop itself blocked, say), SIGALRM
+# raises after all, as for any other test.
+TRIO_GRACE = 30  # s
+_trio_test: dict[str, Any] = {}  # the running trio test's token and scope; "where" once expired
+
+
+def _trio_run(async_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """trio.run for the suite's async tests: its timeout cancels it (above)."""
+    scope = trio.CancelScope()
+
+    async def guarded() -> Any:
+        _trio_test.update(token=trio.lowlevel.current_trio_token(), scope=scope)
+        try:
+            with scope:
+                return await async_fn(*args)
+        finally:
+            _trio_test.pop("token", None)
+
+    try:
+        result = trio.run(guarded, **kwargs)
+    except BaseException:
+        where = _trio_test.pop("where", None)
+        raised = _trio_test.pop("raised", False)
+        _trio_test.clear()
+        if where is None or raised:  # SIGALRM raised after all: its stack is where
+            raise
+        pytest.fail(where, pytrace=False)
+    where = _trio_test.pop("where", None)
+    _trio_test.clear()
+    if where is not None:
+        pytest.fail(where, pytrace=False)
+    return result
+
+
+def _cancel_trio_test(limit: float) -> None:
+    """In the expired test's trio run: note where its tasks wait, then cancel it."""
+    where = ""
+    try:
+        for task in _all_tasks():
+            # The frames of the test's code (and the library's): trio's and
+            # pytest-trio's own would fill the digest's lines.
+            frames = traceback.StackSummary.extract(
+                (frame, line)
+                for frame, line in task.iter_await_frames()
+                if not frame.f_code.co_filename.startswith(_TRIO_DIRS)
+                and frame.f_code.co_filename != __file__
+            )
+            if frames:
+                where += f"trio task {task.name}, at its await:\n" + "".join(frames.format())
+    except Exception as exc:  # noqa: BLE001 - an exception here would crash trio's run
+        where += f"(its tasks' stacks: {exc!r})\n"
+    _trio_test["where"] = where + pytest_timeout.PYTEST_FAILURE_MESSAGE % limit
+    # pytest-trio runs the test in a task of its own ("<test 'name'>"), in a
+    # nursery: cancelled there the test ends as if a fixture had crashed, and
+    # its fixtures are torn down as usual, not cancelled too.
+    tests = [task for task in _all_tasks() if task.name.startswith("<test ")]
+    for task in tests:
+        task.child_nurseries[0].cancel_scope.cancel()
+    if not tests or not all(task.child_nurseries for task in tests):
+        _trio_test["scope"].cancel()
+
+
+_TRIO_DIRS = tuple(
+    str(Path(module.__file__).parent) + os.sep
+    for module in (trio, pytest_trio)
+    if module.__file__ is not None
+)
+
+
+def _all_tasks() -> list[trio.lowlevel.Task]:
+    """Every task of the current trio run, parents first."""
+    root = trio.lowlevel.current_root_task()
+    tasks = [] if root is None else [root]
+    for task in tasks:  # grows as it goes
+        tasks += [child for nursery in task.child_nurseries for child in nursery.child_tasks]
+    return tasks
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
+    """A trio test's SIGALRM (pytest-timeout's "signal" method): see TRIO_GRACE."""
+    if (
+        settings.method != "signal"
+        or item.get_closest_marker("trio") is None
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        return None  # pytest-timeout's own
+
+    def fail(_signum: int, _frame: object) -> None:
+        __tracebackhide__ = True
+        pytest_timeout.timeout_sigalrm(item, settings)
+
+    def fail_in_trio(signum: int, frame: object) -> None:
+        __tracebackhide__ = True
+        _trio_test["raised"] = True
+        fail(signum, frame)
+
+    def expired(signum: int, frame: object) -> None:
+        __tracebackhide__ = True
+        token = _trio_test.get("token")
+        if token is None:  # in its setup or teardown, not its trio run
+            fail(signum, frame)
+            return
+        signal.signal(signal.SIGALRM, fail_in_trio)
+        signal.setitimer(signal.ITIMER_REAL, TRIO_GRACE)
+        try:
+            token.run_sync_soon(_cancel_trio_test, settings.timeout)
+        except trio.RunFinishedError:
+            fail(signum, frame)
+
+    def cancel() -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+    item.cancel_timeout = cancel  # type: ignore[attr-defined] # pytest-timeout's cancel hook calls it
+    signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, settings.timeout)
+    return True
 
 
 @pytest.hookimpl(wrapper=True)

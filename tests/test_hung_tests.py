@@ -234,3 +234,47 @@ def test_a_failure_whose_report_is_not_utf_8_is_digested_and_the_session_goes_on
     digest = (tmp_path / "digest").read_text(encoding="utf-8")
     assert digest.startswith("FAILED test_hanging.py::test_a_name_that_is_not_utf_8 (call, ")
     assert "caf\\udce9" in digest
+
+
+TRIO_HANGING = """
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+
+@pytest.fixture
+async def torn_down():
+    yield
+    await trio.sleep(0)
+    Path(os.environ["TORN_DOWN"]).write_text("yes")
+
+
+async def test_a_trio_test_that_never_ends(torn_down):
+    await trio.sleep_forever()
+
+
+async def test_the_next_trio_test_runs():
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.sleep, 0)
+"""
+
+
+def test_a_hung_trio_test_is_cancelled_in_trio_and_leaves_no_run_behind(tmp_path: Path) -> None:
+    """pytest-timeout's SIGALRM raised where the main thread was: for a trio
+    test, in trio's run loop (its epoll wait), outside every task. The test
+    failed, but its trio run stayed set up (the next trio test failed:
+    "Attempted to call run() from inside a run()"), its async fixtures were
+    never torn down and nothing said where it waited. Now it is cancelled
+    inside trio and its tasks' awaits are the report."""
+    session = session_of(
+        tmp_path, TRIO_HANGING, "-o", "timeout=3", env={"TORN_DOWN": str(tmp_path / "torn")}
+    )
+    output, _ = session.communicate(timeout=120)
+    assert "1 failed, 1 passed" in output, output
+    assert (tmp_path / "torn").read_text() == "yes"  # its async fixture's teardown ran
+    (hung,) = (tmp_path / "digest").read_text().split("FAILED ")[1:]
+    assert hung.startswith("test_hanging.py::test_a_trio_test_that_never_ends (call, ")
+    assert "Timeout (>3.0s) from pytest-timeout" in hung
+    assert "await trio.sleep_forever()" in hung  # where it waited
