@@ -240,6 +240,13 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _digest(text)
 
 
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    # A module that fails to import: no test runs, and no test report says why.
+    if report.failed:
+        lines = str(report.longrepr).splitlines()[-DIGEST_LINES:]
+        _digest(f"ERROR collecting {report.nodeid}\n" + "".join(f"    {line}\n" for line in lines))
+
+
 def _require_lab() -> None:
     reason = lab_unavailable_reason()
     if reason is None:

@@ -278,3 +278,14 @@ def test_a_hung_trio_test_is_cancelled_in_trio_and_leaves_no_run_behind(tmp_path
     assert hung.startswith("test_hanging.py::test_a_trio_test_that_never_ends (call, ")
     assert "Timeout (>3.0s) from pytest-timeout" in hung
     assert "await trio.sleep_forever()" in hung  # where it waited
+
+
+def test_a_module_that_fails_to_import_is_in_the_digest(tmp_path: Path) -> None:
+    """A collection error is no test's report: the session ran nothing, and
+    the digest .ci/run prints last was empty, so its tail showed only "rc=2"."""
+    session = session_of(tmp_path, "import no_such_module_here\n")
+    output, _ = session.communicate(timeout=120)
+    assert session.returncode == 2, output
+    digest = (tmp_path / "digest").read_text()
+    assert digest.startswith("ERROR collecting test_hanging.py\n"), digest
+    assert "No module named 'no_such_module_here'" in digest
