@@ -73,3 +73,60 @@ def test_a_roaming_lan_whose_switch_was_not_deleted_keeps_its_owner_file(
     with pytest.raises(LabError, match="ip netns delete pb-sw-"):
         roaming_lab.__exit__(None, None, None)
     assert owners(tmp_path) == {suffix}
+
+
+def test_a_namespace_made_as_an_interrupt_came_is_deleted_with_the_lab(
+    tmp_path: Path, stubbed: set[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM (or a test's timeout) while ``ip netns add`` ran: the namespace
+    was made, but not yet listed as the lab's, so its teardown left it and
+    removed the owner file; nothing would ever delete it."""
+    made: list[str] = []
+    deleted: list[str] = []
+
+    def run(argv: list[str], **_kwargs: object) -> str:
+        if argv[:3] == ["ip", "netns", "add"]:
+            made.append(argv[3])
+            if argv[3].startswith("pb-gw-"):
+                raise KeyboardInterrupt  # once ip has made it
+        return ""
+
+    def delete(created: list[str]) -> list[str]:
+        deleted.extend(reversed(created))
+        created.clear()
+        return []
+
+    monkeypatch.setattr(lab_module, "_run", run)
+    monkeypatch.setattr(lab_module, "_delete_namespaces", delete)
+    lab = Lab(Variant.NONE, "abc123", tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        lab._build()
+    lab.close()
+    assert sorted(deleted) == sorted(made) == ["pb-gw-abc123", "pb-wan-abc123"]
+
+
+def test_a_namespace_ip_refused_to_make_is_not_the_labs_to_delete(
+    tmp_path: Path, stubbed: set[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ip netns add`` failing (the name taken: another lab's) made nothing
+    of this lab's, so its teardown must not delete that name."""
+    deleted: list[str] = []
+
+    def run(argv: list[str], **_kwargs: object) -> str:
+        if argv[:3] == ["ip", "netns", "add"] and argv[3].startswith("pb-gw-"):
+            raise LabError(f"{' '.join(argv)} failed (1): File exists")
+        return ""
+
+    def delete(created: list[str]) -> list[str]:
+        deleted.extend(created)
+        created.clear()
+        return []
+
+    monkeypatch.setattr(lab_module, "_run", run)
+    monkeypatch.setattr(lab_module, "_delete_namespaces", delete)
+    lab = Lab(Variant.NONE, "abc123", tmp_path)
+    with pytest.raises(LabError, match="File exists"):
+        lab._build()
+    lab.close()
+    assert deleted == ["pb-wan-abc123"]
+    assert owners(tmp_path) == set()

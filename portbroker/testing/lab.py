@@ -1101,8 +1101,15 @@ def _add_namespace(ns: str, created: list[str], ipv6: bool) -> None:
     if not marker.exists():
         OWNERS_DIR.mkdir(parents=True, exist_ok=True)
         marker.write_text(f"{_process_identity(os.getpid())}\n")
-    _run(["ip", "netns", "add", ns])
+    # Listed first: an interrupt (SIGTERM, a test's timeout) may come once ip
+    # has made it, and an unlisted namespace is never deleted.
     created.append(ns)
+    try:
+        _run(["ip", "netns", "add", ns])
+    except LabError as exc:
+        if not isinstance(exc.__cause__, subprocess.TimeoutExpired):
+            created.remove(ns)  # ip made nothing (the name taken: not ours to delete)
+        raise
     _prepare_ns(ns, ipv6)
 
 
