@@ -1071,7 +1071,9 @@ class Lab(_InNamespaces):
 
 # Who owns each lab suffix (and so the namespaces pb-*-<suffix> and the
 # blackhole routes of metric _metric(suffix)): a file per suffix naming the
-# process by pid and start time, so that a reused pid is not taken for it.
+# process by pid and start time, so that a reused pid is not taken for it,
+# and its pid namespace: a pid means nothing in another one (a container's
+# session sharing /run and the network namespaces), whose labs are left alone.
 # Written before the first namespace of the suffix exists, removed once the
 # teardown has removed everything.
 OWNERS_DIR: Final = Path("/run/portbroker-lab")
@@ -1092,6 +1094,20 @@ def _process_identity(pid: int) -> str | None:
     return f"{pid} {fields[19]}"
 
 
+def _pid_namespace() -> str:
+    return os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+
+
+def _owner_line() -> str:
+    """This process as an owner file names it: "<pid> <start time> <pid namespace>".
+
+    The pid as /proc shows it, which os.getpid() is not in a pid namespace
+    whose /proc is its parent's.
+    """
+    pid = int(Path("/proc/self/stat").read_text().split(" ", 1)[0])
+    return f"{_process_identity(pid)} {_pid_namespace()}"
+
+
 def _suffix_of(ns: str) -> str:
     return ns.rsplit("-", 1)[1]
 
@@ -1100,7 +1116,7 @@ def _add_namespace(ns: str, created: list[str], ipv6: bool) -> None:
     marker = OWNERS_DIR / _suffix_of(ns)
     if not marker.exists():
         OWNERS_DIR.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"{_process_identity(os.getpid())}\n")
+        marker.write_text(_owner_line() + "\n")
     # Listed first: an interrupt (SIGTERM, a test's timeout) may come once ip
     # has made it, and an unlisted namespace is never deleted.
     created.append(ns)
@@ -1121,7 +1137,8 @@ def sweep_stale_labs() -> list[str]:
     """Remove what labs of processes that have ended left behind: their
     namespaces (and the processes still running in them: miniupnpd, agents),
     their blackhole routes and their owner files. A lab of a running process
-    (another test session's) is left alone. Returns the namespaces deleted.
+    (another test session's), or of a process in another pid namespace, is
+    left alone. Returns the namespaces deleted.
 
     :func:`open_lab`, :func:`open_sites` and :func:`open_series` call it first.
     """
@@ -1130,6 +1147,7 @@ def sweep_stale_labs() -> list[str]:
     except FileNotFoundError:
         return []
     deleted: list[str] = []
+    pid_namespace = _pid_namespace()
     for marker in markers:
         suffix = marker.name
         try:
@@ -1137,9 +1155,11 @@ def sweep_stale_labs() -> list[str]:
             int(suffix, 16)
         except (OSError, ValueError):
             continue
-        if len(suffix) != _SUFFIX_LENGTH or len(owner) != 2 or not owner[0].isdigit():
+        if len(suffix) != _SUFFIX_LENGTH or len(owner) not in (2, 3) or not owner[0].isdigit():
             continue
-        if _process_identity(int(owner[0])) == " ".join(owner):
+        if owner[2:] and owner[2] != pid_namespace:
+            continue  # its pid is not one this process can look up (2 words: older files)
+        if _process_identity(int(owner[0])) == " ".join(owner[:2]):
             continue  # its process is running: its lab is in use
         for ns in _namespaces():
             if ns.startswith("pb-") and _suffix_of(ns) == suffix:
