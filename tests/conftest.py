@@ -150,14 +150,20 @@ def _cancel_trio_test(limit: float) -> None:
     except Exception as exc:  # noqa: BLE001 - an exception here would crash trio's run
         where += f"(its tasks' stacks: {exc!r})\n"
     _trio_test["where"] = where + pytest_timeout.PYTEST_FAILURE_MESSAGE % limit
-    # pytest-trio runs the test in a task of its own ("<test 'name'>"), in a
-    # nursery: cancelled there the test ends as if a fixture had crashed, and
-    # its fixtures are torn down as usual, not cancelled too.
-    tests = [task for task in _all_tasks() if task.name.startswith("<test ")]
-    for task in tests:
-        task.child_nurseries[0].cancel_scope.cancel()
-    if not tests or not all(task.child_nurseries for task in tests):
-        _trio_test["scope"].cancel()
+    # As pytest-trio does when a fixture crashes: cancel what is being set up
+    # or run (its test context's active scopes: the test, or a fixture stuck
+    # in its setup), so the fixtures set up are torn down as usual, not
+    # cancelled too. The context is a local of its test task's frame
+    # ("<test 'name'>"). Failing that (a fixture's teardown stuck), all of it.
+    scopes: list[trio.CancelScope] = []
+    for task in _all_tasks():
+        frame = getattr(task.coro, "cr_frame", None)
+        context: Any = None if frame is None else frame.f_locals.get("test_ctx")
+        if task.name.startswith("<test ") and hasattr(context, "active_cancel_scopes"):
+            context.crashed = True
+            scopes += list(context.active_cancel_scopes)
+    for scope in scopes or [_trio_test["scope"]]:
+        scope.cancel()
 
 
 _TRIO_DIRS = tuple(

@@ -255,6 +255,16 @@ async def test_a_trio_test_that_never_ends(torn_down):
     await trio.sleep_forever()
 
 
+@pytest.fixture
+async def never_set_up():
+    await trio.sleep_forever()
+    yield
+
+
+async def test_a_trio_fixture_that_never_ends_its_setup(never_set_up):
+    pass
+
+
 async def test_the_next_trio_test_runs():
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trio.sleep, 0)
@@ -272,12 +282,19 @@ def test_a_hung_trio_test_is_cancelled_in_trio_and_leaves_no_run_behind(tmp_path
         tmp_path, TRIO_HANGING, "-o", "timeout=3", env={"TORN_DOWN": str(tmp_path / "torn")}
     )
     output, _ = session.communicate(timeout=120)
-    assert "1 failed, 1 passed" in output, output
+    assert "2 failed, 1 passed" in output, output
     assert (tmp_path / "torn").read_text() == "yes"  # its async fixture's teardown ran
-    (hung,) = (tmp_path / "digest").read_text().split("FAILED ")[1:]
+    hung, stuck_fixture = (tmp_path / "digest").read_text().split("FAILED ")[1:]
     assert hung.startswith("test_hanging.py::test_a_trio_test_that_never_ends (call, ")
     assert "Timeout (>3.0s) from pytest-timeout" in hung
-    assert "await trio.sleep_forever()" in hung  # where it waited
+    assert "in test_a_trio_test_that_never_ends\n        await trio.sleep_forever()" in hung
+    # A fixture stuck in its setup is cancelled too (as pytest-trio cancels
+    # one when another crashes), not left running until SIGALRM raises.
+    assert stuck_fixture.startswith(
+        "test_hanging.py::test_a_trio_fixture_that_never_ends_its_setup (call, "
+    )
+    assert "in never_set_up\n        await trio.sleep_forever()" in stuck_fixture
+    assert "Timeout (>3.0s) from pytest-timeout" in stuck_fixture
 
 
 def test_a_module_that_fails_to_import_is_in_the_digest(tmp_path: Path) -> None:
