@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import inspect
 import os
 import select
 import signal
 import subprocess
 import sys
+import threading
+import traceback
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_timeout  # type: ignore[import-untyped]
+import pytest_trio  # type: ignore[import-untyped]
+import trio
 from hypothesis import settings
 
 from portbroker.testing.lab import Lab, Variant, lab_unavailable_reason, open_lab
@@ -40,14 +46,17 @@ _running: list[str] = []  # the test being run, for the SIGTERM digest
 
 def _digest(text: str) -> None:
     if DIGEST:
-        with open(DIGEST, "a", encoding="utf-8") as file:
+        # backslashreplace: a report may hold lone surrogates (a file name or
+        # a child's output decoded with surrogateescape), which strict UTF-8
+        # refuses, and an error here is pytest's INTERNALERROR: the session ends.
+        with open(DIGEST, "a", encoding="utf-8", errors="backslashreplace") as file:
             file.write(text)
 
 
 def _interrupt(_signum: int, _frame: object) -> None:
     if DIGEST:
         _digest(f"SIGTERM during {_running[-1] if _running else 'no test'}; every thread:\n")
-        with open(DIGEST, "a", encoding="utf-8") as file:
+        with open(DIGEST, "a", encoding="utf-8", errors="backslashreplace") as file:
             faulthandler.dump_traceback(file, all_threads=True)
     raise KeyboardInterrupt("SIGTERM")
 
@@ -73,9 +82,146 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         # A million inputs take longer than pyproject's per-test timeout.
         if item.get_closest_marker("fuzz") is not None:
             item.add_marker(pytest.mark.timeout(FUZZ_TIMEOUT))
+        # Before trio_mode's trio(run=trio.run): the first runner named counts.
+        test = getattr(item, "obj", None)
+        test = getattr(getattr(test, "hypothesis", None), "inner_test", test)
+        if inspect.iscoroutinefunction(test):
+            item.add_marker(pytest.mark.trio(run=_trio_run), append=False)
 
 
 FUZZ_TIMEOUT = 4 * 3600  # s
+
+
+# pytest-timeout's SIGALRM raises wherever the main thread is: in a trio test
+# that is trio's run loop (its epoll wait), outside every task. The test
+# failed, but its run stayed set up (the next trio test failed: "Attempted to
+# call run() from inside a run()"), its async fixtures were never torn down,
+# and the report showed trio's loop, not the await the test was stuck in. So a
+# trio test's timeout cancels it inside trio, noting where each task waits; if
+# it is not over TRIO_GRACE s later (the loop itself blocked, say), SIGALRM
+# raises after all, as for any other test.
+TRIO_GRACE = 30  # s
+_trio_test: dict[str, Any] = {}  # the running trio test's token and scope; "where" once expired
+
+
+def _trio_run(async_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """trio.run for the suite's async tests: its timeout cancels it (above)."""
+    scope = trio.CancelScope()
+
+    async def guarded() -> Any:
+        _trio_test.update(token=trio.lowlevel.current_trio_token(), scope=scope)
+        try:
+            with scope:
+                return await async_fn(*args)
+        finally:
+            _trio_test.pop("token", None)
+
+    try:
+        result = trio.run(guarded, **kwargs)
+    except BaseException:
+        where = _trio_test.pop("where", None)
+        raised = _trio_test.pop("raised", False)
+        _trio_test.clear()
+        if where is None or raised:  # SIGALRM raised after all: its stack is where
+            raise
+        pytest.fail(where, pytrace=False)
+    where = _trio_test.pop("where", None)
+    _trio_test.clear()
+    if where is not None:
+        pytest.fail(where, pytrace=False)
+    return result
+
+
+def _cancel_trio_test(limit: float) -> None:
+    """In the expired test's trio run: note where its tasks wait, then cancel it."""
+    where = ""
+    try:
+        for task in _all_tasks():
+            # The frames of the test's code (and the library's): trio's and
+            # pytest-trio's own would fill the digest's lines.
+            frames = traceback.StackSummary.extract(
+                (frame, line)
+                for frame, line in task.iter_await_frames()
+                if not frame.f_code.co_filename.startswith(_TRIO_DIRS)
+                and frame.f_code.co_filename != __file__
+            )
+            if frames:
+                where += f"trio task {task.name}, at its await:\n" + "".join(frames.format())
+    except Exception as exc:  # noqa: BLE001 - an exception here would crash trio's run
+        where += f"(its tasks' stacks: {exc!r})\n"
+    _trio_test["where"] = where + pytest_timeout.PYTEST_FAILURE_MESSAGE % limit
+    # As pytest-trio does when a fixture crashes: cancel what is being set up
+    # or run (its test context's active scopes: the test, or a fixture stuck
+    # in its setup), so the fixtures set up are torn down as usual, not
+    # cancelled too. The context is a local of its test task's frame
+    # ("<test 'name'>"). Failing that (a fixture's teardown stuck), all of it.
+    scopes: list[trio.CancelScope] = []
+    for task in _all_tasks():
+        frame = getattr(task.coro, "cr_frame", None)
+        context: Any = None if frame is None else frame.f_locals.get("test_ctx")
+        if task.name.startswith("<test ") and hasattr(context, "active_cancel_scopes"):
+            context.crashed = True
+            scopes += list(context.active_cancel_scopes)
+    for scope in scopes or [_trio_test["scope"]]:
+        scope.cancel()
+
+
+_TRIO_DIRS = tuple(
+    str(Path(module.__file__).parent) + os.sep
+    for module in (trio, pytest_trio)
+    if module.__file__ is not None
+)
+
+
+def _all_tasks() -> list[trio.lowlevel.Task]:
+    """Every task of the current trio run, parents first."""
+    root = trio.lowlevel.current_root_task()
+    tasks = [] if root is None else [root]
+    for task in tasks:  # grows as it goes
+        tasks += [child for nursery in task.child_nurseries for child in nursery.child_tasks]
+    return tasks
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
+    """A trio test's SIGALRM (pytest-timeout's "signal" method): see TRIO_GRACE."""
+    if (
+        settings.method != "signal"
+        or item.get_closest_marker("trio") is None
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        return None  # pytest-timeout's own
+
+    def fail(_signum: int, _frame: object) -> None:
+        __tracebackhide__ = True
+        pytest_timeout.timeout_sigalrm(item, settings)
+
+    def fail_in_trio(signum: int, frame: object) -> None:
+        __tracebackhide__ = True
+        _trio_test["raised"] = True
+        fail(signum, frame)
+
+    def expired(signum: int, frame: object) -> None:
+        __tracebackhide__ = True
+        token = _trio_test.get("token")
+        if token is None:  # in its setup or teardown, not its trio run
+            fail(signum, frame)
+            return
+        signal.signal(signal.SIGALRM, fail_in_trio)
+        signal.setitimer(signal.ITIMER_REAL, TRIO_GRACE)
+        try:
+            token.run_sync_soon(_cancel_trio_test, settings.timeout)
+        except trio.RunFinishedError:
+            fail(signum, frame)
+
+    def cancel() -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+    item.cancel_timeout = cancel  # type: ignore[attr-defined] # pytest-timeout's cancel hook calls it
+    signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, settings.timeout)
+    return True
 
 
 @pytest.hookimpl(wrapper=True)
@@ -98,6 +244,13 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
             text += f"  {title}, its end:\n"
             text += "".join(f"    {line}\n" for line in content.splitlines()[-10:])
     _digest(text)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    # A module that fails to import: no test runs, and no test report says why.
+    if report.failed:
+        lines = str(report.longrepr).splitlines()[-DIGEST_LINES:]
+        _digest(f"ERROR collecting {report.nodeid}\n" + "".join(f"    {line}\n" for line in lines))
 
 
 def _require_lab() -> None:

@@ -29,6 +29,9 @@ session = "lab" if "lab and not fuzz" in sys.argv else "others"
 mode = os.environ[session.upper()]
 def stop(signum, _frame):
     print(f"{session} stopped by {signal.Signals(signum).name}", flush=True)
+    if mode == "flood":  # as tests/conftest.py's SIGTERM handler, after many failures
+        with open(os.environ["PORTBROKER_TEST_DIGEST"], "a") as digest:
+            digest.write("SIGTERM during its hung test; every thread:\\n  in stuck_here\\n")
     sys.exit(2)
 signal.signal(signal.SIGINT, stop)
 signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "deaf" else stop)
@@ -42,6 +45,10 @@ if mode == "fail":
     with open(os.environ["PORTBROKER_TEST_DIGEST"], "a") as digest:
         digest.write(f"FAILED {session}'s test (call)\\n")
     sys.exit(1)
+if mode == "flood":
+    with open(os.environ["PORTBROKER_TEST_DIGEST"], "a") as digest:
+        for n in range(200):
+            digest.write(f"FAILED {session}'s test {n} (call)\\n" + "    a frame\\n" * 3)
 while True:
     time.sleep(1)
 """
@@ -154,3 +161,16 @@ def test_ctrl_c_in_a_terminal_stops_both_sessions(tmp_path: Path) -> None:
     assert os.waitstatus_to_exitcode(status) != 0
     assert "others stopped by SIGINT" in text
     assert "lab stopped by SIGINT" in text
+
+
+def test_a_long_digest_keeps_its_end_where_a_sigterm_put_every_stack(tmp_path: Path) -> None:
+    """The digest is bounded on screen. It was its first 8,000 bytes: after a
+    few long failures, the stacks a SIGTERM appends last (where a hung
+    session was stuck: the one trace that matters then) were cut off."""
+    done = _run(tmp_path, "flood", "pass")
+    assert done.returncode != 0
+    tail = done.stdout[done.stdout.index("== what failed in the lab session") :]
+    assert "FAILED lab's test 0 (call)" in tail  # its beginning
+    assert "SIGTERM during its hung test; every thread:\n  in stuck_here\n" in tail  # and its end
+    assert "bytes cut" in tail
+    assert len(tail) < 10_000

@@ -83,6 +83,7 @@ def session_of(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        errors="replace",  # pytest writes a lone surrogate out as the byte it stood for
     )
 
 
@@ -203,3 +204,105 @@ def test_a_daemon_whose_stderr_a_child_holds_still_fails_start_up(tmp_path: Path
         for pipe in (wrapper.stdout, wrapper.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+NOT_UTF_8 = """
+import os
+
+
+def test_a_name_that_is_not_utf_8():
+    name = os.fsdecode(b"caf\\xe9")  # a lone surrogate, as surrogateescape decodes
+    assert name == "cafe"
+
+
+def test_the_session_goes_on():
+    pass
+"""
+
+
+def test_a_failure_whose_report_is_not_utf_8_is_digested_and_the_session_goes_on(
+    tmp_path: Path,
+) -> None:
+    """A failure's report holding a lone surrogate (a file name, or a child's
+    output decoded with surrogateescape): the digest's strict UTF-8 write
+    raised in pytest_runtest_logreport, pytest's INTERNALERROR, and the
+    session ended there, the rest of its tests never run."""
+    session = session_of(tmp_path, NOT_UTF_8)
+    output, _ = session.communicate(timeout=120)
+    assert "INTERNALERROR" not in output, output
+    assert "1 failed, 1 passed" in output, output
+    digest = (tmp_path / "digest").read_text(encoding="utf-8")
+    assert digest.startswith("FAILED test_hanging.py::test_a_name_that_is_not_utf_8 (call, ")
+    assert "caf\\udce9" in digest
+
+
+TRIO_HANGING = """
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+
+@pytest.fixture
+async def torn_down():
+    yield
+    await trio.sleep(0)
+    Path(os.environ["TORN_DOWN"]).write_text("yes")
+
+
+async def test_a_trio_test_that_never_ends(torn_down):
+    await trio.sleep_forever()
+
+
+@pytest.fixture
+async def never_set_up():
+    await trio.sleep_forever()
+    yield
+
+
+async def test_a_trio_fixture_that_never_ends_its_setup(never_set_up):
+    pass
+
+
+async def test_the_next_trio_test_runs():
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.sleep, 0)
+"""
+
+
+def test_a_hung_trio_test_is_cancelled_in_trio_and_leaves_no_run_behind(tmp_path: Path) -> None:
+    """pytest-timeout's SIGALRM raised where the main thread was: for a trio
+    test, in trio's run loop (its epoll wait), outside every task. The test
+    failed, but its trio run stayed set up (the next trio test failed:
+    "Attempted to call run() from inside a run()"), its async fixtures were
+    never torn down and nothing said where it waited. Now it is cancelled
+    inside trio and its tasks' awaits are the report."""
+    session = session_of(
+        tmp_path, TRIO_HANGING, "-o", "timeout=3", env={"TORN_DOWN": str(tmp_path / "torn")}
+    )
+    output, _ = session.communicate(timeout=120)
+    assert "2 failed, 1 passed" in output, output
+    assert (tmp_path / "torn").read_text() == "yes"  # its async fixture's teardown ran
+    hung, stuck_fixture = (tmp_path / "digest").read_text().split("FAILED ")[1:]
+    assert hung.startswith("test_hanging.py::test_a_trio_test_that_never_ends (call, ")
+    assert "Timeout (>3.0s) from pytest-timeout" in hung
+    assert "in test_a_trio_test_that_never_ends\n        await trio.sleep_forever()" in hung
+    # A fixture stuck in its setup is cancelled too (as pytest-trio cancels
+    # one when another crashes), not left running until SIGALRM raises.
+    assert stuck_fixture.startswith(
+        "test_hanging.py::test_a_trio_fixture_that_never_ends_its_setup (call, "
+    )
+    assert "in never_set_up\n        await trio.sleep_forever()" in stuck_fixture
+    assert "Timeout (>3.0s) from pytest-timeout" in stuck_fixture
+
+
+def test_a_module_that_fails_to_import_is_in_the_digest(tmp_path: Path) -> None:
+    """A collection error is no test's report: the session ran nothing, and
+    the digest .ci/run prints last was empty, so its tail showed only "rc=2"."""
+    session = session_of(tmp_path, "import no_such_module_here\n")
+    output, _ = session.communicate(timeout=120)
+    assert session.returncode == 2, output
+    digest = (tmp_path / "digest").read_text()
+    assert digest.startswith("ERROR collecting test_hanging.py\n"), digest
+    assert "No module named 'no_such_module_here'" in digest

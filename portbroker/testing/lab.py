@@ -472,12 +472,20 @@ class _Wan:
             raise
         return wan
 
-    def close(self) -> list[str]:
+    def close(self, *, disown: bool = True) -> list[str]:
+        """Delete its namespaces and routes; the errors. Its owner file goes
+        only once all is gone (*disown* False: its lab's close decides)."""
         errors = _delete_namespaces(self.created_ns)
         self.blackholes.remove_all()
-        if not errors:
+        if disown and not errors:
             _disown(_suffix_of(self.ns))
         return errors
+
+    def close_checked(self) -> None:
+        """:meth:`close`, raising LabError if anything was left."""
+        errors = self.close()
+        if errors:
+            raise LabError("lab teardown incomplete: " + "; ".join(errors))
 
 
 class _InNamespaces:
@@ -1052,7 +1060,8 @@ class Lab(_InNamespaces):
         errors.extend(_delete_namespaces(self._created_ns))
         self._blackholes.remove_all()
         if self._own_wan is not None:
-            errors.extend(self._own_wan.close())
+            # The same suffix: its owner file stays if anything of the lab's is left.
+            errors.extend(self._own_wan.close(disown=False))
         if errors:
             raise LabError("lab teardown incomplete: " + "; ".join(errors))
         _disown(self.suffix)
@@ -1062,7 +1071,9 @@ class Lab(_InNamespaces):
 
 # Who owns each lab suffix (and so the namespaces pb-*-<suffix> and the
 # blackhole routes of metric _metric(suffix)): a file per suffix naming the
-# process by pid and start time, so that a reused pid is not taken for it.
+# process by pid and start time, so that a reused pid is not taken for it,
+# and its pid namespace: a pid means nothing in another one (a container's
+# session sharing /run and the network namespaces), whose labs are left alone.
 # Written before the first namespace of the suffix exists, removed once the
 # teardown has removed everything.
 OWNERS_DIR: Final = Path("/run/portbroker-lab")
@@ -1083,6 +1094,20 @@ def _process_identity(pid: int) -> str | None:
     return f"{pid} {fields[19]}"
 
 
+def _pid_namespace() -> str:
+    return os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+
+
+def _owner_line() -> str:
+    """This process as an owner file names it: "<pid> <start time> <pid namespace>".
+
+    The pid as /proc shows it, which os.getpid() is not in a pid namespace
+    whose /proc is its parent's.
+    """
+    pid = int(Path("/proc/self/stat").read_text().split(" ", 1)[0])
+    return f"{_process_identity(pid)} {_pid_namespace()}"
+
+
 def _suffix_of(ns: str) -> str:
     return ns.rsplit("-", 1)[1]
 
@@ -1091,9 +1116,16 @@ def _add_namespace(ns: str, created: list[str], ipv6: bool) -> None:
     marker = OWNERS_DIR / _suffix_of(ns)
     if not marker.exists():
         OWNERS_DIR.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"{_process_identity(os.getpid())}\n")
-    _run(["ip", "netns", "add", ns])
+        marker.write_text(_owner_line() + "\n")
+    # Listed first: an interrupt (SIGTERM, a test's timeout) may come once ip
+    # has made it, and an unlisted namespace is never deleted.
     created.append(ns)
+    try:
+        _run(["ip", "netns", "add", ns])
+    except LabError as exc:
+        if not isinstance(exc.__cause__, subprocess.TimeoutExpired):
+            created.remove(ns)  # ip made nothing (the name taken: not ours to delete)
+        raise
     _prepare_ns(ns, ipv6)
 
 
@@ -1105,7 +1137,8 @@ def sweep_stale_labs() -> list[str]:
     """Remove what labs of processes that have ended left behind: their
     namespaces (and the processes still running in them: miniupnpd, agents),
     their blackhole routes and their owner files. A lab of a running process
-    (another test session's) is left alone. Returns the namespaces deleted.
+    (another test session's), or of a process in another pid namespace, is
+    left alone. Returns the namespaces deleted.
 
     :func:`open_lab`, :func:`open_sites` and :func:`open_series` call it first.
     """
@@ -1114,6 +1147,7 @@ def sweep_stale_labs() -> list[str]:
     except FileNotFoundError:
         return []
     deleted: list[str] = []
+    pid_namespace = _pid_namespace()
     for marker in markers:
         suffix = marker.name
         try:
@@ -1121,9 +1155,11 @@ def sweep_stale_labs() -> list[str]:
             int(suffix, 16)
         except (OSError, ValueError):
             continue
-        if len(suffix) != _SUFFIX_LENGTH or len(owner) != 2 or not owner[0].isdigit():
+        if len(suffix) != _SUFFIX_LENGTH or len(owner) not in (2, 3) or not owner[0].isdigit():
             continue
-        if _process_identity(int(owner[0])) == " ".join(owner):
+        if owner[2:] and owner[2] != pid_namespace:
+            continue  # its pid is not one this process can look up (2 words: older files)
+        if _process_identity(int(owner[0])) == " ".join(owner[:2]):
             continue  # its process is running: its lab is in use
         for ns in _namespaces():
             if ns.startswith("pb-") and _suffix_of(ns) == suffix:
@@ -1608,7 +1644,7 @@ def open_sites(
     _check_lab_possible()
     with _workdir(workdir) as root, contextlib.ExitStack() as stack:
         wan = _Wan.build(secrets.token_hex(3), ipv6=ipv6)
-        stack.callback(wan.close)
+        stack.callback(wan.close_checked)
         sites = []
         for label, variant, lan, lan6, external in (
             ("a", variant_a, LAN_NETWORK, LAN_NETWORK6, EXTERNAL_ADDRESS),
@@ -1802,11 +1838,11 @@ def open_roaming(
     with _workdir(workdir) as root, contextlib.ExitStack() as stack:
         suffix = secrets.token_hex(3)
         wan = _Wan.build(suffix, ipv6=False)
-        stack.callback(wan.close)
+        stack.callback(wan.close_checked)
+        # The wan's suffix: deleted with the wan, which keeps their owner
+        # file if either is left.
         switch_ns = f"pb-sw-{suffix}"
-        switch_created: list[str] = []
-        stack.callback(_delete_namespaces, switch_created)
-        _add_namespace(switch_ns, switch_created, False)
+        _add_namespace(switch_ns, wan.created_ns, False)
         switch = _Segment(switch_ns, f"pb{suffix}s", f"pb{suffix}p", LAN_NETWORK)
         switch.create()
         a = Lab(

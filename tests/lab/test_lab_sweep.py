@@ -22,12 +22,16 @@ from portbroker.testing.lab import (
     OWNERS_DIR,
     Lab,
     Variant,
+    _delete_namespaces,
+    _disown,
     _metric,
     _namespaces,
     _process_identity,
+    _remove_blackholes,
     blackhole_routes,
     sweep_stale_labs,
 )
+from tests.conftest import _require_lab
 
 HOLD_A_LAB = """
 import json, sys, time
@@ -42,11 +46,13 @@ with open_lab(Variant.FULL, workdir=Path(sys.argv[1])) as lab:
 
 
 @contextlib.contextmanager
-def lab_process(workdir: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
-    """A process holding a full lab; what it built."""
+def lab_process(
+    workdir: Path, *, wrapper: tuple[str, ...] = (), source: str = HOLD_A_LAB
+) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
+    """A process holding a full lab (run through *wrapper* when given); what it built."""
     workdir.mkdir()
     process = subprocess.Popen(
-        [sys.executable, "-c", HOLD_A_LAB, str(workdir)],
+        [*wrapper, sys.executable, "-c", source, str(workdir)],
         stdout=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
@@ -134,3 +140,44 @@ def test_a_process_identity_is_none_once_it_ended_and_names_its_start(tmp_path: 
         child.kill()
         child.wait()
     assert _process_identity(child.pid) is None
+
+
+# HOLD_A_LAB that sweeps nothing itself: the sweep under test is the one
+# outside its pid namespace (in it, every other lab's pid is unknown).
+HOLD_A_LAB_NO_SWEEP = HOLD_A_LAB.replace(
+    "from portbroker.testing.lab import Variant, open_lab",
+    "from portbroker.testing import lab as lab_module\n"
+    "from portbroker.testing.lab import Variant, open_lab\n"
+    "lab_module.sweep_stale_labs = lambda: []",
+)
+
+
+def test_a_lab_of_a_process_in_another_pid_namespace_is_left_alone(tmp_path: Path) -> None:
+    """A session in a pid namespace of its own (a container sharing /run and
+    the network namespaces) named its process by a pid of that namespace,
+    which here is another process or none: its live lab was swept."""
+    _require_lab()
+    unshare = ("unshare", "--pid", "--fork", "--mount-proc", "--propagation", "slave")
+    with lab_process(tmp_path / "other", wrapper=unshare, source=HOLD_A_LAB_NO_SWEEP) as (
+        process,
+        other,
+    ):
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text()
+        (holder,) = [int(pid) for pid in children.split()]
+        try:
+            assert not set(other["namespaces"]) & set(sweep_stale_labs())
+            assert set(other["namespaces"]) <= set(_namespaces())
+            assert _metric(other["suffix"]) in blackhole_metrics()
+            owner = (OWNERS_DIR / other["suffix"]).read_text().split()
+            assert owner[-1] == os.readlink(f"/proc/{holder}/ns/pid")
+        finally:
+            os.kill(holder, signal.SIGINT)  # its own teardown, in its namespaces
+            process.wait(timeout=60)
+            left = (OWNERS_DIR / other["suffix"]).exists()
+            if left:  # its teardown failed: ours to clean up
+                _delete_namespaces([ns for ns in other["namespaces"] if ns in _namespaces()])
+                _remove_blackholes(_metric(other["suffix"]))
+                _disown(other["suffix"])
+    assert not left  # its own teardown removed everything, its owner file last
+    assert not set(other["namespaces"]) & set(_namespaces())
+    assert _metric(other["suffix"]) not in blackhole_metrics()
