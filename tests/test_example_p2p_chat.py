@@ -9,7 +9,6 @@ real NATs is tests/lab/test_lab_p2p_chat.py.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
 import subprocess
@@ -24,19 +23,14 @@ import trio.testing
 
 from portbroker.p2p import host_addresses, interface_addresses
 from portbroker.testing.fake_gateway import FakeGateway
+from tests.scripts import load_script
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CHAT = str(EXAMPLES / "p2p_chat.py")
 
 
 def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # attrs and dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLES / f"{name}.py", name)
 
 
 rendezvous_server = load("rendezvous_server")
