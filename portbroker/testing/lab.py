@@ -483,9 +483,7 @@ class _Wan:
 
     def close_checked(self) -> None:
         """:meth:`close`, raising LabError if anything was left."""
-        errors = self.close()
-        if errors:
-            raise LabError("lab teardown incomplete: " + "; ".join(errors))
+        _raise_if_left(self.close())
 
 
 class _InNamespaces:
@@ -1062,8 +1060,7 @@ class Lab(_InNamespaces):
         if self._own_wan is not None:
             # The same suffix: its owner file stays if anything of the lab's is left.
             errors.extend(self._own_wan.close(disown=False))
-        if errors:
-            raise LabError("lab teardown incomplete: " + "; ".join(errors))
+        _raise_if_left(errors)
         _disown(self.suffix)
 
 
@@ -1148,6 +1145,7 @@ def sweep_stale_labs() -> list[str]:
         return []
     deleted: list[str] = []
     pid_namespace = _pid_namespace()
+    namespaces: list[str] | None = None  # listed once, when the first stale owner is found
     for marker in markers:
         suffix = marker.name
         try:
@@ -1161,7 +1159,9 @@ def sweep_stale_labs() -> list[str]:
             continue  # its pid is not one this process can look up (2 words: older files)
         if _process_identity(int(owner[0])) == " ".join(owner[:2]):
             continue  # its process is running: its lab is in use
-        for ns in _namespaces():
+        if namespaces is None:
+            namespaces = _namespaces()
+        for ns in namespaces:
             if ns.startswith("pb-") and _suffix_of(ns) == suffix:
                 for pid in _namespace_pids(ns):
                     with contextlib.suppress(ProcessLookupError):
@@ -1211,6 +1211,11 @@ def _remove_blackholes(metric: int) -> None:
                 capture_output=True,
                 check=False,
             )
+
+
+def _raise_if_left(errors: list[str]) -> None:
+    if errors:
+        raise LabError("lab teardown incomplete: " + "; ".join(errors))
 
 
 def _delete_namespaces(created: list[str]) -> list[str]:
