@@ -44,20 +44,26 @@ DIGEST_LINES = 30  # of each failure's report: its innermost frames and the erro
 _running: list[str] = []  # the test being run, for the SIGTERM digest
 
 
-def _digest(text: str) -> None:
+def _digest(text: str, *, stacks: bool = False) -> None:
+    """Append *text* to the digest (then every thread's stack, with *stacks*)."""
     if DIGEST:
         # backslashreplace: a report may hold lone surrogates (a file name or
         # a child's output decoded with surrogateescape), which strict UTF-8
         # refuses, and an error here is pytest's INTERNALERROR: the session ends.
         with open(DIGEST, "a", encoding="utf-8", errors="backslashreplace") as file:
             file.write(text)
+            if stacks:
+                file.flush()  # faulthandler writes to the descriptor itself
+                faulthandler.dump_traceback(file, all_threads=True)
+
+
+def _indented(lines: list[str]) -> str:
+    return "".join(f"    {line}\n" for line in lines)
 
 
 def _interrupt(_signum: int, _frame: object) -> None:
-    if DIGEST:
-        _digest(f"SIGTERM during {_running[-1] if _running else 'no test'}; every thread:\n")
-        with open(DIGEST, "a", encoding="utf-8", errors="backslashreplace") as file:
-            faulthandler.dump_traceback(file, all_threads=True)
+    running = _running[-1] if _running else "no test"
+    _digest(f"SIGTERM during {running}; every thread:\n", stacks=True)
     raise KeyboardInterrupt("SIGTERM")
 
 
@@ -238,11 +244,11 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         return
     lines = report.longreprtext.splitlines()[-DIGEST_LINES:]
     text = f"FAILED {report.nodeid} ({report.when}, {report.duration:.1f} s)\n"
-    text += "".join(f"    {line}\n" for line in lines)
+    text += _indented(lines)
     for title, content in report.sections:
         if title.startswith("miniupnpd log"):
             text += f"  {title}, its end:\n"
-            text += "".join(f"    {line}\n" for line in content.splitlines()[-10:])
+            text += _indented(content.splitlines()[-10:])
     _digest(text)
 
 
@@ -250,7 +256,7 @@ def pytest_collectreport(report: pytest.CollectReport) -> None:
     # A module that fails to import: no test runs, and no test report says why.
     if report.failed:
         lines = str(report.longrepr).splitlines()[-DIGEST_LINES:]
-        _digest(f"ERROR collecting {report.nodeid}\n" + "".join(f"    {line}\n" for line in lines))
+        _digest(f"ERROR collecting {report.nodeid}\n" + _indented(lines))
 
 
 def _require_lab() -> None:
