@@ -280,14 +280,56 @@ async def test_a_port_whose_mapping_is_being_deleted_can_be_mapped_again(
         async with open_client(short_dir / "pb.sock") as app:
             await app.map(7950, "tcp")
             old = cast(Mapping, daemon.shared[("tcp", 7950)].handle)
-        gateway.delay = 1.5  # the delete's answer takes 1.5 s
-        await _wait_for(lambda: ("tcp", 7950) not in daemon.shared, "the grace period to end")
-        assert old.state is State.RELEASING  # the delete is in flight
+        gateway.delay = 3.0  # the delete's answer takes 3 s
+        # Both: the registry lets go first, and the delete starts in a task
+        # of its own (one scheduler batch later, in either order with this
+        # poll: a CI run saw the mapping still ACTIVE here).
+        await _wait_for(
+            lambda: ("tcp", 7950) not in daemon.shared and old.state is State.RELEASING,
+            "the grace period to end and the delete to start",
+        )
         async with open_client(short_dir / "pb.sock") as app:
             again = await app.map(7950, "tcp")
             assert again["state"] == "active"
             assert gateway.mapping_for("tcp", 7950) is not None
             assert ("tcp", 7950) in daemon.shared
+
+
+async def test_the_instant_the_grace_period_ends_a_map_of_the_port_waits_for_its_delete(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The grace timer took the entry out of the registry and left the rest
+    # (marking its delete as in flight) to a task started for it. Trio runs
+    # the tasks of one batch in either order, so a map of the port could run
+    # in between: neither held nor releasing, it went to the broker, which
+    # still held the old (ACTIVE) mapping, and the app got an `internal`
+    # error. The check runs where no other task can: when the grace timer,
+    # having expired the entry, asks for its next deadline.
+    gateway = FakeGateway()
+    key = ("tcp", 7960)
+    seen: list[object] = []
+    async with running(short_dir, gateway, grace=0.2) as daemon:
+        expire, next_deadline = daemon.owners.expire, daemon.owners.next_deadline
+        expired: list[tuple[str, int]] = []
+
+        def expiring(now: float, shrunk: list[Any] | None = None) -> list[Any]:
+            released = expire(now, shrunk)
+            expired.extend(entry.key for entry in released)
+            return released
+
+        def asked() -> float | None:
+            while expired:
+                seen.append(daemon._busy(expired.pop()))
+            return next_deadline()
+
+        monkeypatch.setattr(daemon.owners, "expire", expiring)
+        monkeypatch.setattr(daemon.owners, "next_deadline", asked)
+        async with open_client(short_dir / "pb.sock") as app:
+            await app.map(7960, "tcp")
+        await _wait_for(lambda: seen, "the grace period to end")
+        await _wait_for(lambda: gateway.mapping_for(*key) is None, "the delete")
+    assert len(seen) == 1
+    assert isinstance(seen[0], trio.Event)  # a map of the port would have waited
 
 
 @pytest.mark.parametrize(("groups", "lookups"), [((), 0), (("root",), 1)])

@@ -584,6 +584,24 @@ class Daemon:
 
     async def _drop(self, entry: Entry) -> None:
         """*entry* left the registry (its last hold went): end it at the gateway."""
+        await self._release(entry, self._dropping(entry))
+
+    def _busy(self, key: tuple[str, int]) -> trio.Event | None:
+        """What a map of *key* must wait for first: its creation by another
+        client, or its delete still in flight; None when it may go ahead."""
+        if self.owners.creating(key):
+            return self._pending[key]
+        return self._releasing.get(key)
+
+    def _dropping(self, entry: Entry) -> trio.Event:
+        """What must hold from the instant *entry* left the registry, with no
+        checkpoint between: a map of its port waits for the delete (set when
+        the delete is done). Done in a task of its own, this left a scheduler
+        batch in which the port was neither held nor being released, and a
+        map of it reached the broker, which still held the old mapping: the
+        app got an `internal` error, "already mapped by this broker" (a CI
+        run caught the window: the port gone from the registry, its mapping
+        not yet releasing)."""
         self.publishing.gone(entry.key)  # withdrawn first: it will not be reachable
         self._save(entry)
         # Still found by its mapping until its Released event (events()
@@ -595,6 +613,9 @@ class Daemon:
         # The broker holds the mapping until its delete is done: a map of the
         # same port meanwhile waits for that (see _map).
         self._releasing[entry.key] = done = trio.Event()
+        return done
+
+    async def _release(self, entry: Entry, done: trio.Event) -> None:
         try:
             await _handle(entry).release()
         finally:
@@ -1004,12 +1025,10 @@ class Daemon:
             # client's creation can be long, and a client behind a full
             # pipeline may hang up meanwhile unseen by its reader.
             self._check_hung_up(client)
-            if self.owners.creating(key):  # someone is creating it right now
-                await self._pending[key].wait()
-            elif key in self._releasing:  # its delete is still in flight
-                await self._releasing[key].wait()
-            else:
+            busy = self._busy(key)
+            if busy is None:
                 break
+            await busy.wait()
         dead = self.shared.get(key)
         if (
             dead is not None
@@ -1224,7 +1243,7 @@ class Daemon:
             shrunk: list[Entry] = []
             for entry in self.owners.expire(trio.current_time(), shrunk):
                 logger.info("%s: its app is gone and the grace period over; releasing", entry.id)
-                self._nursery.start_soon(self._drop, entry)
+                self._nursery.start_soon(self._release, entry, self._dropping(entry))
             # Holds that ended while others remain change the state file too
             # (their records are recomputed); a wake-up that ended nothing,
             # such as any client leaving, writes nothing.
