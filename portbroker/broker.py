@@ -114,8 +114,9 @@ ANNOUNCE_PORT: Final = 5350
 # How long a release's delete may take (the caller waits for it); a failed one
 # is retried in the background, each retry with the request budget.
 RELEASE_TIMEOUT: Final = 5.0
-# A method ruled out (MethodUnavailable) is not asked again for this long; a
-# gateway that was restarting, or a firewall rule removed, gets another chance.
+# A method ruled out (MethodUnavailable) is not asked again for this long
+# while another is left to ask (_race); a gateway that was restarting, or a
+# firewall rule removed, gets another chance.
 UNAVAILABLE_TTL: Final = 30.0
 # A request to a server that keeps answering *other* requests is queued, not
 # lost (miniupnpd's nftables backend takes 100-250 ms per rule once it holds
@@ -1012,6 +1013,15 @@ class Broker:
         for race in range(1, MAX_RACES + 1):
             known = self._known_unavailable()
             racing = self._methods  # the gateway may move meanwhile (portbroker.roaming)
+            if racing and known.keys() >= racing.keys():
+                # Every method is ruled out. A rule-out steers the choice to
+                # another method for a while, and there is none: ask them
+                # all again rather than fail from memory. A renewal that met
+                # miniupnpd restarting (one ICMP port unreachable) left a
+                # PCP-only mapping lost for 52 s (UNAVAILABLE_TTL, then the
+                # backoff), though the gateway was back within a second (a
+                # lab run under load: tests/test_restart_window.py).
+                known = {}
             try:
                 return await create_by_preference(
                     self.gateway,
