@@ -41,6 +41,7 @@ _factory_labs: dict[str, list[Lab]] = {}
 # middle of a 2,000-line log.
 DIGEST = os.environ.get("PORTBROKER_TEST_DIGEST")
 DIGEST_LINES = 30  # of each failure's report: its innermost frames and the error
+CRASH_CHARS = 400  # of the error's message, on one line
 _running: list[str] = []  # the test being run, for the SIGTERM digest
 
 
@@ -55,6 +56,25 @@ def _digest(text: str, *, stacks: bool = False) -> None:
             if stacks:
                 file.flush()  # faulthandler writes to the descriptor itself
                 faulthandler.dump_traceback(file, all_threads=True)
+
+
+def _crash(longrepr: object) -> str:
+    """The error and where it was raised, two lines right under the name.
+
+    CI's output is read through a window that shows its last few lines: a
+    lab test's report there once ended in 30 lines of source and the
+    gateway's log, and the assertion that failed fell out of view. `.ci/run`
+    prints these lines once more, last ("in short")."""
+    crash = getattr(longrepr, "reprcrash", None)
+    if crash is None:
+        return ""
+    message = " ".join(str(crash.message).split())
+    if len(message) > CRASH_CHARS:
+        message = message[:CRASH_CHARS] + " [...]"
+    path = Path(str(crash.path))
+    with contextlib.suppress(ValueError):
+        path = path.relative_to(Path(__file__).resolve().parent.parent)
+    return f"    error: {message}\n    at: {path}:{crash.lineno}\n"
 
 
 def _indented(lines: list[str]) -> str:
@@ -244,6 +264,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         return
     lines = report.longreprtext.splitlines()[-DIGEST_LINES:]
     text = f"FAILED {report.nodeid} ({report.when}, {report.duration:.1f} s)\n"
+    text += _crash(report.longrepr)
     text += _indented(lines)
     for title, content in report.sections:
         if title.startswith("miniupnpd log"):

@@ -43,7 +43,10 @@ if mode == "pass":
 if mode == "fail":
     print(f"{session} failed", flush=True)
     with open(os.environ["PORTBROKER_TEST_DIGEST"], "a") as digest:
-        digest.write(f"FAILED {session}'s test (call)\\n")
+        digest.write(
+            f"FAILED {session}'s test (call)\\n    error: AssertionError: {session} broke\\n"
+            "    at: tests/test_x.py:7\\n" + "    a frame\\n" * 40
+        )
     sys.exit(1)
 if mode == "flood":
     with open(os.environ["PORTBROKER_TEST_DIGEST"], "a") as digest:
@@ -101,6 +104,16 @@ def test_a_failing_session_fails_the_run(tmp_path: Path, lab: str, others: str) 
     assert f"== what failed in the {failed} session" in tail
     assert f"FAILED {failed}'s test (call)" in tail
     assert "== what failed in the" not in tail.replace(f"in the {failed} session", "")
+    # And last of all, past the frames, its name, error and place (CI's
+    # output is often read through its last lines only).
+    short = tail[tail.index("== in short\n") :].splitlines()
+    assert short[1:] == [
+        f"FAILED {failed}'s test (call)",
+        f"    error: AssertionError: {failed} broke",
+        "    at: tests/test_x.py:7",
+        short[-1],
+    ]
+    assert short[-1].startswith("== the whole run took")
 
 
 @pytest.mark.parametrize("hung", ["lab", "others"])

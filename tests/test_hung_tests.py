@@ -306,3 +306,35 @@ def test_a_module_that_fails_to_import_is_in_the_digest(tmp_path: Path) -> None:
     digest = (tmp_path / "digest").read_text()
     assert digest.startswith("ERROR collecting test_hanging.py\n"), digest
     assert "No module named 'no_such_module_here'" in digest
+
+
+LONG_FAILURE = (
+    '''
+def test_a_long_test_whose_last_line_fails():
+    """Its report is its whole source (pytest shows the failing function),
+    which pushes the error far from the report's end."""
+'''
+    + "".join(f"    x{n} = {n}\n" for n in range(60))
+    + """
+    assert x59 == 0, "the agent said nothing within 30 s; so far: [1, 2]"
+"""
+)
+
+
+def test_a_failures_error_and_place_come_right_under_its_name_in_the_digest(
+    tmp_path: Path,
+) -> None:
+    """CI's output is read through its last lines: a lab test's digest there
+    showed 30 lines of its source and the gateway's log, and the assertion
+    itself fell out of view. The error (on one line) and where it was raised
+    now come first."""
+    session = session_of(tmp_path, LONG_FAILURE)
+    output, _ = session.communicate(timeout=120)
+    assert session.returncode == 1, output
+    name, error, place = (tmp_path / "digest").read_text().splitlines()[:3]
+    assert name.startswith("FAILED test_hanging.py::test_a_long_test_whose_last_line_fails (call, ")
+    assert error == (
+        "    error: AssertionError: the agent said nothing within 30 s; so far: [1, 2]"
+        " assert 59 == 0"
+    )
+    assert place == f"    at: {tmp_path / 'test_hanging.py'}:66"
