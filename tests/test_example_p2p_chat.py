@@ -134,7 +134,16 @@ async def test_two_peers_behind_two_gateways_chat_over_their_mapped_endpoints() 
     summaries = {}
     for name in ("alice", "bob"):
         done: subprocess.CompletedProcess[bytes] = results[name]
-        assert done.returncode == 0, (name, done.stdout, done.stderr)
+        if done.returncode != 0:
+            # Whole, not as an assertion's repr (which pytest cuts in the
+            # middle): a run once failed with "port closed (ICMP port
+            # unreachable)" from a port this test's fakes should have held.
+            pytest.fail(
+                f"{name} exited with {done.returncode}; the gateways' ports"
+                f" {[g.port for g in gateways]}, the rendezvous {rendezvous}\n"
+                f"stdout:\n{done.stdout.decode(errors='replace')}\n"
+                f"stderr:\n{done.stderr.decode(errors='replace')}"
+            )
         summaries[name] = json.loads(done.stdout.decode().strip().splitlines()[-1])
     alice, bob = summaries["alice"], summaries["bob"]
     assert alice["heard"] == ["hi alice"]
