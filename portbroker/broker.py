@@ -721,7 +721,7 @@ class Broker:
                 remote=remote,
             )
         )
-        outcome = await self._try_peer(request)
+        outcome = await self._try_peer(request, fallback)
         if isinstance(outcome, Mapping):
             return outcome
         if fallback is None:
@@ -758,14 +758,20 @@ class Broker:
             raise MethodUnavailable("pcp", "not enabled on this broker, and PEER needs PCP")
         return method
 
-    async def _try_peer(self, request: MappingRequest) -> Mapping | str:
+    async def _try_peer(self, request: MappingRequest, fallback: str | None) -> Mapping | str:
         """A PEER mapping, or why this gateway has no PEER (for the fallback)."""
         method = self._methods.get("pcp")
         if method is None:
             return "PCP is not enabled on this broker"
         now = trio.current_time()
-        known = self._known_unavailable().get("pcp")
-        if known is not None:
+        ruled_out = self._known_unavailable()
+        known = ruled_out.get("pcp")
+        # A rule-out steers the choice to another method (_race). PCP is
+        # PEER's only one, and with no fallback, or every method ruled out
+        # (the fallback MAP would ask PCP again anyway), it is asked: one
+        # ICMP in a restart made peer() give up on PEER for 30 s (a MAP,
+        # open to anyone, made instead through the PCP that was back).
+        if known is not None and fallback is not None and ruled_out.keys() < self._methods.keys():
             return f"the gateway does not speak PCP ({known})"
         if self.selected_method not in (None, "pcp"):
             return f"the gateway does not speak PCP (it chose {self.selected_method})"

@@ -58,23 +58,47 @@ def _digest(text: str, *, stacks: bool = False) -> None:
                 faulthandler.dump_traceback(file, all_threads=True)
 
 
-def _crash(longrepr: object) -> str:
+def _crash(report: pytest.TestReport | pytest.CollectReport) -> str:
     """The error and where it was raised, two lines right under the name.
 
     CI's output is read through a window that shows its last few lines: a
     lab test's report there once ended in 30 lines of source and the
     gateway's log, and the assertion that failed fell out of view. `.ci/run`
     prints these lines once more, last ("in short")."""
-    crash = getattr(longrepr, "reprcrash", None)
+    crash = getattr(report.longrepr, "reprcrash", None)
     if crash is None:
-        return ""
-    message = " ".join(str(crash.message).split())
-    if len(message) > CRASH_CHARS:
-        message = message[:CRASH_CHARS] + " [...]"
-    path = Path(str(crash.path))
+        # No traceback (a collection error, a strict xfail that passed): its
+        # last line says what went wrong; where is not known.
+        lines = [line for line in report.longreprtext.splitlines() if line.strip()]
+        return f"    error: {_one_line(lines[-1].removeprefix('E '))}\n" if lines else ""
+    message = _one_line(str(crash.message))
+    # An error inside a nursery: pytest places the group where trio raised it.
+    place = getattr(report, "crash_place", None) or (str(crash.path), crash.lineno)
+    path = Path(place[0])
     with contextlib.suppress(ValueError):
         path = path.relative_to(Path(__file__).resolve().parent.parent)
-    return f"    error: {message}\n    at: {path}:{crash.lineno}\n"
+    return f"    error: {message}\n    at: {path}:{place[1]}\n"
+
+
+def _one_line(message: str) -> str:
+    message = " ".join(message.split())
+    if len(message) > CRASH_CHARS:
+        message = message[:CRASH_CHARS] + " [...]"
+    return message
+
+
+def _raised_at(error: BaseException) -> tuple[str, int] | None:
+    """Where the first error of an ExceptionGroup (nested too) was raised."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    place = None
+    frames = error.__traceback__
+    while frames is not None:  # the innermost frame not hidden (as pytest's own)
+        frame = frames.tb_frame
+        if not frame.f_locals.get("__tracebackhide__", frame.f_globals.get("__tracebackhide__")):
+            place = frame.f_code.co_filename, frames.tb_lineno
+        frames = frames.tb_next
+    return place
 
 
 def _indented(lines: list[str]) -> str:
@@ -264,7 +288,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         return
     lines = report.longreprtext.splitlines()[-DIGEST_LINES:]
     text = f"FAILED {report.nodeid} ({report.when}, {report.duration:.1f} s)\n"
-    text += _crash(report.longrepr)
+    text += _crash(report)
     text += _indented(lines)
     for title, content in report.sections:
         if title.startswith("miniupnpd log"):
@@ -277,7 +301,7 @@ def pytest_collectreport(report: pytest.CollectReport) -> None:
     # A module that fails to import: no test runs, and no test report says why.
     if report.failed:
         lines = str(report.longrepr).splitlines()[-DIGEST_LINES:]
-        _digest(f"ERROR collecting {report.nodeid}\n" + _indented(lines))
+        _digest(f"ERROR collecting {report.nodeid}\n" + _crash(report) + _indented(lines))
 
 
 def _require_lab() -> None:
@@ -376,6 +400,9 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
+    error = call.excinfo.value if call.excinfo is not None else None
+    if report.failed and isinstance(error, BaseExceptionGroup):
+        report.crash_place = _raised_at(error)  # type: ignore[attr-defined]
     if item.get_closest_marker("lab") is not None:
         # An xfail is reported as skipped, but it ran: only real skips count.
         if report.skipped and not hasattr(report, "wasxfail"):

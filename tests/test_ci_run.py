@@ -187,3 +187,18 @@ def test_a_long_digest_keeps_its_end_where_a_sigterm_put_every_stack(tmp_path: P
     assert "SIGTERM during its hung test; every thread:\n  in stuck_here\n" in tail  # and its end
     assert "bytes cut" in tail
     assert len(tail) < 10_000
+
+
+def test_in_short_names_the_hung_test_and_how_many_failures_it_leaves_out(
+    tmp_path: Path,
+) -> None:
+    """ "In short" was the digests' first 30 such lines: after many failures
+    the line saying which test a SIGTERM stopped (the session hung) fell past
+    them, and nothing said that failures were left out."""
+    done = _run(tmp_path, "flood", "pass")
+    assert done.returncode != 0
+    short = done.stdout[done.stdout.index("== in short\n") :].splitlines()[1:-1]
+    assert short[0] == "FAILED lab's test 0 (call)"
+    assert "[... 170 more failures: see the digests above]" in short
+    assert short[-1] == "SIGTERM during its hung test; every thread:"
+    assert len(short) <= 32

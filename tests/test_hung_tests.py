@@ -338,3 +338,71 @@ def test_a_failures_error_and_place_come_right_under_its_name_in_the_digest(
         " assert 59 == 0"
     )
     assert place == f"    at: {tmp_path / 'test_hanging.py'}:66"
+
+
+NURSERY_FAILURE = """
+import trio
+
+
+async def test_a_task_of_a_nursery_fails():
+    async def agent():
+        await trio.sleep(0)
+        assert 1 + 1 == 3, "the agent broke"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent)
+"""
+
+
+def test_the_place_of_an_error_raised_in_a_nursery_is_where_it_was_raised(
+    tmp_path: Path,
+) -> None:
+    """Most failures of this suite's trio tests reach pytest inside a
+    nursery's ExceptionGroup, which pytest's crash line places where trio
+    raised the group (trio/_core/_run.py): the digest's `at:` named no line
+    of the test. It names where the (first) error was raised."""
+    session = session_of(tmp_path, NURSERY_FAILURE)
+    output, _ = session.communicate(timeout=120)
+    assert session.returncode == 1, output
+    name, error, place = (tmp_path / "digest").read_text().splitlines()[:3]
+    assert name.startswith("FAILED test_hanging.py::test_a_task_of_a_nursery_fails (call, ")
+    assert error.startswith("    error: ")
+    assert "the agent broke" in error
+    assert place == f"    at: {tmp_path / 'test_hanging.py'}:8"
+
+
+def test_a_module_that_fails_to_import_has_its_error_right_under_its_name(
+    tmp_path: Path,
+) -> None:
+    """A collection error's report has no crash line of pytest's: the digest
+    (and .ci/run's "in short", which keeps only the lines right under a
+    name) showed its name alone. Its last line is the error."""
+    session = session_of(tmp_path, "import no_such_module_here\n")
+    output, _ = session.communicate(timeout=120)
+    assert session.returncode == 2, output
+    name, error = (tmp_path / "digest").read_text().splitlines()[:2]
+    assert name == "ERROR collecting test_hanging.py"
+    assert error == "    error: ModuleNotFoundError: No module named 'no_such_module_here'"
+
+
+STRICT_XPASS = """
+import pytest
+
+
+@pytest.mark.xfail(strict=True, reason="the gateway is known to refuse it")
+def test_a_strict_xfail_that_passes():
+    pass
+"""
+
+
+def test_a_failure_with_no_traceback_has_its_error_right_under_its_name(
+    tmp_path: Path,
+) -> None:
+    """A strict xfail that passed fails with a bare line, no traceback: as
+    with a collection error, nothing came under its name."""
+    session = session_of(tmp_path, STRICT_XPASS)
+    output, _ = session.communicate(timeout=120)
+    assert session.returncode == 1, output
+    name, error = (tmp_path / "digest").read_text().splitlines()[:2]
+    assert name.startswith("FAILED test_hanging.py::test_a_strict_xfail_that_passes (call, ")
+    assert error == "    error: [XPASS(strict)] the gateway is known to refuse it"

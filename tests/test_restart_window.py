@@ -12,10 +12,12 @@ where there is none left, the methods are asked again.
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
 from portbroker.broker import UNAVAILABLE_TTL
+from portbroker.errors import PortBrokerError
 from portbroker.lifecycle import RECOVERY_BACKOFF, Lost, Restored, State
 from portbroker.testing.fake_gateway import FakeGateway
 from tests.broker_harness import Recorder, broker_for, wait_for
@@ -65,3 +67,31 @@ async def test_with_a_second_method_the_restart_costs_one_backoff_step(
     # method again where all are ruled out must not make this one slower.
     lost, restored = await _lost_in_a_restart(("pcp", "natpmp"))
     assert restored - lost <= 0.5 + RECOVERY_BACKOFF[0] + 0.5
+
+
+REMOTE = ("198.51.100.7", 3478)
+
+
+async def test_a_peer_after_a_restart_asks_pcp_again_when_it_is_the_only_method(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The same memory in peer(): PCP ruled out by one ICMP (a map while
+    # miniupnpd restarted) made every peer() for 30 s give up on PEER
+    # without asking: fallback=None failed ("does not speak PCP"), and the
+    # default fallback made an inbound MAP open to anyone (through PCP, the
+    # only method, which it asked and found back) instead of the PEER.
+    gateway = FakeGateway()
+    async with broker_for(gateway, ("pcp",)) as broker:
+        await broker.map(7040, "udp", lifetime=600)  # PCP is the choice
+        gateway.closed = True
+        with pytest.raises(PortBrokerError):
+            await broker.map(7041, "udp", lifetime=600)  # the ICMP rules PCP out
+        gateway.closed = False  # back a moment later
+        await trio.sleep(1)
+        strict = await broker.peer(7042, "udp", remote=REMOTE, lifetime=600, fallback=None)
+        assert strict.remote is not None
+        assert gateway.peer_for("udp", 7042, REMOTE) is not None
+        fallen = await broker.peer(7043, "udp", remote=REMOTE, lifetime=600)
+        assert fallen.remote is not None  # a PEER, not an inbound MAP
+        assert gateway.peer_for("udp", 7043, REMOTE) is not None
+        assert gateway.mapping_for("udp", 7043) is None

@@ -457,3 +457,59 @@ async def test_a_client_that_hung_up_behind_a_full_pipeline_is_rolled_back(
         await daemon.synced()
         assert json.loads((short_dir / "state.json").read_text())["mappings"] == []
         assert all(gateway.mapping_for("tcp", 30000 + n) is None for n in range(count))
+
+
+async def test_a_map_nobody_owns_any_more_is_waited_for_while_it_is_deleted(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A map whose requester left while the gateway granted it is deleted
+    # again at once (created() -> None): the registry lets go of the port,
+    # and the broker holds the mapping until the delete is answered. Another
+    # app's map of the port, waiting for that creation, went ahead at the
+    # delete's first checkpoint, neither created nor releasing, and the
+    # broker refused it: "already mapped by this broker (releasing)".
+    gateway = FakeGateway()
+    key = ("tcp", 7970)
+    async with running(short_dir, gateway) as daemon:
+        created, broker_map = daemon.owners.created, daemon.broker.map
+        gate = trio.Event()
+
+        def requester_gone(key: tuple[str, int], handle: Any, port: int | None) -> Any:
+            # The first map's app hangs up as its mapping is granted.
+            monkeypatch.setattr(daemon.owners, "created", created)
+            requester = daemon.owners.entries[key].requester
+            assert requester is not None
+            daemon.owners.disconnect(requester, trio.current_time())
+            return created(key, handle, port)
+
+        async def gated(*args: Any, **kwargs: Any) -> Mapping:
+            await gate.wait()
+            mapping = await broker_map(*args, **kwargs)
+            gateway.delay = 2.0  # its delete is answered 2 s later
+            return mapping
+
+        monkeypatch.setattr(daemon.owners, "created", requester_gone)
+        monkeypatch.setattr(daemon.broker, "map", gated)
+        results: dict[str, Any] = {}
+
+        async def map_as(name: str) -> None:
+            async with open_client(short_dir / "pb.sock") as app:
+                try:
+                    results[name] = await app.map(7970, "tcp")
+                except DaemonRequestError as exc:
+                    results[name] = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(map_as, "first")
+            await _wait_for(lambda: daemon.owners.creating(key), "the first map to start")
+            nursery.start_soon(map_as, "second")
+            await _wait_for(
+                lambda: daemon._pending[key].statistics().tasks_waiting == 1,
+                "the second map to wait for the first",
+            )
+            gate.set()
+        assert isinstance(results["first"], DaemonRequestError)
+        assert results["first"].code == "gone"
+        assert not isinstance(results["second"], DaemonRequestError), results["second"]
+        assert results["second"]["state"] == "active"
+        assert gateway.mapping_for(*key) is not None

@@ -1098,8 +1098,17 @@ class Daemon:
         if kept is None:
             # Its requester left before it was made: nobody would own it.
             logger.info("%d/%s: the client left before it was made; deleting it", port, protocol)
+            # Marked before the first checkpoint, like _dropping: a map of
+            # the port waiting for this creation waits for the delete too
+            # (the broker holds the mapping until then).
+            self._releasing[key] = releasing = trio.Event()
             with trio.CancelScope(shield=True):
-                await mapping.release()
+                try:
+                    await mapping.release()
+                finally:
+                    if self._releasing.get(key) is releasing:
+                        del self._releasing[key]
+                    releasing.set()
             raise ProtocolError(ErrorCode.GONE, "the connection closed before the map was made")
         self._save(kept)
         return kept
