@@ -11,7 +11,13 @@ from typing import Final
 
 import trio
 
-from portbroker.errors import LinkError, MappingError, MethodUnavailable, RequestUnsupported
+from portbroker.errors import (
+    LinkError,
+    MappingError,
+    MethodUnavailable,
+    NoAnswer,
+    RequestUnsupported,
+)
 from portbroker.methods import natpmp_rules, undo_grant
 from portbroker.methods.rules import Undo
 from portbroker.transport import Transport, natpmp_key, natpmp_schedule
@@ -195,4 +201,11 @@ class NatPmpMethod:
             # transaction ID, so a late copy of the grant (same opcode and
             # internal port) matches too: not this delete's answer. Ask again.
         else:
-            raise MappingError(self.name, "delete answered with a lifetime, not 0")
+            # Only late copies came back: this delete's own answer is still to
+            # come, or lost. Silence, which the broker retries (rule 10), not
+            # a refusal, which it would not (see PcpMethod.delete).
+            raise NoAnswer(
+                f"{self.name}: no answer to the delete, only {DELETE_ATTEMPTS} late copies"
+                " of an earlier grant",
+                method=self.name,
+            )

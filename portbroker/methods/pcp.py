@@ -15,7 +15,7 @@ from typing import Final
 
 import trio
 
-from portbroker.errors import LinkError, MappingError, MethodUnavailable
+from portbroker.errors import LinkError, MappingError, MethodUnavailable, NoAnswer
 from portbroker.methods import pcp_rules, undo_grant
 from portbroker.methods.pcp_rules import error_hold_off
 from portbroker.methods.rules import Undo, filter_family_problem
@@ -242,8 +242,16 @@ class PcpMethod:
             # is a late copy of an earlier grant (same nonce, so the same key):
             # not this delete's answer, which may yet be lost. Ask again.
         else:
-            raise MappingError(
-                self.name, f"delete answered with lifetime {response.lifetime}, not 0"
+            # Only late copies came back (a gateway answering seconds late
+            # has several in flight: one per retransmission of the map): this
+            # delete's own answer is still to come, or lost. That is silence,
+            # which the broker retries (lifecycle rule 10); a refusal here
+            # was not retried, so a delete that was lost left the mapping open
+            # for its whole lease.
+            raise NoAnswer(
+                f"{self.name}: no answer to the delete, only {DELETE_ATTEMPTS} late copies"
+                f" of an earlier grant (lifetime {response.lifetime})",
+                method=self.name,
             )
         self._forget_nonce(lease)
 
