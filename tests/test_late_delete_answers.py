@@ -13,12 +13,14 @@ rule 10).
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import trio
 import trio.testing
 
 from portbroker.lifecycle import Released
 from portbroker.testing.fake_gateway import FakeGateway
+from portbroker.wire import pcp
 from tests.broker_harness import Recorder, broker_for, wait_for
 
 
@@ -56,4 +58,42 @@ async def test_a_lost_delete_behind_late_copies_of_the_grant_is_retried_until_do
         assert released.retrying  # not "refused, not retried"
         await wait_for(lambda: not broker.undeleted())
         assert gateway.mapping_for("udp", 7100) is None  # deleted after all
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_delete_answered_with_the_implicit_mappings_lifetime_is_done(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # RFC 6887 §15: a mapping that also carries implicit traffic loses its
+    # explicit part, and the SUCCESS carries the remaining idle timeout as its
+    # Lifetime. The answer copies the delete's zero port and all-zeros address
+    # (§15.1, erratum 3621), which no grant of a TCP or UDP port has: it is
+    # this delete's answer, not a late copy of a grant. Taken for one, the
+    # delete was retried for the whole lease, Released said unconfirmed and
+    # retrying, and each retry of a delete that was done could meet another
+    # client's mapping of the endpoint (NOT_AUTHORIZED, then _cut_short).
+    gateway = FakeGateway()
+    pcp_map = FakeGateway._pcp_map
+
+    def implicit_traffic(self: FakeGateway, request: pcp.PcpRequest) -> bytes:
+        reply = pcp_map(self, request)
+        if request.lifetime != 0:
+            return reply
+        response = pcp.decode_response(reply)
+        return pcp.encode_response(attrs.evolve(response, lifetime=100))
+
+    monkeypatch.setattr(FakeGateway, "_pcp_map", implicit_traffic)
+    recorder = Recorder()
+    async with broker_for(gateway, ("pcp",)) as broker, trio.open_nursery() as nursery:
+        mapping = await broker.map(7100, "udp", lifetime=600)
+        await nursery.start(recorder.run, mapping)
+        await mapping.release()
+        await wait_for(lambda: bool(recorder.of(Released)))
+        (released,) = recorder.of(Released)
+        assert released.confirmed
+        assert not released.retrying
+        assert not broker.undeleted()
+        await trio.sleep(700)  # past the lease: no retry came
+        deletes = [r for r in gateway.requests if isinstance(r, pcp.PcpRequest) and not r.lifetime]
+        assert len(deletes) == 1
         nursery.cancel_scope.cancel()

@@ -29,8 +29,22 @@ logger = logging.getLogger(__name__)
 __all__ = ["PcpMethod", "error_hold_off"]
 
 # Answers to a delete that still grant a lifetime (stale copies of a grant)
-# before the delete is declared refused.
+# before the delete is reported unanswered (NoAnswer, which the broker retries).
 DELETE_ATTEMPTS: Final = 3
+
+
+def _answers_the_delete(response: pcp.PcpResponse, lease: Lease) -> bool:
+    """Whether a SUCCESS with a lifetime is the delete's own answer, not a late grant.
+
+    RFC 6887 §15: when the mapping also carries implicit traffic, the server
+    deletes the explicit mapping and answers with the remaining idle timeout
+    as the Lifetime. That answer copies the delete's suggested port, which we
+    send as 0 (§15.1, erratum 3621); a grant of a TCP or UDP port never has
+    port 0, so a late copy of one does not. (A lease granted with port 0, the
+    server bug that the undo deletes, cannot tell the two apart: not this.)
+    """
+    data = response.data
+    return isinstance(data, pcp.MapData) and data.external_port == 0 and lease.external_port != 0
 
 
 class PcpMethod:
@@ -236,7 +250,7 @@ class PcpMethod:
                     result_code=int(response.result_code),
                     retry_after=error_hold_off(response) if short else None,
                 )
-            if response.lifetime == 0:
+            if response.lifetime == 0 or _answers_the_delete(response, lease):
                 break
             # §15: a delete's answer has Lifetime 0. A SUCCESS with a lifetime
             # is a late copy of an earlier grant (same nonce, so the same key):
