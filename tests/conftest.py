@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import traceback
+import types
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -95,10 +96,25 @@ def _raised_at(error: BaseException) -> tuple[str, int] | None:
     frames = error.__traceback__
     while frames is not None:  # the innermost frame not hidden (as pytest's own)
         frame = frames.tb_frame
-        if not frame.f_locals.get("__tracebackhide__", frame.f_globals.get("__tracebackhide__")):
+        if not _hidden(frame):
             place = frame.f_code.co_filename, frames.tb_lineno
         frames = frames.tb_next
     return place
+
+
+def _hidden(frame: types.FrameType) -> bool:
+    """Whether *frame* sets ``__tracebackhide__`` (its locals first, then its globals).
+
+    As pytest reads it, an error reading it is no answer: a frame's locals
+    need not be a dict (exec's, a class body's ``__prepare__``), and an error
+    here, in the report hook, was pytest's INTERNALERROR: the session ended.
+    """
+    for names in (frame.f_locals, frame.f_globals):
+        try:
+            return bool(names["__tracebackhide__"])
+        except Exception:  # noqa: BLE001, S112 - KeyError, or a mapping's own error
+            continue
+    return False
 
 
 def _indented(lines: list[str]) -> str:

@@ -406,3 +406,56 @@ def test_a_failure_with_no_traceback_has_its_error_right_under_its_name(
     name, error = (tmp_path / "digest").read_text().splitlines()[:2]
     assert name.startswith("FAILED test_hanging.py::test_a_strict_xfail_that_passes (call, ")
     assert error == "    error: [XPASS(strict)] the gateway is known to refuse it"
+
+
+PICKY_LOCALS_FAILURE = '''
+from collections.abc import Mapping
+
+import trio
+
+
+class Picky(Mapping):
+    """A frame's locals (exec's) that raise when asked for a name they lack."""
+
+    def __getitem__(self, name):
+        if name == "__tracebackhide__":
+            raise RuntimeError("no such local, and I say so loudly")
+        raise KeyError(name)
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self):
+        return 0
+
+
+async def test_a_task_fails_in_a_frame_with_picky_locals():
+    async def agent():
+        await trio.sleep(0)
+        exec("assert 1 + 1 == 3, 'the agent broke'", {}, Picky())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent)
+
+
+def test_the_session_goes_on():
+    pass
+'''
+
+
+def test_a_failure_raised_in_a_frame_whose_locals_raise_is_digested_and_the_session_goes_on(
+    tmp_path: Path,
+) -> None:
+    """The digest's place reads each frame's ``__tracebackhide__`` from its
+    locals, which need not be a dict (exec's, a class body's __prepare__): one
+    whose lookup raised made the report hook fail, pytest's INTERNALERROR, and
+    the session ended there. pytest's own check of the name suppresses it."""
+    session = session_of(tmp_path, PICKY_LOCALS_FAILURE)
+    output, _ = session.communicate(timeout=120)
+    assert session.returncode == 1, output
+    assert "INTERNALERROR" not in output
+    assert "1 failed, 1 passed" in output, output
+    name, error, place = (tmp_path / "digest").read_text().splitlines()[:3]
+    assert name.startswith("FAILED test_hanging.py::test_a_task_fails_in_a_frame_with_picky_locals")
+    assert "the agent broke" in error
+    assert place == "    at: <string>:1"  # the innermost frame: exec's code, the picky one
