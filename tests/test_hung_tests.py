@@ -459,3 +459,50 @@ def test_a_failure_raised_in_a_frame_whose_locals_raise_is_digested_and_the_sess
     assert name.startswith("FAILED test_hanging.py::test_a_task_fails_in_a_frame_with_picky_locals")
     assert "the agent broke" in error
     assert place == "    at: <string>:1"  # the innermost frame: exec's code, the picky one
+
+
+SIGTERM_IN_A_TASK = """
+import os
+
+import trio
+
+
+async def test_a_task_busy_when_sigterm_comes():
+    async def agent():
+        await trio.sleep(0)
+        open(os.environ["STARTED"], "w").close()
+        while True:  # no checkpoint: SIGTERM's KeyboardInterrupt is raised here
+            pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent)
+
+
+def test_the_session_goes_on():
+    pass
+"""
+
+
+def test_a_sigterm_that_lands_in_a_nursery_task_ends_the_session(tmp_path: Path) -> None:
+    """SIGTERM raises KeyboardInterrupt wherever the main thread is; in a task
+    of a nursery, trio hands it on inside an ExceptionGroup, which pytest took
+    for the test's failure: the session went on past the stop it was asked
+    for (a CI timeout: its labs left for the SIGKILL that follows)."""
+    started = tmp_path / "started"
+    session = session_of(
+        tmp_path, SIGTERM_IN_A_TASK, "-o", "timeout=0", env={"STARTED": str(started)}
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert time.monotonic() < deadline, "the busy test did not start"
+            time.sleep(0.1)
+        session.send_signal(signal.SIGTERM)
+        output, _ = session.communicate(timeout=60)
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait()
+    assert session.returncode == 2, output  # pytest's "interrupted"
+    assert "KeyboardInterrupt: SIGTERM !!!" in output, output  # its banner for a stopped session
+    assert "no tests ran" in output, output  # the next test did not run
