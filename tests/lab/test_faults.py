@@ -84,8 +84,9 @@ def failures(results: dict[int, dict[str, Any]]) -> dict[int, str]:
                 reason="a race gives up after the broker's 8 s request budget: 3 PCP "
                 "transmissions at RFC 6887 §8.1.1's IRT of 3 s, each through with "
                 "p = 0.4 x 0.4, so about 6 races in 10 fail; a map runs up to 3 "
-                "races (MAX_RACES: 1 to 3 maps in 10 failed in 3 fresh-clone runs; "
-                "4 to 6 before a sole method was asked again, broker._race)",
+                "races (MAX_RACES), though maps deciding together share a race's "
+                "failure: 1 to 5 maps in 10 failed in 5 fresh-clone runs (4 to 6 "
+                "before a sole method was asked again, broker._race)",
             ),
         ),
     ],
