@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -106,27 +107,40 @@ def test_a_hung_test_fails_where_it_is_stuck_and_the_session_goes_on(tmp_path: P
 def test_a_session_ended_by_sigterm_leaves_every_stack_in_the_digest(tmp_path: Path) -> None:
     session = _session(tmp_path, "-o", "timeout=0", "-k", "readline")
     digest = tmp_path / "digest"
-    try:
-        deadline = time.monotonic() + 60
-        # Until the test is in its readline: the child it waits on is running.
-        while not any(
+    # Once the test is in its readline: the child it waits on is running.
+    output = _sigterm_once_started(
+        session,
+        lambda: any(
             Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x001000\x00"
             for pid in _children(session.pid)
-        ):
-            assert time.monotonic() < deadline, "the hanging test did not start"
-            time.sleep(0.1)
-        session.send_signal(signal.SIGTERM)
-        output, _ = session.communicate(timeout=60)
-    finally:
-        if session.poll() is None:
-            session.kill()
-            session.wait()
+        ),
+        "the hanging test",
+    )
     assert "KeyboardInterrupt: SIGTERM" in output, output
     text = digest.read_text()
     assert text.startswith(
         "SIGTERM during test_hanging.py::test_a_readline_that_never_returns; every thread:\n"
     )
     assert "in test_a_readline_that_never_returns" in text  # faulthandler's frame line
+
+
+def _sigterm_once_started(
+    session: subprocess.Popen[str], started: Callable[[], bool], what: str
+) -> str:
+    """SIGTERM *session* once *started* holds (60 s at most); its output.
+    Killed if it is still running after all (60 s more)."""
+    try:
+        deadline = time.monotonic() + 60
+        while not started():
+            assert time.monotonic() < deadline, f"{what} did not start"
+            time.sleep(0.1)
+        session.send_signal(signal.SIGTERM)
+        output, _ = session.communicate(timeout=60)
+        return output
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait()
 
 
 def _children(pid: int) -> list[int]:
@@ -492,17 +506,7 @@ def test_a_sigterm_that_lands_in_a_nursery_task_ends_the_session(tmp_path: Path)
     session = session_of(
         tmp_path, SIGTERM_IN_A_TASK, "-o", "timeout=0", env={"STARTED": str(started)}
     )
-    try:
-        deadline = time.monotonic() + 60
-        while not started.exists():
-            assert time.monotonic() < deadline, "the busy test did not start"
-            time.sleep(0.1)
-        session.send_signal(signal.SIGTERM)
-        output, _ = session.communicate(timeout=60)
-    finally:
-        if session.poll() is None:
-            session.kill()
-            session.wait()
+    output = _sigterm_once_started(session, started.exists, "the busy test")
     assert session.returncode == 2, output  # pytest's "interrupted"
     assert "KeyboardInterrupt: SIGTERM !!!" in output, output  # its banner for a stopped session
     assert "no tests ran" in output, output  # the next test did not run
