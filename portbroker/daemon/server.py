@@ -616,11 +616,18 @@ class Daemon:
         return done
 
     async def _release(self, entry: Entry, done: trio.Event) -> None:
+        await self._released(entry.key, _handle(entry), done)
+
+    async def _released(
+        self, key: tuple[str, int], handle: Mapping | Restoring, done: trio.Event
+    ) -> None:
+        """Release *handle*, whose port was marked as being deleted (*done*),
+        then lift the mark: the maps of the port waiting on it go ahead."""
         try:
-            await _handle(entry).release()
+            await handle.release()
         finally:
-            if self._releasing.get(entry.key) is done:
-                del self._releasing[entry.key]
+            if self._releasing.get(key) is done:
+                del self._releasing[key]
             done.set()
 
     # -- restore after a restart ----------------------------------------------------
@@ -1103,12 +1110,7 @@ class Daemon:
             # (the broker holds the mapping until then).
             self._releasing[key] = releasing = trio.Event()
             with trio.CancelScope(shield=True):
-                try:
-                    await mapping.release()
-                finally:
-                    if self._releasing.get(key) is releasing:
-                        del self._releasing[key]
-                    releasing.set()
+                await self._released(key, mapping, releasing)
             raise ProtocolError(ErrorCode.GONE, "the connection closed before the map was made")
         self._save(kept)
         return kept
